@@ -1,0 +1,1 @@
+"""Checkpoints: HF safetensors import/export (hf.py) and Orbax train-state storage (orbax.py)."""

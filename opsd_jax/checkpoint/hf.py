@@ -1,0 +1,373 @@
+"""Hugging Face safetensors <-> opsd-jax parameter pytrees.
+
+Import streams tensor by tensor straight onto NamedShardings: a tensor is read, transposed into
+our layout, placed in its shards and dropped before the next one is read, so host memory holds
+one tensor beyond the placed parameters. Export writes a folder transformers loads; HF -> JAX ->
+HF is bit-exact in the checkpoint's own dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from opsd_jax.checkpoint.atomic import atomic_directory
+from opsd_jax.models.config import ModelConfig
+from opsd_jax.models.decoder import abstract_params, param_shardings
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files beside the weights that make an exported folder usable on its own.
+SIDE_FILE_PATTERNS = (
+    "tokenizer*",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "chat_template*",
+)
+# Buffers some exporters write that carry no learned values.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_DTYPES = {
+    "float32": np.float32,
+    "bfloat16": ml_dtypes.bfloat16,
+    "float16": np.float16,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as the model its config describes; names file/tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMapping:
+    """One HF tensor and the parameter it becomes.
+
+    kind "linear": HF [out, in] weight <-> our kernel of `shape`, whose first `contract_dims`
+    dims are the input. kind "same": identical values, possibly reshaped.
+    """
+
+    hf_name: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    kind: str
+    contract_dims: int = 1
+
+    def to_jax(self, hf_value: np.ndarray) -> np.ndarray:
+        if self.kind == "linear":
+            return np.ascontiguousarray(hf_value.T).reshape(self.shape)
+        return hf_value.reshape(self.shape)
+
+    def to_hf(self, value: np.ndarray) -> np.ndarray:
+        if self.kind == "linear":
+            inputs = math.prod(self.shape[: self.contract_dims])
+            return np.ascontiguousarray(value.reshape(inputs, -1).T)
+        return value.reshape(self.hf_shape)
+
+
+def tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
+    """Every HF tensor of `config`'s architecture, in HF's order."""
+    c = config
+    D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
+    H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
+    out: list[TensorMapping] = [
+        TensorMapping("model.embed_tokens.weight", ("embedding",), (V, D), (V, D), "same")
+    ]
+    for i in range(c.num_layers):
+        hf = f"model.layers.{i}"
+        layer = f"layers_{i}"
+
+        def linear(hf_module, path, shape, contract_dims=1):
+            inputs = math.prod(shape[:contract_dims])
+            outputs = math.prod(shape[contract_dims:])
+            return TensorMapping(
+                f"{hf}.{hf_module}.weight", (layer, *path, "kernel"), (outputs, inputs), shape,
+                "linear", contract_dims,
+            )
+
+        def same(hf_tensor, path, shape):
+            return TensorMapping(f"{hf}.{hf_tensor}", (layer, *path), (math.prod(shape),), shape, "same")
+
+        for name, heads in (("q_proj", H), ("k_proj", K), ("v_proj", K)):
+            out.append(linear(f"self_attn.{name}", ("attention", name), (D, heads, Dh)))
+            if c.attention_bias:
+                out.append(same(f"self_attn.{name}.bias", ("attention", name, "bias"), (heads, Dh)))
+        out.append(linear("self_attn.o_proj", ("attention", "o_proj"), (H, Dh, D), contract_dims=2))
+        if c.attention_bias:
+            out.append(same("self_attn.o_proj.bias", ("attention", "o_proj", "bias"), (D,)))
+        if c.qk_norm == "per_head":
+            out.append(same("self_attn.q_norm.weight", ("attention", "q_norm", "scale"), (Dh,)))
+            out.append(same("self_attn.k_norm.weight", ("attention", "k_norm", "scale"), (Dh,)))
+        else:
+            out.append(same("self_attn.q_norm.weight", ("attention", "q_norm", "scale"), (H, Dh)))
+            out.append(same("self_attn.k_norm.weight", ("attention", "k_norm", "scale"), (K, Dh)))
+        out.append(linear("mlp.gate_proj", ("mlp", "gate_proj"), (D, F)))
+        out.append(linear("mlp.up_proj", ("mlp", "up_proj"), (D, F)))
+        out.append(linear("mlp.down_proj", ("mlp", "down_proj"), (F, D)))
+        if c.norm_placement == "pre":
+            norms = (("input_layernorm", "pre_attention_norm"), ("post_attention_layernorm", "pre_mlp_norm"))
+        else:
+            norms = (
+                ("post_attention_layernorm", "post_attention_norm"),
+                ("post_feedforward_layernorm", "post_mlp_norm"),
+            )
+        for hf_norm, our_norm in norms:
+            out.append(same(f"{hf_norm}.weight", (our_norm, "scale"), (D,)))
+    out.append(TensorMapping("model.norm.weight", ("final_norm", "scale"), (D,), (D,), "same"))
+    if not c.tie_word_embeddings:
+        out.append(TensorMapping("lm_head.weight", ("lm_head",), (V, D), (D, V), "linear"))
+    return out
+
+
+def _numpy_dtype(name: str):
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; supported: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """Tensor name -> safetensors file holding it, from the index or the files' headers."""
+    index_path = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+        for name, file in weight_map.items():
+            if not os.path.exists(os.path.join(path, file)):
+                raise CheckpointError(f"{index_path}: tensor {name!r} points to missing file {file}")
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
+    owners: dict[str, str] = {}
+    for file in files:
+        with _open_safetensors(file) as handle:
+            for name in handle.keys():
+                owners[name] = file
+    return owners
+
+
+def _open_safetensors(file: str):
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({e}); is it truncated?") from None
+
+
+def _header_shapes(owners: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    by_file: dict[str, list[str]] = {}
+    for name, file in owners.items():
+        by_file.setdefault(file, []).append(name)
+    shapes = {}
+    for file, names in by_file.items():
+        with _open_safetensors(file) as handle:
+            present = set(handle.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{file}: the index lists tensor {name!r} but the file lacks it")
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def _check_tensors(path: str, config: ModelConfig, mappings, owners, shapes) -> None:
+    """Fails before anything is loaded or written if a tensor is missing, extra or misshapen."""
+    expected = {m.hf_name for m in mappings}
+    missing = [m.hf_name for m in mappings if m.hf_name not in owners]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: missing tensor(s) {shown}")
+    for m in mappings:
+        if shapes[m.hf_name] != m.hf_shape:
+            raise CheckpointError(
+                f"{owners[m.hf_name]}: tensor {m.hf_name!r} has shape {list(shapes[m.hf_name])}, "
+                f"but config.json implies {list(m.hf_shape)}"
+            )
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = [
+        name
+        for name in owners
+        if name not in expected and name not in ignorable and not name.endswith(_IGNORED_SUFFIXES)
+    ]
+    if unexpected:
+        shown = ", ".join(sorted(unexpected)[:5])
+        raise CheckpointError(
+            f"{path}: tensor(s) {shown} are not part of a {config.model_type} model as its "
+            "config.json describes it"
+        )
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get_path(tree, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _read_tensor(file: str, name: str) -> np.ndarray:
+    # Opened per tensor: the file is memory-mapped, and closing it returns the mapped pages, so
+    # resident memory never grows to the size of a shard.
+    try:
+        with _open_safetensors(file) as handle:
+            return handle.get_tensor(name)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
+
+
+def load_hf(path, *, dtype: str = "float32", mesh=None, compute_dtype: str | None = None, progress=True):
+    """Loads an HF checkpoint directory onto `mesh` (default: a one-device mesh).
+
+    Returns (ModelConfig, params). `dtype` is the parameter dtype; `compute_dtype` (default:
+    `dtype`) the activations'. Raises CheckpointError / ConfigError naming the file or tensor.
+    """
+    from opsd_jax.parallel import make_mesh
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory (expected an HF checkpoint folder)")
+    numpy_dtype = _numpy_dtype(dtype)
+    config = ModelConfig.from_hf(path, param_dtype=dtype, compute_dtype=compute_dtype or dtype)
+    config = config.replace(source_path=path)
+    mappings = tensor_mappings(config)
+    owners = _weight_files(path)
+    _check_tensors(path, config, mappings, owners, _header_shapes(owners))
+
+    mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    shardings = param_shardings(config, mesh)
+    params: dict = {}
+    for m in tqdm(mappings, desc=f"loading {os.path.basename(path) or path}", disable=not progress):
+        value = m.to_jax(_read_tensor(owners[m.hf_name], m.hf_name)).astype(numpy_dtype, copy=False)
+        sharding = _get_path(shardings, m.path)
+        _set_path(params, m.path, jax.make_array_from_callback(value.shape, sharding, value.__getitem__))
+        del value
+    return config, params
+
+
+def _host_value(array) -> np.ndarray:
+    if jax.process_count() > 1 and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(jax.device_get(array))
+
+
+def _hf_shards(config, params, numpy_dtype, max_shard_bytes: int) -> Iterator[dict[str, np.ndarray]]:
+    shard: dict[str, np.ndarray] = {}
+    shard_bytes = 0
+    for m in tensor_mappings(config):
+        value = m.to_hf(_host_value(_get_path(params, m.path))).astype(numpy_dtype, copy=False)
+        if shard and shard_bytes + value.nbytes > max_shard_bytes:
+            yield shard
+            shard, shard_bytes = {}, 0
+        shard[m.hf_name] = value
+        shard_bytes += value.nbytes
+    if shard:
+        yield shard
+
+
+def copy_side_files(source: str | None, destination: str) -> list[str]:
+    """Copies tokenizer, chat template and generation_config files; returns their names."""
+    if not source or not os.path.isdir(source):
+        return []
+    copied = []
+    for pattern in SIDE_FILE_PATTERNS:
+        for file in sorted(glob.glob(os.path.join(source, pattern))):
+            if os.path.isfile(file):
+                shutil.copy2(file, os.path.join(destination, os.path.basename(file)))
+                copied.append(os.path.basename(file))
+    return copied
+
+
+def _check_params(config: ModelConfig, params) -> None:
+    shapes, _ = abstract_params(config)
+    expected = jax.tree.map(lambda s: tuple(s.shape), shapes)
+    actual = jax.tree.map(lambda a: tuple(a.shape), params)
+    if jax.tree.structure(expected) != jax.tree.structure(actual):
+        raise CheckpointError("params do not have the structure of the model that config describes")
+    for (key_path, want), got in zip(jax.tree.leaves_with_path(expected), jax.tree.leaves(actual)):
+        if want != got:
+            raise CheckpointError(f"param {jax.tree_util.keystr(key_path)} has shape {got}, expected {want}")
+
+
+def save_hf(
+    params,
+    config: ModelConfig,
+    path,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    side_files_from: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> str:
+    """Writes an HF checkpoint folder: config.json, safetensors (sharded with an index when over
+    `max_shard_bytes`), and the tokenizer / generation_config files of `side_files_from`
+    (default: the folder the config was loaded from).
+
+    `dtype` defaults to the checkpoint's original dtype. The folder appears only when complete.
+    """
+    path = os.fspath(path)
+    dtype = dtype or config.hf_dtype
+    numpy_dtype = _numpy_dtype(dtype)
+    _check_params(config, params)
+    hf_config = config.hf_config
+    hf_config["dtype"] = dtype
+    hf_config.pop("torch_dtype", None)
+    with atomic_directory(path, overwrite=overwrite) as staging:
+        if staging is None:  # another process of a multi-host job writes
+            for m in tensor_mappings(config):
+                _host_value(_get_path(params, m.path))  # joins the all-gathers
+            return path
+        copy_side_files(side_files_from or config.source_path, staging)
+        with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        shards = list(_hf_shard_names(config, numpy_dtype, max_shard_bytes))
+        weight_map, total_bytes = {}, 0
+        bar = tqdm(total=len(tensor_mappings(config)), desc=f"writing {os.path.basename(path)}", disable=not progress)
+        for file_name, shard in zip(shards, _hf_shards(config, params, numpy_dtype, max_shard_bytes)):
+            save_file(shard, os.path.join(staging, file_name), metadata={"format": "pt"})
+            for name, value in shard.items():
+                weight_map[name] = file_name
+                total_bytes += value.nbytes
+            bar.update(len(shard))
+            del shard
+        bar.close()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+            with open(os.path.join(staging, INDEX_FILE), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+    return path
+
+
+def _hf_shard_names(config: ModelConfig, numpy_dtype, max_shard_bytes: int) -> list[str]:
+    """File names of the shards `_hf_shards` will produce (computed from shapes alone)."""
+    itemsize = np.dtype(numpy_dtype).itemsize
+    count, shard_bytes = 0, 0
+    for m in tensor_mappings(config):
+        nbytes = math.prod(m.hf_shape) * itemsize
+        if count == 0 or (shard_bytes and shard_bytes + nbytes > max_shard_bytes):
+            count, shard_bytes = count + 1, 0
+        shard_bytes += nbytes
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]

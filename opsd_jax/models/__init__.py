@@ -1,0 +1,24 @@
+"""Models: ModelConfig from HF config.json, and one decoder covering Qwen3 / OLMo-2 / OLMo-3."""
+
+from opsd_jax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeConfig
+from opsd_jax.models.decoder import (
+    Decoder,
+    abstract_params,
+    forward,
+    forward_hidden,
+    init_params,
+    param_shardings,
+)
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "ConfigError",
+    "Decoder",
+    "ModelConfig",
+    "RopeConfig",
+    "abstract_params",
+    "forward",
+    "forward_hidden",
+    "init_params",
+    "param_shardings",
+]

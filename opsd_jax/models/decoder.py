@@ -1,0 +1,237 @@
+"""One decoder for Qwen3, OLMo-2 and OLMo-3, written as Flax modules and used as pure functions.
+
+The student and the teacher are `forward` over two parameter pytrees. Shape letters as in
+layers.py; V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from opsd_jax.models import layers
+from opsd_jax.models.config import ModelConfig
+
+
+def _param(module: nn.Module, name: str, shape, logical_axes, init, dtype):
+    return module.param(name, nn.with_logical_partitioning(init, logical_axes), shape, dtype)
+
+
+_normal = nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+    shape: tuple[int, ...]
+    logical_axes: tuple[str | None, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(
+            self, "scale", self.shape, self.logical_axes, nn.initializers.ones, self.config.param_dtype
+        )
+        normalized_axes = tuple(range(-len(self.shape), 0))
+        return layers.rms_norm(
+            x,
+            scale.astype(self.config.compute_dtype),
+            self.config.rms_norm_eps,
+            weight_in_fp32=self.config.norm_weight_in_fp32,
+            axes=normalized_axes,
+        )
+
+
+class Projection(nn.Module):
+    """A linear map whose kernel keeps heads as their own dimension ([D, H, Dh] or [H, Dh, D])."""
+
+    config: ModelConfig
+    shape: tuple[int, ...]
+    logical_axes: tuple[str, ...]
+    contract_dims: int = 1
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        dtype = self.config.compute_dtype
+        kernel = _param(self, "kernel", self.shape, self.logical_axes, _normal, self.config.param_dtype)
+        x_axes = tuple(range(x.ndim - self.contract_dims, x.ndim))
+        y = jax.lax.dot_general(
+            x.astype(dtype), kernel.astype(dtype), ((x_axes, tuple(range(self.contract_dims))), ((), ()))
+        )
+        if self.use_bias:
+            out_shape = self.shape[self.contract_dims :]
+            out_axes = self.logical_axes[self.contract_dims :]
+            bias = _param(self, "bias", out_shape, out_axes, nn.initializers.zeros, self.config.param_dtype)
+            y = y + bias.astype(dtype)
+        return y
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        c = self.config
+        D, H, K, Dh = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        bias = c.attention_bias
+        q = Projection(c, (D, H, Dh), ("embed", "heads", "head_dim"), use_bias=bias, name="q_proj")(x_BxTxD)
+        k = Projection(c, (D, K, Dh), ("embed", "kv_heads", "head_dim"), use_bias=bias, name="k_proj")(x_BxTxD)
+        v = Projection(c, (D, K, Dh), ("embed", "kv_heads", "head_dim"), use_bias=bias, name="v_proj")(x_BxTxD)
+        if c.qk_norm == "per_head":
+            q = RMSNorm(c, (Dh,), ("head_dim",), name="q_norm")(q)
+            k = RMSNorm(c, (Dh,), ("head_dim",), name="k_norm")(k)
+        elif c.qk_norm == "full":
+            q = RMSNorm(c, (H, Dh), ("heads", "head_dim"), name="q_norm")(q)
+            k = RMSNorm(c, (K, Dh), ("kv_heads", "head_dim"), name="k_norm")(k)
+
+        layer_type = c.layer_types[self.layer_index]
+        inverse_frequencies, attention_factor = layers.rope_inverse_frequencies(c.rope[layer_type], Dh)
+        cos, sin = layers.rope_tables(positions_BxT, inverse_frequencies, attention_factor)
+        q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+
+        window = c.sliding_window if layer_type == "sliding_attention" else None
+        mask_BxTxS = layers.attention_mask(segment_ids_BxT, window)
+        out_BxTxHxDh = layers.dot_product_attention(q, k, v, mask_BxTxS)
+        return Projection(
+            c, (H, Dh, D), ("heads", "head_dim", "embed"), contract_dims=2, use_bias=bias, name="o_proj"
+        )(out_BxTxHxDh)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        c = self.config
+        D, F = c.hidden_size, c.intermediate_size
+        gate = Projection(c, (D, F), ("embed", "mlp"), name="gate_proj")
+        up = Projection(c, (D, F), ("embed", "mlp"), name="up_proj")
+        down = Projection(c, (F, D), ("mlp", "embed"), name="down_proj")
+        return down(jax.nn.silu(gate(x_BxTxD)) * up(x_BxTxD))
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        c = self.config
+        norm = functools.partial(RMSNorm, c, (c.hidden_size,), ("norm",))
+        attention = Attention(c, self.layer_index, name="attention")
+        mlp = MLP(c, name="mlp")
+        if c.norm_placement == "pre":
+            x_BxTxD = x_BxTxD + attention(norm(name="pre_attention_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
+            return x_BxTxD + mlp(norm(name="pre_mlp_norm")(x_BxTxD))
+        x_BxTxD = x_BxTxD + norm(name="post_attention_norm")(attention(x_BxTxD, positions_BxT, segment_ids_BxT))
+        return x_BxTxD + norm(name="post_mlp_norm")(mlp(x_BxTxD))
+
+
+class Decoder(nn.Module):
+    """tokens -> (final hidden states [B, T, D] in compute dtype, lm_head [D, V])."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
+        c = self.config
+        embedding_VxD = _param(
+            self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"), _normal, c.param_dtype
+        )
+        x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(c.compute_dtype)
+        layer_class = nn.remat(DecoderLayer) if c.remat else DecoderLayer
+        for i in range(c.num_layers):
+            x_BxTxD = layer_class(c, i, name=f"layers_{i}")(x_BxTxD, positions_BxT, segment_ids_BxT)
+        x_BxTxD = RMSNorm(c, (c.hidden_size,), ("norm",), name="final_norm")(x_BxTxD)
+        if c.tie_word_embeddings:
+            head_DxV = embedding_VxD.T
+        else:
+            head_DxV = _param(
+                self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), _normal, c.param_dtype
+            )
+        return x_BxTxD, head_DxV
+
+
+def _segments_and_positions(tokens_BxT, positions_BxT, attention_mask_BxT, segment_ids_BxT):
+    if attention_mask_BxT is not None and segment_ids_BxT is not None:
+        raise ValueError("pass attention_mask or segment_ids, not both")
+    if segment_ids_BxT is None:
+        if attention_mask_BxT is None:
+            segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+        else:
+            segment_ids_BxT = jnp.asarray(attention_mask_BxT).astype(jnp.int32)
+    segment_ids_BxT = jnp.asarray(segment_ids_BxT, jnp.int32)
+    if segment_ids_BxT.shape != tokens_BxT.shape:
+        raise ValueError(
+            f"attention_mask/segment_ids shape {segment_ids_BxT.shape} must equal tokens shape "
+            f"{tokens_BxT.shape}"
+        )
+    if positions_BxT is None:
+        positions_BxT = layers.segment_positions(segment_ids_BxT)
+    positions_BxT = jnp.asarray(positions_BxT, jnp.int32)
+    if positions_BxT.shape != tokens_BxT.shape:
+        raise ValueError(f"positions shape {positions_BxT.shape} must equal tokens shape {tokens_BxT.shape}")
+    return positions_BxT, segment_ids_BxT
+
+
+def forward_hidden(
+    params, config: ModelConfig, tokens, *, positions=None, attention_mask=None, segment_ids=None
+):
+    """Final hidden states and the output head, so a loss never needs full logits.
+
+    tokens: int32[batch, seq]. positions: int32[batch, seq] (default: position inside the
+    segment, so left-padded rows start at 0). attention_mask: {0,1}[batch, seq] (0 = padding) or
+    segment_ids: int32[batch, seq] (packed sequences, 0 = padding). Returns
+    (hidden: compute_dtype[batch, seq, hidden_size], head: param_dtype[hidden_size, vocab]).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    positions, segment_ids = _segments_and_positions(tokens, positions, attention_mask, segment_ids)
+    return Decoder(config).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def forward(params, config: ModelConfig, tokens, *, positions=None, attention_mask=None, segment_ids=None):
+    """Logits float32[batch, seq, vocab]; arguments as in `forward_hidden`."""
+    hidden_BxTxD, head_DxV = forward_hidden(
+        params, config, tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids
+    )
+    dtype = config.compute_dtype
+    return jnp.einsum(
+        "btd,dv->btv", hidden_BxTxD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32
+    )
+
+
+def _dummy_inputs():
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return tokens, tokens, jnp.ones((1, 1), jnp.int32)
+
+
+def abstract_params(config: ModelConfig):
+    """(ShapeDtypeStruct pytree, logical-axes pytree) without allocating anything."""
+    boxed = jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0), *_dummy_inputs())["params"])
+    logical = nn.get_partition_spec(boxed)
+    logical = jax.tree.map(tuple, logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return nn.unbox(boxed), logical
+
+
+def param_shardings(config: ModelConfig, mesh):
+    """NamedSharding pytree for the parameters on `mesh` (from the logical-axis rules)."""
+    from opsd_jax.parallel import tree_shardings
+
+    shapes, logical = abstract_params(config)
+    return tree_shardings(mesh, logical, shapes)
+
+
+def init_params(config: ModelConfig, key, mesh=None):
+    """Random parameters (normal(0.02) matrices, unit norms), created directly in their shards."""
+
+    def init(key):
+        return nn.unbox(Decoder(config).init(key, *_dummy_inputs())["params"])
+
+    if mesh is None:
+        return jax.jit(init)(key)
+    return jax.jit(init, out_shardings=param_shardings(config, mesh))(key)

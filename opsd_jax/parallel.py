@@ -1,0 +1,170 @@
+"""Device mesh, the one logical-axis rules table, and multi-host initialization.
+
+Every array that crosses a jit boundary gets its NamedSharding from `LOGICAL_AXIS_RULES` through
+`logical_sharding`; no other code names a mesh axis or a device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axes it may be split over, in order of preference. Parameters shard their
+# model dimension over fsdp (ZeRO-3 style) and their head/mlp/vocab dimension over tensor;
+# activations shard the batch over data and fsdp.
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "seq": (),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "norm": (),
+    "layers": (),
+    "cache_seq": (),
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices=None) -> Mesh:
+    """Builds a (data, fsdp, tensor) mesh; at most one size may be -1 and takes what is left.
+
+    With the default arguments every device goes to fsdp.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"mesh axis {name!r} must be a positive integer or -1, got {size!r}")
+    inferred = [name for name, size in sizes.items() if size == -1]
+    if len(inferred) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {inferred}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if inferred:
+        if len(devices) % known:
+            raise ValueError(
+                f"{len(devices)} devices cannot be split into mesh axes {sizes}: "
+                f"{len(devices)} is not divisible by {known}"
+            )
+        sizes[inferred[0]] = len(devices) // known
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(f"mesh {sizes} needs {total} devices, but {len(devices)} are available")
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    try:
+        device_grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        # mesh_utils knows physical topologies of TPUs; anything else gets the plain order.
+        device_grid = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(device_grid, MESH_AXES)
+
+
+def parse_mesh_shape(text: str) -> tuple[int, int, int]:
+    """Parses "data,fsdp,tensor" such as "2,2,2" or "1,-1,1" from a command line."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"--mesh must be three comma-separated sizes data,fsdp,tensor; got {text!r}")
+    try:
+        return tuple(int(p) for p in parts)  # type: ignore[return-value]
+    except ValueError:
+        raise ValueError(f"--mesh sizes must be integers; got {text!r}") from None
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: dict[str, tuple[str, ...]] | None = None,
+) -> PartitionSpec:
+    """Maps logical dimension names to a PartitionSpec.
+
+    With `shape` and `mesh`, a mesh axis is dropped from a dimension it does not divide (that
+    dimension is then replicated over it) and no mesh axis is used twice: a tiny or odd-sized
+    tensor stays correct on any mesh instead of failing to place.
+    """
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
+        chosen = []
+        extent = None if shape is None else shape[dim]
+        for axis in rules[name]:
+            if axis in used:
+                continue
+            if mesh is not None and extent is not None:
+                factor = math.prod(mesh.shape[a] for a in chosen) * mesh.shape[axis]
+                if extent % factor:
+                    continue
+            chosen.append(axis)
+        if mesh is not None:
+            chosen = [a for a in chosen if mesh.shape[a] > 1]
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(
+    mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None
+) -> NamedSharding:
+    """NamedSharding of one array from its logical dimension names."""
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+
+
+def tree_shardings(mesh: Mesh, logical_tree, shape_tree):
+    """NamedShardings for a pytree, given matching pytrees of logical-axes tuples and shapes.
+
+    `logical_tree` leaves are tuples of names; `shape_tree` leaves are arrays or
+    ShapeDtypeStructs (anything with `.shape`).
+    """
+    return jax.tree.map(
+        lambda axes, leaf: logical_sharding(mesh, axes, leaf.shape),
+        logical_tree,
+        shape_tree,
+        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x),
+    )
+
+
+def initialize_distributed() -> bool:
+    """Calls `jax.distributed.initialize` when the environment describes a multi-process job.
+
+    Cloud TPU pods and SLURM are detected by JAX itself (it reads their metadata); a local
+    emulated cluster sets OPSD_COORDINATOR, OPSD_NUM_PROCESSES and OPSD_PROCESS_ID. Returns True
+    when this process joined a multi-process job.
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    coordinator = os.environ.get("OPSD_COORDINATOR")
+    if coordinator:
+        try:
+            num_processes = int(os.environ["OPSD_NUM_PROCESSES"])
+            process_id = int(os.environ["OPSD_PROCESS_ID"])
+        except KeyError as missing:
+            raise ValueError(
+                f"OPSD_COORDINATOR is set, so {missing.args[0]} must be set too"
+            ) from None
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        return True
+    auto_markers = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID")
+    if any(os.environ.get(m) for m in auto_markers) and os.environ.get("OPSD_SINGLE_PROCESS") != "1":
+        hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+        if "TPU_WORKER_HOSTNAMES" in os.environ and len(hostnames.split(",")) <= 1:
+            return False  # a single-host TPU VM needs no coordination
+        jax.distributed.initialize()
+        return True
+    return False
