@@ -1,10 +1,24 @@
 """opsd-jax: on-policy distillation and privileged on-policy self-distillation in JAX.
 
 Stable public API: `load_hf`, `save_hf`, `forward`, `forward_hidden`, `ModelConfig`.
+Attributes load lazily so the command line can configure jax's devices before jax is imported.
 """
 
-from opsd_jax.checkpoint.hf import load_hf, save_hf
-from opsd_jax.models import ModelConfig, forward, forward_hidden
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "forward", "forward_hidden", "load_hf", "save_hf", "__version__"]
+
+_PUBLIC = {
+    "load_hf": "opsd_jax.checkpoint.hf",
+    "save_hf": "opsd_jax.checkpoint.hf",
+    "forward": "opsd_jax.models.decoder",
+    "forward_hidden": "opsd_jax.models.decoder",
+    "ModelConfig": "opsd_jax.models.config",
+}
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'opsd_jax' has no attribute {name!r}")

@@ -1,0 +1,100 @@
+"""`opsd-jax` command line: convert checkpoints, and a CPU demo of the whole conversion path.
+
+jax is imported only after the arguments are read, so `--cpu-devices` can set up a virtual CPU
+mesh before jax initializes its backends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _set_cpu_devices(count: int | None) -> None:
+    if not count:
+        return
+    if "jax" in sys.modules:
+        raise RuntimeError("--cpu-devices must be applied before jax is imported")
+    flag = f"--xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _mesh(text: str | None):
+    from opsd_jax.parallel import initialize_distributed, make_mesh, parse_mesh_shape
+
+    initialize_distributed()
+    if text is None:
+        import jax
+
+        return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    data, fsdp, tensor = parse_mesh_shape(text)
+    return make_mesh(data, fsdp, tensor)
+
+
+def _convert(args) -> int:
+    from opsd_jax.checkpoint.hf import load_hf, save_hf
+    from opsd_jax.checkpoint.orbax import restore_params, save_params
+
+    mesh = _mesh(args.mesh)
+    if args.from_hf and args.to_orbax:
+        config, params = load_hf(args.from_hf, dtype=args.dtype or "float32", mesh=mesh)
+        save_params(params, config, args.to_orbax, overwrite=args.overwrite)
+        print(f"wrote {args.to_orbax} ({config.model_type}, {config.num_layers} layers, {config.param_dtype})")
+        return 0
+    if args.from_orbax and args.to_hf:
+        config, params = restore_params(args.from_orbax, mesh=mesh)
+        save_hf(params, config, args.to_hf, dtype=args.dtype, overwrite=args.overwrite,
+                max_shard_bytes=int(args.max_shard_gb * 2**30))
+        print(f"wrote {args.to_hf} ({config.model_type}, dtype {args.dtype or config.hf_dtype})")
+        return 0
+    raise SystemExit("convert needs --from-hf DIR --to-orbax DIR, or --from-orbax DIR --to-hf DIR")
+
+
+def _demo(args) -> int:
+    from opsd_jax.demo import run_demo
+
+    return run_demo(workdir=args.workdir, mesh_text=args.mesh)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opsd-jax", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="HF safetensors <-> Orbax checkpoints")
+    convert.add_argument("--from-hf", metavar="DIR")
+    convert.add_argument("--to-orbax", metavar="DIR")
+    convert.add_argument("--from-orbax", metavar="DIR")
+    convert.add_argument("--to-hf", metavar="DIR")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                         help="parameter dtype (to Orbax: default float32; to HF: the original)")
+    convert.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                         help="device mesh to place parameters on, e.g. 1,-1,1 (default: one device)")
+    convert.add_argument("--max-shard-gb", type=float, default=5.0, help="HF export shard size")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    convert.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
+    convert.set_defaults(run=_convert)
+
+    demo = commands.add_parser(
+        "demo", help="CPU demo: build tiny HF checkpoints, convert them, check logits vs transformers"
+    )
+    demo.add_argument("--workdir", help="where to write the demo checkpoints (default: a temp dir)")
+    demo.add_argument("--mesh", default="2,2,2", metavar="DATA,FSDP,TENSOR")
+    demo.add_argument("--cpu-devices", type=int, default=8)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _set_cpu_devices(getattr(args, "cpu_devices", None))
+    try:
+        return args.run(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"opsd-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Fused log-softmax / divergence kernels for distillation.
+
+One public function per input form, several implementations behind `impl`:
+  divergence(student_logits, teacher_logits, ...)            from [N, V] logits
+  fused_linear_divergence(student_hidden, student_head, ...)  from hidden states and heads
+  topk_divergence(student_logits, teacher_ids, teacher_logprobs, ...)  teacher top-k + tail bucket
+"""
+
+from opsd_jax.kernels.api import (
+    IMPLS,
+    DivergenceOutput,
+    DivergenceSpec,
+    default_impl,
+    divergence,
+    fused_linear_divergence,
+)
+
+__all__ = [
+    "IMPLS",
+    "DivergenceOutput",
+    "DivergenceSpec",
+    "default_impl",
+    "divergence",
+    "fused_linear_divergence",
+]

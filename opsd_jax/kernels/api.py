@@ -1,0 +1,219 @@
+"""Public divergence API: argument checks, the output type, and dispatch to an implementation.
+
+Letters: N tokens, V vocabulary, Hs / Ht student / teacher hidden width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
+
+
+class DivergenceOutput(NamedTuple):
+    """Per-token results, float32 [N]; zero for tokens the mask ignores.
+
+    divergence: forward KL (beta=0), reverse KL (beta=1) or generalized JSD (between).
+    student_entropy / teacher_entropy: entropies of the two (temperature-scaled) distributions.
+    student_logprob / teacher_logprob: log-probabilities of `targets`, None without targets.
+    Gradients flow to the student only, from divergence, student_entropy and student_logprob.
+    """
+
+    divergence: jax.Array
+    student_entropy: jax.Array
+    teacher_entropy: jax.Array
+    student_logprob: jax.Array | None = None
+    teacher_logprob: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DivergenceSpec:
+    """Static settings every implementation receives (hashable: it is a jit-static argument).
+
+    token_block / vocab_block: tile sizes; None lets the implementation choose.
+    """
+
+    beta: float
+    temperature: float = 1.0
+    valid_vocab: int | None = None
+    token_block: int | None = None
+    vocab_block: int | None = None
+
+
+def _check_scalars(beta, temperature):
+    if isinstance(beta, jax.core.Tracer) or isinstance(temperature, jax.core.Tracer):
+        raise TypeError("beta and temperature must be Python numbers: they select the kernel at trace time")
+    beta = float(beta)
+    temperature = float(temperature)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must lie in [0, 1], got {beta}")
+    if not temperature > 0.0 or not np.isfinite(temperature):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return beta, temperature
+
+
+def _check_matrix(name, x, ndim=2):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+
+
+def _check_token_args(n, vocab, mask, valid_vocab, targets):
+    """Validated (mask bool[N], valid_vocab or None, targets int32[N] or None)."""
+    if mask is None:
+        mask_N = jnp.ones((n,), jnp.bool_)
+    else:
+        if not hasattr(mask, "shape") or tuple(mask.shape) != (n,):
+            raise ValueError(f"mask must have shape ({n},), got {getattr(mask, 'shape', type(mask))}")
+        mask_N = jnp.asarray(mask).astype(jnp.bool_)
+    if valid_vocab is not None:
+        if isinstance(valid_vocab, bool) or not isinstance(valid_vocab, (int, np.integer)):
+            raise TypeError(f"valid_vocab must be an int, got {type(valid_vocab).__name__}")
+        valid_vocab = int(valid_vocab)
+        if not 0 < valid_vocab <= vocab:
+            raise ValueError(f"valid_vocab must lie in [1, {vocab}] (the vocabulary size), got {valid_vocab}")
+        if valid_vocab == vocab:
+            valid_vocab = None
+    limit = vocab if valid_vocab is None else valid_vocab
+    if targets is not None:
+        if not hasattr(targets, "shape") or tuple(targets.shape) != (n,):
+            raise ValueError(f"targets must have shape ({n},), got {getattr(targets, 'shape', type(targets))}")
+        if not jnp.issubdtype(targets.dtype, jnp.integer):
+            raise TypeError(f"targets must be integer token ids, got {targets.dtype}")
+        if not isinstance(targets, jax.core.Tracer):
+            values = np.asarray(targets)
+            bad = np.flatnonzero((values < 0) | (values >= limit))
+            if bad.size:
+                raise ValueError(
+                    f"targets[{bad[0]}] = {values[bad[0]]} is outside the valid vocabulary [0, {limit})"
+                )
+        targets = jnp.asarray(targets).astype(jnp.int32)
+    return mask_N, valid_vocab, targets
+
+
+def default_impl() -> str:
+    """The implementation "auto" picks: Mosaic on TPU, the chunked XLA path elsewhere."""
+    return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+
+
+def _resolve(impl: str) -> str:
+    if impl == "auto":
+        return default_impl()
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be 'auto' or one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def _implementation(impl: str, fused: bool) -> Callable:
+    # Imported lazily so that importing the API never pulls in Pallas backends it will not use.
+    if impl == "reference":
+        from opsd_jax.kernels import reference as module
+    elif impl == "xla":
+        from opsd_jax.kernels import xla as module
+    elif impl == "pallas_tpu":
+        from opsd_jax.kernels import pallas_tpu as module
+    else:
+        from opsd_jax.kernels import pallas_gpu as module
+    return module.fused_linear_divergence if fused else module.divergence
+
+
+def divergence(
+    student_logits,
+    teacher_logits,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    mask=None,
+    valid_vocab: int | None = None,
+    targets=None,
+    impl: str = "auto",
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+) -> DivergenceOutput:
+    """Per-token divergence between student and teacher next-token distributions.
+
+    student_logits, teacher_logits: float (f32 or bf16) [N, V]; math runs in float32.
+    beta: 0 forward KL(p_t || p_s), 1 reverse KL(p_s || p_t), else the generalized JSD with mixture
+      beta * p_t + (1 - beta) * p_s. temperature: both logits are divided by it.
+    mask: bool [N] or None; ignored tokens get zero outputs and exactly zero gradient.
+    valid_vocab: entries at or past it (embedding padding) are excluded from both distributions.
+    targets: int [N] or None; adds both log-probabilities of these token ids.
+    Returns DivergenceOutput of float32 [N] arrays.
+    """
+    beta, temperature = _check_scalars(beta, temperature)
+    _check_matrix("student_logits", student_logits)
+    _check_matrix("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+            f"{tuple(teacher_logits.shape)} must have the same [tokens, vocab] shape"
+        )
+    n, vocab = student_logits.shape
+    mask_N, valid_vocab, targets_N = _check_token_args(n, vocab, mask, valid_vocab, targets)
+    spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block)
+    fn = _implementation(_resolve(impl), fused=False)
+    return fn(student_logits, teacher_logits, mask_N, targets_N, spec)
+
+
+def fused_linear_divergence(
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    mask=None,
+    valid_vocab: int | None = None,
+    targets=None,
+    impl: str = "auto",
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+) -> DivergenceOutput:
+    """`divergence` of student_hidden @ student_head and teacher_hidden @ teacher_head, never
+    forming the [N, V] logits.
+
+    student_hidden: float [N, Hs]; student_head: float [Hs, V]; teacher_hidden: float [N, Ht];
+    teacher_head: float [Ht, V]. Gradients reach student_hidden and student_head only.
+    Other arguments and the result are as in `divergence`.
+    """
+    beta, temperature = _check_scalars(beta, temperature)
+    for name, x in (
+        ("student_hidden", student_hidden),
+        ("student_head", student_head),
+        ("teacher_hidden", teacher_hidden),
+        ("teacher_head", teacher_head),
+    ):
+        _check_matrix(name, x)
+    n, hs = student_hidden.shape
+    if student_head.shape[0] != hs:
+        raise ValueError(
+            f"student_head has {student_head.shape[0]} rows but student_hidden has width {hs}"
+        )
+    if teacher_head.shape[0] != teacher_hidden.shape[1]:
+        raise ValueError(
+            f"teacher_head has {teacher_head.shape[0]} rows but teacher_hidden has width "
+            f"{teacher_hidden.shape[1]}"
+        )
+    if teacher_hidden.shape[0] != n:
+        raise ValueError(
+            f"teacher_hidden has {teacher_hidden.shape[0]} tokens but student_hidden has {n}"
+        )
+    if teacher_head.shape[1] != student_head.shape[1]:
+        raise ValueError(
+            f"student_head vocabulary {student_head.shape[1]} differs from teacher_head "
+            f"vocabulary {teacher_head.shape[1]}"
+        )
+    vocab = student_head.shape[1]
+    mask_N, valid_vocab, targets_N = _check_token_args(n, vocab, mask, valid_vocab, targets)
+    spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block)
+    fn = _implementation(_resolve(impl), fused=True)
+    return fn(student_hidden, student_head, teacher_hidden, teacher_head, mask_N, targets_N, spec)

@@ -1,0 +1,284 @@
+"""Chunked XLA implementation: bounded working memory on any backend, the default on CPU and GPU.
+
+Letters: N tokens, V vocabulary, Hs / Ht hidden widths, R rows in a token block, C columns in a
+vocabulary block.
+
+From logits (`divergence`): token blocks x vocabulary blocks with an online logsumexp, so the
+forward never holds more than a few [R, C] float32 tiles; the backward is one elementwise pass
+that XLA fuses into the [N, V] gradient it has to return anyway.
+
+From hidden states (`fused_linear_divergence`): token blocks of full vocabulary rows. A full row
+gives both normalizers at once, so the forward can also form the student gradient products
+(d/dh = G W^T and d/dW = h^T G, with G the per-logit gradient) while the logits tile is live:
+two projections plus two gradient products, with no recomputation, for every beta including the
+JSD. Those products assume a unit cotangent per token; the backward scales them, which is exact
+when the divergence cotangent is the same for every kept token (sum or mean losses) and the
+entropy / log-prob outputs carry no cotangent. Otherwise the backward recomputes the tiles with
+the real cotangents (lax.cond picks at run time).
+
+Blocks that would run past the end start earlier instead (no padding copy of the inputs); the
+rows or columns they revisit are excluded so nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from opsd_jax.kernels import rows
+from opsd_jax.kernels.api import DivergenceOutput, DivergenceSpec
+
+TOKEN_BLOCK = 256
+VOCAB_BLOCK = 8192
+FUSED_TOKEN_BLOCK = 128
+
+
+def _clamped_start(index, block: int, total: int):
+    """(nominal, actual) start of block `index`: actual = min(nominal, total - block)."""
+    nominal = index * block
+    return nominal, jnp.minimum(nominal, total - block)
+
+
+def _mask_outputs(stats: rows.RowStats, mask_N):
+    return stats._replace(
+        divergence_R=jnp.where(mask_N, stats.divergence_R, 0.0),
+        student_entropy_R=jnp.where(mask_N, stats.student_entropy_R, 0.0),
+        teacher_entropy_R=jnp.where(mask_N, stats.teacher_entropy_R, 0.0),
+    )
+
+
+def _target_logprobs(student_logits_NxV, teacher_logits_NxV, targets_N, stats: rows.RowStats, mask_N, spec):
+    """log p_s[target], log p_t[target] (float32 [N]) by gathering N logits, not scanning V."""
+    if targets_N is None:
+        return None, None
+    idx_Nx1 = targets_N[:, None]
+    zs_N = jnp.take_along_axis(student_logits_NxV, idx_Nx1, axis=-1)[:, 0].astype(jnp.float32)
+    zt_N = jnp.take_along_axis(teacher_logits_NxV, idx_Nx1, axis=-1)[:, 0].astype(jnp.float32)
+    lp_s_N = zs_N / spec.temperature - stats.student_log_z_R
+    lp_t_N = zt_N / spec.temperature - stats.teacher_log_z_R
+    return jnp.where(mask_N, lp_s_N, 0.0), jnp.where(mask_N, lp_t_N, 0.0)
+
+
+# ----------------------------------------------------------------------------- from logits
+
+
+def _row_stats_from_logits(student_logits_NxV, teacher_logits_NxV, spec: DivergenceSpec) -> rows.RowStats:
+    n, vocab = student_logits_NxV.shape
+    r = min(spec.token_block or TOKEN_BLOCK, n)
+    c = min(spec.vocab_block or VOCAB_BLOCK, vocab)
+    token_blocks = -(-n // r)
+    vocab_blocks = -(-vocab // c)
+
+    def z_block(logits_NxV, row0, j):
+        nominal, col0 = _clamped_start(j, c, vocab)
+        tile_RxC = jax.lax.dynamic_slice(logits_NxV, (row0, col0), (r, c))
+        z_RxC = rows.scaled_logits(tile_RxC, spec.temperature, spec.valid_vocab, col0)
+        column_C = col0 + jnp.arange(c, dtype=jnp.int32)
+        return jnp.where(column_C[None, :] >= nominal, z_RxC, rows.NEG_INF)
+
+    def token_block(i, outs):
+        _, row0 = _clamped_start(i, r, n)
+
+        def fold(j, stats):
+            return rows.online_fold(stats, z_block(student_logits_NxV, row0, j), z_block(teacher_logits_NxV, row0, j))
+
+        stats = jax.lax.fori_loop(0, vocab_blocks, fold, rows.online_init(r))
+        if rows.divergence_mode(spec.beta) == "jsd":
+            log_zs_R, log_zt_R = rows.online_log_normalizers(stats)
+
+            def second_pass(j, kls):
+                kl_s_R, kl_t_R = rows.jsd_block_kls(
+                    z_block(student_logits_NxV, row0, j),
+                    z_block(teacher_logits_NxV, row0, j),
+                    log_zs_R,
+                    log_zt_R,
+                    spec.beta,
+                )
+                return kls[0] + kl_s_R, kls[1] + kl_t_R
+
+            zero_R = jnp.zeros((r,), jnp.float32)
+            kl_s_R, kl_t_R = jax.lax.fori_loop(0, vocab_blocks, second_pass, (zero_R, zero_R))
+            block_stats = rows.online_finish(stats, spec.beta, kl_s_R, kl_t_R)
+        else:
+            block_stats = rows.online_finish(stats, spec.beta)
+        # Rows a clamped block revisits get the same values again, so overwriting is harmless.
+        return tuple(jax.lax.dynamic_update_slice(o_N, v_R, (row0,)) for o_N, v_R in zip(outs, block_stats))
+
+    init = tuple(jnp.zeros((n,), jnp.float32) for _ in rows.RowStats._fields)
+    return rows.RowStats(*jax.lax.fori_loop(0, token_blocks, token_block, init))
+
+
+def _outputs_from_logits(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec):
+    stats = _row_stats_from_logits(student_logits_NxV, teacher_logits_NxV, spec)
+    lp_s_N, lp_t_N = _target_logprobs(student_logits_NxV, teacher_logits_NxV, targets_N, stats, mask_N, spec)
+    kept = _mask_outputs(stats, mask_N)
+    out = DivergenceOutput(kept.divergence_R, kept.student_entropy_R, kept.teacher_entropy_R, lp_s_N, lp_t_N)
+    return out, stats
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _divergence(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec):
+    return _outputs_from_logits(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec)[0]
+
+
+def _divergence_fwd(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec):
+    out, stats = _outputs_from_logits(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec)
+    return out, (student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, stats)
+
+
+def _student_cotangents(cot: DivergenceOutput, mask_N, targets_N):
+    """Cotangents of the three student outputs, zeroed for ignored tokens (float32 [N] or None)."""
+
+    def kept(x_N):
+        return None if x_N is None else jnp.where(mask_N, x_N.astype(jnp.float32), 0.0)
+
+    cot_lp_N = kept(cot.student_logprob) if targets_N is not None else None
+    return kept(cot.divergence), kept(cot.student_entropy), cot_lp_N
+
+
+def _divergence_bwd(spec, residuals, cot: DivergenceOutput):
+    student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, stats = residuals
+    cot_d_N, cot_h_N, cot_lp_N = _student_cotangents(cot, mask_N, targets_N)
+    zs_NxV = rows.scaled_logits(student_logits_NxV, spec.temperature, spec.valid_vocab)
+    zt_NxV = rows.scaled_logits(teacher_logits_NxV, spec.temperature, spec.valid_vocab)
+    g_NxV = rows.student_grad_tile(
+        zs_NxV, zt_NxV, stats.student_log_z_R, stats.teacher_log_z_R, stats.aux_R,
+        stats.student_entropy_R, spec.beta, cot_d_N, cot_h_N, cot_lp_N, targets_N,
+    )
+    # where, not multiply: an ignored row may hold garbage whose gradient is NaN.
+    g_NxV = jnp.where(mask_N[:, None], g_NxV * (1.0 / spec.temperature), 0.0)
+    return g_NxV.astype(student_logits_NxV.dtype), None, None, None
+
+
+_divergence.defvjp(_divergence_fwd, _divergence_bwd)
+
+
+def divergence(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec: DivergenceSpec):
+    """DivergenceOutput (float32 [N] each) from float [N, V] logits; see api.divergence."""
+    return _divergence(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec)
+
+
+# ----------------------------------------------------------------------------- fused with the heads
+
+
+def _project(hidden_NxH, head_HxV, row0, r, spec):
+    """Scaled float32 logits [R, V] of rows row0..row0+R, and those hidden rows [R, H]."""
+    hidden_RxH = jax.lax.dynamic_slice_in_dim(hidden_NxH, row0, r, axis=0)
+    logits_RxV = jnp.dot(hidden_RxH, head_HxV, preferred_element_type=jnp.float32)
+    return rows.scaled_logits(logits_RxV, spec.temperature, spec.valid_vocab), hidden_RxH
+
+
+def _gradient_products(g_RxV, hidden_RxH, head_HxV):
+    """(G W^T float32 [R, H], h^T G float32 [H, V]) with G rounded to the head's dtype, as the
+    forward's matmul inputs were."""
+    g_RxV = g_RxV.astype(head_HxV.dtype)
+    gh_RxH = jax.lax.dot_general(g_RxV, head_HxV, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    gw_HxV = jax.lax.dot_general(hidden_RxH, g_RxV, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return gh_RxH, gw_HxV
+
+
+def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents):
+    """One sweep over token blocks. cotangents None: outputs only. Otherwise a triple of float32
+    [N] (divergence, entropy, log-prob; the last two may be None) and the sweep also returns the
+    student gradients (float32 [N, Hs], float32 [Hs, V])."""
+    n, hs_width = hs_NxHs.shape
+    vocab = ws_HsxV.shape[1]
+    r = min(spec.token_block or FUSED_TOKEN_BLOCK, n)
+    blocks = -(-n // r)
+    want_grads = cotangents is not None
+    with_targets = targets_N is not None
+    stat_names = rows.RowStats._fields + (("student_target", "teacher_target") if with_targets else ())
+
+    def block(i, carry):
+        outs, grads = carry
+        nominal, row0 = _clamped_start(i, r, n)
+        fresh_R = row0 + jnp.arange(r) >= nominal
+        zs_RxV, hs_RxHs = _project(hs_NxHs, ws_HsxV, row0, r, spec)
+        zt_RxV, _ = _project(ht_NxHt, wt_HtxV, row0, r, spec)
+        stats = rows.full_row_stats(zs_RxV, zt_RxV, spec.beta)
+        values = tuple(stats)
+        if with_targets:
+            tgt_R = jax.lax.dynamic_slice_in_dim(targets_N, row0, r)
+            values += (rows.target_logit(zs_RxV, tgt_R), rows.target_logit(zt_RxV, tgt_R))
+        outs = tuple(jax.lax.dynamic_update_slice(o_N, v_R, (row0,)) for o_N, v_R in zip(outs, values))
+        if want_grads:
+            keep_R = fresh_R & jax.lax.dynamic_slice_in_dim(mask_N, row0, r)
+
+            def cut(x_N):
+                return None if x_N is None else jnp.where(keep_R, jax.lax.dynamic_slice_in_dim(x_N, row0, r), 0.0)
+
+            cot_d_R, cot_h_R, cot_lp_R = (cut(x) for x in cotangents)
+            g_RxV = rows.student_grad_tile(
+                zs_RxV, zt_RxV, stats.student_log_z_R, stats.teacher_log_z_R, stats.aux_R,
+                stats.student_entropy_R, spec.beta, cot_d_R, cot_h_R, cot_lp_R,
+                tgt_R if with_targets else None,
+            )
+            g_RxV = jnp.where(keep_R[:, None], g_RxV * (1.0 / spec.temperature), 0.0)
+            gh_RxHs, gw_HsxV = _gradient_products(g_RxV, hs_RxHs, ws_HsxV)
+            gh_NxHs, acc_HsxV = grads
+            # A revisited row already holds its gradient; keep it rather than the zeros computed here.
+            old_RxHs = jax.lax.dynamic_slice_in_dim(gh_NxHs, row0, r)
+            gh_NxHs = jax.lax.dynamic_update_slice_in_dim(
+                gh_NxHs, jnp.where(fresh_R[:, None], gh_RxHs, old_RxHs), row0, axis=0
+            )
+            grads = (gh_NxHs, acc_HsxV + gw_HsxV)
+        return outs, grads
+
+    outs0 = tuple(jnp.zeros((n,), jnp.float32) for _ in stat_names)
+    grads0 = (jnp.zeros((n, hs_width), jnp.float32), jnp.zeros((hs_width, vocab), jnp.float32)) if want_grads else ()
+    outs, grads = jax.lax.fori_loop(0, blocks, block, (outs0, grads0))
+    stats = rows.RowStats(*outs[: len(rows.RowStats._fields)])
+    lp_s_N = lp_t_N = None
+    if with_targets:
+        lp_s_N = jnp.where(mask_N, outs[-2] - stats.student_log_z_R, 0.0)
+        lp_t_N = jnp.where(mask_N, outs[-1] - stats.teacher_log_z_R, 0.0)
+    kept = _mask_outputs(stats, mask_N)
+    out = DivergenceOutput(kept.divergence_R, kept.student_entropy_R, kept.teacher_entropy_R, lp_s_N, lp_t_N)
+    return out, grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec):
+    return _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, None)[0]
+
+
+def _fused_fwd(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec):
+    unit_N = mask_N.astype(jnp.float32)
+    out, (gh_unit_NxHs, gw_unit_HsxV) = _fused_pass(
+        hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, (unit_N, None, None)
+    )
+    return out, (hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, gh_unit_NxHs, gw_unit_HsxV)
+
+
+def _fused_bwd(spec, residuals, cot: DivergenceOutput):
+    hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, gh_unit_NxHs, gw_unit_HsxV = residuals
+    cot_d_N, cot_h_N, cot_lp_N = _student_cotangents(cot, mask_N, targets_N)
+    scale = jnp.max(jnp.where(mask_N, cot_d_N, -jnp.inf))
+    scale = jnp.where(jnp.any(mask_N), scale, 0.0)
+    uniform = jnp.all(jnp.where(mask_N, cot_d_N == scale, True)) & jnp.all(cot_h_N == 0.0)
+    if cot_lp_N is not None:
+        uniform = uniform & jnp.all(cot_lp_N == 0.0)
+
+    def scaled_forward_products():
+        # Row gradients scale per token exactly; the head gradient sums tokens, hence `uniform`.
+        return cot_d_N[:, None] * gh_unit_NxHs, scale * gw_unit_HsxV
+
+    def recompute():
+        _, grads = _fused_pass(
+            hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, (cot_d_N, cot_h_N, cot_lp_N)
+        )
+        return grads
+
+    gh_NxHs, gw_HsxV = jax.lax.cond(uniform, scaled_forward_products, recompute)
+    return gh_NxHs.astype(hs_NxHs.dtype), gw_HsxV.astype(ws_HsxV.dtype), None, None, None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec: DivergenceSpec):
+    """DivergenceOutput (float32 [N] each) from hidden states [N, H] and heads [H, V]; see
+    api.fused_linear_divergence."""
+    return _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec)

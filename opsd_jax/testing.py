@@ -1,0 +1,105 @@
+"""Tiny random Hugging Face checkpoints, built with transformers, for tests and the CPU demo.
+
+Needs torch (the `test` extra). Every weight, norms included, is random: transformers initializes
+norms to one, which would hide a misplaced or mis-shaped norm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TINY_ARCHITECTURES = {
+    # GQA, head_dim (24) != hidden/heads (16), vocab not a multiple of 128, untied head.
+    "qwen3": dict(
+        model_type="qwen3", vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+        max_position_embeddings=512,
+    ),
+    "qwen3-tied": dict(
+        model_type="qwen3", vocab_size=997, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
+        max_position_embeddings=512,
+    ),
+    "olmo2": dict(
+        model_type="olmo2", vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        pad_token_id=1, eos_token_id=2,
+    ),
+    # Sliding window (6) shorter than the test sequences; YaRN on full-attention layers only.
+    "olmo3": dict(
+        model_type="olmo3", vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=6, max_position_embeddings=128,
+        rope_theta=10_000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+        pad_token_id=1, eos_token_id=2,
+    ),
+}
+
+
+def tiny_hf_config(name: str, **overrides):
+    """A transformers config object for one of TINY_ARCHITECTURES."""
+    import transformers
+
+    fields = dict(TINY_ARCHITECTURES[name])
+    fields.update(overrides)
+    model_type = fields.pop("model_type")
+    config_class = {
+        "qwen3": transformers.Qwen3Config,
+        "olmo2": transformers.Olmo2Config,
+        "olmo3": transformers.Olmo3Config,
+    }[model_type]
+    return config_class(**fields)
+
+
+def tiny_hf_model(name: str, *, seed: int, dtype: str = "float32", **overrides):
+    """A transformers causal LM with every parameter drawn at random (eval mode, CPU)."""
+    import torch
+    import transformers
+
+    config = tiny_hf_config(name, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=generator))
+            elif param_name.endswith("bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.08 * torch.randn(param.shape, generator=generator))
+    return model.to(getattr(torch, dtype))
+
+
+def save_tiny_hf_model(name: str, path: str, *, seed: int, dtype: str = "float32",
+                       max_shard_size: str | None = None, **overrides):
+    """Builds a tiny model and writes it with `save_pretrained`; returns the torch model."""
+    model = tiny_hf_model(name, seed=seed, dtype=dtype, **overrides)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None,
+              positions: np.ndarray | None = None) -> np.ndarray:
+    """transformers' float32 logits [batch, seq, vocab] for the same inputs we give `forward`."""
+    import torch
+
+    kwargs = {"input_ids": torch.as_tensor(tokens, dtype=torch.long)}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = torch.as_tensor(attention_mask, dtype=torch.long)
+    if positions is not None:
+        kwargs["position_ids"] = torch.as_tensor(positions, dtype=torch.long)
+    with torch.no_grad():
+        return model(**kwargs).logits.float().numpy()
+
+
+def left_padded_batch(rng: np.random.Generator, lengths: list[int], vocab_size: int):
+    """tokens, attention_mask and positions [batch, max(lengths)] for left-padded prompts."""
+    width = max(lengths)
+    tokens = rng.integers(0, vocab_size, (len(lengths), width))
+    mask = np.zeros((len(lengths), width), np.int64)
+    for row, length in enumerate(lengths):
+        mask[row, width - length :] = 1
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return tokens, mask, positions
