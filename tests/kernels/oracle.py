@@ -1,0 +1,95 @@
+"""Float64 NumPy oracle for the divergence kernels (values and student-logit gradients).
+
+Letters: N tokens, V vocabulary. Written independently of opsd_jax.kernels; its gradient is itself
+checked against finite differences in test_oracle.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _log_softmax(z_NxV):
+    m_N = np.max(z_NxV, axis=-1, keepdims=True)
+    m_N = np.where(np.isfinite(m_N), m_N, 0.0)
+    with np.errstate(divide="ignore"):
+        return z_NxV - m_N - np.log(np.sum(np.exp(z_NxV - m_N), axis=-1, keepdims=True))
+
+
+def _plogq(p, x):
+    """sum of p * x over entries with p > 0 (x may be +-inf where p == 0)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(p > 0, p * np.where(p > 0, x, 0.0), 0.0)
+
+
+def scaled(logits_NxV, temperature, valid_vocab):
+    z_NxV = np.asarray(logits_NxV, np.float64) / temperature
+    if valid_vocab is not None:
+        z_NxV = z_NxV.copy()
+        z_NxV[:, valid_vocab:] = -np.inf
+    return z_NxV
+
+
+def _parts(student_NxV, teacher_NxV, beta, temperature, valid_vocab):
+    ls = _log_softmax(scaled(student_NxV, temperature, valid_vocab))
+    lt = _log_softmax(scaled(teacher_NxV, temperature, valid_vocab))
+    ps, pt = np.exp(ls), np.exp(lt)
+    lm = None
+    if 0.0 < beta < 1.0:
+        with np.errstate(divide="ignore"):
+            lm = np.log(beta * pt + (1.0 - beta) * ps)
+    return ls, lt, ps, pt, lm
+
+
+def outputs(student_NxV, teacher_NxV, beta, temperature=1.0, mask=None, valid_vocab=None, targets=None):
+    """dict of float64 [N]: divergence, student_entropy, teacher_entropy (+ logprobs with targets)."""
+    ls, lt, ps, pt, lm = _parts(student_NxV, teacher_NxV, beta, temperature, valid_vocab)
+    with np.errstate(invalid="ignore"):
+        if beta == 0.0:
+            div = _plogq(pt, lt - ls).sum(-1)
+        elif beta == 1.0:
+            div = _plogq(ps, ls - lt).sum(-1)
+        else:
+            div = beta * _plogq(pt, lt - lm).sum(-1) + (1 - beta) * _plogq(ps, ls - lm).sum(-1)
+    out = {
+        "divergence": div,
+        "student_entropy": -_plogq(ps, ls).sum(-1),
+        "teacher_entropy": -_plogq(pt, lt).sum(-1),
+    }
+    if targets is not None:
+        idx = np.arange(ls.shape[0])
+        out["student_logprob"] = ls[idx, targets]
+        out["teacher_logprob"] = lt[idx, targets]
+    if mask is not None:
+        out = {k: np.where(mask, v, 0.0) for k, v in out.items()}
+    return out
+
+
+def student_grad(
+    student_NxV, teacher_NxV, beta, cotangents, temperature=1.0, mask=None, valid_vocab=None, targets=None
+):
+    """Gradient of sum_k cotangents[k] . outputs[k] w.r.t. the raw student logits: float64 [N, V].
+
+    cotangents: dict with float [N] entries for divergence, student_entropy and (with targets)
+    student_logprob; teacher outputs carry no student gradient.
+    """
+    ls, lt, ps, pt, lm = _parts(student_NxV, teacher_NxV, beta, temperature, valid_vocab)
+    vals = outputs(student_NxV, teacher_NxV, beta, temperature, None, valid_vocab, targets)
+    n = ls.shape[0]
+    with np.errstate(invalid="ignore"):
+        if beta == 0.0:
+            d = ps - pt
+        elif beta == 1.0:
+            d = _plogq(ps, ls - lt - vals["divergence"][:, None])
+        else:
+            kl_sm = _plogq(ps, ls - lm).sum(-1)
+            d = (1 - beta) * _plogq(ps, ls - lm - kl_sm[:, None])
+        g = cotangents["divergence"][:, None] * d
+        g -= cotangents["student_entropy"][:, None] * _plogq(ps, ls + vals["student_entropy"][:, None])
+    if targets is not None:
+        onehot = np.zeros_like(ps)
+        onehot[np.arange(n), targets] = 1.0
+        g += cotangents["student_logprob"][:, None] * (onehot - ps)
+    if mask is not None:
+        g = np.where(np.asarray(mask)[:, None], g, 0.0)
+    return g / temperature
