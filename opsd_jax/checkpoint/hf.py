@@ -300,13 +300,14 @@ def copy_side_files(source: str | None, destination: str) -> list[str]:
 
 def _check_params(config: ModelConfig, params) -> None:
     shapes, _ = abstract_params(config)
-    expected = jax.tree.map(lambda s: tuple(s.shape), shapes)
-    actual = jax.tree.map(lambda a: tuple(a.shape), params)
-    if jax.tree.structure(expected) != jax.tree.structure(actual):
+    if jax.tree.structure(shapes) != jax.tree.structure(params):
         raise CheckpointError("params do not have the structure of the model that config describes")
-    for (key_path, want), got in zip(jax.tree.leaves_with_path(expected), jax.tree.leaves(actual)):
-        if want != got:
-            raise CheckpointError(f"param {jax.tree_util.keystr(key_path)} has shape {got}, expected {want}")
+    for (key_path, want), got in zip(jax.tree.leaves_with_path(shapes), jax.tree.leaves(params)):
+        if tuple(want.shape) != tuple(got.shape):
+            raise CheckpointError(
+                f"param {jax.tree_util.keystr(key_path)} has shape {tuple(got.shape)}, "
+                f"expected {tuple(want.shape)}"
+            )
 
 
 def save_hf(

@@ -261,17 +261,19 @@ def _fused_bwd(spec, residuals, cot: DivergenceOutput):
     if cot_lp_N is not None:
         uniform = uniform & jnp.all(cot_lp_N == 0.0)
 
-    def scaled_forward_products():
+    def scaled_forward_products(gh_NxHs, gw_HsxV):
         # Row gradients scale per token exactly; the head gradient sums tokens, hence `uniform`.
-        return cot_d_N[:, None] * gh_unit_NxHs, scale * gw_unit_HsxV
+        return cot_d_N[:, None] * gh_NxHs, scale * gw_HsxV
 
-    def recompute():
+    def recompute(gh_NxHs, gw_HsxV):
+        del gh_NxHs, gw_HsxV
         _, grads = _fused_pass(
             hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, (cot_d_N, cot_h_N, cot_lp_N)
         )
         return grads
 
-    gh_NxHs, gw_HsxV = jax.lax.cond(uniform, scaled_forward_products, recompute)
+    # The forward products go in as operands so XLA can scale them in place.
+    gh_NxHs, gw_HsxV = jax.lax.cond(uniform, scaled_forward_products, recompute, gh_unit_NxHs, gw_unit_HsxV)
     return gh_NxHs.astype(hs_NxHs.dtype), gw_HsxV.astype(ws_HsxV.dtype), None, None, None, None
 
 
