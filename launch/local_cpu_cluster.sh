@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Emulates a multi-host job on one machine: N processes x D CPU devices each, coordinated over
+# 127.0.0.1 with gloo collectives, exactly as jax.distributed runs on a TPU pod.
+#   launch/local_cpu_cluster.sh [-n PROCESSES] [-d DEVICES_PER_PROCESS] -- COMMAND ARGS...
+# e.g. launch/local_cpu_cluster.sh -n 2 -d 4 -- opsd-jax convert --from-hf hf/ --to-orbax ck/ --mesh 2,4,1
+set -euo pipefail
+processes=2
+devices=4
+port=$(( 20000 + RANDOM % 20000 ))
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -n) processes=$2; shift 2 ;;
+    -d) devices=$2; shift 2 ;;
+    -p) port=$2; shift 2 ;;
+    --) shift; break ;;
+    *) echo "unknown option $1 (usage: $0 [-n N] [-d D] [-p PORT] -- COMMAND...)" >&2; exit 2 ;;
+  esac
+done
+[ $# -gt 0 ] || { echo "no command given (usage: $0 [-n N] [-d D] -- COMMAND...)" >&2; exit 2; }
+pids=()
+for ((rank = 0; rank < processes; rank++)); do
+  OPSD_COORDINATOR="127.0.0.1:${port}" OPSD_NUM_PROCESSES="$processes" OPSD_PROCESS_ID="$rank" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
+    "$@" > >(sed "s/^/[process $rank] /") 2>&1 &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=$?
+done
+exit "$status"
