@@ -11,10 +11,9 @@ From hidden states (`fused_linear_divergence`): token blocks of full vocabulary 
 gives both normalizers at once, so the forward can also form the student gradient products
 (d/dh = G W^T and d/dW = h^T G, with G the per-logit gradient) while the logits tile is live:
 two projections plus two gradient products, with no recomputation, for every beta including the
-JSD. Those products assume a unit cotangent per token; the backward scales them, which is exact
-when the divergence cotangent is the same for every kept token (sum or mean losses) and the
-entropy / log-prob outputs carry no cotangent. Otherwise the backward recomputes the tiles with
-the real cotangents (lax.cond picks at run time).
+JSD. Those products assume a unit cotangent per token; the backward scales them and, only when
+the cotangents are not one shared value over kept tokens (sum and mean losses are), sweeps the
+tiles again for the remainder (the trip count is decided at run time).
 
 Blocks that would run past the end start earlier instead (no padding copy of the inputs); the
 rows or columns they revisit are excluded so nothing is counted twice.
@@ -179,14 +178,19 @@ def _gradient_products(g_RxV, hidden_RxH, head_HxV):
     return gh_RxH, gw_HxV
 
 
-def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents):
-    """One sweep over token blocks. cotangents None: outputs only. Otherwise a triple of float32
-    [N] (divergence, entropy, log-prob; the last two may be None) and the sweep also returns the
-    student gradients (float32 [N, Hs], float32 [Hs, V])."""
+def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents=None, grads0=None, blocks=None):
+    """One sweep over token blocks.
+
+    cotangents None: outputs only. Otherwise a triple of float32 [N] (divergence, entropy,
+    log-prob; the last two may be None) and the sweep also adds the student gradients to
+    grads0 (float32 [N, Hs], float32 [Hs, V]; zeros when None) and returns them.
+    blocks: how many token blocks to visit (may be traced; default all of them).
+    """
     n, hs_width = hs_NxHs.shape
     vocab = ws_HsxV.shape[1]
     r = min(spec.token_block or FUSED_TOKEN_BLOCK, n)
-    blocks = -(-n // r)
+    if blocks is None:
+        blocks = -(-n // r)
     want_grads = cotangents is not None
     with_targets = targets_N is not None
     stat_names = rows.RowStats._fields + (("student_target", "teacher_target") if with_targets else ())
@@ -218,17 +222,16 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
             g_RxV = jnp.where(keep_R[:, None], g_RxV * (1.0 / spec.temperature), 0.0)
             gh_RxHs, gw_HsxV = _gradient_products(g_RxV, hs_RxHs, ws_HsxV)
             gh_NxHs, acc_HsxV = grads
-            # A revisited row already holds its gradient; keep it rather than the zeros computed here.
+            # Revisited rows contribute zeros here (keep_R is False for them).
             old_RxHs = jax.lax.dynamic_slice_in_dim(gh_NxHs, row0, r)
-            gh_NxHs = jax.lax.dynamic_update_slice_in_dim(
-                gh_NxHs, jnp.where(fresh_R[:, None], gh_RxHs, old_RxHs), row0, axis=0
-            )
+            gh_NxHs = jax.lax.dynamic_update_slice_in_dim(gh_NxHs, old_RxHs + gh_RxHs, row0, axis=0)
             grads = (gh_NxHs, acc_HsxV + gw_HsxV)
         return outs, grads
 
     outs0 = tuple(jnp.zeros((n,), jnp.float32) for _ in stat_names)
-    grads0 = (jnp.zeros((n, hs_width), jnp.float32), jnp.zeros((hs_width, vocab), jnp.float32)) if want_grads else ()
-    outs, grads = jax.lax.fori_loop(0, blocks, block, (outs0, grads0))
+    if want_grads and grads0 is None:
+        grads0 = (jnp.zeros((n, hs_width), jnp.float32), jnp.zeros((hs_width, vocab), jnp.float32))
+    outs, grads = jax.lax.fori_loop(0, blocks, block, (outs0, grads0 if want_grads else ()))
     stats = rows.RowStats(*outs[: len(rows.RowStats._fields)])
     lp_s_N = lp_t_N = None
     if with_targets:
@@ -255,25 +258,24 @@ def _fused_fwd(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec):
 def _fused_bwd(spec, residuals, cot: DivergenceOutput):
     hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, gh_unit_NxHs, gw_unit_HsxV = residuals
     cot_d_N, cot_h_N, cot_lp_N = _student_cotangents(cot, mask_N, targets_N)
+    # The gradient is linear in the cotangents: scale the forward's unit-cotangent products by one
+    # representative cotangent, then add what the remainder contributes. For a mean or sum loss
+    # the remainder is zero and its sweep runs zero blocks; the scaling happens in place, so the
+    # head gradient never exists twice.
     scale = jnp.max(jnp.where(mask_N, cot_d_N, -jnp.inf))
     scale = jnp.where(jnp.any(mask_N), scale, 0.0)
-    uniform = jnp.all(jnp.where(mask_N, cot_d_N == scale, True)) & jnp.all(cot_h_N == 0.0)
+    rest_d_N = cot_d_N - scale * mask_N.astype(jnp.float32)
+    needed = jnp.any(rest_d_N != 0.0) | jnp.any(cot_h_N != 0.0)
     if cot_lp_N is not None:
-        uniform = uniform & jnp.all(cot_lp_N == 0.0)
-
-    def scaled_forward_products(gh_NxHs, gw_HsxV):
-        # Row gradients scale per token exactly; the head gradient sums tokens, hence `uniform`.
-        return cot_d_N[:, None] * gh_NxHs, scale * gw_HsxV
-
-    def recompute(gh_NxHs, gw_HsxV):
-        del gh_NxHs, gw_HsxV
-        _, grads = _fused_pass(
-            hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, (cot_d_N, cot_h_N, cot_lp_N)
-        )
-        return grads
-
-    # The forward products go in as operands so XLA can scale them in place.
-    gh_NxHs, gw_HsxV = jax.lax.cond(uniform, scaled_forward_products, recompute, gh_unit_NxHs, gw_unit_HsxV)
+        needed = needed | jnp.any(cot_lp_N != 0.0)
+    r = min(spec.token_block or FUSED_TOKEN_BLOCK, hs_NxHs.shape[0])
+    blocks = jnp.where(needed, -(-hs_NxHs.shape[0] // r), 0)
+    _, (gh_NxHs, gw_HsxV) = _fused_pass(
+        hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec,
+        cotangents=(rest_d_N, cot_h_N, cot_lp_N),
+        grads0=(scale * gh_unit_NxHs, scale * gw_unit_HsxV),
+        blocks=blocks,
+    )
     return gh_NxHs.astype(hs_NxHs.dtype), gw_HsxV.astype(ws_HsxV.dtype), None, None, None, None
 
 

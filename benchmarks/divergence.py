@@ -1,0 +1,269 @@
+"""Fused linear divergence, forward + backward: opsd-jax against TRL and the naive path, same run.
+
+    python benchmarks/divergence.py            # CPU table (N=1024, H=512, V=151936, float32)
+    python benchmarks/divergence.py --gpu      # GPU: xla and pallas_gpu, N=16384, H=4096, bf16
+
+Every measurement runs in its own subprocess so that one peer's allocator never pads another's
+memory figure. Working memory = peak RSS during the timed call minus RSS just before it (the peak
+is reset through /proc/self/clear_refs). Time = median of --repeats warm calls. The floor is
+F * N * H * V FLOPs over the float32 matmul rate of the projection shape measured here, with F=8
+for the KLs (two projections, two gradient products) and F=12 for the JSD.
+
+Letters: N tokens, H hidden width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+N, H, V = 1024, 512, 151_936
+BETAS = (0.0, 0.5, 1.0)
+PEERS = ("opsd_jax", "trl_chunked", "naive_torch")
+TEMPERATURE = 1.0
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _measure(call, repeats: int) -> dict:
+    """Median wall time and largest working memory (MB) over `repeats` warm calls."""
+    call()
+    times, work = [], []
+    for _ in range(repeats):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _rss_kb("VmRSS:")
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+        work.append((_rss_kb("VmHWM:") - before) / 1024)
+    return {"time_s": statistics.median(times), "times": times, "work_mb": max(work)}
+
+
+def _inputs_np(n, h, v, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    # Scaled so that logits have O(1) spread, as a trained head's do.
+    scale = 1.0 / np.sqrt(h)
+    return (
+        rng.standard_normal((n, h), np.float32),
+        (rng.standard_normal((h, v), np.float32) * scale).astype(np.float32),
+        rng.standard_normal((n, h), np.float32),
+        (rng.standard_normal((h, v), np.float32) * scale).astype(np.float32),
+    )
+
+
+def worker_opsd_jax(beta, repeats):
+    import jax
+    import jax.numpy as jnp
+
+    from opsd_jax import kernels
+
+    hs, ws, ht, wt = (jnp.asarray(x) for x in _inputs_np(N, H, V))
+
+    @jax.jit
+    def step(hs, ws):
+        def loss(hs, ws):
+            out = kernels.fused_linear_divergence(hs, ws, ht, wt, beta=beta, temperature=TEMPERATURE)
+            return jnp.mean(out.divergence)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(hs, ws)
+
+    return _measure(lambda: jax.block_until_ready(step(hs, ws)), repeats)
+
+
+def worker_trl_chunked(beta, repeats):
+    import torch
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    hs, ws, ht, wt = _inputs_np(N, H, V)
+    hs = torch.from_numpy(hs).requires_grad_()
+    ws = torch.from_numpy(ws.T.copy()).requires_grad_()  # TRL's head is [V, H]
+    ht, wt = torch.from_numpy(ht), torch.from_numpy(wt.T.copy())
+
+    def call():
+        hs.grad = ws.grad = None
+        div, _ = ChunkedDivergenceFunction.apply(hs, ws, None, ht, wt, None, beta, TEMPERATURE)
+        div.mean().backward()
+
+    return _measure(call, repeats)
+
+
+def worker_naive_torch(beta, repeats):
+    import math
+
+    import torch
+
+    hs, ws, ht, wt = _inputs_np(N, H, V)
+    hs = torch.from_numpy(hs).requires_grad_()
+    ws = torch.from_numpy(ws).requires_grad_()
+    ht, wt = torch.from_numpy(ht), torch.from_numpy(wt)
+
+    def call():
+        hs.grad = ws.grad = None
+        ls = torch.log_softmax((hs @ ws) / TEMPERATURE, dim=-1)
+        with torch.no_grad():
+            lt = torch.log_softmax((ht @ wt) / TEMPERATURE, dim=-1)
+        if beta == 0.0:
+            div = (lt.exp() * (lt - ls)).sum(-1)
+        elif beta == 1.0:
+            div = (ls.exp() * (ls - lt)).sum(-1)
+        else:
+            lm = torch.logaddexp(ls + math.log(1 - beta), lt + math.log(beta))
+            div = beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+        div.mean().backward()
+
+    return _measure(call, repeats)
+
+
+def worker_matmul(_beta, repeats):
+    """float32 FLOP/s of the [N, H] @ [H, V] projection, the best of JAX and torch."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    hs, ws, _, _ = _inputs_np(N, H, V)
+    a, b = jnp.asarray(hs), jnp.asarray(ws)
+    mm = jax.jit(jnp.dot)
+    jax_s = _measure(lambda: jax.block_until_ready(mm(a, b)), repeats)["time_s"]
+    ta, tb = torch.from_numpy(hs), torch.from_numpy(ws)
+    torch_s = _measure(lambda: ta @ tb, repeats)["time_s"]
+    flops = 2.0 * N * H * V
+    return {"jax_flops": flops / jax_s, "torch_flops": flops / torch_s, "flops": flops / min(jax_s, torch_s)}
+
+
+WORKERS = {
+    "opsd_jax": worker_opsd_jax,
+    "trl_chunked": worker_trl_chunked,
+    "naive_torch": worker_naive_torch,
+    "matmul": worker_matmul,
+}
+
+
+def _spawn(name, beta, repeats):
+    cmd = [sys.executable, __file__, "--worker", name, "--beta", str(beta), "--repeats", str(repeats)]
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {name} beta={beta} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cpu_table(repeats: int, peers=PEERS) -> str:
+    rate = _spawn("matmul", 0.0, repeats)
+    lines = [
+        f"N={N} H={H} V={V} float32, forward+backward (student hidden and head), median of {repeats}",
+        f"float32 matmul rate of the projection: {rate['flops'] / 1e9:.1f} GFLOP/s "
+        f"(jax {rate['jax_flops'] / 1e9:.1f}, torch {rate['torch_flops'] / 1e9:.1f})",
+        "",
+        "| beta | opsd-jax s | TRL s | naive s | time/TRL (goal <=0.6) | floor s (F) | time/floor (goal <=1.5) "
+        "| opsd-jax MB | TRL MB | naive MB | mem/TRL (goal <=0.5) | mem/naive (goal <=0.1) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for beta in BETAS:
+        r = {p: _spawn(p, beta, repeats) for p in peers}
+        f = 12 if 0.0 < beta < 1.0 else 8
+        floor = f * N * H * V / rate["flops"]
+        ours, trl, naive = r["opsd_jax"], r["trl_chunked"], r["naive_torch"]
+        lines.append(
+            f"| {beta} | {ours['time_s']:.2f} | {trl['time_s']:.2f} | {naive['time_s']:.2f} "
+            f"| {ours['time_s'] / trl['time_s']:.2f} | {floor:.2f} ({f}) | {ours['time_s'] / floor:.2f} "
+            f"| {ours['work_mb']:.0f} | {trl['work_mb']:.0f} | {naive['work_mb']:.0f} "
+            f"| {ours['work_mb'] / trl['work_mb']:.2f} | {ours['work_mb'] / naive['work_mb']:.3f} |"
+        )
+        print(f"  beta={beta}: " + json.dumps(r), file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def gpu_table(repeats: int) -> str:
+    """xla and pallas_gpu at N=16384, H=4096, V=151936 bf16: TFLOP/s against a bf16 matmul of the
+    projection shape, device working memory against the naive jnp path."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from opsd_jax import kernels
+
+    n, h, v = 16384, 4096, 151_936
+    key = jax.random.key(0)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    hs = jax.random.normal(k1, (n, h), jnp.bfloat16)
+    ws = (jax.random.normal(k2, (h, v), jnp.float32) / np.sqrt(h)).astype(jnp.bfloat16)
+    ht = jax.random.normal(k3, (n, h), jnp.bfloat16)
+    wt = (jax.random.normal(k4, (h, v), jnp.float32) / np.sqrt(h)).astype(jnp.bfloat16)
+    device = jax.devices()[0]
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    mm_rate = 2.0 * n * h * v / timed(lambda: jax.block_until_ready(mm(hs, ws)))
+
+    def step_for(impl):
+        def loss(a, b):
+            if impl == "naive":
+                ls = jax.nn.log_softmax(jnp.dot(a, b, preferred_element_type=jnp.float32), -1)
+                lt = jax.nn.log_softmax(jnp.dot(ht, wt, preferred_element_type=jnp.float32), -1)
+                return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), -1))
+            return jnp.mean(kernels.fused_linear_divergence(a, b, ht, wt, beta=0.0, impl=impl).divergence)
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+    lines = [
+        f"GPU {device.device_kind}: N={n} H={h} V={v} bf16, beta=0, forward+backward; "
+        f"bf16 matmul {mm_rate / 1e12:.1f} TFLOP/s",
+        "| impl | s | TFLOP/s at 8NHV | / matmul | temp MB (compiled) | / naive |",
+        "|---|---|---|---|---|---|",
+    ]
+    results = {}
+    for impl in ("naive", "xla", "pallas_gpu"):
+        step = step_for(impl)
+        try:
+            temp = step.lower(hs, ws).compile().memory_analysis().temp_size_in_bytes / 2**20
+            seconds = timed(lambda: jax.block_until_ready(step(hs, ws)))
+        except Exception as err:  # an out-of-memory naive path is itself a result
+            lines.append(f"| {impl} | failed: {type(err).__name__}: {str(err)[:80]} | | | | |")
+            continue
+        results[impl] = temp
+        rate = 8.0 * n * h * v / seconds
+        rel = temp / results["naive"] if "naive" in results else float("nan")
+        lines.append(f"| {impl} | {seconds:.3f} | {rate / 1e12:.1f} | {rate / mm_rate:.2f} | {temp:.0f} | {rel:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true", help="run the GPU table instead of the CPU one")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--beta", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args.beta, args.repeats)))
+        return
+    print(gpu_table(args.repeats) if args.gpu else cpu_table(args.repeats))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
