@@ -36,6 +36,8 @@ class DivergenceSpec:
     """Static settings every implementation receives (hashable: it is a jit-static argument).
 
     token_block / vocab_block: tile sizes; None lets the implementation choose.
+    interpret: Pallas only. None runs the interpreter unless the default backend is the kernel's
+      own accelerator; False forces real lowering (to compile for a TPU topology on a CPU host).
     """
 
     beta: float
@@ -43,6 +45,7 @@ class DivergenceSpec:
     valid_vocab: int | None = None
     token_block: int | None = None
     vocab_block: int | None = None
+    interpret: bool | None = None
 
 
 def _check_scalars(beta, temperature):
@@ -137,6 +140,7 @@ def divergence(
     impl: str = "auto",
     token_block: int | None = None,
     vocab_block: int | None = None,
+    interpret: bool | None = None,
 ) -> DivergenceOutput:
     """Per-token divergence between student and teacher next-token distributions.
 
@@ -146,6 +150,7 @@ def divergence(
     mask: bool [N] or None; ignored tokens get zero outputs and exactly zero gradient.
     valid_vocab: entries at or past it (embedding padding) are excluded from both distributions.
     targets: int [N] or None; adds both log-probabilities of these token ids.
+    token_block, vocab_block, interpret: tuning and Pallas settings, see DivergenceSpec.
     Returns DivergenceOutput of float32 [N] arrays.
     """
     beta, temperature = _check_scalars(beta, temperature)
@@ -158,7 +163,7 @@ def divergence(
         )
     n, vocab = student_logits.shape
     mask_N, valid_vocab, targets_N = _check_token_args(n, vocab, mask, valid_vocab, targets)
-    spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block)
+    spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block, interpret)
     fn = _implementation(_resolve(impl), fused=False)
     return fn(student_logits, teacher_logits, mask_N, targets_N, spec)
 
@@ -177,6 +182,7 @@ def fused_linear_divergence(
     impl: str = "auto",
     token_block: int | None = None,
     vocab_block: int | None = None,
+    interpret: bool | None = None,
 ) -> DivergenceOutput:
     """`divergence` of student_hidden @ student_head and teacher_hidden @ teacher_head, never
     forming the [N, V] logits.
@@ -214,6 +220,6 @@ def fused_linear_divergence(
         )
     vocab = student_head.shape[1]
     mask_N, valid_vocab, targets_N = _check_token_args(n, vocab, mask, valid_vocab, targets)
-    spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block)
+    spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block, interpret)
     fn = _implementation(_resolve(impl), fused=True)
     return fn(student_hidden, student_head, teacher_hidden, teacher_head, mask_N, targets_N, spec)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 NEG_INF = float("-inf")
@@ -28,6 +29,11 @@ def divergence_mode(beta: float) -> str:
     return "jsd"
 
 
+def columns(width: int, column_start=0):
+    """Vocabulary indices of a block's columns, int32 [1, C] (2-D: Mosaic wants 2-D iotas)."""
+    return column_start + jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
+
+
 def scaled_logits(logits_RxC, temperature: float, valid_vocab: int | None, column_start=0):
     """float32 logits / temperature with columns at or past `valid_vocab` set to -inf.
 
@@ -38,8 +44,7 @@ def scaled_logits(logits_RxC, temperature: float, valid_vocab: int | None, colum
     if temperature != 1.0:
         z_RxC = z_RxC * (1.0 / temperature)
     if valid_vocab is not None:
-        column_C = column_start + jnp.arange(z_RxC.shape[-1], dtype=jnp.int32)
-        z_RxC = jnp.where(column_C[None, :] < valid_vocab, z_RxC, NEG_INF)
+        z_RxC = jnp.where(columns(z_RxC.shape[-1], column_start) < valid_vocab, z_RxC, NEG_INF)
     return z_RxC
 
 
@@ -154,16 +159,14 @@ def student_grad_tile(
         )
     if cot_logprob_R is not None:
         # d log p_y / dz_j = [j == y] - p_j
-        column_C = column_start + jnp.arange(zs_RxC.shape[-1], dtype=jnp.int32)
-        hit_RxC = column_C[None, :] == target_column_R[:, None]
+        hit_RxC = columns(zs_RxC.shape[-1], column_start) == target_column_R[:, None]
         g_RxC = g_RxC + cot_logprob_R[:, None] * (hit_RxC.astype(jnp.float32) - ps_RxC)
     return g_RxC
 
 
 def target_logit(z_RxC, target_column_R, column_start=0):
     """z[r, target_r] for targets that fall in this block, 0 elsewhere: float32 [R]."""
-    column_C = column_start + jnp.arange(z_RxC.shape[-1], dtype=jnp.int32)
-    hit_RxC = column_C[None, :] == target_column_R[:, None]
+    hit_RxC = columns(z_RxC.shape[-1], column_start) == target_column_R[:, None]
     return jnp.sum(jnp.where(hit_RxC, z_RxC, 0.0), axis=-1)
 
 

@@ -18,7 +18,7 @@ IMPL_SHAPES = {
     "pallas_tpu": [(9, 300)],
     "pallas_gpu": [(9, 300)],
 }
-BLOCKS = {"reference": {}, "xla": {"token_block": 8, "vocab_block": 64}, "pallas_tpu": {}, "pallas_gpu": {}}
+BLOCKS = {"reference": {}, "xla": {"token_block": 8, "vocab_block": 64}, "pallas_tpu": {"token_block": 8, "vocab_block": 128}, "pallas_gpu": {"token_block": 8, "vocab_block": 128}}
 CASES = [(impl, shape) for impl, shapes in IMPL_SHAPES.items() for shape in shapes]
 
 

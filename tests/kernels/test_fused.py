@@ -14,7 +14,7 @@ IMPL_SHAPES = {
     "pallas_tpu": [(9, 8, 8, 300)],
     "pallas_gpu": [(9, 8, 8, 300)],
 }
-BLOCKS = {"reference": {}, "xla": {"token_block": 8}, "pallas_tpu": {}, "pallas_gpu": {}}
+BLOCKS = {"reference": {}, "xla": {"token_block": 8}, "pallas_tpu": {"token_block": 8, "vocab_block": 128}, "pallas_gpu": {"token_block": 8, "vocab_block": 128}}
 CASES = [(impl, shape) for impl, shapes in IMPL_SHAPES.items() for shape in shapes]
 
 

@@ -1,0 +1,93 @@
+"""custom_vjp wiring shared by the Pallas backends.
+
+A backend supplies three functions of plain arrays (N tokens, V vocabulary, H hidden width):
+  row_stats(inputs, targets_N, spec) -> (rows.RowStats of float32 [N], target logits (s, t) or None)
+      inputs = (student_logits, teacher_logits) or (hs, ws, ht, wt)
+  logits_grad(s, t, stats, cots, targets_N, spec) -> float [N, V] gradient of the student logits
+  fused_grads(hs, ws, ht, wt, stats, cots, targets_N, spec) -> (float32 [N, Hs], float32 [Hs, V])
+with cots = (divergence, student entropy, student log-prob or None) cotangents, float32 [N],
+already zero for ignored tokens. Masking, target log-probs and dtype casts happen here once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from opsd_jax.kernels import rows
+from opsd_jax.kernels.api import DivergenceOutput
+
+
+class Backend(NamedTuple):
+    row_stats: Callable
+    logits_grad: Callable
+    fused_grads: Callable
+
+
+def _outputs(backend: Backend, inputs, mask_N, targets_N, spec):
+    stats, target_logits = backend.row_stats(inputs, targets_N, spec)
+    kept = lambda x_N: jnp.where(mask_N, x_N, 0.0)  # noqa: E731
+    lp_s_N = lp_t_N = None
+    if targets_N is not None:
+        lp_s_N = kept(target_logits[0] - stats.student_log_z_R)
+        lp_t_N = kept(target_logits[1] - stats.teacher_log_z_R)
+    out = DivergenceOutput(
+        kept(stats.divergence_R), kept(stats.student_entropy_R), kept(stats.teacher_entropy_R), lp_s_N, lp_t_N
+    )
+    return out, stats
+
+
+def _cotangents(cot: DivergenceOutput, mask_N, targets_N):
+    def kept(x_N):
+        return None if x_N is None else jnp.where(mask_N, x_N.astype(jnp.float32), 0.0)
+
+    return kept(cot.divergence), kept(cot.student_entropy), kept(cot.student_logprob) if targets_N is not None else None
+
+
+def make(backend: Backend):
+    """(divergence, fused_linear_divergence) implementation functions for the API."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def from_logits(s_NxV, t_NxV, mask_N, targets_N, spec):
+        return _outputs(backend, (s_NxV, t_NxV), mask_N, targets_N, spec)[0]
+
+    def from_logits_fwd(s_NxV, t_NxV, mask_N, targets_N, spec):
+        out, stats = _outputs(backend, (s_NxV, t_NxV), mask_N, targets_N, spec)
+        return out, (s_NxV, t_NxV, mask_N, targets_N, stats)
+
+    def from_logits_bwd(spec, residuals, cot):
+        s_NxV, t_NxV, mask_N, targets_N, stats = residuals
+        cots = _cotangents(cot, mask_N, targets_N)
+        g_NxV = backend.logits_grad(s_NxV, t_NxV, stats, cots, targets_N, spec)
+        return g_NxV.astype(s_NxV.dtype), None, None, None
+
+    from_logits.defvjp(from_logits_fwd, from_logits_bwd)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+    def fused(hs, ws, ht, wt, mask_N, targets_N, spec):
+        return _outputs(backend, (hs, ws, ht, wt), mask_N, targets_N, spec)[0]
+
+    def fused_fwd(hs, ws, ht, wt, mask_N, targets_N, spec):
+        out, stats = _outputs(backend, (hs, ws, ht, wt), mask_N, targets_N, spec)
+        return out, (hs, ws, ht, wt, mask_N, targets_N, stats)
+
+    def fused_bwd(spec, residuals, cot):
+        hs, ws, ht, wt, mask_N, targets_N, stats = residuals
+        cots = _cotangents(cot, mask_N, targets_N)
+        gh, gw = backend.fused_grads(hs, ws, ht, wt, stats, cots, targets_N, spec)
+        return gh.astype(hs.dtype), gw.astype(ws.dtype), None, None, None, None
+
+    fused.defvjp(fused_fwd, fused_bwd)
+    return from_logits, fused
+
+
+def full_cotangents(cots, n):
+    """The three cotangent vectors with None replaced by zeros, float32 [N] each."""
+    return tuple(jnp.zeros((n,), jnp.float32) if c is None else c for c in cots)
+
+
+def jsd_from_kls(stats: rows.RowStats, kl_s_N, kl_t_N, beta):
+    return stats._replace(divergence_R=beta * kl_t_N + (1.0 - beta) * kl_s_N, aux_R=kl_s_N)
