@@ -14,13 +14,13 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 
 import jax
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from opsd_jax.checkpoint.atomic import atomic_directory
@@ -271,18 +271,54 @@ def _host_value(array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
-def _hf_shards(config, params, numpy_dtype, max_shard_bytes: int) -> Iterator[dict[str, np.ndarray]]:
-    shard: dict[str, np.ndarray] = {}
+if sys.byteorder != "little":
+    raise ImportError("opsd_jax.checkpoint.hf writes safetensors' little-endian bytes directly")
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _write_safetensors(file: str, mappings: list[TensorMapping], dtype: str, values: Iterator[np.ndarray]) -> None:
+    """Writes one safetensors file tensor by tensor.
+
+    safetensors' own writers take every tensor of a file in memory at once; the format is a JSON
+    header of shapes and byte offsets followed by raw little-endian bytes, so with shapes known up
+    front each tensor can be streamed and dropped. Files are read back with the safetensors
+    library in the tests.
+    """
+    itemsize = np.dtype(_DTYPES[dtype]).itemsize
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for mapping in mappings:
+        nbytes = math.prod(mapping.hf_shape) * itemsize
+        header[mapping.hf_name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(mapping.hf_shape), "data_offsets": [offset, offset + nbytes]
+        }
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # tensor data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for mapping, value in zip(mappings, values, strict=True):
+            if value.shape != mapping.hf_shape:
+                raise CheckpointError(f"tensor {mapping.hf_name!r} has shape {value.shape}, expected {mapping.hf_shape}")
+            np.ascontiguousarray(value).tofile(f)  # raw bytes, no copy; hosts are little-endian
+
+
+def _shard_plan(config: ModelConfig, dtype: str, max_shard_bytes: int) -> list[tuple[str, list[TensorMapping]]]:
+    """(file name, tensors) per shard, HF's naming; one unsharded file when everything fits."""
+    itemsize = np.dtype(_DTYPES[dtype]).itemsize
+    shards: list[list[TensorMapping]] = []
     shard_bytes = 0
-    for m in tensor_mappings(config):
-        value = m.to_hf(_host_value(_get_path(params, m.path))).astype(numpy_dtype, copy=False)
-        if shard and shard_bytes + value.nbytes > max_shard_bytes:
-            yield shard
-            shard, shard_bytes = {}, 0
-        shard[m.hf_name] = value
-        shard_bytes += value.nbytes
-    if shard:
-        yield shard
+    for mapping in tensor_mappings(config):
+        nbytes = math.prod(mapping.hf_shape) * itemsize
+        if not shards or (shard_bytes and shard_bytes + nbytes > max_shard_bytes):
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(mapping)
+        shard_bytes += nbytes
+    if len(shards) == 1:
+        return [(SINGLE_FILE, shards[0])]
+    return [(f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", s) for i, s in enumerate(shards)]
 
 
 def copy_side_files(source: str | None, destination: str) -> list[str]:
@@ -342,33 +378,23 @@ def save_hf(
         copy_side_files(side_files_from or config.source_path, staging)
         with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
-        shards = list(_hf_shard_names(config, numpy_dtype, max_shard_bytes))
-        weight_map, total_bytes = {}, 0
-        bar = tqdm(total=len(tensor_mappings(config)), desc=f"writing {os.path.basename(path)}", disable=not progress)
-        for file_name, shard in zip(shards, _hf_shards(config, params, numpy_dtype, max_shard_bytes)):
-            save_file(shard, os.path.join(staging, file_name), metadata={"format": "pt"})
-            for name, value in shard.items():
-                weight_map[name] = file_name
-                total_bytes += value.nbytes
-            bar.update(len(shard))
-            del shard
+        plan = _shard_plan(config, dtype, max_shard_bytes)
+        bar = tqdm(total=sum(len(t) for _, t in plan), desc=f"writing {os.path.basename(path)}",
+                   disable=not progress)
+
+        def hf_values(mappings):
+            for m in mappings:
+                yield m.to_hf(_host_value(_get_path(params, m.path))).astype(numpy_dtype, copy=False)
+                bar.update(1)
+
+        for file_name, mappings in plan:
+            _write_safetensors(os.path.join(staging, file_name), mappings, dtype, hf_values(mappings))
         bar.close()
-        if len(shards) > 1:
+        if len(plan) > 1:
+            total_bytes = sum(math.prod(m.hf_shape) for _, ms in plan for m in ms) * np.dtype(numpy_dtype).itemsize
+            weight_map = {m.hf_name: file_name for file_name, ms in plan for m in ms}
             index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
             with open(os.path.join(staging, INDEX_FILE), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
     return path
 
-
-def _hf_shard_names(config: ModelConfig, numpy_dtype, max_shard_bytes: int) -> list[str]:
-    """File names of the shards `_hf_shards` will produce (computed from shapes alone)."""
-    itemsize = np.dtype(numpy_dtype).itemsize
-    count, shard_bytes = 0, 0
-    for m in tensor_mappings(config):
-        nbytes = math.prod(m.hf_shape) * itemsize
-        if count == 0 or (shard_bytes and shard_bytes + nbytes > max_shard_bytes):
-            count, shard_bytes = count + 1, 0
-        shard_bytes += nbytes
-    if count == 1:
-        return [SINGLE_FILE]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]

@@ -26,6 +26,24 @@ HF_DIR = "hf"
 MANIFEST = "opsd_jax.json"
 
 
+def _checkpointer(tree, host_buffer_gb: float | None = None) -> ocp.Checkpointer:
+    """An Orbax checkpointer whose host memory in flight is bounded.
+
+    Orbax's defaults (96 GB in flight) copy every array to host at once, which on a CPU host
+    doubles a conversion's footprint. By default the bound is just above the largest array, the
+    smallest bound Orbax accepts (it refuses a single array larger than the bound).
+    """
+    if host_buffer_gb is None:
+        largest = max((leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)), default=0)
+        host_buffer_gb = max(1.05 * largest, 2**26) / 1e9  # Orbax counts GB as 1e9 bytes
+    handler = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=host_buffer_gb,
+        restore_concurrent_gb=host_buffer_gb,
+        save_device_host_concurrent_gb=host_buffer_gb,
+    )
+    return ocp.Checkpointer(handler)
+
+
 def save_params(params, config: ModelConfig, path, *, overwrite: bool = False) -> str:
     """Writes `params` (sharded jax arrays) with their config; the directory appears complete or
     not at all."""
@@ -34,10 +52,8 @@ def save_params(params, config: ModelConfig, path, *, overwrite: bool = False) -
     if len(dtypes) != 1:
         raise CheckpointError(f"params mix dtypes {sorted(dtypes)}; cast them to one dtype first")
     with atomic_directory(path, overwrite=overwrite, all_processes=True) as staging:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+        with _checkpointer(params) as checkpointer:
+            checkpointer.save(os.path.join(staging, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
         if jax.process_index() == 0:
             hf_dir = os.path.join(staging, HF_DIR)
             os.makedirs(hf_dir)
@@ -83,9 +99,9 @@ def restore_params(path, *, mesh=None, dtype: str | None = None, compute_dtype: 
         shapes,
         param_shardings(config, mesh),
     )
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        params = checkpointer.restore(os.path.join(path, PARAMS_DIR), target)
-    finally:
-        checkpointer.close()
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    with _checkpointer(target) as checkpointer:
+        params = checkpointer.restore(
+            os.path.join(path, PARAMS_DIR), args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
+        )
     return config, params

@@ -156,14 +156,15 @@ def test_index_pointing_to_missing_file(tiny_checkpoint):
 def test_interrupted_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     config, params = load_hf(tiny_checkpoint, progress=False)
     written = []
+    real_writer = hf_module._write_safetensors
 
-    def failing_save(tensors, file, metadata=None):
+    def failing_writer(file, mappings, dtype, values):
         if written:
             raise OSError("disk full")
         written.append(file)
-        save_file(tensors, file, metadata=metadata)
+        real_writer(file, mappings, dtype, values)
 
-    monkeypatch.setattr(hf_module, "save_file", failing_save)
+    monkeypatch.setattr(hf_module, "_write_safetensors", failing_writer)
     with pytest.raises(OSError, match="disk full"):
         save_hf(params, config, tmp_path / "export", max_shard_bytes=50_000, progress=False)
     assert written  # the first shard was written before the failure
