@@ -14,6 +14,7 @@ from opsd_jax.kernels.api import (
     divergence,
     fused_linear_divergence,
 )
+from opsd_jax.kernels.topk import TopKOutput, teacher_topk, topk_divergence
 
 __all__ = [
     "IMPLS",
@@ -22,4 +23,7 @@ __all__ = [
     "default_impl",
     "divergence",
     "fused_linear_divergence",
+    "TopKOutput",
+    "teacher_topk",
+    "topk_divergence",
 ]

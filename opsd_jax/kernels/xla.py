@@ -32,6 +32,7 @@ from opsd_jax.kernels.api import DivergenceOutput, DivergenceSpec
 TOKEN_BLOCK = 256
 VOCAB_BLOCK = 8192
 FUSED_TOKEN_BLOCK = 128
+HEAD_GRAD_SLICE = 8192
 
 
 def _clamped_start(index, block: int, total: int):
@@ -169,13 +170,28 @@ def _project(hidden_NxH, head_HxV, row0, r, spec):
     return rows.scaled_logits(logits_RxV, spec.temperature, spec.valid_vocab), hidden_RxH
 
 
-def _gradient_products(g_RxV, hidden_RxH, head_HxV):
-    """(G W^T float32 [R, H], h^T G float32 [H, V]) with G rounded to the head's dtype, as the
-    forward's matmul inputs were."""
+def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc_HxV):
+    """(G W^T float32 [R, H], acc + h^T G float32 [H, V]) with G rounded to the head's dtype, as
+    the forward's matmul inputs were.
+
+    h^T G goes into acc one vocabulary slice at a time: a whole [H, V] product would be a second
+    head-sized temporary next to acc, since XLA does not fuse the add into the matmul.
+    """
     g_RxV = g_RxV.astype(head_HxV.dtype)
     gh_RxH = jax.lax.dot_general(g_RxV, head_HxV, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    gw_HxV = jax.lax.dot_general(hidden_RxH, g_RxV, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return gh_RxH, gw_HxV
+    vocab = g_RxV.shape[1]
+    c = min(HEAD_GRAD_SLICE, vocab)
+
+    def add_slice(j, acc_HxV):
+        nominal, col0 = _clamped_start(j, c, vocab)
+        g_RxC = jax.lax.dynamic_slice_in_dim(g_RxV, col0, c, axis=1)
+        # A clamped last slice revisits columns; count them once.
+        g_RxC = jnp.where(rows.columns(c, col0) >= nominal, g_RxC, 0)
+        gw_HxC = jax.lax.dot_general(hidden_RxH, g_RxC, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        old_HxC = jax.lax.dynamic_slice_in_dim(acc_HxV, col0, c, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(acc_HxV, old_HxC + gw_HxC, col0, axis=1)
+
+    return gh_RxH, jax.lax.fori_loop(0, -(-vocab // c), add_slice, acc_HxV)
 
 
 def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents=None, grads0=None, blocks=None):
@@ -220,12 +236,12 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
                 tgt_R if with_targets else None,
             )
             g_RxV = jnp.where(keep_R[:, None], g_RxV * (1.0 / spec.temperature), 0.0)
-            gh_RxHs, gw_HsxV = _gradient_products(g_RxV, hs_RxHs, ws_HsxV)
             gh_NxHs, acc_HsxV = grads
+            gh_RxHs, acc_HsxV = _gradient_products(g_RxV, hs_RxHs, ws_HsxV, acc_HsxV)
             # Revisited rows contribute zeros here (keep_R is False for them).
             old_RxHs = jax.lax.dynamic_slice_in_dim(gh_NxHs, row0, r)
             gh_NxHs = jax.lax.dynamic_update_slice_in_dim(gh_NxHs, old_RxHs + gh_RxHs, row0, axis=0)
-            grads = (gh_NxHs, acc_HsxV + gw_HsxV)
+            grads = (gh_NxHs, acc_HsxV)
         return outs, grads
 
     outs0 = tuple(jnp.zeros((n,), jnp.float32) for _ in stat_names)

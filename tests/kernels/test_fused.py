@@ -102,3 +102,9 @@ def test_fused_bad_shapes_are_named(shapes, message):
     arrays = [jnp.zeros(s, jnp.float32) for s in shapes]
     with pytest.raises(ValueError, match=message):
         kernels.fused_linear_divergence(*arrays, beta=0.0)
+
+
+def test_pallas_gpu_names_a_width_triton_cannot_tile():
+    arrays = [jnp.zeros(s, jnp.float32) for s in ((4, 8), (8, 16), (4, 6), (6, 16))]
+    with pytest.raises(ValueError, match="teacher_hidden has 6"):
+        kernels.fused_linear_divergence(*arrays, beta=0.0, impl="pallas_gpu")

@@ -1,0 +1,95 @@
+"""Top-k + tail-bucket divergence against a float64 NumPy oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opsd_jax import kernels
+from tests.kernels import oracle
+
+
+def _oracle_topk(s, ids, lt_k, beta, temperature, valid_vocab):
+    ls = oracle._log_softmax(oracle.scaled(s, temperature, valid_vocab))
+    ls_k = np.take_along_axis(ls, ids, axis=-1)
+    with np.errstate(divide="ignore"):
+        tail_s = np.log1p(-np.exp(ls_k).sum(-1))
+        tail_t = np.log1p(-np.exp(lt_k).sum(-1))
+    a = np.concatenate([ls_k, tail_s[:, None]], -1)
+    b = np.concatenate([lt_k, tail_t[:, None]], -1)
+    pa, pb = np.exp(a), np.exp(b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if beta == 0.0:
+            return oracle._plogq(pb, b - a).sum(-1)
+        if beta == 1.0:
+            return oracle._plogq(pa, a - b).sum(-1)
+        lm = np.log(beta * pb + (1 - beta) * pa)
+        return beta * oracle._plogq(pb, b - lm).sum(-1) + (1 - beta) * oracle._plogq(pa, a - lm).sum(-1)
+
+
+def _setup(rng, n=6, v=60, k=5):
+    s = (rng.normal(size=(n, v)) * 2).astype(np.float32)
+    t = (rng.normal(size=(n, v)) * 2).astype(np.float32)
+    valid_vocab = int(rng.integers(v // 2, v))
+    temperature = float(rng.choice([0.8, 1.0, 1.3]))
+    ids, lt_k = kernels.teacher_topk(jnp.asarray(t), k, temperature=temperature, valid_vocab=valid_vocab)
+    return s, t, np.asarray(ids), np.asarray(lt_k, np.float64), valid_vocab, temperature
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_topk_matches_oracle_values_and_gradient(rng, beta):
+    s, t, ids, lt_k, valid_vocab, temperature = _setup(rng)
+    t_lp = oracle._log_softmax(oracle.scaled(t, temperature, valid_vocab))
+    order = np.argsort(-t_lp, axis=-1)[:, : ids.shape[1]]
+    np.testing.assert_array_equal(np.sort(ids, -1), np.sort(order, -1))
+    np.testing.assert_allclose(lt_k, np.take_along_axis(t_lp, ids, -1), atol=2e-5)
+
+    weights = rng.normal(size=s.shape[0])
+
+    def loss(x):
+        out = kernels.topk_divergence(
+            x, jnp.asarray(ids), jnp.asarray(lt_k, jnp.float32), beta=beta, temperature=temperature,
+            valid_vocab=valid_vocab,
+        )
+        return jnp.sum(jnp.asarray(weights, jnp.float32) * out.divergence), out
+
+    (_, out), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(s))
+    expected = _oracle_topk(s, ids, lt_k, beta, temperature, valid_vocab)
+    np.testing.assert_allclose(np.asarray(out.divergence), expected, rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(grad)[:, valid_vocab:] == 0.0)
+    eps = 1e-6
+    for _ in range(3):
+        d = rng.normal(size=s.shape)
+        fd = (
+            np.dot(weights, _oracle_topk(s + eps * d, ids, lt_k, beta, temperature, valid_vocab))
+            - np.dot(weights, _oracle_topk(s - eps * d, ids, lt_k, beta, temperature, valid_vocab))
+        ) / (2 * eps)
+        np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * d), fd, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_topk_over_whole_vocabulary_is_the_full_divergence(rng, beta):
+    n, v = 5, 40
+    s = (rng.normal(size=(n, v)) * 2).astype(np.float32)
+    t = (rng.normal(size=(n, v)) * 2).astype(np.float32)
+    ids, lt_k = kernels.teacher_topk(jnp.asarray(t), v)
+    mask = jnp.asarray(rng.random(n) > 0.3)
+    out = kernels.topk_divergence(jnp.asarray(s), ids, lt_k, beta=beta, mask=mask)
+    full = kernels.divergence(jnp.asarray(s), jnp.asarray(t), beta=beta, mask=mask, impl="reference")
+    np.testing.assert_allclose(np.asarray(out.divergence), np.asarray(full.divergence), atol=1e-4)
+
+
+def test_topk_bad_input_is_named():
+    s = jnp.zeros((4, 10))
+    ids = jnp.zeros((4, 3), jnp.int32)
+    lp = jnp.zeros((4, 3))
+    with pytest.raises(ValueError, match="same \\[tokens, k\\] shape"):
+        kernels.topk_divergence(s, ids[:, :2], lp, beta=0.0)
+    with pytest.raises(ValueError, match="teacher_ids has 3 tokens but student_logits has 4"):
+        kernels.topk_divergence(s, ids[:3], lp[:3], beta=0.0)
+    with pytest.raises(TypeError, match="teacher_ids must be integer"):
+        kernels.topk_divergence(s, lp, lp, beta=0.0)
+    with pytest.raises(ValueError, match="beta must lie in"):
+        kernels.topk_divergence(s, ids, lp, beta=2.0)
+    with pytest.raises(ValueError, match="k must be an int in \\[1, 10\\]"):
+        kernels.teacher_topk(s, 11)
