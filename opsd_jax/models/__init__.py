@@ -2,15 +2,21 @@
 
 from opsd_jax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeConfig
 from opsd_jax.models.decoder import (
+    CACHE_LOGICAL_AXES,
     Decoder,
     abstract_params,
     forward,
     forward_hidden,
+    forward_with_cache,
+    init_cache,
     init_params,
     param_shardings,
 )
 
 __all__ = [
+    "CACHE_LOGICAL_AXES",
+    "forward_with_cache",
+    "init_cache",
     "SUPPORTED_MODEL_TYPES",
     "ConfigError",
     "Decoder",

@@ -73,7 +73,7 @@ class Attention(nn.Module):
     layer_index: int
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None):
         c = self.config
         D, H, K, Dh = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         bias = c.attention_bias
@@ -93,11 +93,17 @@ class Attention(nn.Module):
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
 
         window = c.sliding_window if layer_type == "sliding_attention" else None
-        mask_BxTxS = layers.attention_mask(segment_ids_BxT, window)
-        out_BxTxHxDh = layers.dot_product_attention(q, k, v, mask_BxTxS)
-        return Projection(
+        if cache is None:
+            mask_BxTxS = layers.attention_mask(segment_ids_BxT, window)
+            out_BxTxHxDh = layers.dot_product_attention(q, k, v, mask_BxTxS)
+        else:
+            cache = layers.write_kv_cache(cache, k, v, positions_BxT)
+            mask_BxTxS = layers.cache_attention_mask(positions_BxT, cache["k"].shape[1], window)
+            out_BxTxHxDh = layers.dot_product_attention(q, cache["k"], cache["v"], mask_BxTxS)
+        out = Projection(
             c, (H, Dh, D), ("heads", "head_dim", "embed"), contract_dims=2, use_bias=bias, name="o_proj"
         )(out_BxTxHxDh)
+        return out, cache
 
 
 class MLP(nn.Module):
@@ -118,33 +124,46 @@ class DecoderLayer(nn.Module):
     layer_index: int
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None):
         c = self.config
         norm = functools.partial(RMSNorm, c, (c.hidden_size,), ("norm",))
         attention = Attention(c, self.layer_index, name="attention")
         mlp = MLP(c, name="mlp")
         if c.norm_placement == "pre":
-            x_BxTxD = x_BxTxD + attention(norm(name="pre_attention_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
-            return x_BxTxD + mlp(norm(name="pre_mlp_norm")(x_BxTxD))
-        x_BxTxD = x_BxTxD + norm(name="post_attention_norm")(attention(x_BxTxD, positions_BxT, segment_ids_BxT))
-        return x_BxTxD + norm(name="post_mlp_norm")(mlp(x_BxTxD))
+            attended, cache = attention(norm(name="pre_attention_norm")(x_BxTxD), positions_BxT, segment_ids_BxT, cache)
+            x_BxTxD = x_BxTxD + attended
+            return x_BxTxD + mlp(norm(name="pre_mlp_norm")(x_BxTxD)), cache
+        attended, cache = attention(x_BxTxD, positions_BxT, segment_ids_BxT, cache)
+        x_BxTxD = x_BxTxD + norm(name="post_attention_norm")(attended)
+        return x_BxTxD + norm(name="post_mlp_norm")(mlp(x_BxTxD)), cache
 
 
 class Decoder(nn.Module):
-    """tokens -> (final hidden states [B, T, D] in compute dtype, lm_head [D, V])."""
+    """tokens -> (final hidden states [B, T, D] in compute dtype, lm_head [D, V], cache).
+
+    With `cache` (one {"k", "v": [B, S, K, Dh]} per layer), each token's keys and values are
+    written at the cache row equal to its position and queries attend to the cache; segment ids
+    are then unused. Without it, attention runs over the given tokens only and cache is None.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache=None):
         c = self.config
         embedding_VxD = _param(
             self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"), _normal, c.param_dtype
         )
         x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(c.compute_dtype)
         layer_class = nn.remat(DecoderLayer) if c.remat else DecoderLayer
+        new_cache = None if cache is None else []
         for i in range(c.num_layers):
-            x_BxTxD = layer_class(c, i, name=f"layers_{i}")(x_BxTxD, positions_BxT, segment_ids_BxT)
+            layer_cache = None if cache is None else cache[i]
+            x_BxTxD, layer_cache = layer_class(c, i, name=f"layers_{i}")(
+                x_BxTxD, positions_BxT, segment_ids_BxT, layer_cache
+            )
+            if cache is not None:
+                new_cache.append(layer_cache)
         x_BxTxD = RMSNorm(c, (c.hidden_size,), ("norm",), name="final_norm")(x_BxTxD)
         if c.tie_word_embeddings:
             head_DxV = embedding_VxD.T
@@ -152,7 +171,7 @@ class Decoder(nn.Module):
             head_DxV = _param(
                 self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), _normal, c.param_dtype
             )
-        return x_BxTxD, head_DxV
+        return x_BxTxD, head_DxV, new_cache
 
 
 def _segments_and_positions(tokens_BxT, positions_BxT, attention_mask_BxT, segment_ids_BxT):
@@ -191,7 +210,42 @@ def forward_hidden(
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     positions, segment_ids = _segments_and_positions(tokens, positions, attention_mask, segment_ids)
-    return Decoder(config).apply({"params": params}, tokens, positions, segment_ids)
+    hidden, head, _ = Decoder(config).apply({"params": params}, tokens, positions, segment_ids)
+    return hidden, head
+
+
+def forward_with_cache(params, config: ModelConfig, tokens, positions, cache):
+    """Runs `tokens` against a KV cache: the prefill, chunked-prefill and decode step of a sampler.
+
+    tokens, positions: int32[batch, seq]; each token's keys/values go to cache row = its position,
+    and it attends to rows <= its position (and within the sliding window on sliding layers).
+    cache: list over layers of {"k", "v": compute_dtype[batch, cache_len, kv_heads, head_dim]}.
+    Returns (logits float32[batch, seq, vocab], new cache).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    hidden, head, cache = Decoder(config).apply(
+        {"params": params}, tokens, positions, jnp.ones_like(tokens), cache
+    )
+    return _logits(hidden, head, config.compute_dtype), cache
+
+
+def init_cache(config: ModelConfig, batch: int, length: int):
+    """An all-zero KV cache: list over layers of {"k", "v": [batch, length, kv_heads, head_dim]}."""
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    return [
+        {"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype)}
+        for _ in range(config.num_layers)
+    ]
+
+
+CACHE_LOGICAL_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+
+
+def _logits(hidden_BxTxD, head_DxV, dtype):
+    return jnp.einsum(
+        "btd,dv->btv", hidden_BxTxD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32
+    )
 
 
 def forward(params, config: ModelConfig, tokens, *, positions=None, attention_mask=None, segment_ids=None):
@@ -199,10 +253,7 @@ def forward(params, config: ModelConfig, tokens, *, positions=None, attention_ma
     hidden_BxTxD, head_DxV = forward_hidden(
         params, config, tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids
     )
-    dtype = config.compute_dtype
-    return jnp.einsum(
-        "btd,dv->btv", hidden_BxTxD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32
-    )
+    return _logits(hidden_BxTxD, head_DxV, config.compute_dtype)
 
 
 def _dummy_inputs():

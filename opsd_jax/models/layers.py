@@ -113,6 +113,30 @@ def attention_mask(segment_ids_BxT, sliding_window: int | None, segment_ids_BxS=
     return allowed_TxS[None] & same_segment_BxTxS & real_key_BxS[:, None, :]
 
 
+def cache_attention_mask(positions_BxT, cache_length: int, sliding_window: int | None):
+    """bool[B, T, S] over cache rows: a query at position p sees rows <= p (the cache holds one
+    sequence per batch row, row index = position), and for sliding layers rows > p - window."""
+    row_S = jnp.arange(cache_length)[None, None, :]
+    position_BxTx1 = positions_BxT[:, :, None]
+    allowed_BxTxS = row_S <= position_BxTx1
+    if sliding_window is not None:
+        allowed_BxTxS &= row_S > position_BxTx1 - sliding_window
+    return allowed_BxTxS
+
+
+def write_kv_cache(cache, k_BxTxKxDh, v_BxTxKxDh, positions_BxT):
+    """Writes each token's keys/values at cache row = its position; returns the new cache.
+
+    Positions at or past the cache length are dropped (a padded prefill tail), never wrapped.
+    """
+    batch_Bx1 = jnp.arange(k_BxTxKxDh.shape[0])[:, None]
+    dtype = cache["k"].dtype
+    return {
+        "k": cache["k"].at[batch_Bx1, positions_BxT].set(k_BxTxKxDh.astype(dtype), mode="drop"),
+        "v": cache["v"].at[batch_Bx1, positions_BxT].set(v_BxTxKxDh.astype(dtype), mode="drop"),
+    }
+
+
 def dot_product_attention(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxTxS):
     """Grouped-query attention; scores and softmax in float32, values in the input dtype.
 
