@@ -7,16 +7,20 @@ from opsd_jax.models.decoder import (
     abstract_params,
     forward,
     forward_hidden,
+    forward_hidden_with_cache,
     forward_with_cache,
     init_cache,
+    logits_from_hidden,
     init_params,
     param_shardings,
 )
 
 __all__ = [
     "CACHE_LOGICAL_AXES",
+    "forward_hidden_with_cache",
     "forward_with_cache",
     "init_cache",
+    "logits_from_hidden",
     "SUPPORTED_MODEL_TYPES",
     "ConfigError",
     "Decoder",

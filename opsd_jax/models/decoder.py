@@ -214,20 +214,23 @@ def forward_hidden(
     return hidden, head
 
 
-def forward_with_cache(params, config: ModelConfig, tokens, positions, cache):
+def forward_hidden_with_cache(params, config: ModelConfig, tokens, positions, cache):
     """Runs `tokens` against a KV cache: the prefill, chunked-prefill and decode step of a sampler.
 
     tokens, positions: int32[batch, seq]; each token's keys/values go to cache row = its position,
     and it attends to rows <= its position (and within the sliding window on sliding layers).
     cache: list over layers of {"k", "v": compute_dtype[batch, cache_len, kv_heads, head_dim]}.
-    Returns (logits float32[batch, seq, vocab], new cache).
+    Returns (hidden compute_dtype[batch, seq, hidden_size], head [hidden_size, vocab], new cache).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
-    hidden, head, cache = Decoder(config).apply(
-        {"params": params}, tokens, positions, jnp.ones_like(tokens), cache
-    )
-    return _logits(hidden, head, config.compute_dtype), cache
+    return Decoder(config).apply({"params": params}, tokens, positions, jnp.ones_like(tokens), cache)
+
+
+def forward_with_cache(params, config: ModelConfig, tokens, positions, cache):
+    """As `forward_hidden_with_cache`, returning (logits float32[batch, seq, vocab], new cache)."""
+    hidden, head, cache = forward_hidden_with_cache(params, config, tokens, positions, cache)
+    return logits_from_hidden(hidden, head, config), cache
 
 
 def init_cache(config: ModelConfig, batch: int, length: int):
@@ -242,9 +245,11 @@ def init_cache(config: ModelConfig, batch: int, length: int):
 CACHE_LOGICAL_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 
 
-def _logits(hidden_BxTxD, head_DxV, dtype):
+def logits_from_hidden(hidden_BxTxD, head_DxV, config: ModelConfig):
+    """float32 logits [..., vocab] from hidden states [..., hidden_size] in the compute dtype."""
+    dtype = config.compute_dtype
     return jnp.einsum(
-        "btd,dv->btv", hidden_BxTxD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32
+        "...d,dv->...v", hidden_BxTxD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32
     )
 
 
@@ -253,7 +258,7 @@ def forward(params, config: ModelConfig, tokens, *, positions=None, attention_ma
     hidden_BxTxD, head_DxV = forward_hidden(
         params, config, tokens, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids
     )
-    return _logits(hidden_BxTxD, head_DxV, config.compute_dtype)
+    return logits_from_hidden(hidden_BxTxD, head_DxV, config)
 
 
 def _dummy_inputs():
