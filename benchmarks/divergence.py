@@ -81,7 +81,13 @@ def worker_opsd_jax(beta, repeats):
 
         return jax.value_and_grad(loss, argnums=(0, 1))(hs, ws)
 
-    return _measure(lambda: jax.block_until_ready(step(hs, ws)), repeats)
+    compiled = step.lower(hs, ws).compile()
+    memory = compiled.memory_analysis()
+    result = _measure(lambda: jax.block_until_ready(compiled(hs, ws)), repeats)
+    # XLA's own account (temporaries + outputs) cross-checks the RSS figure, which an allocator
+    # that keeps freed pages between calls could understate.
+    result["xla_mb"] = (memory.temp_size_in_bytes + memory.output_size_in_bytes) / 2**20
+    return result
 
 
 def worker_trl_chunked(beta, repeats):
@@ -163,13 +169,15 @@ def _spawn(name, beta, repeats):
 
 def cpu_table(repeats: int, peers=PEERS) -> str:
     rate = _spawn("matmul", 0.0, repeats)
+    load = os.getloadavg()[0]
     lines = [
-        f"N={N} H={H} V={V} float32, forward+backward (student hidden and head), median of {repeats}",
+        f"N={N} H={H} V={V} float32, forward+backward (student hidden and head), median of {repeats}; "
+        f"{os.cpu_count()} CPUs, load average {load:.1f} at start",
         f"float32 matmul rate of the projection: {rate['flops'] / 1e9:.1f} GFLOP/s "
         f"(jax {rate['jax_flops'] / 1e9:.1f}, torch {rate['torch_flops'] / 1e9:.1f})",
         "",
         "| beta | opsd-jax s | TRL s | naive s | time/TRL (goal <=0.6) | floor s (F) | time/floor (goal <=1.5) "
-        "| opsd-jax MB | TRL MB | naive MB | mem/TRL (goal <=0.5) | mem/naive (goal <=0.1) |",
+        "| opsd-jax MB (XLA temp+out) | TRL MB | naive MB | mem/TRL (goal <=0.5) | mem/naive (goal <=0.1) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for beta in BETAS:
@@ -180,7 +188,7 @@ def cpu_table(repeats: int, peers=PEERS) -> str:
         lines.append(
             f"| {beta} | {ours['time_s']:.2f} | {trl['time_s']:.2f} | {naive['time_s']:.2f} "
             f"| {ours['time_s'] / trl['time_s']:.2f} | {floor:.2f} ({f}) | {ours['time_s'] / floor:.2f} "
-            f"| {ours['work_mb']:.0f} | {trl['work_mb']:.0f} | {naive['work_mb']:.0f} "
+            f"| {ours['work_mb']:.0f} ({ours['xla_mb']:.0f}) | {trl['work_mb']:.0f} | {naive['work_mb']:.0f} "
             f"| {ours['work_mb'] / trl['work_mb']:.2f} | {ours['work_mb'] / naive['work_mb']:.3f} |"
         )
         print(f"  beta={beta}: " + json.dumps(r), file=sys.stderr, flush=True)
