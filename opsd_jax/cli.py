@@ -52,6 +52,31 @@ def _convert(args) -> int:
     raise SystemExit("convert needs --from-hf DIR --to-orbax DIR, or --from-orbax DIR --to-hf DIR")
 
 
+def _serve(args) -> int:
+    from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig
+    from opsd_jax.sampler.server import CompletionServer, CompletionService, default_stop_token_ids, load_for_serving
+
+    mesh = _mesh(args.mesh)
+    config, params, tokenizer, side_dir = load_for_serving(args.checkpoint, dtype=args.dtype, mesh=mesh)
+    engine = Engine(config, SamplerConfig(max_slots=args.max_slots, max_sequence_length=args.max_sequence_length),
+                    mesh=mesh)
+    print(f"decode state: {engine.decode_state_bytes / 2**30:.2f} GiB for {args.max_slots} slots x "
+          f"{engine.max_sequence_length} tokens")
+    orchestrator = Orchestrator(engine, params)
+    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    service = CompletionService(orchestrator, tokenizer, name, default_stop_token_ids(tokenizer, side_dir))
+    server = CompletionServer(service, args.host, args.port)
+    print(f"serving {name} at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+        orchestrator.close()
+    return 0
+
+
 def _demo(args) -> int:
     from opsd_jax.demo import run_demo
 
@@ -75,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     convert.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
     convert.set_defaults(run=_convert)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible /v1/completions and /v1/chat/completions")
+    serve.add_argument("--checkpoint", required=True, metavar="DIR", help="HF folder or opsd-jax Orbax checkpoint")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model-name", help="name reported by the API (default: the folder name)")
+    serve.add_argument("--max-slots", type=int, default=8, help="sequences decoded together")
+    serve.add_argument("--max-sequence-length", type=int, help="prompt + generated tokens per sequence")
+    serve.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    serve.add_argument("--mesh", metavar="DATA,FSDP,TENSOR")
+    serve.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
+    serve.set_defaults(run=_serve)
 
     demo = commands.add_parser(
         "demo", help="CPU demo: build tiny HF checkpoints, convert them, check logits vs transformers"

@@ -103,3 +103,46 @@ def left_padded_batch(rng: np.random.Generator, lengths: list[int], vocab_size: 
         mask[row, width - length :] = 1
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     return tokens, mask, positions
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def save_tiny_tokenizer(path: str, vocab_size: int = 400) -> None:
+    """A byte-level BPE tokenizer trained here on a few sentences, with Qwen-style chat special
+    tokens and chat template, plus a generation_config naming <|im_end|> and <|endoftext|> as eos.
+    Its ids fit the tiny models' vocabularies."""
+    import json
+    import os
+
+    import tokenizers
+    import transformers
+
+    corpus = [
+        "Wait, let me check that again. Perhaps the answer is 42, but maybe not.",
+        "Let me verify: 3 + 4 = 7, and 7 * 6 = 42. Actually, I think the total is 42.",
+        "The quick brown fox jumps over the lazy dog. Alternatively, reconsider the problem.",
+        "Return your final response within \\boxed{}. Thus the answer is \\boxed{12}.",
+    ] * 20
+    model = tokenizers.Tokenizer(tokenizers.models.BPE())
+    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    model.train_from_iterator(corpus, trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=model, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"eos_token_id": eos, "pad_token_id": eos[1]}, f)

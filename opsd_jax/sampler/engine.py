@@ -79,6 +79,8 @@ class TokenResult(NamedTuple):
     sampled_logprob: jax.Array  # float32: under the distribution sampled from (after T/top-k/top-p)
     model_logprob: jax.Array  # float32: under the raw model distribution
     entropy: jax.Array  # float32: entropy of the raw model distribution, nats
+    top_ids: jax.Array  # int32[..., A]: the raw model's most likely tokens
+    top_logprobs: jax.Array  # float32[..., A]: their log-probabilities
 
 
 def _sampling_arrays(samplings: list[SamplingParams]):

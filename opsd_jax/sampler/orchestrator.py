@@ -33,6 +33,8 @@ class Completion:
     sampled_logprobs: list[float] = dataclasses.field(default_factory=list)
     model_logprobs: list[float] = dataclasses.field(default_factory=list)
     entropies: list[float] = dataclasses.field(default_factory=list)
+    # The raw model's most likely alternatives at each position: [(token id, logprob), ...].
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "stop" (a stop token, included) or "length"
 
 
@@ -45,6 +47,7 @@ class _Request:
     completions: list[Completion | None] = dataclasses.field(default_factory=list)
     remaining: int = 0
     on_token: object = None  # called with no arguments after each accepted token (progress)
+    should_stop: object = None  # called with the token ids so far; True ends the sequence ("stop")
 
 
 class Orchestrator:
@@ -63,9 +66,10 @@ class Orchestrator:
     # ---- callers' side ------------------------------------------------------------------------
 
     def submit(self, prompt_ids, sampling: SamplingParams = SamplingParams(), n: int = 1,
-               on_token=None) -> concurrent.futures.Future:
+               on_token=None, should_stop=None) -> concurrent.futures.Future:
         """Queues one prompt for n samples; the future resolves to n Completions (or raises
-        RequestError for a request the engine cannot serve)."""
+        RequestError for a request the engine cannot serve). `should_stop(token_ids)` lets a
+        caller end a sequence early (stop strings); it runs on the sampler thread."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         if not isinstance(n, int) or n < 1:
             future.set_exception(RequestError(f"n must be a positive integer, got {n!r}"))
@@ -73,7 +77,9 @@ class Orchestrator:
         with self._lock:
             if self._closed:
                 raise RuntimeError("orchestrator is closed")
-            self._queue.put(_Request(np.asarray(prompt_ids), sampling, n, future, on_token=on_token))
+            self._queue.put(
+                _Request(np.asarray(prompt_ids), sampling, n, future, on_token=on_token, should_stop=should_stop)
+            )
         return future
 
     def generate_batch(self, prompts, sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
@@ -215,9 +221,12 @@ class Orchestrator:
         completion.sampled_logprobs.append(float(token.sampled_logprob))
         completion.model_logprobs.append(float(token.model_logprob))
         completion.entropies.append(float(token.entropy))
+        completion.top_logprobs.append(list(zip(token.top_ids.tolist(), token.top_logprobs.tolist())))
         if request.on_token is not None:
             request.on_token()
         if int(token.token) in request.sampling.stop_token_ids:
+            completion.finish_reason = "stop"
+        elif request.should_stop is not None and self._stop_requested(request, completion):
             completion.finish_reason = "stop"
         elif len(completion.token_ids) >= request.sampling.max_new_tokens:
             completion.finish_reason = "length"
@@ -228,6 +237,13 @@ class Orchestrator:
             request.future.set_result(request.completions)
         return True
 
+    def _stop_requested(self, request: _Request, completion: Completion) -> bool:
+        try:
+            return bool(request.should_stop(completion.token_ids))
+        except Exception as e:  # noqa: BLE001 - a caller's callback fails only its request
+            self._fail(request, e)
+            return True
+
     @staticmethod
     def _fail(request: _Request, error: Exception) -> None:
         if not request.future.done():
@@ -237,10 +253,12 @@ class Orchestrator:
 class _TokenRow:
     """Row `index` of a TokenResult (host arrays)."""
 
-    __slots__ = ("token", "sampled_logprob", "model_logprob", "entropy")
+    __slots__ = ("token", "sampled_logprob", "model_logprob", "entropy", "top_ids", "top_logprobs")
 
     def __init__(self, result, index: int):
         self.token = result.token[index]
         self.sampled_logprob = result.sampled_logprob[index]
         self.model_logprob = result.model_logprob[index]
         self.entropy = result.entropy[index]
+        self.top_ids = result.top_ids[index]
+        self.top_logprobs = result.top_logprobs[index]

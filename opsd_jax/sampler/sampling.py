@@ -52,21 +52,24 @@ def filtered_logits(logits_SxV, temperature_S, top_k_S, top_p_S):
     """
     safe_temperature_S = jnp.where(temperature_S > 0, temperature_S, 1.0)
     scaled_SxV = logits_SxV.astype(jnp.float32) / safe_temperature_S[:, None]
-    sorted_SxV = -jnp.sort(-scaled_SxV, axis=-1)
+    # Ascending order, as transformers' top-p warper accumulates: the small tail's mass is summed
+    # first, so rounding near 1 cannot drop tokens that top_p = 1 must keep.
+    ascending_SxV = jnp.sort(scaled_SxV, axis=-1)
     vocab = logits_SxV.shape[-1]
-    # top-k: the k-th largest value is the cut (k = 0 or k >= V keeps everything).
-    k_index_S = jnp.clip(jnp.where(top_k_S > 0, top_k_S, vocab), 1, vocab) - 1
-    kth_value_S = jnp.take_along_axis(sorted_SxV, k_index_S[:, None], axis=-1)[:, 0]
-    # top-p over what top-k kept: keep a sorted token while the mass before it is < top_p.
     ranks_V = jnp.arange(vocab)
-    kept_by_k_SxV = ranks_V[None, :] <= k_index_S[:, None]
-    sorted_probs_SxV = jax.nn.softmax(jnp.where(kept_by_k_SxV, sorted_SxV, -jnp.inf), axis=-1)
-    mass_before_SxV = jnp.cumsum(sorted_probs_SxV, axis=-1) - sorted_probs_SxV
-    kept_by_p_SxV = (mass_before_SxV < top_p_S[:, None]) & kept_by_k_SxV
-    last_kept_S = jnp.maximum(jnp.sum(kept_by_p_SxV, axis=-1) - 1, 0)
-    cut_value_S = jnp.take_along_axis(sorted_SxV, last_kept_S[:, None], axis=-1)[:, 0]
+    k_S = jnp.clip(jnp.where(top_k_S > 0, top_k_S, vocab), 1, vocab)
+    kth_value_S = jnp.take_along_axis(ascending_SxV, (vocab - k_S)[:, None], axis=-1)[:, 0]
+    kept_by_k_SxV = ranks_V[None, :] >= (vocab - k_S)[:, None]
+    probs_SxV = jax.nn.softmax(jnp.where(kept_by_k_SxV, ascending_SxV, -jnp.inf), axis=-1)
+    removed_SxV = (jnp.cumsum(probs_SxV, axis=-1) <= (1.0 - top_p_S)[:, None]) & (ranks_V < vocab - 1)[None, :]
+    first_kept_S = jnp.sum(removed_SxV, axis=-1)
+    cut_value_S = jnp.take_along_axis(ascending_SxV, first_kept_S[:, None], axis=-1)[:, 0]
     cut_value_S = jnp.maximum(cut_value_S, kth_value_S)
     return jnp.where(scaled_SxV >= cut_value_S[:, None], scaled_SxV, -jnp.inf)
+
+
+# Alternatives reported per token (OpenAI's chat API allows up to 20).
+TOP_LOGPROBS = 20
 
 
 def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S):
@@ -74,7 +77,8 @@ def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S):
 
     Returns (token int32[S], logprob under the sampled distribution float32[S] (0 for greedy),
     logprob under the raw model distribution float32[S], entropy of the raw model distribution
-    float32[S] in nats).
+    float32[S] in nats, the raw model's top alternatives: ids int32[S, A] and logprobs
+    float32[S, A], A = min(TOP_LOGPROBS, V)).
     """
     logits_SxV = logits_SxV.astype(jnp.float32)
     model_logprobs_SxV = jax.nn.log_softmax(logits_SxV, axis=-1)
@@ -88,4 +92,5 @@ def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S):
     sampled_logprob_S = jnp.take_along_axis(sampled_logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
     sampled_logprob_S = jnp.where(is_greedy_S, 0.0, sampled_logprob_S)
     model_logprob_S = jnp.take_along_axis(model_logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
-    return token_S, sampled_logprob_S, model_logprob_S, entropy_S
+    top_logprobs_SxA, top_ids_SxA = jax.lax.top_k(model_logprobs_SxV, min(TOP_LOGPROBS, logits_SxV.shape[-1]))
+    return token_S, sampled_logprob_S, model_logprob_S, entropy_S, top_ids_SxA.astype(jnp.int32), top_logprobs_SxA

@@ -1,0 +1,93 @@
+"""Sampling filters and draws against NumPy, transformers' logits warpers and a chi-square test."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from opsd_jax.sampler.sampling import SamplingParams, filtered_logits, sample_tokens
+
+
+def _transformers_filtered(logits, temperature, top_k, top_p):
+    scores = torch.tensor(logits, dtype=torch.float32)
+    scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.numpy()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.6, 0, 0.95), (1.3, 50, 1.0), (0.7, 20, 0.8),
+                                                       (1.0, 1, 0.5), (0.9, 0, 0.01)])
+def test_filtered_logits_keep_what_transformers_keeps(temperature, top_k, top_p, rng):
+    logits = rng.normal(size=(4, 300)) * 3
+    ours = np.asarray(filtered_logits(jnp.asarray(logits, jnp.float32), jnp.full(4, temperature),
+                                      jnp.full(4, top_k, jnp.int32), jnp.full(4, top_p)))
+    theirs = _transformers_filtered(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs))
+    kept = np.isfinite(ours)
+    np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6)
+
+
+def test_per_row_parameters_differ_within_one_call(rng):
+    logits = rng.normal(size=(3, 50))
+    temperature, top_k, top_p = np.array([1.0, 0.5, 2.0]), np.array([0, 5, 0]), np.array([0.9, 1.0, 0.3])
+    ours = np.asarray(filtered_logits(jnp.asarray(logits, jnp.float32), jnp.asarray(temperature, jnp.float32),
+                                      jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, jnp.float32)))
+    for row in range(3):
+        theirs = _transformers_filtered(logits[row : row + 1], temperature[row], int(top_k[row]), top_p[row])[0]
+        np.testing.assert_array_equal(np.isfinite(ours[row]), np.isfinite(theirs))
+
+
+def test_sampled_frequencies_match_the_filtered_distribution(rng):
+    """20,000 seeded draws; chi-square against softmax(filtered logits) at significance 1e-4, and
+    nothing drawn outside what top-k / top-p keep."""
+    vocab, draws = 16, 20_000
+    logits = rng.normal(size=vocab) * 1.5
+    temperature, top_k, top_p = 0.8, 10, 0.9
+    keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), draws)
+    ones = jnp.ones(draws)
+    tokens, sampled_logprob, _, _, _, _ = jax.jit(sample_tokens)(
+        jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (draws, vocab)), keys, temperature * ones,
+        jnp.full(draws, top_k, jnp.int32), top_p * ones,
+    )
+    expected_logits = _transformers_filtered(logits[None], temperature, top_k, top_p)[0]
+    expected = np.exp(expected_logits - expected_logits[np.isfinite(expected_logits)].max())
+    expected[~np.isfinite(expected_logits)] = 0
+    expected /= expected.sum()
+    counts = np.bincount(np.asarray(tokens), minlength=vocab)
+    assert counts[expected == 0].sum() == 0
+    kept = expected > 0
+    statistic = ((counts[kept] - draws * expected[kept]) ** 2 / (draws * expected[kept])).sum()
+    assert statistic < scipy.stats.chi2.ppf(1 - 1e-4, df=kept.sum() - 1)
+    np.testing.assert_allclose(np.asarray(sampled_logprob), np.log(expected[np.asarray(tokens)]), atol=1e-5)
+
+
+def test_greedy_and_model_statistics(rng):
+    logits = rng.normal(size=(5, 40)) * 2
+    keys = jax.random.split(jax.random.key(0), 5)
+    token, sampled_logprob, model_logprob, entropy, top_ids, top_logprobs = sample_tokens(
+        jnp.asarray(logits, jnp.float32), keys, jnp.zeros(5), jnp.zeros(5, jnp.int32), jnp.ones(5)
+    )
+    np.testing.assert_array_equal(np.asarray(token), logits.argmax(-1))
+    np.testing.assert_array_equal(np.asarray(sampled_logprob), 0.0)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(model_logprob), log_p[np.arange(5), logits.argmax(-1)], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(entropy), -(np.exp(log_p) * log_p).sum(-1), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(top_ids), np.argsort(-logits, -1)[:, :20])
+    np.testing.assert_allclose(np.asarray(top_logprobs), np.sort(log_p, -1)[:, ::-1][:, :20], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"temperature": -0.1}, "temperature must be"), ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+     ({"top_p": 1.5}, "top_p must be"), ({"top_k": -1}, "top_k must be"), ({"max_new_tokens": 0}, "max_new_tokens"),
+     ({"temperature": float("nan")}, "temperature must be"), ({"seed": -3}, "seed must be")],
+)
+def test_sampling_params_name_the_bad_field(change, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**change).validate()
