@@ -108,7 +108,9 @@ class Orchestrator:
         return results
 
     def load_params(self, params) -> None:
-        """New weights for requests admitted from now on (placed on the engine's shardings)."""
+        """New weights, placed on the engine's shardings and used from the next prefill or decode
+        step on (sequences in flight continue with them; call between batches for on-policy
+        rollouts)."""
         placed = self.engine.load_params(params)
         with self._lock:
             self._pending_params = placed
@@ -136,9 +138,7 @@ class Orchestrator:
         waiting: collections.deque = collections.deque()
         stopping = False
         while True:
-            with self._lock:
-                if self._pending_params is not None:
-                    self._params, self._pending_params = self._pending_params, None
+            self._apply_pending_params()
             while free_slots and (waiting or (not stopping and not self._queue.empty())):
                 if not waiting:
                     request = self._queue.get()
@@ -189,9 +189,15 @@ class Orchestrator:
                     del active[slot]
                     free_slots.append(slot)
 
+    def _apply_pending_params(self) -> None:
+        with self._lock:
+            if self._pending_params is not None:
+                self._params, self._pending_params = self._pending_params, None
+
     def _prefill(self, request: _Request):
         """Prefills once for all n samples; samples that finish on their first token never take a
         slot. Returns the waiting entry, or nothing if the request is done or failed."""
+        self._apply_pending_params()
         try:
             prefix, _ = self.engine.prefill(self._params, request.prompt, sampling=request.sampling)
             samplings = [request.sampling] * request.n
