@@ -108,3 +108,29 @@ def test_pallas_gpu_names_a_width_triton_cannot_tile():
     arrays = [jnp.zeros(s, jnp.float32) for s in ((4, 8), (8, 16), (4, 6), (6, 16))]
     with pytest.raises(ValueError, match="teacher_hidden has 6"):
         kernels.fused_linear_divergence(*arrays, beta=0.0, impl="pallas_gpu")
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_tpu", "pallas_gpu"])
+def test_fused_bf16_inputs_accumulate_in_float32(rng, impl):
+    n, hs, ht, v = 9, 8, 8, 300
+    h_s, w_s, h_t, w_t, mask, valid_vocab, targets, temperature = _inputs(rng, n, hs, ht, v)
+    bf = [jnp.asarray(x, jnp.bfloat16) for x in (h_s, w_s, h_t, w_t)]
+    seen = [np.asarray(x.astype(jnp.float32), np.float64) for x in bf]
+    kw = dict(beta=0.5, temperature=temperature, mask=jnp.asarray(mask), valid_vocab=valid_vocab)
+
+    def loss(a, b):
+        out = kernels.fused_linear_divergence(a, b, bf[2], bf[3], impl=impl, **BLOCKS[impl], **kw)
+        return jnp.sum(out.divergence) / mask.sum(), out
+
+    (_, out), (g_h, g_w) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(bf[0], bf[1])
+    assert g_h.dtype == jnp.bfloat16 and g_w.dtype == jnp.bfloat16
+    s64, t64 = seen[0] @ seen[1], seen[2] @ seen[3]
+    okw = dict(temperature=temperature, mask=mask, valid_vocab=valid_vocab)
+    expected = oracle.outputs(s64, t64, 0.5, **okw)["divergence"]
+    # Logits are exact float32 products of bf16 values, so only accumulation order differs.
+    np.testing.assert_allclose(np.asarray(out.divergence), expected, rtol=1e-4, atol=1e-4)
+    cot = {"divergence": np.full(n, 1.0 / mask.sum()), "student_entropy": np.zeros(n)}
+    g_logits = oracle.student_grad(s64, t64, 0.5, cot, **okw)
+    exp_w = seen[0].T @ g_logits
+    # The per-logit gradient is rounded to bf16 before the products, as for the forward's inputs.
+    np.testing.assert_allclose(np.asarray(g_w, np.float32), exp_w, atol=2e-2 * np.abs(exp_w).max())
