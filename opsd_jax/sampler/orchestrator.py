@@ -60,6 +60,8 @@ class Orchestrator:
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        # Decode steps taken and slot-steps that carried a live sequence: utilization = ratio / slots.
+        self.stats = {"decode_steps": 0, "active_slot_steps": 0, "prefills": 0}
         self._thread = threading.Thread(target=self._loop, name="opsd-sampler", daemon=True)
         self._thread.start()
 
@@ -114,6 +116,11 @@ class Orchestrator:
         placed = self.engine.load_params(params)
         with self._lock:
             self._pending_params = placed
+
+    def slot_utilization(self) -> float:
+        """Share of decode slot-steps that advanced a live sequence (0 before any step)."""
+        steps = self.stats["decode_steps"] * self.engine.sampler_config.max_slots
+        return self.stats["active_slot_steps"] / steps if steps else 0.0
 
     def close(self) -> None:
         with self._lock:
@@ -172,6 +179,8 @@ class Orchestrator:
             try:
                 state, result = engine.generate(self._params, state)
                 result = jax.device_get(result)
+                self.stats["decode_steps"] += 1
+                self.stats["active_slot_steps"] += len(active)
             except Exception as e:  # noqa: BLE001 - fail what was in flight, keep serving
                 for request, _ in active.values():
                     self._fail(request, e)
@@ -200,6 +209,7 @@ class Orchestrator:
         self._apply_pending_params()
         try:
             prefix, _ = self.engine.prefill(self._params, request.prompt, sampling=request.sampling)
+            self.stats["prefills"] += 1
             samplings = [request.sampling] * request.n
             first = jax.device_get(self.engine.sample_first(prefix, samplings, list(range(request.n))))
         except Exception as e:  # noqa: BLE001 - isolate the failing request

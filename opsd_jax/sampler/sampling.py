@@ -43,29 +43,69 @@ def request_key(seed: int, sample_index: int):
     return jax.random.fold_in(jax.random.key(seed), sample_index)
 
 
+# Bisection steps for the top-k / top-p cut-offs: 40 halvings of the logit range separate any two
+# distinct float32 logits of a realistic range, so the kept set is exact up to ties.
+_BISECTION_STEPS = 40
+
+
+def _largest_cut(values_SxV, low_S, high_S, satisfied):
+    """Largest c in [low, high] with satisfied(values >= c) per row, by bisection.
+
+    `satisfied(mask_SxV) -> bool[S]` must be monotone (true for every c below the answer).
+    """
+
+    def step(_, bounds):
+        low_S, high_S = bounds
+        middle_S = (low_S + high_S) / 2
+        ok_S = satisfied(values_SxV >= middle_S[:, None])
+        return jnp.where(ok_S, middle_S, low_S), jnp.where(ok_S, high_S, middle_S)
+
+    low_S, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, step, (low_S, high_S))
+    return low_S
+
+
 def filtered_logits(logits_SxV, temperature_S, top_k_S, top_p_S):
     """Logits of the distribution actually sampled from: scaled by 1/temperature, then only the
-    top_k highest and the smallest top set holding top_p of the probability kept (-inf elsewhere).
+    top_k highest and then the smallest top set holding top_p of the remaining probability kept
+    (-inf elsewhere), as transformers' temperature, top-k and top-p warpers do in that order.
 
-    The top token always survives. Ties at a cut-off are kept together. Rows with temperature 0
-    are returned unscaled (the caller takes their argmax).
+    The cut-offs are found by bisection over values (linear passes) instead of a full sort of the
+    vocabulary, which on CPU costs ~15x more. The top token always survives; ties at a cut-off
+    are kept together. Rows with temperature 0 are returned unscaled (the caller takes argmax).
     """
     safe_temperature_S = jnp.where(temperature_S > 0, temperature_S, 1.0)
     scaled_SxV = logits_SxV.astype(jnp.float32) / safe_temperature_S[:, None]
-    # Ascending order, as transformers' top-p warper accumulates: the small tail's mass is summed
-    # first, so rounding near 1 cannot drop tokens that top_p = 1 must keep.
-    ascending_SxV = jnp.sort(scaled_SxV, axis=-1)
-    vocab = logits_SxV.shape[-1]
-    ranks_V = jnp.arange(vocab)
-    k_S = jnp.clip(jnp.where(top_k_S > 0, top_k_S, vocab), 1, vocab)
-    kth_value_S = jnp.take_along_axis(ascending_SxV, (vocab - k_S)[:, None], axis=-1)[:, 0]
-    kept_by_k_SxV = ranks_V[None, :] >= (vocab - k_S)[:, None]
-    probs_SxV = jax.nn.softmax(jnp.where(kept_by_k_SxV, ascending_SxV, -jnp.inf), axis=-1)
-    removed_SxV = (jnp.cumsum(probs_SxV, axis=-1) <= (1.0 - top_p_S)[:, None]) & (ranks_V < vocab - 1)[None, :]
-    first_kept_S = jnp.sum(removed_SxV, axis=-1)
-    cut_value_S = jnp.take_along_axis(ascending_SxV, first_kept_S[:, None], axis=-1)[:, 0]
-    cut_value_S = jnp.maximum(cut_value_S, kth_value_S)
-    return jnp.where(scaled_SxV >= cut_value_S[:, None], scaled_SxV, -jnp.inf)
+    vocab = scaled_SxV.shape[-1]
+    high_S = jnp.max(scaled_SxV, axis=-1)
+    low_S = jnp.min(jnp.where(jnp.isfinite(scaled_SxV), scaled_SxV, high_S[:, None]), axis=-1)
+    k_S = jnp.where(top_k_S > 0, jnp.minimum(top_k_S, vocab), vocab)
+
+    def top_k_cut(_):
+        return _largest_cut(scaled_SxV, low_S, high_S, lambda kept: jnp.sum(kept, axis=-1) >= k_S)
+
+    k_cut_S = jax.lax.cond(jnp.any(k_S < vocab), top_k_cut, lambda _: jnp.full_like(high_S, -jnp.inf), None)
+    after_k_SxV = jnp.where(scaled_SxV >= k_cut_S[:, None], scaled_SxV, -jnp.inf)
+
+    def top_p_cut(_):
+        probs_SxV = jax.nn.softmax(after_k_SxV, axis=-1)
+        return _largest_cut(
+            after_k_SxV, jnp.maximum(low_S, k_cut_S), high_S,
+            lambda kept: jnp.sum(jnp.where(kept, probs_SxV, 0.0), axis=-1) >= top_p_S,
+        )
+
+    p_cut_S = jax.lax.cond(jnp.any(top_p_S < 1), top_p_cut, lambda _: jnp.full_like(high_S, -jnp.inf), None)
+    p_cut_S = jnp.where(top_p_S < 1, p_cut_S, -jnp.inf)
+    return jnp.where(after_k_SxV >= p_cut_S[:, None], after_k_SxV, -jnp.inf)
+
+
+def _inverse_cdf_sample(key, logits_V):
+    """One draw from softmax(logits) with a single uniform (cheaper than Gumbel noise over V)."""
+    cdf_V = jnp.cumsum(jax.nn.softmax(logits_V))
+    u = jax.random.uniform(key, dtype=jnp.float32) * cdf_V[-1]
+    # Token i is drawn when cdf[i-1] <= u < cdf[i], so a zero-probability token never is; the
+    # fallback covers u rounding up to the total.
+    index = jnp.sum(cdf_V <= u)
+    return jnp.where(index < logits_V.shape[0], index, jnp.argmax(logits_V))
 
 
 # Alternatives reported per token (OpenAI's chat API allows up to 20).
@@ -84,7 +124,7 @@ def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S):
     model_logprobs_SxV = jax.nn.log_softmax(logits_SxV, axis=-1)
     entropy_S = -jnp.sum(jnp.exp(model_logprobs_SxV) * model_logprobs_SxV, axis=-1)
     sampling_logits_SxV = filtered_logits(logits_SxV, temperature_S, top_k_S, top_p_S)
-    drawn_S = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys_S, sampling_logits_SxV)
+    drawn_S = jax.vmap(_inverse_cdf_sample)(keys_S, sampling_logits_SxV)
     greedy_S = jnp.argmax(logits_SxV, axis=-1)
     is_greedy_S = temperature_S <= 0
     token_S = jnp.where(is_greedy_S, greedy_S, drawn_S).astype(jnp.int32)
