@@ -36,3 +36,47 @@ def test_missing_source_directory_is_named(tmp_path, capsys):
     status = main(["convert", "--from-hf", str(tmp_path / "nope"), "--to-orbax", str(tmp_path / "out")])
     assert status == 2
     assert f"{tmp_path / 'nope'}: not a directory" in capsys.readouterr().err
+
+
+def test_serve_answers_on_loopback(tmp_path):
+    """`opsd-jax serve` on an HF folder: starts, binds 127.0.0.1, answers a completion, stops."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    import numpy as np
+
+    from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
+
+    save_tiny_hf_model("qwen3", str(tmp_path), seed=int(np.random.default_rng().integers(2**31)))
+    save_tiny_tokenizer(str(tmp_path))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "opsd_jax.cli", "serve", "--checkpoint", str(tmp_path), "--port", str(port),
+         "--max-slots", "2", "--max-sequence-length", "64", "--dtype", "float32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/models", timeout=5) as response:
+                    assert json.load(response)["data"][0]["id"] == tmp_path.name
+                break
+            except OSError:
+                assert process.poll() is None, process.stdout.read()
+                assert time.time() < deadline, "server did not start"
+                time.sleep(0.5)
+        body = json.dumps({"prompt": "Wait, let me", "max_tokens": 3, "temperature": 0}).encode()
+        request = urllib.request.Request(url + "/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.load(response)
+        assert answer["choices"][0]["finish_reason"] in ("length", "stop")
+        assert answer["usage"]["completion_tokens"] >= 1
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
