@@ -146,3 +146,24 @@ def save_tiny_tokenizer(path: str, vocab_size: int = 400) -> None:
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump({"eos_token_id": eos, "pad_token_id": eos[1]}, f)
+
+
+def qwen3_tokenizer_dir(destination: str) -> str:
+    """Unpacks the real Qwen3 tokenizer kept in tests/data into `destination`; returns it.
+
+    Tests only: the files live in the source tree, not in the installed package.
+    """
+    import gzip
+    import os
+    import shutil
+
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
+                          "tokenizers", "qwen3")
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"{source} not found: the Qwen3 test tokenizer ships with the source tree")
+    os.makedirs(destination, exist_ok=True)
+    shutil.copy(os.path.join(source, "tokenizer_config.json"), destination)
+    with gzip.open(os.path.join(source, "tokenizer.json.gz"), "rb") as packed, \
+            open(os.path.join(destination, "tokenizer.json"), "wb") as unpacked:
+        shutil.copyfileobj(packed, unpacked)
+    return destination
