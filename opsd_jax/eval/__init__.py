@@ -1,0 +1,1 @@
+"""Evaluation: suites, grader, avg@k / pass@k, budget sweeps, resumable generation, reports."""
