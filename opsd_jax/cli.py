@@ -77,6 +77,12 @@ def _serve(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from opsd_jax.eval.cli import run
+
+    return run(args, _mesh)
+
+
 def _demo(args) -> int:
     from opsd_jax.demo import run_demo
 
@@ -112,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--mesh", metavar="DATA,FSDP,TENSOR")
     serve.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
     serve.set_defaults(run=_serve)
+
+    from opsd_jax.eval.cli import add_arguments as add_eval_arguments
+
+    evaluate = commands.add_parser("eval", help="avg@k / pass@k on math suites at token budgets (resumable)")
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(run=_eval)
 
     demo = commands.add_parser(
         "demo", help="CPU demo: build tiny HF checkpoints, convert them, check logits vs transformers"

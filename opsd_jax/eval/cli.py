@@ -1,0 +1,95 @@
+"""`opsd-jax eval`: generate (resumable, shardable), merge shards, regrade, compare runs.
+
+  opsd-jax eval --checkpoint DIR --suite aime24,aime25,hmmt25 --out runs/eval/ckpt [--shard i/n]
+  opsd-jax eval --merge --out runs/eval/ckpt          # after every shard finished
+  opsd-jax eval --score-only --out runs/eval/ckpt     # regrade existing generations
+  opsd-jax eval --compare runs/eval/a runs/eval/b --out runs/eval/report [--labels base,opsd]
+
+Nothing here imports jax at module level: the parser is built before --cpu-devices takes effect.
+"""
+
+from __future__ import annotations
+
+
+def _budgets(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise ValueError(f"--budgets must be comma-separated token counts, got {text!r}") from None
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", metavar="DIR", help="HF folder or opsd-jax Orbax checkpoint")
+    parser.add_argument("--suite", default="aime24,aime25,hmmt25",
+                        help="comma-separated built-in suites (aime24, aime25, hmmt25) or JSONL/Parquet/dataset paths")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run folder (or report folder with --compare)")
+    parser.add_argument("--n", type=int, default=16, help="samples per problem")
+    parser.add_argument("--max-tokens", type=int, default=38912, help="generation cap per sample")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; each (problem, sample) derives its own")
+    parser.add_argument("--instruction", help='text appended to each problem, e.g. "Please reason step by step, '
+                        'and put your final answer within \\boxed{}."')
+    parser.add_argument("--no-thinking", action="store_true", help="enable_thinking=False in the chat template")
+    parser.add_argument("--budgets", default="4096,8192,16384,32768", help="token budgets to regrade at")
+    parser.add_argument("--shard", default="0/1", metavar="I/N", help="generate only shard I of N (then --merge)")
+    parser.add_argument("--max-slots", type=int, default=32, help="sequences decoded together")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR")
+    parser.add_argument("--grade-timeout", type=int, default=5, help="seconds per math-verify parse / check")
+    parser.add_argument("--merge", action="store_true", help="merge shard files under --out, then grade")
+    parser.add_argument("--score-only", action="store_true", help="grade existing generations under --out")
+    parser.add_argument("--compare", nargs="+", metavar="RUN", help="run folders to compare (the first is the base)")
+    parser.add_argument("--labels", help="comma-separated labels for --compare runs")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
+
+
+def _print_summary(results: dict) -> None:
+    for suite, by_budget in results.items():
+        for budget, m in sorted(by_budget.items()):
+            passes = " ".join(f"pass@{k}={v:.3f}" for k, v in m["pass@k"].items())
+            print(f"{suite} budget {budget}: avg@{m['samples_per_problem']}={m['accuracy']:.4f} {passes} "
+                  f"mean_tokens={m['length']['mean_tokens']:.0f} hit_cap={m['length']['hit_cap_share']:.1%}")
+
+
+def run(args, make_mesh) -> int:
+    """Runs the mode the flags select; `make_mesh(text)` builds the device mesh (from opsd_jax.cli)."""
+    from opsd_jax.eval import runner
+    from opsd_jax.eval.generations import parse_shard
+    from opsd_jax.eval.report import compare_runs
+    from opsd_jax.eval.suites import parse_suites
+
+    progress = not args.no_progress
+    if args.compare:
+        labels = args.labels.split(",") if args.labels else None
+        result = compare_runs(args.compare, labels, args.out)
+        for row in result["differences"]:
+            print(f"{row['suite']} budget {row['budget']}: {row['run']} - {row['base_run']} = {row['absolute']:+.4f} "
+                  f"[{row['absolute_ci'][0]:+.4f}, {row['absolute_ci'][1]:+.4f}]")
+        print(f"wrote {args.out}/comparison.md, comparison.json, accuracy_vs_budget.png")
+        return 0
+    if args.merge or args.score_only:
+        _print_summary(runner.score_run(args.out, merge=args.merge, timeout_seconds=args.grade_timeout,
+                                        progress=progress))
+        return 0
+    if not args.checkpoint:
+        raise ValueError("eval needs --checkpoint DIR (or --merge / --score-only / --compare)")
+    settings = runner.EvalSettings(
+        n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, instruction=args.instruction, enable_thinking=False if args.no_thinking else None,
+        budgets=_budgets(args.budgets))
+    shard = parse_shard(args.shard)
+    suites = parse_suites(args.suite)
+    result = runner.run_eval(args.checkpoint, suites, args.out, settings, shard=shard, mesh=make_mesh(args.mesh),
+                             dtype=args.dtype, max_slots=args.max_slots, progress=progress,
+                             timeout_seconds=args.grade_timeout)
+    for suite, counts in result["generation"].items():
+        print(f"{suite}: {counts['generated']} generated, {counts['existing']} already on disk"
+              f"{', a torn last line dropped' if counts['dropped_torn_line'] else ''} -> {counts['path']}")
+    if "metrics" in result:
+        _print_summary(result["metrics"])
+    else:
+        print(f"shard {shard[0]}/{shard[1]} done; grade with: opsd-jax eval --merge --out {args.out}")
+    return 0
