@@ -1,0 +1,157 @@
+"""End to end: a tiny random model through the runner, kill and resume, reports, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from opsd_jax.eval import generations, runner
+from opsd_jax.eval.report import compare_runs
+from opsd_jax.eval.suites import load_suite
+from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
+
+# Answers a random model will not hit by chance, even through the last-number fallback.
+PROBLEMS = [("tiny-1", "What is 4521 + 4521?", "9042"), ("tiny-2", "Simplify 34/6.", "\\frac{17}{3}"),
+            ("tiny-3", "Name both roots.", "\\frac{-1+\\sqrt{17}}{2}, \\frac{-1-\\sqrt{17}}{2}")]
+SETTINGS = runner.EvalSettings(n=8, max_tokens=64, temperature=1.0, top_p=1.0, seed=3, budgets=(8, 16, 32))
+CLI_SETTINGS = ["--n", "8", "--max-tokens", "64", "--temperature", "1.0", "--top-p", "1.0", "--seed", "3",
+                "--budgets", "8,16,32", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    model = root / "model"
+    save_tiny_hf_model("qwen3", str(model), seed=int(np.random.default_rng().integers(2**31)))
+    save_tiny_tokenizer(str(model))
+    suite_path = root / "tiny.jsonl"
+    suite_path.write_text("".join(json.dumps({"id": i, "problem": p, "answer": a}) + "\n" for i, p, a in PROBLEMS))
+    return root, str(model), str(suite_path)
+
+
+@pytest.fixture(scope="module")
+def full_run(workspace):
+    """One uninterrupted run: the reference for resumed and sharded runs."""
+    root, model, suite_path = workspace
+    out = str(root / "full")
+    result = runner.run_eval(model, [load_suite(suite_path)], out, SETTINGS, dtype="float32", max_slots=4,
+                             progress=False)
+    return out, result
+
+
+def records_of(path):
+    return generations.read(path).records
+
+
+def test_end_to_end_files_metrics_and_plot(full_run):
+    out, result = full_run
+    assert result["generation"]["tiny"]["generated"] == 24
+    suite_dir = os.path.join(out, "tiny")
+    records = records_of(os.path.join(suite_dir, "generations.jsonl"))
+    assert sorted(records) == sorted((p, i) for p, *_ in PROBLEMS for i in range(8))
+    assert all(1 <= r["token_count"] <= 64 and r["finish_reason"] in ("stop", "length") for r in records.values())
+    assert len({r["seed"] for r in records.values()}) == 24
+    for budget in (8, 16, 32, 64):
+        with open(os.path.join(suite_dir, "metrics", f"budget-{budget}.json")) as f:
+            metrics = json.load(f)
+        assert metrics["budget"] == budget and metrics["samples_per_problem"] == 8 and metrics["problems"] == 3
+        assert metrics["accuracy"] <= 0.05  # a random model is (near) never right
+        assert set(metrics["pass@k"]) == {"1", "2", "4", "8"}
+        assert metrics["length"]["max_tokens_seen"] <= budget
+        assert sum(metrics["extraction"].values()) == 24
+        assert [p["id"] for p in metrics["per_problem"]] == [p for p, *_ in PROBLEMS]
+    with open(os.path.join(suite_dir, "grades.jsonl")) as f:
+        assert len([json.loads(line) for line in f]) == 24
+    with open(os.path.join(out, "summary.json")) as f:
+        assert set(json.load(f)["tiny"]) == {"8", "16", "32", "64"}
+    import matplotlib.image
+
+    image = matplotlib.image.imread(os.path.join(out, "accuracy_vs_budget.png"))
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert not [n for _, _, files in os.walk(out) for n in files if ".tmp" in n]
+
+
+def test_sharded_run_merges_to_the_same_samples(workspace, full_run):
+    root, model, suite_path = workspace
+    out = str(root / "sharded")
+    for index in range(2):
+        result = runner.run_eval(model, [load_suite(suite_path)], out, SETTINGS, shard=(index, 2), dtype="float32",
+                                 max_slots=3, progress=False)
+        assert "metrics" not in result
+    merged = runner.score_run(out, merge=True, progress=False)
+    assert records_of(os.path.join(out, "tiny", "generations.jsonl")) == records_of(
+        os.path.join(full_run[0], "tiny", "generations.jsonl"))
+    with open(os.path.join(full_run[0], "tiny", "metrics", "budget-64.json")) as f:
+        assert merged["tiny"][64]["accuracy"] == json.load(f)["accuracy"]
+
+
+def test_kill_and_resume_loses_and_repeats_nothing(workspace, full_run):
+    root, model, suite_path = workspace
+    out = str(root / "killed")
+    path = os.path.join(out, "tiny", "generations.jsonl")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "opsd_jax.cli", "eval", "--checkpoint", model, "--suite", suite_path, "--out", out,
+         "--max-slots", "1", "--cpu-devices", "1", "--no-progress", *CLI_SETTINGS],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if os.path.exists(path) and len(records_of(path)) >= 2:
+                break
+            time.sleep(0.005)
+        assert process.poll() is None, "the run ended before it could be killed:\n" + process.stdout.read()[-2000:]
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    before = records_of(path)
+    assert 2 <= len(before) < 24, len(before)
+    torn = json.dumps(next(r for k, r in records_of(os.path.join(full_run[0], "tiny", "generations.jsonl")).items()
+                           if k not in before))
+    with open(path, "a") as f:
+        f.write(torn[:40])  # what a kill during a write leaves behind
+
+    result = runner.run_eval(model, [load_suite(suite_path)], out, SETTINGS, dtype="float32", max_slots=2,
+                             progress=False)
+    counts = result["generation"]["tiny"]
+    assert counts["dropped_torn_line"] and counts["existing"] == len(before)
+    assert counts["generated"] == 24 - len(before)
+    after = records_of(path)  # read() refuses duplicates
+    assert len(after) == 24 and all(after[k] == r for k, r in before.items())
+    assert after == records_of(os.path.join(full_run[0], "tiny", "generations.jsonl"))
+
+
+def test_compare_report_and_plot(workspace, full_run, tmp_path):
+    root, _, _ = workspace
+    other = str(tmp_path / "other")
+    shutil.copytree(full_run[0], other)
+    report = compare_runs([full_run[0], other], ["base", "same"], str(tmp_path / "report"))
+    assert {(r["suite"], r["budget"]) for r in report["differences"]} == {("tiny", b) for b in (8, 16, 32, 64)}
+    assert all(r["absolute"] == 0 and r["absolute_ci"] == [0, 0] for r in report["differences"])
+    for name in ("comparison.json", "comparison.md", "accuracy_vs_budget.png"):
+        assert os.path.getsize(tmp_path / "report" / name) > 100
+    with pytest.raises(ValueError, match="at least two run folders"):
+        compare_runs([full_run[0]], None, str(tmp_path / "r2"))
+
+
+def test_generations_from_another_tokenizer_are_refused(workspace, full_run, tmp_path, capsys):
+    from opsd_jax.cli import main
+
+    root, model, suite_path = workspace
+    other_model = tmp_path / "retokenized"
+    shutil.copytree(model, other_model)
+    save_tiny_tokenizer(str(other_model), vocab_size=380)
+    out = tmp_path / "run"
+    shutil.copytree(full_run[0], out)
+    before = (out / "tiny" / "generations.jsonl").read_bytes()
+    status = main(["eval", "--checkpoint", str(other_model), "--suite", suite_path, "--out", str(out),
+                   "--no-progress", *CLI_SETTINGS])
+    assert status == 2
+    assert "generations.jsonl: written with a different tokenizer" in capsys.readouterr().err
+    assert (out / "tiny" / "generations.jsonl").read_bytes() == before
