@@ -1,0 +1,234 @@
+"""Typed run configs: dataclasses, read from YAML, with dotted command-line overrides.
+
+Every key is checked: an unknown or mistyped key is an error that names it and lists the valid
+keys of its section; a value of the wrong type or outside its allowed set names the key too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigKeyError(ValueError):
+    """An unknown key or a bad value in a run config; the message names the dotted key."""
+
+
+@dataclasses.dataclass
+class ModelSection:
+    checkpoint: str = ""  # HF folder or opsd-jax Orbax checkpoint of the student
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
+    compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    remat: bool = True
+
+
+@dataclasses.dataclass
+class TeacherSection:
+    # frozen: the initial student weights (OPSD default); ema: an exponential moving average of
+    # the student; live: the current student weights; external: another checkpoint (OPD).
+    kind: Literal["frozen", "ema", "live", "external"] = "frozen"
+    checkpoint: str | None = None  # for kind=external; must share the student's tokenizer
+    ema_rate: float = 0.99
+
+
+@dataclasses.dataclass
+class DataSection:
+    path: str = ""
+    format: Literal["auto", "jsonl", "parquet", "hf_disk"] = "auto"
+    preset: Literal["none", "math", "openthoughts", "countdown"] = "none"  # fills column names
+    problem_column: str = "problem"
+    solution_column: str = "solution"
+    answer_column: str = "answer"
+    split: str | None = None  # for a saved DatasetDict
+    shuffle_seed: int = 0
+    max_prompt_tokens: int = 1024  # student or teacher prompt; longer ones are handled per `overlong`
+    overlong: Literal["skip", "error"] = "skip"
+
+
+@dataclasses.dataclass
+class PromptSection:
+    # dense: the full worked solution; sparse: only the final answer; fraction: the first
+    # `fraction` of the solution's tokens; none: vanilla OPD (teacher sees the student prompt);
+    # instruction: the teacher gets `instruction` and no solution (the "concise" control).
+    privilege: Literal["dense", "sparse", "fraction", "none", "instruction"] = "dense"
+    fraction: float = 0.5
+    student_suffix: str = "Return your final response within \\boxed{}."
+    teacher_template: str = (
+        "{prompt}\n\nThis is an example for a response to the question:\n{privileged}\n\n"
+        "Now answer with a response of your own, including the thinking process."
+    )
+    instruction: str = "Be concise: answer with as little reasoning as needed."
+    student_thinking: bool = True
+    teacher_thinking: bool = True
+
+
+@dataclasses.dataclass
+class SamplingSection:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    max_new_tokens: int = 4096
+    max_slots: int = 64
+
+
+@dataclasses.dataclass
+class ObjectiveSection:
+    # jsd / forward_kl / reverse_kl: full-vocabulary divergences through the fused kernel;
+    # sampled_reverse_kl: policy gradient with advantage log p_T(y) - log p_S(y) on sampled tokens.
+    kind: Literal["jsd", "forward_kl", "reverse_kl", "sampled_reverse_kl"] = "jsd"
+    beta: float = 0.5  # JSD mixture weight (TRL/GKD convention)
+    temperature: float = 1.0
+    skip_first: int = 3  # completion tokens excluded at the start
+    window: int | None = None  # only the first/last `window` completion tokens count
+    window_from: Literal["first", "last"] = "first"
+    importance_cap: float | None = 2.0  # cap of the sequence-mean ratio exp(logp_train - logp_sampler)
+    reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    token_weighting: Literal["none", "top_student_entropy", "downweight_teacher_at_forks"] = "none"
+    top_rho: float = 0.2  # share of highest student-entropy tokens kept / treated as forks
+    fork_weight: float = 0.5  # weight of fork positions for downweight_teacher_at_forks
+    discount: float = 1.0  # sampled_reverse_kl: advantage summed over future tokens with this discount
+
+
+@dataclasses.dataclass
+class OptimizerSection:
+    learning_rate: float = 5e-6
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+@dataclasses.dataclass
+class TrainSection:
+    output_dir: str = "runs/opsd"
+    steps: int = 100
+    batch_size: int = 64  # prompts per step, all hosts together (one rollout each)
+    microbatches: int = 1  # gradient accumulation
+    seed: int = 0
+    mesh: str = "1,-1,1"  # data,fsdp,tensor
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    log_every: int = 1
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    teacher: TeacherSection = dataclasses.field(default_factory=TeacherSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    prompt: PromptSection = dataclasses.field(default_factory=PromptSection)
+    sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+    objective: ObjectiveSection = dataclasses.field(default_factory=ObjectiveSection)
+    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_value(key: str, value: Any, annotation) -> Any:
+    """Returns `value` converted to the annotated type, or raises ConfigKeyError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigKeyError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(key, value, option)
+            except ConfigKeyError as e:
+                errors.append(str(e))
+        raise ConfigKeyError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigKeyError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigKeyError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            # PyYAML reads 5e-6 (no decimal point) as a string.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigKeyError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigKeyError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigKeyError(f"{key}: unsupported config type {annotation!r}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigKeyError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"section {prefix!r}" if prefix else "the top level"
+        raise ConfigKeyError(
+            f"unknown config key {prefix + '.' if prefix else ''}{unknown[0]}; valid keys in {where}: "
+            f"{', '.join(sorted(fields))}"
+        )
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key)
+        else:
+            values[name] = _check_value(key, value, hint)
+    return cls(**values)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigKeyError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Reads a YAML run config (or the defaults) and applies `section.key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file {path} not found")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigKeyError(f"{path} is not valid YAML: {e}") from None
+    for override in overrides:
+        keys, value = _parse_override(override)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigKeyError(f"override {override!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return _build(RunConfig, data, "")
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Distillation: prompts (privileged contexts), objectives, the pure train step, the loop."""

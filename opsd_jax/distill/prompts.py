@@ -1,0 +1,78 @@
+"""Student and teacher contexts through the tokenizer's chat template.
+
+The two contexts differ only in their prompts: the rollout the student samples is appended to
+both, so loss positions align token for token. Privilege modes decide what the teacher's prompt
+adds: the worked solution (dense), only the final answer (sparse), the first fraction of the
+solution's tokens, nothing (vanilla OPD), or an instruction without any solution (the concise
+control).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from opsd_jax.config import PromptSection
+from opsd_jax.data.sources import Problem
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPair:
+    student_ids: list[int]
+    teacher_ids: list[int]
+    student_text: str
+    teacher_text: str
+
+
+def student_prompt_text(problem: Problem, section: PromptSection) -> str:
+    suffix = section.student_suffix.strip()
+    return f"{problem.problem.strip()}\n\n{suffix}" if suffix else problem.problem.strip()
+
+
+def privileged_text(problem: Problem, section: PromptSection, tokenizer) -> str | None:
+    """What the teacher sees beyond the student's prompt; None when it sees nothing more."""
+    if section.privilege == "dense":
+        return problem.solution
+    if section.privilege == "sparse":
+        return problem.answer
+    if section.privilege == "fraction":
+        if not 0 <= section.fraction <= 1:
+            raise ValueError(f"prompt.fraction must be in [0, 1], got {section.fraction}")
+        ids = tokenizer.encode(problem.solution, add_special_tokens=False)
+        return tokenizer.decode(ids[: math.ceil(section.fraction * len(ids))])
+    return None
+
+
+def teacher_prompt_text(problem: Problem, section: PromptSection, tokenizer) -> str:
+    student_text = student_prompt_text(problem, section)
+    if section.privilege == "none":
+        return student_text
+    if section.privilege == "instruction":
+        return f"{student_text}\n\n{section.instruction.strip()}"
+    return section.teacher_template.format(prompt=student_text, privileged=privileged_text(problem, section, tokenizer))
+
+
+def chat_prompt_ids(tokenizer, user_text: str, thinking: bool) -> list[int]:
+    """Token ids of a one-turn chat ending with the assistant's generation prompt.
+
+    `enable_thinking` is the Qwen3 hybrid switch; templates that do not know it ignore it
+    (Qwen3-2507-Thinking opens <think> itself, OLMo-3 Think/Instruct pick by model).
+    """
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=True,
+        return_dict=False, enable_thinking=thinking,
+    )
+    if not isinstance(ids, list):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def prompt_pair(problem: Problem, section: PromptSection, tokenizer) -> PromptPair:
+    student_text = student_prompt_text(problem, section)
+    teacher_text = teacher_prompt_text(problem, section, tokenizer)
+    return PromptPair(
+        student_ids=chat_prompt_ids(tokenizer, student_text, section.student_thinking),
+        teacher_ids=chat_prompt_ids(tokenizer, teacher_text, section.teacher_thinking),
+        student_text=student_text,
+        teacher_text=teacher_text,
+    )

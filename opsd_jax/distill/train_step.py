@@ -1,0 +1,164 @@
+"""One pure, jittable distillation step: student forward+backward, teacher forward, loss, AdamW.
+
+Shape letters: B sequences, Ls / Lt student / teacher context length, T completion positions,
+D model width, N = B * T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from opsd_jax.config import ObjectiveSection, OptimizerSection
+from opsd_jax.distill import objectives
+from opsd_jax.kernels import fused_linear_divergence
+from opsd_jax.models import ModelConfig, forward_hidden
+
+_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
+
+
+class Batch(NamedTuple):
+    """Rollouts aligned for scoring (all int32 unless noted; right-padded)."""
+
+    student_tokens: jax.Array  # [B, Ls] student prompt + completion
+    student_mask: jax.Array  # [B, Ls] 1 for real tokens
+    teacher_tokens: jax.Array  # [B, Lt] teacher prompt + the same completion
+    teacher_mask: jax.Array  # [B, Lt]
+    student_index: jax.Array  # [B, T] row of the student context whose output predicts completion token t
+    teacher_index: jax.Array  # [B, T] the same for the teacher context
+    targets: jax.Array  # [B, T] completion tokens
+    lengths: jax.Array  # [B] completion lengths
+    sampler_logprobs: jax.Array  # float32 [B, T] log-prob of each token under the sampler's model
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    teacher_params: dict | None  # None: the teacher is the live student (stop-gradient)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Everything static about a step (hashable: closed over, never traced)."""
+
+    student: ModelConfig
+    teacher: ModelConfig
+    objective: ObjectiveSection
+    teacher_kind: str = "frozen"
+    ema_rate: float = 0.99
+    microbatches: int = 1
+    kernel_impl: str = "auto"
+
+
+def make_optimizer(section: OptimizerSection, total_steps: int) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW on a linear-warmup + cosine-decay schedule."""
+    warmup = max(int(round(section.warmup_ratio * total_steps)), 0)
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=section.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=0.0,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(section.max_grad_norm),
+        optax.adamw(schedule, b1=section.b1, b2=section.b2, weight_decay=section.weight_decay),
+    )
+
+
+def _gather_rows(hidden_BxLxD, index_BxT):
+    return jnp.take_along_axis(hidden_BxLxD, index_BxT[..., None], axis=1)
+
+
+def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSettings):
+    """(loss, metrics) for one (micro)batch; gradients reach the student parameters only."""
+    objective = settings.objective
+    hidden_s, head_s = forward_hidden(params, settings.student, batch.student_tokens,
+                                      attention_mask=batch.student_mask)
+    hidden_t, head_t = forward_hidden(teacher_params, settings.teacher, batch.teacher_tokens,
+                                      attention_mask=batch.teacher_mask)
+    hidden_t, head_t = jax.lax.stop_gradient((hidden_t, head_t))
+    rows_s_BxTxD = _gather_rows(hidden_s, batch.student_index)
+    rows_t_BxTxD = _gather_rows(hidden_t, batch.teacher_index)
+    B, T = batch.targets.shape
+    mask_BxT = objectives.completion_mask(
+        batch.lengths, T, skip_first=objective.skip_first, window=objective.window,
+        window_from=objective.window_from,
+    )
+    beta = _BETA.get(objective.kind, objective.beta)
+    out = fused_linear_divergence(
+        rows_s_BxTxD.reshape(B * T, -1), head_s, rows_t_BxTxD.reshape(B * T, -1), head_t,
+        beta=beta, temperature=objective.temperature, mask=mask_BxT.reshape(-1),
+        targets=batch.targets.reshape(-1), impl=settings.kernel_impl,
+    )
+    student_logprob = out.student_logprob.reshape(B, T)
+    teacher_logprob = out.teacher_logprob.reshape(B, T)
+    student_entropy = out.student_entropy.reshape(B, T)
+    teacher_entropy = out.teacher_entropy.reshape(B, T)
+    weights = objectives.token_weights(mask_BxT, student_entropy, objective.token_weighting,
+                                       top_rho=objective.top_rho, fork_weight=objective.fork_weight)
+    if objective.kind == "sampled_reverse_kl":
+        per_token = objectives.sampled_reverse_kl_loss(
+            student_logprob, teacher_logprob, batch.sampler_logprobs, mask_BxT,
+            discount=objective.discount, ratio_cap=objective.importance_cap,
+        )
+        scale_B = jnp.ones(B)
+    else:
+        per_token = out.divergence.reshape(B, T)
+        scale_B = objectives.sequence_importance(student_logprob, batch.sampler_logprobs, mask_BxT,
+                                                 objective.importance_cap)
+    loss = objectives.reduce_loss(per_token, weights, mask_BxT, scale_B, objective.reduction)
+    count = jnp.maximum(mask_BxT.sum(), 1)
+
+    def masked_mean(x_BxT):
+        return jnp.where(mask_BxT, x_BxT, 0.0).sum() / count
+
+    metrics = {
+        "loss": loss,
+        "divergence": masked_mean(out.divergence.reshape(B, T)),
+        "student_entropy": masked_mean(student_entropy),
+        "teacher_entropy": masked_mean(teacher_entropy),
+        "advantage": masked_mean(teacher_logprob - student_logprob),
+        "importance_ratio_mean": scale_B.mean(),
+        "importance_ratio_max": scale_B.max(),
+        "loss_tokens": mask_BxT.sum(),
+    }
+    return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+def train_step(state: TrainState, batch: Batch, *, settings: StepSettings,
+               optimizer: optax.GradientTransformation):
+    """Returns (new state, metrics). Microbatches accumulate gradients with a scan; the teacher is
+    frozen, an EMA of the student (updated after the step) or the live student."""
+    teacher_params = state.params if state.teacher_params is None else state.teacher_params
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+    M = settings.microbatches
+    if M == 1:
+        (loss, metrics), grads = grad_fn(state.params, teacher_params, batch, settings)
+    else:
+        micro = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
+
+        def accumulate(carry, microbatch):
+            (loss, metrics), grads = grad_fn(state.params, teacher_params, Batch(*microbatch), settings)
+            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        _, metric_shapes = jax.eval_shape(lambda: loss_and_metrics(state.params, teacher_params,
+                                                                   Batch(*jax.tree.map(lambda x: x[0], micro)),
+                                                                   settings))
+        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics), tuple(micro))
+        grads = jax.tree.map(lambda g: g / M, grads)
+        metrics = jax.tree.map(lambda m: m / M, metrics)
+        metrics["loss_tokens"] = metrics["loss_tokens"] * M  # a count, summed not averaged
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new_teacher = state.teacher_params
+    if settings.teacher_kind == "ema":
+        rate = settings.ema_rate
+        new_teacher = jax.tree.map(lambda t, p: rate * t + (1 - rate) * p.astype(t.dtype), state.teacher_params, params)
+    return TrainState(state.step + 1, params, opt_state, new_teacher), metrics

@@ -1,0 +1,317 @@
+"""The distillation loop: sample rollouts with the student, score them with the teacher, update.
+
+Per step: B problems from the grain iterator -> student and teacher prompts -> one rollout per
+prompt from the sampler (weights synced every step) -> aligned batch -> jitted `train_step` ->
+metrics (JSONL + TensorBoard) -> Orbax checkpoint every K steps (params, optimizer state, step,
+data iterator state, resolved config). Resuming takes the latest complete checkpoint and
+reproduces the uninterrupted run: rollout seeds derive from (seed, step, index).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from opsd_jax.config import RunConfig, dump_config
+from opsd_jax.data.sources import read_problems, problem_dataset
+from opsd_jax.distill.prompts import prompt_pair
+from opsd_jax.distill.train_step import Batch, StepSettings, TrainState, make_optimizer, train_step
+from opsd_jax.parallel import logical_sharding, make_mesh, parse_mesh_shape
+from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig, SamplingParams
+from opsd_jax.sampler.server import default_stop_token_ids, load_for_serving
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue; the message says why and what was saved."""
+
+
+def rollout_seed(seed: int, step: int, index: int) -> int:
+    """A distinct, reproducible sampler seed per (run seed, step, prompt)."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def build_batch(pairs, completions, *, student_length: int, teacher_length: int, completion_length: int) -> Batch:
+    """Aligns rollouts for scoring: the same completion tokens follow the student's and the
+    teacher's prompt; index arrays name the context rows whose outputs predict each token."""
+    B = len(pairs)
+    student_tokens = np.zeros((B, student_length), np.int32)
+    teacher_tokens = np.zeros((B, teacher_length), np.int32)
+    student_mask = np.zeros((B, student_length), np.int32)
+    teacher_mask = np.zeros((B, teacher_length), np.int32)
+    student_index = np.zeros((B, completion_length), np.int32)
+    teacher_index = np.zeros((B, completion_length), np.int32)
+    targets = np.zeros((B, completion_length), np.int32)
+    sampler_logprobs = np.zeros((B, completion_length), np.float32)
+    lengths = np.zeros(B, np.int32)
+    for i, (pair, completion) in enumerate(zip(pairs, completions)):
+        tokens = completion.token_ids[:completion_length]
+        n = len(tokens)
+        s = pair.student_ids + tokens
+        t = pair.teacher_ids + tokens
+        if len(s) > student_length or len(t) > teacher_length:
+            raise ValueError(f"rollout {i} does not fit the batch ({len(s)}/{student_length}, {len(t)}/{teacher_length})")
+        student_tokens[i, : len(s)], student_mask[i, : len(s)] = s, 1
+        teacher_tokens[i, : len(t)], teacher_mask[i, : len(t)] = t, 1
+        student_index[i, :n] = len(pair.student_ids) - 1 + np.arange(n)
+        teacher_index[i, :n] = len(pair.teacher_ids) - 1 + np.arange(n)
+        targets[i, :n] = tokens
+        # The sampler's raw model log-probabilities: the ratio then measures the sampler/trainer
+        # mismatch (numerics, bf16, stale weights), not the top-k / top-p filter's renormalization.
+        sampler_logprobs[i, :n] = completion.model_logprobs[:n]
+        lengths[i] = n
+    return Batch(student_tokens, student_mask, teacher_tokens, teacher_mask, student_index, teacher_index,
+                 targets, lengths, sampler_logprobs)
+
+
+class MetricsWriter:
+    """metrics.jsonl (rewritten up to the resumed step on resume, so no step appears twice) and
+    TensorBoard scalars. Only process 0 writes."""
+
+    def __init__(self, output_dir: str, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        if not self.enabled:
+            return
+        if os.path.exists(self.path):
+            kept = []
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line torn by a kill
+                    if record.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            staging = self.path + ".partial"
+            with open(staging, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(staging, self.path)
+        from tensorboardX import SummaryWriter
+
+        self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, metrics: dict, **extra) -> None:
+        """Scalars go to both; `extra` (e.g. the batch's problem ids) to the JSONL only."""
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics, **extra}) + "\n")
+        for name, value in metrics.items():
+            self.tensorboard.add_scalar(name, value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tensorboard.close()
+
+
+class Trainer:
+    """Runs one RunConfig. `run()` trains to `train.steps` (resuming when asked) and returns the
+    per-step metrics it produced."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        if jax.process_count() > 1:
+            raise TrainingError(
+                "multi-process training is not supported yet: the sampler needs a per-host engine "
+                "and a gather of the student weights (see BUILD_NOTES.md)"
+            )
+        self.mesh = make_mesh(*parse_mesh_shape(config.train.mesh))
+        self._stop_requested = False
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _load_models(self):
+        c = self.config
+        if not c.model.checkpoint:
+            raise TrainingError("model.checkpoint is not set")
+        model_config, params, tokenizer, side_dir = load_for_serving(c.model.checkpoint, dtype=c.model.param_dtype,
+                                                                     mesh=self.mesh)
+        if len(tokenizer) > model_config.vocab_size:
+            raise TrainingError(
+                f"the tokenizer of {side_dir} has {len(tokenizer)} tokens, more than the model's vocabulary "
+                f"({model_config.vocab_size})"
+            )
+        model_config = model_config.replace(compute_dtype=c.model.compute_dtype, remat=c.model.remat)
+        teacher_config, teacher_params = model_config, None
+        if c.teacher.kind == "external":
+            if not c.teacher.checkpoint:
+                raise TrainingError("teacher.kind is external but teacher.checkpoint is not set")
+            teacher_config, teacher_params, teacher_tokenizer, _ = load_for_serving(
+                c.teacher.checkpoint, dtype=c.model.param_dtype, mesh=self.mesh)
+            if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise TrainingError(f"teacher {c.teacher.checkpoint} does not share the student's tokenizer")
+            teacher_config = teacher_config.replace(compute_dtype=c.model.compute_dtype)
+        elif c.teacher.kind in ("frozen", "ema"):
+            # Its own buffers: the student's are donated to the step and overwritten.
+            teacher_params = jax.tree.map(jnp.copy, params)
+        return model_config, params, tokenizer, side_dir, teacher_config, teacher_params
+
+    def _problems(self, tokenizer):
+        c = self.config
+        problems = read_problems(c.data.path, data_format=c.data.format, preset=c.data.preset,
+                                 columns=(c.data.problem_column, c.data.solution_column, c.data.answer_column),
+                                 split=c.data.split)
+        kept, skipped = [], 0
+        for problem in problems:
+            pair = prompt_pair(problem, c.prompt, tokenizer)
+            longest = max(len(pair.student_ids), len(pair.teacher_ids))
+            if longest > c.data.max_prompt_tokens:
+                if c.data.overlong == "error":
+                    raise TrainingError(
+                        f"{c.data.path}: problem {problem.id} needs a {longest}-token prompt, over "
+                        f"data.max_prompt_tokens={c.data.max_prompt_tokens}"
+                    )
+                skipped += 1
+                continue
+            kept.append((problem, pair))
+        if not kept:
+            raise TrainingError(f"{c.data.path}: every problem exceeds data.max_prompt_tokens ({skipped} skipped)")
+        return kept, skipped
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(self, resume: bool = False) -> list[dict]:
+        c = self.config
+        os.makedirs(c.train.output_dir, exist_ok=True)
+        model_config, params, tokenizer, side_dir, teacher_config, teacher_params = self._load_models()
+        problems, skipped = self._problems(tokenizer)
+        B = c.train.batch_size
+        if B % c.train.microbatches:
+            raise TrainingError(f"train.batch_size {B} is not divisible by train.microbatches {c.train.microbatches}")
+        completion_length = c.sampling.max_new_tokens
+        context_length = c.data.max_prompt_tokens + completion_length
+        engine = Engine(model_config, SamplerConfig(max_slots=min(c.sampling.max_slots, B),
+                                                    max_sequence_length=context_length), mesh=self.mesh)
+        stop_ids = default_stop_token_ids(tokenizer, side_dir)
+        optimizer = make_optimizer(c.optimizer, c.train.steps)
+        settings = StepSettings(student=model_config, teacher=teacher_config, objective=c.objective,
+                                teacher_kind=c.teacher.kind, ema_rate=c.teacher.ema_rate,
+                                microbatches=c.train.microbatches)
+        opt_state = jax.jit(optimizer.init)(params)
+        state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
+                           None if c.teacher.kind == "live" else teacher_params)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        state_shardings = jax.tree.map(
+            lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated, state)
+        state = jax.device_put(state, state_shardings)
+        step_fn = jax.jit(functools.partial(train_step, settings=settings, optimizer=optimizer),
+                          donate_argnums=(0,), out_shardings=(state_shardings, None))
+        batch_sharding = logical_sharding(self.mesh, ("batch",), (B,))
+
+        data = problem_dataset(problems, seed=c.data.shuffle_seed)
+        data_iterator = iter(data)
+        manager = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(c.train.output_dir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=c.train.keep_checkpoints, create=True),
+        )
+        start_step = 0
+        if resume and manager.latest_step() is not None:
+            start_step = manager.latest_step()
+            saved_teacher = c.teacher.kind == "ema"
+            target = state if saved_teacher else state._replace(teacher_params=None)
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+            restored = manager.restore(start_step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+            state = restored.state if saved_teacher else restored.state._replace(teacher_params=state.teacher_params)
+            data_iterator.set_state(restored.data)
+        elif not resume and manager.latest_step() is not None:
+            raise TrainingError(f"{c.train.output_dir} already holds checkpoints; pass --resume or a new output_dir")
+        with open(os.path.join(c.train.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(dump_config(c))
+
+        writer = MetricsWriter(c.train.output_dir, start_step)
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        history = []
+        try:
+            with Orchestrator(engine, state.params) as orchestrator:
+                bar = tqdm(range(start_step, c.train.steps), initial=start_step, total=c.train.steps,
+                           desc="training", disable=jax.process_index() != 0)
+                for step in bar:
+                    batch_items = [next(data_iterator) for _ in range(B)]
+                    data_state = data_iterator.get_state()
+                    started = time.perf_counter()
+                    orchestrator.load_params(state.params)
+                    samplings = [SamplingParams(temperature=c.sampling.temperature, top_p=c.sampling.top_p,
+                                                top_k=c.sampling.top_k, seed=rollout_seed(c.train.seed, step, i),
+                                                max_new_tokens=completion_length, stop_token_ids=stop_ids)
+                                 for i in range(B)]
+                    rollouts = orchestrator.generate_batch([pair.student_ids for _, pair in batch_items], samplings,
+                                                           progress=False)
+                    completions = [r[0] for r in rollouts]
+                    sampled = time.perf_counter()
+                    batch = build_batch([pair for _, pair in batch_items], completions,
+                                        student_length=context_length, teacher_length=context_length,
+                                        completion_length=completion_length)
+                    device_batch = jax.device_put(batch, batch_sharding)
+                    new_state, metrics = step_fn(state, device_batch)
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    updated = time.perf_counter()
+                    if not np.isfinite(metrics["loss"]):
+                        path = self._save_diagnostic(step, batch, metrics)
+                        raise TrainingError(f"non-finite loss at step {step}; batch saved to {path}; "
+                                            "no checkpoint was written for this step")
+                    state = new_state
+                    lengths = [len(x.token_ids) for x in completions]
+                    metrics.update({
+                        "rollout_length_mean": float(np.mean(lengths)),
+                        "truncation_rate": float(np.mean([x.finish_reason == "length" for x in completions])),
+                        "sampling_seconds": sampled - started,
+                        "update_seconds": updated - sampled,
+                        "tokens_per_second": float(sum(lengths)) / (updated - started),
+                        "skipped_overlong_prompts": skipped,
+                    })
+                    history.append({"step": step + 1, **metrics, "problem_ids": [p.id for p, _ in batch_items]})
+                    if (step + 1) % c.train.log_every == 0:
+                        writer.write(step + 1, metrics, problem_ids=[p.id for p, _ in batch_items])
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    last = step + 1 == c.train.steps
+                    if (step + 1) % c.train.checkpoint_every == 0 or last or self._stop_requested:
+                        saved_state = state if c.teacher.kind == "ema" else state._replace(teacher_params=None)
+                        manager.save(step + 1, args=ocp.args.Composite(
+                            state=ocp.args.StandardSave(saved_state), data=ocp.args.JsonSave(data_state)))
+                        manager.wait_until_finished()
+                    if self._stop_requested:
+                        break
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            manager.close()
+            writer.close()
+        return history
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True  # saved at the next step boundary
+
+    def _save_diagnostic(self, step: int, batch: Batch, metrics: dict) -> str:
+        folder = os.path.join(self.config.train.output_dir, "diagnostics")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"nonfinite_step{step + 1}.npz")
+        np.savez(path + ".partial.npz", **batch._asdict(), metrics=json.dumps(metrics))
+        os.replace(path + ".partial.npz", path)
+        return path
+
+
+def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model_checkpoint: str) -> str:
+    """Writes the student of a training checkpoint as an HF folder."""
+    from opsd_jax.checkpoint.hf import save_hf
+
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")))
+    step = step if step is not None else manager.latest_step()
+    if step is None:
+        raise TrainingError(f"{run_dir}: no checkpoints")
+    config, params, _, side_dir = load_for_serving(model_checkpoint, dtype="float32")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return save_hf(restored.state.params if hasattr(restored.state, "params") else restored.state["params"],
+                   config, destination, side_files_from=side_dir)
+
+
+__all__ = ["Trainer", "TrainingError", "build_batch", "export_checkpoint", "rollout_seed"]
