@@ -1,11 +1,12 @@
 """Math answer grading: extract the final answer from a response, judge it against the reference.
 
-Extraction takes the last `\\boxed{...}` (or `\\fbox{...}`) anywhere in the response, braces
-nested to any depth. Without a box, and unless the response was cut by a token cap, it falls back, in order, to an "answer is X" / "answer: X"
-phrase and then to the last number, but only in the response's final section (after the last
-`</think>`; no final section while a `<think>` is still open), because a number in an unfinished
-chain of thought is not an answer. The method used is reported with every grade so that metrics can
-show box-only accuracy next to accuracy with fallbacks.
+Extraction looks at the response's final section (after the last `</think>`; the whole text when
+there are no think tags): its last `\\boxed{...}` (or `\\fbox{...}`), braces nested to any depth;
+without a box, and unless a token cap cut the response, an "answer is X" / "answer: X" phrase and
+then the last number. A box inside the reasoning counts only when the final section has no answer
+or the response never finished thinking, since a number in a chain of thought is not an answer.
+The method is reported with every grade, so metrics show box-only accuracy next to accuracy with
+fallbacks.
 
 Equivalence: an integer fast path (leading zeros, thousands separators, `25.0`, degree signs and
 `\\text{}` wrappers normalized) for integer references such as every AIME answer, and math-verify
@@ -22,8 +23,8 @@ import re
 import threading
 
 # Extraction methods, in the order they are tried.
-BOXED, PHRASE, LAST_NUMBER, NONE = "boxed", "phrase", "last_number", "none"
-METHODS = (BOXED, PHRASE, LAST_NUMBER, NONE)
+BOXED, PHRASE, LAST_NUMBER, THINKING_BOXED, NONE = "boxed", "phrase", "last_number", "thinking_boxed", "none"
+METHODS = (BOXED, PHRASE, LAST_NUMBER, THINKING_BOXED, NONE)
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
@@ -96,28 +97,34 @@ _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 def extract_answer(text: str, *, cut_off: bool = False, thinking_open: bool = False) -> tuple[str | None, str]:
     """(answer string, method) for a model response; method is one of METHODS.
 
-    cut_off: the response was stopped by a token cap; only a complete box counts then, since
-      a phrase or number at the end of a cut response is mid-sentence, not a final answer.
+    The final section (after `</think>`, or the whole text without think tags) is searched first:
+    its last box, then, unless `cut_off`, an "answer is" phrase and the last number. Only when it
+    holds none of these, or when the response is still thinking, does a box inside the reasoning
+    count (method THINKING_BOXED).
+
+    cut_off: the response was stopped by a token cap; a phrase or number at the end of a cut
+      response is mid-sentence, not a final answer, so only complete boxes count.
     thinking_open: the prompt itself opened a `<think>` block (OLMo-3 Think), so a response
       without `</think>` is still thinking.
     """
+    section = final_section(_THINK_OPEN + text if thinking_open else text)
+    if section is not None:
+        boxed = extract_boxed(section)
+        if boxed is not None:
+            return boxed, BOXED
+        if not cut_off:
+            phrases = list(_PHRASE.finditer(section))
+            if phrases:
+                answer = phrases[-1].group(1).strip()
+                answer = re.split(r"\.(?:\s|$)|\n", answer)[0].strip()  # up to the sentence's end
+                if answer:
+                    return answer, PHRASE
+            numbers = _NUMBER.findall(section)
+            if numbers:
+                return numbers[-1], LAST_NUMBER
     boxed = extract_boxed(text)
     if boxed is not None:
-        return boxed, BOXED
-    if cut_off:
-        return None, NONE
-    section = final_section(_THINK_OPEN + text if thinking_open else text)
-    if section is None:
-        return None, NONE
-    phrases = list(_PHRASE.finditer(section))
-    if phrases:
-        answer = phrases[-1].group(1).strip()
-        answer = re.split(r"\.(?:\s|$)|\n", answer)[0].strip()  # up to the sentence's end
-        if answer:
-            return answer, PHRASE
-    numbers = _NUMBER.findall(section)
-    if numbers:
-        return numbers[-1], LAST_NUMBER
+        return boxed, THINKING_BOXED
     return None, NONE
 
 

@@ -23,6 +23,7 @@ def plot_accuracy_vs_budget(runs: dict[str, dict[str, dict[int, dict]]], path: s
     suites = sorted({suite for results in runs.values() for suite in results})
     fig, axes = plt.subplots(1, len(suites), figsize=(4.2 * len(suites), 3.6), squeeze=False)
     for axis, suite in zip(axes[0], suites):
+        all_budgets = sorted({b for results in runs.values() for b in results.get(suite, {})})
         for label, results in runs.items():
             by_budget = results.get(suite)
             if not by_budget:
@@ -34,6 +35,8 @@ def plot_accuracy_vs_budget(runs: dict[str, dict[str, dict[int, dict]]], path: s
             (line,) = axis.plot(budgets, accuracy, marker="o", label=label)
             axis.fill_between(budgets, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
         axis.set_xscale("log", base=2)
+        axis.set_xticks(all_budgets, [f"{b:,}" for b in all_budgets], rotation=30, fontsize=8)
+        axis.minorticks_off()
         axis.set_title(suite)
         axis.set_xlabel("generation budget (tokens)")
         axis.set_ylabel("avg@n accuracy")

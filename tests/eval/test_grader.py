@@ -116,7 +116,10 @@ def test_extract_boxed(text, expected):
 
 @pytest.mark.parametrize("text, expected", [
     ("<think>maybe 3</think> The answer is \\boxed{4}.", ("4", grader.BOXED)),
-    ("<think>I think \\boxed{4}</think> done", ("4", grader.BOXED)),
+    ("<think>I think \\boxed{4}</think> done", ("4", grader.THINKING_BOXED)),  # nothing after thinking
+    ("<think>I think \\boxed{4}</think> so it is 5.", ("5", grader.LAST_NUMBER)),  # the final word wins
+    ("<think>try \\boxed{4}</think> \\boxed{5}", ("5", grader.BOXED)),
+    ("<think>cut off after \\boxed{4} while still", ("4", grader.THINKING_BOXED)),
     ("<think>long thought</think>\nThe final answer is $\\frac{1}{2}$.", ("$\\frac{1}{2}$", grader.PHRASE)),
     ("<think>x</think> Answer: 17", ("17", grader.PHRASE)),
     ("<think>x</think> so we get 3 and then 1,000 apples", ("1,000", grader.LAST_NUMBER)),
