@@ -149,7 +149,7 @@ def save_tiny_tokenizer(path: str, vocab_size: int = 400) -> None:
 
 
 def qwen3_tokenizer_dir(destination: str) -> str:
-    """Unpacks the real Qwen3 tokenizer kept in tests/data into `destination`; returns it.
+    """Unpacks the real Qwen3 tokenizer kept in tests/assets into `destination`; returns it.
 
     Tests only: the files live in the source tree, not in the installed package.
     """
@@ -157,7 +157,7 @@ def qwen3_tokenizer_dir(destination: str) -> str:
     import os
     import shutil
 
-    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "assets",
                           "tokenizers", "qwen3")
     if not os.path.isdir(source):
         raise FileNotFoundError(f"{source} not found: the Qwen3 test tokenizer ships with the source tree")

@@ -1,0 +1,34 @@
+"""Run configs: YAML, dotted overrides, and errors that name the key."""
+
+import pytest
+
+from opsd_jax.config import ConfigKeyError, load_config
+
+
+def test_yaml_and_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text("optimizer:\n  learning_rate: 5e-6\nobjective:\n  kind: reverse_kl\n")
+    config = load_config(str(tmp_path / "run.yaml"), ["train.steps=7", "prompt.privilege=sparse", "objective.window=16"])
+    assert config.optimizer.learning_rate == 5e-6 and config.objective.kind == "reverse_kl"
+    assert config.train.steps == 7 and config.prompt.privilege == "sparse" and config.objective.window == 16
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("optimizer.learnig_rate=1", r"unknown config key optimizer.learnig_rate; valid keys in section 'optimizer': b1, b2, learning_rate"),
+     ("trian.steps=3", r"unknown config key trian; valid keys in the top level: data, model"),
+     ("objective.kind=kl", r"objective.kind: 'kl' is not one of 'jsd', 'forward_kl'"),
+     ("train.steps=many", r"train.steps: expected an integer"),
+     ("model.remat=maybe", r"model.remat: expected true or false"),
+     ("steps", r"must look like section.key=value")],
+)
+def test_bad_keys_are_named(override, message):
+    with pytest.raises(ConfigKeyError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("name", ["demo_cpu"])
+def test_shipped_configs_load(name):
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml")
+    assert load_config(path).train.steps >= 1
