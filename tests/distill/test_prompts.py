@@ -27,7 +27,8 @@ def test_dense_teacher_sees_the_solution_and_the_student_does_not(tokenizer):
     pair = prompt_pair(PROBLEM, PromptSection(privilege="dense"), tokenizer)
     solution_ids = tokenizer.encode(PROBLEM.solution, add_special_tokens=False)
     assert len(solution_ids) > 10
-    assert _contains(pair.teacher_ids, solution_ids[:-1])  # the final "." merges with the "\\n\\n" after it
+    # The closing "}$." re-merges with the "\n\n" that follows it; the rest appears verbatim.
+    assert _contains(pair.teacher_ids, solution_ids[:-2])
     assert not _contains(pair.student_ids, solution_ids[:4])
     assert "This is an example for a response to the question:" in pair.teacher_text
     assert pair.student_text.endswith("Return your final response within \\boxed{}.")
