@@ -34,7 +34,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-thinking", action="store_true", help="enable_thinking=False in the chat template")
     parser.add_argument("--budgets", default="4096,8192,16384,32768", help="token budgets to regrade at")
     parser.add_argument("--shard", default="0/1", metavar="I/N", help="generate only shard I of N (then --merge)")
-    parser.add_argument("--max-slots", type=int, default=32, help="sequences decoded together")
+    parser.add_argument("--max-slots", type=int, default=8,
+                        help="sequences decoded together (KV cache: slots x (prompt + max tokens); printed at start)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR")
     parser.add_argument("--grade-timeout", type=int, default=5, help="seconds per math-verify parse / check")

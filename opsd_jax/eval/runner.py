@@ -185,7 +185,7 @@ def score_run(out: str, suites: list[Suite] | None = None, *, merge: bool = Fals
 
 
 def run_eval(checkpoint: str, suites: list[Suite], out: str, settings: EvalSettings, *, shard=(0, 1), mesh=None,
-             dtype: str = "bfloat16", max_slots: int = 32, progress: bool = True, timeout_seconds: int = 5) -> dict:
+             dtype: str = "bfloat16", max_slots: int = 8, progress: bool = True, timeout_seconds: int = 5) -> dict:
     """Generates (resuming) every suite for this shard; a single-shard run also grades and writes
     the reports. Returns {"generation": {suite: counts}, "metrics": {suite: {budget: metrics}}}."""
     from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig
@@ -197,6 +197,9 @@ def run_eval(checkpoint: str, suites: list[Suite], out: str, settings: EvalSetti
     longest_prompt = max(len(p) for s in suites for p in build_prompts(tokenizer, s, settings))
     engine = Engine(config, SamplerConfig(max_slots=max_slots,
                                           max_sequence_length=longest_prompt + settings.max_tokens), mesh=mesh)
+    if progress:
+        print(f"decode state: {engine.decode_state_bytes / 2**30:.2f} GiB for {max_slots} slots x "
+              f"{engine.max_sequence_length} tokens", flush=True)
     counts = {}
     with Orchestrator(engine, params) as orchestrator:
         for suite in suites:

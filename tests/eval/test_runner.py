@@ -155,3 +155,25 @@ def test_generations_from_another_tokenizer_are_refused(workspace, full_run, tmp
     assert status == 2
     assert "generations.jsonl: written with a different tokenizer" in capsys.readouterr().err
     assert (out / "tiny" / "generations.jsonl").read_bytes() == before
+
+
+def test_cli_errors_name_what_is_missing(tmp_path, capsys):
+    from opsd_jax.cli import main
+
+    assert main(["eval", "--out", str(tmp_path)]) == 2
+    assert "eval needs --checkpoint DIR" in capsys.readouterr().err
+    assert main(["eval", "--score-only", "--out", str(tmp_path)]) == 2
+    assert "no SUITE/generations*.jsonl to grade" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", "x", "--out", str(tmp_path), "--shard", "3/2"]) == 2
+    assert "--shard 3/2: need 0 <= i < n" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", "x", "--out", str(tmp_path), "--budgets", "4k"]) == 2
+    assert "--budgets must be comma-separated token counts" in capsys.readouterr().err
+
+
+def test_cli_compare(full_run, tmp_path, capsys):
+    from opsd_jax.cli import main
+
+    assert main(["eval", "--compare", full_run[0], full_run[0], "--labels", "a,b", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny budget 64: b - a = +0.0000" in out
+    assert (tmp_path / "comparison.md").exists()
