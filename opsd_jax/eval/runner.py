@@ -8,6 +8,7 @@ continuous batcher completes them.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -121,25 +122,32 @@ def generate_suite(orchestrator, tokenizer, suite: Suite, directory: str, settin
                    if generations.shard_of(problem.id, sample, shard[1]) == shard[0]
                    and (problem.id, sample) not in appender.existing]
         bar = tqdm(total=len(missing), desc=f"{suite.name} samples", unit="sample", disable=not progress)
-        futures = {}
-        for index, problem_id, sample in missing:
-            seed = generations.sample_seed(settings.seed, problem_id, sample)
-            sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                      seed=seed, max_new_tokens=settings.max_tokens,
-                                      stop_token_ids=tuple(stop_token_ids))
-            futures[orchestrator.submit(prompts[index], sampling, n=1)] = (problem_id, sample, seed)
+        # A bounded window of requests in flight keeps every slot busy while leaving little queued
+        # work behind when the run is interrupted (the orchestrator drains its queue on close).
+        window = 4 * orchestrator.engine.sampler_config.max_slots
+        pending = collections.deque(missing)
+        in_flight: dict = {}
         try:
-            for future in concurrent.futures.as_completed(futures):
-                problem_id, sample, seed = futures[future]
-                try:
-                    (completion,) = future.result()
-                except ValueError as e:
-                    raise ValueError(f"{suite.name} problem {problem_id}: {e}") from None
-                appender.append(make_record(completion, tokenizer, stop_token_ids, problem_id, sample, seed,
-                                            settings.cut_budgets()))
-                bar.update(1)
+            while pending or in_flight:
+                while pending and len(in_flight) < window:
+                    index, problem_id, sample = pending.popleft()
+                    seed = generations.sample_seed(settings.seed, problem_id, sample)
+                    sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                              top_k=settings.top_k, seed=seed, max_new_tokens=settings.max_tokens,
+                                              stop_token_ids=tuple(stop_token_ids))
+                    in_flight[orchestrator.submit(prompts[index], sampling, n=1)] = (problem_id, sample, seed)
+                done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    problem_id, sample, seed = in_flight.pop(future)
+                    try:
+                        (completion,) = future.result()
+                    except ValueError as e:
+                        raise ValueError(f"{suite.name} problem {problem_id}: {e}") from None
+                    appender.append(make_record(completion, tokenizer, stop_token_ids, problem_id, sample, seed,
+                                                settings.cut_budgets()))
+                    bar.update(1)
         finally:
-            for future in futures:
+            for future in in_flight:
                 future.cancel()
             bar.close()
     return {"path": path, "existing": len(appender.existing), "generated": len(missing),
