@@ -83,6 +83,27 @@ def _eval(args) -> int:
     return run(args, _mesh)
 
 
+def _train(args) -> int:
+    from opsd_jax.config import load_config
+    from opsd_jax.distill.trainer import Trainer
+
+    config = load_config(args.config, args.overrides)
+    history = Trainer(config).run(resume=args.resume)
+    if history:
+        last = history[-1]
+        print(f"step {last['step']}: loss {last['loss']:.5f}, divergence {last['divergence']:.5f}; "
+              f"metrics in {config.train.output_dir}/metrics.jsonl")
+    return 0
+
+
+def _export(args) -> int:
+    from opsd_jax.distill.trainer import export_checkpoint
+
+    path = export_checkpoint(args.run, args.step, args.to_hf, model_checkpoint=args.model_checkpoint)
+    print(f"wrote {path}")
+    return 0
+
+
 def _demo(args) -> int:
     from opsd_jax.demo import run_demo
 
@@ -125,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=_eval)
 
+    train = commands.add_parser("train", help="on-policy (self-)distillation from a YAML run config")
+    train.add_argument("--config", required=True, metavar="YAML")
+    train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value")
+    train.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
+    train.set_defaults(run=_train)
+
+    export = commands.add_parser("export", help="write a training checkpoint's student as an HF folder")
+    export.add_argument("--run", required=True, metavar="DIR", help="the run's train.output_dir")
+    export.add_argument("--step", type=int, help="default: the latest checkpoint")
+    export.add_argument("--model-checkpoint", required=True, metavar="DIR",
+                        help="the run's model.checkpoint (config and tokenizer files)")
+    export.add_argument("--to-hf", required=True, metavar="DIR")
+    export.set_defaults(run=_export)
+
     demo = commands.add_parser(
         "demo", help="CPU demo: build tiny HF checkpoints, convert them, check logits vs transformers"
     )
@@ -141,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"opsd-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "TrainingError":  # anything else is a bug: keep its traceback
+            raise
         print(f"opsd-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -128,35 +128,40 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-def train_step(state: TrainState, batch: Batch, *, settings: StepSettings,
-               optimizer: optax.GradientTransformation):
-    """Returns (new state, metrics). Microbatches accumulate gradients with a scan; the teacher is
-    frozen, an EMA of the student (updated after the step) or the live student."""
-    teacher_params = state.params if state.teacher_params is None else state.teacher_params
-    teacher_params = jax.lax.stop_gradient(teacher_params)
+def accumulated_gradients(params, teacher_params, batch: Batch, settings: StepSettings):
+    """(mean gradient, metrics) over `settings.microbatches` equal slices of the batch, scanned so
+    only one microbatch's activations live at a time. For equal-sized microbatches this is the
+    full batch's gradient whenever the reduction is a mean over sequences or tokens per slice."""
     grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
     M = settings.microbatches
     if M == 1:
-        (loss, metrics), grads = grad_fn(state.params, teacher_params, batch, settings)
-    else:
-        micro = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
+        (_, metrics), grads = grad_fn(params, teacher_params, batch, settings)
+        return grads, metrics
+    micro = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
 
-        def accumulate(carry, microbatch):
-            (loss, metrics), grads = grad_fn(state.params, teacher_params, Batch(*microbatch), settings)
-            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+    def accumulate(carry, microbatch):
+        (_, metrics), grads = grad_fn(params, teacher_params, Batch(*microbatch), settings)
+        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        _, metric_shapes = jax.eval_shape(lambda: loss_and_metrics(state.params, teacher_params,
-                                                                   Batch(*jax.tree.map(lambda x: x[0], micro)),
-                                                                   settings))
-        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        (grads, metrics), _ = jax.lax.scan(accumulate, (zeros, zero_metrics), tuple(micro))
-        grads = jax.tree.map(lambda g: g / M, grads)
-        metrics = jax.tree.map(lambda m: m / M, metrics)
-        metrics["loss_tokens"] = metrics["loss_tokens"] * M  # a count, summed not averaged
+    first = Batch(*jax.tree.map(lambda x: x[0], micro))
+    _, metric_shapes = jax.eval_shape(lambda: loss_and_metrics(params, teacher_params, first, settings))
+    zeros = (jax.tree.map(jnp.zeros_like, params), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+    (grads, metrics), _ = jax.lax.scan(accumulate, zeros, tuple(micro))
+    grads = jax.tree.map(lambda g: g / M, grads)
+    metrics = jax.tree.map(lambda m: m / M, metrics)
+    metrics["loss_tokens"] = metrics["loss_tokens"] * M  # a count: summed, not averaged
+    return grads, metrics
+
+
+def train_step(state: TrainState, batch: Batch, *, settings: StepSettings,
+               optimizer: optax.GradientTransformation):
+    """Returns (new state, metrics). The teacher is frozen, an EMA of the student (updated after
+    the step) or the live student; it never receives gradients."""
+    teacher_params = state.params if state.teacher_params is None else state.teacher_params
+    grads, metrics = accumulated_gradients(state.params, jax.lax.stop_gradient(teacher_params), batch, settings)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_teacher = state.teacher_params
     if settings.teacher_kind == "ema":
         rate = settings.ema_rate

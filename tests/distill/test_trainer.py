@@ -1,0 +1,189 @@
+"""The training loop end to end on a tiny random Qwen3, kill -9 and resume, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from opsd_jax.config import load_config
+from opsd_jax.distill.train_step import StepSettings, TrainState, accumulated_gradients, make_optimizer, train_step
+from opsd_jax.distill.trainer import Trainer, TrainingError, build_batch
+from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "opsd_jax", "data", "samples",
+                    "math_demo.jsonl")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("student")
+    save_tiny_hf_model("qwen3", str(path), seed=int(np.random.default_rng().integers(2**31)))
+    save_tiny_tokenizer(str(path))
+    return str(path)
+
+
+def _overrides(model_dir, output_dir, **extra):
+    settings = {
+        "model.checkpoint": model_dir, "model.compute_dtype": "float32", "model.remat": False,
+        "data.path": DATA, "data.max_prompt_tokens": 192, "prompt.privilege": "sparse",
+        "sampling.max_new_tokens": 8, "sampling.max_slots": 4, "train.batch_size": 4, "train.steps": 2,
+        "train.output_dir": str(output_dir), "train.mesh": "2,2,2", "optimizer.learning_rate": 1e-3,
+        "optimizer.warmup_ratio": 0.0, **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def test_end_to_end_on_a_sharded_mesh(model_dir, tmp_path):
+    config = load_config(None, _overrides(model_dir, tmp_path / "run"))
+    trainer = Trainer(config)
+    history = trainer.run()
+    assert [h["step"] for h in history] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and h["loss_tokens"] > 0 for h in history)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2] and len(records[0]["problem_ids"]) == 4
+    assert os.listdir(tmp_path / "run" / "tensorboard")
+    assert (tmp_path / "run" / "checkpoints" / "2").exists()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["steps"] == 2
+
+
+def test_fixed_rollouts_loss_decreases_and_frozen_teacher_is_untouched(model_dir, tmp_path, rng):
+    """The pure step on one fixed batch: the loss falls and the frozen teacher stays bit-identical."""
+    from opsd_jax import load_hf
+    from opsd_jax.parallel import make_mesh
+    from opsd_jax.sampler import Completion
+
+    mesh = make_mesh(2, 2, 2)
+    model_config, params = load_hf(model_dir, mesh=mesh, progress=False)
+    teacher = jax.tree.map(lambda x: x.copy(), params)
+    teacher_before = jax.tree.map(np.asarray, teacher)
+    config = load_config(None, _overrides(model_dir, tmp_path, **{"objective.importance_cap": "null"}))
+    pairs, completions = [], []
+    from opsd_jax.distill.prompts import PromptPair
+
+    for i in range(4):
+        student = rng.integers(3, 400, 12).tolist()
+        pairs.append(PromptPair(student, student[:5] + rng.integers(3, 400, 9).tolist() + student[5:], "", ""))
+        tokens = rng.integers(3, 400, 10).tolist()
+        completions.append(Completion(student, 0, tokens, [-6.0] * 10, [-6.0] * 10, [0.0] * 10))
+    batch = build_batch(pairs, completions, student_length=32, teacher_length=40, completion_length=10)
+    optimizer = make_optimizer(config.optimizer, 20)
+    settings = StepSettings(student=model_config, teacher=model_config, objective=config.objective)
+    state = TrainState(np.int32(0), params, optimizer.init(params), teacher)
+    step = jax.jit(lambda s, b: train_step(s, b, settings=settings, optimizer=optimizer))
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+    for before, after in zip(jax.tree.leaves(teacher_before), jax.tree.leaves(state.teacher_params)):
+        assert np.asarray(after).tobytes() == before.tobytes()
+
+
+def test_microbatches_accumulate_to_the_full_batch_gradient(model_dir, tmp_path, rng):
+    from opsd_jax import load_hf
+    from opsd_jax.distill.prompts import PromptPair
+    from opsd_jax.sampler import Completion
+
+    model_config, params = load_hf(model_dir, progress=False)
+    pairs = [PromptPair(rng.integers(3, 400, 6).tolist(), rng.integers(3, 400, 9).tolist(), "", "") for _ in range(4)]
+    completions = [Completion([], 0, rng.integers(3, 400, n).tolist(), [-6.0] * n, [-6.0] * n, [0.0] * n)
+                   for n in (7, 4, 9, 6)]
+    batch = build_batch(pairs, completions, student_length=16, teacher_length=20, completion_length=10)
+    config = load_config(None, _overrides(model_dir, tmp_path, **{"objective.reduction": "sequence_mean"}))
+    results = []
+    for microbatches in (1, 2):
+        settings = StepSettings(student=model_config, teacher=model_config, objective=config.objective,
+                                microbatches=microbatches)
+        results.append(jax.jit(lambda p, b: accumulated_gradients(p, p, b, settings))(params, batch))
+    (grads1, metrics1), (grads2, metrics2) = results
+    assert float(metrics1["loss"]) == pytest.approx(float(metrics2["loss"]), rel=1e-5)
+    assert float(metrics1["loss_tokens"]) == float(metrics2["loss_tokens"])
+    for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-4)
+
+
+def _train_process(config_path, *extra):
+    return subprocess.Popen([sys.executable, "-m", "opsd_jax.cli", "train", "--config", str(config_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(model_dir, tmp_path):
+    """6 steps straight vs 3 steps, kill -9, resume to 6: identical losses and data order."""
+    def write_config(name):
+        data = {}
+        for item in _overrides(model_dir, tmp_path / name, **{"train.steps": 6, "train.checkpoint_every": 3,
+                                                              "train.mesh": "1,-1,1"}):
+            key, value = item.split("=", 1)
+            section, field = key.split(".")
+            data.setdefault(section, {})[field] = yaml.safe_load(value)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    straight = _train_process(write_config("straight"))
+    interrupted = _train_process(write_config("interrupted"))
+    checkpoint_3 = tmp_path / "interrupted" / "checkpoints" / "3"
+    deadline = time.time() + 400
+    while not checkpoint_3.exists():
+        assert interrupted.poll() is None, interrupted.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(interrupted.pid, signal.SIGKILL)
+    interrupted.wait()
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out
+    resumed = _train_process(tmp_path / "interrupted.yaml", "--resume")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+
+    def records(name):
+        return [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+
+    expected, got = records("straight"), records("interrupted")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [r["problem_ids"] for r in got] == [r["problem_ids"] for r in expected]
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]
+
+
+def test_bad_input(model_dir, tmp_path):
+    with pytest.raises(TrainingError, match="over data.max_prompt_tokens=20"):
+        Trainer(load_config(None, _overrides(model_dir, tmp_path / "a", **{"data.max_prompt_tokens": 20,
+                                                                         "data.overlong": "error"}))).run()
+    with pytest.raises(TrainingError, match="every problem exceeds"):
+        Trainer(load_config(None, _overrides(model_dir, tmp_path / "b", **{"data.max_prompt_tokens": 20}))).run()
+    # A tokenizer larger than the model's vocabulary.
+    small = tmp_path / "small"
+    save_tiny_hf_model("qwen3", str(small), seed=1, vocab_size=300)
+    save_tiny_tokenizer(str(small))
+    with pytest.raises(TrainingError, match="has 400 tokens, more than the model's vocabulary \\(300\\)"):
+        Trainer(load_config(None, _overrides(str(small), tmp_path / "c"))).run()
+
+
+def test_nonfinite_loss_stops_with_a_diagnostic_and_keeps_checkpoints(model_dir, tmp_path, monkeypatch):
+    from opsd_jax.distill import trainer as trainer_module
+
+    run = tmp_path / "run"
+    Trainer(load_config(None, _overrides(model_dir, run, **{"train.steps": 1}))).run()
+    assert (run / "checkpoints" / "1").exists()
+    real_build_batch = trainer_module.build_batch
+
+    def poisoned(*args, **kwargs):  # a rollout whose sampler log-probabilities came back NaN
+        batch = real_build_batch(*args, **kwargs)
+        batch.sampler_logprobs[0, :] = np.nan
+        return batch
+
+    monkeypatch.setattr(trainer_module, "build_batch", poisoned)
+    with pytest.raises(TrainingError, match="non-finite loss at step 1; batch saved to"):
+        Trainer(load_config(None, _overrides(model_dir, run, **{"train.steps": 3}))).run(resume=True)
+    assert sorted(os.listdir(run / "checkpoints")) == ["1"]
+    diagnostics = os.listdir(run / "diagnostics")
+    assert diagnostics == ["nonfinite_step2.npz"]
+    saved = np.load(run / "diagnostics" / diagnostics[0])
+    assert saved["targets"].shape[0] == 4 and np.isnan(saved["sampler_logprobs"][0]).all()
