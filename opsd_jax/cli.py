@@ -107,7 +107,10 @@ def _export(args) -> int:
 def _demo(args) -> int:
     from opsd_jax.demo import run_demo
 
-    return run_demo(workdir=args.workdir, mesh_text=args.mesh)
+    import time
+
+    workdir = args.workdir or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
+    return run_demo(workdir=workdir, mesh_text=args.mesh)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="CPU demo: build tiny HF checkpoints, convert them, check logits vs transformers"
     )
-    demo.add_argument("--workdir", help="where to write the demo checkpoints (default: a temp dir)")
+    demo.add_argument("--workdir", help="where to write the demo's checkpoints and run "
+                                        "(default: runs/demo/<date-time>)")
     demo.add_argument("--mesh", default="2,2,2", metavar="DATA,FSDP,TENSOR")
     demo.add_argument("--cpu-devices", type=int, default=8)
     demo.set_defaults(run=_demo)

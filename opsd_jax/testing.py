@@ -135,7 +135,7 @@ def save_tiny_tokenizer(path: str, vocab_size: int = 400) -> None:
     model.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(TINY_SPECIAL_TOKENS),
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     model.train_from_iterator(corpus, trainer)
     tokenizer = transformers.PreTrainedTokenizerFast(

@@ -1,5 +1,7 @@
 """Run configs: YAML, dotted overrides, and errors that name the key."""
 
+import os
+
 import pytest
 
 from opsd_jax.config import ConfigKeyError, load_config
@@ -26,9 +28,10 @@ def test_bad_keys_are_named(override, message):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("name", ["demo_cpu"])
-def test_shipped_configs_load(name):
-    import os
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.yaml")
-    assert load_config(path).train.steps >= 1
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
+def test_shipped_configs_load(name):
+    config = load_config(os.path.join(CONFIGS, name))
+    assert config.train.steps >= 1 and config.model.checkpoint
