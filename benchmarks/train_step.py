@@ -1,0 +1,107 @@
+"""Throughput of one OPSD train step on this machine, with model FLOPs utilization.
+
+The sampler benchmark's model shape (Qwen3 architecture, 8 layers, hidden 512, 8 heads, 4 kv
+heads, head_dim 64, vocab 151,936, tied), float32 compute on CPU (no fast bf16 matmul here).
+One step = student forward + backward, teacher forward on a longer (privileged) context, fused
+JSD over the completion tokens, AdamW. MFU = model FLOPs (6 N per student token, 2 N per teacher
+token, N counting the head once, plus attention) / (step time x a float32 matmul rate measured in
+the same run). Goal: MFU >= 40%.
+    python benchmarks/train_step.py [--batch 4] [--prompt 128] [--completion 384] [--privileged 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """float32 FLOP/s of an n x n x n matmul under jit (best of `repeats`)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--completion", type=int, default=384)
+    parser.add_argument("--privileged", type=int, default=128, help="extra teacher prompt tokens")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from opsd_jax.config import ObjectiveSection, OptimizerSection
+    from opsd_jax.distill.train_step import Batch, StepSettings, TrainState, make_optimizer, train_step
+    from opsd_jax.models import ModelConfig, init_params
+
+    hf = dict(model_type="qwen3", vocab_size=151936, hidden_size=512, intermediate_size=1536,
+              num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+              tie_word_embeddings=True, max_position_embeddings=4096)
+    config = ModelConfig.from_hf(hf, compute_dtype="float32")
+    params = init_params(config, jax.random.key(0))
+    B, P, C, X = args.batch, args.prompt, args.completion, args.privileged
+    student_length, teacher_length = P + C, P + X + C
+    rng = np.random.default_rng(0)
+    completion = rng.integers(0, 151_000, (B, C)).astype(np.int32)
+    student_tokens = np.concatenate([rng.integers(0, 151_000, (B, P)), completion], 1).astype(np.int32)
+    teacher_tokens = np.concatenate([rng.integers(0, 151_000, (B, P + X)), completion], 1).astype(np.int32)
+    batch = Batch(
+        student_tokens=student_tokens, student_mask=np.ones_like(student_tokens),
+        teacher_tokens=teacher_tokens, teacher_mask=np.ones_like(teacher_tokens),
+        student_index=np.broadcast_to(np.arange(P - 1, P - 1 + C, dtype=np.int32), (B, C)).copy(),
+        teacher_index=np.broadcast_to(np.arange(P + X - 1, P + X - 1 + C, dtype=np.int32), (B, C)).copy(),
+        targets=completion, lengths=np.full(B, C, np.int32), sampler_logprobs=np.full((B, C), -12.0, np.float32),
+    )
+    optimizer = make_optimizer(OptimizerSection(), 100)
+    settings = StepSettings(student=config, teacher=config, objective=ObjectiveSection(kind="jsd", beta=0.5))
+    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.tree.map(jnp.copy, params))
+    step = jax.jit(lambda s, b: train_step(s, b, settings=settings, optimizer=optimizer), donate_argnums=(0,))
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    rate = matmul_rate()
+
+    n_params = sum(x.size for x in jax.tree.leaves(params))  # tied head: the embedding counted once
+    D, L = config.hidden_size, config.num_layers
+    attention = lambda length: 4 * L * D * length * length / 2  # causal QK^T and PV, per sequence  # noqa: E731
+    student_flops = B * (6 * n_params * student_length + 3 * attention(student_length))
+    teacher_flops = B * (2 * n_params * teacher_length + attention(teacher_length))
+    flops = student_flops + teacher_flops
+    tokens = B * student_length
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); {L} layers, "
+          f"{n_params / 1e6:.0f}M params, batch {B}, student {student_length} / teacher {teacher_length} tokens")
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| step time (median of {args.repeats}) | {seconds:.2f} s |")
+    print(f"| student tokens/s | {tokens / seconds:.0f} |")
+    print(f"| model FLOPs per step | {flops / 1e12:.2f} TFLOP |")
+    print(f"| float32 matmul rate, same run | {rate / 1e9:.0f} GFLOP/s |")
+    print(f"| MFU (goal >= 40%) | {flops / seconds / rate:.1%} |")
+    print(f"| loss | {float(metrics['loss']):.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
