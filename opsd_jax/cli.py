@@ -99,7 +99,7 @@ def _train(args) -> int:
 def _export(args) -> int:
     from opsd_jax.distill.trainer import export_checkpoint
 
-    path = export_checkpoint(args.run, args.step, args.to_hf, model_checkpoint=args.model_checkpoint)
+    path = export_checkpoint(args.run_dir, args.step, args.to_hf, model_checkpoint=args.model_checkpoint)
     print(f"wrote {path}")
     return 0
 
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     export = commands.add_parser("export", help="write a training checkpoint's student as an HF folder")
-    export.add_argument("--run", required=True, metavar="DIR", help="the run's train.output_dir")
+    export.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="the run's train.output_dir")
     export.add_argument("--step", type=int, help="default: the latest checkpoint")
     export.add_argument("--model-checkpoint", required=True, metavar="DIR",
                         help="the run's model.checkpoint (config and tokenizer files)")

@@ -79,8 +79,10 @@ class SamplingSection:
 @dataclasses.dataclass
 class ObjectiveSection:
     # jsd / forward_kl / reverse_kl: full-vocabulary divergences through the fused kernel;
-    # sampled_reverse_kl: policy gradient with advantage log p_T(y) - log p_S(y) on sampled tokens.
-    kind: Literal["jsd", "forward_kl", "reverse_kl", "sampled_reverse_kl"] = "jsd"
+    # sampled_reverse_kl: policy gradient with advantage log p_T(y) - log p_S(y) on sampled tokens;
+    # topk: the divergence (with `beta`) over the teacher's top `teacher_top_k` tokens + a tail bucket.
+    kind: Literal["jsd", "forward_kl", "reverse_kl", "sampled_reverse_kl", "topk"] = "jsd"
+    teacher_top_k: int = 64
     beta: float = 0.5  # JSD mixture weight (TRL/GKD convention)
     temperature: float = 1.0
     skip_first: int = 3  # completion tokens excluded at the start

@@ -15,8 +15,8 @@ import optax
 
 from opsd_jax.config import ObjectiveSection, OptimizerSection
 from opsd_jax.distill import objectives
-from opsd_jax.kernels import fused_linear_divergence
-from opsd_jax.models import ModelConfig, forward_hidden
+from opsd_jax.kernels import fused_linear_divergence, teacher_topk, topk_divergence
+from opsd_jax.models import ModelConfig, forward_hidden, logits_from_hidden
 
 _BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
 
@@ -99,7 +99,19 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
     teacher_entropy = out.teacher_entropy.reshape(B, T)
     weights = objectives.token_weights(mask_BxT, student_entropy, objective.token_weighting,
                                        top_rho=objective.top_rho, fork_weight=objective.fork_weight)
-    if objective.kind == "sampled_reverse_kl":
+    if objective.kind == "topk":
+        # Materializes [N, V] logits for both models: the top-k form exists for teachers whose
+        # distribution is only kept (or served) as its top tokens.
+        student_logits_NxV = logits_from_hidden(rows_s_BxTxD.reshape(B * T, -1), head_s, settings.student)
+        teacher_logits_NxV = logits_from_hidden(rows_t_BxTxD.reshape(B * T, -1), head_t, settings.teacher)
+        ids_NxK, logprobs_NxK = teacher_topk(teacher_logits_NxV, objective.teacher_top_k,
+                                             temperature=objective.temperature)
+        top = topk_divergence(student_logits_NxV, ids_NxK, logprobs_NxK, beta=objective.beta,
+                              temperature=objective.temperature, mask=mask_BxT.reshape(-1))
+        per_token = top.divergence.reshape(B, T)
+        scale_B = objectives.sequence_importance(student_logprob, batch.sampler_logprobs, mask_BxT,
+                                                 objective.importance_cap)
+    elif objective.kind == "sampled_reverse_kl":
         per_token = objectives.sampled_reverse_kl_loss(
             student_logprob, teacher_logprob, batch.sampler_logprobs, mask_BxT,
             discount=objective.discount, ratio_cap=objective.importance_cap,

@@ -277,13 +277,17 @@ class Trainer:
                     last = step + 1 == c.train.steps
                     if (step + 1) % c.train.checkpoint_every == 0 or last or self._stop_requested:
                         saved_state = state if c.teacher.kind == "ema" else state._replace(teacher_params=None)
+                        # Asynchronous: the next steps run while it writes; a step directory appears
+                        # only once complete, so a kill mid-write leaves the previous one as latest.
                         manager.save(step + 1, args=ocp.args.Composite(
-                            state=ocp.args.StandardSave(saved_state), data=ocp.args.JsonSave(data_state)))
-                        manager.wait_until_finished()
+                            state=ocp.args.StandardSave(saved_state), data=ocp.args.JsonSave(data_state),
+                            config=ocp.args.JsonSave(c.to_dict())))
                     if self._stop_requested:
+                        print(f"SIGTERM: stopped after step {step + 1}; checkpoint saved", flush=True)
                         break
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
+            manager.wait_until_finished()
             manager.close()
             writer.close()
         return history
@@ -301,17 +305,37 @@ class Trainer:
 
 
 def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model_checkpoint: str) -> str:
-    """Writes the student of a training checkpoint as an HF folder."""
+    """Writes the student of a training checkpoint as an HF folder (tokenizer and config from the
+    run's model checkpoint)."""
     from opsd_jax.checkpoint.hf import save_hf
+    from opsd_jax.models import abstract_params, param_shardings
 
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")))
     step = step if step is not None else manager.latest_step()
     if step is None:
         raise TrainingError(f"{run_dir}: no checkpoints")
-    config, params, _, side_dir = load_for_serving(model_checkpoint, dtype="float32")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return save_hf(restored.state.params if hasattr(restored.state, "params") else restored.state["params"],
-                   config, destination, side_files_from=side_dir)
+    if step not in manager.all_steps():
+        raise TrainingError(f"{run_dir}: no checkpoint for step {step}; have {sorted(manager.all_steps())}")
+    from opsd_jax.config import load_config
+
+    param_dtype = load_config(os.path.join(run_dir, "config.yaml")).model.param_dtype
+    from opsd_jax.checkpoint.orbax import HF_DIR, MANIFEST
+    from opsd_jax.models import ModelConfig
+
+    # Only the config and side files are needed; the weights come from the run.
+    orbax_checkpoint = os.path.exists(os.path.join(model_checkpoint, MANIFEST))
+    side_dir = os.path.join(model_checkpoint, HF_DIR) if orbax_checkpoint else model_checkpoint
+    config = ModelConfig.from_hf(side_dir, param_dtype=param_dtype)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    shapes, _ = abstract_params(config)
+    shapes = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          shapes, param_shardings(config, mesh))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item={"params": shapes}, partial_restore=True,
+                                     restore_args=ocp.checkpoint_utils.construct_restore_args({"params": shapes}))))
+    manager.close()
+    params = restored.state["params"]
+    return save_hf(params, config, destination, side_files_from=side_dir)
 
 
 __all__ = ["Trainer", "TrainingError", "build_batch", "export_checkpoint", "rollout_seed"]

@@ -187,3 +187,96 @@ def test_nonfinite_loss_stops_with_a_diagnostic_and_keeps_checkpoints(model_dir,
     assert diagnostics == ["nonfinite_step2.npz"]
     saved = np.load(run / "diagnostics" / diagnostics[0])
     assert saved["targets"].shape[0] == 4 and np.isnan(saved["sampler_logprobs"][0]).all()
+
+
+def _fixed_batch(rng, vocab=400):
+    from opsd_jax.distill.prompts import PromptPair
+    from opsd_jax.sampler import Completion
+
+    pairs = [PromptPair(rng.integers(3, vocab, 6).tolist(), rng.integers(3, vocab, 9).tolist(), "", "") for _ in range(2)]
+    completions = [Completion([], 0, rng.integers(3, vocab, n).tolist(), [-6.0] * n, [-6.0] * n, [0.0] * n)
+                   for n in (8, 6)]
+    return build_batch(pairs, completions, student_length=16, teacher_length=20, completion_length=10)
+
+
+def test_teacher_kinds(model_dir, tmp_path, rng):
+    """EMA follows rate * teacher + (1 - rate) * new student; a live teacher gives the same
+    gradient as a frozen copy of the same weights (no gradient through the teacher)."""
+    from opsd_jax import load_hf
+
+    model_config, params = load_hf(model_dir, progress=False)
+    batch = _fixed_batch(rng)
+    config = load_config(None, _overrides(model_dir, tmp_path))
+    optimizer = make_optimizer(config.optimizer, 10)
+    teacher = jax.tree.map(lambda x: x * 0.5, params)
+    settings = StepSettings(student=model_config, teacher=model_config, objective=config.objective,
+                            teacher_kind="ema", ema_rate=0.9)
+    state, _ = jax.jit(lambda s, b: train_step(s, b, settings=settings, optimizer=optimizer))(
+        TrainState(np.int32(0), params, optimizer.init(params), teacher), batch)
+    for t0, p1, t1 in zip(jax.tree.leaves(teacher), jax.tree.leaves(state.params), jax.tree.leaves(state.teacher_params)):
+        np.testing.assert_allclose(np.asarray(t1), 0.9 * np.asarray(t0) + 0.1 * np.asarray(p1), rtol=1e-6, atol=1e-7)
+
+    settings = StepSettings(student=model_config, teacher=model_config, objective=config.objective)
+    live, _ = jax.jit(lambda p, b: accumulated_gradients(p, jax.lax.stop_gradient(p), b, settings))(params, batch)
+    frozen, _ = jax.jit(lambda p, t, b: accumulated_gradients(p, t, b, settings))(params, jax.tree.map(jnp_copy, params), batch)
+    for a, b in zip(jax.tree.leaves(live), jax.tree.leaves(frozen)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+
+
+def jnp_copy(x):
+    return x.copy()
+
+
+def test_topk_objective_with_the_whole_vocabulary_equals_the_full_jsd(model_dir, tmp_path, rng):
+    from opsd_jax import load_hf
+    from opsd_jax.distill.train_step import loss_and_metrics
+
+    model_config, params = load_hf(model_dir, progress=False)
+    batch = _fixed_batch(rng)
+    teacher = jax.tree.map(lambda x: x * 0.9, params)
+    losses = {}
+    for kind, extra in (("jsd", {}), ("topk", {"objective.teacher_top_k": model_config.vocab_size})):
+        config = load_config(None, _overrides(model_dir, tmp_path, **{"objective.kind": kind, **extra}))
+        settings = StepSettings(student=model_config, teacher=model_config, objective=config.objective)
+        losses[kind] = float(loss_and_metrics(params, teacher, batch, settings)[0])
+    assert losses["topk"] == pytest.approx(losses["jsd"], rel=1e-3)
+
+
+def test_export_writes_the_trained_student(model_dir, tmp_path):
+    import transformers
+
+    from opsd_jax import load_hf
+    from opsd_jax.distill.trainer import export_checkpoint
+
+    run = tmp_path / "run"
+    Trainer(load_config(None, _overrides(model_dir, run, **{"train.steps": 1}))).run()
+    path = export_checkpoint(str(run), None, str(tmp_path / "hf"), model_checkpoint=model_dir)
+    _, exported = load_hf(path, progress=False)
+    _, original = load_hf(model_dir, progress=False)
+    changed = [not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(original))]
+    assert any(changed)  # one AdamW step moved the weights
+    assert transformers.AutoTokenizer.from_pretrained(path).eos_token == "<|im_end|>"
+
+
+def test_sigterm_saves_at_the_next_step_boundary(model_dir, tmp_path):
+    data = {}
+    for item in _overrides(model_dir, tmp_path / "run", **{"train.steps": 200, "train.checkpoint_every": 100,
+                                                         "train.mesh": "1,-1,1"}):
+        key, value = item.split("=", 1)
+        section, field = key.split(".")
+        data.setdefault(section, {})[field] = yaml.safe_load(value)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
+    process = _train_process(tmp_path / "run.yaml")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    assert "SIGTERM: stopped after step" in out
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert os.listdir(tmp_path / "run" / "checkpoints") == [str(steps[-1])]
