@@ -120,12 +120,15 @@ class Trainer:
 
     def __init__(self, config: RunConfig):
         self.config = config
-        if jax.process_count() > 1:
-            raise TrainingError(
-                "multi-process training is not supported yet: the sampler needs a per-host engine "
-                "and a gather of the student weights (see BUILD_NOTES.md)"
-            )
+        from opsd_jax.parallel import initialize_distributed
+
+        initialize_distributed()
         self.mesh = make_mesh(*parse_mesh_shape(config.train.mesh))
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        # Each host samples its own rollouts on its own devices: the orchestrator schedules requests
+        # dynamically, which hosts cannot do in lockstep on one global mesh.
+        self.sampler_mesh = (self.mesh if self.process_count == 1
+                             else make_mesh(1, -1, 1, devices=jax.local_devices()))
         self._stop_requested = False
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -190,8 +193,11 @@ class Trainer:
             raise TrainingError(f"train.batch_size {B} is not divisible by train.microbatches {c.train.microbatches}")
         completion_length = c.sampling.max_new_tokens
         context_length = c.data.max_prompt_tokens + completion_length
-        engine = Engine(model_config, SamplerConfig(max_slots=min(c.sampling.max_slots, B),
-                                                    max_sequence_length=context_length), mesh=self.mesh)
+        if B % self.process_count:
+            raise TrainingError(f"train.batch_size {B} is not divisible by the {self.process_count} processes")
+        local_batch = B // self.process_count
+        engine = Engine(model_config, SamplerConfig(max_slots=min(c.sampling.max_slots, local_batch),
+                                                    max_sequence_length=context_length), mesh=self.sampler_mesh)
         stop_ids = default_stop_token_ids(tokenizer, side_dir)
         optimizer = make_optimizer(c.optimizer, c.train.steps)
         settings = StepSettings(student=model_config, teacher=teacher_config, objective=c.objective,
@@ -208,7 +214,10 @@ class Trainer:
                           donate_argnums=(0,), out_shardings=(state_shardings, None))
         batch_sharding = logical_sharding(self.mesh, ("batch",), (B,))
 
-        data = problem_dataset(problems, seed=c.data.shuffle_seed)
+        # Hosts read disjoint strided shards and draw the same number per step, so their iterator
+        # states stay equal and one saved state resumes them all.
+        data = problem_dataset(problems, seed=c.data.shuffle_seed, process_index=self.process_index,
+                               process_count=self.process_count)
         data_iterator = iter(data)
         manager = ocp.CheckpointManager(
             os.path.abspath(os.path.join(c.train.output_dir, "checkpoints")),
@@ -226,25 +235,27 @@ class Trainer:
             data_iterator.set_state(restored.data)
         elif not resume and manager.latest_step() is not None:
             raise TrainingError(f"{c.train.output_dir} already holds checkpoints; pass --resume or a new output_dir")
-        with open(os.path.join(c.train.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(dump_config(c))
+        if self.process_index == 0:
+            with open(os.path.join(c.train.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(dump_config(c))
 
         writer = MetricsWriter(c.train.output_dir, start_step)
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         history = []
         try:
-            with Orchestrator(engine, state.params) as orchestrator:
+            with Orchestrator(engine, self._sampler_weights(state.params)) as orchestrator:
                 bar = tqdm(range(start_step, c.train.steps), initial=start_step, total=c.train.steps,
                            desc="training", disable=jax.process_index() != 0)
                 for step in bar:
-                    batch_items = [next(data_iterator) for _ in range(B)]
+                    batch_items = [next(data_iterator) for _ in range(local_batch)]
                     data_state = data_iterator.get_state()
                     started = time.perf_counter()
-                    orchestrator.load_params(state.params)
+                    orchestrator.load_params(self._sampler_weights(state.params))
                     samplings = [SamplingParams(temperature=c.sampling.temperature, top_p=c.sampling.top_p,
-                                                top_k=c.sampling.top_k, seed=rollout_seed(c.train.seed, step, i),
+                                                top_k=c.sampling.top_k,
+                                                seed=rollout_seed(c.train.seed, step, self.process_index * local_batch + i),
                                                 max_new_tokens=completion_length, stop_token_ids=stop_ids)
-                                 for i in range(B)]
+                                 for i in range(local_batch)]
                     rollouts = orchestrator.generate_batch([pair.student_ids for _, pair in batch_items], samplings,
                                                            progress=False)
                     completions = [r[0] for r in rollouts]
@@ -252,7 +263,7 @@ class Trainer:
                     batch = build_batch([pair for _, pair in batch_items], completions,
                                         student_length=context_length, teacher_length=context_length,
                                         completion_length=completion_length)
-                    device_batch = jax.device_put(batch, batch_sharding)
+                    device_batch = self._global_batch(batch, batch_sharding)
                     new_state, metrics = step_fn(state, device_batch)
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     updated = time.perf_counter()
@@ -275,6 +286,7 @@ class Trainer:
                         writer.write(step + 1, metrics, problem_ids=[p.id for p, _ in batch_items])
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                     last = step + 1 == c.train.steps
+                    self._agree_on_stop()
                     if (step + 1) % c.train.checkpoint_every == 0 or last or self._stop_requested:
                         saved_state = state if c.teacher.kind == "ema" else state._replace(teacher_params=None)
                         # Asynchronous: the next steps run while it writes; a step directory appears
@@ -292,13 +304,37 @@ class Trainer:
             writer.close()
         return history
 
+    def _sampler_weights(self, params):
+        """The student weights as the local sampler needs them: a full host copy per process
+        (gathered from every host's shards) in a multi-process job, the arrays themselves otherwise."""
+        if self.process_count == 1:
+            return params
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(params, tiled=True)
+
+    def _global_batch(self, local_batch: Batch, sharding) -> Batch:
+        """A global batch assembled from each process's local rows."""
+        if self.process_count == 1:
+            return jax.device_put(local_batch, sharding)
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+    def _agree_on_stop(self) -> None:
+        """Every process stops at the same step if any received SIGTERM."""
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.int32(self._stop_requested))
+            self._stop_requested = bool(np.max(flags))
+
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True  # saved at the next step boundary
 
     def _save_diagnostic(self, step: int, batch: Batch, metrics: dict) -> str:
         folder = os.path.join(self.config.train.output_dir, "diagnostics")
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"nonfinite_step{step + 1}.npz")
+        suffix = "" if self.process_count == 1 else f"_process{self.process_index}"
+        path = os.path.join(folder, f"nonfinite_step{step + 1}{suffix}.npz")
         np.savez(path + ".partial.npz", **batch._asdict(), metrics=json.dumps(metrics))
         os.replace(path + ".partial.npz", path)
         return path
