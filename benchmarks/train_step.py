@@ -3,9 +3,10 @@
 The sampler benchmark's model shape (Qwen3 architecture, 8 layers, hidden 512, 8 heads, 4 kv
 heads, head_dim 64, vocab 151,936, tied), float32 compute on CPU (no fast bf16 matmul here).
 One step = student forward + backward, teacher forward on a longer (privileged) context, fused
-JSD over the completion tokens, AdamW. MFU = model FLOPs (6 N per student token, 2 N per teacher
-token, N counting the head once, plus attention) / (step time x a float32 matmul rate measured in
-the same run). Goal: MFU >= 40%.
+JSD over the completion tokens, AdamW. MFU = model FLOPs / (step time x a float32 matmul rate
+measured in the same run), where model FLOPs = 6 x (decoder-layer params) per student token +
+2 x (decoder-layer params) per teacher token + the output head only where a loss needs it (the
+completion tokens: 6 D V for the student, 2 D V for the teacher) + causal attention. Goal >= 40%.
     python benchmarks/train_step.py [--batch 4] [--prompt 128] [--completion 384] [--privileged 128]
 """
 
@@ -83,11 +84,13 @@ def main() -> int:
     seconds = float(np.median(times))
     rate = matmul_rate()
 
-    n_params = sum(x.size for x in jax.tree.leaves(params))  # tied head: the embedding counted once
-    D, L = config.hidden_size, config.num_layers
-    attention = lambda length: 4 * L * D * length * length / 2  # causal QK^T and PV, per sequence  # noqa: E731
-    student_flops = B * (6 * n_params * student_length + 3 * attention(student_length))
-    teacher_flops = B * (2 * n_params * teacher_length + attention(teacher_length))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    D, L, V = config.hidden_size, config.num_layers, config.vocab_size
+    layer_params = sum(x.size for k, v in params.items() if k.startswith("layers_") for x in jax.tree.leaves(v))
+    q_width = config.num_heads * config.head_dim
+    attention = lambda length: 4 * L * q_width * length * length / 2  # causal QK^T and PV  # noqa: E731
+    student_flops = B * (6 * layer_params * student_length + 3 * attention(student_length) + 6 * D * V * C)
+    teacher_flops = B * (2 * layer_params * teacher_length + attention(teacher_length) + 2 * D * V * C)
     flops = student_flops + teacher_flops
     tokens = B * student_length
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cores); {L} layers, "
