@@ -1,0 +1,74 @@
+"""Aggregates over rollouts: marker rates per 1,000 tokens, base-vs-trained differences, and the
+teacher's token-level signal at reconsideration tokens, each with bootstrap CIs over rollouts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from opsd_jax.analysis import stats
+
+
+def marker_table(rows: list[tuple[int, dict[str, int]]], categories, *, seed: int = 0) -> dict:
+    """rows: (completion tokens, {category: count}) per rollout.
+
+    Returns {category: {"count", "tokens", "per_1k_tokens", "per_1k_ci95"}} plus "any" (all
+    categories together); rates pool counts and tokens over rollouts (length-normalized).
+    """
+    tokens_B = np.array([n for n, _ in rows], np.float64)
+    table = {}
+    for category in list(categories) + ["any"]:
+        count_B = np.array([sum(c.values()) if category == "any" else c[category] for _, c in rows], np.float64)
+        total = tokens_B.sum()
+        table[category] = {
+            "count": int(count_B.sum()), "tokens": int(total),
+            "per_1k_tokens": float(1000 * count_B.sum() / total) if total else None,
+            "per_1k_ci95": list(stats.ratio_ci(count_B, tokens_B, scale=1000, seed=seed)),
+        }
+    return table
+
+
+def marker_difference(base_rows, rows, categories, *, seed: int = 0) -> dict:
+    """{category: {"difference", "ci95"}}: per-1k-token rate of `rows` minus that of `base_rows`."""
+    out = {}
+    for category in list(categories) + ["any"]:
+        def arrays(group):
+            count = [sum(c.values()) if category == "any" else c[category] for _, c in group]
+            return np.array(count, np.float64), np.array([n for n, _ in group], np.float64)
+
+        (ca, ta), (cb, tb) = arrays(base_rows), arrays(rows)
+        difference = 1000 * (cb.sum() / tb.sum() - ca.sum() / ta.sum())
+        out[category] = {"difference": float(difference),
+                         "ci95": list(stats.ratio_difference_ci(ca, ta, cb, tb, scale=1000, seed=seed))}
+    return out
+
+
+def signal_summary(privileged_N, vanilla_N, rollout_N, *, seed: int = 0) -> dict:
+    """Token-level advantages log p_T(y_t) - log p_S(y_t) at N reconsideration positions.
+
+    privileged_N / vanilla_N: float[N] under the privileged / vanilla teacher; rollout_N: int[N]
+    which rollout each position came from (CIs resample rollouts, as positions in one rollout are
+    not independent). sign_disagreement: share of positions where the two advantages have
+    opposite signs (a zero advantage agrees with nothing but zero).
+    """
+    privileged_N = np.asarray(privileged_N, np.float64)
+    vanilla_N = np.asarray(vanilla_N, np.float64)
+    rollout_N = np.asarray(rollout_N)
+    n = privileged_N.size
+    if n == 0:
+        return {"positions": 0}
+    _, group_N = np.unique(rollout_N, return_inverse=True)
+    count_G = np.bincount(group_N).astype(np.float64)
+
+    def mean_and_ci(values_N):
+        return {"mean": float(values_N.mean()),
+                "ci95": list(stats.ratio_ci(np.bincount(group_N, values_N), count_G, seed=seed))}
+
+    disagree_N = (np.sign(privileged_N) != np.sign(vanilla_N)).astype(np.float64)
+    return {
+        "positions": int(n), "rollouts": int(count_G.size),
+        "privileged": mean_and_ci(privileged_N), "vanilla": mean_and_ci(vanilla_N),
+        "privileged_minus_vanilla": mean_and_ci(privileged_N - vanilla_N),
+        "sign_disagreement": mean_and_ci(disagree_N)["mean"],
+        "sign_disagreement_ci95": mean_and_ci(disagree_N)["ci95"],
+        "privileged_negative_vanilla_positive": float(np.mean((privileged_N < 0) & (vanilla_N > 0))),
+    }

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from opsd_jax.analysis import stats
+from opsd_jax.analysis.forks import fork_rates, fork_threshold, thinking_mask
+
+
+def test_fork_rates_split_by_span():
+    entropy = np.array([[0.1, 0.9, 2.0, 0.5, 0.7, 9.0],
+                        [1.0, 0.2, 0.3, 0.0, 0.0, 0.0]])
+    mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], bool)  # 9.0 is padding
+    thinking = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+    rates = fork_rates(entropy, mask, thinking, 0.672)
+    assert rates["all"] == {"fork_rate": 4 / 8, "forks": 4, "tokens": 8}
+    assert rates["thinking"] == {"fork_rate": 3 / 6, "forks": 3, "tokens": 6}
+    assert rates["answer"] == {"fork_rate": 1 / 2, "forks": 1, "tokens": 2}
+    none = fork_rates(entropy, mask, np.zeros_like(mask), 0.672)
+    assert none["thinking"] == {"fork_rate": None, "forks": 0, "tokens": 0}
+
+
+def test_top_rho_quantile_marks_that_share(rng):
+    entropy = rng.permutation(np.arange(100, dtype=np.float64)).reshape(4, 25)
+    mask = np.ones_like(entropy, bool)
+    threshold = fork_threshold(entropy, mask, top_rho=0.2)
+    assert threshold == 79.0
+    assert fork_rates(entropy, mask, mask, threshold)["all"]["fork_rate"] == pytest.approx(0.2)
+    # padding does not move the quantile
+    padded = np.concatenate([entropy, np.full((4, 5), 1e6)], 1)
+    assert fork_threshold(padded, np.concatenate([mask, np.zeros((4, 5), bool)], 1), top_rho=0.2) == 79.0
+    assert fork_threshold(entropy, mask, threshold=0.5) == 0.5
+    with pytest.raises(ValueError, match="top_rho"):
+        fork_threshold(entropy, mask, top_rho=0.0)
+
+
+def test_thinking_mask():
+    assert thinking_mask([5, 6, 9, 7, 8], 9, 4, False).tolist() == [True, True, True, False, False]
+    assert thinking_mask([4, 6, 7], 9, 4, False).tolist() == [True, True, True]  # truncated mid-thought
+    assert thinking_mask([6, 7], 9, 4, True).tolist() == [True, True]  # the prompt opened <think>
+    assert thinking_mask([6, 7], 9, 4, False).tolist() == [False, False]  # did not think
+
+
+def test_bootstrap_ratio_ci_covers_and_shrinks(rng):
+    counts = rng.poisson(3.0, 400)
+    tokens = np.full(400, 1000)
+    low, high = stats.ratio_ci(counts, tokens, scale=1000)
+    point = 1000 * counts.sum() / tokens.sum()
+    assert low < point < high and high - low < 0.6
+    low_d, high_d = stats.ratio_difference_ci(counts, tokens, counts + 2, tokens, scale=1000)
+    assert low_d < 2.0 < high_d and low_d > 1.0

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+
+from opsd_jax.analysis.markers import find_markers, load_markers, marker_counts, token_pieces
+from opsd_jax.testing import qwen3_tokenizer_dir
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(qwen3_tokenizer_dir(str(tmp_path_factory.mktemp("qwen3"))))
+
+
+def _matches(tokenizer, text, markers=None):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    decoded, ends = token_pieces(tokenizer, ids)
+    assert decoded == text
+    return ids, find_markers(decoded, ends, markers or load_markers())
+
+
+def test_markers_map_to_first_tokens(qwen3):
+    text = "<think>\nSo x = 4.\n\nWait, that fails. Hmm... Let me   check: 2+2=4. I think 日本 perhaps.</think>"
+    ids, matches = _matches(qwen3, text)
+    found = [(m.category, m.phrase.lower()) for m in matches]
+    assert found == [("backtracking", "wait"), ("hedging", "hmm"), ("verification", "let me   check"),
+                     ("hedging", "i think"), ("hedging", "perhaps")]
+    for m in matches:
+        first = qwen3.decode(ids[m.first_token])
+        # the first token carries the phrase's first word (possibly after whitespace)
+        assert first.strip().lower() == m.phrase.split()[0].lower(), (m, first)
+        assert qwen3.decode(ids[: m.first_token]) == text[: len(qwen3.decode(ids[: m.first_token]))]
+        assert len(qwen3.decode(ids[: m.first_token])) <= m.char_start
+
+
+def test_no_match_inside_words(qwen3):
+    text = "The awaited result, perhapsly unverified, hmmm; actuallyx reconsiderations and maybes."
+    _, matches = _matches(qwen3, text)
+    assert matches == []
+
+
+def test_multibyte_characters_split_over_tokens(qwen3):
+    text = "答案是 🤔 wait 🤔🤔 maybe"
+    ids, matches = _matches(qwen3, text)
+    assert [m.phrase for m in matches] == ["wait", "maybe"]
+    assert qwen3.decode(ids[matches[1].first_token]).strip() == "maybe"
+
+
+def test_counts_per_category_and_length_normalization(qwen3):
+    from opsd_jax.analysis.metrics import marker_table
+
+    short = "Wait, maybe. " * 2          # 2 backtracking, 2 hedging
+    long = "Wait, maybe. " * 2 + "The sum is ten. " * 30
+    rows = []
+    for text in (short, long):
+        ids, matches = _matches(qwen3, text)
+        rows.append((len(ids), marker_counts(matches, ("verification", "backtracking", "hedging"))))
+    assert rows[0][1] == rows[1][1] == {"verification": 0, "backtracking": 2, "hedging": 2}
+    table = marker_table([rows[0]], ("verification", "backtracking", "hedging"))
+    assert table["backtracking"]["per_1k_tokens"] == pytest.approx(1000 * 2 / rows[0][0])
+    both = marker_table(rows, ("verification", "backtracking", "hedging"))
+    assert both["hedging"]["per_1k_tokens"] == pytest.approx(1000 * 4 / (rows[0][0] + rows[1][0]))
+    assert both["hedging"]["per_1k_tokens"] < table["hedging"]["per_1k_tokens"]
+
+
+def test_bad_marker_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backtracking:\n  - wait\n  - [unclosed\n")
+    with pytest.raises(ValueError, match=r"bad.yaml:\d+: markers file is not valid YAML"):
+        load_markers(str(bad))
+    listless = tmp_path / "listless.yaml"
+    listless.write_text("hedging: maybe\n")
+    with pytest.raises(ValueError, match="listless.yaml: category 'hedging' must be a non-empty list"):
+        load_markers(str(listless))
+    empty_phrase = tmp_path / "empty.yaml"
+    empty_phrase.write_text("hedging:\n  - maybe\n  - ''\n")
+    with pytest.raises(ValueError, match="empty or non-string phrase"):
+        load_markers(str(empty_phrase))
+    assert set(load_markers()) == {"verification", "backtracking", "hedging"}
+    assert {"let me check", "double-check"} <= set(load_markers()["verification"])
