@@ -29,7 +29,7 @@ def test_presets_and_formats(tmp_path):
 
 def test_bad_data_is_named(tmp_path):
     missing = _write_jsonl(tmp_path / "m.jsonl", [{"problem": "x", "solution": "y"}])
-    with pytest.raises(DataError, match=r"row 1 has no column 'answer'"):
+    with pytest.raises(DataError, match=r"m.jsonl:1: no column 'answer'"):
         read_problems(missing)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="empty"):

@@ -1,7 +1,6 @@
 """Decoder logits against transformers' PyTorch models on tiny random checkpoints."""
 
 import json
-import os
 
 import jax
 import numpy as np

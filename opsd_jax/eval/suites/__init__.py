@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 
+from opsd_jax.data.records import read_rows
+
 BUILTIN = ("aime24", "aime25", "hmmt25")
 PROBLEM_FIELDS = ("problem", "question")
 ANSWER_FIELDS = ("answer",)
@@ -54,44 +56,6 @@ def _field(row: dict, names: tuple[str, ...], where: str) -> str:
     raise ValueError(f"{where}: missing field {wanted} (fields present: {sorted(row)})")
 
 
-def _rows_jsonl(path: str):
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}:{line_number}", row
-
-
-def _rows_parquet(path: str):
-    try:
-        import pyarrow.parquet
-    except ImportError:
-        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-    for index, row in enumerate(pyarrow.parquet.read_table(path).to_pylist()):
-        yield f"{path} row {index}", row
-
-
-def _rows_saved_dataset(path: str):
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"{path}: reading a saved HF dataset needs `datasets` (pip install datasets)") from None
-    dataset = datasets.load_from_disk(path)
-    if isinstance(dataset, datasets.DatasetDict):
-        split = "test" if "test" in dataset else (next(iter(dataset)) if len(dataset) == 1 else None)
-        if split is None:
-            raise ValueError(f"{path}: a dataset with splits {list(dataset)} and no 'test' split; save one split")
-        dataset = dataset[split]
-    for index, row in enumerate(dataset):
-        yield f"{path} row {index}", row
-
-
 def load_suite(spec: str) -> Suite:
     """A built-in suite by name (aime24, aime25, hmmt25), or a file / saved-dataset folder.
 
@@ -105,14 +69,10 @@ def load_suite(spec: str) -> Suite:
         name = os.path.splitext(os.path.basename(os.path.normpath(spec)))[0]
         if not os.path.exists(path):
             raise FileNotFoundError(f"suite {spec!r}: neither a built-in suite ({', '.join(BUILTIN)}) nor a file")
-    if os.path.isdir(path):
-        rows = _rows_saved_dataset(path)
-    elif path.endswith(".parquet"):
-        rows = _rows_parquet(path)
-    else:
-        rows = _rows_jsonl(path)
+    # Any name that is not .parquet or a folder reads as JSON Lines, as suites always have.
+    declared = "auto" if os.path.isdir(path) or path.endswith(".parquet") else "jsonl"
     problems, seen = [], {}
-    for index, (where, row) in enumerate(rows):
+    for index, (where, row) in enumerate(read_rows(path, declared)):
         problem_id = str(row["id"]) if row.get("id") not in (None, "") else f"{name}-{index}"
         if problem_id in seen:
             raise ValueError(f"{where}: duplicate id {problem_id!r} (first at {seen[problem_id]})")
