@@ -313,3 +313,20 @@ def test_two_process_cluster_trains_and_resumes(model_dir, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in records)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "3"]
+
+
+def test_external_teacher_must_share_the_tokenizer(model_dir, tmp_path):
+    """OPD: another checkpoint teaches; one with a different tokenizer is refused by name."""
+    teacher = tmp_path / "teacher"
+    save_tiny_hf_model("qwen3", str(teacher), seed=7, hidden_size=32, intermediate_size=64)
+    save_tiny_tokenizer(str(teacher))
+    history = Trainer(load_config(None, _overrides(model_dir, tmp_path / "run", **{
+        "teacher.kind": "external", "teacher.checkpoint": str(teacher), "train.steps": 1,
+        "prompt.privilege": "none"}))).run()
+    assert np.isfinite(history[0]["loss"]) and history[0]["divergence"] > 0
+    other = tmp_path / "other"
+    save_tiny_hf_model("qwen3", str(other), seed=8)
+    save_tiny_tokenizer(str(other), vocab_size=350)
+    with pytest.raises(TrainingError, match=f"teacher {other} does not share the student's tokenizer"):
+        Trainer(load_config(None, _overrides(model_dir, tmp_path / "run2", **{
+            "teacher.kind": "external", "teacher.checkpoint": str(other)}))).run()
