@@ -83,6 +83,12 @@ def _eval(args) -> int:
     return run(args, _mesh)
 
 
+def _analyze(args) -> int:
+    from opsd_jax.analysis.cli import run
+
+    return run(args, _mesh)
+
+
 def _train(args) -> int:
     from opsd_jax.config import load_config
     from opsd_jax.distill.trainer import Trainer
@@ -148,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="avg@k / pass@k on math suites at token budgets (resumable)")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=_eval)
+
+    from opsd_jax.analysis.cli import add_arguments as add_analyze_arguments
+
+    analyze = commands.add_parser("analyze", help="entropies, fork rates, self-correction markers, token-level signal")
+    add_analyze_arguments(analyze)
+    analyze.set_defaults(run=_analyze)
 
     train = commands.add_parser("train", help="on-policy (self-)distillation from a YAML run config")
     train.add_argument("--config", required=True, metavar="YAML")

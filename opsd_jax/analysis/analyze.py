@@ -1,0 +1,168 @@
+"""`opsd-jax analyze`: rollouts -> entropies under student / privileged teacher / vanilla teacher ->
+fork rates, marker rates, token-level signal at reconsideration tokens -> report.md, metrics.json,
+PNG plots.
+
+Each rollouts file is a group (e.g. base-model rollouts, then trained-model rollouts), scored by
+its own student checkpoint (one --student for all, or one per file) and one teacher; marker rate
+differences are taken against the first group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+from opsd_jax.analysis import forks, markers as markers_lib, metrics, report
+from opsd_jax.analysis.rollouts import RolloutSet, read_rollouts
+from opsd_jax.distill.prompts import prompt_pair
+
+DISTRIBUTIONS = (("student", "student_entropy"), ("privileged_teacher", "privileged_entropy"),
+                 ("vanilla_teacher", "vanilla_entropy"))
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisSettings:
+    privileged: str = "dense"  # dense | sparse | none
+    fork_threshold: float = forks.DEFAULT_THRESHOLD_NATS
+    top_rho: float | None = None  # set: threshold = this top quantile of the group's student entropies
+    max_tokens: int | None = None  # truncate rollouts (None: whole rollouts)
+    batch_size: int = 4
+    kernel_impl: str = "auto"
+    seed: int = 0
+
+
+def _pairs(rollout_set: RolloutSet, privilege: str, tokenizer):
+    section = rollout_set.prompt
+    privileged, vanilla = [], []
+    for r in rollout_set.rollouts:
+        needed = {"dense": "solution", "sparse": "answer"}.get(privilege)
+        if needed and not getattr(r.problem, needed).strip():
+            raise ValueError(f"{r.where}: problem {r.problem.id!r} has no {needed}, which --privileged {privilege} "
+                             "puts in the teacher's context")
+        privileged.append(prompt_pair(r.problem, dataclasses.replace(section, privilege=privilege), tokenizer))
+        vanilla.append(prompt_pair(r.problem, dataclasses.replace(section, privilege="none"), tokenizer))
+    return privileged, vanilla
+
+
+def _token_id(tokenizer, text: str) -> int | None:
+    ids = tokenizer.convert_tokens_to_ids(text)
+    return ids if isinstance(ids, int) and ids != tokenizer.unk_token_id and text in tokenizer.get_vocab() else None
+
+
+def group_metrics(token_ids, scores, marker_matches, thinking, categories, settings: AnalysisSettings) -> dict:
+    """Everything reported for one group, from per-rollout arrays (pure NumPy).
+
+    token_ids: list of int[n_b]; scores: list of {TokenScores field: float32[n_b]};
+    marker_matches: list of [MarkerMatch]; thinking: list of bool[n_b].
+    """
+    B = len(token_ids)
+    T = max(len(t) for t in token_ids)
+    mask_BxT = np.zeros((B, T), bool)
+    thinking_BxT = np.zeros((B, T), bool)
+    for b, ids in enumerate(token_ids):
+        mask_BxT[b, : len(ids)] = True
+        thinking_BxT[b, : len(ids)] = thinking[b]
+
+    def stacked(field):
+        x_BxT = np.zeros((B, T), np.float64)
+        for b, s in enumerate(scores):
+            x_BxT[b, : len(s[field])] = s[field]
+        return x_BxT
+
+    student_BxT = stacked("student_entropy")
+    threshold = forks.fork_threshold(student_BxT, mask_BxT, threshold=settings.fork_threshold,
+                                     top_rho=settings.top_rho)
+    fork_table, entropy_table = {}, {}
+    for name, field in DISTRIBUTIONS:
+        entropy_BxT = stacked(field)
+        fork_table[name] = forks.fork_rates(entropy_BxT, mask_BxT, thinking_BxT, threshold)
+        entropy_table[name] = float(entropy_BxT[mask_BxT].mean())
+    rows = [(len(ids), markers_lib.marker_counts(m, categories)) for ids, m in zip(token_ids, marker_matches)]
+    advantage = {which: stacked(f"{which}_logprob") - stacked("student_logprob") for which in ("privileged", "vanilla")}
+    signal, samples = {}, {}
+    for category in list(categories) + ["any"]:
+        picks = [(b, m.first_token) for b, ms in enumerate(marker_matches) for m in ms
+                 if (category == "any" or m.category == category) and m.first_token < len(token_ids[b])]
+        b_N = np.array([b for b, _ in picks], np.int64)
+        t_N = np.array([t for _, t in picks], np.int64)
+        p_N, v_N = advantage["privileged"][b_N, t_N], advantage["vanilla"][b_N, t_N]
+        signal[category] = metrics.signal_summary(p_N, v_N, b_N, seed=settings.seed)
+        samples[category] = {"privileged": p_N.tolist(), "vanilla": v_N.tolist()}
+    all_tokens = {which: {"mean": float(a[mask_BxT].mean()),
+                          "sign_disagreement": float(np.mean(np.sign(advantage["privileged"][mask_BxT])
+                                                             != np.sign(advantage["vanilla"][mask_BxT])))}
+                  for which, a in advantage.items()}
+    return {
+        "rollouts": B, "tokens": int(mask_BxT.sum()), "thinking_tokens": int((mask_BxT & thinking_BxT).sum()),
+        "fork_threshold_nats": threshold, "fork_threshold_source": "top_rho" if settings.top_rho else "absolute",
+        "fork_rates": fork_table, "mean_entropy_nats": entropy_table,
+        "markers": metrics.marker_table(rows, categories, seed=settings.seed),
+        "signal_at_markers": signal, "advantage_all_tokens": all_tokens,
+        "_marker_rows": rows, "_advantage_samples": samples,
+    }
+
+
+def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out: str, settings: AnalysisSettings, *,
+            markers_path: str | None = None, mesh=None, dtype: str = "float32", progress: bool = True) -> dict:
+    """Runs the analysis and writes metrics.json, report.md and the plots under `out`."""
+    from tqdm.auto import tqdm
+
+    from opsd_jax.analysis.score import score_rollouts
+    from opsd_jax.sampler.server import load_for_serving
+
+    if settings.privileged not in ("dense", "sparse", "none"):
+        raise ValueError(f"--privileged must be dense, sparse or none, got {settings.privileged!r}")
+    if len(student_checkpoints) not in (1, len(rollout_paths)):
+        raise ValueError(f"give one --student for all rollouts files or one per file ({len(rollout_paths)}), "
+                         f"got {len(student_checkpoints)}")
+    labels = labels or [os.path.splitext(os.path.basename(p))[0] for p in rollout_paths]
+    if len(labels) != len(rollout_paths) or len(set(labels)) != len(labels):
+        raise ValueError(f"--labels must name each rollouts file once, got {labels}")
+    marker_lists = markers_lib.load_markers(markers_path)
+    categories = tuple(marker_lists)
+    loaded = {}
+
+    def load(path):
+        if path not in loaded:
+            loaded[path] = load_for_serving(path, dtype=dtype, mesh=mesh)
+        return loaded[path]
+
+    students = student_checkpoints * (len(rollout_paths) // len(student_checkpoints))
+    groups = {}
+    for path, label, student_path in zip(rollout_paths, labels, students):
+        student_config, student_params, tokenizer, _ = load(student_path)
+        teacher_config, teacher_params, teacher_tokenizer, _ = load(teacher_checkpoint or student_path)
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"teacher {teacher_checkpoint} does not share the tokenizer of student {student_path}")
+        if len(tokenizer) > min(student_config.vocab_size, teacher_config.vocab_size):
+            raise ValueError(f"{student_path}: the tokenizer has {len(tokenizer)} tokens, more than a model's "
+                             "vocabulary")
+        rollout_set = read_rollouts(path, tokenizer)
+        token_ids = [list(r.token_ids[: settings.max_tokens]) for r in rollout_set.rollouts]
+        privileged_pairs, vanilla_pairs = _pairs(rollout_set, settings.privileged, tokenizer)
+        bar = tqdm(total=len(token_ids), desc=f"scoring {label}", unit="rollout", disable=not progress)
+        scores = score_rollouts(student_params, student_config, teacher_params, teacher_config, privileged_pairs,
+                                vanilla_pairs, token_ids, batch_size=settings.batch_size, impl=settings.kernel_impl,
+                                valid_vocab=len(tokenizer), progress=bar.update)
+        bar.close()
+        think_end, think_start = _token_id(tokenizer, "</think>"), _token_id(tokenizer, "<think>")
+        matches, thinking = [], []
+        for ids in token_ids:
+            text, ends = markers_lib.token_pieces(tokenizer, ids)
+            matches.append(markers_lib.find_markers(text, ends, marker_lists))
+            thinking.append(forks.thinking_mask(ids, think_end, think_start, rollout_set.prompt_opens_thinking))
+        groups[label] = group_metrics(token_ids, scores, matches, thinking, categories, settings)
+        groups[label].update(rollouts_file=os.path.abspath(path), student=os.path.abspath(student_path))
+    base = labels[0]
+    differences = {label: metrics.marker_difference(groups[base]["_marker_rows"], g["_marker_rows"], categories,
+                                                    seed=settings.seed)
+                   for label, g in groups.items() if label != base}
+    result = {
+        "settings": dataclasses.asdict(settings), "teacher": teacher_checkpoint and os.path.abspath(teacher_checkpoint),
+        "markers": marker_lists, "base_group": base, "groups": groups, "marker_differences_vs_base": differences,
+    }
+    report.write_outputs(result, out)
+    return result
+

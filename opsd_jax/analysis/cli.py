@@ -1,0 +1,65 @@
+"""`opsd-jax analyze`: arguments and the entry point (no jax import at module level: the parser is
+built before --cpu-devices takes effect).
+
+  opsd-jax analyze --rollouts base.jsonl trained.jsonl --labels base,opsd \\
+      --student ckpt/base ckpt/opsd --teacher ckpt/base --privileged dense --out runs/analysis
+"""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--rollouts", required=True, nargs="+", metavar="FILE",
+                        help="rollouts JSONL (opsd-jax-rollouts/1) or eval generations.jsonl files; the first is "
+                             "the base for marker-rate differences")
+    parser.add_argument("--labels", help="comma-separated names of the rollouts files (default: file names)")
+    parser.add_argument("--student", required=True, nargs="+", metavar="CKPT",
+                        help="student checkpoint (HF folder or Orbax): one for all files, or one per file")
+    parser.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (default: each group's student, "
+                                                          "as in self-distillation)")
+    parser.add_argument("--privileged", default="dense", choices=("dense", "sparse", "none"),
+                        help="what the privileged teacher sees: the solution, the answer, or nothing")
+    parser.add_argument("--markers", metavar="YAML", help="marker phrases per category (default: the shipped list)")
+    parser.add_argument("--fork-threshold", type=float, default=0.672, help="entropy (nats) above which a "
+                                                                            "position is a fork")
+    parser.add_argument("--top-rho", type=float, help="instead: forks are the top rho share of the student's "
+                                                      "entropies in each group")
+    parser.add_argument("--max-tokens", type=int, help="score only each rollout's first N tokens")
+    parser.add_argument("--batch-size", type=int, default=4, help="rollouts scored together")
+    parser.add_argument("--kernel-impl", default="auto", choices=("auto", "reference", "xla", "pallas_tpu",
+                                                                  "pallas_gpu"))
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where report.md, metrics.json and plots go")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
+
+
+def run(args, make_mesh) -> int:
+    """Runs the analysis; `make_mesh(text)` builds the device mesh (from opsd_jax.cli)."""
+    from opsd_jax.analysis.analyze import AnalysisSettings, analyze
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    settings = AnalysisSettings(privileged=args.privileged, fork_threshold=args.fork_threshold, top_rho=args.top_rho,
+                                max_tokens=args.max_tokens, batch_size=args.batch_size, kernel_impl=args.kernel_impl,
+                                seed=args.seed)
+    labels = args.labels.split(",") if args.labels else None
+    result = analyze(args.rollouts, labels, args.student, args.teacher, args.out, settings,
+                     markers_path=args.markers, mesh=make_mesh(args.mesh), dtype=args.dtype,
+                     progress=not args.no_progress)
+    for label, g in result["groups"].items():
+        rates = " ".join(f"{name}={g['fork_rates'][name]['all']['fork_rate']:.3f}" for name in g["fork_rates"])
+        any_marker = g["markers"]["any"]["per_1k_tokens"]
+        signal = g["signal_at_markers"]["any"]
+        line = f"{label}: {g['rollouts']} rollouts, {g['tokens']} tokens; fork rates {rates}; markers/1k {any_marker:.2f}"
+        if signal["positions"]:
+            line += (f"; at {signal['positions']} marker starts advantage privileged "
+                     f"{signal['privileged']['mean']:+.3f} vanilla {signal['vanilla']['mean']:+.3f}, sign "
+                     f"disagreement {signal['sign_disagreement']:.3f}")
+        print(line)
+    print(f"wrote {args.out}/report.md, metrics.json, fork_rates.png, marker_rates.png, advantage_at_markers.png")
+    return 0

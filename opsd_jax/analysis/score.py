@@ -1,0 +1,105 @@
+"""Per-token entropies and log-probabilities of one rollout under the student, the privileged
+teacher and the vanilla teacher, from the fused kernel (no [tokens, vocab] logits).
+
+The rollout tokens follow three contexts: the student prompt, the privileged teacher prompt and
+the vanilla teacher prompt (the student prompt seen by the teacher's weights). Batches are built
+by the trainer's `build_batch`, so positions align exactly as in training.
+
+Letters: B rollouts, T completion positions, D model width.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opsd_jax.distill.train_step import Batch, _gather_rows
+from opsd_jax.distill.trainer import build_batch
+from opsd_jax.kernels import fused_linear_divergence
+from opsd_jax.models import ModelConfig, forward_hidden
+
+
+class TokenScores(NamedTuple):
+    """float32 [B, T] each; zero past a rollout's length."""
+
+    student_entropy: jax.Array
+    privileged_entropy: jax.Array
+    vanilla_entropy: jax.Array
+    student_logprob: jax.Array
+    privileged_logprob: jax.Array
+    vanilla_logprob: jax.Array
+
+
+class _Completion(NamedTuple):
+    token_ids: list
+    model_logprobs: list
+
+
+def _teacher_side(rows_s_NxD, head_s, teacher_params, teacher: ModelConfig, batch: Batch, mask_N, impl, valid_vocab):
+    hidden_t, head_t = forward_hidden(teacher_params, teacher, batch.teacher_tokens, attention_mask=batch.teacher_mask)
+    rows_t_NxD = _gather_rows(hidden_t, batch.teacher_index).reshape(rows_s_NxD.shape[0], -1)
+    # beta only shapes the divergence, which is not used here; entropies and log-probs do not depend on it.
+    return fused_linear_divergence(rows_s_NxD, head_s, rows_t_NxD, head_t, beta=0.0, mask=mask_N,
+                                   targets=batch.targets.reshape(-1), impl=impl, valid_vocab=valid_vocab)
+
+
+@functools.partial(jax.jit, static_argnames=("student", "teacher", "impl", "valid_vocab"))
+def token_scores(student_params, teacher_params, privileged: Batch, vanilla: Batch, *, student: ModelConfig,
+                 teacher: ModelConfig, impl: str = "auto", valid_vocab: int | None = None) -> TokenScores:
+    """Scores of `privileged.targets` (the same tokens as `vanilla.targets`) under the three models.
+
+    privileged / vanilla: Batches whose student parts are identical and whose teacher parts hold
+    the privileged and the vanilla teacher contexts.
+    """
+    B, T = privileged.targets.shape
+    mask_BxT = jnp.arange(T)[None, :] < privileged.lengths[:, None]
+    hidden_s, head_s = forward_hidden(student_params, student, privileged.student_tokens,
+                                      attention_mask=privileged.student_mask)
+    rows_s_NxD = _gather_rows(hidden_s, privileged.student_index).reshape(B * T, -1)
+    out_p = _teacher_side(rows_s_NxD, head_s, teacher_params, teacher, privileged, mask_BxT.reshape(-1), impl,
+                          valid_vocab)
+    out_v = _teacher_side(rows_s_NxD, head_s, teacher_params, teacher, vanilla, mask_BxT.reshape(-1), impl,
+                          valid_vocab)
+    shape = lambda x: x.reshape(B, T)  # noqa: E731
+    return TokenScores(shape(out_p.student_entropy), shape(out_p.teacher_entropy), shape(out_v.teacher_entropy),
+                       shape(out_p.student_logprob), shape(out_p.teacher_logprob), shape(out_v.teacher_logprob))
+
+
+def _bucket(n: int, minimum: int = 32) -> int:
+    """Next power of two: a handful of compiled shapes instead of one per batch."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def score_rollouts(student_params, student: ModelConfig, teacher_params, teacher: ModelConfig, privileged_pairs,
+                   vanilla_pairs, token_ids, *, batch_size: int = 4, impl: str = "auto",
+                   valid_vocab: int | None = None, progress=None) -> list[dict[str, np.ndarray]]:
+    """Per rollout, {field of TokenScores: float32[n]} for its n completion tokens.
+
+    privileged_pairs / vanilla_pairs: PromptPair per rollout (same student prompt); token_ids:
+    the completions. Batches are padded to `batch_size` rows and power-of-two lengths.
+    """
+    results = []
+    for start in range(0, len(token_ids), batch_size):
+        chunk = list(range(start, min(start + batch_size, len(token_ids))))
+        pad = batch_size - len(chunk)
+        completions = [_Completion(list(token_ids[i]), [0.0] * len(token_ids[i])) for i in chunk]
+        completions += [_Completion([], [])] * pad
+        p_pairs = [privileged_pairs[i] for i in chunk] + [privileged_pairs[chunk[0]]] * pad
+        v_pairs = [vanilla_pairs[i] for i in chunk] + [vanilla_pairs[chunk[0]]] * pad
+        T = _bucket(max(len(c.token_ids) for c in completions))
+        student_length = _bucket(max(len(p.student_ids) for p in p_pairs) + T)
+        teacher_length = _bucket(max(len(p.teacher_ids) for p in p_pairs + v_pairs) + T)
+        batches = [build_batch(pairs, completions, student_length=student_length, teacher_length=teacher_length,
+                               completion_length=T) for pairs in (p_pairs, v_pairs)]
+        scores = jax.device_get(token_scores(student_params, teacher_params, *batches, student=student,
+                                             teacher=teacher, impl=impl, valid_vocab=valid_vocab))
+        for row, i in enumerate(chunk):
+            n = len(token_ids[i])
+            results.append({name: np.asarray(value[row, :n], np.float32) for name, value in scores._asdict().items()})
+        if progress is not None:
+            progress(len(chunk))
+    return results

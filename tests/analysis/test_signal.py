@@ -1,0 +1,185 @@
+"""Scores against a full-logits oracle, a constructed teacher whose advantage signs are known, the
+`analyze` command end to end, and bad rollouts files."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opsd_jax.analysis.rollouts import Rollout, read_rollouts, write_rollouts
+from opsd_jax.config import PromptSection
+from opsd_jax.data.sources import Problem
+from opsd_jax.distill.prompts import prompt_pair
+from opsd_jax.eval import generations
+from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
+
+PROBLEM = Problem(id="p1", problem="What is 6 * 7?", solution="Let me verify: 7 * 6 = 42.", answer="42")
+ROLLOUT_TEXT = "The quick brown fox is 42. Wait the total is 42."
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("student"))
+    save_tiny_hf_model("qwen3", path, seed=3)
+    save_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(student_dir):
+    from opsd_jax.sampler.server import load_for_serving
+
+    return load_for_serving(student_dir, dtype="float32")
+
+
+def _log_softmax_rows(params, config, context, first, n):
+    from opsd_jax.models import forward
+
+    logits = forward(params, config, jnp.asarray([context], jnp.int32))[0]
+    rows = jax.nn.log_softmax(logits[first - 1: first - 1 + n], axis=-1)
+    return np.asarray(rows)
+
+
+def test_scores_match_full_logits(loaded):
+    from opsd_jax.analysis.score import score_rollouts
+
+    config, params, tokenizer, _ = loaded
+    tokens = tokenizer.encode(ROLLOUT_TEXT, add_special_tokens=False)
+    section = PromptSection(privilege="dense")
+    privileged = prompt_pair(PROBLEM, section, tokenizer)
+    vanilla = prompt_pair(PROBLEM, PromptSection(privilege="none"), tokenizer)
+    short = tokens[:5]
+    (scores, scores_short) = score_rollouts(params, config, params, config, [privileged, privileged],
+                                            [vanilla, vanilla], [tokens, short], batch_size=4)
+    for context_ids, logprob_field, entropy_field in ((privileged.student_ids, "student_logprob", "student_entropy"),
+                                                      (privileged.teacher_ids, "privileged_logprob",
+                                                       "privileged_entropy")):
+        rows = _log_softmax_rows(params, config, context_ids + tokens, len(context_ids), len(tokens))
+        np.testing.assert_allclose(scores[logprob_field], rows[np.arange(len(tokens)), tokens], atol=2e-4)
+        entropy = -(np.exp(rows) * rows).sum(-1)
+        np.testing.assert_allclose(scores[entropy_field], entropy, atol=2e-4)
+    assert privileged.teacher_ids != privileged.student_ids
+    # the same weights on the student's own context: the vanilla teacher is the student
+    np.testing.assert_allclose(scores["vanilla_logprob"], scores["student_logprob"], atol=1e-5)
+    np.testing.assert_allclose(scores_short["student_logprob"], scores["student_logprob"][:5], atol=1e-5)
+    assert len(scores_short["student_entropy"]) == 5
+
+
+def _constructed_teacher(loaded, tokens, marker_token, path):
+    """A teacher = the student with lm_head column y moved so that at the marker position y's logit
+    rises by 40 under the privileged context and falls by 40 under the vanilla one."""
+    from opsd_jax.checkpoint.hf import save_hf
+    from opsd_jax.models import forward_hidden
+
+    config, params, tokenizer, side_dir = loaded
+    privileged = prompt_pair(PROBLEM, PromptSection(privilege="dense"), tokenizer)
+    hidden = []
+    for context in (privileged.teacher_ids, privileged.student_ids):
+        h, _ = forward_hidden(params, config, jnp.asarray([context + tokens], jnp.int32))
+        hidden.append(np.asarray(h[0, len(context) - 1 + marker_token], np.float64))
+    delta = np.linalg.pinv(np.stack(hidden)) @ np.array([40.0, -40.0])
+    y = tokens[marker_token]
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    (key, head), = [(k, v) for k, v in flat if "lm_head" in jax.tree_util.keystr(k)]
+    new_head = np.asarray(head).copy()
+    new_head[:, y] += delta.astype(new_head.dtype)
+    teacher = jax.tree_util.tree_map_with_path(
+        lambda k, v: jnp.asarray(new_head) if k == key else v, params)
+    save_hf(teacher, config, path)
+    for name in os.listdir(side_dir):
+        if name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(os.path.join(side_dir, name), path)
+    return path
+
+
+def test_constructed_signs_and_cli_outputs(loaded, student_dir, tmp_path):
+    from opsd_jax.analysis.markers import find_markers, load_markers, token_pieces
+    from opsd_jax.cli import main
+
+    _, _, tokenizer, _ = loaded
+    tokens = tokenizer.encode(ROLLOUT_TEXT, add_special_tokens=False)
+    text, ends = token_pieces(tokenizer, tokens)
+    (match,) = find_markers(text, ends, load_markers())
+    assert match.category == "backtracking" and match.phrase == "Wait"
+    teacher_dir = _constructed_teacher(loaded, tokens, match.first_token, str(tmp_path / "teacher"))
+    rollouts = str(tmp_path / "rollouts.jsonl")
+    write_rollouts(rollouts, [Rollout(PROBLEM, tuple(tokens)), Rollout(PROBLEM, tuple(tokens[:8]), 1)], tokenizer)
+    out = str(tmp_path / "report")
+    code = main(["analyze", "--rollouts", rollouts, rollouts, "--labels", "base,trained", "--student", student_dir,
+                 "--teacher", teacher_dir, "--privileged", "dense", "--out", out, "--no-progress"])
+    assert code == 0
+    assert {"report.md", "metrics.json", "fork_rates.png", "marker_rates.png",
+            "advantage_at_markers.png"} <= set(os.listdir(out))
+    assert not [n for n in os.listdir(out) if ".tmp-" in n]
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    group = metrics["groups"]["base"]
+    signal = group["signal_at_markers"]["backtracking"]
+    assert signal["positions"] == 1
+    assert signal["privileged"]["mean"] > 5 and signal["vanilla"]["mean"] < -5
+    assert signal["sign_disagreement"] == 1.0
+    assert group["signal_at_markers"]["hedging"] == {"positions": 0}
+    assert group["tokens"] == len(tokens) + 8
+    assert group["markers"]["backtracking"]["per_1k_tokens"] == pytest.approx(1000 / (len(tokens) + 8))
+    for name in ("student", "privileged_teacher", "vanilla_teacher"):
+        rates = group["fork_rates"][name]
+        assert 0 <= rates["all"]["fork_rate"] <= 1 and rates["all"]["tokens"] == group["tokens"]
+        assert rates["thinking"]["tokens"] == 0  # no <think> in these rollouts: all answer span
+    assert metrics["marker_differences_vs_base"]["trained"]["backtracking"]["difference"] == 0.0
+    with open(os.path.join(out, "report.md")) as f:
+        assert "| backtracking | 1 |" in f.read()
+
+
+def test_bad_rollouts_files(loaded, tmp_path):
+    _, _, tokenizer, _ = loaded
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl: empty file"):
+        read_rollouts(str(empty), tokenizer)
+    other_dir = str(tmp_path / "other_tokenizer")
+    save_tiny_tokenizer(other_dir, vocab_size=300)
+    import transformers
+
+    other = transformers.AutoTokenizer.from_pretrained(other_dir)
+    foreign = str(tmp_path / "foreign.jsonl")
+    write_rollouts(foreign, [Rollout(PROBLEM, (5, 6, 7))], other)
+    with pytest.raises(ValueError, match=r"foreign.jsonl:1: field 'tokenizer_fingerprint'.*another tokenizer"):
+        read_rollouts(foreign, tokenizer)
+    bad_ids = tmp_path / "bad_ids.jsonl"
+    header = {"format": "opsd-jax-rollouts/1", "tokenizer_fingerprint": generations.tokenizer_fingerprint(tokenizer)}
+    record = {"problem_id": "p", "problem": "q", "solution": "s", "answer": "a", "token_ids": [1, "x"]}
+    bad_ids.write_text(json.dumps(header) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=r"bad_ids.jsonl:2: field 'token_ids'"):
+        read_rollouts(str(bad_ids), tokenizer)
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"format": "something"}) + "\n")
+    with pytest.raises(ValueError, match=r"unknown.jsonl:1: field 'format'"):
+        read_rollouts(str(unknown), tokenizer)
+
+
+def test_reads_eval_generations(loaded, tmp_path):
+    _, _, tokenizer, _ = loaded
+    path = str(tmp_path / "generations.jsonl")
+    header = {"format": generations.FORMAT, "suite": "aime24", "suite_fingerprint": "x",
+              "tokenizer_fingerprint": generations.tokenizer_fingerprint(tokenizer), "instruction": None,
+              "enable_thinking": None, "thinking_open": False}
+    records = [{"problem_id": "aime24-I-1", "sample_index": 0, "text": ROLLOUT_TEXT, "token_count": 3,
+                "finish_reason": "stop", "budget_chars": {}},
+               {"problem_id": "aime24-I-1", "sample_index": 1, "text": "", "token_count": 1,
+                "finish_reason": "stop", "budget_chars": {}}]
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in [header] + records) + "\n")
+    rollout_set = read_rollouts(path, tokenizer)
+    (rollout,) = rollout_set.rollouts  # the empty generation has nothing to score
+    assert tokenizer.decode(list(rollout.token_ids)) == ROLLOUT_TEXT
+    assert rollout.problem.answer == "204" and "coffee" in rollout.problem.problem and rollout.problem.solution
+    assert rollout_set.prompt.student_suffix == ""
+    header["tokenizer_fingerprint"] = "0" * 64
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in [header] + records) + "\n")
+    with pytest.raises(ValueError, match="generations.jsonl:1: field 'tokenizer_fingerprint'"):
+        read_rollouts(path, tokenizer)
