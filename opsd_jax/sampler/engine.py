@@ -17,7 +17,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from opsd_jax.models import (
     CACHE_LOGICAL_AXES,
@@ -116,7 +115,6 @@ class Engine:
             next_token=slot_sharding, next_position=slot_sharding, keys=slot_sharding,
             temperature=slot_sharding, top_k=slot_sharding, top_p=slot_sharding,
         )
-        self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._init_state = jax.jit(self._init_state_fn, out_shardings=self.state_shardings)
         self._prefill_chunk = jax.jit(self._prefill_chunk_fn, donate_argnums=(3,))
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,), out_shardings=self.state_shardings)
