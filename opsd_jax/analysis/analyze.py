@@ -77,7 +77,7 @@ def group_metrics(token_ids, scores, marker_matches, thinking, categories, setti
     fork_table, entropy_table = {}, {}
     for name, field in DISTRIBUTIONS:
         entropy_BxT = stacked(field)
-        fork_table[name] = forks.fork_rates(entropy_BxT, mask_BxT, thinking_BxT, threshold)
+        fork_table[name] = forks.fork_rates(entropy_BxT, mask_BxT, thinking_BxT, threshold, seed=settings.seed)
         entropy_table[name] = float(entropy_BxT[mask_BxT].mean())
     rows = [(len(ids), markers_lib.marker_counts(m, categories)) for ids, m in zip(token_ids, marker_matches)]
     advantage = {which: stacked(f"{which}_logprob") - stacked("student_logprob") for which in ("privileged", "vanilla")}

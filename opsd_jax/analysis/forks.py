@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from opsd_jax.analysis.stats import ratio_ci
+
 DEFAULT_THRESHOLD_NATS = 0.672
 SPANS = ("all", "thinking", "answer")
 
@@ -52,11 +54,13 @@ def thinking_mask(token_ids_T, think_end_id: int | None, think_start_id: int | N
     return np.full(ids_T.shape, opened, bool)
 
 
-def fork_rates(entropy_BxT: np.ndarray, mask_BxT: np.ndarray, thinking_BxT: np.ndarray, threshold_nats: float) -> dict:
-    """{span: {"fork_rate", "forks", "tokens"}} for spans all / thinking / answer.
+def fork_rates(entropy_BxT: np.ndarray, mask_BxT: np.ndarray, thinking_BxT: np.ndarray, threshold_nats: float,
+               *, seed: int = 0) -> dict:
+    """{span: {"fork_rate", "forks", "tokens", "fork_rate_ci95"}} for spans all / thinking / answer.
 
     entropy_BxT: float[B, T]; mask_BxT: bool[B, T] real tokens; thinking_BxT: bool[B, T] thinking
-    span. fork_rate is forks / tokens pooled over rollouts (None for an empty span).
+    span. fork_rate is forks / tokens pooled over rollouts (None for an empty span); the CI
+    resamples rollouts.
     """
     entropy_BxT = np.asarray(entropy_BxT, np.float64)
     mask_BxT = np.asarray(mask_BxT, bool)
@@ -67,5 +71,6 @@ def fork_rates(entropy_BxT: np.ndarray, mask_BxT: np.ndarray, thinking_BxT: np.n
                            ("answer", mask_BxT & ~thinking_BxT)):
         tokens = int(span_BxT.sum())
         forks = int((fork_BxT & span_BxT).sum())
-        out[span] = {"fork_rate": forks / tokens if tokens else None, "forks": forks, "tokens": tokens}
+        out[span] = {"fork_rate": forks / tokens if tokens else None, "forks": forks, "tokens": tokens,
+                     "fork_rate_ci95": list(ratio_ci((fork_BxT & span_BxT).sum(1), span_BxT.sum(1), seed=seed))}
     return out

@@ -44,10 +44,12 @@ def markdown(result: dict) -> str:
                   f"thinking spans); student {g['student']}; rollouts {g['rollouts_file']}.", "",
                   f"Fork rate: share of positions with entropy > {g['fork_threshold_nats']:.4f} nats "
                   f"({g['fork_threshold_source']}).", "",
-                  "| distribution | mean entropy (nats) | fork rate: all | thinking | answer |", "| --- | --- | --- | --- | --- |"]
+                  "| distribution | mean entropy (nats) | fork rate: all [95% CI] | thinking | answer |",
+                  "| --- | --- | --- | --- | --- |"]
         for name, table in g["fork_rates"].items():
             lines.append(f"| {name} | {_fmt(g['mean_entropy_nats'][name])} | "
-                         + " | ".join(_fmt(table[span]["fork_rate"]) for span in SPANS) + " |")
+                         + " | ".join(f"{_fmt(table[span]['fork_rate'])} {_ci(table[span]['fork_rate_ci95'])}"
+                                      for span in SPANS) + " |")
         lines += ["", "| marker | count | per 1k tokens | 95% CI |", "| --- | --- | --- | --- |"]
         for category, row in g["markers"].items():
             lines.append(f"| {category} | {row['count']} | {_fmt(row['per_1k_tokens'], 2)} | "
@@ -102,7 +104,7 @@ def plot_fork_rates(result: dict, path: str) -> None:
         ax.set_xticks(x, list(groups), rotation=20)
         ax.set_title(f"{span} span")
     axes[0].set_ylabel("fork rate")
-    axes[0].legend(fontsize=8)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     _save_figure(figure, path)
     plt.close(figure)
 

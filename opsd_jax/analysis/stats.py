@@ -37,5 +37,3 @@ def ratio_difference_ci(num_a_B, den_a_B, num_b_B, den_b_B, *, scale: float = 1.
         stats.append(scale * num_B[index_RxB].sum(1) / np.where(den_R > 0, den_R, np.nan))
     alpha = (1 - level) / 2
     return tuple(float(x) for x in np.nanquantile(stats[1] - stats[0], [alpha, 1 - alpha]))
-
-

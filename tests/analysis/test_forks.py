@@ -11,11 +11,15 @@ def test_fork_rates_split_by_span():
     mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], bool)  # 9.0 is padding
     thinking = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
     rates = fork_rates(entropy, mask, thinking, 0.672)
-    assert rates["all"] == {"fork_rate": 4 / 8, "forks": 4, "tokens": 8}
-    assert rates["thinking"] == {"fork_rate": 3 / 6, "forks": 3, "tokens": 6}
-    assert rates["answer"] == {"fork_rate": 1 / 2, "forks": 1, "tokens": 2}
+    counts = {span: {k: rates[span][k] for k in ("fork_rate", "forks", "tokens")} for span in rates}
+    assert counts["all"] == {"fork_rate": 4 / 8, "forks": 4, "tokens": 8}
+    assert counts["thinking"] == {"fork_rate": 3 / 6, "forks": 3, "tokens": 6}
+    assert counts["answer"] == {"fork_rate": 1 / 2, "forks": 1, "tokens": 2}
+    # rollout 0: 3 forks / 5 tokens, rollout 1: 1 / 3; the bootstrap range spans [1/3, 3/5]
+    low, high = rates["all"]["fork_rate_ci95"]
+    assert 1 / 3 <= low <= 0.5 <= high <= 3 / 5
     none = fork_rates(entropy, mask, np.zeros_like(mask), 0.672)
-    assert none["thinking"] == {"fork_rate": None, "forks": 0, "tokens": 0}
+    assert none["thinking"]["fork_rate"] is None and none["thinking"]["tokens"] == 0
 
 
 def test_top_rho_quantile_marks_that_share(rng):

@@ -183,3 +183,19 @@ def test_reads_eval_generations(loaded, tmp_path):
         f.write("\n".join(json.dumps(r) for r in [header] + records) + "\n")
     with pytest.raises(ValueError, match="generations.jsonl:1: field 'tokenizer_fingerprint'"):
         read_rollouts(path, tokenizer)
+
+
+def test_cli_reports_bad_inputs(student_dir, tmp_path, capsys):
+    from opsd_jax.cli import main
+
+    bad = tmp_path / "markers.yaml"
+    bad.write_text("hedging: [maybe\n")
+    empty = tmp_path / "rollouts.jsonl"
+    empty.write_text("")
+    common = ["analyze", "--rollouts", str(empty), "--student", student_dir, "--out", str(tmp_path / "out"),
+              "--no-progress"]
+    assert main(common + ["--markers", str(bad)]) == 2
+    assert "markers.yaml:2: markers file is not valid YAML" in capsys.readouterr().err
+    assert main(common) == 2
+    assert "rollouts.jsonl: empty file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
