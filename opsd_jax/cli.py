@@ -58,8 +58,8 @@ def _serve(args) -> int:
 
     mesh = _mesh(args.mesh)
     config, params, tokenizer, side_dir = load_for_serving(args.checkpoint, dtype=args.dtype, mesh=mesh)
-    engine = Engine(config, SamplerConfig(max_slots=args.max_slots, max_sequence_length=args.max_sequence_length),
-                    mesh=mesh)
+    engine = Engine(config, SamplerConfig(max_slots=args.max_slots, max_sequence_length=args.max_sequence_length,
+                                          valid_vocab_size=min(len(tokenizer), config.vocab_size)), mesh=mesh)
     print(f"decode state: {engine.decode_state_bytes / 2**30:.2f} GiB for {args.max_slots} slots x "
           f"{engine.max_sequence_length} tokens")
     orchestrator = Orchestrator(engine, params)

@@ -117,6 +117,8 @@ class TrainSection:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     log_every: int = 1
+    # Write the step's rollouts (opsd-jax-rollouts/1, read by `opsd-jax analyze`) every N steps; 0: never.
+    save_rollouts_every: int = 0
 
 
 @dataclasses.dataclass

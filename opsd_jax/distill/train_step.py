@@ -53,6 +53,7 @@ class StepSettings:
     ema_rate: float = 0.99
     microbatches: int = 1
     kernel_impl: str = "auto"
+    valid_vocab: int | None = None  # the tokenizer's size: padded embedding rows carry no probability
 
 
 def make_optimizer(section: OptimizerSection, total_steps: int) -> optax.GradientTransformation:
@@ -91,7 +92,7 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
     out = fused_linear_divergence(
         rows_s_BxTxD.reshape(B * T, -1), head_s, rows_t_BxTxD.reshape(B * T, -1), head_t,
         beta=beta, temperature=objective.temperature, mask=mask_BxT.reshape(-1),
-        targets=batch.targets.reshape(-1), impl=settings.kernel_impl,
+        targets=batch.targets.reshape(-1), impl=settings.kernel_impl, valid_vocab=settings.valid_vocab,
     )
     student_logprob = out.student_logprob.reshape(B, T)
     teacher_logprob = out.teacher_logprob.reshape(B, T)
@@ -105,9 +106,10 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
         student_logits_NxV = logits_from_hidden(rows_s_BxTxD.reshape(B * T, -1), head_s, settings.student)
         teacher_logits_NxV = logits_from_hidden(rows_t_BxTxD.reshape(B * T, -1), head_t, settings.teacher)
         ids_NxK, logprobs_NxK = teacher_topk(teacher_logits_NxV, objective.teacher_top_k,
-                                             temperature=objective.temperature)
+                                             temperature=objective.temperature, valid_vocab=settings.valid_vocab)
         top = topk_divergence(student_logits_NxV, ids_NxK, logprobs_NxK, beta=objective.beta,
-                              temperature=objective.temperature, mask=mask_BxT.reshape(-1))
+                              temperature=objective.temperature, mask=mask_BxT.reshape(-1),
+                              valid_vocab=settings.valid_vocab)
         per_token = top.divergence.reshape(B, T)
         scale_B = objectives.sequence_importance(student_logprob, batch.sampler_logprobs, mask_BxT,
                                                  objective.importance_cap)

@@ -197,12 +197,13 @@ class Trainer:
             raise TrainingError(f"train.batch_size {B} is not divisible by the {self.process_count} processes")
         local_batch = B // self.process_count
         engine = Engine(model_config, SamplerConfig(max_slots=min(c.sampling.max_slots, local_batch),
-                                                    max_sequence_length=context_length), mesh=self.sampler_mesh)
+                                                    max_sequence_length=context_length,
+                                                    valid_vocab_size=len(tokenizer)), mesh=self.sampler_mesh)
         stop_ids = default_stop_token_ids(tokenizer, side_dir)
         optimizer = make_optimizer(c.optimizer, c.train.steps)
         settings = StepSettings(student=model_config, teacher=teacher_config, objective=c.objective,
                                 teacher_kind=c.teacher.kind, ema_rate=c.teacher.ema_rate,
-                                microbatches=c.train.microbatches)
+                                microbatches=c.train.microbatches, valid_vocab=len(tokenizer))
         opt_state = jax.jit(optimizer.init)(params)
         state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
                            None if c.teacher.kind == "live" else teacher_params)
@@ -282,6 +283,8 @@ class Trainer:
                         "skipped_overlong_prompts": skipped,
                     })
                     history.append({"step": step + 1, **metrics, "problem_ids": [p.id for p, _ in batch_items]})
+                    if c.train.save_rollouts_every and (step + 1) % c.train.save_rollouts_every == 0:
+                        self._save_rollouts(step + 1, batch_items, completions, tokenizer)
                     if (step + 1) % c.train.log_every == 0:
                         writer.write(step + 1, metrics, problem_ids=[p.id for p, _ in batch_items])
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
@@ -326,6 +329,22 @@ class Trainer:
 
             flags = multihost_utils.process_allgather(np.int32(self._stop_requested))
             self._stop_requested = bool(np.max(flags))
+
+    def _save_rollouts(self, step: int, batch_items, completions, tokenizer) -> None:
+        """This process's rollouts of `step`, for `opsd-jax analyze`; rewritten whole on a resumed
+        re-run of the step, so a file never holds a step twice."""
+        from opsd_jax.analysis.rollouts import Rollout, write_rollouts
+
+        folder = os.path.join(self.config.train.output_dir, "rollouts")
+        os.makedirs(folder, exist_ok=True)
+        suffix = "" if self.process_count == 1 else f"_process{self.process_index}"
+        prompt = self.config.prompt
+        write_rollouts(
+            os.path.join(folder, f"step{step:06d}{suffix}.jsonl"),
+            [Rollout(problem, tuple(c.token_ids)) for (problem, _), c in zip(batch_items, completions)],
+            tokenizer,
+            prompt={"student_suffix": prompt.student_suffix, "student_thinking": prompt.student_thinking},
+        )
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True  # saved at the next step boundary

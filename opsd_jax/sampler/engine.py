@@ -43,6 +43,9 @@ class SamplerConfig:
     max_slots: int = 8
     max_sequence_length: int | None = None
     prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    # Tokens at or past this id (embedding rows padded beyond the tokenizer, e.g. Qwen3's
+    # 151669..151935) are never sampled and carry no probability; None keeps the whole vocabulary.
+    valid_vocab_size: int | None = None
 
     def validate(self) -> None:
         if self.max_slots < 1:
@@ -183,7 +186,7 @@ class Engine:
 
     def _sample_first_fn(self, logits_V, keys_N, positions_N, temperature_N, top_k_N, top_p_N):
         token_keys = jax.vmap(jax.random.fold_in)(keys_N, positions_N)
-        logits_NxV = jnp.broadcast_to(logits_V, (keys_N.shape[0], logits_V.shape[0]))
+        logits_NxV = self._mask_padded_vocab(jnp.broadcast_to(logits_V, (keys_N.shape[0], logits_V.shape[0])))
         return TokenResult(*sample_tokens(logits_NxV, token_keys, temperature_N, top_k_N, top_p_N))
 
     def _insert_fn(self, state: DecodeState, prefix_cache, slot, next_token, next_position, key, temperature,
@@ -206,11 +209,17 @@ class Engine:
             top_p=state.top_p.at[slot].set(top_p),
         )
 
+    def _mask_padded_vocab(self, logits_SxV):
+        valid = self.sampler_config.valid_vocab_size
+        if valid is None or valid >= logits_SxV.shape[-1]:
+            return logits_SxV
+        return jnp.where(jnp.arange(logits_SxV.shape[-1]) < valid, logits_SxV, -jnp.inf)
+
     def _generate_fn(self, params, state: DecodeState):
         hidden_Sx1xD, head, cache = forward_hidden_with_cache(
             params, self.config, state.next_token[:, None], state.next_position[:, None], state.cache
         )
-        logits_SxV = logits_from_hidden(hidden_Sx1xD[:, 0], head, self.config)
+        logits_SxV = self._mask_padded_vocab(logits_from_hidden(hidden_Sx1xD[:, 0], head, self.config))
         sampled_position_S = state.next_position + 1
         token_keys = jax.vmap(jax.random.fold_in)(state.keys, sampled_position_S)
         result = TokenResult(*sample_tokens(logits_SxV, token_keys, state.temperature, state.top_k, state.top_p))

@@ -122,7 +122,9 @@ def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S):
     """
     logits_SxV = logits_SxV.astype(jnp.float32)
     model_logprobs_SxV = jax.nn.log_softmax(logits_SxV, axis=-1)
-    entropy_S = -jnp.sum(jnp.exp(model_logprobs_SxV) * model_logprobs_SxV, axis=-1)
+    # Masked (padded-vocabulary) entries have log-prob -inf and contribute 0, not 0 * -inf.
+    entropy_S = -jnp.sum(jnp.where(jnp.isfinite(model_logprobs_SxV),
+                                   jnp.exp(model_logprobs_SxV) * model_logprobs_SxV, 0.0), axis=-1)
     sampling_logits_SxV = filtered_logits(logits_SxV, temperature_S, top_k_S, top_p_S)
     drawn_S = jax.vmap(_inverse_cdf_sample)(keys_S, sampling_logits_SxV)
     greedy_S = jnp.argmax(logits_SxV, axis=-1)

@@ -41,7 +41,11 @@ def _overrides(model_dir, output_dir, **extra):
 
 
 def test_end_to_end_on_a_sharded_mesh(model_dir, tmp_path):
-    config = load_config(None, _overrides(model_dir, tmp_path / "run"))
+    import transformers
+
+    from opsd_jax.analysis.rollouts import read_rollouts
+
+    config = load_config(None, _overrides(model_dir, tmp_path / "run", **{"train.save_rollouts_every": 2}))
     trainer = Trainer(config)
     history = trainer.run()
     assert [h["step"] for h in history] == [1, 2]
@@ -51,6 +55,11 @@ def test_end_to_end_on_a_sharded_mesh(model_dir, tmp_path):
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert (tmp_path / "run" / "checkpoints" / "2").exists()
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["steps"] == 2
+    assert os.listdir(tmp_path / "run" / "rollouts") == ["step000002.jsonl"]
+    saved = read_rollouts(str(tmp_path / "run" / "rollouts" / "step000002.jsonl"),
+                          transformers.AutoTokenizer.from_pretrained(model_dir))
+    assert [r.problem.id for r in saved.rollouts] == records[1]["problem_ids"]
+    assert all(1 <= len(r.token_ids) <= 8 for r in saved.rollouts)
 
 
 def test_fixed_rollouts_loss_decreases_and_frozen_teacher_is_untouched(model_dir, tmp_path, rng):

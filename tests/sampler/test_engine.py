@@ -161,3 +161,25 @@ def test_sharded_engine_matches_single_device(tiny, rng):
     assert [r[0].token_ids for r in got] == [r[0].token_ids for r in expected]
     state = engine.init_decode_state()
     assert len(state.cache[0]["k"].sharding.device_set) == 8
+
+
+def test_padded_vocabulary_is_never_sampled(tiny, rng):
+    """Rows past the tokenizer (valid_vocab_size) carry no probability: never drawn, and the
+    reported log-probs and entropies are those of the renormalized distribution."""
+    name, model, config, params = tiny
+    valid = 300
+    engine = Engine(config, SamplerConfig(max_slots=4, max_sequence_length=64, prefill_buckets=(16,),
+                                          valid_vocab_size=valid))
+    prompts = _prompts(rng, valid, (6, 9))
+    sampling = SamplingParams(temperature=1.5, seed=int(rng.integers(2**31)), max_new_tokens=20)
+    with Orchestrator(engine, params) as orchestrator:
+        results = orchestrator.generate_batch(prompts, sampling, n=3, progress=False)
+    for prompt, completions in zip(prompts, results):
+        for completion in completions:
+            assert max(completion.token_ids) < valid
+            logits = np.asarray(forward(params, config, np.asarray([prompt + completion.token_ids[:-1]])))[0]
+            logits = logits[len(prompt) - 1 :, :valid]
+            log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            tokens = np.asarray(completion.token_ids)
+            np.testing.assert_allclose(completion.model_logprobs, log_p[np.arange(len(tokens)), tokens], atol=2e-5)
+            np.testing.assert_allclose(completion.entropies, -(np.exp(log_p) * log_p).sum(-1), atol=2e-5)
