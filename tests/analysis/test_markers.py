@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from opsd_jax.analysis.markers import find_markers, load_markers, marker_counts, token_pieces
