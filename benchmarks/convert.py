@@ -74,6 +74,24 @@ def measure(command: list[str], env=None) -> tuple[float, float]:
     return seconds, usage.ru_maxrss * 1024.0
 
 
+def exported_equals_original(original_dir: str, exported_dir: str) -> bool:
+    """Every tensor of the export has the original's bytes (read one tensor at a time)."""
+    from safetensors import safe_open
+
+    def tensors(folder):
+        index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))["weight_map"]
+        return {name: os.path.join(folder, file) for name, file in index.items()}
+
+    original, exported = tensors(original_dir), tensors(exported_dir)
+    if original.keys() != exported.keys():
+        return False
+    for name in original:
+        with safe_open(original[name], "numpy") as a, safe_open(exported[name], "numpy") as b:
+            if a.get_tensor(name).tobytes() != b.get_tensor(name).tobytes():
+                return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir")
@@ -105,17 +123,20 @@ def main() -> int:
             [python, "-m", "opsd_jax.cli", "convert", "--from-hf", hf_dir, "--to-orbax", orbax_dir,
              "--dtype", "bfloat16"], env)))
         rows.append(("opsd-jax Orbax -> HF (bf16)", *measure(
-            [python, "-m", "opsd_jax.cli", "convert", "--from-orbax", orbax_dir, "--to-hf", back_dir], env)))
+            [python, "-m", "opsd_jax.cli", "convert", "--from-orbax", orbax_dir, "--to-hf", back_dir,
+             "--max-shard-gb", "1"], env)))
         peer = (
             "import torch, transformers; m = transformers.AutoModelForCausalLM.from_pretrained("
             f"{hf_dir!r}, dtype=torch.bfloat16); print(sum(p.numel() for p in m.parameters()))"
         )
         rows.append(("peer: transformers from_pretrained (bf16)", *measure([python, "-c", peer], env)))
+        identical = exported_equals_original(hf_dir, back_dir)
         baseline = rows[0][2]
         print(f"{'process':42} {'seconds':>8} {'peak RSS GiB':>13} {'peak/ckpt':>10} {'(peak-import)/ckpt':>19}")
         for name, seconds, peak in rows:
             print(f"{name:42} {seconds:8.1f} {peak / 2**30:13.2f} {peak / total:10.2f} "
                   f"{(peak - baseline) / total:19.2f}")
+        print(f"HF -> Orbax -> HF bit-exact: {identical}")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -34,17 +34,18 @@ def _mesh(text: str | None):
 
 
 def _convert(args) -> int:
-    from opsd_jax.checkpoint.hf import load_hf, save_hf
-    from opsd_jax.checkpoint.orbax import restore_params, save_params
+    from opsd_jax.checkpoint.hf import load_hf_groups, save_hf
+    from opsd_jax.checkpoint.orbax import restore_params_lazily, save_param_groups
 
     mesh = _mesh(args.mesh)
+    # Both directions stream one parameter group (the embedding, a layer, ...) at a time.
     if args.from_hf and args.to_orbax:
-        config, params = load_hf(args.from_hf, dtype=args.dtype or "float32", mesh=mesh)
-        save_params(params, config, args.to_orbax, overwrite=args.overwrite)
+        config, groups = load_hf_groups(args.from_hf, dtype=args.dtype or "float32", mesh=mesh)
+        save_param_groups(groups, config, args.to_orbax, overwrite=args.overwrite)
         print(f"wrote {args.to_orbax} ({config.model_type}, {config.num_layers} layers, {config.param_dtype})")
         return 0
     if args.from_orbax and args.to_hf:
-        config, params = restore_params(args.from_orbax, mesh=mesh)
+        config, params = restore_params_lazily(args.from_orbax, mesh=mesh)
         save_hf(params, config, args.to_hf, dtype=args.dtype, overwrite=args.overwrite,
                 max_shard_bytes=int(args.max_shard_gb * 2**30))
         print(f"wrote {args.to_hf} ({config.model_type}, dtype {args.dtype or config.hf_dtype})")

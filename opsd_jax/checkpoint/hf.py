@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import json
 import math
 import os
@@ -234,11 +235,14 @@ def _read_tensor(file: str, name: str) -> np.ndarray:
         raise CheckpointError(f"{file}: cannot read tensor {name!r} ({e})") from None
 
 
-def load_hf(path, *, dtype: str = "float32", mesh=None, compute_dtype: str | None = None, progress=True):
-    """Loads an HF checkpoint directory onto `mesh` (default: a one-device mesh).
+def load_hf_groups(path, *, dtype: str = "float32", mesh=None, compute_dtype: str | None = None,
+                   progress=True):
+    """Validates an HF checkpoint directory, then returns (ModelConfig, iterator) where the
+    iterator yields (group, parameters) one top-level group at a time (the embedding, each layer,
+    the final norm, the head), placed on `mesh` (default: a one-device mesh).
 
-    Returns (ModelConfig, params). `dtype` is the parameter dtype; `compute_dtype` (default:
-    `dtype`) the activations'. Raises CheckpointError / ConfigError naming the file or tensor.
+    A consumer that writes each group and drops it (the Orbax converter) never holds the whole
+    model. Every tensor name and shape is checked before the first one is read.
     """
     from opsd_jax.parallel import make_mesh
 
@@ -251,16 +255,36 @@ def load_hf(path, *, dtype: str = "float32", mesh=None, compute_dtype: str | Non
     mappings = tensor_mappings(config)
     owners = _weight_files(path)
     _check_tensors(path, config, mappings, owners, _header_shapes(owners))
-
     mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.devices()[:1])
     shardings = param_shardings(config, mesh)
-    params: dict = {}
-    for m in tqdm(mappings, desc=f"loading {os.path.basename(path) or path}", disable=not progress):
-        value = m.to_jax(_read_tensor(owners[m.hf_name], m.hf_name)).astype(numpy_dtype, copy=False)
-        sharding = _get_path(shardings, m.path)
-        _set_path(params, m.path, jax.make_array_from_callback(value.shape, sharding, value.__getitem__))
-        del value
-    return config, params
+
+    def groups():
+        bar = tqdm(total=len(mappings), desc=f"loading {os.path.basename(path) or path}", disable=not progress)
+        for group, members in itertools.groupby(mappings, key=lambda m: m.path[0]):
+            subtree: dict = {}
+            for m in members:
+                value = m.to_jax(_read_tensor(owners[m.hf_name], m.hf_name)).astype(numpy_dtype, copy=False)
+                placed = jax.make_array_from_callback(value.shape, _get_path(shardings, m.path), value.__getitem__)
+                del value
+                if len(m.path) == 1:
+                    subtree = placed
+                else:
+                    _set_path(subtree, m.path[1:], placed)
+                bar.update(1)
+            yield group, subtree
+        bar.close()
+
+    return config, groups()
+
+
+def load_hf(path, *, dtype: str = "float32", mesh=None, compute_dtype: str | None = None, progress=True):
+    """Loads an HF checkpoint directory onto `mesh` (default: a one-device mesh), tensor by tensor.
+
+    Returns (ModelConfig, params). `dtype` is the parameter dtype; `compute_dtype` (default:
+    `dtype`) the activations'. Raises CheckpointError / ConfigError naming the file or tensor.
+    """
+    config, groups = load_hf_groups(path, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype, progress=progress)
+    return config, dict(groups)
 
 
 def _host_value(array) -> np.ndarray:
@@ -366,7 +390,8 @@ def save_hf(
     path = os.fspath(path)
     dtype = dtype or config.hf_dtype
     numpy_dtype = _numpy_dtype(dtype)
-    _check_params(config, params)
+    if isinstance(params, dict):
+        _check_params(config, params)  # lazily restored groups were shape-checked by their restore
     hf_config = config.hf_config
     hf_config["dtype"] = dtype
     hf_config.pop("torch_dtype", None)

@@ -1,7 +1,8 @@
 """Model parameters in Orbax: sharded writes, restorable onto any mesh shape.
 
 Layout of a model checkpoint directory:
-    params/       Orbax (tensorstore/OCDBT) parameter pytree
+    params/GROUP/ one Orbax (tensorstore/OCDBT) pytree per top-level parameter group (embedding,
+                  layers_0 ... layers_N, final_norm, lm_head), so conversions stream group by group
     hf/           config.json plus tokenizer and generation_config files, so an export to HF and
                   the sampler's prompts need nothing else
     opsd_jax.json parameter dtype and layout version
@@ -9,6 +10,7 @@ Layout of a model checkpoint directory:
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 
@@ -20,7 +22,7 @@ from opsd_jax.checkpoint.hf import CheckpointError, copy_side_files
 from opsd_jax.models.config import ModelConfig
 from opsd_jax.models.decoder import abstract_params, param_shardings
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 PARAMS_DIR = "params"
 HF_DIR = "hf"
 MANIFEST = "opsd_jax.json"
@@ -44,16 +46,21 @@ def _checkpointer(tree, host_buffer_gb: float | None = None) -> ocp.Checkpointer
     return ocp.Checkpointer(handler)
 
 
-def save_params(params, config: ModelConfig, path, *, overwrite: bool = False) -> str:
-    """Writes `params` (sharded jax arrays) with their config; the directory appears complete or
-    not at all."""
+def save_param_groups(groups, config: ModelConfig, path, *, overwrite: bool = False) -> str:
+    """Writes (group name, parameters) pairs one at a time; a group can be dropped by its producer
+    as soon as it is written. The directory appears complete or not at all."""
     path = os.fspath(path)
-    dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(params)}
-    if len(dtypes) != 1:
-        raise CheckpointError(f"params mix dtypes {sorted(dtypes)}; cast them to one dtype first")
+    dtypes, names = set(), []
     with atomic_directory(path, overwrite=overwrite, all_processes=True) as staging:
-        with _checkpointer(params) as checkpointer:
-            checkpointer.save(os.path.join(staging, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
+        for name, subtree in groups:
+            dtypes.update(str(leaf.dtype) for leaf in jax.tree.leaves(subtree))
+            if len(dtypes) != 1:
+                raise CheckpointError(f"params mix dtypes {sorted(dtypes)}; cast them to one dtype first")
+            tree = {name: subtree}
+            with _checkpointer(tree) as checkpointer:
+                checkpointer.save(os.path.join(staging, PARAMS_DIR, name), args=ocp.args.PyTreeSave(tree))
+            names.append(name)
+            del tree, subtree
         if jax.process_index() == 0:
             hf_dir = os.path.join(staging, HF_DIR)
             os.makedirs(hf_dir)
@@ -61,8 +68,14 @@ def save_params(params, config: ModelConfig, path, *, overwrite: bool = False) -
             with open(os.path.join(hf_dir, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(config.hf_config, f, indent=2, sort_keys=True)
             with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
-                json.dump({"layout_version": LAYOUT_VERSION, "param_dtype": dtypes.pop()}, f)
+                json.dump({"layout_version": LAYOUT_VERSION, "param_dtype": dtypes.pop(), "groups": names}, f)
     return path
+
+
+def save_params(params, config: ModelConfig, path, *, overwrite: bool = False) -> str:
+    """Writes `params` (sharded jax arrays) with their config; the directory appears complete or
+    not at all."""
+    return save_param_groups(params.items(), config, path, overwrite=overwrite)
 
 
 def read_manifest(path) -> dict:
@@ -79,8 +92,32 @@ def read_manifest(path) -> dict:
     return manifest
 
 
-def restore_params(path, *, mesh=None, dtype: str | None = None, compute_dtype: str | None = None):
-    """Restores (ModelConfig, params) onto `mesh` (default: one device), whatever mesh saved them.
+class LazyParams(collections.abc.Mapping):
+    """Parameter groups restored on first access, only the latest one kept: an export can stream
+    a checkpoint larger than host memory group by group."""
+
+    def __init__(self, restore_group, names):
+        self._restore_group = restore_group
+        self._names = list(names)
+        self._cached: tuple[str, object] | None = None
+
+    def __getitem__(self, name):
+        if name not in self._names:
+            raise KeyError(name)
+        if self._cached is None or self._cached[0] != name:
+            self._cached = None  # drop the previous group before restoring the next
+            self._cached = (name, self._restore_group(name))
+        return self._cached[1]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+
+def restore_params_lazily(path, *, mesh=None, dtype: str | None = None, compute_dtype: str | None = None):
+    """(ModelConfig, LazyParams) onto `mesh` (default: one device), whatever mesh saved them.
 
     `dtype` casts the parameters on restore (default: the dtype they were saved in).
     """
@@ -99,9 +136,29 @@ def restore_params(path, *, mesh=None, dtype: str | None = None, compute_dtype: 
         shapes,
         param_shardings(config, mesh),
     )
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    with _checkpointer(target) as checkpointer:
-        params = checkpointer.restore(
-            os.path.join(path, PARAMS_DIR), args=ocp.args.PyTreeRestore(target, restore_args=restore_args)
+    expected = sorted(target)
+    if sorted(manifest.get("groups", [])) != expected:
+        raise CheckpointError(
+            f"{path}: parameter groups {sorted(manifest.get('groups', []))} do not match the model "
+            f"its config describes ({expected})"
         )
-    return config, params
+
+    def restore_group(name):
+        tree = {name: target[name]}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(tree)
+        with _checkpointer(tree) as checkpointer:
+            restored = checkpointer.restore(
+                os.path.join(path, PARAMS_DIR, name), args=ocp.args.PyTreeRestore(tree, restore_args=restore_args)
+            )
+        return restored[name]
+
+    return config, LazyParams(restore_group, manifest["groups"])
+
+
+def restore_params(path, *, mesh=None, dtype: str | None = None, compute_dtype: str | None = None):
+    """Restores (ModelConfig, params) onto `mesh` (default: one device), whatever mesh saved them.
+
+    `dtype` casts the parameters on restore (default: the dtype they were saved in).
+    """
+    config, lazy = restore_params_lazily(path, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype)
+    return config, {name: lazy[name] for name in lazy}
