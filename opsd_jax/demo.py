@@ -75,7 +75,9 @@ def run_training_demo(root: str, mesh_text: str) -> bool:
     save_tiny_tokenizer(model_dir)
     overrides = [f"model.checkpoint={model_dir}", f"train.output_dir={os.path.join(root, 'run')}",
                  f"data.path={DEMO_DATA}", f"train.mesh={mesh_text}"]
-    config = load_config(DEMO_CONFIG if os.path.exists(DEMO_CONFIG) else None, overrides)
+    if not os.path.exists(DEMO_CONFIG):
+        raise FileNotFoundError(f"{DEMO_CONFIG} not found: run the demo from a checkout of the repository")
+    config = load_config(DEMO_CONFIG, overrides)
     print(f"\ntraining: {config.train.steps} OPSD steps, batch {config.train.batch_size}, "
           f"{config.prompt.privilege} privilege, {config.objective.kind} beta={config.objective.beta}")
     history = Trainer(config).run()
