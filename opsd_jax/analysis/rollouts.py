@@ -18,6 +18,7 @@ import json
 import os
 
 from opsd_jax.config import PromptSection
+from opsd_jax.data.records import read_rows
 from opsd_jax.data.sources import Problem
 from opsd_jax.eval import generations
 
@@ -76,18 +77,7 @@ def _check_tokenizer(header: dict, tokenizer, where: str) -> None:
 
 
 def _read_lines(path: str) -> list[tuple[str, dict]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((f"{path}:{line_number}", row))
+    rows = list(read_rows(path, "jsonl"))
     if not rows:
         raise ValueError(f"{path}: empty file (no header, no rollouts)")
     return rows
@@ -122,15 +112,15 @@ def _own_rollouts(path, rows, tokenizer) -> RolloutSet:
 
 
 def _suite_rows(header: dict, where: str) -> dict[str, dict]:
-    from opsd_jax.eval.suites import BUILTIN, builtin_path
+    from opsd_jax.eval.suites import BUILTIN, builtin_path, row_problem_id, suite_rows
 
     source = builtin_path(header["suite"]) if header.get("suite") in BUILTIN else header.get("suite_source")
     if not source or not os.path.exists(source):
         raise ValueError(f"{where}: the suite file {source!r} named by the header is not there; problems, "
                          "solutions and answers are read from it")
-    if not source.endswith((".jsonl", ".json")):
-        raise ValueError(f"{where}: suite source {source}: only JSON Lines suites are read by analyze")
-    return {str(row.get("id", i)): row for i, (_, row) in enumerate(_read_lines(source), 1)}
+    # Read as the eval runner read it (same formats, same ids), so every problem id in the
+    # generations file finds its row.
+    return {row_problem_id(row, header["suite"], index): row for index, (_, row) in enumerate(suite_rows(source))}
 
 
 def _eval_generations(path, tokenizer) -> RolloutSet:

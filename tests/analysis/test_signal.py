@@ -199,3 +199,21 @@ def test_cli_reports_bad_inputs(student_dir, tmp_path, capsys):
     assert main(common) == 2
     assert "rollouts.jsonl: empty file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_generations_of_a_suite_without_ids(loaded, tmp_path):
+    """A custom suite whose rows have no 'id' is keyed NAME-INDEX (0-based) by the eval runner;
+    analyze finds the same rows."""
+    _, _, tokenizer, _ = loaded
+    suite = tmp_path / "mysuite.jsonl"
+    suite.write_text("".join(json.dumps({"problem": f"Problem {i}", "answer": str(i), "solution": f"s{i}"}) + "\n"
+                             for i in range(3)))
+    header = {"format": generations.FORMAT, "suite": "mysuite", "suite_source": str(suite),
+              "suite_fingerprint": "x", "tokenizer_fingerprint": generations.tokenizer_fingerprint(tokenizer),
+              "instruction": None, "enable_thinking": None, "thinking_open": False}
+    record = {"problem_id": "mysuite-1", "sample_index": 0, "text": ROLLOUT_TEXT, "token_count": 3,
+              "finish_reason": "stop", "budget_chars": {}}
+    path = tmp_path / "generations.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [header, record]) + "\n")
+    (rollout,) = read_rollouts(str(path), tokenizer).rollouts
+    assert (rollout.problem.problem, rollout.problem.answer, rollout.problem.solution) == ("Problem 1", "1", "s1")

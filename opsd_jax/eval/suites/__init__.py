@@ -56,6 +56,18 @@ def _field(row: dict, names: tuple[str, ...], where: str) -> str:
     raise ValueError(f"{where}: missing field {wanted} (fields present: {sorted(row)})")
 
 
+def suite_rows(path: str):
+    """(where, row) of a suite file or saved-dataset folder. Any name that is not .parquet or a
+    folder reads as JSON Lines, as suites always have."""
+    declared = "auto" if os.path.isdir(path) or path.endswith(".parquet") else "jsonl"
+    return read_rows(path, declared)
+
+
+def row_problem_id(row: dict, suite_name: str, index: int) -> str:
+    """A suite row's id: its 'id' field, else NAME-INDEX (0-based), as generations files key it."""
+    return str(row["id"]) if row.get("id") not in (None, "") else f"{suite_name}-{index}"
+
+
 def load_suite(spec: str) -> Suite:
     """A built-in suite by name (aime24, aime25, hmmt25), or a file / saved-dataset folder.
 
@@ -69,11 +81,9 @@ def load_suite(spec: str) -> Suite:
         name = os.path.splitext(os.path.basename(os.path.normpath(spec)))[0]
         if not os.path.exists(path):
             raise FileNotFoundError(f"suite {spec!r}: neither a built-in suite ({', '.join(BUILTIN)}) nor a file")
-    # Any name that is not .parquet or a folder reads as JSON Lines, as suites always have.
-    declared = "auto" if os.path.isdir(path) or path.endswith(".parquet") else "jsonl"
     problems, seen = [], {}
-    for index, (where, row) in enumerate(read_rows(path, declared)):
-        problem_id = str(row["id"]) if row.get("id") not in (None, "") else f"{name}-{index}"
+    for index, (where, row) in enumerate(suite_rows(path)):
+        problem_id = row_problem_id(row, name, index)
         if problem_id in seen:
             raise ValueError(f"{where}: duplicate id {problem_id!r} (first at {seen[problem_id]})")
         seen[problem_id] = where
