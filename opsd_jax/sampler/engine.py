@@ -252,6 +252,13 @@ class Engine:
     def prefill(self, params, tokens, true_length: int | None = None,
                 sampling: SamplingParams = SamplingParams(), sample_index: int = 0):
         """Prefills one prompt; returns (Prefix, TokenResult of its first sampled token)."""
+        prefix = self.prefill_prefix(params, tokens, true_length, sampling)
+        return prefix, self.sample_first(prefix, [sampling], [sample_index])
+
+    def prefill_prefix(self, params, tokens, true_length: int | None = None,
+                       sampling: SamplingParams = SamplingParams()) -> Prefix:
+        """Prefills one prompt without sampling: callers that draw several first tokens from one
+        prefix (`sample_first`) need no extra draw. `sampling` is validated with the prompt."""
         tokens = np.asarray(tokens)
         true_length = int(tokens.size if true_length is None else true_length)
         prompt = self.validate_request(tokens[:true_length], sampling)
@@ -267,8 +274,7 @@ class Engine:
             last_index = min(true_length, stop) - 1 - start
             cache, logits_V = self._prefill_chunk(params, padded[None, start:stop], positions, cache,
                                                   np.int32(last_index))
-        prefix = Prefix(cache=cache, true_length=true_length, logits=logits_V)
-        return prefix, self.sample_first(prefix, [sampling], [sample_index])
+        return Prefix(cache=cache, true_length=true_length, logits=logits_V)
 
     def sample_first(self, prefix: Prefix, samplings: list[SamplingParams], sample_indices: list[int]) -> TokenResult:
         """First generated token of each (sampling, sample index) from one prefix: n samples of

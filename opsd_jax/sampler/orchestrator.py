@@ -194,7 +194,7 @@ class Orchestrator:
                     del active[slot]
                     free_slots.append(slot)
                     continue
-                if self._accept(request, index, result, slot):
+                if self._record(request, index, _TokenRow(result, slot)):
                     del active[slot]
                     free_slots.append(slot)
 
@@ -208,7 +208,7 @@ class Orchestrator:
         slot. Returns the waiting entry, or nothing if the request is done or failed."""
         self._apply_pending_params()
         try:
-            prefix, _ = self.engine.prefill(self._params, request.prompt, sampling=request.sampling)
+            prefix = self.engine.prefill_prefix(self._params, request.prompt, sampling=request.sampling)
             self.stats["prefills"] += 1
             samplings = [request.sampling] * request.n
             first = jax.device_get(self.engine.sample_first(prefix, samplings, list(range(request.n))))
@@ -223,10 +223,6 @@ class Orchestrator:
             if not self._record(request, index, token):
                 samples.append((index, token))
         return [(request, prefix, samples)] if samples else []
-
-    def _accept(self, request: _Request, index: int, result, slot: int) -> bool:
-        """Appends a decode step's token; returns True when the sequence finished."""
-        return self._record(request, index, _TokenRow(result, slot))
 
     def _record(self, request: _Request, index: int, token) -> bool:
         completion = request.completions[index]
