@@ -251,7 +251,8 @@ class Trainer:
                     batch_items = [next(data_iterator) for _ in range(local_batch)]
                     data_state = data_iterator.get_state()
                     started = time.perf_counter()
-                    orchestrator.load_params(self._sampler_weights(state.params))
+                    if step > start_step:  # the orchestrator started with these weights
+                        orchestrator.load_params(self._sampler_weights(state.params))
                     samplings = [SamplingParams(temperature=c.sampling.temperature, top_p=c.sampling.top_p,
                                                 top_k=c.sampling.top_k,
                                                 seed=rollout_seed(c.train.seed, step, self.process_index * local_batch + i),
