@@ -167,3 +167,22 @@ def qwen3_tokenizer_dir(destination: str) -> str:
             open(os.path.join(destination, "tokenizer.json"), "wb") as unpacked:
         shutil.copyfileobj(packed, unpacked)
     return destination
+
+
+def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy `generate` continuation of exactly `new_tokens` tokens, as a plain
+    argmax decoder: an explicit all-ones attention mask (otherwise generate masks every prompt
+    token equal to pad_token_id) and no eos (otherwise it stops, or with min_new_tokens
+    suppresses the eos logit)."""
+    import copy
+
+    import torch
+
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = []  # None falls back to the model config's eos
+    if config.pad_token_id is None:  # generate would take it from the (now empty) eos list
+        config.pad_token_id = 0
+    config.update(max_new_tokens=new_tokens, min_new_tokens=None, do_sample=False)
+    tokens = torch.tensor([prompt_ids])
+    out = model.generate(tokens, attention_mask=torch.ones_like(tokens), generation_config=config)
+    return out[0, len(prompt_ids):].tolist()

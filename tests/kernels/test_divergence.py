@@ -94,7 +94,10 @@ def test_gradient_matches_autodiff_of_reference(rng, impl, beta):
 
     g_ref = jax.grad(loss)(jnp.asarray(s), "reference")
     g_impl = jax.grad(loss)(jnp.asarray(s), impl)
-    np.testing.assert_allclose(np.asarray(g_impl), np.asarray(g_ref), atol=2e-6 * float(jnp.max(jnp.abs(g_ref))))
+    # Both sides are float32 with different summation orders: a relative term as in the oracle
+    # comparisons above, or an element near the largest one flakes at ~2e-5 relative.
+    np.testing.assert_allclose(np.asarray(g_impl), np.asarray(g_ref), atol=2e-6 * float(jnp.max(jnp.abs(g_ref))),
+                               rtol=1e-4)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -132,7 +135,7 @@ def test_minus_inf_logits(rng, impl, beta):
     _assert_outputs(out, oracle.outputs(s, t, beta))
     expected = oracle.student_grad(s, t, beta, {k: v.astype(np.float64) for k, v in cot.items()})
     assert np.all(np.isfinite(np.asarray(grad)))
-    np.testing.assert_allclose(np.asarray(grad), expected, atol=2e-6 * max(1.0, np.abs(expected).max()))
+    np.testing.assert_allclose(np.asarray(grad), expected, atol=2e-6 * max(1.0, np.abs(expected).max()), rtol=1e-4)
 
 
 @pytest.mark.parametrize("impl", list(IMPL_SHAPES))
