@@ -10,15 +10,27 @@ import argparse
 import os
 import sys
 
+from opsd_jax.paths import user_path
 
-def _set_cpu_devices(count: int | None) -> None:
+
+def _set_cpu_devices(count: int | None, *, force_cpu: bool = True) -> None:
+    """Emulates `count` CPU devices; `force_cpu` also keeps jax off any accelerator (the
+    --cpu-devices flag), while a config's `train.cpu_devices` only shapes the CPU backend."""
     if not count:
         return
     if "jax" in sys.modules:
         raise RuntimeError("--cpu-devices must be applied before jax is imported")
     flag = f"--xla_force_host_platform_device_count={count}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if force_cpu:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _config_cpu_devices(args) -> int | None:
+    """`train.cpu_devices` of the run config `opsd-jax train` is about to run (read without jax)."""
+    from opsd_jax.config import load_config
+
+    return load_config(args.config, args.overrides).train.cpu_devices
 
 
 def _mesh(text: str | None):
@@ -106,8 +118,27 @@ def _train(args) -> int:
 def _export(args) -> int:
     from opsd_jax.distill.trainer import export_checkpoint
 
-    path = export_checkpoint(args.run_dir, args.step, args.to_hf, model_checkpoint=args.model_checkpoint)
+    model_checkpoint = args.model_checkpoint
+    if model_checkpoint is None:
+        from opsd_jax.config import load_config
+
+        run_config = os.path.join(args.run_dir, "config.yaml")
+        if not os.path.exists(run_config):
+            raise FileNotFoundError(f"{run_config} not found: is {args.run_dir} a run's train.output_dir?")
+        model_checkpoint = load_config(run_config).model.checkpoint
+    path = export_checkpoint(args.run_dir, args.step, args.to_hf, model_checkpoint=model_checkpoint)
     print(f"wrote {path}")
+    return 0
+
+
+def _tiny_model(args) -> int:
+    from opsd_jax.checkpoint.atomic import atomic_directory
+    from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
+
+    with atomic_directory(args.out, overwrite=args.overwrite) as staging:
+        save_tiny_hf_model(args.architecture, staging, seed=args.seed)
+        save_tiny_tokenizer(staging)
+    print(f"wrote {args.out} (tiny random {args.architecture} with a {args.architecture}-style chat tokenizer)")
     return 0
 
 
@@ -116,7 +147,7 @@ def _demo(args) -> int:
 
     import time
 
-    workdir = args.workdir or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
+    workdir = args.workdir or user_path(os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S")))
     return run_demo(workdir=workdir, mesh_text=args.mesh)
 
 
@@ -125,10 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="HF safetensors <-> Orbax checkpoints")
-    convert.add_argument("--from-hf", metavar="DIR")
-    convert.add_argument("--to-orbax", metavar="DIR")
-    convert.add_argument("--from-orbax", metavar="DIR")
-    convert.add_argument("--to-hf", metavar="DIR")
+    convert.add_argument("--from-hf", metavar="DIR", type=user_path)
+    convert.add_argument("--to-orbax", metavar="DIR", type=user_path)
+    convert.add_argument("--from-orbax", metavar="DIR", type=user_path)
+    convert.add_argument("--to-hf", metavar="DIR", type=user_path)
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                          help="parameter dtype (to Orbax: default float32; to HF: the original)")
     convert.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
@@ -139,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible /v1/completions and /v1/chat/completions")
-    serve.add_argument("--checkpoint", required=True, metavar="DIR", help="HF folder or opsd-jax Orbax checkpoint")
+    serve.add_argument("--checkpoint", required=True, metavar="DIR", type=user_path, help="HF folder or opsd-jax Orbax checkpoint")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model-name", help="name reported by the API (default: the folder name)")
@@ -163,24 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.set_defaults(run=_analyze)
 
     train = commands.add_parser("train", help="on-policy (self-)distillation from a YAML run config")
-    train.add_argument("--config", required=True, metavar="YAML")
+    train.add_argument("--config", required=True, metavar="YAML", type=user_path)
     train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
     train.set_defaults(run=_train)
 
     export = commands.add_parser("export", help="write a training checkpoint's student as an HF folder")
-    export.add_argument("--run", dest="run_dir", required=True, metavar="DIR", help="the run's train.output_dir")
+    export.add_argument("--run", dest="run_dir", required=True, metavar="DIR", type=user_path, help="the run's train.output_dir")
     export.add_argument("--step", type=int, help="default: the latest checkpoint")
-    export.add_argument("--model-checkpoint", required=True, metavar="DIR",
-                        help="the run's model.checkpoint (config and tokenizer files)")
-    export.add_argument("--to-hf", required=True, metavar="DIR")
+    export.add_argument("--model-checkpoint", metavar="DIR", type=user_path,
+                        help="config and tokenizer files (default: the run's model.checkpoint)")
+    export.add_argument("--to-hf", required=True, metavar="DIR", type=user_path)
     export.set_defaults(run=_export)
+
+    tiny = commands.add_parser(
+        "tiny-model", help="write a tiny random HF checkpoint with a small chat tokenizer (for trying every "
+                           "command on a laptop; needs torch)")
+    tiny.add_argument("out", metavar="DIR", type=user_path)
+    tiny.add_argument("--architecture", default="qwen3", choices=("qwen3", "olmo2", "olmo3"))
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    tiny.set_defaults(run=_tiny_model)
 
     demo = commands.add_parser(
         "demo", help="CPU demo: build tiny HF checkpoints, convert them, check logits vs transformers"
     )
-    demo.add_argument("--workdir", help="where to write the demo's checkpoints and run "
+    demo.add_argument("--workdir", type=user_path, help="where to write the demo's checkpoints and run "
                                         "(default: runs/demo/<date-time>)")
     demo.add_argument("--mesh", default="2,2,2", metavar="DATA,FSDP,TENSOR")
     demo.add_argument("--cpu-devices", type=int, default=8)
@@ -190,8 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _set_cpu_devices(getattr(args, "cpu_devices", None))
     try:
+        if args.command == "train" and args.cpu_devices is None:
+            _set_cpu_devices(_config_cpu_devices(args), force_cpu=False)
+        else:
+            _set_cpu_devices(getattr(args, "cpu_devices", None))
         return args.run(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"opsd-jax {args.command}: error: {e}", file=sys.stderr)

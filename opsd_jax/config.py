@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
+from opsd_jax.paths import optional_user_path
+
 
 class ConfigKeyError(ValueError):
     """An unknown key or a bad value in a run config; the message names the dotted key."""
@@ -114,6 +116,9 @@ class TrainSection:
     microbatches: int = 1  # gradient accumulation
     seed: int = 0
     mesh: str = "1,-1,1"  # data,fsdp,tensor
+    # On a host without accelerators, emulate this many CPU devices so `mesh` fits a laptop.
+    # `opsd-jax train` applies it before jax starts; it never hides a TPU or GPU.
+    cpu_devices: int | None = None
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     log_every: int = 1
@@ -134,6 +139,22 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Keys that hold file-system paths: relative values are taken from the current directory and `~`
+# expands, when the config is loaded (the resolved paths are what a run records and resumes with).
+PATH_KEYS = ("model.checkpoint", "teacher.checkpoint", "data.path", "train.output_dir")
+
+
+def resolve_paths(config: RunConfig) -> RunConfig:
+    """A copy of `config` whose path keys (PATH_KEYS) are absolute; unset ones stay unset."""
+    sections = {}
+    for key in PATH_KEYS:
+        section_name, field = key.split(".")
+        section = sections.get(section_name, getattr(config, section_name))
+        sections[section_name] = dataclasses.replace(
+            section, **{field: optional_user_path(getattr(section, field))})
+    return dataclasses.replace(config, **sections)
 
 
 def _check_value(key: str, value: Any, annotation) -> Any:
@@ -213,7 +234,10 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Reads a YAML run config (or the defaults) and applies `section.key=value` overrides."""
+    """Reads a YAML run config (or the defaults) and applies `section.key=value` overrides.
+
+    Relative paths in path-valued keys (PATH_KEYS) are resolved against the current directory.
+    """
     data: dict = {}
     if path is not None:
         if not os.path.exists(path):
@@ -231,7 +255,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(node, dict):
                 raise ConfigKeyError(f"override {override!r}: {key} is not a section")
         node[keys[-1]] = value
-    return _build(RunConfig, data, "")
+    return resolve_paths(_build(RunConfig, data, ""))
 
 
 def dump_config(config: RunConfig) -> str:

@@ -7,19 +7,21 @@ built before --cpu-devices takes effect).
 
 from __future__ import annotations
 
+from opsd_jax.paths import user_path
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--rollouts", required=True, nargs="+", metavar="FILE",
+    parser.add_argument("--rollouts", required=True, nargs="+", metavar="FILE", type=user_path,
                         help="rollouts JSONL (opsd-jax-rollouts/1) or eval generations.jsonl files; the first is "
                              "the base for marker-rate differences")
     parser.add_argument("--labels", help="comma-separated names of the rollouts files (default: file names)")
-    parser.add_argument("--student", required=True, nargs="+", metavar="CKPT",
+    parser.add_argument("--student", required=True, nargs="+", metavar="CKPT", type=user_path,
                         help="student checkpoint (HF folder or Orbax): one for all files, or one per file")
-    parser.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (default: each group's student, "
+    parser.add_argument("--teacher", metavar="CKPT", type=user_path, help="teacher checkpoint (default: each group's student, "
                                                           "as in self-distillation)")
     parser.add_argument("--privileged", default="dense", choices=("dense", "sparse", "none"),
                         help="what the privileged teacher sees: the solution, the answer, or nothing")
-    parser.add_argument("--markers", metavar="YAML", help="marker phrases per category (default: the shipped list)")
+    parser.add_argument("--markers", metavar="YAML", type=user_path, help="marker phrases per category (default: the shipped list)")
     parser.add_argument("--fork-threshold", type=float, default=0.672, help="entropy (nats) above which a "
                                                                             "position is a fork")
     parser.add_argument("--top-rho", type=float, help="instead: forks are the top rho share of the student's "
@@ -29,7 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kernel-impl", default="auto", choices=("auto", "reference", "xla", "pallas_tpu",
                                                                   "pallas_gpu"))
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where report.md, metrics.json and plots go")
+    parser.add_argument("--out", required=True, metavar="DIR", type=user_path, help="where report.md, metrics.json and plots go")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR")
     parser.add_argument("--no-progress", action="store_true")

@@ -9,6 +9,8 @@ import uuid
 
 import jax
 
+from opsd_jax.paths import user_path
+
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
@@ -26,7 +28,7 @@ def atomic_directory(path: str, *, overwrite: bool = False, all_processes: bool 
     In a multi-process job only process 0 writes unless `all_processes` (Orbax, where every process
     writes its shards); other processes get None when they do not write.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = user_path(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; choose a new destination or pass overwrite")
     parent, name = os.path.split(path)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from opsd_jax.checkpoint.atomic import atomic_directory
 from opsd_jax.models.config import ModelConfig
 from opsd_jax.models.decoder import abstract_params, param_shardings
+from opsd_jax.paths import user_path
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -246,7 +247,7 @@ def load_hf_groups(path, *, dtype: str = "float32", mesh=None, compute_dtype: st
     """
     from opsd_jax.parallel import make_mesh
 
-    path = os.fspath(path)
+    path = user_path(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected an HF checkpoint folder)")
     numpy_dtype = _numpy_dtype(dtype)
@@ -387,7 +388,7 @@ def save_hf(
 
     `dtype` defaults to the checkpoint's original dtype. The folder appears only when complete.
     """
-    path = os.fspath(path)
+    path = user_path(path)
     dtype = dtype or config.hf_dtype
     numpy_dtype = _numpy_dtype(dtype)
     if isinstance(params, dict):

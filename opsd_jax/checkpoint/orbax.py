@@ -21,6 +21,7 @@ from opsd_jax.checkpoint.atomic import atomic_directory
 from opsd_jax.checkpoint.hf import CheckpointError, copy_side_files
 from opsd_jax.models.config import ModelConfig
 from opsd_jax.models.decoder import abstract_params, param_shardings
+from opsd_jax.paths import user_path
 
 LAYOUT_VERSION = 2
 PARAMS_DIR = "params"
@@ -49,7 +50,7 @@ def _checkpointer(tree, host_buffer_gb: float | None = None) -> ocp.Checkpointer
 def save_param_groups(groups, config: ModelConfig, path, *, overwrite: bool = False) -> str:
     """Writes (group name, parameters) pairs one at a time; a group can be dropped by its producer
     as soon as it is written. The directory appears complete or not at all."""
-    path = os.fspath(path)
+    path = user_path(path)
     dtypes, names = set(), []
     with atomic_directory(path, overwrite=overwrite, all_processes=True) as staging:
         for name, subtree in groups:
@@ -79,7 +80,7 @@ def save_params(params, config: ModelConfig, path, *, overwrite: bool = False) -
 
 
 def read_manifest(path) -> dict:
-    manifest_path = os.path.join(os.fspath(path), MANIFEST)
+    manifest_path = os.path.join(user_path(path), MANIFEST)
     if not os.path.exists(manifest_path):
         raise CheckpointError(
             f"{manifest_path} not found: {path} is not an opsd-jax model checkpoint "
@@ -123,7 +124,7 @@ def restore_params_lazily(path, *, mesh=None, dtype: str | None = None, compute_
     """
     from opsd_jax.parallel import make_mesh
 
-    path = os.fspath(path)
+    path = user_path(path)
     manifest = read_manifest(path)
     dtype = dtype or manifest["param_dtype"]
     hf_dir = os.path.join(path, HF_DIR)

@@ -21,11 +21,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from opsd_jax.config import RunConfig, dump_config
+from opsd_jax.config import RunConfig, dump_config, resolve_paths
 from opsd_jax.data.sources import read_problems, problem_dataset
 from opsd_jax.distill.prompts import prompt_pair
 from opsd_jax.distill.train_step import Batch, StepSettings, TrainState, make_optimizer, train_step
 from opsd_jax.parallel import logical_sharding, make_mesh, parse_mesh_shape
+from opsd_jax.paths import user_path
 from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig, SamplingParams
 from opsd_jax.sampler.server import default_stop_token_ids, load_for_serving
 
@@ -119,17 +120,29 @@ class Trainer:
     per-step metrics it produced."""
 
     def __init__(self, config: RunConfig):
-        self.config = config
+        self.config = resolve_paths(config)
         from opsd_jax.parallel import initialize_distributed
 
         initialize_distributed()
-        self.mesh = make_mesh(*parse_mesh_shape(config.train.mesh))
+        try:
+            self.mesh = make_mesh(*parse_mesh_shape(self.config.train.mesh))
+        except ValueError as e:
+            raise TrainingError(f"train.mesh: {e}{self._device_hint()}") from None
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
         # Each host samples its own rollouts on its own devices: the orchestrator schedules requests
         # dynamically, which hosts cannot do in lockstep on one global mesh.
         self.sampler_mesh = (self.mesh if self.process_count == 1
                              else make_mesh(1, -1, 1, devices=jax.local_devices()))
         self._stop_requested = False
+
+    def _device_hint(self) -> str:
+        wanted = self.config.train.cpu_devices
+        if jax.default_backend() != "cpu":
+            return ""
+        if wanted and jax.device_count() != wanted:
+            return (f" (train.cpu_devices={wanted} takes effect only before jax starts: run `opsd-jax train`, "
+                    f"or set XLA_FLAGS=--xla_force_host_platform_device_count={wanted} before importing jax)")
+        return " (on CPU, set train.cpu_devices to emulate more devices, or choose a smaller train.mesh)"
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -221,7 +234,7 @@ class Trainer:
                                process_count=self.process_count)
         data_iterator = iter(data)
         manager = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(c.train.output_dir, "checkpoints")),
+            os.path.join(c.train.output_dir, "checkpoints"),
             options=ocp.CheckpointManagerOptions(max_to_keep=c.train.keep_checkpoints, create=True),
         )
         start_step = 0
@@ -366,7 +379,8 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
     from opsd_jax.checkpoint.hf import save_hf
     from opsd_jax.models import abstract_params, param_shardings
 
-    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")))
+    run_dir, destination, model_checkpoint = map(user_path, (run_dir, destination, model_checkpoint))
+    manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"))
     step = step if step is not None else manager.latest_step()
     if step is None:
         raise TrainingError(f"{run_dir}: no checkpoints")

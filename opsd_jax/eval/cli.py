@@ -10,6 +10,8 @@ Nothing here imports jax at module level: the parser is built before --cpu-devic
 
 from __future__ import annotations
 
+from opsd_jax.paths import user_path
+
 
 def _budgets(text: str) -> tuple[int, ...]:
     try:
@@ -19,10 +21,10 @@ def _budgets(text: str) -> tuple[int, ...]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", metavar="DIR", help="HF folder or opsd-jax Orbax checkpoint")
+    parser.add_argument("--checkpoint", metavar="DIR", type=user_path, help="HF folder or opsd-jax Orbax checkpoint")
     parser.add_argument("--suite", default="aime24,aime25,hmmt25",
                         help="comma-separated built-in suites (aime24, aime25, hmmt25) or JSONL/Parquet/dataset paths")
-    parser.add_argument("--out", required=True, metavar="DIR", help="run folder (or report folder with --compare)")
+    parser.add_argument("--out", required=True, metavar="DIR", type=user_path, help="run folder (or report folder with --compare)")
     parser.add_argument("--n", type=int, default=16, help="samples per problem")
     parser.add_argument("--max-tokens", type=int, default=38912, help="generation cap per sample")
     parser.add_argument("--temperature", type=float, default=0.6)
@@ -41,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grade-timeout", type=int, default=5, help="seconds per math-verify parse / check")
     parser.add_argument("--merge", action="store_true", help="merge shard files under --out, then grade")
     parser.add_argument("--score-only", action="store_true", help="grade existing generations under --out")
-    parser.add_argument("--compare", nargs="+", metavar="RUN", help="run folders to compare (the first is the base)")
+    parser.add_argument("--compare", nargs="+", metavar="RUN", type=user_path, help="run folders to compare (the first is the base)")
     parser.add_argument("--labels", help="comma-separated labels for --compare runs")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")

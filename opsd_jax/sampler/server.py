@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 
+from opsd_jax.paths import user_path
 from opsd_jax.sampler.engine import RequestError
 from opsd_jax.sampler.orchestrator import Orchestrator
 from opsd_jax.sampler.sampling import SamplingParams
@@ -348,6 +349,7 @@ def load_for_serving(checkpoint: str, *, dtype: str = "float32", mesh=None):
     from opsd_jax.checkpoint.hf import load_hf
     from opsd_jax.checkpoint.orbax import HF_DIR, MANIFEST, restore_params
 
+    checkpoint = user_path(checkpoint)
     if os.path.exists(os.path.join(checkpoint, MANIFEST)):
         config, params = restore_params(checkpoint, mesh=mesh, dtype=dtype)
         side_dir = os.path.join(checkpoint, HF_DIR)

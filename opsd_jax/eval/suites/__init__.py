@@ -10,6 +10,7 @@ import json
 import os
 
 from opsd_jax.data.records import read_rows
+from opsd_jax.paths import user_path
 
 BUILTIN = ("aime24", "aime25", "hmmt25")
 PROBLEM_FIELDS = ("problem", "question")
@@ -77,7 +78,7 @@ def load_suite(spec: str) -> Suite:
     if spec in BUILTIN:
         path, name = builtin_path(spec), spec
     else:
-        path = spec
+        path = user_path(spec)
         name = os.path.splitext(os.path.basename(os.path.normpath(spec)))[0]
         if not os.path.exists(path):
             raise FileNotFoundError(f"suite {spec!r}: neither a built-in suite ({', '.join(BUILTIN)}) nor a file")
