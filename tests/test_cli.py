@@ -1,4 +1,4 @@
-"""The command line: the README's main job (demo) and argument errors."""
+"""The command line: argument errors and the server (the README's main job: test_cli_relative_paths)."""
 
 import subprocess
 import sys
@@ -6,20 +6,6 @@ import sys
 import pytest
 
 from opsd_jax.cli import build_parser, main
-
-
-def test_demo_passes_as_a_fresh_process(tmp_path):
-    """The README's first command, in its own process so it sets up its own 8 CPU devices."""
-    result = subprocess.run(
-        [sys.executable, "-m", "opsd_jax.cli", "demo", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    assert "demo passed" in result.stdout
-    for model in ("qwen3", "olmo3"):
-        line = next(line for line in result.stdout.splitlines() if line.startswith(model))
-        assert "True" in line  # bit-exact column
-    assert (tmp_path / "olmo3-export" / "config.json").exists()
 
 
 def test_convert_without_a_direction_is_an_error(capsys):

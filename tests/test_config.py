@@ -35,3 +35,20 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_shipped_configs_load(name):
     config = load_config(os.path.join(CONFIGS, name))
     assert config.train.steps >= 1 and config.model.checkpoint
+
+
+def test_path_keys_resolve_against_the_current_directory(tmp_path, monkeypatch):
+    from opsd_jax.config import PATH_KEYS, RunConfig, resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/someone")
+    (tmp_path / "run.yaml").write_text("model:\n  checkpoint: ckpt/student\ndata:\n  path: ~/data/train.jsonl\n")
+    config = load_config("run.yaml", ["train.output_dir=runs/x", "teacher.checkpoint=../teacher"])
+    assert config.model.checkpoint == str(tmp_path / "ckpt" / "student")
+    assert config.data.path == "/home/someone/data/train.jsonl"
+    assert config.train.output_dir == str(tmp_path / "runs" / "x")
+    assert config.teacher.checkpoint == str(tmp_path.parent / "teacher")
+    assert set(PATH_KEYS) == {"model.checkpoint", "teacher.checkpoint", "data.path", "train.output_dir"}
+    unset = resolve_paths(RunConfig())
+    assert unset.model.checkpoint == "" and unset.teacher.checkpoint is None and unset.data.path == ""
+    assert resolve_paths(config) == config

@@ -83,3 +83,23 @@ def test_cli_rejects_a_mesh_that_does_not_fit(tmp_path, rng, capsys):
                        "--mesh", "3,1,1"])
     assert status == 2 and "needs 3 devices, but 8 are available" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_library_accepts_relative_and_home_paths(tmp_path, rng, monkeypatch):
+    """Orbax refuses relative paths; the library resolves them against the current directory."""
+    from opsd_jax.checkpoint.hf import save_hf
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    save_tiny_hf_model("qwen3", "hf", seed=_seed(rng))
+    config, params = load_hf("hf", progress=False)
+    save_params(params, config, "checkpoints/relative")
+    save_params(params, config, "~/checkpoints/home")
+    assert (tmp_path / "home" / "checkpoints" / "home" / "opsd_jax.json").exists()
+    for path in ("checkpoints/relative", "~/checkpoints/home"):
+        _, restored = restore_params(path)
+        for original, back in zip(jax.tree.leaves(params), jax.tree.leaves(restored)):
+            np.testing.assert_array_equal(np.asarray(back), np.asarray(original))
+    save_hf(restored, config, "~/exported", progress=False)
+    assert load_file(str(tmp_path / "home" / "exported" / "model.safetensors")).keys() == \
+        load_file(str(tmp_path / "hf" / "model.safetensors")).keys()
