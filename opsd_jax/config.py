@@ -49,7 +49,9 @@ class DataSection:
     split: str | None = None  # for a saved DatasetDict
     shuffle_seed: int = 0
     max_prompt_tokens: int = 1024  # student or teacher prompt; longer ones are handled per `overlong`
-    overlong: Literal["skip", "error"] = "skip"
+    # skip: drop the problem (counted in the metrics); error: stop naming it; truncate_left: keep the
+    # last max_prompt_tokens ids of the templated prompt, as the paper's trainer does.
+    overlong: Literal["skip", "error", "truncate_left"] = "skip"
 
 
 @dataclasses.dataclass
@@ -60,11 +62,16 @@ class PromptSection:
     privilege: Literal["dense", "sparse", "fraction", "none", "instruction"] = "dense"
     fraction: float = 0.5
     student_suffix: str = "Return your final response within \\boxed{}."
+    # How the suffix joins the problem. paragraph: "{problem}\n\n{suffix}"; paper: the paper's data
+    # builder rule, a problem already ending with the suffix is kept as it is, any other becomes
+    # "{problem, right-stripped} {suffix}" (and with no suffix the problem is used verbatim).
+    suffix_join: Literal["paragraph", "paper"] = "paragraph"
     teacher_template: str = (
         "{prompt}\n\nThis is an example for a response to the question:\n{privileged}\n\n"
         "Now answer with a response of your own, including the thinking process."
     )
-    instruction: str = "Be concise: answer with as little reasoning as needed."
+    # privilege=instruction: the teacher's whole prompt; {prompt} is the student's prompt text.
+    instruction: str = "{prompt}\n\nBe concise: answer with as little reasoning as needed."
     student_thinking: bool = True
     teacher_thinking: bool = True
 
@@ -90,7 +97,14 @@ class ObjectiveSection:
     skip_first: int = 3  # completion tokens excluded at the start
     window: int | None = None  # only the first/last `window` completion tokens count
     window_from: Literal["first", "last"] = "first"
-    importance_cap: float | None = 2.0  # cap of the sequence-mean ratio exp(logp_train - logp_sampler)
+    # The per-sequence importance weight multiplying every token's divergence, from the ratios
+    # r_t = exp(logp_train - logp_sampler) over the sequence's loss tokens (see BUILD_NOTES):
+    # paper: the sampler's processed log-probs (after temperature / top-k / top-p), each r_t capped
+    #   at importance_cap, then averaged (the paper's trainer: vLLM processed log-probs, clamp 2.0);
+    # sequence: the sampler's raw model log-probs, averaged, then the mean capped (measures only the
+    #   sampler / trainer numerical mismatch and stale weights, not the top-k filter).
+    importance: Literal["paper", "sequence"] = "paper"
+    importance_cap: float | None = 2.0
     reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     token_weighting: Literal["none", "top_student_entropy", "downweight_teacher_at_forks"] = "none"
     top_rho: float = 0.2  # share of highest student-entropy tokens kept / treated as forks

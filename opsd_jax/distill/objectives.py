@@ -53,15 +53,25 @@ def token_weights(mask_BxT, student_entropy_BxT, kind: str = "none", *, top_rho:
     raise ValueError(f"unknown token weighting {kind!r}")
 
 
-def sequence_importance(student_logprob_BxT, sampler_logprob_BxT, mask_BxT, cap: float | None):
-    """float32[B] stop-gradient: the sequence-mean of per-token ratios exp(logp_train - logp_sampler)
-    over loss tokens, capped. It corrects for the sampler's distribution (after top-k / top-p, and
-    one step stale weights) differing from the one being trained."""
+def sequence_importance(student_logprob_BxT, sampler_logprob_BxT, mask_BxT, cap: float | None,
+                        clamp: str = "sequence"):
+    """float32[B] stop-gradient: one importance weight per sequence from the per-token ratios
+    r_t = exp(logp_train - logp_sampler) over its loss tokens (0 for a sequence without any).
+
+    clamp="token": mean_t min(r_t, cap), the paper's form (each ratio capped, then averaged).
+    clamp="sequence": min(mean_t r_t, cap).
+    It corrects for the sampler's distribution (after top-k / top-p when the sampler's processed
+    log-probs are given, numerics and stale weights always) differing from the one being trained.
+    """
+    if clamp not in ("token", "sequence"):
+        raise ValueError(f"clamp must be 'token' or 'sequence', got {clamp!r}")
     log_ratio = jax.lax.stop_gradient(student_logprob_BxT) - sampler_logprob_BxT
     ratio_BxT = jnp.exp(jnp.where(mask_BxT, log_ratio, 0.0))
+    if clamp == "token" and cap is not None:
+        ratio_BxT = jnp.minimum(ratio_BxT, cap)
     count_B = jnp.maximum(mask_BxT.sum(-1), 1)
     ratio_B = jnp.where(mask_BxT, ratio_BxT, 0.0).sum(-1) / count_B
-    return ratio_B if cap is None else jnp.minimum(ratio_B, cap)
+    return ratio_B if clamp == "token" or cap is None else jnp.minimum(ratio_B, cap)
 
 
 def discounted_returns(advantage_BxT, mask_BxT, discount: float):

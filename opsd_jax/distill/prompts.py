@@ -26,6 +26,10 @@ class PromptPair:
 
 def student_prompt_text(problem: Problem, section: PromptSection) -> str:
     suffix = section.student_suffix.strip()
+    if section.suffix_join == "paper":
+        if not suffix or problem.problem.rstrip().endswith(suffix):
+            return problem.problem
+        return f"{problem.problem.rstrip()} {suffix}"
     return f"{problem.problem.strip()}\n\n{suffix}" if suffix else problem.problem.strip()
 
 
@@ -48,7 +52,10 @@ def teacher_prompt_text(problem: Problem, section: PromptSection, tokenizer) -> 
     if section.privilege == "none":
         return student_text
     if section.privilege == "instruction":
-        return f"{student_text}\n\n{section.instruction.strip()}"
+        if "{prompt}" not in section.instruction:
+            raise ValueError(f"prompt.instruction must contain {{prompt}} (where the student's prompt goes), "
+                             f"got {section.instruction!r}")
+        return section.instruction.replace("{prompt}", student_text)
     return section.teacher_template.format(prompt=student_text, privileged=privileged_text(problem, section, tokenizer))
 
 
@@ -76,3 +83,14 @@ def prompt_pair(problem: Problem, section: PromptSection, tokenizer) -> PromptPa
         student_text=student_text,
         teacher_text=teacher_text,
     )
+
+
+def truncate_left(pair: PromptPair, max_tokens: int) -> PromptPair:
+    """Keeps the last `max_tokens` ids of each prompt, as the paper's trainer tokenizes with
+    truncation_side="left": the start of the chat template (and of a long privileged context's
+    prompt) goes first, the generation prompt the rollout follows is always kept. Texts are kept
+    whole for the record."""
+    if max_tokens < 1:
+        raise ValueError(f"data.max_prompt_tokens must be >= 1, got {max_tokens}")
+    return dataclasses.replace(pair, student_ids=pair.student_ids[-max_tokens:],
+                               teacher_ids=pair.teacher_ids[-max_tokens:])

@@ -7,6 +7,7 @@ D model width, N = B * T.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -56,16 +57,23 @@ class StepSettings:
     valid_vocab: int | None = None  # the tokenizer's size: padded embedding rows carry no probability
 
 
-def make_optimizer(section: OptimizerSection, total_steps: int) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW on a linear-warmup + cosine-decay schedule."""
-    warmup = max(int(round(section.warmup_ratio * total_steps)), 0)
-    schedule = optax.warmup_cosine_decay_schedule(
+def learning_rate_schedule(section: OptimizerSection, total_steps: int) -> optax.Schedule:
+    """Learning rate by optimizer step: linear warmup from 0, then cosine decay to 0 at
+    `total_steps`, as transformers' cosine schedule with warmup (the first update uses lr 0)."""
+    # ceil, as transformers' TrainingArguments.get_warmup_steps (the paper: ceil(0.03 * 234) = 8).
+    warmup = max(math.ceil(section.warmup_ratio * total_steps), 0)
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=section.learning_rate, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=0.0,
     )
+
+
+def make_optimizer(section: OptimizerSection, total_steps: int) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW on `learning_rate_schedule`."""
     return optax.chain(
         optax.clip_by_global_norm(section.max_grad_norm),
-        optax.adamw(schedule, b1=section.b1, b2=section.b2, weight_decay=section.weight_decay),
+        optax.adamw(learning_rate_schedule(section, total_steps), b1=section.b1, b2=section.b2,
+                    weight_decay=section.weight_decay),
     )
 
 
@@ -111,8 +119,9 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
                               temperature=objective.temperature, mask=mask_BxT.reshape(-1),
                               valid_vocab=settings.valid_vocab)
         per_token = top.divergence.reshape(B, T)
-        scale_B = objectives.sequence_importance(student_logprob, batch.sampler_logprobs, mask_BxT,
-                                                 objective.importance_cap)
+        scale_B = objectives.sequence_importance(
+            student_logprob, batch.sampler_logprobs, mask_BxT, objective.importance_cap,
+            clamp="token" if objective.importance == "paper" else "sequence")
     elif objective.kind == "sampled_reverse_kl":
         per_token = objectives.sampled_reverse_kl_loss(
             student_logprob, teacher_logprob, batch.sampler_logprobs, mask_BxT,
@@ -121,8 +130,9 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
         scale_B = jnp.ones(B)
     else:
         per_token = out.divergence.reshape(B, T)
-        scale_B = objectives.sequence_importance(student_logprob, batch.sampler_logprobs, mask_BxT,
-                                                 objective.importance_cap)
+        scale_B = objectives.sequence_importance(
+            student_logprob, batch.sampler_logprobs, mask_BxT, objective.importance_cap,
+            clamp="token" if objective.importance == "paper" else "sequence")
     loss = objectives.reduce_loss(per_token, weights, mask_BxT, scale_B, objective.reduction)
     count = jnp.maximum(mask_BxT.sum(), 1)
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from opsd_jax.config import RunConfig, dump_config, resolve_paths
 from opsd_jax.data.sources import read_problems, problem_dataset
-from opsd_jax.distill.prompts import prompt_pair
+from opsd_jax.distill.prompts import prompt_pair, truncate_left
 from opsd_jax.distill.train_step import Batch, StepSettings, TrainState, make_optimizer, train_step
 from opsd_jax.parallel import logical_sharding, make_mesh, parse_mesh_shape
 from opsd_jax.paths import user_path
@@ -40,9 +40,15 @@ def rollout_seed(seed: int, step: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def build_batch(pairs, completions, *, student_length: int, teacher_length: int, completion_length: int) -> Batch:
+def build_batch(pairs, completions, *, student_length: int, teacher_length: int, completion_length: int,
+                processed_logprobs: bool = False) -> Batch:
     """Aligns rollouts for scoring: the same completion tokens follow the student's and the
-    teacher's prompt; index arrays name the context rows whose outputs predict each token."""
+    teacher's prompt; index arrays name the context rows whose outputs predict each token.
+
+    processed_logprobs: the batch's sampler log-probs are those of the distribution the tokens were
+    drawn from (after temperature / top-k / top-p), as the paper's vLLM reports them; otherwise the
+    sampler's raw model log-probs, so the importance ratio measures only the sampler / trainer
+    mismatch (numerics, bf16, stale weights)."""
     B = len(pairs)
     student_tokens = np.zeros((B, student_length), np.int32)
     teacher_tokens = np.zeros((B, teacher_length), np.int32)
@@ -65,9 +71,8 @@ def build_batch(pairs, completions, *, student_length: int, teacher_length: int,
         student_index[i, :n] = len(pair.student_ids) - 1 + np.arange(n)
         teacher_index[i, :n] = len(pair.teacher_ids) - 1 + np.arange(n)
         targets[i, :n] = tokens
-        # The sampler's raw model log-probabilities: the ratio then measures the sampler/trainer
-        # mismatch (numerics, bf16, stale weights), not the top-k / top-p filter's renormalization.
-        sampler_logprobs[i, :n] = completion.model_logprobs[:n]
+        source = completion.sampled_logprobs if processed_logprobs else completion.model_logprobs
+        sampler_logprobs[i, :n] = source[:n]
         lengths[i] = n
     return Batch(student_tokens, student_mask, teacher_tokens, teacher_mask, student_index, teacher_index,
                  targets, lengths, sampler_logprobs)
@@ -177,11 +182,15 @@ class Trainer:
         problems = read_problems(c.data.path, data_format=c.data.format, preset=c.data.preset,
                                  columns=(c.data.problem_column, c.data.solution_column, c.data.answer_column),
                                  split=c.data.split)
-        kept, skipped = [], 0
+        kept, skipped, truncated = [], 0, 0
         for problem in problems:
             pair = prompt_pair(problem, c.prompt, tokenizer)
             longest = max(len(pair.student_ids), len(pair.teacher_ids))
             if longest > c.data.max_prompt_tokens:
+                if c.data.overlong == "truncate_left":
+                    kept.append((problem, truncate_left(pair, c.data.max_prompt_tokens)))
+                    truncated += 1
+                    continue
                 if c.data.overlong == "error":
                     raise TrainingError(
                         f"{c.data.path}: problem {problem.id} needs a {longest}-token prompt, over "
@@ -192,6 +201,9 @@ class Trainer:
             kept.append((problem, pair))
         if not kept:
             raise TrainingError(f"{c.data.path}: every problem exceeds data.max_prompt_tokens ({skipped} skipped)")
+        if truncated and self.process_index == 0:
+            print(f"{c.data.path}: {truncated} of {len(problems)} prompts cut from the left to "
+                  f"data.max_prompt_tokens={c.data.max_prompt_tokens}", flush=True)
         return kept, skipped
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -277,7 +289,8 @@ class Trainer:
                     sampled = time.perf_counter()
                     batch = build_batch([pair for _, pair in batch_items], completions,
                                         student_length=context_length, teacher_length=context_length,
-                                        completion_length=completion_length)
+                                        completion_length=completion_length,
+                                        processed_logprobs=c.objective.importance == "paper")
                     device_batch = self._global_batch(batch, batch_sharding)
                     new_state, metrics = step_fn(state, device_batch)
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -357,7 +370,8 @@ class Trainer:
             os.path.join(folder, f"step{step:06d}{suffix}.jsonl"),
             [Rollout(problem, tuple(c.token_ids)) for (problem, _), c in zip(batch_items, completions)],
             tokenizer,
-            prompt={"student_suffix": prompt.student_suffix, "student_thinking": prompt.student_thinking},
+            prompt={"student_suffix": prompt.student_suffix, "suffix_join": prompt.suffix_join,
+                    "student_thinking": prompt.student_thinking},
         )
 
     def _on_sigterm(self, signum, frame) -> None:

@@ -79,6 +79,22 @@ def test_sequence_importance_is_the_capped_mean_ratio(rng):
     assert got[3] == 0.0
 
 
+def test_paper_importance_caps_each_token_then_averages():
+    """The two modes on a hand-made batch against their closed forms: ratios (4, 1, 0.5) over the
+    loss tokens; the masked ratio (e^3) must not count."""
+    student = np.log(np.array([[0.8, 0.5, 0.25, 0.9], [0.5, 0.5, 0.5, 0.5]], np.float32))
+    sampler = np.log(np.array([[0.2, 0.5, 0.5, 0.9 / np.e**3], [0.5, 0.5, 0.5, 0.5]], np.float32))
+    mask = np.array([[1, 1, 1, 0], [0, 0, 0, 0]], bool)
+    paper = np.asarray(objectives.sequence_importance(student, sampler, mask, cap=2.0, clamp="token"))
+    sequence = np.asarray(objectives.sequence_importance(student, sampler, mask, cap=2.0, clamp="sequence"))
+    np.testing.assert_allclose(paper, [(2.0 + 1.0 + 0.5) / 3, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(sequence, [min((4.0 + 1.0 + 0.5) / 3, 2.0), 0.0], rtol=1e-6)
+    uncapped = np.asarray(objectives.sequence_importance(student, sampler, mask, cap=None, clamp="token"))
+    np.testing.assert_allclose(uncapped[0], (4.0 + 1.0 + 0.5) / 3, rtol=1e-6)
+    with pytest.raises(ValueError, match="clamp must be"):
+        objectives.sequence_importance(student, sampler, mask, cap=2.0, clamp="batch")
+
+
 def test_reductions(rng):
     per_token = rng.normal(size=(3, 5))
     weights = rng.random((3, 5))
@@ -102,3 +118,22 @@ def test_token_weights_pick_high_entropy_forks(rng):
     down = np.asarray(objectives.token_weights(mask, entropy, "downweight_teacher_at_forks", top_rho=0.25,
                                                fork_weight=0.1))
     np.testing.assert_allclose(down, np.where(forks > 0, 0.1, mask.astype(float)))
+
+
+@pytest.mark.parametrize("steps, warmup", [(234, 8), (459, 14), (10, 1)])
+def test_schedule_is_transformers_cosine_with_ceil_warmup(steps, warmup):
+    """The paper's schedule (transformers' get_cosine_schedule_with_warmup, warmup = ceil(0.03 S))
+    in closed form, at every step."""
+    import math
+
+    from opsd_jax.config import OptimizerSection
+    from opsd_jax.distill.train_step import learning_rate_schedule
+
+    section = OptimizerSection(learning_rate=5e-6, warmup_ratio=0.03)
+    schedule = learning_rate_schedule(section, steps)
+    for s in range(steps + 1):
+        if s < warmup:
+            expected = 5e-6 * s / warmup
+        else:
+            expected = 5e-6 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        assert float(schedule(s)) == pytest.approx(expected, rel=1e-5, abs=1e-13), s

@@ -42,8 +42,11 @@ def test_privilege_modes(tokenizer):
     assert "\n11\n" in sparse.teacher_text and "Multiply first" not in sparse.teacher_text
     none = prompt_pair(PROBLEM, PromptSection(privilege="none"), tokenizer)
     assert none.teacher_ids == none.student_ids
-    concise = prompt_pair(PROBLEM, PromptSection(privilege="instruction", instruction="Be brief."), tokenizer)
-    assert concise.teacher_text.endswith("Be brief.") and "Multiply" not in concise.teacher_text
+    concise = prompt_pair(PROBLEM, PromptSection(privilege="instruction", instruction="Be brief.\n\n{prompt}"),
+                          tokenizer)
+    assert concise.teacher_text == f"Be brief.\n\n{concise.student_text}" and "Multiply" not in concise.teacher_text
+    with pytest.raises(ValueError, match="prompt.instruction must contain"):
+        prompt_pair(PROBLEM, PromptSection(privilege="instruction", instruction="Be brief."), tokenizer)
     half = prompt_pair(PROBLEM, PromptSection(privilege="fraction", fraction=0.5), tokenizer)
     assert "Multiply first" in half.teacher_text and "boxed{11}" not in half.teacher_text
     no_thinking = prompt_pair(PROBLEM, PromptSection(student_thinking=False), tokenizer)
@@ -65,3 +68,30 @@ def test_rollout_positions_align(tokenizer):
         assert batch.teacher_tokens[0, batch.teacher_index[0, t] + 1] == rollout[t]
     assert batch.student_index[0, 0] == len(pair.student_ids) - 1
     assert batch.teacher_index[0, 0] == len(pair.teacher_ids) - 1 > batch.student_index[0, 0]
+
+
+def test_paper_suffix_join_follows_the_papers_data_builder():
+    """The paper's data already ends its problems with the instruction (joined with a space); its
+    trainer adds nothing. Raw problems get it the way the paper's builder adds it."""
+    section = PromptSection(suffix_join="paper")
+    suffix = "Return your final response within \\boxed{}."
+    built = Problem(id="a", problem=f"What is 2 + 2? {suffix}", solution="", answer="4")
+    raw = Problem(id="b", problem="What is 2 + 2?  \n", solution="", answer="4")
+    from opsd_jax.distill.prompts import student_prompt_text
+
+    assert student_prompt_text(built, section) == built.problem
+    assert student_prompt_text(raw, section) == f"What is 2 + 2? {suffix}"
+    assert student_prompt_text(raw, PromptSection()) == f"What is 2 + 2?\n\n{suffix}"
+    countdown = Problem(id="c", problem="  Use 3, 5 to make 8.\n", solution="", answer="8")
+    assert student_prompt_text(countdown, PromptSection(suffix_join="paper", student_suffix="")) == countdown.problem
+
+
+def test_truncate_left_keeps_the_end_of_each_prompt():
+    from opsd_jax.distill.prompts import PromptPair, truncate_left
+
+    pair = PromptPair(list(range(10)), list(range(100, 130)), "s", "t")
+    cut = truncate_left(pair, 12)
+    assert cut.student_ids == list(range(10)) and cut.teacher_ids == list(range(118, 130))
+    assert (cut.student_text, cut.teacher_text) == ("s", "t")
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        truncate_left(pair, 0)

@@ -339,3 +339,18 @@ def test_external_teacher_must_share_the_tokenizer(model_dir, tmp_path):
     with pytest.raises(TrainingError, match=f"teacher {other} does not share the student's tokenizer"):
         Trainer(load_config(None, _overrides(model_dir, tmp_path / "run2", **{
             "teacher.kind": "external", "teacher.checkpoint": str(other)}))).run()
+
+
+def test_build_batch_takes_processed_or_raw_sampler_logprobs(rng):
+    """importance: paper uses the log-probs of the distribution tokens were drawn from; sequence
+    the raw model's."""
+    from opsd_jax.distill.prompts import PromptPair
+    from opsd_jax.sampler import Completion
+
+    pair = PromptPair([5, 6, 7], [5, 6, 7, 8], "", "")
+    completion = Completion([5, 6, 7], 0, [9, 10, 11], [-0.1, -0.2, -0.3], [-1.1, -1.2, -1.3], [0.0] * 3)
+    shapes = dict(student_length=8, teacher_length=8, completion_length=4)
+    processed = build_batch([pair], [completion], processed_logprobs=True, **shapes)
+    raw = build_batch([pair], [completion], **shapes)
+    np.testing.assert_allclose(processed.sampler_logprobs[0], [-0.1, -0.2, -0.3, 0.0])
+    np.testing.assert_allclose(raw.sampler_logprobs[0], [-1.1, -1.2, -1.3, 0.0])
