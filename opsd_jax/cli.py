@@ -131,6 +131,21 @@ def _export(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    import pyarrow.parquet
+
+    from opsd_jax.data import builders
+
+    build = {"openthoughts": builders.build_openthoughts, "countdown": builders.build_countdown}[args.dataset]
+    for name, path in build(args.source, args.out).items():
+        rows = pyarrow.parquet.read_metadata(path).num_rows
+        expected = builders.EXPECTED_ROWS.get(name)
+        note = "" if expected is None else f" (the paper's build: {expected:,})"
+        checksum = builders.content_checksum(path, builders.CHECKSUM_COLUMNS[args.dataset])
+        print(f"{path}: {rows:,} rows{note}, content sha256 {checksum}")
+    return 0
+
+
 def _tiny_model(args) -> int:
     from opsd_jax.checkpoint.atomic import atomic_directory
     from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
@@ -207,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config and tokenizer files (default: the run's model.checkpoint)")
     export.add_argument("--to-hf", required=True, metavar="DIR", type=user_path)
     export.set_defaults(run=_export)
+
+    data = commands.add_parser("data", help="rebuild the paper's training sets from local copies of their sources")
+    data.add_argument("dataset", choices=("openthoughts", "countdown"),
+                      help="openthoughts: Ashkchamp/Openthoughts_math_filtered_30K; countdown: "
+                           "jasonrqh/Countdown-CoT-20k (train split, the hub's schema)")
+    data.add_argument("source", type=user_path, help="parquet / JSON Lines file or saved dataset folder")
+    data.add_argument("out", type=user_path, metavar="OUT_DIR", help="where the parquet files go (e.g. data/raw)")
+    data.set_defaults(run=_data)
 
     tiny = commands.add_parser(
         "tiny-model", help="write a tiny random HF checkpoint with a small chat tokenizer (for trying every "
