@@ -2,8 +2,8 @@
 
   opsd-jax eval --checkpoint DIR --suite aime24,aime25,hmmt25 --out runs/eval/ckpt [--shard i/n]
   opsd-jax eval --merge --out runs/eval/ckpt          # after every shard finished
-  opsd-jax eval --score-only --out runs/eval/ckpt     # regrade existing generations
-  opsd-jax eval --compare runs/eval/a runs/eval/b --out runs/eval/report [--labels base,opsd]
+  opsd-jax eval --score-only --out runs/eval/ckpt [--grading strict,paper]   # regrade existing generations
+  opsd-jax eval --compare runs/eval/a runs/eval/b --out runs/eval/report [--labels base,opsd] [--grading paper]
 
 Nothing here imports jax at module level: the parser is built before --cpu-devices takes effect.
 """
@@ -40,7 +40,14 @@ def add_arguments(parser) -> None:
                         help="sequences decoded together (KV cache: slots x (prompt + max tokens); printed at start)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR")
-    parser.add_argument("--grade-timeout", type=int, default=5, help="seconds per math-verify parse / check")
+    parser.add_argument("--grade-timeout", type=int, default=5,
+                        help="seconds per math-verify parse / check (strict grading; paper grading keeps the paper's 1 s)")
+    parser.add_argument("--grading", default="strict", metavar="MODE[,MODE]",
+                        help="answer grading: strict (this repo's grader; a budget-cut response gets no fallbacks), "
+                             "paper (the paper's extract_answer_math/strip_string/math_equal; a cut response is "
+                             "graded like a finished one), or strict,paper for both side by side (the first is "
+                             "plotted and printed). Each mode has its own SUITE/metrics folder and is recorded in "
+                             "every metrics file and summary.json. With --compare: the one mode to compare")
     parser.add_argument("--merge", action="store_true", help="merge shard files under --out, then grade")
     parser.add_argument("--score-only", action="store_true", help="grade existing generations under --out")
     parser.add_argument("--compare", nargs="+", metavar="RUN", type=user_path, help="run folders to compare (the first is the base)")
@@ -53,7 +60,8 @@ def _print_summary(results: dict) -> None:
     for suite, by_budget in results.items():
         for budget, m in sorted(by_budget.items()):
             passes = " ".join(f"pass@{k}={v:.3f}" for k, v in m["pass@k"].items())
-            print(f"{suite} budget {budget}: avg@{m['samples_per_problem']}={m['accuracy']:.4f} {passes} "
+            print(f"{suite} budget {budget} ({m['grading']} grading): "
+                  f"avg@{m['samples_per_problem']}={m['accuracy']:.4f} {passes} "
                   f"mean_tokens={m['length']['mean_tokens']:.0f} hit_cap={m['length']['hit_cap_share']:.1%}")
 
 
@@ -62,12 +70,16 @@ def run(args, make_mesh) -> int:
     from opsd_jax.eval import runner
     from opsd_jax.eval.generations import parse_shard
     from opsd_jax.eval.report import compare_runs
+    from opsd_jax.eval.score import parse_gradings
     from opsd_jax.eval.suites import parse_suites
 
     progress = not args.no_progress
+    gradings = parse_gradings(args.grading)
     if args.compare:
+        if len(gradings) != 1:
+            raise ValueError(f"--compare compares one grading mode at a time, got --grading {args.grading}")
         labels = args.labels.split(",") if args.labels else None
-        result = compare_runs(args.compare, labels, args.out)
+        result = compare_runs(args.compare, labels, args.out, grading=gradings[0])
         for row in result["differences"]:
             print(f"{row['suite']} budget {row['budget']}: {row['run']} - {row['base_run']} = {row['absolute']:+.4f} "
                   f"[{row['absolute_ci'][0]:+.4f}, {row['absolute_ci'][1]:+.4f}]")
@@ -75,7 +87,7 @@ def run(args, make_mesh) -> int:
         return 0
     if args.merge or args.score_only:
         _print_summary(runner.score_run(args.out, merge=args.merge, timeout_seconds=args.grade_timeout,
-                                        progress=progress))
+                                        progress=progress, grading=gradings))
         return 0
     if not args.checkpoint:
         raise ValueError("eval needs --checkpoint DIR (or --merge / --score-only / --compare)")
@@ -87,12 +99,13 @@ def run(args, make_mesh) -> int:
     suites = parse_suites(args.suite)
     result = runner.run_eval(args.checkpoint, suites, args.out, settings, shard=shard, mesh=make_mesh(args.mesh),
                              dtype=args.dtype, max_slots=args.max_slots, progress=progress,
-                             timeout_seconds=args.grade_timeout)
+                             timeout_seconds=args.grade_timeout, grading=gradings)
     for suite, counts in result["generation"].items():
         print(f"{suite}: {counts['generated']} generated, {counts['existing']} already on disk"
               f"{', a torn last line dropped' if counts['dropped_torn_line'] else ''} -> {counts['path']}")
     if "metrics" in result:
         _print_summary(result["metrics"])
     else:
-        print(f"shard {shard[0]}/{shard[1]} done; grade with: opsd-jax eval --merge --out {args.out}")
+        grading = "" if gradings == ("strict",) else f" --grading {','.join(gradings)}"
+        print(f"shard {shard[0]}/{shard[1]} done; grade with: opsd-jax eval --merge --out {args.out}{grading}")
     return 0

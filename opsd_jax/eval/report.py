@@ -50,16 +50,19 @@ def plot_accuracy_vs_budget(runs: dict[str, dict[str, dict[int, dict]]], path: s
     os.replace(temporary, path)
 
 
-def compare_runs(run_directories: list[str], labels: list[str] | None, out: str, *, resamples: int = 10_000) -> dict:
+def compare_runs(run_directories: list[str], labels: list[str] | None, out: str, *, resamples: int = 10_000,
+                 grading: str = "strict") -> dict:
     """Compares every run with the first (the base) on each suite and budget both cover:
     absolute and relative accuracy differences with paired bootstrap 95% intervals over problems.
+    Only metrics of one grading mode are read (score.metrics_folder), so runs graded differently
+    are never compared; the mode is recorded in comparison.json and comparison.md.
     Writes comparison.json, comparison.md and accuracy_vs_budget.png under `out`."""
     if len(run_directories) < 2:
         raise ValueError("--compare needs at least two run folders (the first is the base)")
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_directories]
     if len(labels) != len(run_directories) or len(set(labels)) != len(labels):
         raise ValueError(f"need one distinct label per run, got {labels} for {len(run_directories)} runs")
-    runs = {label: load_run_metrics(d) for label, d in zip(labels, run_directories)}
+    runs = {label: load_run_metrics(d, grading) for label, d in zip(labels, run_directories)}
     base_label = labels[0]
     rows = []
     for label in labels[1:]:
@@ -80,10 +83,11 @@ def compare_runs(run_directories: list[str], labels: list[str] | None, out: str,
         raise ValueError(f"runs share no suite and budget with the base run {base_label}")
     os.makedirs(out, exist_ok=True)
     write_atomic(os.path.join(out, "comparison.json"), json.dumps({"runs": dict(zip(labels, run_directories)),
-                                                                   "differences": rows}, indent=1) + "\n")
-    write_atomic(os.path.join(out, "comparison.md"), comparison_markdown(rows))
+                                                                   "grading": grading, "differences": rows},
+                                                                  indent=1) + "\n")
+    write_atomic(os.path.join(out, "comparison.md"), comparison_markdown(rows, grading))
     plot_accuracy_vs_budget(runs, os.path.join(out, "accuracy_vs_budget.png"))
-    return {"differences": rows}
+    return {"grading": grading, "differences": rows}
 
 
 def _interval(values) -> str:
@@ -92,8 +96,8 @@ def _interval(values) -> str:
     return f"[{values[0]:+.3f}, {values[1]:+.3f}]"
 
 
-def comparison_markdown(rows: list[dict]) -> str:
-    lines = ["# Accuracy differences against the base run (paired bootstrap over problems, 95%)", "",
+def comparison_markdown(rows: list[dict], grading: str = "strict") -> str:
+    lines = [f"# Accuracy differences against the base run (paired bootstrap over problems, 95%; {grading} grading)", "",
              "| suite | budget | base | run | base acc | run acc | absolute [CI] | relative [CI] |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

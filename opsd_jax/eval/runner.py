@@ -155,13 +155,19 @@ def generate_suite(orchestrator, tokenizer, suite: Suite, directory: str, settin
 
 
 def score_run(out: str, suites: list[Suite] | None = None, *, merge: bool = False, timeout_seconds: int = 5,
-              progress: bool = True) -> dict:
+              progress: bool = True, grading="strict") -> dict:
     """Grades every suite folder under `out` (merging shard files first when asked), then writes
     summary.json, summary.md and accuracy_vs_budget.png. `suites` defaults to the suites named in
-    the generations headers (built-in names or their recorded source files)."""
+    the generations headers (built-in names or their recorded source files).
+
+    grading: "strict", "paper", or several ("strict,paper" or a sequence) to grade side by side;
+    each mode writes its own metrics folder (score.metrics_folder), summary.md gets a row per
+    mode, summary.json records the first (primary) mode under "grading" and every mode under
+    "by_grading". Returns the primary mode's {suite: {budget: metrics}}."""
     from opsd_jax.eval.suites import load_suite
 
-    results = {}
+    modes = score.parse_gradings(grading)
+    results_by_grading: dict[str, dict] = {mode: {} for mode in modes}
     wanted = {s.name: s for s in suites} if suites else None
     names = sorted(wanted) if wanted else sorted(
         d for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))
@@ -180,26 +186,39 @@ def score_run(out: str, suites: list[Suite] | None = None, *, merge: bool = Fals
         if suite.fingerprint != header["suite_fingerprint"]:
             raise ValueError(f"{directory}: generations were made for other problems than suite {suite.name} "
                              f"({suite.source}) now holds")
-        results[name] = score.score_suite(list(contents.records.values()), header, suite, directory,
-                                          timeout_seconds=timeout_seconds)
-    summary = {suite: {str(b): {k: m[k] for k in ("accuracy", "accuracy_ci95", "accuracy_boxed_only", "pass@k",
-                                                   "samples_per_problem", "length", "extraction", "timeouts")}
+        for mode in modes:
+            results_by_grading[mode][name] = score.score_suite(list(contents.records.values()), header, suite,
+                                                               directory, timeout_seconds=timeout_seconds,
+                                                               grading=mode)
+    primary = modes[0]
+    results = results_by_grading[primary]
+    fields = ("accuracy", "accuracy_ci95", "accuracy_boxed_only", "pass@k", "samples_per_problem", "length",
+              "extraction", "timeouts")
+    summary = {suite: {str(b): {**{k: m[k] for k in fields}, "grading": primary,
+                                "by_grading": {mode: {k: results_by_grading[mode][suite][b][k] for k in fields
+                                                      if k != "length"} for mode in modes}}
                        for b, m in by_budget.items()} for suite, by_budget in results.items()}
     generations.write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1) + "\n")
-    generations.write_atomic(os.path.join(out, "summary.md"), score.summary_markdown(results, f"eval: {out}"))
-    report.plot_accuracy_vs_budget({os.path.basename(os.path.normpath(out)): results},
-                                   os.path.join(out, "accuracy_vs_budget.png"))
+    generations.write_atomic(os.path.join(out, "summary.md"), score.summary_markdown(
+        results_by_grading, f"eval: {out} (grading: {', '.join(modes)})"))
+    label = os.path.basename(os.path.normpath(out))
+    plotted = ({label: results} if modes == ("strict",)
+               else {f"{label} [{mode} grading]": results_by_grading[mode] for mode in modes})
+    report.plot_accuracy_vs_budget(plotted, os.path.join(out, "accuracy_vs_budget.png"))
     return results
 
 
 def run_eval(checkpoint: str, suites: list[Suite], out: str, settings: EvalSettings, *, shard=(0, 1), mesh=None,
-             dtype: str = "bfloat16", max_slots: int = 8, progress: bool = True, timeout_seconds: int = 5) -> dict:
-    """Generates (resuming) every suite for this shard; a single-shard run also grades and writes
-    the reports. Returns {"generation": {suite: counts}, "metrics": {suite: {budget: metrics}}}."""
+             dtype: str = "bfloat16", max_slots: int = 8, progress: bool = True, timeout_seconds: int = 5,
+             grading="strict") -> dict:
+    """Generates (resuming) every suite for this shard; a single-shard run also grades (under
+    `grading`, as in score_run) and writes the reports.
+    Returns {"generation": {suite: counts}, "metrics": {suite: {budget: metrics}}}."""
     from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig
     from opsd_jax.sampler.server import default_stop_token_ids, load_for_serving
 
     settings.validate()
+    score.parse_gradings(grading)  # a bad mode fails before hours of generation
     config, params, tokenizer, side_dir = load_for_serving(checkpoint, dtype=dtype, mesh=mesh)
     stop_token_ids = default_stop_token_ids(tokenizer, side_dir)
     longest_prompt = max(len(p) for s in suites for p in build_prompts(tokenizer, s, settings))
@@ -217,5 +236,6 @@ def run_eval(checkpoint: str, suites: list[Suite], out: str, settings: EvalSetti
                 stop_token_ids=stop_token_ids, checkpoint=checkpoint, progress=progress)
     result = {"generation": counts}
     if shard[1] == 1:
-        result["metrics"] = score_run(out, suites, timeout_seconds=timeout_seconds, progress=progress)
+        result["metrics"] = score_run(out, suites, timeout_seconds=timeout_seconds, progress=progress,
+                                      grading=grading)
     return result

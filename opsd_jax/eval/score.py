@@ -2,9 +2,18 @@
 
 Layout under a run's output folder:
   SUITE/generations.jsonl           samples (see generations.py)
-  SUITE/metrics/budget-B.json       metrics at budget B (the full cap included)
+  SUITE/metrics/budget-B.json       metrics at budget B (the full cap included), strict grading
   SUITE/grades.jsonl                per-sample grades at the full cap (answer, method, correct)
-  summary.json, summary.md          every suite x budget; accuracy_vs_budget.png
+  SUITE/metrics-paper/, SUITE/grades-paper.jsonl   the same under paper grading
+  summary.json, summary.md          every suite x budget (x grading); accuracy_vs_budget.png
+
+Grading modes (every metrics file records its mode under "grading"):
+  strict  grader.py: the final section first, and a response cut by a budget gets no phrase or
+          last-number fallback.
+  paper   paper_grader.py: the paper's extract_answer_math / strip_string / math_equal on the
+          whole text; a response cut at a budget is graded exactly like a finished one, as the
+          paper's run_budget_sweep.py does (which cuts by re-tokenising the decoded text, where
+          this repo cuts at the recorded characters of the first B sampled tokens).
 """
 
 from __future__ import annotations
@@ -15,9 +24,32 @@ import os
 
 import numpy as np
 
-from opsd_jax.eval import grader, metrics
+from opsd_jax.eval import grader, metrics, paper_grader
 from opsd_jax.eval.generations import write_atomic
 from opsd_jax.eval.suites import Suite
+
+
+STRICT, PAPER = "strict", "paper"
+GRADINGS = (STRICT, PAPER)
+
+
+def parse_gradings(text) -> tuple[str, ...]:
+    """Grading modes from "strict", "paper" or a comma-separated list ("strict,paper"); the first
+    is the primary one (plotted, returned and compared)."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip()) if isinstance(text, str) else tuple(text)
+    unknown = [m for m in modes if m not in GRADINGS]
+    if not modes or unknown or len(set(modes)) != len(modes):
+        raise ValueError(f"--grading must be one or more distinct modes of {', '.join(GRADINGS)}, got {text!r}")
+    return modes
+
+
+def metrics_folder(grading: str) -> str:
+    """A suite's metrics folder for a grading mode (strict keeps the original name)."""
+    return "metrics" if grading == STRICT else f"metrics-{grading}"
+
+
+def grades_file(grading: str) -> str:
+    return "grades.jsonl" if grading == STRICT else f"grades-{grading}.jsonl"
 
 
 def budgets_for(header: dict) -> list[int]:
@@ -26,31 +58,39 @@ def budgets_for(header: dict) -> list[int]:
 
 
 def grade_records(records: list[dict], suite: Suite, budget: int, *, thinking_open: bool,
-                  timeout_seconds: int = 5) -> list[dict]:
-    """One grade row per record at one budget."""
+                  timeout_seconds: int = 5, grading: str = STRICT) -> list[dict]:
+    """One grade row per record at one budget. `timeout_seconds` applies to strict grading; paper
+    grading uses the paper's 1 s limit on its symbolic check."""
+    parse_gradings([grading])
     answers = suite.by_id()
+    task = paper_grader.task_for_suite(suite.name) if grading == PAPER else None
     rows = []
     for record in records:
         problem = answers.get(record["problem_id"])
         if problem is None:
             raise ValueError(f"generation for problem {record['problem_id']!r}, which suite {suite.name} lacks")
         text, tokens, hit_cap = metrics.cut_at_budget(record, budget)
-        g = grader.grade(text, problem.answer, cut_off=hit_cap, thinking_open=thinking_open,
-                         timeout_seconds=timeout_seconds)
+        if grading == PAPER:  # the cut text is graded like a finished response: no cut_off
+            g = paper_grader.grade(text, problem.answer, task=task)
+        else:
+            g = grader.grade(text, problem.answer, cut_off=hit_cap, thinking_open=thinking_open,
+                             timeout_seconds=timeout_seconds)
         rows.append({"problem_id": record["problem_id"], "sample_index": record["sample_index"],
                      "correct": g.correct, "answer": g.answer, "method": g.method, "timed_out": g.timed_out,
                      "tokens": tokens, "hit_cap": hit_cap})
     return rows
 
 
-def budget_metrics(rows: list[dict], suite: Suite, budget: int, ks=metrics.DEFAULT_KS) -> dict:
-    """metrics.json content for one suite at one budget."""
+def budget_metrics(rows: list[dict], suite: Suite, budget: int, ks=metrics.DEFAULT_KS, *,
+                   grading: str = STRICT) -> dict:
+    """metrics.json content for one suite at one budget, graded under `grading`."""
     problem_ids = [p.id for p in suite.problems]
     correct_PxN = metrics.correctness_matrix(rows, problem_ids)
     boxed_PxN = metrics.correctness_matrix(
         [dict(r, correct=r["correct"] and r["method"] == grader.BOXED) for r in rows], problem_ids)
     n = correct_PxN.shape[1]
-    result = {"suite": suite.name, "budget": budget, **metrics.accuracy_metrics(correct_PxN, ks)}
+    result = {"suite": suite.name, "budget": budget, "grading": grading,
+              **metrics.accuracy_metrics(correct_PxN, ks)}
     result["accuracy"] = result[f"avg@{n}"]
     result["accuracy_ci95"] = list(metrics.bootstrap_mean_interval(correct_PxN.mean(axis=1)))
     result["accuracy_boxed_only"] = float(boxed_PxN.mean())
@@ -78,54 +118,72 @@ def budget_metrics(rows: list[dict], suite: Suite, budget: int, ks=metrics.DEFAU
 
 
 def score_suite(records: list[dict], header: dict, suite: Suite, directory: str, *,
-                timeout_seconds: int = 5) -> dict[int, dict]:
-    """Grades at every budget, writes SUITE/metrics/budget-B.json and SUITE/grades.jsonl."""
+                timeout_seconds: int = 5, grading: str = STRICT) -> dict[int, dict]:
+    """Grades at every budget under one grading mode, writes SUITE/<metrics_folder>/budget-B.json
+    and SUITE/<grades_file> (metrics/ and grades.jsonl for strict)."""
     results = {}
     budgets = budgets_for(header)
     for budget in budgets:
         rows = grade_records(records, suite, budget, thinking_open=header["thinking_open"],
-                             timeout_seconds=timeout_seconds)
-        result = budget_metrics(rows, suite, budget)
+                             timeout_seconds=timeout_seconds, grading=grading)
+        result = budget_metrics(rows, suite, budget, grading=grading)
         result["sampling"] = header["sampling"]
         result["checkpoint"] = header.get("checkpoint")
-        write_atomic(os.path.join(directory, "metrics", f"budget-{budget}.json"), json.dumps(result, indent=1) + "\n")
+        write_atomic(os.path.join(directory, metrics_folder(grading), f"budget-{budget}.json"),
+                     json.dumps(result, indent=1) + "\n")
         results[budget] = result
         if budget == budgets[-1]:
-            write_atomic(os.path.join(directory, "grades.jsonl"),
+            write_atomic(os.path.join(directory, grades_file(grading)),
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return results
 
 
-def load_run_metrics(run_directory: str) -> dict[str, dict[int, dict]]:
-    """{suite: {budget: metrics}} from a run's output folder."""
+def load_run_metrics(run_directory: str, grading: str = STRICT) -> dict[str, dict[int, dict]]:
+    """{suite: {budget: metrics}} of one grading mode from a run's output folder. Files written
+    before modes existed carry no "grading" and count as strict; a file recording another mode
+    than its folder's is refused rather than compared."""
+    parse_gradings([grading])
     found: dict[str, dict[int, dict]] = {}
     if not os.path.isdir(run_directory):
         raise FileNotFoundError(f"{run_directory}: not a directory")
     for suite in sorted(os.listdir(run_directory)):
-        folder = os.path.join(run_directory, suite, "metrics")
+        folder = os.path.join(run_directory, suite, metrics_folder(grading))
         if not os.path.isdir(folder):
             continue
         for name in os.listdir(folder):
             if name.startswith("budget-") and name.endswith(".json"):
                 with open(os.path.join(folder, name), encoding="utf-8") as f:
                     result = json.load(f)
+                recorded = result.get("grading", STRICT)
+                if recorded != grading:
+                    raise ValueError(f"{os.path.join(folder, name)}: graded {recorded!r}, expected {grading!r}")
                 found.setdefault(suite, {})[int(result["budget"])] = result
     if not found:
-        raise FileNotFoundError(f"{run_directory}: no SUITE/metrics/budget-*.json files (run or merge the eval first)")
+        raise FileNotFoundError(f"{run_directory}: no SUITE/{metrics_folder(grading)}/budget-*.json files "
+                                f"({grading} grading; run, merge or --score-only with --grading {grading} first)")
     return found
 
 
-def summary_markdown(results: dict[str, dict[int, dict]], title: str) -> str:
-    """A table per run: suite x budget with avg@n, its interval, pass@k, lengths and cap share."""
-    lines = [f"# {title}", "", "| suite | budget | avg@n [95% CI] | boxed only | pass@k | mean / median tokens | hit cap |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for suite, by_budget in results.items():
-        for budget, m in sorted(by_budget.items()):
-            low, high = m["accuracy_ci95"]
-            passes = ", ".join(f"@{k} {v:.3f}" for k, v in m["pass@k"].items())
-            length = m["length"]
-            lines.append(
-                f"| {suite} | {budget} | {m['accuracy']:.4f} [{low:.3f}, {high:.3f}] (n={m['samples_per_problem']}) | "
-                f"{m['accuracy_boxed_only']:.4f} | {passes} | {length['mean_tokens']:.0f} / {length['median_tokens']:.0f} "
-                f"| {length['hit_cap_share']:.1%} |")
+def summary_markdown(results_by_grading: dict[str, dict[str, dict[int, dict]]], title: str) -> str:
+    """A table per run: suite x budget x grading mode with avg@n, its interval, pass@k, lengths
+    and cap share. results_by_grading: {grading: {suite: {budget: metrics}}}; modes graded
+    together sit in adjacent rows."""
+    lines = [f"# {title}", "",
+             "| suite | budget | grading | avg@n [95% CI] | boxed only | pass@k | mean / median tokens | hit cap |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    suites = list(dict.fromkeys(s for results in results_by_grading.values() for s in results))
+    for suite in suites:
+        budgets = sorted({b for results in results_by_grading.values() for b in results.get(suite, {})})
+        for budget in budgets:
+            for grading, results in results_by_grading.items():
+                m = results.get(suite, {}).get(budget)
+                if m is None:
+                    continue
+                low, high = m["accuracy_ci95"]
+                passes = ", ".join(f"@{k} {v:.3f}" for k, v in m["pass@k"].items())
+                length = m["length"]
+                lines.append(
+                    f"| {suite} | {budget} | {grading} | {m['accuracy']:.4f} [{low:.3f}, {high:.3f}] "
+                    f"(n={m['samples_per_problem']}) | {m['accuracy_boxed_only']:.4f} | {passes} | "
+                    f"{length['mean_tokens']:.0f} / {length['median_tokens']:.0f} | {length['hit_cap_share']:.1%} |")
     return "\n".join(lines) + "\n"
