@@ -442,7 +442,8 @@ def symbolic_equal(a: str, b: str, timeout_seconds: float = PAPER_TIMEOUT_SECOND
 def task_for_suite(name: str) -> str:
     """The paper's task for a suite name (get_task): a trailing `_<digits>` is dropped; aime24 and
     aime25 are "math", hmmt25 is "hmmt"; other names are "hmmt" when they contain "hmmt", else
-    "math". Countdown suites (the paper's CountdownTask) are refused."""
+    "math". A math suite named like Countdown is refused: Countdown suites are files in the
+    Countdown schema (datapoint_input_text, ...), graded by opsd_jax.eval.countdown."""
     name = re.sub(r"_\d+$", "", name)
     if name in ("aime24", "aime25"):
         return "math"
@@ -450,8 +451,8 @@ def task_for_suite(name: str) -> str:
         return "hmmt"
     lowered = name.lower()
     if "countdown" in lowered:
-        raise ValueError(f"suite {name!r}: the paper grades Countdown with its own rule, which --grading paper "
-                         "does not implement")
+        raise ValueError(f"suite {name!r} is named like Countdown but holds math rows (problem / answer); a "
+                         "Countdown suite is a file in the Countdown schema (opsd-jax data countdown)")
     return "hmmt" if "hmmt" in lowered else "math"
 
 

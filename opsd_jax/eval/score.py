@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from opsd_jax.eval import grader, metrics, paper_grader
+from opsd_jax.eval import countdown, grader, metrics, paper_grader
 from opsd_jax.eval.generations import write_atomic
 from opsd_jax.eval.suites import Suite
 
@@ -63,14 +63,16 @@ def grade_records(records: list[dict], suite: Suite, budget: int, *, thinking_op
     grading uses the paper's 1 s limit on its symbolic check."""
     parse_gradings([grading])
     answers = suite.by_id()
-    task = paper_grader.task_for_suite(suite.name) if grading == PAPER else None
+    task = paper_grader.task_for_suite(suite.name) if grading == PAPER and suite.kind == "math" else None
     rows = []
     for record in records:
         problem = answers.get(record["problem_id"])
         if problem is None:
             raise ValueError(f"generation for problem {record['problem_id']!r}, which suite {suite.name} lacks")
         text, tokens, hit_cap = metrics.cut_at_budget(record, budget)
-        if grading == PAPER:  # the cut text is graded like a finished response: no cut_off
+        if suite.kind == "countdown":  # the paper's Countdown rule, the only one there is, in both modes
+            g = countdown.grade(text, problem.answer)
+        elif grading == PAPER:  # the cut text is graded like a finished response: no cut_off
             g = paper_grader.grade(text, problem.answer, task=task)
         else:
             g = grader.grade(text, problem.answer, cut_off=hit_cap, thinking_open=thinking_open,
@@ -95,7 +97,7 @@ def budget_metrics(rows: list[dict], suite: Suite, budget: int, ks=metrics.DEFAU
     result["accuracy_ci95"] = list(metrics.bootstrap_mean_interval(correct_PxN.mean(axis=1)))
     result["accuracy_boxed_only"] = float(boxed_PxN.mean())
     methods = collections.Counter(r["method"] for r in rows)
-    result["extraction"] = {m: methods.get(m, 0) for m in grader.METHODS}
+    result["extraction"] = {**{m: methods.get(m, 0) for m in grader.METHODS}, **methods}
     result["timeouts"] = sum(r["timed_out"] for r in rows)
     result["length"] = metrics.length_stats([r["tokens"] for r in rows], [r["hit_cap"] for r in rows])
     by_problem = collections.defaultdict(list)

@@ -29,6 +29,9 @@ class Suite:
     name: str
     source: str  # the file or folder it was read from
     problems: tuple[Problem, ...]
+    # math: answers are LaTeX, graded by the strict or the paper grader; countdown: answers are
+    # opsd_jax.eval.countdown references (numbers and target), graded by the paper's Countdown rule.
+    kind: str = "math"
 
     @property
     def fingerprint(self) -> str:
@@ -73,7 +76,10 @@ def load_suite(spec: str) -> Suite:
     """A built-in suite by name (aime24, aime25, hmmt25), or a file / saved-dataset folder.
 
     Rows need a problem ('problem' or 'question') and an 'answer'; 'id' defaults to
-    NAME-INDEX. Errors name the file and line (or row) and the field.
+    NAME-INDEX. Errors name the file and line (or row) and the field. A file in the Countdown
+    schema of `opsd-jax data countdown` (datapoint_input_text, datapoint_x, datapoint_y: e.g. its
+    countdown_500.parquet held-out split) is a Countdown suite: the prompt is datapoint_input_text
+    verbatim, the answer the numbers and target.
     """
     if spec in BUILTIN:
         path, name = builtin_path(spec), spec
@@ -82,16 +88,40 @@ def load_suite(spec: str) -> Suite:
         name = os.path.splitext(os.path.basename(os.path.normpath(spec)))[0]
         if not os.path.exists(path):
             raise FileNotFoundError(f"suite {spec!r}: neither a built-in suite ({', '.join(BUILTIN)}) nor a file")
-    problems, seen = [], {}
+    problems, seen, kinds = [], {}, set()
     for index, (where, row) in enumerate(suite_rows(path)):
         problem_id = row_problem_id(row, name, index)
         if problem_id in seen:
             raise ValueError(f"{where}: duplicate id {problem_id!r} (first at {seen[problem_id]})")
         seen[problem_id] = where
-        problems.append(Problem(problem_id, _field(row, PROBLEM_FIELDS, where), _field(row, ANSWER_FIELDS, where)))
+        if COUNTDOWN_PROBLEM_FIELD in row:
+            kinds.add("countdown")
+            problems.append(Problem(problem_id, _field(row, (COUNTDOWN_PROBLEM_FIELD,), where),
+                                    _countdown_reference(row, where)))
+        else:
+            kinds.add("math")
+            problems.append(Problem(problem_id, _field(row, PROBLEM_FIELDS, where),
+                                    _field(row, ANSWER_FIELDS, where)))
     if not problems:
         raise ValueError(f"{path}: no problems")
-    return Suite(name, path, tuple(problems))
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: mixes Countdown rows ({COUNTDOWN_PROBLEM_FIELD}) with math rows")
+    return Suite(name, path, tuple(problems), kinds.pop())
+
+
+COUNTDOWN_PROBLEM_FIELD = "datapoint_input_text"
+
+
+def _countdown_reference(row: dict, where: str) -> str:
+    from opsd_jax.eval.countdown import reference
+
+    numbers = row.get("datapoint_x", row.get("datapoint_nums"))
+    target = row.get("datapoint_y", row.get("datapoint_target"))
+    if not isinstance(numbers, list) or not numbers or not all(isinstance(n, (int, float)) for n in numbers):
+        raise ValueError(f"{where}: field 'datapoint_x' must be a non-empty list of numbers, got {numbers!r}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)):
+        raise ValueError(f"{where}: field 'datapoint_y' must be a number, got {target!r}")
+    return reference(numbers, target)
 
 
 def parse_suites(text: str) -> list[Suite]:
