@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="avg@k / pass@k on math suites at token budgets (resumable)")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(run=_eval)
+    parser.set_defaults(eval_parser=evaluate)
 
     from opsd_jax.analysis.cli import add_arguments as add_analyze_arguments
 
@@ -251,8 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line; for `eval --config RUN.yaml`, the run config's eval section gives
+    the defaults and flags given on the line still win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "eval" and args.config:
+        from opsd_jax.eval.cli import config_defaults
+
+        args.eval_parser.set_defaults(**config_defaults(args.config))
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_arguments(argv)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"opsd-jax eval: error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.command == "train" and args.cpu_devices is None:
             _set_cpu_devices(_config_cpu_devices(args), force_cpu=False)

@@ -141,6 +141,22 @@ class TrainSection:
 
 
 @dataclasses.dataclass
+class EvalSection:
+    """How `opsd-jax eval --config RUN.yaml` evaluates this run's checkpoints (flags override)."""
+
+    suites: str = "aime24,aime25,hmmt25"  # built-in names or suite files, comma-separated
+    n: int = 16  # samples per problem
+    max_tokens: int = 38912
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0  # 0: off
+    budgets: str = "4096,8192,16384,32768"  # regraded by cutting each generation
+    grading: str = "strict"  # strict, paper, or both ("strict,paper"); see opsd_jax/eval/score.py
+    thinking: bool | None = None  # None: the chat template's default, as the paper evaluates
+    instruction: str | None = None  # text appended to each problem (the paper appends none)
+
+
+@dataclasses.dataclass
 class RunConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     teacher: TeacherSection = dataclasses.field(default_factory=TeacherSection)
@@ -150,6 +166,7 @@ class RunConfig:
     objective: ObjectiveSection = dataclasses.field(default_factory=ObjectiveSection)
     optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

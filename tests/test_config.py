@@ -17,7 +17,7 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [("optimizer.learnig_rate=1", r"unknown config key optimizer.learnig_rate; valid keys in section 'optimizer': b1, b2, learning_rate"),
-     ("trian.steps=3", r"unknown config key trian; valid keys in the top level: data, model"),
+     ("trian.steps=3", r"unknown config key trian; valid keys in the top level: data, eval, model"),
      ("objective.kind=kl", r"objective.kind: 'kl' is not one of 'jsd', 'forward_kl'"),
      ("train.steps=many", r"train.steps: expected an integer"),
      ("model.remat=maybe", r"model.remat: expected true or false"),

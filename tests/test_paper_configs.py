@@ -76,6 +76,28 @@ def test_paper_config_resolves_to_the_papers_values(name):
                                                                                                        4096)
     countdown = c.data.preset == "countdown"
     assert (c.prompt.student_suffix, c.prompt.suffix_join) == ("" if countdown else SUFFIX, "paper")
+    # Evaluation as run_generate.py + run_budget_sweep.py: n 16 at 38,912 tokens, cut at four budgets,
+    # the paper's grader, the template's own thinking default; Qwen3-4B-Instruct-2507 at 0.7 / 0.8.
+    e = c.eval
+    suites = ("data/raw/countdown_500.parquet," if countdown else "") + "aime24,aime25,hmmt25"
+    sampling = (0.7, 0.8) if folder == "Qwen3-4B-Instruct-2507" else (0.6, 0.95)
+    assert (e.suites, e.n, e.max_tokens, (e.temperature, e.top_p), e.top_k) == (suites, 16, 38912, sampling, 0)
+    assert (e.budgets, e.grading, e.thinking, e.instruction) == ("4096,8192,16384,32768", "paper", None, None)
+
+
+def test_eval_takes_its_defaults_from_the_config_and_flags_win(tmp_path):
+    from opsd_jax.cli import parse_arguments
+
+    config = os.path.join(CONFIGS, "qwen3_4b_instruct_2507_countdown_dense.yaml")
+    args = parse_arguments(["eval", "--config", config, "--checkpoint", "ckpt", "--out", "out", "--n", "4"])
+    assert (args.n, args.max_tokens, args.temperature, args.top_p, args.grading) == (4, 38912, 0.7, 0.8, "paper")
+    assert args.suite.startswith("data/raw/countdown_500.parquet") and args.thinking is None
+    plain = parse_arguments(["eval", "--checkpoint", "ckpt", "--out", "out"])
+    assert (plain.n, plain.temperature, plain.grading) == (16, 0.6, "strict")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("eval:\n  temprature: 0.7\n")
+    with pytest.raises(ValueError, match="unknown config key eval.temprature"):
+        parse_arguments(["eval", "--config", str(bad), "--checkpoint", "c", "--out", "o"])
 
 
 def test_paper_prompt_texts():

@@ -33,7 +33,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="base seed; each (problem, sample) derives its own")
     parser.add_argument("--instruction", help='text appended to each problem, e.g. "Please reason step by step, '
                         'and put your final answer within \\boxed{}."')
-    parser.add_argument("--no-thinking", action="store_true", help="enable_thinking=False in the chat template")
+    parser.add_argument("--no-thinking", dest="thinking", action="store_const", const=False, default=None,
+                        help="enable_thinking=False in the chat template (default: the template's own default)")
+    parser.add_argument("--thinking", dest="thinking", action="store_const", const=True,
+                        help="enable_thinking=True in the chat template")
+    parser.add_argument("--config", metavar="YAML", type=user_path,
+                        help="a run config whose `eval` section gives the defaults of --suite, --n, --max-tokens, "
+                             "--temperature, --top-p, --top-k, --budgets, --grading, thinking and --instruction "
+                             "(flags still override), e.g. the paper's settings for that run")
     parser.add_argument("--budgets", default="4096,8192,16384,32768", help="token budgets to regrade at")
     parser.add_argument("--shard", default="0/1", metavar="I/N", help="generate only shard I of N (then --merge)")
     parser.add_argument("--max-slots", type=int, default=8,
@@ -54,6 +61,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--labels", help="comma-separated labels for --compare runs")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
+
+
+def config_defaults(path: str) -> dict:
+    """Argument defaults from the `eval` section of the run config at `path`."""
+    from opsd_jax.config import load_config
+
+    section = load_config(path).eval
+    return {"suite": section.suites, "n": section.n, "max_tokens": section.max_tokens,
+            "temperature": section.temperature, "top_p": section.top_p, "top_k": section.top_k,
+            "budgets": section.budgets, "grading": section.grading, "thinking": section.thinking,
+            "instruction": section.instruction}
 
 
 def _print_summary(results: dict) -> None:
@@ -93,7 +111,7 @@ def run(args, make_mesh) -> int:
         raise ValueError("eval needs --checkpoint DIR (or --merge / --score-only / --compare)")
     settings = runner.EvalSettings(
         n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, instruction=args.instruction, enable_thinking=False if args.no_thinking else None,
+        seed=args.seed, instruction=args.instruction, enable_thinking=args.thinking,
         budgets=_budgets(args.budgets))
     shard = parse_shard(args.shard)
     suites = parse_suites(args.suite)
