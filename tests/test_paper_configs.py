@@ -79,7 +79,7 @@ def test_paper_config_resolves_to_the_papers_values(name):
     # Evaluation as run_generate.py + run_budget_sweep.py: n 16 at 38,912 tokens, cut at four budgets,
     # the paper's grader, the template's own thinking default; Qwen3-4B-Instruct-2507 at 0.7 / 0.8.
     e = c.eval
-    suites = ("data/raw/countdown_500.parquet," if countdown else "") + "aime24,aime25,hmmt25"
+    suites = ("data/raw/countdown_500.parquet," if countdown else "") + "aime24_h4,aime25,hmmt25"
     sampling = (0.7, 0.8) if folder == "Qwen3-4B-Instruct-2507" else (0.6, 0.95)
     assert (e.suites, e.n, e.max_tokens, (e.temperature, e.top_p), e.top_k) == (suites, 16, 38912, sampling, 0)
     assert (e.budgets, e.grading, e.thinking, e.instruction) == ("4096,8192,16384,32768", "paper", None, None)

@@ -23,7 +23,8 @@ def _budgets(text: str) -> tuple[int, ...]:
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", metavar="DIR", type=user_path, help="HF folder or opsd-jax Orbax checkpoint")
     parser.add_argument("--suite", default="aime24,aime25,hmmt25",
-                        help="comma-separated built-in suites (aime24, aime25, hmmt25) or JSONL/Parquet/dataset paths")
+                        help="comma-separated built-in suites (aime24, aime25, hmmt25, aime24_h4: the paper's AIME24 "
+                             "wording) or JSONL/Parquet/dataset paths (a Countdown split from `opsd-jax data countdown`)")
     parser.add_argument("--out", required=True, metavar="DIR", type=user_path, help="run folder (or report folder with --compare)")
     parser.add_argument("--n", type=int, default=16, help="samples per problem")
     parser.add_argument("--max-tokens", type=int, default=38912, help="generation cap per sample")

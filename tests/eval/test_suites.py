@@ -13,6 +13,9 @@ def test_builtin_suites_are_complete():
         assert len(suite.problems) == 30 and len({p.id for p in suite.problems}) == 30
         assert all(p.problem and p.answer for p in suite.problems)
     assert all(0 <= int(p.answer) <= 999 for name in ("aime24", "aime25") for p in load_suite(name).problems)
+    official, h4 = load_suite("aime24").by_id(), load_suite("aime24_h4").by_id()
+    assert official.keys() == h4.keys() and all(official[i].answer == h4[i].answer for i in official)
+    assert sum(official[i].problem != h4[i].problem for i in official) >= 3  # the paper's wording differs
     hmmt10 = load_suite("hmmt25").by_id()["hmmt25-feb-10"]
     assert hmmt10.answer.count(",") == 1  # the two-value answer that needs set grading
 

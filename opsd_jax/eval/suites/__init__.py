@@ -1,6 +1,7 @@
-"""Evaluation suites: the three shipped with the package (AIME 2024, AIME 2025, HMMT February 2025;
-provenance in BUILD_NOTES.md) or any JSON Lines / Parquet / saved HF dataset with problem and
-answer columns."""
+"""Evaluation suites: those shipped with the package (AIME 2024, AIME 2025, HMMT February 2025, and
+aime24_h4: AIME 2024 in the AoPS-wiki wording of HuggingFaceH4/aime_2024, the one the paper
+evaluated; provenance in BUILD_NOTES.md) or any JSON Lines / Parquet / saved HF dataset with problem
+and answer columns."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 from opsd_jax.data.records import read_rows
 from opsd_jax.paths import user_path
 
-BUILTIN = ("aime24", "aime25", "hmmt25")
+BUILTIN = ("aime24", "aime25", "hmmt25", "aime24_h4")
 PROBLEM_FIELDS = ("problem", "question")
 ANSWER_FIELDS = ("answer",)
 
