@@ -31,6 +31,8 @@ import json
 import os
 import re
 
+from opsd_jax.eval.countdown import last_complete_box
+
 BOXED_INSTRUCTION = "Return your final response within \\boxed{}."
 OPENTHOUGHTS_DROPPED = ("messages", "system", "generated_token_count", "Question")
 OPENTHOUGHTS_SUBSET = 15000
@@ -119,20 +121,6 @@ def _number(text: str):
     return int(value) if value.is_integer() else value
 
 
-def last_complete_box(text: str) -> str:
-    """Content of the last `\\boxed{...}` whose braces close, or ""."""
-    last, marker, start = "", "\\boxed{", 0
-    while (index := text.find(marker, start)) != -1:
-        depth, position = 1, index + len(marker)
-        while position < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[position], 0)
-            position += 1
-        if depth == 0:
-            last = text[index + len(marker):position - 1]
-        start = index + len(marker)
-    return last
-
-
 def normalize_countdown_row(row: dict, index: int) -> dict:
     """One source row plus the paper's derived columns (see the module docstring)."""
     answer = row.get("answer") or {}
@@ -147,7 +135,7 @@ def normalize_countdown_row(row: dict, index: int) -> dict:
     response = row.get("response") or ""
     end = _THINK_END.search(response)
     suffix = response[end.end():] if end else ""
-    boxed = last_complete_box(suffix)
+    boxed = last_complete_box(suffix)  # None or "" (an empty box): keep the whole suffix
     return {"source_index": index, "datapoint_input_text": prompt, "datapoint_nums": numbers,
             "datapoint_x": numbers, "datapoint_y": target, "datapoint_target": target, "output_text": response,
             "response_suffix": suffix, "response_answer_only": f"\\boxed{{{boxed}}}" if boxed else suffix,

@@ -37,7 +37,8 @@ def reference(numbers, target) -> str:
     return json.dumps({"numbers": list(numbers), "target": target})
 
 
-def _last_complete_box(text: str) -> str | None:
+def last_complete_box(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` whose braces close (None when there is none)."""
     found, start = None, 0
     while (index := text.find("\\boxed{", start)) != -1:
         depth, position = 1, index + len("\\boxed{")
@@ -53,7 +54,7 @@ def _last_complete_box(text: str) -> str | None:
 def extract_expression(response: str) -> tuple[str, str]:
     """(expression as the paper reads it, method)."""
     text = response.replace("$", "").replace(" ", "")
-    boxed = _last_complete_box(text)
+    boxed = last_complete_box(text)
     if boxed is not None:
         return boxed, BOXED
     return text.split("=")[0], BEFORE_EQUALS
