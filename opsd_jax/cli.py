@@ -26,6 +26,19 @@ def _set_cpu_devices(count: int | None, *, force_cpu: bool = True) -> None:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def _set_tpu_topology(name: str) -> None:
+    """libtpu reads the accelerator type when it loads: set it before jax is imported. An unknown
+    name is left for the plan to report."""
+    from opsd_jax.plan.topology import TopologyError, accelerator_environment, parse_topology
+
+    if "jax" in sys.modules:
+        raise RuntimeError("the plan's TPU topology must be set before jax is imported")
+    try:
+        os.environ.update(accelerator_environment(parse_topology(name)))
+    except TopologyError:
+        pass
+
+
 def _config_cpu_devices(args) -> int | None:
     """`train.cpu_devices` of the run config `opsd-jax train` is about to run (read without jax)."""
     from opsd_jax.config import load_config
@@ -146,6 +159,34 @@ def _data(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from opsd_jax.config import load_config
+    from opsd_jax.plan.planner import format_report, plan_run, write_json
+    from opsd_jax.plan.programs import PlanInputError
+    from opsd_jax.plan.topology import TopologyError, parse_topology
+
+    try:
+        config = load_config(args.config, args.overrides)
+        report = plan_run(config, parse_topology(args.topology),
+                          programs=tuple(p.strip() for p in args.programs.split(",") if p.strip()),
+                          eval_slots=args.eval_slots, model_config=args.model_config,
+                          teacher_config=args.teacher_config, progress=lambda line: print(line, flush=True))
+    except (PlanInputError, TopologyError, ValueError, FileNotFoundError) as e:
+        print(f"opsd-jax plan: error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "libtpu" not in str(e).lower() and "tpu" not in str(e).lower():
+            raise
+        print(f"opsd-jax plan: error: no TPU compiler here ({str(e).splitlines()[0]}); install the tpu extra: "
+              "pip install -e '.[tpu]'", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 0 if report["all_fit"] else 2
+
+
 def _tiny_model(args) -> int:
     from opsd_jax.checkpoint.atomic import atomic_directory
     from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
@@ -232,6 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("out", type=user_path, metavar="OUT_DIR", help="where the parquet files go (e.g. data/raw)")
     data.set_defaults(run=_data)
 
+    plan = commands.add_parser(
+        "plan", help="compile a run's train step and samplers for a TPU topology on this host; per-chip fit")
+    plan.add_argument("--config", required=True, metavar="YAML", type=user_path)
+    plan.add_argument("--topology", required=True,
+                      help="v5e-N / v6e-N (chips) or v4-N / v5p-N (TensorCores), e.g. v5p-64")
+    plan.add_argument("--programs", default="train,rollout,eval", help="which of train, rollout, eval to compile")
+    plan.add_argument("--eval-slots", type=int, default=8, help="evaluation sampler slots (eval --max-slots)")
+    plan.add_argument("--model-config", metavar="DIR", type=user_path,
+                      help="folder with the student's config.json (default: from model.checkpoint, else the "
+                           "packaged config of the same name)")
+    plan.add_argument("--teacher-config", metavar="DIR", type=user_path, help="the same for an external teacher")
+    plan.add_argument("--json", metavar="FILE", type=user_path, help="also write the report as JSON")
+    plan.add_argument("overrides", nargs="*", metavar="section.key=value")
+    plan.set_defaults(run=_plan)
+
     tiny = commands.add_parser(
         "tiny-model", help="write a tiny random HF checkpoint with a small chat tokenizer (for trying every "
                            "command on a laptop; needs torch)")
@@ -272,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opsd-jax eval: error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.command == "train" and args.cpu_devices is None:
+        if args.command == "plan":
+            _set_tpu_topology(args.topology)
+        elif args.command == "train" and args.cpu_devices is None:
             _set_cpu_devices(_config_cpu_devices(args), force_cpu=False)
         else:
             _set_cpu_devices(getattr(args, "cpu_devices", None))

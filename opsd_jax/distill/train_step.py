@@ -54,6 +54,9 @@ class StepSettings:
     ema_rate: float = 0.99
     microbatches: int = 1
     kernel_impl: str = "auto"
+    # Pallas kernels: None interprets them off their accelerator; False lowers them for it (a plan
+    # compiling for TPU on a CPU host).
+    kernel_interpret: bool | None = None
     valid_vocab: int | None = None  # the tokenizer's size: padded embedding rows carry no probability
 
 
@@ -101,6 +104,7 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
         rows_s_BxTxD.reshape(B * T, -1), head_s, rows_t_BxTxD.reshape(B * T, -1), head_t,
         beta=beta, temperature=objective.temperature, mask=mask_BxT.reshape(-1),
         targets=batch.targets.reshape(-1), impl=settings.kernel_impl, valid_vocab=settings.valid_vocab,
+        interpret=settings.kernel_interpret,
     )
     student_logprob = out.student_logprob.reshape(B, T)
     teacher_logprob = out.teacher_logprob.reshape(B, T)

@@ -221,23 +221,16 @@ class Trainer:
         if B % self.process_count:
             raise TrainingError(f"train.batch_size {B} is not divisible by the {self.process_count} processes")
         local_batch = B // self.process_count
-        engine = Engine(model_config, SamplerConfig(max_slots=min(c.sampling.max_slots, local_batch),
-                                                    max_sequence_length=context_length,
-                                                    valid_vocab_size=len(tokenizer)), mesh=self.sampler_mesh)
+        engine = Engine(model_config, rollout_sampler_config(c, local_batch, len(tokenizer)), mesh=self.sampler_mesh)
         stop_ids = default_stop_token_ids(tokenizer, side_dir)
         optimizer = make_optimizer(c.optimizer, c.train.steps)
-        settings = StepSettings(student=model_config, teacher=teacher_config, objective=c.objective,
-                                teacher_kind=c.teacher.kind, ema_rate=c.teacher.ema_rate,
-                                microbatches=c.train.microbatches, valid_vocab=len(tokenizer))
+        settings = step_settings(c, model_config, teacher_config, len(tokenizer))
         opt_state = jax.jit(optimizer.init)(params)
         state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
                            None if c.teacher.kind == "live" else teacher_params)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        state_shardings = jax.tree.map(
-            lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated, state)
+        state_shardings = train_state_shardings(state, self.mesh)
         state = jax.device_put(state, state_shardings)
-        step_fn = jax.jit(functools.partial(train_step, settings=settings, optimizer=optimizer),
-                          donate_argnums=(0,), out_shardings=(state_shardings, None))
+        step_fn = jitted_train_step(settings, optimizer, state_shardings)
         batch_sharding = logical_sharding(self.mesh, ("batch",), (B,))
 
         # Hosts read disjoint strided shards and draw the same number per step, so their iterator
@@ -387,6 +380,49 @@ class Trainer:
         return path
 
 
+# ---- the step as the loop jits it (shared with `opsd-jax plan`) -----------------------------------
+
+
+def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int) -> SamplerConfig:
+    """The rollout sampler of one process: its share of the batch decoded together, each sequence
+    up to the longest prompt plus the completion."""
+    return SamplerConfig(max_slots=min(c.sampling.max_slots, local_batch),
+                         max_sequence_length=c.data.max_prompt_tokens + c.sampling.max_new_tokens,
+                         valid_vocab_size=valid_vocab)
+
+
+def step_settings(c: RunConfig, student, teacher, valid_vocab: int) -> StepSettings:
+    return StepSettings(student=student, teacher=teacher, objective=c.objective, teacher_kind=c.teacher.kind,
+                        ema_rate=c.teacher.ema_rate, microbatches=c.train.microbatches, valid_vocab=valid_vocab)
+
+
+def train_state_shardings(state: TrainState, mesh):
+    """The NamedSharding of every TrainState leaf (arrays, or ShapeDtypeStructs carrying the
+    sharding XLA gave them); leaves XLA left unnamed (scalars such as the step and Adam's count)
+    are replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated, state)
+
+
+def jitted_train_step(settings: StepSettings, optimizer, state_shardings):
+    """The training step exactly as the loop runs it: the state donated, its shardings kept."""
+    return jax.jit(functools.partial(train_step, settings=settings, optimizer=optimizer),
+                   donate_argnums=(0,), out_shardings=(state_shardings, None))
+
+
+def batch_shapes(c: RunConfig, batch_size: int, sharding) -> Batch:
+    """ShapeDtypeStructs of one global batch as `build_batch` lays it out for this config."""
+    context = c.data.max_prompt_tokens + c.sampling.max_new_tokens
+    completion = c.sampling.max_new_tokens
+
+    def spec(*shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
+
+    return Batch(spec(context), spec(context), spec(context), spec(context), spec(completion), spec(completion),
+                 spec(completion), spec(), spec(completion, dtype=jnp.float32))
+
+
 def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model_checkpoint: str) -> str:
     """Writes the student of a training checkpoint as an HF folder (tokenizer and config from the
     run's model checkpoint)."""
@@ -422,4 +458,5 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
     return save_hf(params, config, destination, side_files_from=side_dir)
 
 
-__all__ = ["Trainer", "TrainingError", "build_batch", "export_checkpoint", "rollout_seed"]
+__all__ = ["Trainer", "TrainingError", "batch_shapes", "build_batch", "export_checkpoint", "jitted_train_step",
+           "rollout_seed", "step_settings", "train_state_shardings"]

@@ -102,9 +102,10 @@ def _check_token_args(n, vocab, mask, valid_vocab, targets):
     return mask_N, valid_vocab, targets
 
 
-def default_impl() -> str:
-    """The implementation "auto" picks: Mosaic on TPU, the chunked XLA path elsewhere."""
-    return "pallas_tpu" if jax.default_backend() == "tpu" else "xla"
+def default_impl(platform: str | None = None) -> str:
+    """The implementation "auto" picks on `platform` (default: this process's backend): Mosaic on
+    TPU, the chunked XLA path elsewhere."""
+    return "pallas_tpu" if (platform or jax.default_backend()) == "tpu" else "xla"
 
 
 def _resolve(impl: str) -> str:

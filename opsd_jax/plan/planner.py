@@ -1,0 +1,174 @@
+"""`opsd-jax plan`: compile a run's trainer, rollout sampler and evaluation sampler for a named
+TPU topology on this host, and say per chip whether each fits.
+
+Verdicts: "fits" (compiled, peak per-chip bytes within the chip's HBM), "does not fit" (compiled,
+over HBM: the largest arrays and remedies are listed), "does not compile" (the compiler's reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from opsd_jax.config import RunConfig
+from opsd_jax.plan.programs import (
+    EVAL_PROMPT_TOKENS,
+    PlanInputError,
+    ProgramPlan,
+    per_chip_bytes,
+    abstract_model_params,
+    run_model_configs,
+    sampler_programs,
+    train_step_program,
+)
+from opsd_jax.plan.topology import Topology, host_devices, topology_devices
+
+PROGRAMS = ("train", "rollout", "eval")
+GiB = 2**30
+
+
+def verdict(plan: ProgramPlan, hbm_bytes: int) -> str:
+    if plan.status == "out of memory":
+        return "does not fit"
+    if plan.status != "compiled":
+        return "does not compile"
+    return "fits" if plan.total_bytes <= hbm_bytes else "does not fit"
+
+
+def remedies(plan: ProgramPlan, c: RunConfig) -> list[str]:
+    """Concrete changes that shrink a program that does not fit, most effective first."""
+    if plan.name == "train_step":
+        steps = []
+        per_micro = c.train.batch_size // c.train.microbatches
+        if per_micro > 1:
+            steps.append(f"train.microbatches={min(c.train.batch_size, c.train.microbatches * 2)} "
+                         f"(now {c.train.microbatches}: {per_micro} sequences per microbatch)")
+        if not c.model.remat:
+            steps.append("model.remat=true (recompute each layer in the backward pass)")
+        steps.append("a mesh with more fsdp (train.mesh=1,-1,1 shards every parameter over all chips) or a larger "
+                     "topology")
+        if c.data.max_prompt_tokens > 8192:
+            steps.append(f"data.max_prompt_tokens below {c.data.max_prompt_tokens} (attention scores grow with the "
+                         "square of the context until memory-efficient attention lands, issue 13)")
+        return steps
+    if plan.name.endswith("_decode"):
+        return ["fewer slots (sampling.max_slots / eval --max-slots)", "a shorter sequence (max_new_tokens / "
+                "--max-tokens)", "bfloat16 sampler weights (issue 14)"]
+    return ["a smaller largest prefill bucket", "a shorter data.max_prompt_tokens"]
+
+
+def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots: int = 8,
+             model_config: str | None = None, teacher_config: str | None = None, progress=print) -> dict:
+    """Compiles the selected programs of run `c` for `topology`; returns the report dict."""
+    from opsd_jax.distill.trainer import rollout_sampler_config
+    from opsd_jax.parallel import make_mesh, parse_mesh_shape
+
+    unknown = set(programs) - set(PROGRAMS)
+    if unknown:
+        raise PlanInputError(f"--programs: unknown {sorted(unknown)}; choose from {', '.join(PROGRAMS)}")
+    student, teacher, sources = run_model_configs(c, model_config, teacher_config)
+    devices = topology_devices(topology)
+    processes = topology.hosts
+    try:
+        mesh = make_mesh(*parse_mesh_shape(c.train.mesh), devices=devices)
+    except ValueError as e:
+        raise PlanInputError(f"train.mesh: {e} (topology {topology.name} has {len(devices)} chips)") from None
+    local = host_devices(devices, 0)
+    # One process drives the whole mesh on a single host; on a pod each host samples on its own chips.
+    sampler_mesh = mesh if processes == 1 else make_mesh(1, -1, 1, devices=local)
+    results: list[ProgramPlan] = []
+    resident = 0
+    if "rollout" in programs or "train" in programs:
+        B = c.train.batch_size
+        sampler = rollout_sampler_config(c, max(B // processes, 1), student.vocab_size)
+        progress(f"compiling the rollout sampler on {dict(sampler_mesh.shape)} ...")
+        rollout, state_bytes = sampler_programs("rollout", student, sampler, sampler_mesh,
+                                                longest_prompt=c.data.max_prompt_tokens,
+                                                param_dtype=c.model.param_dtype)
+        if "rollout" in programs:
+            results += rollout
+        # Kept between steps: the KV cache, and on a pod the host-local copy of the weights.
+        resident = state_bytes
+        if processes > 1:
+            resident += per_chip_bytes(abstract_model_params(student, sampler_mesh, c.model.param_dtype))
+    if "train" in programs:
+        progress(f"compiling the train step on {dict(mesh.shape)} ...")
+        results.insert(0, train_step_program(c, student, teacher, mesh, processes, resident_bytes=resident))
+    if "eval" in programs:
+        evaluation = student.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+        from opsd_jax.sampler.engine import SamplerConfig
+
+        length = EVAL_PROMPT_TOKENS + c.eval.max_tokens
+        eval_mesh = make_mesh(1, -1, 1, devices=local)
+        progress(f"compiling the evaluation sampler on {dict(eval_mesh.shape)} ...")
+        if length > student.max_position_embeddings:
+            results.append(ProgramPlan("eval_decode", "evaluation sampler", dict(eval_mesh.shape),
+                                       status="does not compile",
+                                       error=f"{length} tokens exceed the model's context "
+                                             f"({student.max_position_embeddings})"))
+        else:
+            config = SamplerConfig(max_slots=eval_slots, max_sequence_length=length,
+                                   valid_vocab_size=student.vocab_size)
+            results += sampler_programs("eval", evaluation, config, eval_mesh, longest_prompt=EVAL_PROMPT_TOKENS,
+                                        param_dtype="bfloat16")[0]
+    rows = []
+    for plan in results:
+        row = dataclasses.asdict(plan)
+        row.update(total_bytes=plan.total_bytes, verdict=verdict(plan, topology.hbm_bytes))
+        if row["verdict"] == "does not fit":
+            row["remedies"] = remedies(plan, c)
+        rows.append(row)
+    return {
+        "topology": topology.name, "jax_topology": topology.jax_name, "chips": topology.chips,
+        "hosts": processes, "hbm_bytes_per_chip": topology.hbm_bytes, "model_configs": sources,
+        "eval": {"slots": eval_slots, "sequence_length": EVAL_PROMPT_TOKENS + c.eval.max_tokens,
+                 "mesh_flag": f"--mesh 1,{len(local)},1"},
+        "programs": rows, "all_fit": all(r["verdict"] == "fits" for r in rows),
+    }
+
+
+def format_report(report: dict) -> str:
+    """The table a person reads, then what to do about each program that does not fit."""
+    hbm = report["hbm_bytes_per_chip"]
+    lines = [f"{report['topology']} ({report['jax_topology']}): {report['chips']} chips on {report['hosts']} "
+             f"host(s), {hbm / GiB:.0f} GiB HBM per chip; model configs: "
+             + ", ".join(f"{k} {v}" for k, v in report["model_configs"].items()),
+             f"{'program':<28} {'mesh d,f,t':>10} {'args':>8} {'out':>8} {'temp':>8} {'code':>7} {'resident':>8} "
+             f"{'total GiB/chip':>15} {'TFLOP':>8} {'compile s':>9}  verdict"]
+    for r in report["programs"]:
+        mesh = ",".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+        if r["status"] == "out of memory":
+            lines.append(f"{r['name']:<28} {mesh:>10} {r['argument_bytes'] / GiB:>8.2f} {'':>8} "
+                         f"{r['temp_bytes'] / GiB:>8.2f} {'':>7} "
+                         f"{r['resident_bytes'] / GiB:>8.2f} {'>' + format(r['total_bytes'] / GiB, '.2f'):>7} / "
+                         f"{hbm / GiB:<5.0f} {'':>8} {r['compile_seconds']:>9.1f}  {r['verdict']}")
+            continue
+        if r["status"] != "compiled":
+            lines.append(f"{r['name']:<28} {mesh:>10} {'':>8} {'':>8} {'':>8} {'':>7} {'':>8} {'':>15} {'':>8} "
+                         f"{r['compile_seconds']:>9.1f}  {r['verdict']}")
+            continue
+        flops = "" if r["flops"] is None else f"{r['flops'] / 1e12:.2f}"
+        lines.append(
+            f"{r['name']:<28} {mesh:>10} {r['argument_bytes'] / GiB:>8.2f} {r['output_bytes'] / GiB:>8.2f} "
+            f"{r['temp_bytes'] / GiB:>8.2f} {r['code_bytes'] / 2**20:>6.1f}M {r['resident_bytes'] / GiB:>8.2f} "
+            f"{r['total_bytes'] / GiB:>7.2f} / {hbm / GiB:<5.0f} {flops:>8} {r['compile_seconds']:>9.1f}  {r['verdict']}")
+    for r in report["programs"]:
+        if r["verdict"] == "does not compile":
+            lines.append(f"\n{r['name']} does not compile: {r['error']}")
+        elif r["verdict"] == "does not fit":
+            largest = "; ".join(f"{a['shape']} ({a['bytes'] / GiB:.2f} GiB, {a['instruction']})"
+                                for a in r["largest_arrays"])
+            needed = (f"the compiler needs {r['temp_bytes'] / GiB:.2f} GiB of temporaries alone ({r['error']})"
+                      if r["status"] == "out of memory" else f"{r['total_bytes'] / GiB:.2f} GiB per chip")
+            lines.append(f"\n{r['name']} does not fit: {needed} > {hbm / GiB:.0f} GiB. Largest arrays: {largest}")
+            lines += [f"  - try {remedy}" for remedy in r["remedies"]]
+    lines.append(f"\nevaluation planned as `opsd-jax eval {report['eval']['mesh_flag']} --max-slots "
+                 f"{report['eval']['slots']}` ({report['eval']['sequence_length']} tokens per slot)")
+    lines.append("verdict: " + ("every program fits" if report["all_fit"] else "NOT every program fits"))
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+    from opsd_jax.eval.generations import write_atomic
+
+    write_atomic(path, json.dumps(report, indent=1) + "\n")

@@ -1,0 +1,299 @@
+"""Ahead-of-time compiles of a run's programs at their real shapes, from abstract parameters.
+
+Each program is the jitted function the job itself runs, built by the same code: the train step
+from `distill.trainer` (`step_settings`, `train_state_shardings`, `jitted_train_step`,
+`batch_shapes`), the samplers from `sampler.Engine` (its `_prefill_chunk` and `_generate` jits,
+shardings and donation). Nothing is allocated: inputs are ShapeDtypeStructs carrying the
+NamedShardings the job would give them.
+
+Shape letters: B prompts per step, S sampler slots, L sampler sequence length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from opsd_jax.config import RunConfig
+from opsd_jax.models.config import ModelConfig
+
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+# Prompt tokens the evaluation sampler reserves ahead of the generation cap: the chat-templated
+# competition problems are a few hundred tokens; the real runner sizes it from the suites.
+EVAL_PROMPT_TOKENS = 1024
+_HLO_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([\d,]*)\]")
+_STABLEHLO_TENSOR = re.compile(r"tensor<((?:\d+x)+)(i1|i8|ui8|i16|ui16|i32|ui32|i64|ui64|f16|bf16|f32|f64)>")
+_STABLEHLO_TYPES = {"i1": "pred", "i8": "s8", "ui8": "u8", "i16": "s16", "ui16": "u16", "i32": "s32", "ui32": "u32",
+                    "i64": "s64", "ui64": "u64", "f16": "f16", "bf16": "bf16", "f32": "f32", "f64": "f64"}
+_OUT_OF_MEMORY = re.compile(r"(?:RESOURCE_EXHAUSTED|Ran out of memory)")
+_REQUIRED = re.compile(r"required for [^(]*\((\d+(?:\.\d+)?)([KMGT])\)")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+
+
+class PlanInputError(ValueError):
+    """Bad input to a plan (missing config.json, a config the job would refuse); names the file or key."""
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+    """One compiled program's per-chip footprint (bytes) and cost; `status` is "compiled" or
+    "does not compile" (then `error` says why)."""
+
+    name: str
+    description: str
+    mesh: dict
+    status: str = "compiled"  # or "out of memory" (the compiler refused for HBM), "does not compile"
+    error: str | None = None
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    flops: float | None = None
+    compile_seconds: float = 0.0
+    largest_arrays: list = dataclasses.field(default_factory=list)
+    resident_bytes: int = 0  # other buffers the job keeps on the same chips while this runs
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak per-chip bytes: inputs, outputs not aliased to a donated input, temporaries, code,
+        and what the job keeps resident beside it."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+                + self.resident_bytes)
+
+
+# ---- model configs --------------------------------------------------------------------------------
+
+def packaged_model_names() -> list[str]:
+    return sorted(os.listdir(PACKAGED_CONFIGS))
+
+
+def model_config_source(checkpoint: str, override: str | None = None) -> str:
+    """The folder whose config.json describes `checkpoint`: `override`; the checkpoint itself (an HF
+    folder, or a folder holding only config.json); an opsd-jax Orbax checkpoint's hf/; else the
+    packaged config of the same name (the folder name, case-insensitive: checkpoints/Qwen3-8B ->
+    qwen3-8b), so the shipped configs plan offline."""
+    if override:
+        if not os.path.exists(os.path.join(override, "config.json")):
+            raise PlanInputError(f"{os.path.join(override, 'config.json')} not found (--model-config)")
+        return override
+    for candidate in (checkpoint, os.path.join(checkpoint, "hf")):
+        if os.path.exists(os.path.join(candidate, "config.json")):
+            return candidate
+    name = os.path.basename(os.path.normpath(checkpoint)).lower()
+    packaged = os.path.join(PACKAGED_CONFIGS, name)
+    if name and os.path.isdir(packaged):
+        return packaged
+    raise PlanInputError(
+        f"{os.path.join(checkpoint, 'config.json')} not found, and no packaged config is named {name!r} "
+        f"(packaged: {', '.join(packaged_model_names())}); point model.checkpoint at a folder holding the model's "
+        "config.json, or pass --model-config DIR")
+
+
+def run_model_configs(c: RunConfig, model_override: str | None = None,
+                      teacher_override: str | None = None) -> tuple[ModelConfig, ModelConfig | None, dict]:
+    """(student, external teacher or None, where each came from), with the dtypes and remat the
+    trainer gives them (`Trainer._load_models`)."""
+    sources = {"student": model_config_source(c.model.checkpoint, model_override)}
+    student = ModelConfig.from_hf(sources["student"], param_dtype=c.model.param_dtype,
+                                  compute_dtype=c.model.compute_dtype).replace(remat=c.model.remat)
+    teacher = None
+    if c.teacher.kind == "external":
+        if not c.teacher.checkpoint:
+            raise PlanInputError("teacher.kind is external but teacher.checkpoint is not set")
+        sources["teacher"] = model_config_source(c.teacher.checkpoint, teacher_override)
+        teacher = ModelConfig.from_hf(sources["teacher"], param_dtype=c.model.param_dtype,
+                                      compute_dtype=c.model.compute_dtype)
+    return student, teacher, sources
+
+
+def abstract_model_params(config: ModelConfig, mesh, dtype: str):
+    """ShapeDtypeStructs of the parameters in `dtype`, on their NamedShardings over `mesh`."""
+    from opsd_jax.models.decoder import abstract_params, param_shardings
+
+    shapes, _ = abstract_params(config)
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=sharding),
+                        shapes, param_shardings(config, mesh))
+
+
+def _with_shardings(shapes, shardings):
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
+                        shardings)
+
+
+def per_chip_bytes(tree) -> int:
+    """Bytes of one device's shards of a pytree of ShapeDtypeStructs with shardings."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        itemsize = 8 if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else jnp.dtype(leaf.dtype).itemsize
+        count = 1
+        for n in shape:
+            count *= n
+        total += count * itemsize
+    return total
+
+
+# ---- compiling ------------------------------------------------------------------------------------
+
+def largest_arrays(hlo_text: str, count: int = 3) -> list[dict]:
+    """The largest distinct array shapes in a compiled (per-device) HLO module, with the name of an
+    instruction producing one: where memory goes when a program does not fit."""
+    seen = {}
+    for line in hlo_text.splitlines():
+        stripped = line.strip()
+        if "=" not in stripped or stripped.startswith(("//", "HloModule", "ENTRY", "}")):
+            continue
+        name, _, rest = stripped.partition("=")
+        match = _HLO_ARRAY.search(rest.split("(", 1)[0] if "(" in rest else rest)
+        if not match:
+            continue
+        dtype, dims = match.group(1), match.group(2)
+        size = _BYTES[dtype]
+        for n in filter(None, dims.split(",")):
+            size *= int(n)
+        key = f"{dtype}[{dims}]"
+        if size > seen.get(key, (0, ""))[0]:
+            seen[key] = (size, name.strip().removeprefix("ROOT ").strip())
+    ranked = sorted(seen.items(), key=lambda item: -item[1][0])[:count]
+    return [{"shape": shape, "bytes": size, "instruction": name} for shape, (size, name) in ranked]
+
+
+def largest_global_arrays(stablehlo_text: str, count: int = 3) -> list[dict]:
+    """The largest distinct tensor types of a lowered (global-shape) program: where memory goes when
+    the compiler refuses a program for HBM before any per-device module exists."""
+    seen = {}
+    for match in _STABLEHLO_TENSOR.finditer(stablehlo_text):
+        dims = [int(n) for n in match.group(1).rstrip("x").split("x")]
+        dtype = _STABLEHLO_TYPES[match.group(2)]
+        size = _BYTES[dtype]
+        for n in dims:
+            size *= n
+        seen[f"{dtype}[{','.join(map(str, dims))}]"] = size
+    ranked = sorted(seen.items(), key=lambda item: -item[1])[:count]
+    return [{"shape": shape, "bytes": size, "instruction": "global shape, before partitioning"}
+            for shape, size in ranked]
+
+
+def compile_program(plan: ProgramPlan, jitted, *args) -> ProgramPlan:
+    """Lowers and compiles `jitted` for `args`; fills the plan's memory and cost figures, or its
+    error when the compiler refuses (for HBM: status "out of memory" with the bytes it asked for)."""
+    started = time.perf_counter()
+    lowered = None
+    try:
+        lowered = jitted.lower(*args)
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - any compiler refusal is a verdict, reported with its reason
+        plan.compile_seconds = time.perf_counter() - started
+        message = str(e).strip()
+        lines = message.splitlines()
+        plan.error = f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
+        plan.status = "does not compile"
+        if lowered is not None and _OUT_OF_MEMORY.search(message):
+            plan.status = "out of memory"
+            required = _REQUIRED.search(message)
+            if required:
+                scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[required.group(2)]
+                plan.temp_bytes = int(float(required.group(1)) * scale)
+            plan.largest_arrays = largest_global_arrays(lowered.as_text())
+            plan.argument_bytes = per_chip_bytes(args)
+        return plan
+    plan.compile_seconds = time.perf_counter() - started
+    memory = compiled.memory_analysis()
+    plan.argument_bytes = int(memory.argument_size_in_bytes)
+    plan.output_bytes = int(memory.output_size_in_bytes)
+    plan.alias_bytes = int(memory.alias_size_in_bytes)
+    plan.temp_bytes = int(memory.temp_size_in_bytes)
+    plan.code_bytes = int(memory.generated_code_size_in_bytes)
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    plan.flops = float(cost["flops"]) if cost and "flops" in cost else None
+    plan.largest_arrays = largest_arrays(compiled.as_text())
+    return plan
+
+
+# ---- the programs ---------------------------------------------------------------------------------
+
+def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig | None, mesh, processes: int,
+                       *, resident_bytes: int = 0) -> ProgramPlan:
+    """The training step exactly as `Trainer.run` jits it, for one global batch at the config's
+    longest shapes (every prompt at data.max_prompt_tokens, every rollout at max_new_tokens)."""
+    from opsd_jax.distill.train_step import TrainState, make_optimizer
+    from opsd_jax.distill.trainer import batch_shapes, jitted_train_step, step_settings, train_state_shardings
+    from opsd_jax.kernels.api import default_impl
+    from opsd_jax.parallel import logical_sharding
+
+    B = c.train.batch_size
+    if B % c.train.microbatches:
+        raise PlanInputError(f"train.batch_size {B} is not divisible by train.microbatches {c.train.microbatches}")
+    if B % processes:
+        raise PlanInputError(f"train.batch_size {B} is not divisible by the topology's {processes} hosts")
+    params = abstract_model_params(student, mesh, c.model.param_dtype)
+    teacher_config = teacher if teacher is not None else student
+    if c.teacher.kind == "external":
+        teacher_params = abstract_model_params(teacher, mesh, c.model.param_dtype)
+    elif c.teacher.kind == "live":
+        teacher_params = None
+    else:  # frozen / ema: a copy of the student's parameters
+        teacher_params = params
+    optimizer = make_optimizer(c.optimizer, c.train.steps)
+    # The optimizer state gets the shardings XLA gives `jax.jit(optimizer.init)(params)`, as in the loop.
+    init = jax.jit(optimizer.init).lower(params).compile()
+    opt_state = _with_shardings(jax.eval_shape(optimizer.init, params), init.output_shardings)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state, teacher_params)
+    shardings = train_state_shardings(state, mesh)
+    state = _with_shardings(state, shardings)
+    settings = step_settings(c, student, teacher_config, student.vocab_size)
+    # What the job resolves on the TPU it runs on: "auto" is the Mosaic kernel, lowered (not interpreted).
+    settings = dataclasses.replace(settings, kernel_interpret=False,
+                                   kernel_impl=default_impl("tpu") if settings.kernel_impl == "auto"
+                                   else settings.kernel_impl)
+    step = jitted_train_step(settings, optimizer, shardings)
+    batch = batch_shapes(c, B, logical_sharding(mesh, ("batch",), (B,)))
+    plan = ProgramPlan("train_step", f"training step: batch {B} in {c.train.microbatches} microbatches, "
+                                     f"contexts {c.data.max_prompt_tokens}+{c.sampling.max_new_tokens} tokens, "
+                                     f"{c.objective.kind} via {settings.kernel_impl}, remat {student.remat}",
+                       dict(mesh.shape), resident_bytes=resident_bytes)
+    return compile_program(plan, step, state, batch)
+
+
+def sampler_programs(name: str, model: ModelConfig, sampler_config, mesh, *, longest_prompt: int,
+                     param_dtype: str) -> tuple[list[ProgramPlan], int]:
+    """The sampler's decode step and the prefill programs prompts up to `longest_prompt` tokens can
+    reach (each bucket, and the longest chunked prefill), as `Engine` jits them. Also returns the
+    decode state's per-chip bytes (resident while the trainer steps)."""
+    from opsd_jax.models import init_cache
+    from opsd_jax.sampler.engine import Engine
+
+    engine = Engine(model, sampler_config, mesh=mesh)
+    params = abstract_model_params(model, mesh, param_dtype)  # `Engine.load_params` places them so
+    state = _with_shardings(jax.eval_shape(engine._init_state_fn), engine.state_shardings)
+    state_bytes = per_chip_bytes(state)
+    S, L = sampler_config.max_slots, engine.max_sequence_length
+    plans = [compile_program(ProgramPlan(f"{name}_decode", f"{name} sampler decode step: {S} slots x {L} tokens, "
+                                                           f"{param_dtype} weights", dict(mesh.shape)),
+                             engine._generate, params, state)]
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def spec(shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+    longest_rows = engine.prefix_length(min(longest_prompt, L))
+    cases = [(b, b) for b in engine.buckets if b <= longest_rows]
+    if longest_rows > engine.buckets[-1]:
+        cases.append((engine.buckets[-1], longest_rows))
+    for chunk, rows in cases:
+        cache = jax.tree.map(lambda s: spec(s.shape, s.dtype), jax.eval_shape(lambda: init_cache(model, 1, rows)))
+        plan = ProgramPlan(f"{name}_prefill_{chunk}x{rows}",
+                           f"{name} prefill: {chunk}-token chunk into a {rows}-row prompt cache", dict(mesh.shape))
+        plans.append(compile_program(plan, engine._prefill_chunk, params, spec((1, chunk)), spec((1, chunk)), cache,
+                                     spec(())))
+    return plans, state_bytes

@@ -1,0 +1,123 @@
+"""`opsd-jax plan`: topology names, model configs found offline, and AOT compiles of the real jobs
+for TPU topologies (fresh processes: libtpu reads the accelerator type when it loads)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from opsd_jax.plan.programs import PlanInputError, model_config_source, packaged_model_names
+from opsd_jax.plan.topology import TopologyError, parse_topology
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu absent: install the [tpu] extra")
+
+
+@pytest.mark.parametrize("name, chips, jax_name, accelerator, hosts", [
+    ("v5e-4", 4, "v5e:2x2", "v5litepod-4", 1), ("v6e-16", 16, "v6e:4x4", "v6e-16", 4),
+    ("v5p-8", 4, "v5p:2x2x1", "v5p-8", 1), ("v5p-64", 32, "v5p:2x4x4", "v5p-64", 8),
+    ("V4-32", 16, "v4:2x2x4", "v4-32", 4),
+])
+def test_topology_names_as_users_type_them(name, chips, jax_name, accelerator, hosts):
+    topology = parse_topology(name)
+    assert (topology.chips, topology.jax_name, topology.accelerator_type, topology.hosts) == (
+        chips, jax_name, accelerator, hosts)
+
+
+@pytest.mark.parametrize("name", ["v5p-7", "v5e-3", "v7-8", "tpu", "v5p-64x"])
+def test_unknown_topology_lists_the_valid_ones(name):
+    with pytest.raises(TopologyError, match=r"unknown TPU topology .*valid: v4-8, .*v5e-4, .*v5p-64"):
+        parse_topology(name)
+
+
+def test_model_configs_are_found_offline(tmp_path):
+    assert set(packaged_model_names()) >= {"qwen3-1.7b", "qwen3-8b", "olmo-3-7b-think"}
+    assert model_config_source("checkpoints/Qwen3-8B").endswith(os.path.join("model_configs", "qwen3-8b"))
+    (tmp_path / "only-config").mkdir()
+    (tmp_path / "only-config" / "config.json").write_text("{}")
+    assert model_config_source(str(tmp_path / "only-config")) == str(tmp_path / "only-config")
+    with pytest.raises(PlanInputError, match=r"nope/config.json not found, and no packaged config is named 'nope'"):
+        model_config_source(str(tmp_path / "nope"))
+
+
+def _plan(tmp_path, config: dict, *args):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    return subprocess.run(
+        [sys.executable, "-m", "opsd_jax.cli", "plan", "--config", "run.yaml", "--json", "plan.json", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _tiny_model(folder, **overrides):
+    folder.mkdir()
+    fields = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=1024, hidden_size=128,
+                  intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  tie_word_embeddings=False, torch_dtype="bfloat16")
+    fields.update(overrides)
+    (folder / "config.json").write_text(json.dumps(fields))
+    return str(folder)
+
+
+def _run_config(model, **train):
+    return {"model": {"checkpoint": model, "compute_dtype": "bfloat16", "remat": True},
+            "data": {"max_prompt_tokens": 96},
+            "sampling": {"max_new_tokens": 32, "max_slots": 4},
+            "train": {"batch_size": 8, "microbatches": 2, "mesh": "1,-1,1", **train},
+            "eval": {"max_tokens": 256}}
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v5e-4", "v5p-8"])
+def test_tiny_plan_compiles_the_real_jobs_for_a_multi_chip_topology(tmp_path, topology):
+    model = _tiny_model(tmp_path / "tiny")
+    done = _plan(tmp_path, _run_config(model), "--topology", topology, "--eval-slots", "2")
+    report = json.loads((tmp_path / "plan.json").read_text())
+    rows = {r["name"]: r for r in report["programs"]}
+    assert report["chips"] == 4 and report["model_configs"]["student"] == model
+    # The rollout sampler: decode plus every prefill bucket a 96-token prompt reaches (64, 128).
+    assert {"rollout_decode", "rollout_prefill_64x64", "rollout_prefill_128x128", "eval_decode"} <= set(rows)
+    for name in ("rollout_decode", "eval_decode"):
+        assert rows[name]["verdict"] == "fits" and rows[name]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+        assert 0 < rows[name]["total_bytes"] < 2**30 and rows[name]["flops"] > 0
+    train = rows["train_step"]
+    assert train["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    # The trainer's own jit with the default kernel on TPU (pallas_tpu): it compiles once the kernel
+    # sits in a shard_map (issue 12); until then the plan must say so, with the compiler's reason.
+    if train["verdict"] == "does not compile":
+        assert "Mosaic kernels cannot be automatically partitioned" in train["error"], train["error"]
+        assert done.returncode == 2 and "train_step does not compile" in done.stdout
+    else:
+        assert train["verdict"] == "fits" and train["resident_bytes"] > 0 and done.returncode == 0, done.stdout
+
+
+@needs_libtpu
+def test_a_model_too_large_is_exit_2_naming_the_largest_array(tmp_path):
+    """A 4-layer model whose evaluation KV cache (64 slots x 131k tokens) is 32 GiB per v5e chip."""
+    model = _tiny_model(tmp_path / "wide", num_hidden_layers=4, hidden_size=1024, num_attention_heads=8,
+                        num_key_value_heads=8,
+                        head_dim=128, max_position_embeddings=140000)
+    config = _run_config(model)
+    config["eval"]["max_tokens"] = 130000
+    done = _plan(tmp_path, config, "--topology", "v5e-4", "--programs", "eval", "--eval-slots", "64")
+    assert done.returncode == 2, done.stdout + done.stderr[-2000:]
+    # The TPU compiler itself refuses for HBM; the plan reports what it asked for and the largest arrays.
+    assert "eval_decode does not fit: the compiler needs" in done.stdout
+    assert "Largest arrays: bf16[64,131024,8,128] (15.99 GiB" in done.stdout  # one layer's K (or V) cache
+    assert "try fewer slots" in done.stdout
+
+
+@needs_libtpu
+def test_bad_input_is_exit_1_with_a_clear_error(tmp_path):
+    done = _plan(tmp_path, _run_config(str(tmp_path / "missing")), "--topology", "v5e-4")
+    assert done.returncode == 1 and "missing/config.json not found" in done.stderr
+    model = _tiny_model(tmp_path / "tiny")
+    done = _plan(tmp_path, _run_config(model), "--topology", "v5e-3")
+    assert done.returncode == 1 and "unknown TPU topology 'v5e-3'" in done.stderr
+    done = _plan(tmp_path, _run_config(model, mesh="2,2,2"), "--topology", "v5e-4")
+    assert done.returncode == 1 and "train.mesh: mesh" in done.stderr and "needs 8 devices" in done.stderr
