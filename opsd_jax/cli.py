@@ -169,7 +169,7 @@ def _plan(args) -> int:
         config = load_config(args.config, args.overrides)
         report = plan_run(config, parse_topology(args.topology),
                           programs=tuple(p.strip() for p in args.programs.split(",") if p.strip()),
-                          eval_slots=args.eval_slots, model_config=args.model_config,
+                          eval_slots=args.eval_slots, kernel_impl=args.kernel_impl, model_config=args.model_config,
                           teacher_config=args.teacher_config, progress=lambda line: print(line, flush=True))
     except (PlanInputError, TopologyError, ValueError, FileNotFoundError) as e:
         print(f"opsd-jax plan: error: {e}", file=sys.stderr)
@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="v5e-N / v6e-N (chips) or v4-N / v5p-N (TensorCores), e.g. v5p-64")
     plan.add_argument("--programs", default="train,rollout,eval", help="which of train, rollout, eval to compile")
     plan.add_argument("--eval-slots", type=int, default=8, help="evaluation sampler slots (eval --max-slots)")
+    plan.add_argument("--kernel-impl", default="auto", choices=("auto", "xla", "pallas_tpu", "reference"),
+                      help="the train step's divergence kernel (auto: what the job picks on TPU, pallas_tpu); "
+                           "another choice asks what-if")
     plan.add_argument("--model-config", metavar="DIR", type=user_path,
                       help="folder with the student's config.json (default: from model.checkpoint, else the "
                            "packaged config of the same name)")

@@ -225,7 +225,8 @@ class Trainer:
         stop_ids = default_stop_token_ids(tokenizer, side_dir)
         optimizer = make_optimizer(c.optimizer, c.train.steps)
         settings = step_settings(c, model_config, teacher_config, len(tokenizer))
-        opt_state = jax.jit(optimizer.init)(params)
+        # Created on its shardings: jit would put the (input-independent) zeros on one device.
+        opt_state = jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(optimizer, params, self.mesh))(params)
         state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
                            None if c.teacher.kind == "live" else teacher_params)
         state_shardings = train_state_shardings(state, self.mesh)
@@ -396,6 +397,28 @@ def step_settings(c: RunConfig, student, teacher, valid_vocab: int) -> StepSetti
                         ema_rate=c.teacher.ema_rate, microbatches=c.train.microbatches, valid_vocab=valid_vocab)
 
 
+def optimizer_state_shardings(optimizer, params, mesh):
+    """NamedShardings for `optimizer.init(params)`: a leaf shaped like a parameter (Adam's moments)
+    takes that parameter's sharding, matched by the trailing part of its key path; the rest (step
+    counts) is replicated. `params`: arrays or ShapeDtypeStructs with shardings.
+
+    Left to itself, jit places the moments (zeros that do not depend on the parameters' values) on
+    a single device, and the loop would then replicate them on every chip: for an 8B model with
+    float32 Adam that is 65 GB per chip.
+    """
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    by_path = {tuple(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def sharding(path, leaf):
+        for start in range(len(path)):
+            param = by_path.get(tuple(path[start:]))
+            if param is not None and param.shape == leaf.shape:
+                return param.sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, jax.eval_shape(optimizer.init, params))
+
+
 def train_state_shardings(state: TrainState, mesh):
     """The NamedSharding of every TrainState leaf (arrays, or ShapeDtypeStructs carrying the
     sharding XLA gave them); leaves XLA left unnamed (scalars such as the step and Adam's count)
@@ -459,4 +482,4 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
 
 
 __all__ = ["Trainer", "TrainingError", "batch_shapes", "build_batch", "export_checkpoint", "jitted_train_step",
-           "rollout_seed", "step_settings", "train_state_shardings"]
+           "optimizer_state_shardings", "rollout_seed", "step_settings", "train_state_shardings"]

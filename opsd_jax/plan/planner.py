@@ -57,7 +57,7 @@ def remedies(plan: ProgramPlan, c: RunConfig) -> list[str]:
     return ["a smaller largest prefill bucket", "a shorter data.max_prompt_tokens"]
 
 
-def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots: int = 8,
+def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots: int = 8, kernel_impl: str = "auto",
              model_config: str | None = None, teacher_config: str | None = None, progress=print) -> dict:
     """Compiles the selected programs of run `c` for `topology`; returns the report dict."""
     from opsd_jax.distill.trainer import rollout_sampler_config
@@ -93,7 +93,8 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
             resident += per_chip_bytes(abstract_model_params(student, sampler_mesh, c.model.param_dtype))
     if "train" in programs:
         progress(f"compiling the train step on {dict(mesh.shape)} ...")
-        results.insert(0, train_step_program(c, student, teacher, mesh, processes, resident_bytes=resident))
+        results.insert(0, train_step_program(c, student, teacher, mesh, processes, resident_bytes=resident,
+                                             kernel_impl=kernel_impl))
     if "eval" in programs:
         evaluation = student.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
         from opsd_jax.sampler.engine import SamplerConfig

@@ -222,11 +222,17 @@ def compile_program(plan: ProgramPlan, jitted, *args) -> ProgramPlan:
 # ---- the programs ---------------------------------------------------------------------------------
 
 def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig | None, mesh, processes: int,
-                       *, resident_bytes: int = 0) -> ProgramPlan:
+                       *, resident_bytes: int = 0, kernel_impl: str = "auto") -> ProgramPlan:
     """The training step exactly as `Trainer.run` jits it, for one global batch at the config's
     longest shapes (every prompt at data.max_prompt_tokens, every rollout at max_new_tokens)."""
     from opsd_jax.distill.train_step import TrainState, make_optimizer
-    from opsd_jax.distill.trainer import batch_shapes, jitted_train_step, step_settings, train_state_shardings
+    from opsd_jax.distill.trainer import (
+        batch_shapes,
+        jitted_train_step,
+        optimizer_state_shardings,
+        step_settings,
+        train_state_shardings,
+    )
     from opsd_jax.kernels.api import default_impl
     from opsd_jax.parallel import logical_sharding
 
@@ -244,14 +250,14 @@ def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig 
     else:  # frozen / ema: a copy of the student's parameters
         teacher_params = params
     optimizer = make_optimizer(c.optimizer, c.train.steps)
-    # The optimizer state gets the shardings XLA gives `jax.jit(optimizer.init)(params)`, as in the loop.
-    init = jax.jit(optimizer.init).lower(params).compile()
-    opt_state = _with_shardings(jax.eval_shape(optimizer.init, params), init.output_shardings)
+    opt_state = _with_shardings(jax.eval_shape(optimizer.init, params),
+                                optimizer_state_shardings(optimizer, params, mesh))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state, teacher_params)
     shardings = train_state_shardings(state, mesh)
     state = _with_shardings(state, shardings)
-    settings = step_settings(c, student, teacher_config, student.vocab_size)
+    settings = dataclasses.replace(step_settings(c, student, teacher_config, student.vocab_size),
+                                   kernel_impl=kernel_impl)
     # What the job resolves on the TPU it runs on: "auto" is the Mosaic kernel, lowered (not interpreted).
     settings = dataclasses.replace(settings, kernel_interpret=False,
                                    kernel_impl=default_impl("tpu") if settings.kernel_impl == "auto"

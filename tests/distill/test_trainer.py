@@ -354,3 +354,27 @@ def test_build_batch_takes_processed_or_raw_sampler_logprobs(rng):
     raw = build_batch([pair], [completion], **shapes)
     np.testing.assert_allclose(processed.sampler_logprobs[0], [-0.1, -0.2, -0.3, 0.0])
     np.testing.assert_allclose(raw.sampler_logprobs[0], [-1.1, -1.2, -1.3, 0.0])
+
+
+def test_optimizer_state_takes_the_parameter_shardings(model_dir, tmp_path):
+    """Adam's moments live beside their parameters (jit alone puts them on one device, and the
+    loop then replicated them on every chip); counts are replicated."""
+    from opsd_jax import load_hf
+    from opsd_jax.distill.trainer import optimizer_state_shardings, train_state_shardings
+    from opsd_jax.parallel import make_mesh
+
+    mesh = make_mesh(2, 2, 2)
+    _, params = load_hf(model_dir, mesh=mesh, progress=False)
+    config = load_config(None, _overrides(model_dir, tmp_path))
+    optimizer = make_optimizer(config.optimizer, 10)
+    shardings = optimizer_state_shardings(optimizer, params, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings)(params)
+    adam = opt_state[1][0]
+    for moments in (adam.mu, adam.nu):
+        for param, moment in zip(jax.tree.leaves(params), jax.tree.leaves(moments)):
+            assert moment.sharding == param.sharding
+    assert adam.count.sharding.spec == jax.sharding.PartitionSpec()
+    sharded = [leaf for leaf in jax.tree.leaves(adam.mu) if not leaf.sharding.is_fully_replicated]
+    assert sharded, "the tiny model has sharded parameters, so some moments must be sharded"
+    state = TrainState(jax.numpy.zeros((), jax.numpy.int32), params, opt_state, None)
+    assert jax.tree.leaves(train_state_shardings(state, mesh).opt_state) == jax.tree.leaves(shardings)
