@@ -17,6 +17,7 @@ from opsd_jax.plan.programs import (
     ProgramPlan,
     per_chip_bytes,
     abstract_model_params,
+    decode_state_bytes,
     run_model_configs,
     sampler_programs,
     train_step_program,
@@ -39,17 +40,19 @@ def remedies(plan: ProgramPlan, c: RunConfig) -> list[str]:
     """Concrete changes that shrink a program that does not fit, most effective first."""
     if plan.name == "train_step":
         steps = []
+        context = str(c.data.max_prompt_tokens + c.sampling.max_new_tokens)
+        if any(a["shape"].count(context) >= 2 for a in plan.largest_arrays):
+            steps.append(f"memory-efficient attention (issue 13): the largest arrays are attention scores over the "
+                         f"{context}-token context, quadratic in it; meanwhile a shorter data.max_prompt_tokens")
         per_micro = c.train.batch_size // c.train.microbatches
         if per_micro > 1:
             steps.append(f"train.microbatches={min(c.train.batch_size, c.train.microbatches * 2)} "
                          f"(now {c.train.microbatches}: {per_micro} sequences per microbatch)")
         if not c.model.remat:
             steps.append("model.remat=true (recompute each layer in the backward pass)")
-        steps.append("a mesh with more fsdp (train.mesh=1,-1,1 shards every parameter over all chips) or a larger "
-                     "topology")
-        if c.data.max_prompt_tokens > 8192:
-            steps.append(f"data.max_prompt_tokens below {c.data.max_prompt_tokens} (attention scores grow with the "
-                         "square of the context until memory-efficient attention lands, issue 13)")
+        if c.train.mesh.replace(" ", "") != "1,-1,1":
+            steps.append("train.mesh=1,-1,1 (every parameter and optimizer moment sharded over all chips)")
+        steps.append("a larger topology")
         return steps
     if plan.name.endswith("_decode"):
         return ["fewer slots (sampling.max_slots / eval --max-slots)", "a shorter sequence (max_new_tokens / "
@@ -77,21 +80,17 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
     # One process drives the whole mesh on a single host; on a pod each host samples on its own chips.
     sampler_mesh = mesh if processes == 1 else make_mesh(1, -1, 1, devices=local)
     results: list[ProgramPlan] = []
-    resident = 0
-    if "rollout" in programs or "train" in programs:
-        B = c.train.batch_size
-        sampler = rollout_sampler_config(c, max(B // processes, 1), student.vocab_size)
+    sampler = rollout_sampler_config(c, max(c.train.batch_size // processes, 1), student.vocab_size)
+    if "rollout" in programs:
         progress(f"compiling the rollout sampler on {dict(sampler_mesh.shape)} ...")
-        rollout, state_bytes = sampler_programs("rollout", student, sampler, sampler_mesh,
-                                                longest_prompt=c.data.max_prompt_tokens,
-                                                param_dtype=c.model.param_dtype)
-        if "rollout" in programs:
-            results += rollout
-        # Kept between steps: the KV cache, and on a pod the host-local copy of the weights.
-        resident = state_bytes
+        results += sampler_programs("rollout", student, sampler, sampler_mesh, longest_prompt=c.data.max_prompt_tokens,
+                                    param_dtype=c.model.param_dtype)
+    if "train" in programs:
+        # Kept on the chips between steps: the sampler's KV cache, and on a pod each host's own
+        # copy of the weights (on one host the sampler decodes from the training buffers).
+        resident = decode_state_bytes(student, sampler, sampler_mesh)
         if processes > 1:
             resident += per_chip_bytes(abstract_model_params(student, sampler_mesh, c.model.param_dtype))
-    if "train" in programs:
         progress(f"compiling the train step on {dict(mesh.shape)} ...")
         results.insert(0, train_step_program(c, student, teacher, mesh, processes, resident_bytes=resident,
                                              kernel_impl=kernel_impl))
@@ -111,7 +110,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
             config = SamplerConfig(max_slots=eval_slots, max_sequence_length=length,
                                    valid_vocab_size=student.vocab_size)
             results += sampler_programs("eval", evaluation, config, eval_mesh, longest_prompt=EVAL_PROMPT_TOKENS,
-                                        param_dtype="bfloat16")[0]
+                                        param_dtype="bfloat16")
     rows = []
     for plan in results:
         row = dataclasses.asdict(plan)

@@ -271,18 +271,24 @@ def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig 
     return compile_program(plan, step, state, batch)
 
 
+def decode_state_bytes(model: ModelConfig, sampler_config, mesh) -> int:
+    """Per-chip bytes of a sampler's decode state (KV cache and slot scalars) on its shardings."""
+    from opsd_jax.sampler.engine import Engine
+
+    engine = Engine(model, sampler_config, mesh=mesh)
+    return per_chip_bytes(_with_shardings(jax.eval_shape(engine._init_state_fn), engine.state_shardings))
+
+
 def sampler_programs(name: str, model: ModelConfig, sampler_config, mesh, *, longest_prompt: int,
-                     param_dtype: str) -> tuple[list[ProgramPlan], int]:
+                     param_dtype: str) -> list[ProgramPlan]:
     """The sampler's decode step and the prefill programs prompts up to `longest_prompt` tokens can
-    reach (each bucket, and the longest chunked prefill), as `Engine` jits them. Also returns the
-    decode state's per-chip bytes (resident while the trainer steps)."""
+    reach (each bucket, and the longest chunked prefill), as `Engine` jits them."""
     from opsd_jax.models import init_cache
     from opsd_jax.sampler.engine import Engine
 
     engine = Engine(model, sampler_config, mesh=mesh)
     params = abstract_model_params(model, mesh, param_dtype)  # `Engine.load_params` places them so
     state = _with_shardings(jax.eval_shape(engine._init_state_fn), engine.state_shardings)
-    state_bytes = per_chip_bytes(state)
     S, L = sampler_config.max_slots, engine.max_sequence_length
     plans = [compile_program(ProgramPlan(f"{name}_decode", f"{name} sampler decode step: {S} slots x {L} tokens, "
                                                            f"{param_dtype} weights", dict(mesh.shape)),
@@ -302,4 +308,4 @@ def sampler_programs(name: str, model: ModelConfig, sampler_config, mesh, *, lon
                            f"{name} prefill: {chunk}-token chunk into a {rows}-row prompt cache", dict(mesh.shape))
         plans.append(compile_program(plan, engine._prefill_chunk, params, spec((1, chunk)), spec((1, chunk)), cache,
                                      spec(())))
-    return plans, state_bytes
+    return plans
