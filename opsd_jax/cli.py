@@ -175,10 +175,11 @@ def _plan(args) -> int:
         print(f"opsd-jax plan: error: {e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
-        if "libtpu" not in str(e).lower() and "tpu" not in str(e).lower():
+        if "tpu" not in str(e).lower():
             raise
-        print(f"opsd-jax plan: error: no TPU compiler here ({str(e).splitlines()[0]}); install the tpu extra: "
-              "pip install -e '.[tpu]'", file=sys.stderr)
+        first = str(e).splitlines()[0]
+        hint = ("" if "lockfile" in first else "; is libtpu installed? pip install -e '.[tpu]'")
+        print(f"opsd-jax plan: error: the TPU compiler did not start ({first}){hint}", file=sys.stderr)
         return 1
     print(format_report(report))
     if args.json:

@@ -96,9 +96,10 @@ def parse_topology(name: str) -> Topology:
 
 
 def accelerator_environment(topology: Topology) -> dict[str, str]:
-    """Environment libtpu needs before it loads to describe `topology` on a host without TPUs."""
+    """Environment libtpu needs before it loads to describe `topology` on a host without TPUs.
+    Compiling needs no chip, so plans skip libtpu's one-process-per-host lock and run side by side."""
     return {"TPU_ACCELERATOR_TYPE": topology.accelerator_type, "JAX_PLATFORMS": "cpu",
-            "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost"}
+            "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def topology_devices(topology: Topology, num_slices: int = 1):

@@ -18,7 +18,9 @@ TOPOLOGIES = [("v5e:2x2", "v5litepod-4"), ("v6e:2x2", "v6e-4"), ("v5p:2x2x1", "v
 def test_fused_kernel_compiles_for_tpu(topology, accelerator):
     root = Path(__file__).resolve().parents[2]
     # A fresh process: conftest pins this one to CPU, and libtpu reads the accelerator type at load.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_ACCELERATOR_TYPE=accelerator, PYTHONPATH=str(root))
+    # Compiling needs no chip: skip libtpu's one-process-per-host lock so other compiles may run beside it.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_ACCELERATOR_TYPE=accelerator, PYTHONPATH=str(root),
+               ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     env.pop("XLA_FLAGS", None)
     done = subprocess.run(
         [sys.executable, "-m", "tests.kernels.tpu_aot_compile", topology],
