@@ -62,7 +62,8 @@ def summary(report: dict) -> dict:
     for r in report["programs"]:
         family = "train" if r["name"] == "train_step" else r["name"].split("_")[0]
         cell = families.setdefault(family, {"gib": 0.0, "verdict": "fits", "seconds": 0.0})
-        cell["gib"] = max(cell["gib"], r["total_bytes"] / GiB)
+        if r["verdict"] != "does not compile":  # nothing measured: its total would be the resident bytes alone
+            cell["gib"] = max(cell["gib"], r["total_bytes"] / GiB)
         cell["verdict"] = max(cell["verdict"], r["verdict"], key=WORST.__getitem__)
         cell["seconds"] += r["compile_seconds"]
     return families
