@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from opsd_jax.checkpoint.atomic import atomic_directory
 from opsd_jax.checkpoint.hf import CheckpointError, copy_side_files
 from opsd_jax.models.config import ModelConfig
-from opsd_jax.models.decoder import abstract_params, param_shardings
+from opsd_jax.models.decoder import sharded_abstract_params
 from opsd_jax.paths import user_path
 
 LAYOUT_VERSION = 2
@@ -131,12 +131,7 @@ def restore_params_lazily(path, *, mesh=None, dtype: str | None = None, compute_
     config = ModelConfig.from_hf(hf_dir, param_dtype=dtype, compute_dtype=compute_dtype or dtype)
     config = config.replace(source_path=hf_dir)
     mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    shapes, _ = abstract_params(config)
-    target = jax.tree.map(
-        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, dtype, sharding=sharding),
-        shapes,
-        param_shardings(config, mesh),
-    )
+    target = sharded_abstract_params(config, mesh)
     expected = sorted(target)
     if sorted(manifest.get("groups", [])) != expected:
         raise CheckpointError(

@@ -450,7 +450,7 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
     """Writes the student of a training checkpoint as an HF folder (tokenizer and config from the
     run's model checkpoint)."""
     from opsd_jax.checkpoint.hf import save_hf
-    from opsd_jax.models import abstract_params, param_shardings
+    from opsd_jax.models import sharded_abstract_params
 
     run_dir, destination, model_checkpoint = map(user_path, (run_dir, destination, model_checkpoint))
     manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"))
@@ -470,9 +470,7 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
     side_dir = os.path.join(model_checkpoint, HF_DIR) if orbax_checkpoint else model_checkpoint
     config = ModelConfig.from_hf(side_dir, param_dtype=param_dtype)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    shapes, _ = abstract_params(config)
-    shapes = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          shapes, param_shardings(config, mesh))
+    shapes = sharded_abstract_params(config, mesh)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item={"params": shapes}, partial_restore=True,
                                      restore_args=ocp.checkpoint_utils.construct_restore_args({"params": shapes}))))

@@ -13,6 +13,7 @@ from opsd_jax.models.decoder import (
     logits_from_hidden,
     init_params,
     param_shardings,
+    sharded_abstract_params,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "forward_hidden",
     "init_params",
     "param_shardings",
+    "sharded_abstract_params",
 ]

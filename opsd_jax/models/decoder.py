@@ -282,6 +282,16 @@ def param_shardings(config: ModelConfig, mesh):
     return tree_shardings(mesh, logical, shapes)
 
 
+def sharded_abstract_params(config: ModelConfig, mesh):
+    """ShapeDtypeStruct pytree of the parameters (config.param_dtype) on their NamedShardings over
+    `mesh`: a restore target, or the inputs of an ahead-of-time compile. Nothing is allocated."""
+    from opsd_jax.parallel import tree_shardings
+
+    shapes, logical = abstract_params(config)
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        shapes, tree_shardings(mesh, logical, shapes))
+
+
 def init_params(config: ModelConfig, key, mesh=None):
     """Random parameters (normal(0.02) matrices, unit norms), created directly in their shards."""
 

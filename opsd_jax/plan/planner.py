@@ -11,13 +11,13 @@ import dataclasses
 import json
 
 from opsd_jax.config import RunConfig
+from opsd_jax.models.decoder import sharded_abstract_params
 from opsd_jax.plan.programs import (
     EVAL_PROMPT_TOKENS,
     PlanInputError,
     ProgramPlan,
-    per_chip_bytes,
-    abstract_model_params,
     decode_state_bytes,
+    per_chip_bytes,
     run_model_configs,
     sampler_programs,
     train_step_program,
@@ -83,14 +83,13 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
     sampler = rollout_sampler_config(c, max(c.train.batch_size // processes, 1), student.vocab_size)
     if "rollout" in programs:
         progress(f"compiling the rollout sampler on {dict(sampler_mesh.shape)} ...")
-        results += sampler_programs("rollout", student, sampler, sampler_mesh, longest_prompt=c.data.max_prompt_tokens,
-                                    param_dtype=c.model.param_dtype)
+        results += sampler_programs("rollout", student, sampler, sampler_mesh, longest_prompt=c.data.max_prompt_tokens)
     if "train" in programs:
         # Kept on the chips between steps: the sampler's KV cache, and on a pod each host's own
         # copy of the weights (on one host the sampler decodes from the training buffers).
         resident = decode_state_bytes(student, sampler, sampler_mesh)
         if processes > 1:
-            resident += per_chip_bytes(abstract_model_params(student, sampler_mesh, c.model.param_dtype))
+            resident += per_chip_bytes(sharded_abstract_params(student, sampler_mesh))
         progress(f"compiling the train step on {dict(mesh.shape)} ...")
         results.insert(0, train_step_program(c, student, teacher, mesh, processes, resident_bytes=resident,
                                              kernel_impl=kernel_impl))
@@ -109,8 +108,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         else:
             config = SamplerConfig(max_slots=eval_slots, max_sequence_length=length,
                                    valid_vocab_size=student.vocab_size)
-            results += sampler_programs("eval", evaluation, config, eval_mesh, longest_prompt=EVAL_PROMPT_TOKENS,
-                                        param_dtype="bfloat16")
+            results += sampler_programs("eval", evaluation, config, eval_mesh, longest_prompt=EVAL_PROMPT_TOKENS)
     rows = []
     for plan in results:
         row = dataclasses.asdict(plan)

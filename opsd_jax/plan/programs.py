@@ -12,6 +12,7 @@ Shape letters: B prompts per step, S sampler slots, L sampler sequence length.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import time
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 from opsd_jax.config import RunConfig
 from opsd_jax.models.config import ModelConfig
+from opsd_jax.models.decoder import sharded_abstract_params
 
 PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 # Prompt tokens the evaluation sampler reserves ahead of the generation cap: the chat-templated
@@ -42,8 +44,8 @@ class PlanInputError(ValueError):
 
 @dataclasses.dataclass
 class ProgramPlan:
-    """One compiled program's per-chip footprint (bytes) and cost; `status` is "compiled" or
-    "does not compile" (then `error` says why)."""
+    """One program's per-chip footprint (bytes) and cost; `status` says whether it compiled (see
+    below; `error` holds the compiler's reason when it did not)."""
 
     name: str
     description: str
@@ -113,15 +115,6 @@ def run_model_configs(c: RunConfig, model_override: str | None = None,
     return student, teacher, sources
 
 
-def abstract_model_params(config: ModelConfig, mesh, dtype: str):
-    """ShapeDtypeStructs of the parameters in `dtype`, on their NamedShardings over `mesh`."""
-    from opsd_jax.models.decoder import abstract_params, param_shardings
-
-    shapes, _ = abstract_params(config)
-    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=sharding),
-                        shapes, param_shardings(config, mesh))
-
-
 def _with_shardings(shapes, shardings):
     return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
                         shardings)
@@ -131,12 +124,8 @@ def per_chip_bytes(tree) -> int:
     """Bytes of one device's shards of a pytree of ShapeDtypeStructs with shardings."""
     total = 0
     for leaf in jax.tree.leaves(tree):
-        shape = leaf.sharding.shard_shape(leaf.shape)
         itemsize = 8 if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else jnp.dtype(leaf.dtype).itemsize
-        count = 1
-        for n in shape:
-            count *= n
-        total += count * itemsize
+        total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * itemsize
     return total
 
 
@@ -155,9 +144,7 @@ def largest_arrays(hlo_text: str, count: int = 3) -> list[dict]:
         if not match:
             continue
         dtype, dims = match.group(1), match.group(2)
-        size = _BYTES[dtype]
-        for n in filter(None, dims.split(",")):
-            size *= int(n)
+        size = _BYTES[dtype] * math.prod(int(n) for n in filter(None, dims.split(",")))
         key = f"{dtype}[{dims}]"
         if size > seen.get(key, (0, ""))[0]:
             seen[key] = (size, name.strip().removeprefix("ROOT ").strip())
@@ -172,9 +159,7 @@ def largest_global_arrays(stablehlo_text: str, count: int = 3) -> list[dict]:
     for match in _STABLEHLO_TENSOR.finditer(stablehlo_text):
         dims = [int(n) for n in match.group(1).rstrip("x").split("x")]
         dtype = _STABLEHLO_TYPES[match.group(2)]
-        size = _BYTES[dtype]
-        for n in dims:
-            size *= n
+        size = _BYTES[dtype] * math.prod(dims)
         seen[f"{dtype}[{','.join(map(str, dims))}]"] = size
     ranked = sorted(seen.items(), key=lambda item: -item[1])[:count]
     return [{"shape": shape, "bytes": size, "instruction": "global shape, before partitioning"}
@@ -241,10 +226,10 @@ def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig 
         raise PlanInputError(f"train.batch_size {B} is not divisible by train.microbatches {c.train.microbatches}")
     if B % processes:
         raise PlanInputError(f"train.batch_size {B} is not divisible by the topology's {processes} hosts")
-    params = abstract_model_params(student, mesh, c.model.param_dtype)
+    params = sharded_abstract_params(student, mesh)
     teacher_config = teacher if teacher is not None else student
     if c.teacher.kind == "external":
-        teacher_params = abstract_model_params(teacher, mesh, c.model.param_dtype)
+        teacher_params = sharded_abstract_params(teacher, mesh)
     elif c.teacher.kind == "live":
         teacher_params = None
     else:  # frozen / ema: a copy of the student's parameters
@@ -279,19 +264,18 @@ def decode_state_bytes(model: ModelConfig, sampler_config, mesh) -> int:
     return per_chip_bytes(_with_shardings(jax.eval_shape(engine._init_state_fn), engine.state_shardings))
 
 
-def sampler_programs(name: str, model: ModelConfig, sampler_config, mesh, *, longest_prompt: int,
-                     param_dtype: str) -> list[ProgramPlan]:
+def sampler_programs(name: str, model: ModelConfig, sampler_config, mesh, *, longest_prompt: int) -> list[ProgramPlan]:
     """The sampler's decode step and the prefill programs prompts up to `longest_prompt` tokens can
     reach (each bucket, and the longest chunked prefill), as `Engine` jits them."""
     from opsd_jax.models import init_cache
     from opsd_jax.sampler.engine import Engine
 
     engine = Engine(model, sampler_config, mesh=mesh)
-    params = abstract_model_params(model, mesh, param_dtype)  # `Engine.load_params` places them so
+    params = sharded_abstract_params(model, mesh)  # in model.param_dtype, as `Engine.load_params` places them
     state = _with_shardings(jax.eval_shape(engine._init_state_fn), engine.state_shardings)
     S, L = sampler_config.max_slots, engine.max_sequence_length
     plans = [compile_program(ProgramPlan(f"{name}_decode", f"{name} sampler decode step: {S} slots x {L} tokens, "
-                                                           f"{param_dtype} weights", dict(mesh.shape)),
+                                                           f"{model.param_dtype} weights", dict(mesh.shape)),
                              engine._generate, params, state)]
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
