@@ -1,4 +1,4 @@
-"""`opsd-jax` command line: convert checkpoints, and a CPU demo of the whole conversion path.
+"""`opsd-jax` command line: convert, train, serve, eval, analyze, plan, and the toy-world demo.
 
 jax is imported only after the arguments are read, so `--cpu-devices` can set up a virtual CPU
 mesh before jax initializes its backends.
@@ -199,13 +199,43 @@ def _tiny_model(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from opsd_jax.demo import run_demo
+def _selfcheck(args) -> int:
+    from opsd_jax.selfcheck import run_demo
 
     import time
 
-    workdir = args.workdir or user_path(os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S")))
+    workdir = args.workdir or user_path(os.path.join("runs", "selfcheck", time.strftime("%Y%m%d-%H%M%S")))
     return run_demo(workdir=workdir, mesh_text=args.mesh)
+
+
+def _demo(args) -> int:
+    from opsd_jax.toyworld.experiment import ExperimentSettings, console_table, default_output_dir, run_experiment
+
+    out = args.out or user_path(default_output_dir())
+    settings = ExperimentSettings(train_problems=args.train_problems, eval_problems=args.eval_problems,
+                                  steps=args.steps, batch_size=args.batch_size, samples=args.samples, seed=args.seed,
+                                  seeds=args.seeds,
+                                  **({"checkpoints": args.checkpoints} if args.checkpoints else {}))
+    print(f"toy-world experiment -> {out}", flush=True)
+    result = run_experiment(out, settings)
+    print("\n" + console_table(result))
+    print(f"\nreport: {os.path.join(out, 'report.md')}  metrics: {os.path.join(out, 'metrics.json')}  "
+          f"plots: {out}/accuracy_vs_budget.png, {out}/analysis/*/*.png  ({result['seconds']:.0f} s)")
+    ok = all(p["ok"] for p in result["preconditions"])
+    print("demo finished" if ok else "demo finished, but a precondition failed: the claims above mean little")
+    return 0 if ok else 1
+
+
+def _toyworld_warmstart(args) -> int:
+    from opsd_jax.checkpoint.atomic import atomic_directory
+    from opsd_jax.toyworld.warmstart import warm_start
+
+    with atomic_directory(args.out, overwrite=args.overwrite) as staging:
+        manifest = warm_start(staging, names=args.models.split(",") if args.models else None, steps=args.steps)
+    for name, record in manifest.items():
+        print(f"{name}: {record['steps']} steps, loss {record['first_losses'][0]:.4f} -> {record['final_loss']:.4f}")
+    print(f"wrote {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,14 +331,43 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     tiny.set_defaults(run=_tiny_model)
 
+    from opsd_jax.toyworld.experiment import ExperimentSettings
+
+    toy = ExperimentSettings()
     demo = commands.add_parser(
-        "demo", help="CPU demo: build tiny HF checkpoints, convert them, check logits vs transformers"
-    )
-    demo.add_argument("--workdir", type=user_path, help="where to write the demo's checkpoints and run "
-                                        "(default: runs/demo/<date-time>)")
-    demo.add_argument("--mesh", default="2,2,2", metavar="DATA,FSDP,TENSOR")
-    demo.add_argument("--cpu-devices", type=int, default=8)
+        "demo", help="the main job on CPU: the toy-world OPSD experiment (train OPD/OPSD conditions from "
+                     "warm-started toy models, evaluate at several budgets, analyze forks and markers, "
+                     "report each paper claim)")
+    demo.add_argument("--out", type=user_path, help="output folder (default: runs/demo/<date-time>)")
+    demo.add_argument("--steps", type=int, default=toy.steps, help="training steps per condition")
+    demo.add_argument("--batch-size", type=int, default=toy.batch_size, help="rollouts per step")
+    demo.add_argument("--samples", type=int, default=toy.samples, help="evaluation samples per problem")
+    demo.add_argument("--seeds", type=int, default=toy.seeds, help="training runs per condition")
+    demo.add_argument("--train-problems", type=int, default=toy.train_problems)
+    demo.add_argument("--eval-problems", type=int, default=toy.eval_problems)
+    demo.add_argument("--seed", type=int, default=toy.seed)
+    demo.add_argument("--checkpoints", type=user_path, help="warm-started models (default: those shipped; "
+                                                            "`opsd-jax toyworld warmstart` writes them)")
     demo.set_defaults(run=_demo)
+
+    selfcheck = commands.add_parser(
+        "selfcheck", help="CPU self-check: tiny random HF checkpoints converted both ways with logits vs "
+                          "transformers, then a short OPSD run on 8 emulated devices")
+    selfcheck.add_argument("--workdir", type=user_path, help="where to write the checkpoints and run "
+                                                             "(default: runs/selfcheck/<date-time>)")
+    selfcheck.add_argument("--mesh", default="2,2,2", metavar="DATA,FSDP,TENSOR")
+    selfcheck.add_argument("--cpu-devices", type=int, default=8)
+    selfcheck.set_defaults(run=_selfcheck)
+
+    toyworld = commands.add_parser("toyworld", help="the toy world's tools")
+    toyworld_commands = toyworld.add_subparsers(dest="toyworld_command", required=True)
+    warm = toyworld_commands.add_parser(
+        "warmstart", help="regenerate the warm-started toy models (supervised, objective.kind=sft) into DIR")
+    warm.add_argument("out", metavar="DIR", type=user_path)
+    warm.add_argument("--models", help="comma-separated subset of thinker,instruct,teacher")
+    warm.add_argument("--steps", type=int, help="override every model's step count (for a quick check)")
+    warm.add_argument("--overwrite", action="store_true")
+    warm.set_defaults(run=_toyworld_warmstart)
     return parser
 
 

@@ -90,7 +90,9 @@ class ObjectiveSection:
     # jsd / forward_kl / reverse_kl: full-vocabulary divergences through the fused kernel;
     # sampled_reverse_kl: policy gradient with advantage log p_T(y) - log p_S(y) on sampled tokens;
     # topk: the divergence (with `beta`) over the teacher's top `teacher_top_k` tokens + a tail bucket.
-    kind: Literal["jsd", "forward_kl", "reverse_kl", "sampled_reverse_kl", "topk"] = "jsd"
+    # sft: teacher-forced cross entropy on the data's solution column as the response (no sampler, no
+    #   teacher): the warm start of the toy world, through the same step.
+    kind: Literal["jsd", "forward_kl", "reverse_kl", "sampled_reverse_kl", "topk", "sft"] = "jsd"
     teacher_top_k: int = 64
     beta: float = 0.5  # JSD mixture weight (TRL/GKD convention)
     temperature: float = 1.0
@@ -286,6 +288,11 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(node, dict):
                 raise ConfigKeyError(f"override {override!r}: {key} is not a section")
         node[keys[-1]] = value
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """A RunConfig from a nested mapping, checked as a YAML file is (paths resolved)."""
     return resolve_paths(_build(RunConfig, data, ""))
 
 

@@ -149,13 +149,39 @@ def test_demo_config_runs_as_its_comment_says(tmp_path):
     assert (tmp_path / "runs" / "demo_cpu" / "run" / "checkpoints").is_dir()
 
 
-def test_demo_with_no_arguments(tmp_path):
-    """The README's main command: `opsd-jax demo`, nothing else, from an empty directory."""
-    result = run(tmp_path, "demo")
+def test_selfcheck_with_no_arguments(tmp_path):
+    """`opsd-jax selfcheck`, nothing else, from an empty directory."""
+    result = run(tmp_path, "selfcheck")
     assert result.stdout.rstrip().splitlines()[-1] == "demo passed (parity tolerance 0.0001)"
     for model in ("qwen3", "olmo3"):
         line = next(line for line in result.stdout.splitlines() if line.startswith(model))
         assert "True" in line  # bit-exact column
+    (folder,) = os.listdir(tmp_path / "runs" / "selfcheck")
+    assert (tmp_path / "runs" / "selfcheck" / folder / "olmo3-export" / "config.json").exists()
+    assert (tmp_path / "runs" / "selfcheck" / folder / "training" / "run" / "metrics.jsonl").exists()
+
+
+def test_demo_on_a_shrunken_world(tmp_path):
+    """The README's main command with the world shrunk (few problems, two steps): every output file
+    and every report line is produced, under the default relative output folder."""
+    result = subprocess.run([*_command(), "demo", "--steps", "2", "--batch-size", "4", "--samples", "2",
+                             "--train-problems", "8", "--eval-problems", "6"], cwd=tmp_path,
+                            env=_environment(tmp_path), capture_output=True, text=True, timeout=900)
+    # A shrunken world may miss a precondition (exit 1, said so); anything else is a failure.
+    assert result.returncode in (0, 1), f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.stdout.rstrip().splitlines()[-1].startswith("demo finished")
     (folder,) = os.listdir(tmp_path / "runs" / "demo")
-    assert (tmp_path / "runs" / "demo" / folder / "olmo3-export" / "config.json").exists()
-    assert (tmp_path / "runs" / "demo" / folder / "training" / "run" / "metrics.jsonl").exists()
+    out = tmp_path / "runs" / "demo" / folder
+    for name in ("report.md", "metrics.json", "accuracy_vs_budget.png", "analysis/opsd/fork_rates.png",
+                 "analysis/opsd/marker_rates.png", "analysis/strong_teacher/advantage_at_markers.png",
+                 "eval/opsd_dense/summary.json", "models/vanilla_opd/model.safetensors"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [c["claim"] for c in metrics["claims"]] == [1, 2, 3, 4, 5]
+    assert set(metrics["accuracy"]) == {"base", "instruct", "vanilla_opd", "privileged_opd", "opsd_dense",
+                                        "opsd_sparse"}
+    report = (out / "report.md").read_text()
+    for claim in metrics["claims"]:
+        assert f"| ({claim['claim']}) {claim['text']} | {claim['verdict']} |" in report
+        assert f"claim {claim['claim']}" in result.stdout
+    assert len(metrics["preconditions"]) == 3

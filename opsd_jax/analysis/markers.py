@@ -67,11 +67,17 @@ def token_pieces(tokenizer, token_ids: list[int]) -> tuple[str, np.ndarray]:
     A token that ends inside a multi-byte character gets no characters (its end equals the
     previous end); the token completing the character takes them all.
     """
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
     ends_T = np.zeros(len(token_ids), np.int64)
     text, start = "", 0
     for t in range(len(token_ids)):
-        piece = tokenizer.decode(token_ids[start: t + 1], skip_special_tokens=False,
-                                 clean_up_tokenization_spaces=False)
+        # Decoded with the previous token as context: a word-level tokenizer puts the space that
+        # separates two tokens only between them, never on a token decoded alone.
+        context = decode(token_ids[start - 1: start]) if start else ""
+        joined = decode(token_ids[max(start - 1, 0): t + 1])
+        piece = joined[len(context):] if joined.startswith(context) else decode(token_ids[start: t + 1])
         if piece.endswith("\ufffd") and t + 1 < len(token_ids):
             ends_T[t] = len(text)  # an incomplete character: wait for the next token
             continue

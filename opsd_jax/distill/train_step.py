@@ -58,6 +58,9 @@ class StepSettings:
     # compiling for TPU on a CPU host).
     kernel_interpret: bool | None = None
     valid_vocab: int | None = None  # the tokenizer's size: padded embedding rows carry no probability
+    # The trainer's mesh: on more than one device the divergence kernel runs vocabulary-parallel
+    # in a shard_map (a Mosaic kernel cannot be partitioned by XLA). None: one device.
+    mesh: jax.sharding.Mesh | None = None
 
 
 def learning_rate_schedule(section: OptimizerSection, total_steps: int) -> optax.Schedule:
@@ -89,11 +92,16 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
     objective = settings.objective
     hidden_s, head_s = forward_hidden(params, settings.student, batch.student_tokens,
                                       attention_mask=batch.student_mask)
-    hidden_t, head_t = forward_hidden(teacher_params, settings.teacher, batch.teacher_tokens,
-                                      attention_mask=batch.teacher_mask)
-    hidden_t, head_t = jax.lax.stop_gradient((hidden_t, head_t))
     rows_s_BxTxD = _gather_rows(hidden_s, batch.student_index)
-    rows_t_BxTxD = _gather_rows(hidden_t, batch.teacher_index)
+    if objective.kind == "sft":
+        # Supervised warm start: the targets are the data's own responses and no teacher is
+        # consulted; the kernel still runs (for the log-probs and entropies) against the student.
+        rows_t_BxTxD, head_t = jax.lax.stop_gradient((rows_s_BxTxD, head_s))
+    else:
+        hidden_t, head_t = forward_hidden(teacher_params, settings.teacher, batch.teacher_tokens,
+                                          attention_mask=batch.teacher_mask)
+        hidden_t, head_t = jax.lax.stop_gradient((hidden_t, head_t))
+        rows_t_BxTxD = _gather_rows(hidden_t, batch.teacher_index)
     B, T = batch.targets.shape
     mask_BxT = objectives.completion_mask(
         batch.lengths, T, skip_first=objective.skip_first, window=objective.window,
@@ -104,7 +112,7 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
         rows_s_BxTxD.reshape(B * T, -1), head_s, rows_t_BxTxD.reshape(B * T, -1), head_t,
         beta=beta, temperature=objective.temperature, mask=mask_BxT.reshape(-1),
         targets=batch.targets.reshape(-1), impl=settings.kernel_impl, valid_vocab=settings.valid_vocab,
-        interpret=settings.kernel_interpret,
+        interpret=settings.kernel_interpret, mesh=settings.mesh,
     )
     student_logprob = out.student_logprob.reshape(B, T)
     teacher_logprob = out.teacher_logprob.reshape(B, T)
@@ -126,6 +134,9 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
         scale_B = objectives.sequence_importance(
             student_logprob, batch.sampler_logprobs, mask_BxT, objective.importance_cap,
             clamp="token" if objective.importance == "paper" else "sequence")
+    elif objective.kind == "sft":
+        per_token = -student_logprob  # teacher-forced cross entropy
+        scale_B = jnp.ones(B)
     elif objective.kind == "sampled_reverse_kl":
         per_token = objectives.sampled_reverse_kl_loss(
             student_logprob, teacher_logprob, batch.sampler_logprobs, mask_BxT,

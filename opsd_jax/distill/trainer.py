@@ -9,6 +9,7 @@ reproduces the uninterrupted run: rollout seeds derive from (seed, step, index).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -28,6 +29,7 @@ from opsd_jax.distill.train_step import Batch, StepSettings, TrainState, make_op
 from opsd_jax.parallel import logical_sharding, make_mesh, parse_mesh_shape
 from opsd_jax.paths import user_path
 from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig, SamplingParams
+from opsd_jax.sampler.orchestrator import Completion
 from opsd_jax.sampler.server import default_stop_token_ids, load_for_serving
 
 
@@ -172,6 +174,8 @@ class Trainer:
             if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise TrainingError(f"teacher {c.teacher.checkpoint} does not share the student's tokenizer")
             teacher_config = teacher_config.replace(compute_dtype=c.model.compute_dtype)
+        elif c.objective.kind == "sft":
+            pass  # no teacher: the step scores the data's responses against the student alone
         elif c.teacher.kind in ("frozen", "ema"):
             # Its own buffers: the student's are donated to the step and overwritten.
             teacher_params = jax.tree.map(jnp.copy, params)
@@ -224,11 +228,12 @@ class Trainer:
         engine = Engine(model_config, rollout_sampler_config(c, local_batch, len(tokenizer)), mesh=self.sampler_mesh)
         stop_ids = default_stop_token_ids(tokenizer, side_dir)
         optimizer = make_optimizer(c.optimizer, c.train.steps)
-        settings = step_settings(c, model_config, teacher_config, len(tokenizer))
+        settings = step_settings(c, model_config, teacher_config, len(tokenizer), mesh=self.mesh)
         # Created on its shardings: jit would put the (input-independent) zeros on one device.
         opt_state = jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(optimizer, params, self.mesh))(params)
         state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
                            None if c.teacher.kind == "live" else teacher_params)
+        supervised = c.objective.kind == "sft"
         state_shardings = train_state_shardings(state, self.mesh)
         state = jax.device_put(state, state_shardings)
         step_fn = jitted_train_step(settings, optimizer, state_shardings)
@@ -263,23 +268,28 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         history = []
         try:
-            with Orchestrator(engine, self._sampler_weights(state.params)) as orchestrator:
+            sampler = (contextlib.nullcontext() if supervised
+                       else Orchestrator(engine, self._sampler_weights(state.params)))
+            with sampler as orchestrator:
                 bar = tqdm(range(start_step, c.train.steps), initial=start_step, total=c.train.steps,
                            desc="training", disable=jax.process_index() != 0)
                 for step in bar:
                     batch_items = [next(data_iterator) for _ in range(local_batch)]
                     data_state = data_iterator.get_state()
                     started = time.perf_counter()
-                    if step > start_step:  # the orchestrator started with these weights
-                        orchestrator.load_params(self._sampler_weights(state.params))
-                    samplings = [SamplingParams(temperature=c.sampling.temperature, top_p=c.sampling.top_p,
-                                                top_k=c.sampling.top_k,
-                                                seed=rollout_seed(c.train.seed, step, self.process_index * local_batch + i),
-                                                max_new_tokens=completion_length, stop_token_ids=stop_ids)
-                                 for i in range(local_batch)]
-                    rollouts = orchestrator.generate_batch([pair.student_ids for _, pair in batch_items], samplings,
-                                                           progress=False)
-                    completions = [r[0] for r in rollouts]
+                    if supervised:
+                        completions = [reference_completion(problem, tokenizer, stop_ids, completion_length)
+                                       for problem, _ in batch_items]
+                    else:
+                        if step > start_step:  # the orchestrator started with these weights
+                            orchestrator.load_params(self._sampler_weights(state.params))
+                        samplings = [SamplingParams(
+                            temperature=c.sampling.temperature, top_p=c.sampling.top_p, top_k=c.sampling.top_k,
+                            seed=rollout_seed(c.train.seed, step, self.process_index * local_batch + i),
+                            max_new_tokens=completion_length, stop_token_ids=stop_ids) for i in range(local_batch)]
+                        rollouts = orchestrator.generate_batch([pair.student_ids for _, pair in batch_items],
+                                                               samplings, progress=False)
+                        completions = [r[0] for r in rollouts]
                     sampled = time.perf_counter()
                     batch = build_batch([pair for _, pair in batch_items], completions,
                                         student_length=context_length, teacher_length=context_length,
@@ -384,6 +394,22 @@ class Trainer:
 # ---- the step as the loop jits it (shared with `opsd-jax plan`) -----------------------------------
 
 
+def reference_completion(problem, tokenizer, stop_token_ids, max_tokens: int) -> Completion:
+    """The data's solution as the response an `sft` step learns: its tokens, then the tokenizer's
+    eos (else the first stop token), so the model learns to end its turn as its chat template
+    does. Longer ones are an error naming the problem."""
+    if not problem.solution.strip():
+        raise TrainingError(f"objective.kind=sft: problem {problem.id} has no solution to learn")
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else stop_token_ids[0]
+    ids = tokenizer.encode(problem.solution, add_special_tokens=False) + [end]
+    if len(ids) > max_tokens:
+        raise TrainingError(f"objective.kind=sft: the solution of problem {problem.id} has {len(ids)} tokens with "
+                            f"its stop token, over sampling.max_new_tokens={max_tokens}")
+    zeros = [0.0] * len(ids)
+    return Completion(prompt_token_ids=[], sample_index=0, token_ids=ids, sampled_logprobs=zeros,
+                      model_logprobs=zeros, finish_reason="stop")
+
+
 def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int) -> SamplerConfig:
     """The rollout sampler of one process: its share of the batch decoded together, each sequence
     up to the longest prompt plus the completion."""
@@ -392,9 +418,11 @@ def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int) -> 
                          valid_vocab_size=valid_vocab)
 
 
-def step_settings(c: RunConfig, student, teacher, valid_vocab: int) -> StepSettings:
+def step_settings(c: RunConfig, student, teacher, valid_vocab: int, mesh=None) -> StepSettings:
+    """mesh: the step's device mesh (the kernel's shard_map needs it on more than one device)."""
     return StepSettings(student=student, teacher=teacher, objective=c.objective, teacher_kind=c.teacher.kind,
-                        ema_rate=c.teacher.ema_rate, microbatches=c.train.microbatches, valid_vocab=valid_vocab)
+                        ema_rate=c.teacher.ema_rate, microbatches=c.train.microbatches, valid_vocab=valid_vocab,
+                        mesh=mesh)
 
 
 def optimizer_state_shardings(optimizer, params, mesh):

@@ -1,51 +1,23 @@
-"""Public divergence API: argument checks, the output type, and dispatch to an implementation.
+"""Public divergence API: argument checks and dispatch to an implementation (the output and
+settings types live in spec.py and are re-exported here).
 
 Letters: N tokens, V vocabulary, Hs / Ht student / teacher hidden width.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+
+from opsd_jax.kernels.spec import DivergenceOutput, DivergenceSpec
+
+__all__ = ["IMPLS", "DivergenceOutput", "DivergenceSpec", "default_impl", "divergence", "fused_linear_divergence"]
 
 IMPLS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
-
-
-class DivergenceOutput(NamedTuple):
-    """Per-token results, float32 [N]; zero for tokens the mask ignores.
-
-    divergence: forward KL (beta=0), reverse KL (beta=1) or generalized JSD (between).
-    student_entropy / teacher_entropy: entropies of the two (temperature-scaled) distributions.
-    student_logprob / teacher_logprob: log-probabilities of `targets`, None without targets.
-    Gradients flow to the student only, from divergence, student_entropy and student_logprob.
-    """
-
-    divergence: jax.Array
-    student_entropy: jax.Array
-    teacher_entropy: jax.Array
-    student_logprob: jax.Array | None = None
-    teacher_logprob: jax.Array | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class DivergenceSpec:
-    """Static settings every implementation receives (hashable: it is a jit-static argument).
-
-    token_block / vocab_block: tile sizes; None lets the implementation choose.
-    interpret: Pallas only. None runs the interpreter unless the default backend is the kernel's
-      own accelerator; False forces real lowering (to compile for a TPU topology on a CPU host).
-    """
-
-    beta: float
-    temperature: float = 1.0
-    valid_vocab: int | None = None
-    token_block: int | None = None
-    vocab_block: int | None = None
-    interpret: bool | None = None
 
 
 def _check_scalars(beta, temperature):
@@ -164,7 +136,7 @@ def divergence(
         )
     n, vocab = student_logits.shape
     mask_N, valid_vocab, targets_N = _check_token_args(n, vocab, mask, valid_vocab, targets)
-    spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block, interpret)
+    spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block, interpret, _tpu_generation(None))
     fn = _implementation(_resolve(impl), fused=False)
     return fn(student_logits, teacher_logits, mask_N, targets_N, spec)
 
@@ -184,12 +156,17 @@ def fused_linear_divergence(
     token_block: int | None = None,
     vocab_block: int | None = None,
     interpret: bool | None = None,
+    mesh: Mesh | None = None,
 ) -> DivergenceOutput:
     """`divergence` of student_hidden @ student_head and teacher_hidden @ teacher_head, never
     forming the [N, V] logits.
 
     student_hidden: float [N, Hs]; student_head: float [Hs, V]; teacher_hidden: float [N, Ht];
     teacher_head: float [Ht, V]. Gradients reach student_hidden and student_head only.
+    mesh: the caller's device mesh (axes named as in parallel.MESH_AXES). With more than one
+      device the call runs in a shard_map (vocab_parallel.py): tokens split like the logical
+      "batch" axis, the heads' vocabulary like "vocab", which a Mosaic kernel inside a sharded
+      jit needs. None: one device, or a shard_map the caller wrote.
     Other arguments and the result are as in `divergence`.
     """
     beta, temperature = _check_scalars(beta, temperature)
@@ -221,6 +198,29 @@ def fused_linear_divergence(
         )
     vocab = student_head.shape[1]
     mask_N, valid_vocab, targets_N = _check_token_args(n, vocab, mask, valid_vocab, targets)
-    spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block, interpret)
-    fn = _implementation(_resolve(impl), fused=True)
-    return fn(student_hidden, student_head, teacher_hidden, teacher_head, mask_N, targets_N, spec)
+    if mesh is not None:
+        from opsd_jax.parallel import MESH_AXES
+
+        if not isinstance(mesh, Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        if set(mesh.axis_names) != set(MESH_AXES):
+            raise ValueError(f"mesh axes must be {MESH_AXES} (parallel.make_mesh), got {tuple(mesh.axis_names)}")
+    spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block, interpret,
+                          _tpu_generation(mesh))
+    impl = _resolve(impl)
+    fn = _implementation(impl, fused=True)
+    args = (student_hidden, student_head, teacher_hidden, teacher_head, mask_N, targets_N, spec)
+    if mesh is None or mesh.size == 1:
+        return fn(*args)
+    from opsd_jax.kernels import vocab_parallel
+
+    return vocab_parallel.fused_linear_divergence(*args, mesh=mesh, impl=impl, whole=fn)
+
+
+def _tpu_generation(mesh: Mesh | None) -> str | None:
+    """The TPU generation the kernel is compiled for: the mesh's devices' (which may be a
+    topology's, compiled ahead of time from a CPU host), else the default device's."""
+    from opsd_jax.kernels.tpu_vmem import generation_of
+
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    return generation_of(getattr(device, "device_kind", ""))

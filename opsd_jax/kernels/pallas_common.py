@@ -1,4 +1,5 @@
-"""custom_vjp wiring shared by the Pallas backends.
+"""custom_vjp wiring shared by the Pallas backends, and the output / cotangent masking every
+statistics-first implementation (these and the vocabulary-parallel form) shares.
 
 A backend supplies three functions of plain arrays (N tokens, V vocabulary, H hidden width):
   row_stats(inputs, targets_N, spec) -> (rows.RowStats of float32 [N], target logits (s, t) or None)
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from opsd_jax.kernels import rows
-from opsd_jax.kernels.api import DivergenceOutput
+from opsd_jax.kernels.spec import DivergenceOutput
 
 
 class Backend(NamedTuple):
@@ -27,20 +28,28 @@ class Backend(NamedTuple):
     fused_grads: Callable
 
 
-def _outputs(backend: Backend, inputs, mask_N, targets_N, spec):
-    stats, target_logits = backend.row_stats(inputs, targets_N, spec)
+def outputs_from_stats(stats: rows.RowStats, target_logits, mask_N) -> DivergenceOutput:
+    """DivergenceOutput (float32 [N]) from whole-row stats and the targets' scaled logits (s, t) or
+    None; ignored tokens get exact zeros (`where`: their stats may be NaN)."""
     kept = lambda x_N: jnp.where(mask_N, x_N, 0.0)  # noqa: E731
     lp_s_N = lp_t_N = None
-    if targets_N is not None:
+    if target_logits is not None:
         lp_s_N = kept(target_logits[0] - stats.student_log_z_R)
         lp_t_N = kept(target_logits[1] - stats.teacher_log_z_R)
-    out = DivergenceOutput(
+    return DivergenceOutput(
         kept(stats.divergence_R), kept(stats.student_entropy_R), kept(stats.teacher_entropy_R), lp_s_N, lp_t_N
     )
-    return out, stats
 
 
-def _cotangents(cot: DivergenceOutput, mask_N, targets_N):
+def _outputs(backend: Backend, inputs, mask_N, targets_N, spec):
+    stats, target_logits = backend.row_stats(inputs, targets_N, spec)
+    return outputs_from_stats(stats, target_logits, mask_N), stats
+
+
+def cotangents(cot: DivergenceOutput, mask_N, targets_N):
+    """(divergence, student entropy, student log-prob or None) cotangents, float32 [N], exactly
+    zero for ignored tokens."""
+
     def kept(x_N):
         return None if x_N is None else jnp.where(mask_N, x_N.astype(jnp.float32), 0.0)
 
@@ -60,7 +69,7 @@ def make(backend: Backend):
 
     def from_logits_bwd(spec, residuals, cot):
         s_NxV, t_NxV, mask_N, targets_N, stats = residuals
-        cots = _cotangents(cot, mask_N, targets_N)
+        cots = cotangents(cot, mask_N, targets_N)
         g_NxV = backend.logits_grad(s_NxV, t_NxV, stats, cots, targets_N, spec)
         return g_NxV.astype(s_NxV.dtype), None, None, None
 
@@ -76,7 +85,7 @@ def make(backend: Backend):
 
     def fused_bwd(spec, residuals, cot):
         hs, ws, ht, wt, mask_N, targets_N, stats = residuals
-        cots = _cotangents(cot, mask_N, targets_N)
+        cots = cotangents(cot, mask_N, targets_N)
         gh, gw = backend.fused_grads(hs, ws, ht, wt, stats, cots, targets_N, spec)
         return gh.astype(hs.dtype), gw.astype(ws.dtype), None, None, None, None
 
@@ -87,7 +96,3 @@ def make(backend: Backend):
 def full_cotangents(cots, n):
     """The three cotangent vectors with None replaced by zeros, float32 [N] each."""
     return tuple(jnp.zeros((n,), jnp.float32) if c is None else c for c in cots)
-
-
-def jsd_from_kls(stats: rows.RowStats, kl_s_N, kl_t_N, beta):
-    return stats._replace(divergence_R=beta * kl_t_N + (1.0 - beta) * kl_s_N, aux_R=kl_s_N)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from opsd_jax.kernels import pallas_common, rows
-from opsd_jax.kernels.api import DivergenceSpec
+from opsd_jax.kernels.spec import DivergenceSpec
 
 TOKEN_BLOCK = 64
 VOCAB_BLOCK = 256

@@ -4,15 +4,26 @@ Letters: N tokens, V vocabulary, H hidden width (Hs student, Ht teacher), R rows
 C columns per vocabulary block.
 
 Grid = (token blocks, vocabulary blocks). The statistics kernel walks the vocabulary axis
-sequentially ("arbitrary") and keeps the online-logsumexp state in VMEM scratch, so a token
-block's stats leave the chip once. The fused form projects each tile on the MXU inside the kernel
-(h[R, H] @ W[H, C]) and never writes logits to HBM. Its backward recomputes tiles in two kernels,
-one accumulating d/dh over vocabulary blocks and one accumulating d/dW over token blocks; that is
+sequentially ("arbitrary") and keeps the online-logsumexp state in its output blocks (resident
+while the vocabulary axis advances), so a token block's stats leave the chip once. It returns
+the *running* statistics (rows.OnlineStats), not finished results, so a shard that holds only a
+slice of the vocabulary can combine them with the other shards' (vocab_parallel.py); finishing
+them is cheap [N] vector math outside the kernel. The fused form projects each tile on the MXU
+inside the kernel (h[R, H] @ W[H, C], in the hidden state's dtype: a float32 master head is cast
+tile by tile) and never writes logits to HBM. Its backward recomputes tiles in two kernels, one
+accumulating d/dh over vocabulary blocks and one accumulating d/dW over token blocks; that is
 16 N H V FLOPs in all instead of the XLA path's 8, the price of never holding a full row on chip.
+
+Which vocabulary columns count is a run-time int32 scalar in SMEM (`limit`): the embedding's
+padding rows, and for a vocabulary-parallel shard the slice's position in the whole vocabulary,
+are not known when the kernel is traced inside a shard_map.
 
 Vocabulary sizes that no block divides (Qwen3: 151,936 = 128 x 1187) use a cdiv grid; the columns
 past V in the last block hold garbage, so they are masked to -inf (logits) and 0 (weights) before
-use, and likewise rows past N.
+use, and likewise rows past N. Ignored tokens' rows may hold NaN: they are selected away (`where`)
+wherever a product could carry them into another token's or the head's gradient.
+
+Block sizes come from tpu_vmem.choose_blocks: per kernel, per width and per TPU generation.
 
 Off TPU the kernels run in the TPU interpreter unless `interpret=False` asks for Mosaic, which is
 how a CPU host compiles them ahead of time for a TPU topology.
@@ -27,26 +38,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from opsd_jax.kernels import pallas_common, rows
-from opsd_jax.kernels.api import DivergenceSpec
+from opsd_jax.kernels import pallas_common, rows, tpu_vmem, vocab_parallel
+from opsd_jax.kernels.spec import DivergenceSpec
 
-TOKEN_BLOCK = 256
-VOCAB_BLOCK = 2048
-FUSED_VOCAB_BLOCK = 512
-VMEM_LIMIT_BYTES = 64 * 2**20
-
-
-def _blocks(n: int, vocab: int, spec: DivergenceSpec, projected: bool):
-    """(R, C) obeying Mosaic's tiling: R a multiple of 8 or N, C a multiple of 128 or V."""
-    r = spec.token_block or TOKEN_BLOCK
-    r = n if r >= n else max(8, r // 8 * 8)
-    c = spec.vocab_block or (FUSED_VOCAB_BLOCK if projected else VOCAB_BLOCK)
-    c = vocab if c >= vocab else max(128, c // 128 * 128)
-    return r, c
-
-
-def _limit(spec: DivergenceSpec, vocab: int) -> int:
-    return vocab if spec.valid_vocab is None else spec.valid_vocab
+N_STATS = len(rows.OnlineStats._fields)
+# Per-token float32 values the gradient kernels read, packed as the columns of one [N, 8] array
+# (one VMEM block instead of eight lane-padded ones).
+GRAD_VECTORS = ("student_log_z", "teacher_log_z", "aux", "student_entropy", "keep", "cot_divergence",
+                "cot_entropy", "cot_logprob")
 
 
 def _col(x_N):
@@ -57,22 +56,52 @@ def _load_rows(ref):
     return ref[...][:, 0]
 
 
-def _tiles(in_refs, i, j, r, c, n, limit, spec, projected):
-    """Scaled float32 logits of one tile, student and teacher [R, C], plus the masked student
-    operands (h [R, Hs], W [Hs, C]) when projected."""
-    column_1xC = rows.columns(c, j * c)
-    row_Rx1 = i * r + jax.lax.broadcasted_iota(jnp.int32, (r, 1), 0)
-    col_ok_1xC = column_1xC < limit
-    row_ok_Rx1 = row_Rx1 < n
-    operands = None
+def _generation(spec: DivergenceSpec) -> str | None:
+    if spec.tpu_generation is not None:
+        return spec.tpu_generation
+    if jax.default_backend() == "tpu":
+        return tpu_vmem.generation_of(jax.devices()[0].device_kind)
+    return None
+
+
+def _operands(inputs) -> tpu_vmem.Operands:
+    if len(inputs) == 4:
+        hs, ws, ht, wt = inputs
+        return tpu_vmem.Operands(True, hs.shape[1], ht.shape[1], hs.dtype.itemsize, ht.dtype.itemsize,
+                                 ws.dtype.itemsize, wt.dtype.itemsize)
+    return tpu_vmem.Operands(False, logits_bytes=max(x.dtype.itemsize for x in inputs))
+
+
+def _shape(inputs):
+    if len(inputs) == 4:
+        return inputs[0].shape[0], inputs[1].shape[1]
+    return inputs[0].shape
+
+
+def _blocks(kernel: str, inputs, spec: DivergenceSpec):
+    n, vocab = _shape(inputs)
+    return tpu_vmem.choose_blocks(kernel, n, vocab, _operands(inputs), _generation(spec),
+                                  spec.token_block, spec.vocab_block)
+
+
+def _default_limit(spec: DivergenceSpec, vocab: int):
+    """The whole vocabulary's column bound, int32 [1]."""
+    return jnp.array([vocab if spec.valid_vocab is None else spec.valid_vocab], jnp.int32)
+
+
+def _project(h_RxH, w_HxC):
+    """float32 [R, C] = h @ W on the MXU in h's dtype (the model's compute dtype, as
+    models.logits_from_hidden multiplies)."""
+    return jnp.dot(h_RxH, w_HxC.astype(h_RxH.dtype), preferred_element_type=jnp.float32)
+
+
+def _tiles(limit_ref, in_refs, j, c, spec, projected):
+    """Scaled float32 logits of one tile, student and teacher [R, C] (-inf at columns past the
+    limit, garbage included), and that column mask [1, C]."""
+    col_ok_1xC = rows.columns(c, j * c) < limit_ref[0]
     if projected:
         hs_ref, ws_ref, ht_ref, wt_ref = in_refs
-        # Zero the garbage past N and V: it would otherwise poison the gradient products (0 * NaN).
-        hs_RxH = jnp.where(row_ok_Rx1, hs_ref[...], 0)
-        ws_HxC = jnp.where(col_ok_1xC, ws_ref[...], 0)
-        raw_s = jnp.dot(hs_RxH, ws_HxC, preferred_element_type=jnp.float32)
-        raw_t = jnp.dot(ht_ref[...], wt_ref[...], preferred_element_type=jnp.float32)
-        operands = (hs_RxH, ws_HxC)
+        raw_s, raw_t = _project(hs_ref[...], ws_ref[...]), _project(ht_ref[...], wt_ref[...])
     else:
         raw_s, raw_t = in_refs[0][...], in_refs[1][...]
 
@@ -82,130 +111,114 @@ def _tiles(in_refs, i, j, r, c, n, limit, spec, projected):
             z_RxC = z_RxC * (1.0 / spec.temperature)
         return jnp.where(col_ok_1xC, z_RxC, rows.NEG_INF)
 
-    return scaled(raw_s), scaled(raw_t), operands, col_ok_1xC, row_ok_Rx1
+    return scaled(raw_s), scaled(raw_t), col_ok_1xC
 
 
-def _stats_kernel(*refs, n_in, r, c, n, limit, spec, projected, with_targets):
+def _stats_kernel(limit_ref, *refs, n_in, c, spec, projected, with_targets):
     in_refs = refs[:n_in]
     rest = list(refs[n_in:])
     tgt_ref = rest.pop(0) if with_targets else None
-    out_refs = [rest.pop(0) for _ in range(6)]
-    tout_refs = [rest.pop(0) for _ in range(2)] if with_targets else []
-    acc_refs = [rest.pop(0) for _ in range(8)]
-    tacc_refs = rest
-    i, j = pl.program_id(0), pl.program_id(1)
+    stat_refs = rest[:N_STATS]
+    target_refs = rest[N_STATS:]
+    j = pl.program_id(1)
 
+    # The output blocks stay in VMEM while j advances (same block index): they are the accumulators.
     @pl.when(j == 0)
     def _init():
-        for ref, v_R in zip(acc_refs, rows.online_init(r)):
+        for ref, v_R in zip(stat_refs, rows.online_init(stat_refs[0].shape[0])):
             ref[...] = _col(v_R)
-        for ref in tacc_refs:
+        for ref in target_refs:
             ref[...] = jnp.zeros_like(ref)
 
-    zs_RxC, zt_RxC, _, _, _ = _tiles(in_refs, i, j, r, c, n, limit, spec, projected)
-    stats = rows.online_fold(rows.OnlineStats(*(_load_rows(ref) for ref in acc_refs)), zs_RxC, zt_RxC)
-    for ref, v_R in zip(acc_refs, stats):
+    zs_RxC, zt_RxC, _ = _tiles(limit_ref, in_refs, j, c, spec, projected)
+    stats = rows.online_fold(rows.OnlineStats(*(_load_rows(ref) for ref in stat_refs)), zs_RxC, zt_RxC)
+    for ref, v_R in zip(stat_refs, stats):
         ref[...] = _col(v_R)
     if with_targets:
         tgt_R = _load_rows(tgt_ref)
-        tacc_refs[0][...] += _col(rows.target_logit(zs_RxC, tgt_R, j * c))
-        tacc_refs[1][...] += _col(rows.target_logit(zt_RxC, tgt_R, j * c))
-
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _finish():
-        final = rows.OnlineStats(*(_load_rows(ref) for ref in acc_refs))
-        if rows.divergence_mode(spec.beta) == "jsd":
-            # Divergence and aux come from the second pass; only normalizers and entropies are final.
-            zero_R = jnp.zeros((r,), jnp.float32)
-            done = rows.online_finish(final, spec.beta, zero_R, zero_R)
-        else:
-            done = rows.online_finish(final, spec.beta)
-        for ref, v_R in zip(out_refs, done):
-            ref[...] = _col(v_R)
-        for ref, acc in zip(tout_refs, tacc_refs):
-            ref[...] = acc[...]
+        target_refs[0][...] += _col(rows.target_logit(zs_RxC, tgt_R, j * c))
+        target_refs[1][...] += _col(rows.target_logit(zt_RxC, tgt_R, j * c))
 
 
-def _jsd_kernel(*refs, n_in, r, c, n, limit, spec, projected):
+def _jsd_kernel(limit_ref, *refs, n_in, c, spec, projected):
     in_refs = refs[:n_in]
-    log_zs_ref, log_zt_ref, kl_s_ref, kl_t_ref, acc_s_ref, acc_t_ref = refs[n_in:]
-    i, j = pl.program_id(0), pl.program_id(1)
-
-    @pl.when(j == 0)
-    def _init():
-        acc_s_ref[...] = jnp.zeros_like(acc_s_ref)
-        acc_t_ref[...] = jnp.zeros_like(acc_t_ref)
-
-    zs_RxC, zt_RxC, _, _, _ = _tiles(in_refs, i, j, r, c, n, limit, spec, projected)
-    kl_s_R, kl_t_R = rows.jsd_block_kls(zs_RxC, zt_RxC, _load_rows(log_zs_ref), _load_rows(log_zt_ref), spec.beta)
-    acc_s_ref[...] += _col(kl_s_R)
-    acc_t_ref[...] += _col(kl_t_R)
-
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _finish():
-        kl_s_ref[...] = acc_s_ref[...]
-        kl_t_ref[...] = acc_t_ref[...]
-
-
-def _grad_tile(in_refs, vec_refs, i, j, r, c, n, limit, spec, projected):
-    """Gradient of the raw student logits for one tile, float32 [R, C], zero outside the data."""
-    zs_RxC, zt_RxC, operands, col_ok_1xC, row_ok_Rx1 = _tiles(in_refs, i, j, r, c, n, limit, spec, projected)
-    log_zs, log_zt, aux, ent_s, keep, cot_d, cot_h, cot_lp, tgt = (_load_rows(ref) for ref in vec_refs)
-    g_RxC = rows.student_grad_tile(zs_RxC, zt_RxC, log_zs, log_zt, aux, ent_s, spec.beta, cot_d, cot_h, cot_lp, tgt, j * c)
-    ok_RxC = col_ok_1xC & row_ok_Rx1 & (_col(keep) > 0)
-    return jnp.where(ok_RxC, g_RxC * (1.0 / spec.temperature), 0.0), operands
-
-
-def _logits_grad_kernel(*refs, r, c, n, limit, spec):
-    in_refs, vec_refs, out_ref = refs[:2], refs[2:11], refs[11]
-    g_RxC, _ = _grad_tile(in_refs, vec_refs, pl.program_id(0), pl.program_id(1), r, c, n, limit, spec, False)
-    out_ref[...] = g_RxC.astype(out_ref.dtype)
-
-
-def _hidden_grad_kernel(*refs, r, c, n, limit, spec):
-    in_refs, vec_refs, out_ref, acc_ref = refs[:4], refs[4:13], refs[13], refs[14]
+    log_zs_ref, log_zt_ref, kl_s_ref, kl_t_ref = refs[n_in:]
     j = pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+        kl_s_ref[...] = jnp.zeros_like(kl_s_ref)
+        kl_t_ref[...] = jnp.zeros_like(kl_t_ref)
 
-    g_RxC, (_, ws_HxC) = _grad_tile(in_refs, vec_refs, pl.program_id(0), j, r, c, n, limit, spec, True)
-    acc_ref[...] += jax.lax.dot_general(
-        g_RxC.astype(ws_HxC.dtype), ws_HxC, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    zs_RxC, zt_RxC, _ = _tiles(limit_ref, in_refs, j, c, spec, projected)
+    kl_s_R, kl_t_R = rows.jsd_block_kls(zs_RxC, zt_RxC, _load_rows(log_zs_ref), _load_rows(log_zt_ref), spec.beta)
+    kl_s_ref[...] += _col(kl_s_R)
+    kl_t_ref[...] += _col(kl_t_R)
+
+
+def _grad_tile(limit_ref, in_refs, vec_ref, tgt_ref, i, j, r, c, n, spec, projected):
+    """(gradient of the raw student logits float32 [R, C], zero outside the data and for ignored
+    tokens; the rows that count [R, 1]; the columns that count [1, C])."""
+    zs_RxC, zt_RxC, col_ok_1xC = _tiles(limit_ref, in_refs, j, c, spec, projected)
+    v_RxK = vec_ref[...]
+    log_zs, log_zt, aux, ent_s, keep, cot_d, cot_h, cot_lp = (v_RxK[:, k] for k in range(len(GRAD_VECTORS)))
+    g_RxC = rows.student_grad_tile(
+        zs_RxC, zt_RxC, log_zs, log_zt, aux, ent_s, spec.beta, cot_d, cot_h, cot_lp, _load_rows(tgt_ref), j * c
+    )
+    row_ok_Rx1 = (i * r + jax.lax.broadcasted_iota(jnp.int32, (r, 1), 0) < n) & (_col(keep) > 0)
+    return jnp.where(col_ok_1xC & row_ok_Rx1, g_RxC * (1.0 / spec.temperature), 0.0), row_ok_Rx1, col_ok_1xC
+
+
+def _logits_grad_kernel(limit_ref, s_ref, t_ref, vec_ref, tgt_ref, out_ref, *, r, c, n, spec):
+    g_RxC, _, _ = _grad_tile(limit_ref, (s_ref, t_ref), vec_ref, tgt_ref, pl.program_id(0), pl.program_id(1),
+                             r, c, n, spec, False)
+    out_ref[...] = g_RxC.astype(out_ref.dtype)
+
+
+def _hidden_grad_kernel(limit_ref, *refs, r, c, n, spec):
+    in_refs, vec_ref, tgt_ref, out_ref = refs[:4], refs[4], refs[5], refs[6]
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        out_ref[...] = jnp.zeros_like(out_ref)
+
+    g_RxC, _, col_ok_1xC = _grad_tile(limit_ref, in_refs, vec_ref, tgt_ref, pl.program_id(0), j, r, c, n, spec, True)
+    hs_dtype = in_refs[0].dtype
+    # Garbage columns past V may be NaN, and g's zeros there would not cancel them (0 * NaN).
+    ws_HxC = jnp.where(col_ok_1xC, in_refs[1][...].astype(hs_dtype), 0)
+    out_ref[...] += jax.lax.dot_general(
+        g_RxC.astype(hs_dtype), ws_HxC, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
 
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _finish():
-        out_ref[...] = acc_ref[...]
 
-
-def _head_grad_kernel(*refs, r, c, n, limit, spec):
+def _head_grad_kernel(limit_ref, *refs, r, c, n, spec):
     # Grid is (vocabulary, tokens) here: the head block stays resident while tokens stream by.
-    in_refs, vec_refs, out_ref, acc_ref = refs[:4], refs[4:13], refs[13], refs[14]
+    in_refs, vec_ref, tgt_ref, out_ref = refs[:4], refs[4], refs[5], refs[6]
     i = pl.program_id(1)
 
     @pl.when(i == 0)
     def _init():
-        acc_ref[...] = jnp.zeros_like(acc_ref)
+        out_ref[...] = jnp.zeros_like(out_ref)
 
-    g_RxC, (hs_RxH, _) = _grad_tile(in_refs, vec_refs, i, pl.program_id(0), r, c, n, limit, spec, True)
-    acc_ref[...] += jax.lax.dot_general(
+    g_RxC, row_ok_Rx1, _ = _grad_tile(limit_ref, in_refs, vec_ref, tgt_ref, i, pl.program_id(0), r, c, n, spec, True)
+    # Rows past N are garbage and ignored tokens may be NaN: g's zeros would not cancel them.
+    hs_RxH = jnp.where(row_ok_Rx1, in_refs[0][...], 0)
+    out_ref[...] += jax.lax.dot_general(
         hs_RxH, g_RxC.astype(hs_RxH.dtype), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
 
-    @pl.when(i == pl.num_programs(1) - 1)
-    def _finish():
-        out_ref[...] = acc_ref[...]
+
+_SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
-def _in_specs(inputs, r, c, projected, tokens_first=True):
+def _in_specs(inputs, r, c, tokens_first=True):
     """BlockSpecs for the matrix inputs; index maps take grid ids in grid order."""
 
     def ids(g):
         return (g[0], g[1]) if tokens_first else (g[1], g[0])
 
-    if projected:
+    if len(inputs) == 4:
         hs, ws, ht, wt = inputs
         return [
             pl.BlockSpec((r, hs.shape[1]), lambda *g: (ids(g)[0], 0)),
@@ -216,112 +229,127 @@ def _in_specs(inputs, r, c, projected, tokens_first=True):
     return [pl.BlockSpec((r, c), lambda *g: ids(g)) for _ in inputs]
 
 
-def _vec_spec(r, tokens_first=True):
-    return pl.BlockSpec((r, 1), (lambda *g: (g[0], 0)) if tokens_first else (lambda *g: (g[1], 0)))
+def _vec_spec(r, width=1, tokens_first=True):
+    return pl.BlockSpec((r, width), (lambda *g: (g[0], 0)) if tokens_first else (lambda *g: (g[1], 0)))
 
 
-def _call(kernel, out_shape, grid, in_specs, out_specs, scratch, semantics, spec, *args):
+def _call(kernel, out_shape, grid, in_specs, out_specs, semantics, spec, *args):
     """pallas_call through Mosaic, or through the TPU interpreter (see DivergenceSpec.interpret)."""
     interpret = spec.interpret if spec.interpret is not None else jax.default_backend() != "tpu"
+    limit = tpu_vmem.budget(_generation(spec)).limit_bytes
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
-        scratch_shapes=scratch,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT_BYTES),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=limit),
         interpret=pltpu.InterpretParams() if interpret else False,
     )(*args)
 
 
-def _shape(inputs, projected):
-    if projected:
-        return inputs[0].shape[0], inputs[1].shape[1]
-    return inputs[0].shape
+def slice_stats(inputs, targets_N, limit, spec: DivergenceSpec):
+    """vocab_parallel.LocalBackend.stats: running statistics (rows.OnlineStats, float32 [N]) of
+    these columns, and the targets' scaled logits (0 where a target lies outside them) or None.
 
-
-def row_stats(inputs, targets_N, spec: DivergenceSpec):
+    inputs: (logits s, t [N, V]) or (hs [N, Hs], ws [Hs, V], ht [N, Ht], wt [Ht, V]); targets_N:
+    int32 column ids or None; limit: int32 [1], columns at or past it are excluded.
+    """
     projected = len(inputs) == 4
-    n, vocab = _shape(inputs, projected)
-    r, c = _blocks(n, vocab, spec, projected)
-    limit = _limit(spec, vocab)
-    grid = (pl.cdiv(n, r), pl.cdiv(vocab, c))
+    n, vocab = _shape(inputs)
+    r, c = _blocks("stats", inputs, spec)
     with_targets = targets_N is not None
     vec = jax.ShapeDtypeStruct((n, 1), jnp.float32)
-    in_specs = _in_specs(inputs, r, c, projected)
-    args = list(inputs)
+    in_specs = [_SMEM] + _in_specs(inputs, r, c)
+    args = [jnp.reshape(limit, (1,)).astype(jnp.int32), *inputs]
     if with_targets:
         in_specs.append(_vec_spec(r))
         args.append(_col(targets_N))
-    n_out = 6 + 2 * with_targets
-    kernel = functools.partial(
-        _stats_kernel, n_in=len(inputs), r=r, c=c, n=n, limit=limit, spec=spec, projected=projected,
-        with_targets=with_targets,
-    )
-    scratch = [pltpu.VMEM((r, 1), jnp.float32) for _ in range(8 + 2 * with_targets)]
-    outs = _call(
-        kernel, [vec] * n_out, grid, in_specs, [_vec_spec(r)] * n_out, scratch, ("parallel", "arbitrary"), spec, *args
-    )
+    n_out = N_STATS + 2 * with_targets
+    kernel = functools.partial(_stats_kernel, n_in=len(inputs), c=c, spec=spec, projected=projected,
+                               with_targets=with_targets)
+    outs = _call(kernel, [vec] * n_out, (pl.cdiv(n, r), pl.cdiv(vocab, c)), in_specs, [_vec_spec(r)] * n_out,
+                 ("parallel", "arbitrary"), spec, *args)
     outs = [o[:, 0] for o in outs]
-    stats = rows.RowStats(*outs[:6])
-    if rows.divergence_mode(spec.beta) == "jsd":
-        kernel = functools.partial(
-            _jsd_kernel, n_in=len(inputs), r=r, c=c, n=n, limit=limit, spec=spec, projected=projected
-        )
-        kl_s, kl_t = _call(
-            kernel, [vec] * 2, grid, _in_specs(inputs, r, c, projected) + [_vec_spec(r)] * 2,
-            [_vec_spec(r)] * 2, [pltpu.VMEM((r, 1), jnp.float32)] * 2, ("parallel", "arbitrary"), spec,
-            *inputs, _col(stats.student_log_z_R), _col(stats.teacher_log_z_R),
-        )
-        stats = pallas_common.jsd_from_kls(stats, kl_s[:, 0], kl_t[:, 0], spec.beta)
-    return stats, ((outs[6], outs[7]) if with_targets else None)
+    return rows.OnlineStats(*outs[:N_STATS]), (tuple(outs[N_STATS:]) if with_targets else None)
+
+
+def slice_jsd_kls(inputs, log_zs_N, log_zt_N, limit, spec: DivergenceSpec):
+    """vocab_parallel.LocalBackend.jsd_kls: these columns' shares of KL(p_s||m), KL(p_t||m) [N]."""
+    projected = len(inputs) == 4
+    n, vocab = _shape(inputs)
+    r, c = _blocks("jsd", inputs, spec)
+    vec = jax.ShapeDtypeStruct((n, 1), jnp.float32)
+    kernel = functools.partial(_jsd_kernel, n_in=len(inputs), c=c, spec=spec, projected=projected)
+    kl_s, kl_t = _call(
+        kernel, [vec] * 2, (pl.cdiv(n, r), pl.cdiv(vocab, c)),
+        [_SMEM] + _in_specs(inputs, r, c) + [_vec_spec(r)] * 2, [_vec_spec(r)] * 2, ("parallel", "arbitrary"), spec,
+        jnp.reshape(limit, (1,)).astype(jnp.int32), *inputs, _col(log_zs_N), _col(log_zt_N),
+    )
+    return kl_s[:, 0], kl_t[:, 0]
+
+
+def row_stats(inputs, targets_N, spec: DivergenceSpec):
+    """pallas_common.Backend.row_stats: the whole vocabulary is one slice."""
+    local = vocab_parallel.LocalBackend(slice_stats, slice_jsd_kls, None)
+    return vocab_parallel.combined_row_stats(local, inputs, targets_N, _default_limit(spec, _shape(inputs)[1]), spec)
 
 
 def _grad_vectors(stats: rows.RowStats, cots, targets_N, n):
+    """(float32 [N, 8] packed GRAD_VECTORS, int32 [N, 1] targets (-1: none))."""
     cot_d, cot_h, cot_lp = pallas_common.full_cotangents(cots, n)
     keep = ((cot_d != 0) | (cot_h != 0) | (cot_lp != 0)).astype(jnp.float32)
+    packed = jnp.stack(
+        [stats.student_log_z_R, stats.teacher_log_z_R, stats.aux_R, stats.student_entropy_R, keep, cot_d, cot_h, cot_lp],
+        axis=1,
+    )
     tgt = jnp.full((n,), -1, jnp.int32) if targets_N is None else targets_N
-    vectors = (stats.student_log_z_R, stats.teacher_log_z_R, stats.aux_R, stats.student_entropy_R, keep, cot_d, cot_h, cot_lp)
-    return [_col(v) for v in vectors] + [_col(tgt)]
+    return packed, _col(tgt)
 
 
 def logits_grad(s_NxV, t_NxV, stats, cots, targets_N, spec: DivergenceSpec):
     n, vocab = s_NxV.shape
-    r, c = _blocks(n, vocab, spec, False)
-    kernel = functools.partial(_logits_grad_kernel, r=r, c=c, n=n, limit=_limit(spec, vocab), spec=spec)
-    grid = (pl.cdiv(n, r), pl.cdiv(vocab, c))
+    r, c = _blocks("logits_grad", (s_NxV, t_NxV), spec)
+    kernel = functools.partial(_logits_grad_kernel, r=r, c=c, n=n, spec=spec)
     return _call(
-        kernel, jax.ShapeDtypeStruct((n, vocab), s_NxV.dtype), grid,
-        _in_specs((s_NxV, t_NxV), r, c, False) + [_vec_spec(r)] * 9,
-        pl.BlockSpec((r, c), lambda i, j: (i, j)), [], ("parallel", "parallel"), spec,
-        s_NxV, t_NxV, *_grad_vectors(stats, cots, targets_N, n),
+        kernel, jax.ShapeDtypeStruct((n, vocab), s_NxV.dtype), (pl.cdiv(n, r), pl.cdiv(vocab, c)),
+        [_SMEM] + _in_specs((s_NxV, t_NxV), r, c) + [_vec_spec(r, len(GRAD_VECTORS)), _vec_spec(r)],
+        pl.BlockSpec((r, c), lambda i, j: (i, j)), ("parallel", "parallel"), spec,
+        _default_limit(spec, vocab), s_NxV, t_NxV, *_grad_vectors(stats, cots, targets_N, n),
     )
 
 
-def fused_grads(hs, ws, ht, wt, stats, cots, targets_N, spec: DivergenceSpec):
+def slice_grads(hs, ws, ht, wt, stats, cots, targets_N, limit, spec: DivergenceSpec):
+    """vocab_parallel.LocalBackend.grads: (float32 [N, Hs] d/dh through these columns, float32
+    [Hs, V] d/dW of these columns)."""
     inputs = (hs, ws, ht, wt)
     n, vocab = hs.shape[0], ws.shape[1]
     width = hs.shape[1]
-    r, c = _blocks(n, vocab, spec, True)
-    limit = _limit(spec, vocab)
-    vectors = _grad_vectors(stats, cots, targets_N, n)
-    token_blocks, vocab_blocks = pl.cdiv(n, r), pl.cdiv(vocab, c)
+    packed, tgt = _grad_vectors(stats, cots, targets_N, n)
+    limit = jnp.reshape(limit, (1,)).astype(jnp.int32)
+    k = len(GRAD_VECTORS)
+    r, c = _blocks("hidden_grad", inputs, spec)
     gh = _call(
-        functools.partial(_hidden_grad_kernel, r=r, c=c, n=n, limit=limit, spec=spec),
-        jax.ShapeDtypeStruct((n, width), jnp.float32), (token_blocks, vocab_blocks),
-        _in_specs(inputs, r, c, True) + [_vec_spec(r)] * 9,
-        pl.BlockSpec((r, width), lambda i, j: (i, 0)), [pltpu.VMEM((r, width), jnp.float32)],
-        ("parallel", "arbitrary"), spec, *inputs, *vectors,
+        functools.partial(_hidden_grad_kernel, r=r, c=c, n=n, spec=spec),
+        jax.ShapeDtypeStruct((n, width), jnp.float32), (pl.cdiv(n, r), pl.cdiv(vocab, c)),
+        [_SMEM] + _in_specs(inputs, r, c) + [_vec_spec(r, k), _vec_spec(r)],
+        pl.BlockSpec((r, width), lambda i, j: (i, 0)), ("parallel", "arbitrary"), spec, limit, *inputs, packed, tgt,
     )
+    r, c = _blocks("head_grad", inputs, spec)
     gw = _call(
-        functools.partial(_head_grad_kernel, r=r, c=c, n=n, limit=limit, spec=spec),
-        jax.ShapeDtypeStruct((width, vocab), jnp.float32), (vocab_blocks, token_blocks),
-        _in_specs(inputs, r, c, True, tokens_first=False) + [_vec_spec(r, tokens_first=False)] * 9,
-        pl.BlockSpec((width, c), lambda j, i: (0, j)), [pltpu.VMEM((width, c), jnp.float32)],
-        ("parallel", "arbitrary"), spec, *inputs, *vectors,
+        functools.partial(_head_grad_kernel, r=r, c=c, n=n, spec=spec),
+        jax.ShapeDtypeStruct((width, vocab), jnp.float32), (pl.cdiv(vocab, c), pl.cdiv(n, r)),
+        [_SMEM] + _in_specs(inputs, r, c, tokens_first=False)
+        + [_vec_spec(r, k, tokens_first=False), _vec_spec(r, tokens_first=False)],
+        pl.BlockSpec((width, c), lambda j, i: (0, j)), ("parallel", "arbitrary"), spec, limit, *inputs, packed, tgt,
     )
     return gh, gw
 
 
+def fused_grads(hs, ws, ht, wt, stats, cots, targets_N, spec: DivergenceSpec):
+    """pallas_common.Backend.fused_grads: the whole vocabulary is one slice."""
+    return slice_grads(hs, ws, ht, wt, stats, cots, targets_N, _default_limit(spec, ws.shape[1]), spec)
+
+
+LOCAL = vocab_parallel.LocalBackend(slice_stats, slice_jsd_kls, slice_grads)
 divergence, fused_linear_divergence = pallas_common.make(pallas_common.Backend(row_stats, logits_grad, fused_grads))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from opsd_jax.kernels import rows
-from opsd_jax.kernels.api import DivergenceOutput, DivergenceSpec
+from opsd_jax.kernels.spec import DivergenceOutput, DivergenceSpec
 
 
 def divergence(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec: DivergenceSpec):

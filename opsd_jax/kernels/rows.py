@@ -259,3 +259,40 @@ def jsd_block_kls(zs_RxC, zt_RxC, log_zs_R, log_zt_R, beta: float):
     kl_s_R = jnp.sum(xlogy_safe(jnp.exp(ls_RxC), ls_RxC - lm_RxC), axis=-1)
     kl_t_R = jnp.sum(xlogy_safe(jnp.exp(lt_RxC), lt_RxC - lm_RxC), axis=-1)
     return kl_s_R, kl_t_R
+
+
+def online_partial(zs_RxC, zt_RxC) -> OnlineStats:
+    """Stats of one vocabulary slice (float32 [R, C] scaled logits, -inf = excluded), ready for
+    `online_combine` with the other slices of the same rows."""
+    return online_fold(online_init(zs_RxC.shape[0]), zs_RxC, zt_RxC)
+
+
+def online_combine(stats: OnlineStats, axis_name) -> OnlineStats:
+    """Whole-row stats from each shard's stats of its vocabulary slice (float32 [R] each).
+
+    Collectives over `axis_name` (a mesh axis or a tuple of them; () or None: nothing to combine):
+    one pmax for the two maxima, then one psum of the six sums recentered on them. A shard whose
+    slice holds no allowed column (m = -inf) contributes zeros.
+    """
+    if not axis_name:
+        return stats
+    m_s_R, m_t_R = jax.lax.pmax((stats.student_max, stats.teacher_max), axis_name)
+
+    def recentered(m_R, new_m_R, s_R, b_R, gap_R):
+        safe_m_R = jnp.where(jnp.isfinite(new_m_R), new_m_R, 0.0)
+        shift_R = jnp.where(jnp.isfinite(m_R), m_R - safe_m_R, 0.0)
+        rescale_R = jnp.where(jnp.isfinite(m_R), jnp.exp(shift_R), 0.0)
+        return rescale_R * s_R, rescale_R * (b_R + shift_R * s_R), rescale_R * gap_R
+
+    local = recentered(stats.student_max, m_s_R, stats.student_sum, stats.student_centered, stats.student_gap)
+    local += recentered(stats.teacher_max, m_t_R, stats.teacher_sum, stats.teacher_centered, stats.teacher_gap)
+    ss, sb, sg, ts, tb, tg = jax.lax.psum(local, axis_name)
+    return OnlineStats(m_s_R, ss, sb, sg, m_t_R, ts, tb, tg)
+
+
+def finish_row_stats(stats: OnlineStats, beta: float, jsd_kls=None) -> RowStats:
+    """`online_finish` for whole-row stats; jsd_kls: (KL(p_s||m), KL(p_t||m)) float32 [R], only
+    for the JSD (None otherwise)."""
+    if divergence_mode(beta) == "jsd":
+        return online_finish(stats, beta, *jsd_kls)
+    return online_finish(stats, beta)

@@ -26,8 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from opsd_jax.kernels import rows
-from opsd_jax.kernels.api import DivergenceOutput, DivergenceSpec
+from opsd_jax.kernels import rows, vocab_parallel
+from opsd_jax.kernels.spec import DivergenceOutput, DivergenceSpec
 
 TOKEN_BLOCK = 256
 VOCAB_BLOCK = 8192
@@ -163,11 +163,18 @@ def divergence(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec: 
 # ----------------------------------------------------------------------------- fused with the heads
 
 
-def _project(hidden_NxH, head_HxV, row0, r, spec):
-    """Scaled float32 logits [R, V] of rows row0..row0+R, and those hidden rows [R, H]."""
+def _project(hidden_NxH, head_HxV, row0, r, spec, limit=None):
+    """Scaled float32 logits [R, V] of rows row0..row0+R, and those hidden rows [R, H].
+
+    limit: None excludes columns from spec.valid_vocab on; else an int32 scalar (a vocabulary
+    slice's own bound, known only at run time) does.
+    """
     hidden_RxH = jax.lax.dynamic_slice_in_dim(hidden_NxH, row0, r, axis=0)
     logits_RxV = jnp.dot(hidden_RxH, head_HxV, preferred_element_type=jnp.float32)
-    return rows.scaled_logits(logits_RxV, spec.temperature, spec.valid_vocab), hidden_RxH
+    if limit is None:
+        return rows.scaled_logits(logits_RxV, spec.temperature, spec.valid_vocab), hidden_RxH
+    z_RxV = rows.scaled_logits(logits_RxV, spec.temperature, None)
+    return jnp.where(rows.columns(z_RxV.shape[1]) < limit, z_RxV, rows.NEG_INF), hidden_RxH
 
 
 def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc_HxV):
@@ -237,6 +244,8 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
             )
             g_RxV = jnp.where(keep_R[:, None], g_RxV * (1.0 / spec.temperature), 0.0)
             gh_NxHs, acc_HsxV = grads
+            # An ignored row's hidden state may be NaN, and h^T G would spread 0 * NaN into the head.
+            hs_RxHs = jnp.where(keep_R[:, None], hs_RxHs, 0)
             gh_RxHs, acc_HsxV = _gradient_products(g_RxV, hs_RxHs, ws_HsxV, acc_HsxV)
             # Revisited rows contribute zeros here (keep_R is False for them).
             old_RxHs = jax.lax.dynamic_slice_in_dim(gh_NxHs, row0, r)
@@ -302,3 +311,94 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
     """DivergenceOutput (float32 [N] each) from hidden states [N, H] and heads [H, V]; see
     api.fused_linear_divergence."""
     return _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec)
+
+
+# ----------------------------------------------------------------------------- one vocabulary slice
+# The vocabulary-parallel form (vocab_parallel.py): statistics of an [n, v] slice, completed across
+# shards by collectives, then a backward that recomputes the tiles (the single-pass trick above
+# needs whole rows, hence both normalizers, while the tile is live). Token blocks of slice rows.
+
+
+def _slice_blocks(n: int, spec: DivergenceSpec):
+    r = min(spec.token_block or FUSED_TOKEN_BLOCK, n)
+    return r, -(-n // r)
+
+
+def _slice_stats(inputs, targets_n, limit, spec: DivergenceSpec):
+    """vocab_parallel.LocalBackend.stats: rows.OnlineStats of the slice and its target logits."""
+    hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV = inputs
+    n = hs_nxHs.shape[0]
+    r, blocks = _slice_blocks(n, spec)
+    with_targets = targets_n is not None
+
+    def block(i, outs):
+        _, row0 = _clamped_start(i, r, n)
+        zs_RxV, _ = _project(hs_nxHs, ws_HsxV, row0, r, spec, limit)
+        zt_RxV, _ = _project(ht_nxHt, wt_HtxV, row0, r, spec, limit)
+        values = tuple(rows.online_partial(zs_RxV, zt_RxV))
+        if with_targets:
+            tgt_R = jax.lax.dynamic_slice_in_dim(targets_n, row0, r)
+            values += (rows.target_logit(zs_RxV, tgt_R), rows.target_logit(zt_RxV, tgt_R))
+        # Rows a clamped block revisits get the same values again.
+        return tuple(jax.lax.dynamic_update_slice(o_n, v_R, (row0,)) for o_n, v_R in zip(outs, values))
+
+    count = len(rows.OnlineStats._fields) + 2 * with_targets
+    outs = jax.lax.fori_loop(0, blocks, block, tuple(jnp.zeros((n,), jnp.float32) for _ in range(count)))
+    stats = rows.OnlineStats(*outs[: len(rows.OnlineStats._fields)])
+    return stats, (tuple(outs[-2:]) if with_targets else None)
+
+
+def _slice_jsd_kls(inputs, log_zs_n, log_zt_n, limit, spec: DivergenceSpec):
+    """vocab_parallel.LocalBackend.jsd_kls: this slice's shares of KL(p_s||m), KL(p_t||m)."""
+    hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV = inputs
+    n = hs_nxHs.shape[0]
+    r, blocks = _slice_blocks(n, spec)
+
+    def block(i, kls):
+        _, row0 = _clamped_start(i, r, n)
+        zs_RxV, _ = _project(hs_nxHs, ws_HsxV, row0, r, spec, limit)
+        zt_RxV, _ = _project(ht_nxHt, wt_HtxV, row0, r, spec, limit)
+        cut = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=row0, slice_size=r)
+        values = rows.jsd_block_kls(zs_RxV, zt_RxV, cut(log_zs_n), cut(log_zt_n), spec.beta)
+        return tuple(jax.lax.dynamic_update_slice(o_n, v_R, (row0,)) for o_n, v_R in zip(kls, values))
+
+    zero_n = jnp.zeros((n,), jnp.float32)
+    return jax.lax.fori_loop(0, blocks, block, (zero_n, zero_n))
+
+
+def _slice_grads(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, stats: rows.RowStats, cots, targets_n, limit, spec):
+    """vocab_parallel.LocalBackend.grads: (float32 [n, Hs] d/dh over this slice, float32 [Hs, v])."""
+    n, width = hs_nxHs.shape
+    r, blocks = _slice_blocks(n, spec)
+    cot_d_n, cot_h_n, cot_lp_n = cots
+    keep_n = cot_d_n != 0.0
+    for c in (cot_h_n, cot_lp_n):
+        if c is not None:
+            keep_n = keep_n | (c != 0.0)
+
+    def block(i, grads):
+        gh_nxHs, acc_HsxV = grads
+        nominal, row0 = _clamped_start(i, r, n)
+        cut = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=row0, slice_size=r)
+        # A clamped block's revisited rows were done by the previous block: keep them out.
+        keep_R = (row0 + jnp.arange(r) >= nominal) & cut(keep_n)
+        zs_RxV, hs_RxHs = _project(hs_nxHs, ws_HsxV, row0, r, spec, limit)
+        zt_RxV, _ = _project(ht_nxHt, wt_HtxV, row0, r, spec, limit)
+        g_RxV = rows.student_grad_tile(
+            zs_RxV, zt_RxV, cut(stats.student_log_z_R), cut(stats.teacher_log_z_R), cut(stats.aux_R),
+            cut(stats.student_entropy_R), spec.beta, jnp.where(keep_R, cut(cot_d_n), 0.0),
+            None if cot_h_n is None else jnp.where(keep_R, cut(cot_h_n), 0.0),
+            None if cot_lp_n is None else jnp.where(keep_R, cut(cot_lp_n), 0.0),
+            None if targets_n is None else cut(targets_n),
+        )
+        g_RxV = jnp.where(keep_R[:, None], g_RxV * (1.0 / spec.temperature), 0.0)
+        hs_RxHs = jnp.where(keep_R[:, None], hs_RxHs, 0)  # NaN in an ignored row stays out of h^T G
+        gh_RxHs, acc_HsxV = _gradient_products(g_RxV, hs_RxHs, ws_HsxV, acc_HsxV)
+        old_RxHs = jax.lax.dynamic_slice_in_dim(gh_nxHs, row0, r)
+        return jax.lax.dynamic_update_slice_in_dim(gh_nxHs, old_RxHs + gh_RxHs, row0, axis=0), acc_HsxV
+
+    grads0 = (jnp.zeros((n, width), jnp.float32), jnp.zeros((width, ws_HsxV.shape[1]), jnp.float32))
+    return jax.lax.fori_loop(0, blocks, block, grads0)
+
+
+LOCAL = vocab_parallel.LocalBackend(_slice_stats, _slice_jsd_kls, _slice_grads)

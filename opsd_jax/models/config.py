@@ -14,6 +14,8 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("qwen3", "olmo2", "olmo3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+# The backends of opsd_jax.models.attention.attend (a runtime setting, not a checkpoint field).
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn")
 
 # transformers' per-architecture defaults for fields a config.json may omit.
 _DEFAULT_ROPE_THETA = {"qwen3": 10_000.0, "olmo2": 10_000.0, "olmo3": 500_000.0}
@@ -72,11 +74,26 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    # "auto": cuDNN flash attention on GPU where it applies, else the chunked online softmax
+    # (CPU, TPU); "dense" materializes [T, S] scores (the oracle). Never written to config.json.
+    attention_implementation: str = "auto"
+    # Query and key tile length of the chunked backend: memory O(T * block) per head.
+    attention_block_size: int = 512
     # The checkpoint's config.json, kept verbatim (as JSON text, so the dataclass stays hashable)
     # so an export writes back exactly what was read.
     hf_config_json: str = dataclasses.field(default="{}", compare=False, repr=False)
     # Where the checkpoint was read from: its tokenizer and generation_config travel on export.
     source_path: str | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"ModelConfig: field 'attention_implementation' is {self.attention_implementation!r}; "
+                f"supported: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        block = self.attention_block_size
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ConfigError(f"ModelConfig: field 'attention_block_size' must be a positive integer, got {block!r}")
 
     @property
     def rope(self) -> dict[str, RopeConfig]:
@@ -99,7 +116,8 @@ class ModelConfig:
     def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **runtime) -> ModelConfig:
         """Reads an HF checkpoint directory (its config.json) or an already-parsed config dict.
 
-        `runtime` sets param_dtype, compute_dtype and remat.
+        `runtime` sets param_dtype, compute_dtype, remat, attention_implementation and
+        attention_block_size.
         """
         if isinstance(source, Mapping):
             return _from_dict(dict(source), "config dict", runtime)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from opsd_jax.models import layers
+from opsd_jax.models import attention, layers
 from opsd_jax.models.config import ModelConfig
 
 
@@ -93,13 +93,16 @@ class Attention(nn.Module):
         q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
 
         window = c.sliding_window if layer_type == "sliding_attention" else None
+        attend = functools.partial(
+            attention.attend, sliding_window=window, implementation=c.attention_implementation,
+            block_size=c.attention_block_size,
+        )
         if cache is None:
-            mask_BxTxS = layers.attention_mask(segment_ids_BxT, window)
-            out_BxTxHxDh = layers.dot_product_attention(q, k, v, mask_BxTxS)
+            out_BxTxHxDh = attend(q, k, v, query_segment_ids_BxT=segment_ids_BxT, key_segment_ids_BxS=segment_ids_BxT)
         else:
+            # Cache row = position: a query sits at its position's row and sees the rows up to it.
             cache = layers.write_kv_cache(cache, k, v, positions_BxT)
-            mask_BxTxS = layers.cache_attention_mask(positions_BxT, cache["k"].shape[1], window)
-            out_BxTxHxDh = layers.dot_product_attention(q, cache["k"], cache["v"], mask_BxTxS)
+            out_BxTxHxDh = attend(q, cache["k"], cache["v"], query_rows_BxT=positions_BxT)
         out = Projection(
             c, (H, Dh, D), ("heads", "head_dim", "embed"), contract_dims=2, use_bias=bias, name="o_proj"
         )(out_BxTxHxDh)

@@ -241,7 +241,7 @@ def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig 
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state, teacher_params)
     shardings = train_state_shardings(state, mesh)
     state = _with_shardings(state, shardings)
-    settings = dataclasses.replace(step_settings(c, student, teacher_config, student.vocab_size),
+    settings = dataclasses.replace(step_settings(c, student, teacher_config, student.vocab_size, mesh=mesh),
                                    kernel_impl=kernel_impl)
     # What the job resolves on the TPU it runs on: "auto" is the Mosaic kernel, lowered (not interpreted).
     settings = dataclasses.replace(settings, kernel_interpret=False,

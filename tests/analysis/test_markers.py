@@ -77,3 +77,25 @@ def test_bad_marker_files(tmp_path):
         load_markers(str(empty_phrase))
     assert set(load_markers()) == {"verification", "backtracking", "hedging"}
     assert {"let me check", "double-check"} <= set(load_markers()["verification"])
+
+
+def test_word_level_tokenizer_keeps_the_spaces_between_tokens(tmp_path):
+    """A word-level tokenizer (the toy world's) decodes a token alone without the space that
+    separates it from the previous one; the pieces must still add up to the decoded text, or
+    'wait' would never stand on a word boundary."""
+    import numpy as np
+    import transformers
+
+    from opsd_jax.toyworld import world
+
+    world.save_tokenizer(str(tmp_path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "<think> try 3 + 8 = 11 wait try 1 + 8 = 9 maybe verify 1 + 8 = 9 ok </think> \\boxed{ 1 }"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    decoded, ends = token_pieces(tokenizer, ids)
+    assert decoded == tokenizer.decode(ids) == text
+    assert np.all(np.diff(ends) > 0)
+    matches = find_markers(decoded, ends, load_markers())
+    assert [(m.category, m.phrase) for m in matches] == [("backtracking", "wait"), ("hedging", "maybe"),
+                                                       ("verification", "verify")]
+    assert [tokenizer.convert_ids_to_tokens(ids[m.first_token]) for m in matches] == ["wait", "maybe", "verify"]

@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -378,3 +379,62 @@ def test_optimizer_state_takes_the_parameter_shardings(model_dir, tmp_path):
     assert sharded, "the tiny model has sharded parameters, so some moments must be sharded"
     state = TrainState(jax.numpy.zeros((), jax.numpy.int32), params, opt_state, None)
     assert jax.tree.leaves(train_state_shardings(state, mesh).opt_state) == jax.tree.leaves(shardings)
+
+
+def test_sft_loss_is_the_teacher_forced_cross_entropy(model_dir, tmp_path, rng):
+    """objective.kind=sft: each sequence's mean -log p(target) over its response tokens, averaged
+    over sequences; checked in float64 against the model's own logits, and its gradient is the
+    gradient of that cross entropy."""
+    from opsd_jax import load_hf
+    from opsd_jax.distill.train_step import loss_and_metrics
+    from opsd_jax.models import forward
+
+    model_config, params = load_hf(model_dir, progress=False)
+    batch = _fixed_batch(rng)
+    config = load_config(None, _overrides(model_dir, tmp_path, **{"objective.kind": "sft", "objective.skip_first": 0}))
+    settings = StepSettings(student=model_config, teacher=model_config, objective=config.objective, teacher_kind="live")
+    loss, metrics = jax.jit(lambda p, b: loss_and_metrics(p, None, b, settings))(params, batch)
+
+    def oracle(p):
+        logits = forward(p, model_config, batch.student_tokens, attention_mask=batch.student_mask)
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        rows = jnp.take_along_axis(logprobs, batch.student_index[..., None], 1)
+        token_logprob = jnp.take_along_axis(rows, batch.targets[..., None], -1)[..., 0]
+        mask = np.arange(batch.targets.shape[1])[None] < batch.lengths[:, None]
+        return (jnp.where(mask, -token_logprob, 0.0).sum(1) / batch.lengths).mean()
+
+    with jax.default_matmul_precision("highest"):
+        expected = jax.jit(oracle)(params)
+        grads = jax.jit(jax.grad(lambda p: loss_and_metrics(p, None, batch, settings)[0]))(params)
+        expected_grads = jax.jit(jax.grad(oracle))(params)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-6)
+    assert float(metrics["loss_tokens"]) == float(batch.lengths.sum())
+
+
+def test_sft_run_learns_the_data_responses(tmp_path):
+    """An sft run reads the responses from the data's solution column (no sampler), ends each
+    with the stop token, and lowers the loss; a too-long solution is an error naming its problem."""
+    from opsd_jax.toyworld import world
+
+    rng = np.random.default_rng(0)
+    model = tmp_path / "model"
+    save_tiny_hf_model("qwen3", str(model), seed=1, vocab_size=64)
+    world.save_tokenizer(str(model))
+    problems = world.generate_problems(32, rng)
+    rows = [{**world.problem_row(p, i, "sft"), "solution": world.thinker_trace(p, world.THINKER, rng)}
+            for i, p in enumerate(problems)]
+    world.write_jsonl(str(tmp_path / "sft.jsonl"), rows)
+    overrides = [f"model.checkpoint={model}", f"data.path={tmp_path / 'sft.jsonl'}", "data.max_prompt_tokens=24",
+                 "prompt.student_suffix=", "prompt.privilege=none", "objective.kind=sft", "objective.skip_first=0",
+                 "sampling.max_new_tokens=112", "train.batch_size=8", "train.steps=12", "train.mesh=1,-1,1",
+                 "model.compute_dtype=float32", "optimizer.learning_rate=3e-3", "optimizer.warmup_ratio=0",
+                 f"train.output_dir={tmp_path / 'run'}", "teacher.kind=live"]
+    history = Trainer(load_config(None, overrides)).run()
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    lengths = {r["id"]: len(r["solution"].split()) + 1 for r in rows}  # one word one token, then <|im_end|>
+    assert history[0]["rollout_length_mean"] == np.mean([lengths[i] for i in history[0]["problem_ids"]])
+    short = [f"{o}" for o in overrides if not o.startswith(("sampling.max_new_tokens", "train.output_dir"))]
+    with pytest.raises(TrainingError, match="objective.kind=sft: the solution of problem toy-sft-"):
+        Trainer(load_config(None, short + ["sampling.max_new_tokens=8", f"train.output_dir={tmp_path / 'r2'}"])).run()

@@ -1,4 +1,4 @@
-"""`opsd-jax demo`: the main job on CPU, end to end.
+"""`opsd-jax selfcheck`: the plumbing on CPU, end to end, in about a minute (the former demo).
 
 1. Conversion, checked against transformers: for a tiny random Qwen3 and a tiny random OLMo-3
    (sliding window + YaRN), write an HF checkpoint with transformers, load it onto a sharded mesh,

@@ -1,0 +1,48 @@
+"""The types every divergence implementation shares: its static settings and its result.
+
+Kept apart from `api` (the dispatcher) so that backends import these without importing the
+dispatcher that imports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+
+
+class DivergenceOutput(NamedTuple):
+    """Per-token results, float32 [N]; zero for tokens the mask ignores.
+
+    divergence: forward KL (beta=0), reverse KL (beta=1) or generalized JSD (between).
+    student_entropy / teacher_entropy: entropies of the two (temperature-scaled) distributions.
+    student_logprob / teacher_logprob: log-probabilities of `targets`, None without targets.
+    Gradients flow to the student only, from divergence, student_entropy and student_logprob.
+    """
+
+    divergence: jax.Array
+    student_entropy: jax.Array
+    teacher_entropy: jax.Array
+    student_logprob: jax.Array | None = None
+    teacher_logprob: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DivergenceSpec:
+    """Static settings every implementation receives (hashable: it is a jit-static argument).
+
+    token_block / vocab_block: tile sizes; None lets the implementation choose.
+    interpret: Pallas only. None runs the interpreter unless the default backend is the kernel's
+      own accelerator; False forces real lowering (to compile for a TPU topology on a CPU host).
+    tpu_generation: pallas_tpu only: the chip the kernel is compiled for ("v4", "v5e", "v5p",
+      "v6e", "v7x"), which sets its VMEM budget; None: the default device's, else a conservative one.
+    """
+
+    beta: float
+    temperature: float = 1.0
+    valid_vocab: int | None = None
+    token_block: int | None = None
+    vocab_block: int | None = None
+    interpret: bool | None = None
+    tpu_generation: str | None = None

@@ -1,0 +1,183 @@
+"""Vocabulary-parallel form of the fused divergence: the trainer's jit calls it in a `shard_map`.
+
+Letters: N tokens, n tokens per shard, V vocabulary, v vocabulary columns per shard, Hs / Ht
+student / teacher hidden widths.
+
+Tokens are split over the mesh axes of the logical "batch" axis and the heads' vocabulary over
+those of "vocab" (parallel.LOGICAL_AXIS_RULES: (data, fsdp) and tensor). Each shard computes
+statistics of its [n, v] slice of the logits without forming it (maxima, rescaled sums, the
+entropy and KL cross terms, the target's logit when the target lies in its slice), and the rows
+are completed over the vocabulary axes with one pmax and one psum of [n] vectors, plus one psum
+for the target logits and one for the JSD's second pass; the backward adds one psum of the
+cotangents. The backward of a shard is otherwise local: its d/dh is a partial sum over its vocabulary
+slice and its d/dW covers its tokens only; shard_map's transpose sums the first over the
+vocabulary axes and the second over the token axes, because each input's spec leaves those axes
+out. The head is never gathered over the vocabulary axes and no [N, V] array exists; the head's
+fsdp split of its hidden dimension is gathered at the shard_map boundary, as FSDP does anyway.
+
+Needed for Mosaic kernels (which XLA cannot partition), and used for the XLA implementation too
+so the trainer has one sharded form. An implementation provides a `LocalBackend`; the others
+(reference: plain jnp that XLA partitions itself; pallas_gpu: no slice statistics yet) run
+token-parallel with the head replicated.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from opsd_jax.kernels import pallas_common, rows
+from opsd_jax.kernels.spec import DivergenceOutput, DivergenceSpec
+
+
+class LocalBackend(NamedTuple):
+    """One implementation's statistics of a vocabulary slice (inputs = (hs, ws, ht, wt) with heads
+    [H, v]; targets int32 [n] are *slice* column ids, -1 when the target lies elsewhere; limit is
+    an int32 scalar: slice columns at or past it are excluded (padding, or past the tokenizer)).
+
+    stats(inputs, targets_n, limit, spec) -> (rows.OnlineStats of float32 [n], (s, t) target
+        logits float32 [n] (0 where the target is elsewhere) or None)
+    jsd_kls(inputs, log_zs_n, log_zt_n, limit, spec) -> (KL(p_s||m), KL(p_t||m)) slice shares [n]
+    grads(hs, ws, ht, wt, stats, cots, targets_n, limit, spec) -> (float32 [n, Hs] d/dh over this
+        slice, float32 [Hs, v] d/dW of this slice from these tokens); stats: whole-row
+        rows.RowStats; cots as in pallas_common (zero for ignored tokens).
+    """
+
+    stats: Callable
+    jsd_kls: Callable
+    grads: Callable
+
+
+def combined_row_stats(local: LocalBackend, inputs, targets_n, limit, spec: DivergenceSpec, axis_name=()):
+    """(rows.RowStats of the whole rows, target logits (s, t) or None), float32 [n] each, from
+    this shard's slice and collectives over `axis_name` (() : the slice is the whole vocabulary)."""
+    partial, target_logits = local.stats(inputs, targets_n, limit, spec)
+    stats = rows.online_combine(partial, axis_name)
+    kls = None
+    if rows.divergence_mode(spec.beta) == "jsd":
+        log_zs_n, log_zt_n = rows.online_log_normalizers(stats)
+        kls = local.jsd_kls(inputs, log_zs_n, log_zt_n, limit, spec)
+        if axis_name:
+            kls = jax.lax.psum(kls, axis_name)
+    if target_logits is not None and axis_name:
+        # Only the shard holding the target contributes a nonzero logit.
+        target_logits = jax.lax.psum(target_logits, axis_name)
+    return rows.finish_row_stats(stats, spec.beta, kls), target_logits
+
+
+def _forward(local, spec, axis_name, hs, ws, ht, wt, mask_n, targets_n, limit):
+    inputs = (hs, ws, ht, wt)
+    stats, target_logits = combined_row_stats(local, inputs, targets_n, limit, spec, axis_name)
+    return pallas_common.outputs_from_stats(stats, target_logits, mask_n), stats
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _shard(local, spec, axis_name, hs, ws, ht, wt, mask_n, targets_n, limit):
+    return _forward(local, spec, axis_name, hs, ws, ht, wt, mask_n, targets_n, limit)[0]
+
+
+def _shard_fwd(local, spec, axis_name, hs, ws, ht, wt, mask_n, targets_n, limit):
+    out, stats = _forward(local, spec, axis_name, hs, ws, ht, wt, mask_n, targets_n, limit)
+    return out, (hs, ws, ht, wt, mask_n, targets_n, limit, stats)
+
+
+def _shard_bwd(local, spec, axis_name, residuals, cot: DivergenceOutput):
+    hs, ws, ht, wt, mask_n, targets_n, limit, stats = residuals
+    cots = pallas_common.cotangents(cot, mask_n, targets_n)
+    if axis_name:
+        # The outputs are replicated over the vocabulary axes, so shard_map's transpose hands each
+        # vocabulary shard 1/size of their cotangent (check_vma=False); every shard's partial
+        # needs all of it. (It also divides over token axes that replicate the tokens, and the
+        # matching psum of the input cotangents over those axes undoes that.)
+        cots = tuple(None if c is None else jax.lax.psum(c, axis_name) for c in cots)
+    gh, gw = local.grads(hs, ws, ht, wt, stats, cots, targets_n, limit, spec)
+    return gh.astype(hs.dtype), gw.astype(ws.dtype), None, None, None, None, None
+
+
+_shard.defvjp(_shard_fwd, _shard_bwd)
+
+
+def _entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _axes_of(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def mesh_axes(mesh: Mesh, n: int, vocab: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(token axes, vocabulary axes): the mesh axes of size > 1 that split the N tokens and the
+    V vocabulary columns, from the logical-axis rules; an axis that does not divide its dimension
+    is left out (that dimension is then replicated over it)."""
+    from opsd_jax.parallel import logical_to_spec
+
+    token_axes = _axes_of(logical_to_spec(("batch",), (n,), mesh)[0])
+    vocab_axes = _axes_of(logical_to_spec(("vocab",), (vocab,), mesh)[0])
+    if set(token_axes) & set(vocab_axes):
+        raise ValueError(f"tokens {token_axes} and vocabulary {vocab_axes} must not share a mesh axis")
+    return token_axes, vocab_axes
+
+
+def local_backend(impl: str) -> LocalBackend | None:
+    """The slice statistics of `impl`, or None where it has none (reference, pallas_gpu)."""
+    if impl == "xla":
+        from opsd_jax.kernels import xla as module
+    elif impl == "pallas_tpu":
+        from opsd_jax.kernels import pallas_tpu as module
+    else:
+        return None
+    return module.LOCAL
+
+
+def _slice_targets(targets_n, offset, limit):
+    """Global token ids -> this slice's column ids, -1 outside [0, limit) (a slice's padded tail
+    columns must not match a target that belongs to the next slice)."""
+    local_n = targets_n - offset
+    return jnp.where((local_n >= 0) & (local_n < limit), local_n, -1)
+
+
+def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec: DivergenceSpec,
+                            *, mesh: Mesh, impl: str, whole: Callable) -> DivergenceOutput:
+    """api.fused_linear_divergence on `mesh`: vocabulary-parallel for xla and pallas_tpu, else
+    token-parallel around `whole` (the implementation's single-device function, heads replicated).
+
+    Same arguments and result as the implementation functions (mask bool [N], targets int32 [N] or
+    None); the result's [N] arrays are split over the token axes.
+    """
+    n, vocab = hs_NxHs.shape[0], ws_HsxV.shape[1]
+    local = local_backend(impl)
+    token_axes, vocab_axes = mesh_axes(mesh, n, vocab)
+    if local is None:
+        vocab_axes = ()
+    rows_spec = PartitionSpec(_entry(token_axes), None)
+    head_spec = PartitionSpec(None, _entry(vocab_axes))
+    vec_spec = PartitionSpec(_entry(token_axes))
+    v = vocab // math.prod(mesh.shape[a] for a in vocab_axes)
+    with_targets = targets_N is not None
+    if targets_N is None:
+        targets_N = jnp.zeros((n,), jnp.int32)  # a placeholder: shard_map takes arrays
+    allowed = vocab if spec.valid_vocab is None else spec.valid_vocab
+
+    def body(hs, ws, ht, wt, mask_n, targets_n):
+        tgt = targets_n if with_targets else None
+        if local is None:
+            return whole(hs, ws, ht, wt, mask_n, tgt, spec)
+        offset = jax.lax.axis_index(vocab_axes) * v if vocab_axes else 0
+        limit = jnp.clip(allowed - offset, 0, v).astype(jnp.int32)
+        if tgt is not None:
+            tgt = _slice_targets(tgt, offset, limit)
+        return _shard(local, spec, vocab_axes, hs, ws, ht, wt, mask_n, tgt, limit)
+
+    sharded = jax.shard_map(
+        body, mesh=mesh, in_specs=(rows_spec, head_spec, rows_spec, head_spec, vec_spec, vec_spec),
+        out_specs=vec_spec, check_vma=False,
+    )
+    return sharded(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N)

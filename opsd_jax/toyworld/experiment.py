@@ -1,0 +1,416 @@
+"""The toy-world experiment (`opsd-jax demo`): the paper's pipeline end to end on the warm-started
+toy models, and one line per paper claim saying whether the toy world reproduces it.
+
+From the same warm-started thinker: vanilla OPD (the stronger teacher, no hint), privileged OPD
+(the stronger teacher with the worked solution), OPSD dense and OPSD sparse (the frozen thinker
+with the worked solution / the answer), all with the paper's objective (JSD beta 0.5, skip the
+first 3 tokens, per-token importance cap 2). Each model, and the warm-started instruct model, is
+evaluated with the project's eval runner (avg@n and pass@n on held-out problems, budgets by
+truncation) and its rollouts are scored by `opsd-jax analyze` (fork rates, marker rates, teacher
+advantages at reconsideration tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from opsd_jax.toyworld import warmstart, world
+
+THINKER_EVAL = dict(temperature=0.6, top_p=0.95)  # the paper's thinking-model sampling
+INSTRUCT_EVAL = dict(temperature=0.7, top_p=0.8)  # and its instruct-model sampling
+
+
+MIN_ROLLOUTS = 10  # fewer rollouts than this give no meaningful bootstrap interval
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    name: str
+    teacher: str  # "self" (frozen student) or "strong"
+    privilege: str  # none | dense | sparse
+
+
+CONDITIONS = (
+    Condition("vanilla_opd", "strong", "none"),
+    Condition("privileged_opd", "strong", "dense"),
+    Condition("opsd_dense", "self", "dense"),
+    Condition("opsd_sparse", "self", "sparse"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSettings:
+    train_problems: int = 192
+    eval_problems: int = 128
+    steps: int = 40
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    samples: int = 16  # per evaluation problem
+    budgets: tuple[int, ...] = (16, 24, 32, 48, 64)
+    max_tokens: int = 96  # rollout and evaluation cap
+    seed: int = 0
+    seeds: int = 2  # training runs per condition (seed, seed + 1, ...), evaluated separately
+    checkpoints: str = warmstart.SHIPPED
+
+
+def write_world(root: str, settings: ExperimentSettings) -> tuple[str, str]:
+    """Training prompts and the evaluation suite, from problems no warm start saw."""
+    problems = warmstart.held_out_problems(warmstart.EXPERIMENT_PROBLEMS, seed=0)
+    needed = settings.train_problems + settings.eval_problems
+    if needed > len(problems):
+        raise ValueError(f"the experiment has {len(problems)} held-out problems; {needed} were asked for")
+    train = [world.problem_row(p, i, "train") for i, p in enumerate(problems[: settings.train_problems])]
+    evaluation = [world.problem_row(p, i, "eval") for i, p in enumerate(problems[settings.train_problems: needed])]
+    train_path, eval_path = os.path.join(root, "train.jsonl"), os.path.join(root, "toy_eval.jsonl")
+    world.write_jsonl(train_path, train)
+    world.write_jsonl(eval_path, evaluation)
+    return train_path, eval_path
+
+
+def condition_config(condition: Condition, settings: ExperimentSettings, data_path: str, run_dir: str, seed: int):
+    from opsd_jax.config import config_from_dict
+
+    teacher = ({"kind": "frozen"} if condition.teacher == "self"
+               else {"kind": "external", "checkpoint": os.path.join(settings.checkpoints, "teacher")})
+    return config_from_dict({
+        "model": {"checkpoint": os.path.join(settings.checkpoints, "thinker"), "compute_dtype": "float32",
+                  "remat": False},
+        "teacher": teacher,
+        "data": {"path": data_path, "max_prompt_tokens": warmstart.MAX_PROMPT_TOKENS, "shuffle_seed": seed},
+        "prompt": {"privilege": condition.privilege, "student_suffix": "", "teacher_template": world.TEACHER_TEMPLATE},
+        "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": settings.max_tokens,
+                     "max_slots": settings.batch_size},
+        "objective": {"kind": "jsd", "beta": 0.5, "skip_first": 3, "importance_cap": 2.0},
+        "optimizer": {"learning_rate": settings.learning_rate, "warmup_ratio": 0.1},
+        "train": {"output_dir": run_dir, "steps": settings.steps, "batch_size": settings.batch_size, "mesh": "1,-1,1",
+                  "seed": seed, "checkpoint_every": settings.steps, "keep_checkpoints": 1,
+                  "save_rollouts_every": 0},
+    })
+
+
+def train_condition(condition: Condition, settings: ExperimentSettings, data_path: str, root: str,
+                    seed: int) -> tuple[str, list]:
+    """Trains one condition with one seed; returns (its exported HF checkpoint, per-step metrics)."""
+    from opsd_jax.distill.trainer import Trainer, export_checkpoint
+
+    label = model_label(condition.name, seed - settings.seed)
+    run_dir = os.path.join(root, "runs", label)
+    history = Trainer(condition_config(condition, settings, data_path, run_dir, seed)).run()
+    model_dir = os.path.join(root, "models", label)
+    export_checkpoint(run_dir, None, model_dir, model_checkpoint=os.path.join(settings.checkpoints, "thinker"))
+    return model_dir, history
+
+
+def model_label(condition: str, replica: int) -> str:
+    """Folder name of one trained model: the condition, then `-seedK` for replicas after the first."""
+    return condition if replica == 0 else f"{condition}-seed{replica}"
+
+
+def evaluate(checkpoint: str, eval_path: str, out: str, settings: ExperimentSettings, *, thinking: bool) -> dict:
+    """{budget: metrics} of one model on the toy suite (the project's eval runner)."""
+    from opsd_jax.eval.runner import EvalSettings, run_eval
+    from opsd_jax.eval.suites import load_suite
+
+    sampling = THINKER_EVAL if thinking else INSTRUCT_EVAL
+    eval_settings = EvalSettings(n=settings.samples, max_tokens=settings.max_tokens, seed=settings.seed,
+                                 enable_thinking=thinking, budgets=settings.budgets, **sampling)
+    result = run_eval(checkpoint, [load_suite(eval_path)], out, eval_settings, dtype="float32",
+                      max_slots=64, progress=False)
+    return result["metrics"]["toy_eval"]
+
+
+def analyze_groups(paths, labels, students, teacher, out: str, privileged: str) -> dict:
+    from opsd_jax.analysis.analyze import AnalysisSettings, analyze
+
+    return analyze(paths, labels, students, teacher, out, AnalysisSettings(privileged=privileged, batch_size=64),
+                   progress=False)
+
+
+def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings(), *, log=print) -> dict:
+    """Everything into `out`: world data, runs, models, eval, analysis, report.md, metrics.json,
+    plots. Returns the metrics."""
+    import jax
+
+    started = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    # Every condition compiles the same sampler and step programs: compiled once, then read back
+    # from this cache (beside the run folders, so a second demo starts warm too).
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(os.path.abspath(out)),
+                                                                ".compile_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    train_path, eval_path = write_world(os.path.join(out, "world"), settings)
+    models = {"base": os.path.join(settings.checkpoints, "thinker"),
+              "instruct": os.path.join(settings.checkpoints, "instruct")}
+    histories = {}
+    for replica in range(settings.seeds):
+        for condition in CONDITIONS:
+            label = model_label(condition.name, replica)
+            log(f"[{time.perf_counter() - started:5.0f}s] training {label}: teacher {condition.teacher}, privilege "
+                f"{condition.privilege}, {settings.steps} steps x {settings.batch_size} rollouts, seed "
+                f"{settings.seed + replica}")
+            models[label], histories[label] = train_condition(condition, settings, train_path, out,
+                                                              settings.seed + replica)
+    evaluation = {}
+    for name, checkpoint in models.items():
+        log(f"[{time.perf_counter() - started:5.0f}s] evaluating {name}")
+        evaluation[name] = evaluate(checkpoint, eval_path, os.path.join(out, "eval", name), settings,
+                                    thinking=name != "instruct")
+    generations = {name: os.path.join(out, "eval", name, "toy_eval", "generations.jsonl") for name in models}
+    log(f"[{time.perf_counter() - started:5.0f}s] analyzing rollouts")
+    thinker_labels = ["base", "opsd_dense", "opsd_sparse"]
+    analysis = {
+        # OPSD's own teacher (the frozen thinker with the worked solution) on base and trained rollouts.
+        "opsd": analyze_groups([generations[n] for n in thinker_labels], thinker_labels,
+                               [models[n] for n in thinker_labels], models["base"],
+                               os.path.join(out, "analysis", "opsd"), "dense"),
+        "instruct": analyze_groups([generations["instruct"]], ["instruct"], [models["instruct"]], models["instruct"],
+                                   os.path.join(out, "analysis", "instruct"), "dense"),
+        # The stronger teacher with and without the worked solution on the base thinker's rollouts.
+        "strong_teacher": analyze_groups([generations["base"]], ["base"], [models["base"]],
+                                         os.path.join(settings.checkpoints, "teacher"),
+                                         os.path.join(out, "analysis", "strong_teacher"), "dense"),
+    }
+    result = summarize(evaluation, analysis, histories, settings)
+    result["seconds"] = time.perf_counter() - started
+    write_report(result, out)
+    return result
+
+
+# ---- claims ------------------------------------------------------------------------------------
+#
+# Verdicts: "reproduced" when the effect has the claimed sign and its 95% interval excludes zero
+# (paired bootstrap over problems for accuracies, over rollouts for token-level quantities), "not
+# reproduced" when the point estimate has the opposite sign (or no effect where one is claimed),
+# "undetermined" when the sign is the claimed one but the interval includes zero.
+
+
+def _verdict(holds: bool | None) -> str:
+    return {True: "reproduced", False: "not reproduced", None: "undetermined"}[holds]
+
+
+def _signed(estimate: float, interval, claimed_sign: int) -> bool | None:
+    """The verdict for an effect claimed to have `claimed_sign` (+1 / -1)."""
+    if estimate * claimed_sign <= 0:
+        return False
+    low, high = interval
+    return True if (low > 0 if claimed_sign > 0 else high < 0) else None
+
+
+def _all(*verdicts) -> bool | None:
+    """A claim made of parts holds when every part does; a failed part fails it."""
+    if any(v is False for v in verdicts):
+        return False
+    return None if any(v is None for v in verdicts) else True
+
+
+def per_problem_accuracy(metrics_by_budget: dict) -> dict[str, np.ndarray]:
+    """{budget: float[P]} per-problem accuracy in suite order."""
+    return {str(b): np.array([row["accuracy"] for row in m["per_problem"]]) for b, m in metrics_by_budget.items()}
+
+
+def pooled_accuracy(evaluation: dict, settings: ExperimentSettings) -> dict[str, dict[str, np.ndarray]]:
+    """{model: {budget: float[P]}}; a trained condition pools the samples of its seeds."""
+    pooled = {"base": per_problem_accuracy(evaluation["base"]),
+              "instruct": per_problem_accuracy(evaluation["instruct"])}
+    for condition in CONDITIONS:
+        replicas = [per_problem_accuracy(evaluation[model_label(condition.name, r)]) for r in range(settings.seeds)]
+        pooled[condition.name] = {b: np.mean([r[b] for r in replicas], axis=0) for b in replicas[0]}
+    return pooled
+
+
+def summarize(evaluation: dict, analysis: dict, histories: dict, settings: ExperimentSettings) -> dict:
+    from opsd_jax.eval.metrics import bootstrap_mean_interval, paired_difference
+
+    pooled = pooled_accuracy(evaluation, settings)
+    budgets = list(pooled["base"])
+    shortest, longest = budgets[0], budgets[-1]
+    accuracy = {name: {b: {"accuracy": float(values[b].mean()),
+                           "accuracy_ci95": list(bootstrap_mean_interval(values[b], seed=settings.seed))}
+                       for b in budgets} for name, values in pooled.items()}
+    for name in pooled:
+        labels = [name] if name in ("base", "instruct") else [model_label(name, r) for r in range(settings.seeds)]
+        for b in budgets:
+            accuracy[name][b]["per_seed"] = [evaluation[label][int(b)]["accuracy"] for label in labels]
+            accuracy[name][b]["pass@k"] = evaluation[labels[0]][int(b)]["pass@k"]
+            accuracy[name][b]["mean_tokens"] = float(np.mean([evaluation[label][int(b)]["length"]["mean_tokens"]
+                                                              for label in labels]))
+
+    def difference(name, budget, base="base"):
+        d = paired_difference(pooled[base][budget], pooled[name][budget], seed=settings.seed)
+        return d["absolute"], d["absolute_ci"]
+
+    def fmt(d):
+        return f"{d[0]:+.3f} [{d[1][0]:+.3f}, {d[1][1]:+.3f}]"
+
+    claims = []
+    # (1) OPSD lowers accuracy, most at long budgets, dense more than sparse.
+    dense_long, dense_short = difference("opsd_dense", longest), difference("opsd_dense", shortest)
+    sparse_long = difference("opsd_sparse", longest)
+    dense_vs_sparse = difference("opsd_dense", longest, base="opsd_sparse")
+    holds = _all(_signed(*dense_long, -1), dense_long[0] < dense_short[0], _signed(*dense_vs_sparse, -1))
+    claims.append({"claim": 1, "text": "OPSD lowers a thinker's accuracy, most at long budgets, dense more than sparse",
+                   "verdict": _verdict(holds),
+                   "evidence": f"OPSD dense - base: {fmt(dense_long)} at {longest} tokens, {fmt(dense_short)} at "
+                               f"{shortest}; OPSD sparse - base at {longest}: {fmt(sparse_long)}; dense - sparse: "
+                               f"{fmt(dense_vs_sparse)}"})
+    # (2) vanilla OPD from a stronger teacher helps, privileged OPD reverses that.
+    vanilla = difference("vanilla_opd", longest)
+    privileged = difference("privileged_opd", longest)
+    privileged_vs_vanilla = difference("privileged_opd", longest, base="vanilla_opd")
+    holds = _all(_signed(*vanilla, +1), _signed(*privileged_vs_vanilla, -1))
+    claims.append({"claim": 2, "text": "vanilla OPD from a stronger teacher helps; privileged OPD reverses that",
+                   "verdict": _verdict(holds),
+                   "evidence": f"at {longest} tokens: vanilla OPD - base {fmt(vanilla)}, privileged OPD - base "
+                               f"{fmt(privileged)}, privileged - vanilla {fmt(privileged_vs_vanilla)}"})
+    # (3) privileged context lowers fork rates in thinker rollouts, not in instruct rollouts.
+    def fork_change(table):
+        p, v = table["privileged_teacher"]["all"], table["vanilla_teacher"]["all"]
+        return (p["fork_rate"] or 0.0) - (v["fork_rate"] or 0.0), p, v
+
+    thinker, tp, tv = fork_change(analysis["opsd"]["groups"]["base"]["fork_rates"])
+    instruct, ip, iv = fork_change(analysis["instruct"]["groups"]["instruct"]["fork_rates"])
+    # Rates of the same rollouts under two teachers: separated intervals, or the sign alone.
+    thinker_lower = False if thinker >= 0 else (True if tp["fork_rate_ci95"][1] < tv["fork_rate_ci95"][0] else None)
+    holds = _all(thinker_lower, abs(instruct) < abs(thinker) / 2)
+    claims.append({"claim": 3, "text": "privileged context lowers fork rates in thinker rollouts, not in instruct rollouts",
+                   "verdict": _verdict(holds),
+                   "evidence": f"fork rate (student-entropy threshold), vanilla -> privileged teacher: thinker "
+                               f"rollouts {tv['fork_rate']:.3f} -> {tp['fork_rate']:.3f}, instruct rollouts "
+                               f"{iv['fork_rate'] or 0:.3f} -> {ip['fork_rate'] or 0:.3f}"})
+    # (4) at reconsideration tokens the privileged teacher's advantage is negative, the vanilla one's positive.
+    signal = analysis["strong_teacher"]["groups"]["base"]["signal_at_markers"]["any"]
+    if signal.get("rollouts", 0) < MIN_ROLLOUTS:
+        holds, evidence = None, (f"{signal.get('positions', 0)} reconsideration tokens in "
+                                 f"{signal.get('rollouts', 0)} rollouts: too few for an interval")
+    else:
+        p, v, d = signal["privileged"], signal["vanilla"], signal["privileged_minus_vanilla"]
+        holds = _all(_signed(p["mean"], p["ci95"], -1), _signed(v["mean"], v["ci95"], +1))
+        evidence = (f"{signal['positions']} marker tokens in {signal['rollouts']} base rollouts, stronger teacher: "
+                    f"privileged advantage {fmt((p['mean'], p['ci95']))}, vanilla {fmt((v['mean'], v['ci95']))}, "
+                    f"privileged - vanilla {fmt((d['mean'], d['ci95']))}")
+    claims.append({"claim": 4, "text": "at self-correction tokens the privileged teacher's advantage is negative, "
+                                       "the vanilla teacher's positive", "verdict": _verdict(holds), "evidence": evidence})
+    # (5) fewer markers per 1,000 tokens after privileged training.
+    differences = analysis["opsd"]["marker_differences_vs_base"]
+    dense, sparse = differences["opsd_dense"]["any"], differences["opsd_sparse"]["any"]
+    holds = _signed(dense["difference"], dense["ci95"], -1)
+    base_rate = analysis["opsd"]["groups"]["base"]["markers"]["any"]["per_1k_tokens"] or 0.0
+    claims.append({"claim": 5, "text": "after privileged training, fewer verification/backtracking/hedging markers",
+                   "verdict": _verdict(holds),
+                   "evidence": f"markers per 1k tokens: base {base_rate:.1f}; OPSD dense - base "
+                               f"{fmt((dense['difference'], dense['ci95']))}; OPSD sparse - base "
+                               f"{fmt((sparse['difference'], sparse['ci95']))}"})
+    return {"settings": dataclasses.asdict(settings), "accuracy": accuracy, "claims": claims,
+            "preconditions": preconditions_check(accuracy, analysis, shortest, longest),
+            "training": {name: {"first_loss": h[0]["loss"], "last_loss": h[-1]["loss"]} for name, h in histories.items()},
+            "markers_per_1k": {label: g["markers"]["any"]["per_1k_tokens"]
+                               for label, g in {**analysis["opsd"]["groups"],
+                                                **analysis["instruct"]["groups"]}.items()}}
+
+
+def preconditions_check(accuracy: dict, analysis: dict, shortest, longest) -> list[dict]:
+    """What the experiment needs from its warm start to mean anything, each checked."""
+    short, long = accuracy["base"][shortest]["accuracy"], accuracy["base"][longest]["accuracy"]
+    thinker_markers = analysis["opsd"]["groups"]["base"]["markers"]["any"]["per_1k_tokens"] or 0.0
+    instruct_markers = analysis["instruct"]["groups"]["instruct"]["markers"]["any"]["per_1k_tokens"] or 0.0
+    return [
+        {"check": f"thinker accuracy at {longest} tokens >= 1.5x at {shortest}",
+         "value": f"{long:.3f} vs {short:.3f}", "ok": long >= 1.5 * short and long > 0},
+        {"check": "thinker writes markers", "value": f"{thinker_markers:.1f} per 1k tokens", "ok": thinker_markers > 0},
+        {"check": "instruct model writes few markers (< 1/4 of the thinker's rate)",
+         "value": f"{instruct_markers:.1f} per 1k tokens", "ok": instruct_markers < thinker_markers / 4},
+    ]
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+
+def console_table(result: dict) -> str:
+    budgets = list(result["accuracy"]["base"])
+    lines = [f"{'model':16}" + "".join(f"{'@' + b:>8}" for b in budgets) + f"{'markers/1k':>12}"]
+    for name, by_budget in result["accuracy"].items():
+        rate = result["markers_per_1k"].get(name)
+        lines.append(f"{name:16}" + "".join(f"{by_budget[b]['accuracy']:>8.3f}" for b in budgets)
+                     + (f"{rate:>12.1f}" if rate is not None else f"{'':>12}"))
+    lines.append("")
+    for p in result["preconditions"]:
+        lines.append(f"precondition {'ok ' if p['ok'] else 'FAILED'} {p['check']}: {p['value']}")
+    for c in result["claims"]:
+        lines.append(f"claim {c['claim']} {c['verdict']:>15}: {c['text']}; {c['evidence']}")
+    return "\n".join(lines)
+
+
+def report_markdown(result: dict) -> str:
+    budgets = list(result["accuracy"]["base"])
+    lines = ["# Toy-world OPSD experiment", "",
+             f"Settings: `{json.dumps(result['settings'])}`; wall time {result['seconds']:.0f} s.", "",
+             "## Claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| ({c['claim']}) {c['text']} | {c['verdict']} | {c['evidence']} |" for c in result["claims"]]
+    lines += ["", "## Preconditions", "", "| check | value | ok |", "|---|---|---|"]
+    lines += [f"| {p['check']} | {p['value']} | {p['ok']} |" for p in result["preconditions"]]
+    lines += ["", "## avg@n accuracy by token budget", "",
+              "Trained conditions pool the samples of their seeds; brackets: 95% bootstrap interval over "
+              f"problems; last column: each seed's accuracy at {budgets[-1]} tokens.", "",
+              "| model | " + " | ".join(budgets) + " | per seed |", "|---|" + "---|" * (len(budgets) + 1)]
+    for name, by_budget in result["accuracy"].items():
+        cells = [f"{by_budget[b]['accuracy']:.3f} [{by_budget[b]['accuracy_ci95'][0]:.2f}, "
+                 f"{by_budget[b]['accuracy_ci95'][1]:.2f}]" for b in budgets]
+        seeds = ", ".join(f"{a:.3f}" for a in by_budget[budgets[-1]]["per_seed"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} |")
+    lines += ["", "Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
+              "over problems for accuracy, over rollouts for token-level quantities); not reproduced = the "
+              "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "
+              "includes zero."]
+    lines += ["", "Details: `eval/<model>/summary.md`, `analysis/*/report.md`; plots: `accuracy_vs_budget.png`, "
+              "`analysis/opsd/fork_rates.png`, `analysis/opsd/marker_rates.png`, "
+              "`analysis/strong_teacher/advantage_at_markers.png`.", ""]
+    return "\n".join(lines)
+
+
+def plot_accuracy(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, by_budget in result["accuracy"].items():
+        budgets = [int(b) for b in by_budget]
+        axis.plot(budgets, [by_budget[str(b)]["accuracy"] for b in budgets], marker="o", label=name)
+    axis.set_xlabel("token budget")
+    axis.set_ylabel("avg@n accuracy")
+    axis.set_title("toy world: accuracy vs budget")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path + ".partial.png", dpi=100)
+    plt.close(figure)
+    os.replace(path + ".partial.png", path)
+
+
+def write_report(result: dict, out: str) -> None:
+    from opsd_jax.eval.generations import write_atomic
+
+    write_atomic(os.path.join(out, "metrics.json"), json.dumps(result, indent=1) + "\n")
+    write_atomic(os.path.join(out, "report.md"), report_markdown(result))
+    plot_accuracy(result, os.path.join(out, "accuracy_vs_budget.png"))
+
+
+def default_output_dir(base: str = "runs/demo") -> str:
+    return os.path.join(base, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def copy_checkpoints(destination: str) -> str:
+    shutil.copytree(warmstart.SHIPPED, destination, dirs_exist_ok=True)
+    return destination
+
+
+__all__ = ["CONDITIONS", "ExperimentSettings", "console_table", "run_experiment"]

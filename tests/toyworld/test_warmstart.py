@@ -1,0 +1,31 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from opsd_jax.toyworld import warmstart
+
+
+def test_shipped_checkpoints_are_complete_hf_folders():
+    import transformers
+
+    manifest = json.load(open(os.path.join(warmstart.SHIPPED, warmstart.MANIFEST)))
+    assert set(manifest) == {r.name for r in warmstart.RECIPES}
+    for recipe in warmstart.RECIPES:
+        folder = os.path.join(warmstart.SHIPPED, recipe.name)
+        config = json.load(open(os.path.join(folder, "config.json")))
+        assert (config["hidden_size"], config["num_hidden_layers"]) == (recipe.hidden, recipe.layers)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        assert len(tokenizer) <= config["vocab_size"] == warmstart.MODEL_VOCAB
+        assert manifest[recipe.name]["final_loss"] < 0.5 * manifest[recipe.name]["first_losses"][0]
+
+
+@pytest.mark.parametrize("name", ["thinker"])
+def test_regenerating_a_warm_start_reproduces_the_recorded_losses(tmp_path, name):
+    """`opsd-jax toyworld warmstart` is reproducible: the same init, data and sft steps give the
+    losses recorded in the shipped manifest (a short run with its own schedule, to stay fast)."""
+    manifest = json.load(open(os.path.join(warmstart.SHIPPED, warmstart.MANIFEST)))
+    recipe = next(r for r in warmstart.RECIPES if r.name == name)
+    record = warmstart.train_recipe(recipe, str(tmp_path), steps=warmstart.CHECK_STEPS)
+    np.testing.assert_allclose(record["first_losses"], manifest[name]["check_losses"], rtol=2e-4)
