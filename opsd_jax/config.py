@@ -27,6 +27,17 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat: bool = True
+    # auto: chunked (online softmax, O(T x block) memory) on CPU and TPU, cuDNN flash attention on
+    # GPU where it applies; dense materializes the scores (the oracle).
+    attention: Literal["auto", "dense", "chunked", "cudnn"] = "auto"
+    attention_block_size: int = 512
+
+    def runtime(self, *, training: bool) -> dict:
+        """The ModelConfig fields this section sets (the student's when `training`, else a
+        teacher's: no remat, it takes no gradient)."""
+        fields = {"compute_dtype": self.compute_dtype, "attention_implementation": self.attention,
+                  "attention_block_size": self.attention_block_size}
+        return {**fields, "remat": self.remat} if training else fields
 
 
 @dataclasses.dataclass

@@ -52,3 +52,19 @@ def test_path_keys_resolve_against_the_current_directory(tmp_path, monkeypatch):
     unset = resolve_paths(RunConfig())
     assert unset.model.checkpoint == "" and unset.teacher.checkpoint is None and unset.data.path == ""
     assert resolve_paths(config) == config
+
+
+def test_model_attention_settings_reach_the_model_config():
+    from opsd_jax.models import ModelConfig
+    from opsd_jax.plan.programs import run_model_configs
+
+    config = load_config(None, ["model.attention=dense", "model.attention_block_size=128", "model.remat=false",
+                                "model.checkpoint=checkpoints/Qwen3-1.7B"])
+    assert config.model.runtime(training=True) == {"compute_dtype": "bfloat16", "attention_implementation": "dense",
+                                                   "attention_block_size": 128, "remat": False}
+    assert "remat" not in config.model.runtime(training=False)
+    student, _, _ = run_model_configs(config)
+    assert isinstance(student, ModelConfig)
+    assert (student.attention_implementation, student.attention_block_size, student.remat) == ("dense", 128, False)
+    with pytest.raises(ConfigKeyError, match="model.attention: 'flash' is not one of"):
+        load_config(None, ["model.attention=flash"])

@@ -164,7 +164,7 @@ class Trainer:
                 f"the tokenizer of {side_dir} has {len(tokenizer)} tokens, more than the model's vocabulary "
                 f"({model_config.vocab_size})"
             )
-        model_config = model_config.replace(compute_dtype=c.model.compute_dtype, remat=c.model.remat)
+        model_config = model_config.replace(**c.model.runtime(training=True))
         teacher_config, teacher_params = model_config, None
         if c.teacher.kind == "external":
             if not c.teacher.checkpoint:
@@ -173,7 +173,7 @@ class Trainer:
                 c.teacher.checkpoint, dtype=c.model.param_dtype, mesh=self.mesh)
             if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise TrainingError(f"teacher {c.teacher.checkpoint} does not share the student's tokenizer")
-            teacher_config = teacher_config.replace(compute_dtype=c.model.compute_dtype)
+            teacher_config = teacher_config.replace(**c.model.runtime(training=False))
         elif c.objective.kind == "sft":
             pass  # no teacher: the step scores the data's responses against the student alone
         elif c.teacher.kind in ("frozen", "ema"):

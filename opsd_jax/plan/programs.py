@@ -103,15 +103,15 @@ def run_model_configs(c: RunConfig, model_override: str | None = None,
     """(student, external teacher or None, where each came from), with the dtypes and remat the
     trainer gives them (`Trainer._load_models`)."""
     sources = {"student": model_config_source(c.model.checkpoint, model_override)}
-    student = ModelConfig.from_hf(sources["student"], param_dtype=c.model.param_dtype,
-                                  compute_dtype=c.model.compute_dtype).replace(remat=c.model.remat)
+    student = ModelConfig.from_hf(sources["student"], param_dtype=c.model.param_dtype).replace(
+        **c.model.runtime(training=True))
     teacher = None
     if c.teacher.kind == "external":
         if not c.teacher.checkpoint:
             raise PlanInputError("teacher.kind is external but teacher.checkpoint is not set")
         sources["teacher"] = model_config_source(c.teacher.checkpoint, teacher_override)
-        teacher = ModelConfig.from_hf(sources["teacher"], param_dtype=c.model.param_dtype,
-                                      compute_dtype=c.model.compute_dtype)
+        teacher = ModelConfig.from_hf(sources["teacher"], param_dtype=c.model.param_dtype).replace(
+            **c.model.runtime(training=False))
     return student, teacher, sources
 
 

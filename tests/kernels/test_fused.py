@@ -60,8 +60,10 @@ def _check(rng, impl, shape, beta, general_cotangents):
     g_logits = oracle.student_grad(s64, t64, beta, {k: x.astype(np.float64) for k, x in cot.items()}, **okw)
     exp_h = g_logits @ w_s.astype(np.float64).T
     exp_w = h_s.astype(np.float64).T @ g_logits
-    np.testing.assert_allclose(np.asarray(g_h), exp_h, atol=1e-5 * max(1.0, np.abs(exp_h).max()))
-    np.testing.assert_allclose(np.asarray(g_w), exp_w, atol=1e-5 * max(1.0, np.abs(exp_w).max()))
+    # float32 logits of size ~sqrt(H) * 4 over V columns: about 1e-5 of the largest entry is the
+    # rounding floor (seed 1474613346 reaches 1.05e-5 on xla, beta=1), so the bound is 3e-5.
+    np.testing.assert_allclose(np.asarray(g_h), exp_h, atol=3e-5 * max(1.0, np.abs(exp_h).max()))
+    np.testing.assert_allclose(np.asarray(g_w), exp_w, atol=3e-5 * max(1.0, np.abs(exp_w).max()))
     assert np.all(np.asarray(g_h)[~mask] == 0.0)
 
 
