@@ -106,23 +106,26 @@ def chunked_attention(
     keys, kv_heads = k_BxSxKxD.shape[1:3]
     q_BxTxKxGxD = q_BxTxHxD.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     block_q, block_k = min(block_size, length), min(block_size, keys)
-    pad_t, pad_s = -length % block_q, -keys % block_k
-    # Padded queries copy the last row so they widen no block's visible key range; padded keys
-    # are segment 0, which nothing attends.
+    pad_t = -length % block_q
+    # Padded queries copy the last row so they widen no block's visible key range. Keys are never
+    # padded: against a KV cache that would copy the whole cache every step; the last key block
+    # is shifted back to end at S instead, its keys already seen masked out (_key_block).
     q_pad = jnp.pad(q_BxTxKxGxD, ((0, 0), (0, pad_t), (0, 0), (0, 0), (0, 0)))
     rows_pad = jnp.pad(rows_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)), mode="edge")
     segments_pad = jnp.pad(segments_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)))
-    k_pad = jnp.pad(k_BxSxKxD, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
-    v_pad = jnp.pad(v_BxSxKxD, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
-    key_segments_pad = jnp.pad(key_segments_BxS.astype(jnp.int32), ((0, 0), (0, pad_s)))
 
     out_pad, lse_pad = _flash(
-        q_pad, k_pad, v_pad, rows_pad, segments_pad, key_segments_pad, sliding_window, block_q, block_k
+        q_pad, k_BxSxKxD, v_BxSxKxD, rows_pad, segments_pad, key_segments_BxS.astype(jnp.int32), sliding_window,
+        block_q, block_k,
     )
     out_BxTxKxGxD, lse_BxTxKxG = out_pad[:, :length], lse_pad[:, :length]
     # A query that sees no key gets the mean of all values, exactly as the dense softmax over
-    # all-masked scores does; it is differentiated here, outside the kernel.
-    mean_v_Bx1xKx1xD = jnp.mean(v_BxSxKxD.astype(jnp.float32), axis=1)[:, None, :, None, :]
+    # all-masked scores does; it is differentiated here, outside the kernel. The sum is a matmul
+    # accumulating in float32, so no float32 copy of the values (of a whole KV cache) appears in
+    # any program, optimized or not.
+    ones_S = jnp.ones((keys,), v_BxSxKxD.dtype)
+    mean_v_BxKxD = jnp.einsum("bskd,s->bkd", v_BxSxKxD, ones_S, preferred_element_type=jnp.float32) / keys
+    mean_v_Bx1xKx1xD = mean_v_BxKxD[:, None, :, None, :]
     empty_BxTxKxGx1 = jnp.isneginf(jax.lax.stop_gradient(lse_BxTxKxG))[..., None]
     out_BxTxKxGxD = jnp.where(empty_BxTxKxGx1, mean_v_Bx1xKx1xD.astype(v_BxSxKxD.dtype), out_BxTxKxGxD)
     return out_BxTxKxGxD.reshape(batch, length, heads, head_dim)
@@ -149,11 +152,25 @@ def _slice_block(x, index, size):
     return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=1)
 
 
+def _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window):
+    """(k_j, v_j, mask bool[B, bq, bk], start) of key block j. Blocks are ceil(S / bk); the last
+    one starts at S - bk so it stays inside the keys, and its keys before j * bk (already in
+    block j - 1) are masked out."""
+    keys = k.shape[1]
+    start = jnp.minimum(j * block_k, keys - block_k)
+    k_j = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=1)
+    v_j = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=1)
+    key_segments_j = jax.lax.dynamic_slice_in_dim(key_segments, start, block_k, axis=1)
+    mask_BxTxS = attention_mask(rows_i, segments_i, key_segments_j, window, key_start=start)
+    fresh_S = start + jnp.arange(block_k) >= j * block_k
+    return k_j, v_j, mask_BxTxS & fresh_S, start
+
+
 def _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block_k):
     """(out [B, T, K, G, D] in v's dtype (0 where a query sees no key), lse float32[B, T, K, G]
-    (-inf there)). T and S are multiples of the blocks."""
+    (-inf there)). T is a multiple of block_q; S is at least block_k."""
     batch, length, kv_heads, group, head_dim = q.shape
-    num_query_blocks, num_key_blocks = length // block_q, k.shape[1] // block_k
+    num_query_blocks, num_key_blocks = length // block_q, -(-k.shape[1] // block_k)
 
     def query_block(i, carry):
         out, lse = carry
@@ -162,9 +179,7 @@ def _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block
 
         def key_block(j, state):
             max_BxKxGxT, sum_BxKxGxT, acc_BxKxGxTxD = state
-            k_j, v_j = _slice_block(k, j, block_k), _slice_block(v, j, block_k)
-            mask_BxTxS = attention_mask(rows_i, segments_i, _slice_block(key_segments, j, block_k), window,
-                                        key_start=j * block_k)
+            k_j, v_j, mask_BxTxS, _ = _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window)
             scores = jnp.where(mask_BxTxS[:, None, None], _tile_scores(q_i, k_j, head_dim), -jnp.inf)
             # The running max starts finite, so masked scores give exp(-inf) = 0, never NaN.
             new_max = jnp.maximum(max_BxKxGxT, jnp.max(scores, axis=-1))
@@ -202,7 +217,7 @@ def _flash_backward(window, block_q, block_k, residuals, cotangents):
     q, k, v, rows, segments, key_segments, out, lse = residuals
     d_out, _ = cotangents  # lse is returned only to mark empty rows; it is never differentiated
     length, head_dim = q.shape[1], q.shape[-1]
-    num_query_blocks, num_key_blocks = length // block_q, k.shape[1] // block_k
+    num_query_blocks, num_key_blocks = length // block_q, -(-k.shape[1] // block_k)
     delta_BxTxKxG = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     finite_lse = jnp.where(jnp.isneginf(lse), 0.0, lse)
 
@@ -215,9 +230,7 @@ def _flash_backward(window, block_q, block_k, residuals, cotangents):
 
         def key_block(j, state):
             dq_i, dk, dv = state
-            k_j, v_j = _slice_block(k, j, block_k), _slice_block(v, j, block_k)
-            mask_BxTxS = attention_mask(rows_i, segments_i, _slice_block(key_segments, j, block_k), window,
-                                        key_start=j * block_k)
+            k_j, v_j, mask_BxTxS, start = _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window)
             scores = _tile_scores(q_i, k_j, head_dim)
             probs = jnp.where(mask_BxTxS[:, None, None], jnp.exp(scores - lse_BxKxGxT[..., None]), 0.0)
             dv_j = jnp.einsum("bkgts,btkgd->bskd", probs.astype(d_out.dtype), d_out_i,
@@ -226,7 +239,8 @@ def _flash_backward(window, block_q, block_k, residuals, cotangents):
             d_scores = (probs * (d_probs - delta_BxKxGxT[..., None]) / math.sqrt(head_dim)).astype(q.dtype)
             dq_i = dq_i + jnp.einsum("bkgts,bskd->btkgd", d_scores, k_j, preferred_element_type=jnp.float32)
             dk_j = jnp.einsum("bkgts,btkgd->bskd", d_scores, q_i, preferred_element_type=jnp.float32)
-            return dq_i, _add_block(dk, dk_j, j, block_k), _add_block(dv, dv_j, j, block_k)
+            # Masked keys of a shifted last block get exactly zero, so adding the whole block is exact.
+            return dq_i, _add_block(dk, dk_j, start), _add_block(dv, dv_j, start)
 
         first, last = _key_block_range(rows, i, block_q, block_k, num_key_blocks, window)
         dq_i = jnp.zeros(q_i.shape, jnp.float32)
@@ -238,9 +252,9 @@ def _flash_backward(window, block_q, block_k, residuals, cotangents):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 
-def _add_block(total, block, index, size):
-    current = jax.lax.dynamic_slice_in_dim(total, index * size, size, axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(total, current + block, index * size, axis=1)
+def _add_block(total, block, start):
+    current = jax.lax.dynamic_slice_in_dim(total, start, block.shape[1], axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(total, current + block, start, axis=1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))

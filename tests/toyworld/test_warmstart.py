@@ -29,3 +29,21 @@ def test_regenerating_a_warm_start_reproduces_the_recorded_losses(tmp_path, name
     recipe = next(r for r in warmstart.RECIPES if r.name == name)
     record = warmstart.train_recipe(recipe, str(tmp_path), steps=warmstart.CHECK_STEPS)
     np.testing.assert_allclose(record["first_losses"], manifest[name]["check_losses"], rtol=2e-4)
+
+
+def test_shipped_thinker_converts_both_ways_bit_exactly(tmp_path):
+    """The toy checkpoints are ordinary HF folders: HF -> Orbax -> HF is bit-exact, tokenizer included."""
+    from safetensors.numpy import load_file
+
+    from opsd_jax.checkpoint.hf import load_hf, save_hf
+    from opsd_jax.checkpoint.orbax import restore_params, save_params
+
+    source = os.path.join(warmstart.SHIPPED, "thinker")
+    config, params = load_hf(source, progress=False)
+    save_params(params, config, str(tmp_path / "orbax"))
+    restored_config, restored = restore_params(str(tmp_path / "orbax"))
+    save_hf(restored, restored_config, str(tmp_path / "hf"), side_files_from=source, progress=False)
+    original, exported = (load_file(os.path.join(d, "model.safetensors")) for d in (source, str(tmp_path / "hf")))
+    assert original.keys() == exported.keys()
+    assert all(original[k].tobytes() == exported[k].tobytes() for k in original)
+    assert open(os.path.join(source, "tokenizer.json")).read() == open(tmp_path / "hf" / "tokenizer.json").read()
