@@ -170,7 +170,8 @@ def test_demo_on_a_shrunken_world(tmp_path):
     # A shrunken world may miss a precondition (exit 1, said so); anything else is a failure.
     assert result.returncode in (0, 1), f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert result.stdout.rstrip().splitlines()[-1].startswith("demo finished")
-    (folder,) = os.listdir(tmp_path / "runs" / "demo")
+    (folder,) = [n for n in os.listdir(tmp_path / "runs" / "demo") if not n.startswith(".")]
+    assert (tmp_path / "runs" / "demo" / ".compile_cache").is_dir()  # shared by the demo's runs
     out = tmp_path / "runs" / "demo" / folder
     for name in ("report.md", "metrics.json", "accuracy_vs_budget.png", "analysis/opsd/fork_rates.png",
                  "analysis/opsd/marker_rates.png", "analysis/strong_teacher/advantage_at_markers.png",
