@@ -29,7 +29,11 @@ def _set_cpu_devices(count: int | None, *, force_cpu: bool = True) -> None:
 def _set_tpu_topology(name: str) -> None:
     """libtpu reads the accelerator type when it loads: set it before jax is imported. An unknown
     name is left for the plan to report."""
-    from opsd_jax.plan.topology import TopologyError, accelerator_environment, parse_topology
+    from opsd_jax.plan.topology import (
+        TopologyError,
+        accelerator_environment,
+        parse_topology,
+    )
 
     if "jax" in sys.modules:
         raise RuntimeError("the plan's TPU topology must be set before jax is imported")
@@ -80,7 +84,12 @@ def _convert(args) -> int:
 
 def _serve(args) -> int:
     from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig
-    from opsd_jax.sampler.server import CompletionServer, CompletionService, default_stop_token_ids, load_for_serving
+    from opsd_jax.sampler.server import (
+        CompletionServer,
+        CompletionService,
+        default_stop_token_ids,
+        load_for_serving,
+    )
 
     mesh = _mesh(args.mesh)
     config, params, tokenizer, side_dir = load_for_serving(args.checkpoint, dtype=args.dtype, mesh=mesh)
@@ -200,16 +209,21 @@ def _tiny_model(args) -> int:
 
 
 def _selfcheck(args) -> int:
-    from opsd_jax.selfcheck import run_demo
-
     import time
+
+    from opsd_jax.selfcheck import run_demo
 
     workdir = args.workdir or user_path(os.path.join("runs", "selfcheck", time.strftime("%Y%m%d-%H%M%S")))
     return run_demo(workdir=workdir, mesh_text=args.mesh)
 
 
 def _demo(args) -> int:
-    from opsd_jax.toyworld.experiment import ExperimentSettings, console_table, default_output_dir, run_experiment
+    from opsd_jax.toyworld.experiment import (
+        ExperimentSettings,
+        console_table,
+        default_output_dir,
+        run_experiment,
+    )
 
     out = args.out or user_path(default_output_dir())
     settings = ExperimentSettings(train_problems=args.train_problems, eval_problems=args.eval_problems,

@@ -23,8 +23,8 @@ import numpy as np
 
 from opsd_jax.toyworld import warmstart, world
 
-THINKER_EVAL = dict(temperature=0.6, top_p=0.95)  # the paper's thinking-model sampling
-INSTRUCT_EVAL = dict(temperature=0.7, top_p=0.8)  # and its instruct-model sampling
+THINKER_EVAL = {"temperature": 0.6, "top_p": 0.95}  # the paper's thinking-model sampling
+INSTRUCT_EVAL = {"temperature": 0.7, "top_p": 0.8}  # and its instruct-model sampling
 
 
 MIN_ROLLOUTS = 10  # fewer rollouts than this give no meaningful bootstrap interval
@@ -358,21 +358,21 @@ def report_markdown(result: dict) -> str:
     lines += ["", "## Preconditions", "", "| check | value | ok |", "|---|---|---|"]
     lines += [f"| {p['check']} | {p['value']} | {p['ok']} |" for p in result["preconditions"]]
     lines += ["", "## avg@n accuracy by token budget", "",
-              "Trained conditions pool the samples of their seeds; brackets: 95% bootstrap interval over "
-              f"problems; last column: each seed's accuracy at {budgets[-1]} tokens.", "",
+              ("Trained conditions pool the samples of their seeds; brackets: 95% bootstrap interval over "
+               f"problems; last column: each seed's accuracy at {budgets[-1]} tokens."), "",
               "| model | " + " | ".join(budgets) + " | per seed |", "|---|" + "---|" * (len(budgets) + 1)]
     for name, by_budget in result["accuracy"].items():
         cells = [f"{by_budget[b]['accuracy']:.3f} [{by_budget[b]['accuracy_ci95'][0]:.2f}, "
                  f"{by_budget[b]['accuracy_ci95'][1]:.2f}]" for b in budgets]
         seeds = ", ".join(f"{a:.3f}" for a in by_budget[budgets[-1]]["per_seed"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} |")
-    lines += ["", "Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
-              "over problems for accuracy, over rollouts for token-level quantities); not reproduced = the "
-              "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "
-              "includes zero."]
-    lines += ["", "Details: `eval/<model>/summary.md`, `analysis/*/report.md`; plots: `accuracy_vs_budget.png`, "
-              "`analysis/opsd/fork_rates.png`, `analysis/opsd/marker_rates.png`, "
-              "`analysis/strong_teacher/advantage_at_markers.png`.", ""]
+    lines += ["", ("Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
+                   "over problems for accuracy, over rollouts for token-level quantities); not reproduced = the "
+                   "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "
+                   "includes zero.")]
+    lines += ["", ("Details: `eval/<model>/summary.md`, `analysis/*/report.md`; plots: `accuracy_vs_budget.png`, "
+                   "`analysis/opsd/fork_rates.png`, `analysis/opsd/marker_rates.png`, "
+                   "`analysis/strong_teacher/advantage_at_markers.png`."), ""]
     return "\n".join(lines)
 
 

@@ -7,14 +7,23 @@ import pytest
 from opsd_jax.toyworld import warmstart
 
 
+def _read(path) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _manifest() -> dict:
+    return json.loads(_read(os.path.join(warmstart.SHIPPED, warmstart.MANIFEST)))
+
+
 def test_shipped_checkpoints_are_complete_hf_folders():
     import transformers
 
-    manifest = json.load(open(os.path.join(warmstart.SHIPPED, warmstart.MANIFEST)))
+    manifest = _manifest()
     assert set(manifest) == {r.name for r in warmstart.RECIPES}
     for recipe in warmstart.RECIPES:
         folder = os.path.join(warmstart.SHIPPED, recipe.name)
-        config = json.load(open(os.path.join(folder, "config.json")))
+        config = json.loads(_read(os.path.join(folder, "config.json")))
         assert (config["hidden_size"], config["num_hidden_layers"]) == (recipe.hidden, recipe.layers)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
         assert len(tokenizer) <= config["vocab_size"] == warmstart.MODEL_VOCAB
@@ -25,7 +34,7 @@ def test_shipped_checkpoints_are_complete_hf_folders():
 def test_regenerating_a_warm_start_reproduces_the_recorded_losses(tmp_path, name):
     """`opsd-jax toyworld warmstart` is reproducible: the same init, data and sft steps give the
     losses recorded in the shipped manifest (a short run with its own schedule, to stay fast)."""
-    manifest = json.load(open(os.path.join(warmstart.SHIPPED, warmstart.MANIFEST)))
+    manifest = _manifest()
     recipe = next(r for r in warmstart.RECIPES if r.name == name)
     record = warmstart.train_recipe(recipe, str(tmp_path), steps=warmstart.CHECK_STEPS)
     np.testing.assert_allclose(record["first_losses"], manifest[name]["check_losses"], rtol=2e-4)
@@ -46,4 +55,4 @@ def test_shipped_thinker_converts_both_ways_bit_exactly(tmp_path):
     original, exported = (load_file(os.path.join(d, "model.safetensors")) for d in (source, str(tmp_path / "hf")))
     assert original.keys() == exported.keys()
     assert all(original[k].tobytes() == exported[k].tobytes() for k in original)
-    assert open(os.path.join(source, "tokenizer.json")).read() == open(tmp_path / "hf" / "tokenizer.json").read()
+    assert _read(os.path.join(source, "tokenizer.json")) == _read(tmp_path / "hf" / "tokenizer.json")
