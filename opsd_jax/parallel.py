@@ -35,6 +35,12 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The sampler's rules: decoding reads every weight every step, so weights are never split over
+# fsdp (that would all-gather them every token); they split their heads over tensor (kv heads
+# included, so each chip holds its heads' slice of the KV cache) and are replicated elsewhere.
+SERVING_AXIS_RULES: dict[str, tuple[str, ...]] = {**LOGICAL_AXIS_RULES, "embed": ()}
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices=None) -> Mesh:
     """Builds a (data, fsdp, tensor) mesh; at most one size may be -1 and takes what is left.
 
@@ -118,20 +124,21 @@ def logical_to_spec(
 
 
 def logical_sharding(
-    mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None
+    mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
+    rules: dict[str, tuple[str, ...]] | None = None,
 ) -> NamedSharding:
     """NamedSharding of one array from its logical dimension names."""
-    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
 
 
-def tree_shardings(mesh: Mesh, logical_tree, shape_tree):
+def tree_shardings(mesh: Mesh, logical_tree, shape_tree, rules: dict[str, tuple[str, ...]] | None = None):
     """NamedShardings for a pytree, given matching pytrees of logical-axes tuples and shapes.
 
     `logical_tree` leaves are tuples of names; `shape_tree` leaves are arrays or
     ShapeDtypeStructs (anything with `.shape`).
     """
     return jax.tree.map(
-        lambda axes, leaf: logical_sharding(mesh, axes, leaf.shape),
+        lambda axes, leaf: logical_sharding(mesh, axes, leaf.shape, rules),
         logical_tree,
         shape_tree,
         is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x),

@@ -3,13 +3,16 @@
 from opsd_jax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeConfig
 from opsd_jax.models.decoder import (
     CACHE_LOGICAL_AXES,
+    PAGE_POOL_LOGICAL_AXES,
     Decoder,
     abstract_params,
     forward,
     forward_hidden,
     forward_hidden_with_cache,
+    forward_hidden_with_pages,
     forward_with_cache,
     init_cache,
+    init_page_pools,
     logits_from_hidden,
     init_params,
     param_shardings,
@@ -18,9 +21,12 @@ from opsd_jax.models.decoder import (
 
 __all__ = [
     "CACHE_LOGICAL_AXES",
+    "PAGE_POOL_LOGICAL_AXES",
     "forward_hidden_with_cache",
+    "forward_hidden_with_pages",
     "forward_with_cache",
     "init_cache",
+    "init_page_pools",
     "logits_from_hidden",
     "SUPPORTED_MODEL_TYPES",
     "ConfigError",

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from opsd_jax.models import attention, layers
+from opsd_jax.models import attention, layers, paged
 from opsd_jax.models.config import ModelConfig
 
 
@@ -99,6 +99,12 @@ class Attention(nn.Module):
         )
         if cache is None:
             out_BxTxHxDh = attend(q, k, v, query_segment_ids_BxT=segment_ids_BxT, key_segment_ids_BxS=segment_ids_BxT)
+        elif "page_table" in cache:
+            table = cache["page_table"]
+            cache = {**cache, "k": paged.write_pages(cache["k"], k, table, positions_BxT),
+                     "v": paged.write_pages(cache["v"], v, table, positions_BxT)}
+            out_BxTxHxDh = paged.paged_attention(q, cache["k"], cache["v"], table, positions_BxT,
+                                                 sliding_window=window, block_rows=c.attention_block_size)
         else:
             # Cache row = position: a query sits at its position's row and sees the rows up to it.
             cache = layers.write_kv_cache(cache, k, v, positions_BxT)
@@ -236,6 +242,32 @@ def forward_with_cache(params, config: ModelConfig, tokens, positions, cache):
     return logits_from_hidden(hidden, head, config), cache
 
 
+def forward_hidden_with_pages(params, config: ModelConfig, tokens, positions, pools, page_table):
+    """As `forward_hidden_with_cache` over a paged cache (`opsd_jax.models.paged`).
+
+    pools: list over layers of {"k", "v": compute_dtype[pages, page_size, kv_heads, head_dim]};
+    page_table: int32[batch, table_pages], row b mapping sequence b's cache rows to pages.
+    Returns (hidden [batch, seq, hidden_size], head, new pools).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.asarray(positions, jnp.int32)
+    cache = [{**layer, "page_table": page_table} for layer in pools]
+    hidden, head, cache = Decoder(config).apply({"params": params}, tokens, positions, jnp.ones_like(tokens), cache)
+    return hidden, head, [{"k": layer["k"], "v": layer["v"]} for layer in cache]
+
+
+def init_page_pools(config: ModelConfig, pages: int, page_size: int):
+    """An all-zero paged cache: list over layers of {"k", "v": [pages, page_size, kv_heads, head_dim]}."""
+    shape = (pages, page_size, config.num_kv_heads, config.head_dim)
+    return [
+        {"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype)}
+        for _ in range(config.num_layers)
+    ]
+
+
+PAGE_POOL_LOGICAL_AXES = (None, None, "kv_heads", "head_dim")
+
+
 def init_cache(config: ModelConfig, batch: int, length: int):
     """An all-zero KV cache: list over layers of {"k", "v": [batch, length, kv_heads, head_dim]}."""
     shape = (batch, length, config.num_kv_heads, config.head_dim)
@@ -277,12 +309,13 @@ def abstract_params(config: ModelConfig):
     return nn.unbox(boxed), logical
 
 
-def param_shardings(config: ModelConfig, mesh):
-    """NamedSharding pytree for the parameters on `mesh` (from the logical-axis rules)."""
+def param_shardings(config: ModelConfig, mesh, rules=None):
+    """NamedSharding pytree for the parameters on `mesh` (from the logical-axis rules; default
+    the training rules, `parallel.SERVING_AXIS_RULES` for a sampler)."""
     from opsd_jax.parallel import tree_shardings
 
     shapes, logical = abstract_params(config)
-    return tree_shardings(mesh, logical, shapes)
+    return tree_shardings(mesh, logical, shapes, rules)
 
 
 def sharded_abstract_params(config: ModelConfig, mesh):

@@ -1,8 +1,8 @@
-"""Sampler: JetStream-shaped engine (prefill / insert / generate), continuous-batching
-orchestrator, OpenAI-compatible server. It knows nothing about training."""
+"""Sampler: JetStream-shaped engine (prefill / insert / generate) over a paged KV cache,
+continuous-batching orchestrator, OpenAI-compatible server. It knows nothing about training."""
 
-from opsd_jax.sampler.engine import DecodeState, Engine, Prefix, RequestError, SamplerConfig, TokenResult
-from opsd_jax.sampler.orchestrator import Completion, Orchestrator
+from opsd_jax.sampler.engine import DecodeState, Engine, RequestError, SamplerConfig, TokenResult
+from opsd_jax.sampler.orchestrator import Completion, Orchestrator, OrchestratorClosed, SamplerCrashed
 from opsd_jax.sampler.sampling import SamplingParams, filtered_logits, sample_tokens
 
 __all__ = [
@@ -10,9 +10,10 @@ __all__ = [
     "DecodeState",
     "Engine",
     "Orchestrator",
-    "Prefix",
+    "OrchestratorClosed",
     "RequestError",
     "SamplerConfig",
+    "SamplerCrashed",
     "SamplingParams",
     "TokenResult",
     "filtered_logits",

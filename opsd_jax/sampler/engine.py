@@ -1,11 +1,15 @@
-"""JetStream-shaped sampling engine: prefill / insert / generate over a sharded KV cache.
+"""JetStream-shaped sampling engine over a paged KV cache: prefill / insert / generate.
 
-The engine knows nothing about training. It holds no parameters of its own between calls except
-what `load_params` places; every jitted function is pure and the decode state is a pytree that is
-donated and returned.
+The engine knows nothing about training and keeps no bookkeeping of its own: every jitted
+function is pure, the decode state is a pytree that is donated and returned, and which pages a
+sequence holds is the caller's page table (`opsd_jax.sampler.pages.PageAllocator` in the
+orchestrator). Weights are placed on the sampler's own shardings (`parallel.SERVING_AXIS_RULES`:
+heads split over tensor, never over fsdp) in the model's compute dtype, so a decode step gathers
+no weight and reads half the bytes of float32 master weights.
 
-Shape letters: S slots, L max sequence length per slot (cache rows), P prefix rows, C prefill
-chunk, V vocabulary, K kv heads, Dh head width.
+Shape letters: S slots, L max sequence length per slot (cache rows), M page-table entries per
+sequence (L / page size, rounded up), P pages in the pool, N rows per page, C prefill chunk,
+V vocabulary, A reported alternatives.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from opsd_jax.models import (
-    CACHE_LOGICAL_AXES,
+    PAGE_POOL_LOGICAL_AXES,
     ModelConfig,
-    forward_hidden_with_cache,
-    init_cache,
+    forward_hidden_with_pages,
+    init_page_pools,
     logits_from_hidden,
     param_shardings,
 )
-from opsd_jax.parallel import logical_sharding, make_mesh
-from opsd_jax.sampler.sampling import SamplingParams, request_key, sample_tokens
+from opsd_jax.models.paged import NULL_PAGE
+from opsd_jax.parallel import SERVING_AXIS_RULES, logical_sharding, make_mesh
+from opsd_jax.sampler.sampling import TOP_LOGPROBS, SamplingParams, request_key, sample_tokens
 
 
 class RequestError(ValueError):
@@ -37,8 +42,14 @@ class RequestError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """`max_slots` sequences decode together; each holds at most `max_sequence_length` tokens
-    (prompt + generated; default: the model's context). Prompts are padded to the smallest
-    bucket that fits; longer prompts are prefilled in chunks of the largest bucket."""
+    (prompt + generated; default: the model's context).
+
+    The KV cache is a pool of `kv_pages` pages of `page_size` rows shared by all slots (default:
+    enough for every slot at full length, the memory of a contiguous cache; fewer pages serve a
+    workload whose sequences are mostly shorter than L, and the orchestrator preempts and later
+    resumes a sequence when the pool runs dry). Prompts are prefilled in chunks: the smallest
+    bucket that holds what is left, at most the largest bucket at a time.
+    """
 
     max_slots: int = 8
     max_sequence_length: int | None = None
@@ -46,32 +57,30 @@ class SamplerConfig:
     # Tokens at or past this id (embedding rows padded beyond the tokenizer, e.g. Qwen3's
     # 151669..151935) are never sampled and carry no probability; None keeps the whole vocabulary.
     valid_vocab_size: int | None = None
+    page_size: int = 16
+    kv_pages: int | None = None
 
     def validate(self) -> None:
         if self.max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
         if not self.prefill_buckets or any(b < 1 for b in self.prefill_buckets):
             raise ValueError(f"prefill_buckets must be positive sizes, got {self.prefill_buckets}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.kv_pages is not None and self.kv_pages < 2:
+            raise ValueError(f"kv_pages must be >= 2 (page 0 is the null page), got {self.kv_pages}")
 
 
 class DecodeState(NamedTuple):
-    """Everything that changes between decode steps, one row per slot."""
+    """Everything on device that changes between decode steps; slot arrays have one row per slot."""
 
-    cache: list  # per layer {"k", "v": [S, L, K, Dh]}
+    pools: list  # per layer {"k", "v": [P, N, K, Dh]}
     next_token: jax.Array  # int32[S]: sampled, not yet in the cache
     next_position: jax.Array  # int32[S]: its position (= its cache row)
     keys: jax.Array  # PRNG key[S] of the request sample occupying the slot
     temperature: jax.Array  # float32[S]
     top_k: jax.Array  # int32[S]
     top_p: jax.Array  # float32[S]
-
-
-class Prefix(NamedTuple):
-    """A prefilled prompt, ready to be inserted into one or more slots."""
-
-    cache: list  # per layer {"k", "v": [1, P, K, Dh]}
-    true_length: int
-    logits: jax.Array  # float32[V] at the last prompt token
 
 
 class TokenResult(NamedTuple):
@@ -81,7 +90,7 @@ class TokenResult(NamedTuple):
     sampled_logprob: jax.Array  # float32: under the distribution sampled from (after T/top-k/top-p)
     model_logprob: jax.Array  # float32: under the raw model distribution
     entropy: jax.Array  # float32: entropy of the raw model distribution, nats
-    top_ids: jax.Array  # int32[..., A]: the raw model's most likely tokens
+    top_ids: jax.Array  # int32[..., A]: the raw model's most likely tokens (A = 0 unless asked)
     top_logprobs: jax.Array  # float32[..., A]: their log-probabilities
 
 
@@ -91,6 +100,12 @@ def _sampling_arrays(samplings: list[SamplingParams]):
         jnp.asarray([s.top_k for s in samplings], jnp.int32),
         jnp.asarray([s.top_p for s in samplings], jnp.float32),
     )
+
+
+def alternatives_for(samplings) -> int:
+    """The compiled top-logprobs width a set of requests needs: 0, or all TOP_LOGPROBS (two
+    programs, not one per width)."""
+    return TOP_LOGPROBS if any(s.top_logprobs for s in samplings) else 0
 
 
 class Engine:
@@ -108,32 +123,50 @@ class Engine:
                 f"(max_position_embeddings {config.max_position_embeddings})"
             )
         self.buckets = tuple(sorted(set(min(b, self.max_sequence_length) for b in sampler_config.prefill_buckets)))
-        self.param_shardings = param_shardings(config, self.mesh)
-        slots, length = sampler_config.max_slots, self.max_sequence_length
-        cache_shape = (slots, length, config.num_kv_heads, config.head_dim)
-        cache_sharding = logical_sharding(self.mesh, CACHE_LOGICAL_AXES, cache_shape)
-        slot_sharding = logical_sharding(self.mesh, ("batch",), (slots,))
+        self.page_size = sampler_config.page_size
+        self.table_pages = math.ceil(self.max_sequence_length / self.page_size)
+        slots = sampler_config.max_slots
+        self.num_pages = sampler_config.kv_pages or slots * self.table_pages + 1
+        self.param_shardings = param_shardings(config, self.mesh, SERVING_AXIS_RULES)
+        pool_shape = (self.num_pages, self.page_size, config.num_kv_heads, config.head_dim)
+        pool_sharding = logical_sharding(self.mesh, PAGE_POOL_LOGICAL_AXES, pool_shape, SERVING_AXIS_RULES)
+        slot_sharding = logical_sharding(self.mesh, ("batch",), (slots,), SERVING_AXIS_RULES)
         self.state_shardings = DecodeState(
-            cache=[{"k": cache_sharding, "v": cache_sharding} for _ in range(config.num_layers)],
+            pools=[{"k": pool_sharding, "v": pool_sharding} for _ in range(config.num_layers)],
             next_token=slot_sharding, next_position=slot_sharding, keys=slot_sharding,
             temperature=slot_sharding, top_k=slot_sharding, top_p=slot_sharding,
         )
         self._init_state = jax.jit(self._init_state_fn, out_shardings=self.state_shardings)
-        self._prefill_chunk = jax.jit(self._prefill_chunk_fn, donate_argnums=(3,))
+        self._place = jax.jit(self._place_fn, out_shardings=self.param_shardings)
+        self._prefill_chunk = jax.jit(self._prefill_chunk_fn, donate_argnums=(1,),
+                                      out_shardings=(self.state_shardings, None))
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,), out_shardings=self.state_shardings)
-        self._generate = jax.jit(
-            self._generate_fn, donate_argnums=(1,), out_shardings=(self.state_shardings, None)
-        )
-        self._sample_first = jax.jit(self._sample_first_fn)
+        self._copy_page = jax.jit(self._copy_page_fn, donate_argnums=(0,), out_shardings=self.state_shardings)
+        self._generate = jax.jit(self._generate_fn, donate_argnums=(1,), static_argnums=(3,),
+                                 out_shardings=(self.state_shardings, None))
+        self._sample_first = jax.jit(self._sample_first_fn, static_argnums=(6,))
 
     # ---- sizes and validation -------------------------------------------------------------
 
     @property
-    def decode_state_bytes(self) -> int:
-        """Bytes of the KV cache for all slots (the slot scalars are negligible)."""
+    def serving_dtype(self):
+        """Weights are kept in the compute dtype: what every matmul reads anyway."""
+        return jnp.dtype(self.config.compute_dtype)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page across all layers (keys and values)."""
         c = self.config
-        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.compute_dtype).itemsize
-        return per_token * self.sampler_config.max_slots * self.max_sequence_length
+        return 2 * c.num_layers * self.page_size * c.num_kv_heads * c.head_dim * jnp.dtype(c.compute_dtype).itemsize
+
+    @property
+    def decode_state_bytes(self) -> int:
+        """Bytes of the KV page pool (the slot scalars are negligible)."""
+        return self.num_pages * self.page_bytes
+
+    def pages_for(self, rows: int) -> int:
+        """Pages that hold cache rows 0 .. rows - 1."""
+        return math.ceil(rows / self.page_size)
 
     def validate_request(self, prompt_ids, sampling: SamplingParams) -> np.ndarray:
         """Returns the prompt as int32[n] or raises RequestError naming what is wrong."""
@@ -163,6 +196,13 @@ class Engine:
                 f"prompt ({prompt.size} tokens) + max_new_tokens ({sampling.max_new_tokens}) needs "
                 f"{needed + 1} tokens, more than max_sequence_length {self.max_sequence_length}"
             )
+        # A sequence must fit the pool alone, or it could never be served.
+        usable = self.num_pages - 1
+        if self.pages_for(needed) > usable:
+            raise RequestError(
+                f"prompt ({prompt.size} tokens) + max_new_tokens ({sampling.max_new_tokens}) needs "
+                f"{self.pages_for(needed)} KV pages of {self.page_size} rows; the pool has {usable} (kv_pages)"
+            )
         return prompt.astype(np.int32)
 
     # ---- jitted pure functions --------------------------------------------------------------
@@ -170,7 +210,7 @@ class Engine:
     def _init_state_fn(self):
         slots = self.sampler_config.max_slots
         return DecodeState(
-            cache=init_cache(self.config, slots, self.max_sequence_length),
+            pools=init_page_pools(self.config, self.num_pages, self.page_size),
             next_token=jnp.zeros(slots, jnp.int32),
             next_position=jnp.zeros(slots, jnp.int32),
             keys=jax.random.split(jax.random.key(0), slots),
@@ -179,28 +219,23 @@ class Engine:
             top_p=jnp.ones(slots, jnp.float32),
         )
 
-    def _prefill_chunk_fn(self, params, tokens_1xC, positions_1xC, cache, last_index):
-        hidden_1xCxD, head, cache = forward_hidden_with_cache(params, self.config, tokens_1xC, positions_1xC, cache)
-        last_hidden_D = jax.lax.dynamic_index_in_dim(hidden_1xCxD[0], last_index, axis=0, keepdims=False)
-        return cache, logits_from_hidden(last_hidden_D, head, self.config)
+    def _place_fn(self, params):
+        return jax.tree.map(lambda p: p.astype(self.serving_dtype), params)
 
-    def _sample_first_fn(self, logits_V, keys_N, positions_N, temperature_N, top_k_N, top_p_N):
+    def _prefill_chunk_fn(self, params, state: DecodeState, page_row_M, tokens_1xC, start, last_index):
+        positions_1xC = (start + jnp.arange(tokens_1xC.shape[1], dtype=jnp.int32))[None]
+        hidden_1xCxD, head, pools = forward_hidden_with_pages(params, self.config, tokens_1xC, positions_1xC,
+                                                              state.pools, page_row_M[None])
+        last_hidden_D = jax.lax.dynamic_index_in_dim(hidden_1xCxD[0], last_index, axis=0, keepdims=False)
+        return state._replace(pools=pools), logits_from_hidden(last_hidden_D, head, self.config)
+
+    def _sample_first_fn(self, logits_V, keys_N, positions_N, temperature_N, top_k_N, top_p_N, alternatives):
         token_keys = jax.vmap(jax.random.fold_in)(keys_N, positions_N)
         logits_NxV = self._mask_padded_vocab(jnp.broadcast_to(logits_V, (keys_N.shape[0], logits_V.shape[0])))
-        return TokenResult(*sample_tokens(logits_NxV, token_keys, temperature_N, top_k_N, top_p_N))
+        return TokenResult(*sample_tokens(logits_NxV, token_keys, temperature_N, top_k_N, top_p_N, alternatives))
 
-    def _insert_fn(self, state: DecodeState, prefix_cache, slot, next_token, next_position, key, temperature,
-                   top_k, top_p):
-        cache = [
-            {
-                name: jax.lax.dynamic_update_slice(layer[name], prefix_layer[name].astype(layer[name].dtype),
-                                                   (slot, 0, 0, 0))
-                for name in ("k", "v")
-            }
-            for layer, prefix_layer in zip(state.cache, prefix_cache)
-        ]
-        return DecodeState(
-            cache=cache,
+    def _insert_fn(self, state: DecodeState, slot, next_token, next_position, key, temperature, top_k, top_p):
+        return state._replace(
             next_token=state.next_token.at[slot].set(next_token),
             next_position=state.next_position.at[slot].set(next_position),
             keys=state.keys.at[slot].set(key),
@@ -209,98 +244,127 @@ class Engine:
             top_p=state.top_p.at[slot].set(top_p),
         )
 
+    def _copy_page_fn(self, state: DecodeState, source, destination):
+        pools = [{name: pool.at[destination].set(pool[source]) for name, pool in layer.items()}
+                 for layer in state.pools]
+        return state._replace(pools=pools)
+
     def _mask_padded_vocab(self, logits_SxV):
         valid = self.sampler_config.valid_vocab_size
         if valid is None or valid >= logits_SxV.shape[-1]:
             return logits_SxV
         return jnp.where(jnp.arange(logits_SxV.shape[-1]) < valid, logits_SxV, -jnp.inf)
 
-    def _generate_fn(self, params, state: DecodeState):
-        hidden_Sx1xD, head, cache = forward_hidden_with_cache(
-            params, self.config, state.next_token[:, None], state.next_position[:, None], state.cache
+    def _generate_fn(self, params, state: DecodeState, page_table_SxM, alternatives):
+        hidden_Sx1xD, head, pools = forward_hidden_with_pages(
+            params, self.config, state.next_token[:, None], state.next_position[:, None], state.pools, page_table_SxM
         )
         logits_SxV = self._mask_padded_vocab(logits_from_hidden(hidden_Sx1xD[:, 0], head, self.config))
         sampled_position_S = state.next_position + 1
         token_keys = jax.vmap(jax.random.fold_in)(state.keys, sampled_position_S)
-        result = TokenResult(*sample_tokens(logits_SxV, token_keys, state.temperature, state.top_k, state.top_p))
-        # Idle slots keep stepping; clamp so their positions never run past the cache.
+        result = TokenResult(*sample_tokens(logits_SxV, token_keys, state.temperature, state.top_k, state.top_p,
+                                            alternatives))
+        # Idle slots keep stepping (into the null page); clamp so positions stay in range.
         next_position = jnp.minimum(sampled_position_S, self.max_sequence_length - 1)
-        return state._replace(cache=cache, next_token=result.token, next_position=next_position), result
+        return state._replace(pools=pools, next_token=result.token, next_position=next_position), result
 
     # ---- public API ---------------------------------------------------------------------------
 
     def load_params(self, params):
-        """Places new weights on the engine's shardings; shapes and dtypes must match, so no jitted
-        function recompiles."""
+        """The engine's copy of `params`: cast to the compute dtype and placed on the sampler's
+        shardings on device (a training state's fsdp shards are resharded by one jitted
+        transfer, never through the host). Shapes must match, so nothing recompiles."""
         expected = jax.tree.structure(self.param_shardings)
         if jax.tree.structure(params) != expected:
             raise ValueError("params do not match the engine's model structure")
-        dtype = self.config.param_dtype
-        return jax.device_put(jax.tree.map(lambda p: jnp.asarray(p, dtype), params), self.param_shardings)
+        devices = set(self.mesh.devices.flat)
+        if all(isinstance(p, jax.Array) and p.sharding.device_set == devices for p in jax.tree.leaves(params)):
+            return self._place(params)
+        # Elsewhere (host arrays, or another set of devices): cast where they are, then move the
+        # smaller copy.
+        dtype = self.serving_dtype
+        return jax.device_put(jax.tree.map(lambda p: p.astype(dtype) if isinstance(p, jax.Array)
+                                           else np.asarray(p).astype(dtype), params), self.param_shardings)
 
     def init_decode_state(self) -> DecodeState:
         return self._init_state()
 
-    def prefix_length(self, prompt_length: int) -> int:
-        """Cache rows a prefix of this prompt occupies: its bucket, or whole chunks."""
+    def empty_page_table(self, rows: int) -> np.ndarray:
+        """int32[rows, M] of null pages."""
+        return np.full((rows, self.table_pages), NULL_PAGE, np.int32)
+
+    def chunk_size(self, remaining: int) -> int:
+        """The prefill chunk for `remaining` prompt tokens: the smallest bucket that holds them,
+        else the largest."""
         for bucket in self.buckets:
-            if prompt_length <= bucket:
+            if remaining <= bucket:
                 return bucket
-        chunk = self.buckets[-1]
-        return min(math.ceil(prompt_length / chunk) * chunk, self.max_sequence_length)
+        return self.buckets[-1]
 
-    def prefill(self, params, tokens, true_length: int | None = None,
-                sampling: SamplingParams = SamplingParams(), sample_index: int = 0):
-        """Prefills one prompt; returns (Prefix, TokenResult of its first sampled token)."""
-        prefix = self.prefill_prefix(params, tokens, true_length, sampling)
-        return prefix, self.sample_first(prefix, [sampling], [sample_index])
+    def prefill_chunk(self, params, state: DecodeState, prompt: np.ndarray, page_row_M: np.ndarray, start: int):
+        """Prefills prompt tokens from `start` (one chunk) into the pages of `page_row_M`.
 
-    def prefill_prefix(self, params, tokens, true_length: int | None = None,
-                       sampling: SamplingParams = SamplingParams()) -> Prefix:
-        """Prefills one prompt without sampling: callers that draw several first tokens from one
-        prefix (`sample_first`) need no extra draw. `sampling` is validated with the prompt."""
-        tokens = np.asarray(tokens)
-        true_length = int(tokens.size if true_length is None else true_length)
-        prompt = self.validate_request(tokens[:true_length], sampling)
-        rows = self.prefix_length(true_length)
-        chunk = min(rows, self.buckets[-1])
-        padded = np.zeros(rows, np.int32)
-        padded[:true_length] = prompt
-        cache = init_cache(self.config, 1, rows)
+        Returns (state, next start, float32[V] logits at the last prompt token once the prompt
+        is done, else None). Padded rows past the prompt fall in its last page (overwritten by
+        decode before anything reads them) or in the null page.
+        """
+        length = prompt.size
+        chunk = self.chunk_size(length - start)
+        tokens = np.zeros((1, chunk), np.int32)
+        stop = min(length, start + chunk)
+        tokens[0, : stop - start] = prompt[start:stop]
+        state, logits_V = self._prefill_chunk(params, state, page_row_M, tokens, np.int32(start),
+                                              np.int32(stop - 1 - start))
+        return state, stop, (logits_V if stop == length else None)
+
+    def prefill(self, params, state: DecodeState, prompt: np.ndarray, page_row_M: np.ndarray, start: int = 0):
+        """Prefills the whole prompt from `start`; returns (state, logits float32[V] at its last token)."""
         logits_V = None
-        for start in range(0, true_length, chunk):
-            stop = start + chunk
-            positions = np.arange(start, stop, dtype=np.int32)[None]
-            last_index = min(true_length, stop) - 1 - start
-            cache, logits_V = self._prefill_chunk(params, padded[None, start:stop], positions, cache,
-                                                  np.int32(last_index))
-        return Prefix(cache=cache, true_length=true_length, logits=logits_V)
+        while start < prompt.size:
+            state, start, logits_V = self.prefill_chunk(params, state, prompt, page_row_M, start)
+        return state, logits_V
 
-    def sample_first(self, prefix: Prefix, samplings: list[SamplingParams], sample_indices: list[int]) -> TokenResult:
-        """First generated token of each (sampling, sample index) from one prefix: n samples of
-        one prompt share one prefill."""
+    def sample_first(self, logits_V, position: int, samplings: list[SamplingParams],
+                     sample_indices: list[int]) -> TokenResult:
+        """First generated token (at `position`, the prompt length) of each (sampling, sample
+        index) from one prefill: n samples of one prompt share it."""
         keys = jnp.stack([request_key(s.seed, i) for s, i in zip(samplings, sample_indices)])
-        positions = jnp.full(len(samplings), prefix.true_length, jnp.int32)
-        return self._sample_first(prefix.logits, keys, positions, *_sampling_arrays(samplings))
+        positions = jnp.full(len(samplings), position, jnp.int32)
+        return self._sample_first(logits_V, keys, positions, *_sampling_arrays(samplings), alternatives_for(samplings))
 
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int, sampling: SamplingParams,
-               first_token: int, sample_index: int = 0) -> DecodeState:
-        """Puts a prefix into `slot`; `first_token` (from prefill / sample_first) is decoded next."""
+    def insert(self, state: DecodeState, slot: int, sampling: SamplingParams, next_token: int, next_position: int,
+               sample_index: int = 0) -> DecodeState:
+        """Makes `slot` decode `next_token` at `next_position` next (its cache rows below that
+        already written in the pages the caller's table gives the slot)."""
         if not 0 <= slot < self.sampler_config.max_slots:
             raise ValueError(f"slot {slot} outside [0, {self.sampler_config.max_slots})")
         temperature, top_k, top_p = _sampling_arrays([sampling])
-        return self._insert(
-            state, prefix.cache, np.int32(slot), np.int32(first_token), np.int32(prefix.true_length),
-            request_key(sampling.seed, sample_index), temperature[0], top_k[0], top_p[0],
-        )
+        return self._insert(state, np.int32(slot), np.int32(next_token), np.int32(next_position),
+                            request_key(sampling.seed, sample_index), temperature[0], top_k[0], top_p[0])
 
-    def bulk_insert(self, prefix: Prefix, state: DecodeState, slots: list[int], samplings: list[SamplingParams],
-                    first_tokens: list[int], sample_indices: list[int]) -> DecodeState:
-        """Inserts one prefix into several slots (n samples of one prompt)."""
-        for slot, sampling, token, index in zip(slots, samplings, first_tokens, sample_indices, strict=True):
-            state = self.insert(prefix, state, slot, sampling, token, index)
+    def copy_page(self, state: DecodeState, source: int, destination: int) -> DecodeState:
+        """Copies one page in every layer (a shared prompt's partly filled last page, before a
+        sample writes its own tokens into it)."""
+        return self._copy_page(state, np.int32(source), np.int32(destination))
+
+    def generate(self, params, state: DecodeState, page_table_SxM: np.ndarray, alternatives: int = 0):
+        """One decode step for every slot; returns the new state and each slot's sampled token.
+        Nothing is read back: the caller fetches the result when it needs it."""
+        return self._generate(params, state, page_table_SxM, alternatives)
+
+    def warmup(self, params, state: DecodeState) -> DecodeState:
+        """Compiles every program serving can reach (each prefill bucket, insert, page copy, the
+        decode step with and without alternatives, first-token sampling) before any request,
+        writing only into the null page."""
+        table = self.empty_page_table(self.sampler_config.max_slots)
+        for bucket in self.buckets:
+            state, _ = self._prefill_chunk(params, state, table[0], np.zeros((1, bucket), np.int32), np.int32(0),
+                                           np.int32(0))
+        state = self.insert(state, 0, SamplingParams(), 0, 0)
+        state = self.copy_page(state, NULL_PAGE, NULL_PAGE)
+        for alternatives in (0, TOP_LOGPROBS):
+            state, result = self.generate(params, state, table, alternatives)
+            logits_V = jnp.zeros(self.config.vocab_size, jnp.float32)
+            self.sample_first(logits_V, 0, [SamplingParams(top_logprobs=min(alternatives, 1))], [0])
+        jax.block_until_ready(result)
         return state
-
-    def generate(self, params, state: DecodeState) -> tuple[DecodeState, TokenResult]:
-        """One decode step for every slot; returns the new state and each slot's sampled token."""
-        return self._generate(params, state)

@@ -1,10 +1,21 @@
 """Continuous batching over an Engine, in the shape of JetStream's orchestrator.
 
-One loop thread owns the engine and the decode state: it admits requests from a thread-safe queue
-into free slots (one prefill per prompt, shared by its n samples), steps every slot at once, and
-frees a slot the moment its sequence stops, refilling it on the next turn. Callers get futures;
-`generate_batch` returns completions in request order. A request that fails validation fails
-alone; an engine failure fails only the requests in flight at that moment.
+One loop thread owns the engine, the decode state and the page pool. Each turn it
+- drops cancelled requests (their slots and pages are free before the next step),
+- admits waiting sequences into free slots: preempted ones first, then the samples of prefilled
+  prompts (the n samples of a prompt share its full pages; each copies only the partly filled
+  last one),
+- prefills one chunk of the next prompt (a whole prompt when nothing decodes), so long prompts
+  interleave with decoding instead of stalling it,
+- gives every decoding sequence the page its next row needs; when the pool is dry it preempts the
+  most recently admitted sequence, whose pages are freed and which later resumes by prefilling
+  what it had (its tokens do not change: each token's key depends only on its position),
+- dispatches the decode step, and only then reads the previous step's tokens, so the host's
+  per-token work overlaps the device's next step.
+
+Callers get futures; `generate_batch` returns completions in request order. A request that fails
+validation fails alone. If the loop itself fails, every request queued or in flight fails with
+`SamplerCrashed`, `healthy` turns False and later submissions raise: nothing hangs.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import queue
 import threading
 
@@ -19,8 +31,18 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from opsd_jax.sampler.engine import Engine, RequestError
+from opsd_jax.models.paged import NULL_PAGE
+from opsd_jax.sampler.engine import Engine, RequestError, alternatives_for
+from opsd_jax.sampler.pages import PageAllocator
 from opsd_jax.sampler.sampling import SamplingParams
+
+
+class SamplerCrashed(RuntimeError):
+    """The sampler's loop thread died; the message names the cause."""
+
+
+class OrchestratorClosed(RuntimeError):
+    """The orchestrator is draining or closed and admits no new requests."""
 
 
 @dataclasses.dataclass
@@ -33,9 +55,13 @@ class Completion:
     sampled_logprobs: list[float] = dataclasses.field(default_factory=list)
     model_logprobs: list[float] = dataclasses.field(default_factory=list)
     entropies: list[float] = dataclasses.field(default_factory=list)
-    # The raw model's most likely alternatives at each position: [(token id, logprob), ...].
+    # With SamplingParams.top_logprobs > 0, the raw model's most likely alternatives at each
+    # position: [(token id, logprob), ...]; empty otherwise.
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "stop" (a stop token, included) or "length"
+    # `Orchestrator.weight_version` when the first token was sampled; weights loaded later apply
+    # from the next step on, so a sequence in flight across a load spans both.
+    weight_version: int = 0
 
 
 @dataclasses.dataclass
@@ -46,43 +72,104 @@ class _Request:
     future: concurrent.futures.Future
     completions: list[Completion | None] = dataclasses.field(default_factory=list)
     remaining: int = 0
-    on_token: object = None  # called with no arguments after each accepted token (progress)
+    on_token: object = None  # called as on_token(sample index, completion) after each token
     should_stop: object = None  # called with the token ids so far; True ends the sequence ("stop")
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """One sample decoding in a slot (or preempted, waiting to resume)."""
+
+    request: _Request
+    index: int
+    pages: list[int]  # the slot's page table prefix; one holder each
+    next_position: int  # row the next fed token is written at
+    admitted: int  # admission order: the newest is preempted first
+    finished: bool = False  # done, cancelled or preempted: results for it are ignored
+
+    @property
+    def completion(self) -> Completion:
+        return self.request.completions[self.index]
+
+    @property
+    def last_row(self) -> int:
+        """The last cache row this sequence can ever write (its last token is never fed)."""
+        return self.request.prompt.size + self.request.sampling.max_new_tokens - 2
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A prompt being prefilled chunk by chunk, or prefilled and waiting for slots."""
+
+    request: _Request
+    pages: list[int]
+    next_start: int = 0
+    samples: list = dataclasses.field(default_factory=list)  # [(index, first token row)] not yet in slots
 
 
 class Orchestrator:
     """Serves generation requests on an Engine with continuous batching."""
 
-    def __init__(self, engine: Engine, params):
+    def __init__(self, engine: Engine, params, *, warmup: bool = True):
         self.engine = engine
         self._params = engine.load_params(params)
         self._pending_params = None
+        self.weight_version = 0
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._lock = threading.Lock()
-        self._closed = False
-        # Decode steps taken and slot-steps that carried a live sequence: utilization = ratio / slots.
-        self.stats = {"decode_steps": 0, "active_slot_steps": 0, "prefills": 0}
-        self._thread = threading.Thread(target=self._loop, name="opsd-sampler", daemon=True)
+        self._live: set[concurrent.futures.Future] = set()
+        self._draining = False
+        self._deadline_passed = threading.Event()
+        self.error: BaseException | None = None
+        self._warmup = warmup
+        # decode_steps and active_slot_steps give utilization; prefills counts prompts prefilled
+        # (resumes excluded); preemptions counts sequences evicted for pages.
+        self.stats = {"decode_steps": 0, "active_slot_steps": 0, "prefills": 0, "prefill_chunks": 0,
+                      "preemptions": 0, "active_slots": 0, "peak_pages_in_use": 0}
+        self._thread = threading.Thread(target=self._run, name="opsd-sampler", daemon=True)
         self._thread.start()
 
     # ---- callers' side ------------------------------------------------------------------------
 
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def submit(self, prompt_ids, sampling: SamplingParams = SamplingParams(), n: int = 1,
                on_token=None, should_stop=None) -> concurrent.futures.Future:
         """Queues one prompt for n samples; the future resolves to n Completions (or raises
-        RequestError for a request the engine cannot serve). `should_stop(token_ids)` lets a
-        caller end a sequence early (stop strings); it runs on the sampler thread."""
+        RequestError for a request the engine cannot serve). `on_token(index, completion)` runs
+        on the sampler thread after each token of sample `index` (finish_reason already set on the
+        last); `should_stop(token_ids)` lets a caller end a sequence early (stop strings). Either
+        raising fails the request. `future.cancel()` cancels all n samples."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             future.set_exception(RequestError(f"n must be a positive integer, got {n!r}"))
             return future
         with self._lock:
-            if self._closed:
-                raise RuntimeError("orchestrator is closed")
+            if self.error is not None:
+                raise SamplerCrashed(f"the sampler loop failed: {self.error!r}")
+            if self._draining:
+                raise OrchestratorClosed("the orchestrator is draining or closed and admits no new requests")
+            self._live.add(future)
+            future.add_done_callback(self._forget)
             self._queue.put(
                 _Request(np.asarray(prompt_ids), sampling, n, future, on_token=on_token, should_stop=should_stop)
             )
         return future
+
+    def _forget(self, future) -> None:
+        with self._lock:
+            self._live.discard(future)
+
+    def active_requests(self) -> int:
+        """Requests queued or in flight."""
+        with self._lock:
+            return len(self._live)
 
     def generate_batch(self, prompts, sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
                        n: int = 1, progress: bool = True, return_exceptions: bool = False):
@@ -96,7 +183,7 @@ class Orchestrator:
             raise ValueError(f"{len(samplings)} sampling settings for {len(prompts)} prompts")
         total_tokens = sum(s.max_new_tokens for s in samplings) * n
         bar = tqdm(total=total_tokens, desc="sampling", unit="tok", disable=not progress)
-        futures = [self.submit(p, s, n, on_token=bar.update) for p, s in zip(prompts, samplings)]
+        futures = [self.submit(p, s, n, on_token=lambda _i, _c: bar.update()) for p, s in zip(prompts, samplings)]
         results = []
         for future in futures:
             try:
@@ -112,21 +199,37 @@ class Orchestrator:
     def load_params(self, params) -> None:
         """New weights, placed on the engine's shardings and used from the next prefill or decode
         step on (sequences in flight continue with them; call between batches for on-policy
-        rollouts)."""
+        rollouts). Completions record the version they started with."""
         placed = self.engine.load_params(params)
         with self._lock:
             self._pending_params = placed
+
+    def current_params(self):
+        """The placed weights decoding uses now (or will from the next step)."""
+        with self._lock:
+            return self._pending_params if self._pending_params is not None else self._params
 
     def slot_utilization(self) -> float:
         """Share of decode slot-steps that advanced a live sequence (0 before any step)."""
         steps = self.stats["decode_steps"] * self.engine.sampler_config.max_slots
         return self.stats["active_slot_steps"] / steps if steps else 0.0
 
-    def close(self) -> None:
+    def drain(self) -> None:
+        """Admits no new request from now on; queued and in-flight ones continue."""
         with self._lock:
-            self._closed = True
+            self._draining = True
+
+    def close(self, deadline_s: float | None = None) -> None:
+        """Drains, waits for queued and in-flight requests (at most `deadline_s` seconds, then
+        cancels what is left) and stops the loop thread."""
+        with self._lock:
+            self._draining = True
             self._queue.put(None)
-        self._thread.join()
+        self._thread.join(deadline_s)
+        if self._thread.is_alive():
+            self._deadline_passed.set()
+            self._queue.put(None)
+            self._thread.join()
 
     def __enter__(self):
         return self
@@ -136,130 +239,310 @@ class Orchestrator:
 
     # ---- the loop thread ------------------------------------------------------------------------
 
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - anything that kills the loop fails every request
+            with self._lock:
+                self.error = e
+                self._draining = True
+                live = list(self._live)
+            crash = SamplerCrashed(f"the sampler loop failed: {e!r}")
+            crash.__cause__ = e
+            for future in live:
+                self._set(future, exception=crash)
+
     def _loop(self) -> None:
         engine = self.engine
+        slots = engine.sampler_config.max_slots
         state = engine.init_decode_state()
-        free_slots = collections.deque(range(engine.sampler_config.max_slots))
-        active: dict[int, tuple[_Request, int]] = {}  # slot -> (request, sample index)
-        # Prefilled prompts whose samples still wait for a slot: (request, prefix, [(index, first token)]).
-        waiting: collections.deque = collections.deque()
-        stopping = False
+        if self._warmup:
+            state = engine.warmup(self._params, state)
+        self._pages = PageAllocator(engine.num_pages)
+        self._table = engine.empty_page_table(slots)
+        self._free_slots = collections.deque(range(slots))
+        self._active: dict[int, _Sequence] = {}
+        self._incoming: collections.deque[_Request] = collections.deque()
+        self._prefilling: _Prefill | None = None
+        self._ready: collections.deque[_Prefill] = collections.deque()
+        self._resume: collections.deque[_Sequence] = collections.deque()
+        self._admissions = itertools.count()
+        pending = None  # (result on device, {slot: sequence} it was dispatched for)
+        sentinel_seen = False
         while True:
             self._apply_pending_params()
-            while free_slots and (waiting or (not stopping and not self._queue.empty())):
-                if not waiting:
-                    request = self._queue.get()
-                    if request is None:
-                        stopping = True
-                        break
-                    waiting.extend(self._prefill(request))
-                    continue
-                request, prefix, samples = waiting[0]
-                index, first = samples.pop(0)
-                if not samples:
-                    waiting.popleft()
-                slot = free_slots.popleft()
-                try:
-                    state = engine.insert(prefix, state, slot, request.sampling, int(first.token), index)
-                except Exception as e:  # noqa: BLE001 - isolate the failing request
-                    free_slots.append(slot)
-                    self._fail(request, e)
-                    continue
-                active[slot] = (request, index)
-            if not active:
-                if waiting:
-                    continue
-                if stopping:
-                    return
-                request = self._queue.get()  # idle: block until there is work
-                if request is None:
-                    return
-                waiting.extend(self._prefill(request))
-                continue
-            try:
-                state, result = engine.generate(self._params, state)
-                result = jax.device_get(result)
+            if self._deadline_passed.is_set():
+                self._cancel_everything()
+                return
+            sentinel_seen |= self._pull_requests(block=False)
+            self._drop_cancelled()
+            state = self._admit(state)
+            state = self._prefill_step(state)
+            state = self._admit(state)
+            if self._active:
+                self._grow_pages()
+            if self._active:
+                snapshot = dict(self._active)
+                samplings = [seq.request.sampling for seq in snapshot.values()]
+                state, result = engine.generate(self._params, state, self._table.copy(), alternatives_for(samplings))
+                for seq in snapshot.values():
+                    seq.next_position += 1
                 self.stats["decode_steps"] += 1
-                self.stats["active_slot_steps"] += len(active)
-            except Exception as e:  # noqa: BLE001 - fail what was in flight, keep serving
-                for request, _ in active.values():
-                    self._fail(request, e)
-                free_slots.extend(active)
-                active.clear()
-                state = engine.init_decode_state()
+                self.stats["active_slot_steps"] += len(snapshot)
+                if pending is not None:
+                    self._process(*pending)
+                pending = (result, snapshot)
+                self.stats["active_slots"] = len(self._active)
                 continue
-            for slot in list(active):
-                request, index = active[slot]
-                if request.future.done():  # failed elsewhere
-                    del active[slot]
-                    free_slots.append(slot)
-                    continue
-                if self._record(request, index, _TokenRow(result, slot)):
-                    del active[slot]
-                    free_slots.append(slot)
+            if pending is not None:
+                self._process(*pending)
+                pending = None
+                continue
+            self.stats["active_slots"] = 0
+            if self._prefilling is not None or self._ready or self._resume or self._incoming:
+                continue
+            if sentinel_seen and self._draining:
+                return
+            sentinel_seen |= self._pull_requests(block=True)
+
+    def _pull_requests(self, block: bool) -> bool:
+        """Moves queued requests to the loop's own deque; True if the close sentinel came."""
+        seen = False
+        try:
+            item = self._queue.get(block=block)
+            while True:
+                if item is None:
+                    seen = True
+                else:
+                    self._incoming.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        return seen
 
     def _apply_pending_params(self) -> None:
         with self._lock:
             if self._pending_params is not None:
                 self._params, self._pending_params = self._pending_params, None
+                self.weight_version += 1
 
-    def _prefill(self, request: _Request):
-        """Prefills once for all n samples; samples that finish on their first token never take a
-        slot. Returns the waiting entry, or nothing if the request is done or failed."""
-        self._apply_pending_params()
-        try:
-            prefix = self.engine.prefill_prefix(self._params, request.prompt, sampling=request.sampling)
-            self.stats["prefills"] += 1
-            samplings = [request.sampling] * request.n
-            first = jax.device_get(self.engine.sample_first(prefix, samplings, list(range(request.n))))
-        except Exception as e:  # noqa: BLE001 - isolate the failing request
-            self._fail(request, e)
-            return []
-        request.completions = [None] * request.n
+    # ---- admission and prefill ----------------------------------------------------------------
+
+    def _admit(self, state):
+        engine = self.engine
+        while self._free_slots and self._resume:
+            seq = self._resume[0]
+            tokens = np.concatenate([seq.request.prompt, np.asarray(seq.completion.token_ids[:-1], np.int32)])
+            pages = self._pages.allocate(engine.pages_for(tokens.size + 1))
+            if pages is None:
+                return state
+            self._resume.popleft()
+            row = engine.empty_page_table(1)[0]
+            row[: len(pages)] = pages
+            state, _ = engine.prefill(self._params, state, tokens, row)
+            seq.pages, seq.finished = pages, False
+            state = self._place(state, seq, seq.completion.token_ids[-1], tokens.size)
+        while self._free_slots and self._ready:
+            entry = self._ready[0]
+            request = entry.request
+            length = request.prompt.size
+            shared = entry.pages[: length // engine.page_size]
+            own = self._pages.allocate(len(entry.pages) - len(shared))
+            if own is None:
+                return state
+            index, first = entry.samples.pop(0)
+            if not entry.samples:
+                self._ready.popleft()
+            for source, destination in zip(entry.pages[len(shared):], own):
+                state = engine.copy_page(state, source, destination)
+            self._pages.retain(shared)
+            if not entry.samples:
+                self._pages.release(entry.pages)
+            seq = _Sequence(request, index, shared + own, length, next(self._admissions))
+            state = self._place(state, seq, int(first.token), length)
+        return state
+
+    def _place(self, state, seq: _Sequence, next_token: int, next_position: int):
+        slot = self._free_slots.popleft()
+        seq.next_position = next_position
+        self._table[slot] = NULL_PAGE
+        self._table[slot, : len(seq.pages)] = seq.pages
+        self._active[slot] = seq
+        return self.engine.insert(state, slot, seq.request.sampling, next_token, next_position, seq.index)
+
+    def _prefill_step(self, state):
+        """One prefill chunk (the whole prompt when nothing decodes) of the next prompt."""
+        engine = self.engine
+        if self._prefilling is None:
+            if not self._incoming or self._ready:  # samples still waiting: no new prompt yet
+                return state
+            request = self._incoming[0]
+            if request.future.done():
+                self._incoming.popleft()
+                return state
+            try:
+                prompt = engine.validate_request(request.prompt, request.sampling)
+            except RequestError as e:
+                self._incoming.popleft()
+                self._set(request.future, exception=e)
+                return state
+            pages = self._pages.allocate(engine.pages_for(prompt.size))
+            if pages is None:
+                return state  # wait for sequences to finish
+            self._incoming.popleft()
+            request.prompt = prompt
+            self._prefilling = _Prefill(request, pages)
+        job = self._prefilling
+        row = engine.empty_page_table(1)[0]
+        row[: len(job.pages)] = job.pages
+        request = job.request
+        while True:
+            state, job.next_start, logits_V = engine.prefill_chunk(self._params, state, request.prompt, row,
+                                                                   job.next_start)
+            self.stats["prefill_chunks"] += 1
+            if logits_V is not None or self._active:
+                break
+        if logits_V is None:
+            return state
+        self._prefilling = None
+        self.stats["prefills"] += 1
+        samplings = [request.sampling] * request.n
+        first = jax.device_get(engine.sample_first(logits_V, request.prompt.size, samplings, list(range(request.n))))
+        request.completions = [
+            Completion(prompt_token_ids=request.prompt.tolist(), sample_index=i, weight_version=self.weight_version)
+            for i in range(request.n)
+        ]
         request.remaining = request.n
-        samples = []
         for index in range(request.n):
             token = _TokenRow(first, index)
             if not self._record(request, index, token):
-                samples.append((index, token))
-        return [(request, prefix, samples)] if samples else []
+                job.samples.append((index, token))
+        if job.samples:
+            self._ready.append(job)
+        else:
+            self._pages.release(job.pages)
+        return state
+
+    # ---- decoding -------------------------------------------------------------------------------
+
+    def _grow_pages(self) -> None:
+        """Gives every decoding sequence the page its next row needs, preempting the newest
+        sequences while the pool is dry."""
+        size = self.engine.page_size
+        for slot in sorted(self._active, key=lambda s: self._active[s].admitted):
+            seq = self._active.get(slot)
+            if seq is None:
+                continue
+            row = seq.next_position
+            if row > seq.last_row or row // size < len(seq.pages):
+                continue
+            while True:
+                page = self._pages.allocate(1)
+                if page is not None:
+                    seq.pages += page
+                    self._table[slot, len(seq.pages) - 1] = page[0]
+                    break
+                newest = max(self._active, key=lambda s: self._active[s].admitted)
+                self._preempt(newest)
+                if newest == slot:
+                    break
+
+    def _preempt(self, slot: int) -> None:
+        seq = self._release_slot(slot)
+        seq.finished = True  # its in-flight token is recomputed on resume
+        self._resume.appendleft(seq)
+        self.stats["preemptions"] += 1
+
+    def _release_slot(self, slot: int) -> _Sequence:
+        seq = self._active.pop(slot)
+        self._pages.release(seq.pages)
+        seq.pages = []
+        self._table[slot] = NULL_PAGE
+        self._free_slots.append(slot)
+        return seq
+
+    def _process(self, result, snapshot: dict[int, _Sequence]) -> None:
+        result = jax.device_get(result)
+        self.stats["peak_pages_in_use"] = self._pages.peak_in_use
+        for slot, seq in snapshot.items():
+            if seq.finished:
+                continue
+            if self._record(seq.request, seq.index, _TokenRow(result, slot)):
+                seq.finished = True
+                if self._active.get(slot) is seq:
+                    self._release_slot(slot)
+
+    def _drop_cancelled(self) -> None:
+        """Frees everything held by requests whose future is done (cancelled, or failed)."""
+        for slot in [s for s, seq in self._active.items() if seq.request.future.done()]:
+            self._release_slot(slot).finished = True
+        for entry in [e for e in self._ready if e.request.future.done()]:
+            self._ready.remove(entry)
+            self._pages.release(entry.pages)
+        if self._prefilling is not None and self._prefilling.request.future.done():
+            self._pages.release(self._prefilling.pages)
+            self._prefilling = None
+        self._resume = collections.deque(seq for seq in self._resume if not seq.request.future.done())
+
+    def _cancel_everything(self) -> None:
+        """Past close()'s deadline: every request not finished is cancelled."""
+        self._pull_requests(block=False)
+        held = [seq.request for seq in self._active.values()] + [e.request for e in self._ready]
+        held += [seq.request for seq in self._resume] + list(self._incoming)
+        if self._prefilling is not None:
+            held.append(self._prefilling.request)
+        for request in held:
+            request.future.cancel()
+
+    # ---- results --------------------------------------------------------------------------------
 
     def _record(self, request: _Request, index: int, token) -> bool:
+        """Appends one token to sample `index`; True if that sample is finished (or failed)."""
+        if request.future.done():
+            return True
         completion = request.completions[index]
-        if completion is None:
-            completion = Completion(prompt_token_ids=request.prompt.tolist(), sample_index=index)
-            request.completions[index] = completion
         completion.token_ids.append(int(token.token))
         completion.sampled_logprobs.append(float(token.sampled_logprob))
         completion.model_logprobs.append(float(token.model_logprob))
         completion.entropies.append(float(token.entropy))
-        completion.top_logprobs.append(list(zip(token.top_ids.tolist(), token.top_logprobs.tolist())))
-        if request.on_token is not None:
-            request.on_token()
+        wanted = request.sampling.top_logprobs
+        if wanted:
+            completion.top_logprobs.append(list(zip(token.top_ids[:wanted].tolist(),
+                                                    token.top_logprobs[:wanted].tolist())))
         if int(token.token) in request.sampling.stop_token_ids:
             completion.finish_reason = "stop"
-        elif request.should_stop is not None and self._stop_requested(request, completion):
+        elif request.should_stop is not None and self._callback(request, request.should_stop, completion.token_ids):
             completion.finish_reason = "stop"
         elif len(completion.token_ids) >= request.sampling.max_new_tokens:
             completion.finish_reason = "length"
-        else:
+        if request.on_token is not None and not request.future.done():
+            self._callback(request, request.on_token, index, completion)
+        if request.future.done():
+            return True
+        if completion.finish_reason is None:
             return False
         request.remaining -= 1
-        if request.remaining == 0 and not request.future.done():
-            request.future.set_result(request.completions)
+        if request.remaining == 0:
+            self._set(request.future, result=request.completions)
         return True
 
-    def _stop_requested(self, request: _Request, completion: Completion) -> bool:
+    def _callback(self, request: _Request, function, *args) -> bool:
         try:
-            return bool(request.should_stop(completion.token_ids))
+            return bool(function(*args))
         except Exception as e:  # noqa: BLE001 - a caller's callback fails only its request
-            self._fail(request, e)
+            self._set(request.future, exception=e)
             return True
 
     @staticmethod
-    def _fail(request: _Request, error: Exception) -> None:
-        if not request.future.done():
-            request.future.set_exception(error)
+    def _set(future, result=None, exception=None) -> None:
+        """Resolves a future unless it is already done (a caller may cancel at any moment)."""
+        try:
+            if exception is not None:
+                future.set_exception(exception)
+            else:
+                future.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            pass
 
 
 class _TokenRow:
@@ -274,3 +557,4 @@ class _TokenRow:
         self.entropy = result.entropy[index]
         self.top_ids = result.top_ids[index]
         self.top_logprobs = result.top_logprobs[index]
+

@@ -23,6 +23,8 @@ class SamplingParams:
     seed: int = 0
     max_new_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()
+    # Alternatives reported per generated token (the raw model's most likely); 0 computes none.
+    top_logprobs: int = 0
 
     def validate(self) -> None:
         """Raises ValueError naming the field."""
@@ -36,6 +38,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {TOP_LOGPROBS}], got {self.top_logprobs!r}")
 
 
 def request_key(seed: int, sample_index: int):
@@ -112,13 +116,13 @@ def _inverse_cdf_sample(key, logits_V):
 TOP_LOGPROBS = 20
 
 
-def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S):
+def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternatives: int = TOP_LOGPROBS):
     """Samples one token per row.
 
     Returns (token int32[S], logprob under the sampled distribution float32[S] (0 for greedy),
     logprob under the raw model distribution float32[S], entropy of the raw model distribution
     float32[S] in nats, the raw model's top alternatives: ids int32[S, A] and logprobs
-    float32[S, A], A = min(TOP_LOGPROBS, V)).
+    float32[S, A], A = min(alternatives, V)). `alternatives` is static; 0 skips the top-k pass.
     """
     logits_SxV = logits_SxV.astype(jnp.float32)
     model_logprobs_SxV = jax.nn.log_softmax(logits_SxV, axis=-1)
@@ -134,5 +138,9 @@ def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S):
     sampled_logprob_S = jnp.take_along_axis(sampled_logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
     sampled_logprob_S = jnp.where(is_greedy_S, 0.0, sampled_logprob_S)
     model_logprob_S = jnp.take_along_axis(model_logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
-    top_logprobs_SxA, top_ids_SxA = jax.lax.top_k(model_logprobs_SxV, min(TOP_LOGPROBS, logits_SxV.shape[-1]))
+    count = min(alternatives, logits_SxV.shape[-1])
+    if count:
+        top_logprobs_SxA, top_ids_SxA = jax.lax.top_k(model_logprobs_SxV, count)
+    else:
+        top_logprobs_SxA, top_ids_SxA = jnp.zeros((token_S.shape[0], 0), jnp.float32), jnp.zeros((token_S.shape[0], 0))
     return token_S, sampled_logprob_S, model_logprob_S, entropy_S, top_ids_SxA.astype(jnp.int32), top_logprobs_SxA

@@ -141,7 +141,7 @@ def test_decode_state_size_is_known_up_front(tiny):
     name, model, config, params = tiny
     engine = Engine(config, SAMPLER)
     state = engine.init_decode_state()
-    actual = sum(leaf.nbytes for layer in state.cache for leaf in layer.values())
+    actual = sum(leaf.nbytes for layer in state.pools for leaf in layer.values())
     assert engine.decode_state_bytes == actual
 
 
@@ -157,7 +157,7 @@ def test_sharded_engine_matches_single_device(tiny, rng):
         got = sharded.generate_batch(prompts, greedy, progress=False)
     assert [r[0].token_ids for r in got] == [r[0].token_ids for r in expected]
     state = engine.init_decode_state()
-    assert len(state.cache[0]["k"].sharding.device_set) == 8
+    assert len(state.pools[0]["k"].sharding.device_set) == 8
 
 
 def test_padded_vocabulary_is_never_sampled(tiny, rng):
