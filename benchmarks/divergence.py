@@ -1,7 +1,16 @@
 """Fused linear divergence, forward + backward: opsd-jax against TRL and the naive path, same run.
 
     python benchmarks/divergence.py            # CPU table (N=1024, H=512, V=151936, float32)
+    python benchmarks/divergence.py --weighted # CPU: the trainer's weighted loss (beta 0.5)
     python benchmarks/divergence.py --gpu      # GPU: xla and pallas_gpu, N=16384, H=4096, bf16
+
+--weighted: the loss is the trainer's, sum_n w_n D_n with w the cotangent of a sequence mean
+times a per-sequence importance scale (8 sequences of 128 tokens, a few padded), so every token's
+weight differs. opsd-jax runs it three ways: as the train step does (student statistics first,
+which give the importance scales, then the fused sweep with the final weights: 10 N H V FLOPs),
+the kernel alone with the weights given, and without weights (its forward forms products for a
+plain mean, the backward sweeps again: 16 N H V). TRL gets the same weights as a tensor (its
+kernel and the GKD trainer's generalized_jsd_loss on full logits), so it does no importance pass.
 
 Every measurement runs in its own subprocess so that one peer's allocator never pads another's
 memory figure. Working memory = peak RSS during the timed call minus RSS just before it (the peak
@@ -27,7 +36,9 @@ import time
 N, H, V = 1024, 512, 151_936
 BETAS = (0.0, 0.5, 1.0)
 PEERS = ("opsd_jax", "trl_chunked", "naive_torch")
+WEIGHTED_PEERS = ("opsd_jax_train", "opsd_jax_given", "opsd_jax_unweighted", "trl_chunked_weighted", "trl_gkd_weighted")
 TEMPERATURE = 1.0
+SEQUENCES = N // 128
 
 
 def _rss_kb(field: str) -> int:
@@ -65,6 +76,116 @@ def _inputs_np(n, h, v, seed=0):
         rng.standard_normal((n, h), np.float32),
         (rng.standard_normal((h, v), np.float32) * scale).astype(np.float32),
     )
+
+
+def _weighted_setup(seed=1):
+    """(mask bool [N], targets int [N], sampler log-probs float32 [N], loss weights float32 [N]):
+    8 sequences of 128 tokens with 0-40 padded at the end, and w = d loss / d D of the trainer's
+    sequence mean with importance scales drawn once (the same tensor for every peer)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = N // SEQUENCES
+    lengths = t - rng.integers(0, 41, SEQUENCES)
+    mask = (np.arange(t)[None, :] < lengths[:, None])
+    scale = rng.uniform(0.5, 2.0, SEQUENCES)
+    weights = np.where(mask, scale[:, None] / lengths[:, None] / SEQUENCES, 0.0)
+    targets = rng.integers(0, V, N)
+    sampler = np.log(1.0 / V) + rng.normal(size=N) * 0.5
+    return (mask.reshape(-1), targets.astype(np.int32), sampler.astype(np.float32),
+            weights.reshape(-1).astype(np.float32))
+
+
+def _opsd_weighted_worker(variant, beta, repeats):
+    import jax
+    import jax.numpy as jnp
+
+    from opsd_jax import kernels
+    from opsd_jax.distill import objectives
+
+    hs, ws, ht, wt = (jnp.asarray(x) for x in _inputs_np(N, H, V))
+    mask_np, targets_np, sampler_np, weights_np = _weighted_setup()
+    mask, targets = jnp.asarray(mask_np), jnp.asarray(targets_np)
+    weights = jnp.asarray(weights_np)
+    mask_BxT = mask.reshape(SEQUENCES, -1)
+
+    def loss(hs, ws):
+        kw = dict(beta=beta, temperature=TEMPERATURE, mask=mask, targets=targets)
+        if variant == "train":
+            # As train_step: the student's log-probs first, the importance scales and the loss
+            # weights from them, then the fused sweep that forms the gradients for those weights.
+            _, logprob = kernels.student_statistics(hs, ws, temperature=TEMPERATURE, mask=mask, targets=targets)
+            scale_B = objectives.sequence_importance(logprob.reshape(SEQUENCES, -1),
+                                                     jnp.asarray(sampler_np).reshape(SEQUENCES, -1), mask_BxT, 2.0,
+                                                     clamp="token")
+            ones = mask_BxT.astype(jnp.float32)
+            w = objectives.loss_weights(ones, mask_BxT, scale_B, "sequence_mean").reshape(-1)
+            out = kernels.fused_linear_divergence(hs, ws, ht, wt, weights=w, **kw)
+            return objectives.reduce_loss(out.divergence.reshape(SEQUENCES, -1), ones, mask_BxT, scale_B,
+                                          "sequence_mean")
+        out = kernels.fused_linear_divergence(hs, ws, ht, wt, weights=weights if variant == "given" else None, **kw)
+        return jnp.sum(weights * out.divergence)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    compiled = step.lower(hs, ws).compile()
+    memory = compiled.memory_analysis()
+    result = _measure(lambda: jax.block_until_ready(compiled(hs, ws)), repeats)
+    result["xla_mb"] = (memory.temp_size_in_bytes + memory.output_size_in_bytes) / 2**20
+    mm = jax.jit(jnp.dot).lower(hs, ws).compile()
+    result["mm_flops"] = 2.0 * N * H * V / _measure(lambda: jax.block_until_ready(mm(hs, ws)), repeats)["time_s"]
+    return result
+
+
+def worker_opsd_jax_train(beta, repeats):
+    return _opsd_weighted_worker("train", beta, repeats)
+
+
+def worker_opsd_jax_given(beta, repeats):
+    return _opsd_weighted_worker("given", beta, repeats)
+
+
+def worker_opsd_jax_unweighted(beta, repeats):
+    return _opsd_weighted_worker("unweighted", beta, repeats)
+
+
+def worker_trl_chunked_weighted(beta, repeats):
+    import torch
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    hs, ws, ht, wt = _inputs_np(N, H, V)
+    weights = torch.from_numpy(_weighted_setup()[3])
+    hs = torch.from_numpy(hs).requires_grad_()
+    ws = torch.from_numpy(ws.T.copy()).requires_grad_()  # TRL's head is [V, H]
+    ht, wt = torch.from_numpy(ht), torch.from_numpy(wt.T.copy())
+
+    def call():
+        hs.grad = ws.grad = None
+        div, _ = ChunkedDivergenceFunction.apply(hs, ws, None, ht, wt, None, beta, TEMPERATURE)
+        (weights * div).sum().backward()
+
+    return _measure(call, repeats)
+
+
+def worker_trl_gkd_weighted(beta, repeats):
+    """TRL's GKDTrainer.generalized_jsd_loss on full logits (its trainer's own path), per token
+    (reduction="none" summed over the vocabulary), weighted."""
+    import torch
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    hs, ws, ht, wt = _inputs_np(N, H, V)
+    weights = torch.from_numpy(_weighted_setup()[3])
+    hs = torch.from_numpy(hs).requires_grad_()
+    ws = torch.from_numpy(ws).requires_grad_()
+    ht, wt = torch.from_numpy(ht), torch.from_numpy(wt)
+
+    def call():
+        hs.grad = ws.grad = None
+        with torch.no_grad():
+            teacher = ht @ wt
+        jsd = GKDTrainer.generalized_jsd_loss(hs @ ws, teacher, beta=beta, temperature=TEMPERATURE, reduction="none")
+        (weights * jsd.sum(-1)).sum().backward()
+
+    return _measure(call, repeats)
 
 
 def worker_opsd_jax(beta, repeats):
@@ -161,6 +282,11 @@ WORKERS = {
     "trl_chunked": worker_trl_chunked,
     "naive_torch": worker_naive_torch,
     "matmul": worker_matmul,
+    "opsd_jax_train": worker_opsd_jax_train,
+    "opsd_jax_given": worker_opsd_jax_given,
+    "opsd_jax_unweighted": worker_opsd_jax_unweighted,
+    "trl_chunked_weighted": worker_trl_chunked_weighted,
+    "trl_gkd_weighted": worker_trl_gkd_weighted,
 }
 
 
@@ -197,6 +323,43 @@ def cpu_table(repeats: int, peers=PEERS) -> str:
             f"| {ours['work_mb']:.0f} ({ours['xla_mb']:.0f}) | {trl['work_mb']:.0f} | {naive['work_mb']:.0f} "
             f"| {ours['work_mb'] / trl['work_mb']:.2f} | {ours['work_mb'] / naive['work_mb']:.3f} |"
         )
+        print(f"  beta={beta}: " + json.dumps(r), file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def weighted_table(repeats: int, betas=(0.5,)) -> str:
+    """The trainer's weighted loss: opsd-jax's three ways against TRL's kernel and its GKD loss."""
+    rate = _spawn("matmul", 0.0, repeats)
+    load = os.getloadavg()[0]
+    lines = [
+        (f"N={N} H={H} V={V} float32, weighted loss (sequence mean x importance, {SEQUENCES} sequences), "
+         f"forward+backward (student hidden and head), median of {repeats}; {os.cpu_count()} CPUs, "
+         f"load average {load:.1f} at start"),
+        f"float32 matmul rate of the projection: {rate['flops'] / 1e9:.1f} GFLOP/s",
+        "",
+        ("| beta | peer | s | MB (XLA temp+out) | time / TRL kernel | mem / TRL kernel | time / TRL GKD "
+         "| mem / TRL GKD | floor s (F) | time / floor |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    flops = {"opsd_jax_train": 10, "opsd_jax_given": 8, "opsd_jax_unweighted": 16}
+    for beta in betas:
+        r = {p: _spawn(p, beta, repeats) for p in WEIGHTED_PEERS}
+        trl, gkd = r["trl_chunked_weighted"], r["trl_gkd_weighted"]
+        best_rate = max([rate["flops"]] + [r[p]["mm_flops"] for p in flops])
+        for peer in WEIGHTED_PEERS:
+            m = r[peer]
+            mb = f"{m['work_mb']:.0f}" + (f" ({m['xla_mb']:.0f})" if "xla_mb" in m else "")
+            floor = ""
+            if peer in flops:
+                seconds = flops[peer] * N * H * V / best_rate
+                floor = f"| {seconds:.2f} ({flops[peer]}) | {m['time_s'] / seconds:.2f} "
+            else:
+                floor = "| | "
+            lines.append(
+                f"| {beta} | {peer} | {m['time_s']:.2f} | {mb} | {m['time_s'] / trl['time_s']:.2f} "
+                f"| {m['work_mb'] / trl['work_mb']:.2f} | {m['time_s'] / gkd['time_s']:.2f} "
+                f"| {m['work_mb'] / gkd['work_mb']:.2f} {floor}|"
+            )
         print(f"  beta={beta}: " + json.dumps(r), file=sys.stderr, flush=True)
     return "\n".join(lines)
 
@@ -267,6 +430,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu", action="store_true", help="run the GPU table instead of the CPU one")
+    parser.add_argument("--weighted", action="store_true",
+                        help="the trainer's weighted loss (beta 0.5 unless --betas) instead of the mean-loss table")
+    parser.add_argument("--betas", type=float, nargs="+", default=None, help="betas of the --weighted table")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--beta", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -275,7 +441,12 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args.beta, args.repeats)))
         return
-    print(gpu_table(args.repeats) if args.gpu else cpu_table(args.repeats))
+    if args.gpu:
+        print(gpu_table(args.repeats))
+    elif args.weighted:
+        print(weighted_table(args.repeats, tuple(args.betas or (0.5,))))
+    else:
+        print(cpu_table(args.repeats))
 
 
 if __name__ == "__main__":

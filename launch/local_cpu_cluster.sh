@@ -3,6 +3,10 @@
 # 127.0.0.1 with gloo collectives, exactly as jax.distributed runs on a TPU pod.
 #   launch/local_cpu_cluster.sh [-n PROCESSES] [-d DEVICES_PER_PROCESS] -- COMMAND ARGS...
 # e.g. launch/local_cpu_cluster.sh -n 2 -d 4 -- opsd-jax convert --from-hf hf/ --to-orbax ck/ --mesh 2,4,1
+# A SIGTERM or SIGINT sent to this script goes to every process (a whole-job preemption; `kill
+# -TERM PID` of one process preempts only that host, as on a pod). Each process's exit code is
+# reported on stderr ("[cluster] process R exited with code C"); the script exits with the last
+# non-zero one (so 42, the trainer's restart code, when every process was preempted), else 0.
 set -euo pipefail
 processes=2
 devices=4
@@ -24,8 +28,19 @@ for ((rank = 0; rank < processes; rank++)); do
     "$@" > >(sed "s/^/[process $rank] /") 2>&1 &
   pids+=($!)
 done
+forward() { kill -s "$1" "${pids[@]}" 2>/dev/null || true; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
 status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
+for rank in "${!pids[@]}"; do
+  pid=${pids[$rank]}
+  while true; do
+    code=0
+    wait "$pid" || code=$?
+    # A trapped signal interrupts `wait` (code > 128) while the process still runs: wait again.
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  echo "[cluster] process $rank exited with code $code" >&2
+  [ "$code" -eq 0 ] || status=$code
 done
 exit "$status"

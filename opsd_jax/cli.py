@@ -1,4 +1,4 @@
-"""`opsd-jax` command line: convert, train, serve, eval, analyze, plan, and the toy-world demo.
+"""`opsd-jax` command line: convert, train, serve, eval, analyze, plan, launch, and the toy-world demo.
 
 jax is imported only after the arguments are read, so `--cpu-devices` can set up a virtual CPU
 mesh before jax initializes its backends.
@@ -83,13 +83,12 @@ def _convert(args) -> int:
 
 
 def _serve(args) -> int:
+    import signal
+    import threading
+
+    from opsd_jax.checkpoint.loading import default_stop_token_ids, load_for_serving
     from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig
-    from opsd_jax.sampler.server import (
-        CompletionServer,
-        CompletionService,
-        default_stop_token_ids,
-        load_for_serving,
-    )
+    from opsd_jax.sampler.server import CompletionServer, CompletionService
 
     mesh = _mesh(args.mesh)
     config, params, tokenizer, side_dir = load_for_serving(args.checkpoint, dtype=args.dtype, mesh=mesh)
@@ -100,15 +99,30 @@ def _serve(args) -> int:
     orchestrator = Orchestrator(engine, params)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     service = CompletionService(orchestrator, tokenizer, name, default_stop_token_ids(tokenizer, side_dir))
-    server = CompletionServer(service, args.host, args.port)
-    print(f"serving {name} at {server.url} (Ctrl-C stops)", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.httpd.server_close()
-        orchestrator.close()
+        server = CompletionServer(service, args.host, args.port).start()
+    except BaseException:
+        orchestrator.close(deadline_s=0)
+        raise
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+        for handled in (signal.SIGINT, signal.SIGTERM):  # a second signal ends the process at once
+            signal.signal(handled, signal.SIG_DFL)
+
+    for handled in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(handled, on_signal)
+    print(f"serving {name} at {server.url} (SIGTERM or Ctrl-C stops: requests in flight get "
+          f"{args.shutdown_timeout:g} s to finish)", flush=True)
+    while not stop.wait(0.5):
+        if not orchestrator.healthy:
+            print(f"the sampler failed ({orchestrator.error!r}); stopping", file=sys.stderr, flush=True)
+            server.shutdown(deadline_s=0)
+            return 1
+    print(f"stopping: admitting no new requests; {orchestrator.active_requests()} in flight", flush=True)
+    server.shutdown(deadline_s=args.shutdown_timeout)
+    print("stopped", flush=True)
     return 0
 
 
@@ -129,12 +143,27 @@ def _train(args) -> int:
     from opsd_jax.distill.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
-    history = Trainer(config).run(resume=args.resume)
+    trainer = Trainer(config)
+    history = trainer.run(resume=args.resume)
     if history:
         last = history[-1]
         print(f"step {last['step']}: loss {last['loss']:.5f}, divergence {last['divergence']:.5f}; "
               f"metrics in {config.train.output_dir}/metrics.jsonl")
+    if trainer.preempted_step is not None:
+        return config.train.preemption_exit_code  # a restart code: the scheduler relaunches, which resumes
     return 0
+
+
+def _resume_mode(args) -> None:
+    """`--resume` alone means `always` (what the flag meant before modes); a value that is not a
+    mode but an override (`--resume train.steps=3`, the old spelling) goes back to the overrides."""
+    from opsd_jax.distill.checkpoints import RESUME_MODES
+
+    if args.resume not in RESUME_MODES:
+        if "=" not in args.resume:
+            raise ValueError(f"--resume: {args.resume!r} is not one of {', '.join(RESUME_MODES)}")
+        args.overrides.insert(0, args.resume)
+        args.resume = "always"
 
 
 def _export(args) -> int:
@@ -179,7 +208,8 @@ def _plan(args) -> int:
         report = plan_run(config, parse_topology(args.topology),
                           programs=tuple(p.strip() for p in args.programs.split(",") if p.strip()),
                           eval_slots=args.eval_slots, kernel_impl=args.kernel_impl, model_config=args.model_config,
-                          teacher_config=args.teacher_config, progress=lambda line: print(line, flush=True))
+                          teacher_config=args.teacher_config, progress=lambda line: print(line, flush=True),
+                          num_slices=args.num_slices)
     except (PlanInputError, TopologyError, ValueError, FileNotFoundError) as e:
         print(f"opsd-jax plan: error: {e}", file=sys.stderr)
         return 1
@@ -195,6 +225,12 @@ def _plan(args) -> int:
         write_json(report, args.json)
         print(f"wrote {args.json}")
     return 0 if report["all_fit"] else 2
+
+
+def _launch(args) -> int:
+    from opsd_jax.launch.cli import run
+
+    return run(args)
 
 
 def _tiny_model(args) -> int:
@@ -280,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     serve.add_argument("--mesh", metavar="DATA,FSDP,TENSOR")
     serve.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM/Ctrl-C, how long requests in flight may finish before they are cancelled")
     serve.set_defaults(run=_serve)
 
     from opsd_jax.eval.cli import add_arguments as add_eval_arguments
@@ -297,7 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="on-policy (self-)distillation from a YAML run config")
     train.add_argument("--config", required=True, metavar="YAML", type=user_path)
-    train.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    train.add_argument("--resume", nargs="?", const="always", default="auto", metavar="auto|always|never",
+                       help="auto (default): continue from the latest checkpoint when train.output_dir holds "
+                            "checkpoints of the same config, start fresh when it holds none, refuse (naming the "
+                            "differing keys) when the config differs; always (or a bare --resume): continue whatever "
+                            "config wrote them; never: refuse a directory that holds checkpoints. After a SIGTERM "
+                            "the run saves and exits with train.preemption_exit_code (42), which asks for a restart")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
     train.set_defaults(run=_train)
@@ -323,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", required=True, metavar="YAML", type=user_path)
     plan.add_argument("--topology", required=True,
                       help="v5e-N / v6e-N (chips) or v4-N / v5p-N (TensorCores), e.g. v5p-64")
+    plan.add_argument("--num-slices", type=int, default=1,
+                      help="slices of --topology joined over DCN (multi-slice): train.mesh is one slice's mesh and "
+                           "the slices repeat its data axis, as the trainer builds it")
     plan.add_argument("--programs", default="train,rollout,eval", help="which of train, rollout, eval to compile")
     plan.add_argument("--eval-slots", type=int, default=8, help="evaluation sampler slots (eval --max-slots)")
     plan.add_argument("--kernel-impl", default="auto", choices=("auto", "xla", "pallas_tpu", "reference"),
@@ -335,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", metavar="FILE", type=user_path, help="also write the report as JSON")
     plan.add_argument("overrides", nargs="*", metavar="section.key=value")
     plan.set_defaults(run=_plan)
+
+    from opsd_jax.launch.cli import add_arguments as add_launch_arguments
+
+    launch = commands.add_parser(
+        "launch", help="run on a TPU VM slice, a queued resource, or GKE (JobSet / XPK); --dry-run prints "
+                       "exactly the commands")
+    add_launch_arguments(launch)
+    launch.set_defaults(run=_launch)
 
     tiny = commands.add_parser(
         "tiny-model", help="write a tiny random HF checkpoint with a small chat tokenizer (for trying every "
@@ -405,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"opsd-jax eval: error: {e}", file=sys.stderr)
         return 2
     try:
+        if args.command == "train":
+            _resume_mode(args)
         if args.command == "plan":
             _set_tpu_topology(args.topology)
         elif args.command == "train" and args.cpu_devices is None:

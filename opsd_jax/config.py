@@ -94,6 +94,11 @@ class SamplingSection:
     top_k: int = 50
     max_new_tokens: int = 4096
     max_slots: int = 64
+    # The rollout sampler's KV page pool as a share of every slot at full length (prompt +
+    # max_new_tokens): below 1 it stays smaller beside the training state, and when it runs dry
+    # sequences are preempted and resumed (same tokens, more prefill). Rows per page:
+    kv_cache_fraction: float = 1.0
+    kv_page_size: int = 16
 
 
 @dataclasses.dataclass
@@ -151,6 +156,9 @@ class TrainSection:
     log_every: int = 1
     # Write the step's rollouts (opsd-jax-rollouts/1, read by `opsd-jax analyze`) every N steps; 0: never.
     save_rollouts_every: int = 0
+    # After a preemption (SIGTERM) every process saves at the same step and exits with this code,
+    # which the GKE JobSet / XPK failure policy restarts on (42 and 127-255); 0 would end the job.
+    preemption_exit_code: int = 42
 
 
 @dataclasses.dataclass

@@ -44,9 +44,17 @@ SERVING_AXIS_RULES: dict[str, tuple[str, ...]] = {**LOGICAL_AXIS_RULES, "embed":
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices=None) -> Mesh:
     """Builds a (data, fsdp, tensor) mesh; at most one size may be -1 and takes what is left.
 
-    With the default arguments every device goes to fsdp.
+    With the default arguments every device goes to fsdp. Devices of several TPU slices (a
+    multi-slice job: their `slice_index` differs) take the sizes per slice, and the slices repeat
+    the data axis: on 2 slices of 16 chips, (1, -1, 1) is a (2, 16, 1) mesh whose data axis
+    crosses the data-center network (DCN) and carries only the data-parallel gradient reduction,
+    while fsdp and tensor stay on each slice's own interconnect. `opsd-jax plan --num-slices N`
+    compiles for this same mesh.
     """
     devices = list(jax.devices() if devices is None else devices)
+    slices = _slice_groups(devices)
+    per_slice = len(devices) // len(slices)
+    where = f"{per_slice} devices per slice" if len(slices) > 1 else f"{len(devices)} devices"
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for name, size in sizes.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
@@ -56,22 +64,39 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices=None) -
         raise ValueError(f"only one mesh axis may be -1, got {inferred}")
     known = math.prod(size for size in sizes.values() if size != -1)
     if inferred:
-        if len(devices) % known:
+        if per_slice % known:
             raise ValueError(
-                f"{len(devices)} devices cannot be split into mesh axes {sizes}: "
-                f"{len(devices)} is not divisible by {known}"
+                f"{where} cannot be split into mesh axes {sizes}: {per_slice} is not divisible by {known}"
             )
-        sizes[inferred[0]] = len(devices) // known
+        sizes[inferred[0]] = per_slice // known
     total = math.prod(sizes.values())
-    if total != len(devices):
-        raise ValueError(f"mesh {sizes} needs {total} devices, but {len(devices)} are available")
+    if total != per_slice:
+        raise ValueError(f"mesh {sizes} needs {total} devices, but {where} are available")
     shape = tuple(sizes[name] for name in MESH_AXES)
+    if len(slices) == 1:
+        return Mesh(_device_grid(shape, devices), MESH_AXES)
     try:
-        device_grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        device_grid = mesh_utils.create_hybrid_device_mesh(shape, (len(slices), 1, 1), devices=devices)
+    except (ValueError, NotImplementedError, AssertionError, AttributeError):
+        device_grid = np.concatenate([_device_grid(shape, group) for group in slices], axis=0)
+    return Mesh(device_grid, MESH_AXES)
+
+
+def _device_grid(shape, devices) -> np.ndarray:
+    try:
+        return mesh_utils.create_device_mesh(shape, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
         # mesh_utils knows physical topologies of TPUs; anything else gets the plain order.
-        device_grid = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(device_grid, MESH_AXES)
+        return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def _slice_groups(devices) -> list[list]:
+    """The devices per TPU slice (`slice_index`; devices without one form a single slice)."""
+    indices = sorted({getattr(d, "slice_index", None) or 0 for d in devices})
+    groups = [[d for d in devices if (getattr(d, "slice_index", None) or 0) == i] for i in indices]
+    if len({len(g) for g in groups}) > 1:
+        raise ValueError(f"the slices hold different numbers of devices: {[len(g) for g in groups]}")
+    return groups
 
 
 def parse_mesh_shape(text: str) -> tuple[int, int, int]:
@@ -167,7 +192,9 @@ def initialize_distributed() -> bool:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
         return True
-    auto_markers = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID")
+    # OPSD_JAX_DISTRIBUTED=1: a Cloud TPU VM slice, whose environment names no peers (JAX reads
+    # them from the TPU metadata); `opsd-jax launch tpu-vm / queued` sets it on multi-host slices.
+    auto_markers = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OPSD_JAX_DISTRIBUTED")
     if any(os.environ.get(m) for m in auto_markers) and os.environ.get("OPSD_SINGLE_PROCESS") != "1":
         hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
         if "TPU_WORKER_HOSTNAMES" in os.environ and len(hostnames.split(",")) <= 1:

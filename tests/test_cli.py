@@ -25,7 +25,8 @@ def test_missing_source_directory_is_named(tmp_path, capsys):
 
 
 def test_serve_answers_on_loopback(tmp_path):
-    """`opsd-jax serve` on an HF folder: starts, binds 127.0.0.1, answers a completion, stops."""
+    """`opsd-jax serve` on an HF folder: starts, binds 127.0.0.1, answers a completion, and stops
+    cleanly on SIGTERM."""
     import json
     import socket
     import time
@@ -64,5 +65,7 @@ def test_serve_answers_on_loopback(tmp_path):
         assert answer["choices"][0]["finish_reason"] in ("length", "stop")
         assert answer["usage"]["completion_tokens"] >= 1
     finally:
-        process.terminate()
-        process.wait(timeout=60)
+        process.terminate()  # SIGTERM: a graceful stop
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "stopped" in output

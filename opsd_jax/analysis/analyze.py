@@ -110,7 +110,7 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
     from tqdm.auto import tqdm
 
     from opsd_jax.analysis.score import score_rollouts
-    from opsd_jax.sampler.server import load_for_serving
+    from opsd_jax.checkpoint.loading import load_for_serving
 
     if settings.privileged not in ("dense", "sparse", "none"):
         raise ValueError(f"--privileged must be dense, sparse or none, got {settings.privileged!r}")

@@ -122,3 +122,17 @@ def reduce_loss(per_token_BxT, weights_BxT, mask_BxT, sequence_scale_B, reductio
     if reduction == "token_mean":
         return (weighted_BxT * sequence_scale_B[:, None]).sum() / jnp.maximum(count_B.sum(), 1)
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def loss_weights(weights_BxT, mask_BxT, sequence_scale_B, reduction: str):
+    """float32[B, T]: d reduce_loss / d per_token, the cotangent each token's loss receives.
+
+    reduce_loss is linear in per_token, so this is its gradient anywhere (taken at zero, through
+    the same operations the loss's own backward runs, so the two agree to the last bit or
+    nearly). The fused divergence kernel takes it as its `weights` to form the final gradients
+    in its forward sweep.
+    """
+    def reduced(per_token_BxT):
+        return reduce_loss(per_token_BxT, weights_BxT, mask_BxT, sequence_scale_B, reduction)
+
+    return jax.grad(reduced)(jnp.zeros(mask_BxT.shape, jnp.float32))

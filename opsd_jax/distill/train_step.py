@@ -16,10 +16,17 @@ import optax
 
 from opsd_jax.config import ObjectiveSection, OptimizerSection
 from opsd_jax.distill import objectives
-from opsd_jax.kernels import fused_linear_divergence, teacher_topk, topk_divergence
+from opsd_jax.kernels import (
+    fused_linear_divergence,
+    gradient_in_forward,
+    student_statistics,
+    teacher_topk,
+    topk_divergence,
+)
 from opsd_jax.models import ModelConfig, forward_hidden, logits_from_hidden
 
 _BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
+_DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")
 
 
 class Batch(NamedTuple):
@@ -108,32 +115,56 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
         window_from=objective.window_from,
     )
     beta = _BETA.get(objective.kind, objective.beta)
+    rows_s_NxD = rows_s_BxTxD.reshape(B * T, -1)
+    mask_N = mask_BxT.reshape(-1)
+    targets_N = batch.targets.reshape(-1)
+
+    def importance(student_logprob_BxT):
+        return objectives.sequence_importance(
+            student_logprob_BxT, batch.sampler_logprobs, mask_BxT, objective.importance_cap,
+            clamp="token" if objective.importance == "paper" else "sequence")
+
+    kernel_weights_N = early = None
+    if objective.kind in _DIVERGENCES and gradient_in_forward(settings.kernel_impl, settings.mesh, tokens=B * T,
+                                                               vocab=head_s.shape[1]):
+        # The loss weights depend on the student's own entropies (token weighting) and target
+        # log-probs (importance); the kernel forms the gradients in its one sweep for the weights
+        # it is given, so get those two first (the student's projection alone, a quarter of the
+        # sweep) and pass the loss's final per-token cotangents.
+        entropy_N, logprob_N = student_statistics(
+            rows_s_NxD, head_s, temperature=objective.temperature, mask=mask_N, valid_vocab=settings.valid_vocab,
+            targets=targets_N, mesh=settings.mesh)
+        early = (entropy_N.reshape(B, T), logprob_N.reshape(B, T))
+        early_weights = objectives.token_weights(mask_BxT, early[0], objective.token_weighting,
+                                                 top_rho=objective.top_rho, fork_weight=objective.fork_weight)
+        kernel_weights_N = objectives.loss_weights(early_weights, mask_BxT, importance(early[1]),
+                                                   objective.reduction).reshape(-1)
     out = fused_linear_divergence(
-        rows_s_BxTxD.reshape(B * T, -1), head_s, rows_t_BxTxD.reshape(B * T, -1), head_t,
-        beta=beta, temperature=objective.temperature, mask=mask_BxT.reshape(-1),
-        targets=batch.targets.reshape(-1), impl=settings.kernel_impl, valid_vocab=settings.valid_vocab,
-        interpret=settings.kernel_interpret, mesh=settings.mesh,
+        rows_s_NxD, head_s, rows_t_BxTxD.reshape(B * T, -1), head_t,
+        beta=beta, temperature=objective.temperature, mask=mask_N,
+        targets=targets_N, impl=settings.kernel_impl, valid_vocab=settings.valid_vocab,
+        interpret=settings.kernel_interpret, mesh=settings.mesh, weights=kernel_weights_N,
     )
     student_logprob = out.student_logprob.reshape(B, T)
     teacher_logprob = out.teacher_logprob.reshape(B, T)
     student_entropy = out.student_entropy.reshape(B, T)
     teacher_entropy = out.teacher_entropy.reshape(B, T)
-    weights = objectives.token_weights(mask_BxT, student_entropy, objective.token_weighting,
-                                       top_rho=objective.top_rho, fork_weight=objective.fork_weight)
+    # With the early pass, the loss uses the values its weights came from.
+    weights = objectives.token_weights(mask_BxT, student_entropy if early is None else early[0],
+                                       objective.token_weighting, top_rho=objective.top_rho,
+                                       fork_weight=objective.fork_weight)
     if objective.kind == "topk":
         # Materializes [N, V] logits for both models: the top-k form exists for teachers whose
         # distribution is only kept (or served) as its top tokens.
-        student_logits_NxV = logits_from_hidden(rows_s_BxTxD.reshape(B * T, -1), head_s, settings.student)
+        student_logits_NxV = logits_from_hidden(rows_s_NxD, head_s, settings.student)
         teacher_logits_NxV = logits_from_hidden(rows_t_BxTxD.reshape(B * T, -1), head_t, settings.teacher)
         ids_NxK, logprobs_NxK = teacher_topk(teacher_logits_NxV, objective.teacher_top_k,
                                              temperature=objective.temperature, valid_vocab=settings.valid_vocab)
         top = topk_divergence(student_logits_NxV, ids_NxK, logprobs_NxK, beta=objective.beta,
-                              temperature=objective.temperature, mask=mask_BxT.reshape(-1),
+                              temperature=objective.temperature, mask=mask_N,
                               valid_vocab=settings.valid_vocab)
         per_token = top.divergence.reshape(B, T)
-        scale_B = objectives.sequence_importance(
-            student_logprob, batch.sampler_logprobs, mask_BxT, objective.importance_cap,
-            clamp="token" if objective.importance == "paper" else "sequence")
+        scale_B = importance(student_logprob)
     elif objective.kind == "sft":
         per_token = -student_logprob  # teacher-forced cross entropy
         scale_B = jnp.ones(B)
@@ -145,9 +176,7 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
         scale_B = jnp.ones(B)
     else:
         per_token = out.divergence.reshape(B, T)
-        scale_B = objectives.sequence_importance(
-            student_logprob, batch.sampler_logprobs, mask_BxT, objective.importance_cap,
-            clamp="token" if objective.importance == "paper" else "sequence")
+        scale_B = importance(student_logprob if early is None else early[1])
     loss = objectives.reduce_loss(per_token, weights, mask_BxT, scale_B, objective.reduction)
     count = jnp.maximum(mask_BxT.sum(), 1)
 

@@ -4,7 +4,9 @@ Per step: B problems from the grain iterator -> student and teacher prompts -> o
 prompt from the sampler (weights synced every step) -> aligned batch -> jitted `train_step` ->
 metrics (JSONL + TensorBoard) -> Orbax checkpoint every K steps (params, optimizer state, step,
 data iterator state, resolved config). Resuming takes the latest complete checkpoint and
-reproduces the uninterrupted run: rollout seeds derive from (seed, step, index).
+reproduces the uninterrupted run: rollout seeds derive from (seed, step, index). A SIGTERM stops
+every process at the same step, which is saved before the run exits with
+`train.preemption_exit_code` (see distill/preemption.py; resume modes in distill/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
-import signal
 import time
 
 import jax
@@ -22,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from opsd_jax.checkpoint.loading import default_stop_token_ids, load_for_serving
 from opsd_jax.config import RunConfig, dump_config, resolve_paths
 from opsd_jax.data.sources import read_problems, problem_dataset
 from opsd_jax.distill.prompts import prompt_pair, truncate_left
@@ -29,8 +32,9 @@ from opsd_jax.distill.train_step import Batch, StepSettings, TrainState, make_op
 from opsd_jax.parallel import logical_sharding, make_mesh, parse_mesh_shape
 from opsd_jax.paths import user_path
 from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig, SamplingParams
+from opsd_jax.sampler.engine import serving_mesh
 from opsd_jax.sampler.orchestrator import Completion
-from opsd_jax.sampler.server import default_stop_token_ids, load_for_serving
+from opsd_jax.sampler.weight_sync import WeightSync
 
 
 class TrainingError(RuntimeError):
@@ -136,11 +140,12 @@ class Trainer:
         except ValueError as e:
             raise TrainingError(f"train.mesh: {e}{self._device_hint()}") from None
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
-        # Each host samples its own rollouts on its own devices: the orchestrator schedules requests
-        # dynamically, which hosts cannot do in lockstep on one global mesh.
-        self.sampler_mesh = (self.mesh if self.process_count == 1
-                             else make_mesh(1, -1, 1, devices=jax.local_devices()))
-        self._stop_requested = False
+        # Each host samples its own rollouts on its own devices (sampler.serving_mesh, set once the
+        # model is known): the orchestrator schedules requests dynamically, which hosts cannot do
+        # in lockstep on one global mesh.
+        self.sampler_devices = list(self.mesh.devices.flat) if self.process_count == 1 else jax.local_devices()
+        self.sampler_mesh = None
+        self.preempted_step: int | None = None  # set when a SIGTERM stopped the run (saved at that step)
 
     def _device_hint(self) -> str:
         wanted = self.config.train.cpu_devices
@@ -212,9 +217,30 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def run(self, resume: bool = False) -> list[dict]:
+    def run(self, resume: bool | str = False) -> list[dict]:
+        """resume: "auto", "always" or "never" (distill/checkpoints.py); True means "always" and
+        False "never", as before. After a preemption `self.preempted_step` names the saved step."""
+        from opsd_jax.distill.checkpoints import checkpoint_manager, resume_decision, save_checkpoint
+        from opsd_jax.distill.preemption import PreemptionWatcher
+
         c = self.config
+        resume_mode = {True: "always", False: "never"}.get(resume, resume)
+        if not 1 <= c.train.preemption_exit_code <= 255:
+            raise TrainingError(f"train.preemption_exit_code must be in 1..255 (a restart code), got "
+                                f"{c.train.preemption_exit_code}")
         os.makedirs(c.train.output_dir, exist_ok=True)
+        checkpoints = os.path.join(c.train.output_dir, "checkpoints")
+        # Decided before anything is loaded, so a refused launch fails fast.
+        manager = checkpoint_manager(checkpoints, keep=c.train.keep_checkpoints, every=c.train.checkpoint_every)
+        try:
+            resume_step, differences = resume_decision(resume_mode, manager, c, c.train.output_dir)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+        finally:
+            manager.close()
+        if differences and self.process_index == 0:
+            print("resuming with a changed config: " + "; ".join(f"{key}: {old!r} -> {new!r}"
+                                                                 for key, old, new in differences), flush=True)
         model_config, params, tokenizer, side_dir, teacher_config, teacher_params = self._load_models()
         problems, skipped = self._problems(tokenizer)
         B = c.train.batch_size
@@ -225,7 +251,9 @@ class Trainer:
         if B % self.process_count:
             raise TrainingError(f"train.batch_size {B} is not divisible by the {self.process_count} processes")
         local_batch = B // self.process_count
+        self.sampler_mesh = serving_mesh(model_config, self.sampler_devices)
         engine = Engine(model_config, rollout_sampler_config(c, local_batch, len(tokenizer)), mesh=self.sampler_mesh)
+        self._weight_sync = WeightSync(engine)
         stop_ids = default_stop_token_ids(tokenizer, side_dir)
         optimizer = make_optimizer(c.optimizer, c.train.steps)
         settings = step_settings(c, model_config, teacher_config, len(tokenizer), mesh=self.mesh)
@@ -244,13 +272,10 @@ class Trainer:
         data = problem_dataset(problems, seed=c.data.shuffle_seed, process_index=self.process_index,
                                process_count=self.process_count)
         data_iterator = iter(data)
-        manager = ocp.CheckpointManager(
-            os.path.join(c.train.output_dir, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=c.train.keep_checkpoints, create=True),
-        )
+        manager = checkpoint_manager(checkpoints, keep=c.train.keep_checkpoints, every=c.train.checkpoint_every)
         start_step = 0
-        if resume and manager.latest_step() is not None:
-            start_step = manager.latest_step()
+        if resume_step is not None:
+            start_step = resume_step
             saved_teacher = c.teacher.kind == "ema"
             target = state if saved_teacher else state._replace(teacher_params=None)
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
@@ -258,14 +283,17 @@ class Trainer:
                 state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
             state = restored.state if saved_teacher else restored.state._replace(teacher_params=state.teacher_params)
             data_iterator.set_state(restored.data)
-        elif not resume and manager.latest_step() is not None:
-            raise TrainingError(f"{c.train.output_dir} already holds checkpoints; pass --resume or a new output_dir")
+            if self.process_index == 0:
+                print(f"resuming from step {start_step} ({c.train.output_dir})", flush=True)
         if self.process_index == 0:
-            with open(os.path.join(c.train.output_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            config_path = os.path.join(c.train.output_dir, "config.yaml")
+            with open(config_path + ".partial", "w", encoding="utf-8") as f:
                 f.write(dump_config(c))
+            os.replace(config_path + ".partial", config_path)
+            self._print_grace_period(state)
 
         writer = MetricsWriter(c.train.output_dir, start_step)
-        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        watcher = PreemptionWatcher(self.process_count).start()
         history = []
         try:
             sampler = (contextlib.nullcontext() if supervised
@@ -320,32 +348,34 @@ class Trainer:
                         writer.write(step + 1, metrics, problem_ids=[p.id for p, _ in batch_items])
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                     last = step + 1 == c.train.steps
-                    self._agree_on_stop()
-                    if (step + 1) % c.train.checkpoint_every == 0 or last or self._stop_requested:
-                        saved_state = state if c.teacher.kind == "ema" else state._replace(teacher_params=None)
-                        # Asynchronous: the next steps run while it writes; a step directory appears
-                        # only once complete, so a kill mid-write leaves the previous one as latest.
-                        manager.save(step + 1, args=ocp.args.Composite(
-                            state=ocp.args.StandardSave(saved_state), data=ocp.args.JsonSave(data_state),
-                            config=ocp.args.JsonSave(c.to_dict())))
-                    if self._stop_requested:
-                        print(f"SIGTERM: stopped after step {step + 1}; checkpoint saved", flush=True)
+                    # The same step on every process (distill/preemption.py): JAX's preemption
+                    # sync point on several processes, the next step boundary after a SIGTERM on one.
+                    stop = watcher.reached_sync_point(step + 1)
+                    saved_state = state if c.teacher.kind == "ema" else state._replace(teacher_params=None)
+                    # Asynchronous: the next steps run while it writes; a step directory appears
+                    # only once complete, so a kill mid-write leaves the previous one as latest.
+                    # Orbax's policy saves every checkpoint_every steps (and at a JAX preemption
+                    # sync point); the last step and a single-process stop are forced.
+                    save_checkpoint(manager, step + 1, saved_state, data_state, c.to_dict(), force=last or stop)
+                    if stop and not last:  # at the last step the run is complete: exit 0
+                        self.preempted_step = step + 1
                         break
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            # Waited for before the SIGTERM handler (where there is one) goes: a second SIGTERM
+            # during the save is ignored, and a SIGKILL leaves the previous checkpoint as latest.
             manager.wait_until_finished()
             manager.close()
+            watcher.close()
             writer.close()
+        if self.preempted_step is not None:
+            print(f"preempted: process {self.process_index} stopped after step {self.preempted_step}, checkpoint "
+                  f"saved; exit code {c.train.preemption_exit_code} asks for a restart, which resumes", flush=True)
         return history
 
     def _sampler_weights(self, params):
-        """The student weights as the local sampler needs them: a full host copy per process
-        (gathered from every host's shards) in a multi-process job, the arrays themselves otherwise."""
-        if self.process_count == 1:
-            return params
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(params, tiled=True)
+        """The student weights placed for this process's sampler, device to device (WeightSync);
+        every process calls it at the same step."""
+        return self._weight_sync(params)
 
     def _global_batch(self, local_batch: Batch, sharding) -> Batch:
         """A global batch assembled from each process's local rows."""
@@ -353,13 +383,13 @@ class Trainer:
             return jax.device_put(local_batch, sharding)
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
-    def _agree_on_stop(self) -> None:
-        """Every process stops at the same step if any received SIGTERM."""
-        if self.process_count > 1:
-            from jax.experimental import multihost_utils
+    def _print_grace_period(self, state: TrainState) -> None:
+        """The checkpoint's size and the preemption grace period it needs at the measured save rate."""
+        from opsd_jax.launch.grace import describe
 
-            flags = multihost_utils.process_allgather(np.int32(self._stop_requested))
-            self._stop_requested = bool(np.max(flags))
+        saved = state if self.config.teacher.kind == "ema" else state._replace(teacher_params=None)
+        total = sum(leaf.nbytes for leaf in jax.tree.leaves(saved))
+        print(f"preemption: {describe(total, hosts=self.process_count)}", flush=True)
 
     def _save_rollouts(self, step: int, batch_items, completions, tokenizer) -> None:
         """This process's rollouts of `step`, for `opsd-jax analyze`; rewritten whole on a resumed
@@ -377,9 +407,6 @@ class Trainer:
             prompt={"student_suffix": prompt.student_suffix, "suffix_join": prompt.suffix_join,
                     "student_thinking": prompt.student_thinking},
         )
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stop_requested = True  # saved at the next step boundary
 
     def _save_diagnostic(self, step: int, batch: Batch, metrics: dict) -> str:
         folder = os.path.join(self.config.train.output_dir, "diagnostics")
@@ -413,9 +440,18 @@ def reference_completion(problem, tokenizer, stop_token_ids, max_tokens: int) ->
 def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int) -> SamplerConfig:
     """The rollout sampler of one process: its share of the batch decoded together, each sequence
     up to the longest prompt plus the completion."""
-    return SamplerConfig(max_slots=min(c.sampling.max_slots, local_batch),
-                         max_sequence_length=c.data.max_prompt_tokens + c.sampling.max_new_tokens,
-                         valid_vocab_size=valid_vocab)
+    fraction, page = c.sampling.kv_cache_fraction, c.sampling.kv_page_size
+    if not 0 < fraction <= 1:
+        raise TrainingError(f"sampling.kv_cache_fraction must be in (0, 1], got {fraction}")
+    if page < 1:
+        raise TrainingError(f"sampling.kv_page_size must be >= 1, got {page}")
+    slots = min(c.sampling.max_slots, local_batch)
+    length = c.data.max_prompt_tokens + c.sampling.max_new_tokens
+    pages_per_sequence = math.ceil(length / page)
+    # At least one whole sequence (and the null page), or nothing could be served.
+    pages = max(math.ceil(fraction * slots * pages_per_sequence), pages_per_sequence) + 1
+    return SamplerConfig(max_slots=slots, max_sequence_length=length, valid_vocab_size=valid_vocab,
+                         page_size=page, kv_pages=pages)
 
 
 def step_settings(c: RunConfig, student, teacher, valid_vocab: int, mesh=None) -> StepSettings:

@@ -9,10 +9,10 @@ continuous batcher completes them.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import json
 import os
+import queue
 
 from tqdm.auto import tqdm
 
@@ -122,30 +122,56 @@ def generate_suite(orchestrator, tokenizer, suite: Suite, directory: str, settin
                    if generations.shard_of(problem.id, sample, shard[1]) == shard[0]
                    and (problem.id, sample) not in appender.existing]
         bar = tqdm(total=len(missing), desc=f"{suite.name} samples", unit="sample", disable=not progress)
-        # A bounded window of requests in flight keeps every slot busy while leaving little queued
-        # work behind when the run is interrupted (the orchestrator drains its queue on close).
+        # One request per problem for all its missing samples: the prompt is prefilled once and its
+        # pages are shared; per-sample seeds keep every sample what an n=1 request would draw. A
+        # bounded window of samples in flight keeps every slot busy while leaving little work
+        # behind when the run is interrupted. Each sample is written the moment it finishes.
+        by_problem: dict[int, list] = {}
+        for index, problem_id, sample in missing:
+            by_problem.setdefault(index, []).append((sample, generations.sample_seed(settings.seed, problem_id,
+                                                                                        sample)))
         window = 4 * orchestrator.engine.sampler_config.max_slots
-        pending = collections.deque(missing)
+        pending = collections.deque(by_problem.items())
+        finished: queue.Queue = queue.Queue()
         in_flight: dict = {}
+        samples_in_flight = 0
+
+        def write(item) -> None:
+            problem_id, sample, seed, completion = item
+            appender.append(make_record(completion, tokenizer, stop_token_ids, problem_id, sample, seed,
+                                        settings.cut_budgets()))
+            bar.update(1)
+
         try:
             while pending or in_flight:
-                while pending and len(in_flight) < window:
-                    index, problem_id, sample = pending.popleft()
-                    seed = generations.sample_seed(settings.seed, problem_id, sample)
+                while pending and samples_in_flight < window:
+                    index, samples = pending.popleft()
+                    problem_id = suite.problems[index].id
                     sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
-                                              top_k=settings.top_k, seed=seed, max_new_tokens=settings.max_tokens,
+                                              top_k=settings.top_k, max_new_tokens=settings.max_tokens,
                                               stop_token_ids=tuple(stop_token_ids))
-                    in_flight[orchestrator.submit(prompts[index], sampling, n=1)] = (problem_id, sample, seed)
-                done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    problem_id, sample, seed = in_flight.pop(future)
+
+                    def on_token(i, completion, problem_id=problem_id, samples=samples):
+                        if completion.finish_reason is not None:
+                            finished.put((problem_id, *samples[i], completion))
+
+                    future = orchestrator.submit(prompts[index], sampling, n=len(samples), on_token=on_token,
+                                                 sample_seeds=[seed for _, seed in samples])
+                    in_flight[future] = (problem_id, len(samples))
+                    samples_in_flight += len(samples)
+                try:
+                    write(finished.get(timeout=0.5))
+                    samples_in_flight -= 1
+                except queue.Empty:
+                    pass
+                for future in [f for f in in_flight if f.done()]:
+                    problem_id, _ = in_flight.pop(future)
                     try:
-                        (completion,) = future.result()
+                        future.result()
                     except ValueError as e:
                         raise ValueError(f"{suite.name} problem {problem_id}: {e}") from None
-                    appender.append(make_record(completion, tokenizer, stop_token_ids, problem_id, sample, seed,
-                                                settings.cut_budgets()))
-                    bar.update(1)
+            while not finished.empty():
+                write(finished.get_nowait())
         finally:
             for future in in_flight:
                 future.cancel()
@@ -214,8 +240,8 @@ def run_eval(checkpoint: str, suites: list[Suite], out: str, settings: EvalSetti
     """Generates (resuming) every suite for this shard; a single-shard run also grades (under
     `grading`, as in score_run) and writes the reports.
     Returns {"generation": {suite: counts}, "metrics": {suite: {budget: metrics}}}."""
+    from opsd_jax.checkpoint.loading import default_stop_token_ids, load_for_serving
     from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig
-    from opsd_jax.sampler.server import default_stop_token_ids, load_for_serving
 
     settings.validate()
     score.parse_gradings(grading)  # a bad mode fails before hours of generation

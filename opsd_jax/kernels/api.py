@@ -15,7 +15,8 @@ from jax.sharding import Mesh
 
 from opsd_jax.kernels.spec import DivergenceOutput, DivergenceSpec
 
-__all__ = ["IMPLS", "DivergenceOutput", "DivergenceSpec", "default_impl", "divergence", "fused_linear_divergence"]
+__all__ = ["IMPLS", "DivergenceOutput", "DivergenceSpec", "default_impl", "divergence", "fused_linear_divergence",
+           "gradient_in_forward", "student_statistics"]
 
 IMPLS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
 
@@ -157,6 +158,7 @@ def fused_linear_divergence(
     vocab_block: int | None = None,
     interpret: bool | None = None,
     mesh: Mesh | None = None,
+    weights=None,
 ) -> DivergenceOutput:
     """`divergence` of student_hidden @ student_head and teacher_hidden @ teacher_head, never
     forming the [N, V] logits.
@@ -167,6 +169,12 @@ def fused_linear_divergence(
       device the call runs in a shard_map (vocab_parallel.py): tokens split like the logical
       "batch" axis, the heads' vocabulary like "vocab", which a Mosaic kernel inside a sharded
       jit needs. None: one device, or a shard_map the caller wrote.
+    weights: float [N] or None (no gradient flows into it): the cotangent the caller's loss will
+      give `divergence`, up to one scalar factor (d loss / d divergence; None: the mask, i.e.
+      a sum or mean). Where `gradient_in_forward` holds, the forward forms the student's
+      gradients for it in its one sweep, and a backward whose divergence cotangent is c * weights
+      (entropy and log-prob cotangents zero) only scales them; any other cotangent is still
+      exact, for one more sweep. Statistics-first implementations do not need it.
     Other arguments and the result are as in `divergence`.
     """
     beta, temperature = _check_scalars(beta, temperature)
@@ -198,23 +206,78 @@ def fused_linear_divergence(
         )
     vocab = student_head.shape[1]
     mask_N, valid_vocab, targets_N = _check_token_args(n, vocab, mask, valid_vocab, targets)
-    if mesh is not None:
-        from opsd_jax.parallel import MESH_AXES
-
-        if not isinstance(mesh, Mesh):
-            raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-        if set(mesh.axis_names) != set(MESH_AXES):
-            raise ValueError(f"mesh axes must be {MESH_AXES} (parallel.make_mesh), got {tuple(mesh.axis_names)}")
+    _check_mesh(mesh)
+    weights_N = None
+    if weights is not None:
+        if not hasattr(weights, "shape") or tuple(weights.shape) != (n,):
+            raise ValueError(f"weights must have shape ({n},), got {getattr(weights, 'shape', type(weights))}")
+        if not jnp.issubdtype(weights.dtype, jnp.floating):
+            raise TypeError(f"weights must be floating point, got {weights.dtype}")
+        weights_N = jax.lax.stop_gradient(jnp.asarray(weights).astype(jnp.float32))
     spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block, interpret,
                           _tpu_generation(mesh))
     impl = _resolve(impl)
     fn = _implementation(impl, fused=True)
-    args = (student_hidden, student_head, teacher_hidden, teacher_head, mask_N, targets_N, spec)
+    args = (student_hidden, student_head, teacher_hidden, teacher_head, mask_N, targets_N, weights_N, spec)
     if mesh is None or mesh.size == 1:
         return fn(*args)
     from opsd_jax.kernels import vocab_parallel
 
     return vocab_parallel.fused_linear_divergence(*args, mesh=mesh, impl=impl, whole=fn)
+
+
+def gradient_in_forward(impl: str = "auto", mesh: Mesh | None = None, *, tokens: int, vocab: int) -> bool:
+    """Whether `fused_linear_divergence` with this impl and mesh (for `tokens` x `vocab`) forms the
+    student's gradients in its forward sweep, for its `weights`: then a caller whose loss weights
+    depend on the student's own entropy or target log-probability should get those first from
+    `student_statistics` (a quarter of the sweep) and pass the final weights. Elsewhere the
+    gradient runs in the backward with the actual cotangents and `weights` are not needed."""
+    _check_mesh(mesh)
+    from opsd_jax.kernels import vocab_parallel
+
+    return vocab_parallel.gradient_in_forward(_resolve(impl), mesh, tokens, vocab)
+
+
+def student_statistics(
+    student_hidden,
+    student_head,
+    *,
+    temperature: float = 1.0,
+    mask=None,
+    valid_vocab: int | None = None,
+    targets=None,
+    token_block: int | None = None,
+    mesh: Mesh | None = None,
+):
+    """(student entropy, student log-probability of `targets` or None): float32 [N], zero for
+    ignored tokens, no gradient; the same values `fused_linear_divergence` returns (to float32
+    rounding), from the student's projection alone (2 N Hs V FLOPs against its 8). An XLA sweep
+    on every backend; on a mesh, vocabulary-parallel as the fused form. For loss weights that
+    depend on these, ahead of a fused call that wants its final `weights`."""
+    _, temperature = _check_scalars(0.0, temperature)
+    _check_matrix("student_hidden", student_hidden)
+    _check_matrix("student_head", student_head)
+    n, hs = student_hidden.shape
+    if student_head.shape[0] != hs:
+        raise ValueError(f"student_head has {student_head.shape[0]} rows but student_hidden has width {hs}")
+    mask_N, valid_vocab, targets_N = _check_token_args(n, student_head.shape[1], mask, valid_vocab, targets)
+    _check_mesh(mesh)
+    spec = DivergenceSpec(0.0, temperature, valid_vocab, token_block)
+    from opsd_jax.kernels import vocab_parallel
+
+    hidden, head = jax.lax.stop_gradient((student_hidden, student_head))
+    return vocab_parallel.student_statistics(hidden, head, mask_N, targets_N, spec, mesh=mesh)
+
+
+def _check_mesh(mesh):
+    if mesh is None:
+        return
+    from opsd_jax.parallel import MESH_AXES
+
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if set(mesh.axis_names) != set(MESH_AXES):
+        raise ValueError(f"mesh axes must be {MESH_AXES} (parallel.make_mesh), got {tuple(mesh.axis_names)}")
 
 
 def _tpu_generation(mesh: Mesh | None) -> str | None:

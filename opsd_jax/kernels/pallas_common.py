@@ -2,12 +2,18 @@
 statistics-first implementation (these and the vocabulary-parallel form) shares.
 
 A backend supplies three functions of plain arrays (N tokens, V vocabulary, H hidden width):
-  row_stats(inputs, targets_N, spec) -> (rows.RowStats of float32 [N], target logits (s, t) or None)
-      inputs = (student_logits, teacher_logits) or (hs, ws, ht, wt)
+  row_stats(inputs, targets_N, mask_N, spec) -> (rows.RowStats of float32 [N], target logits (s, t)
+      or None); inputs = (student_logits, teacher_logits) or (hs, ws, ht, wt); token blocks
+      without a kept row may be skipped (their rows' values are then meaningless)
   logits_grad(s, t, stats, cots, targets_N, spec) -> float [N, V] gradient of the student logits
   fused_grads(hs, ws, ht, wt, stats, cots, targets_N, spec) -> (float32 [N, Hs], float32 [Hs, V])
 with cots = (divergence, student entropy, student log-prob or None) cotangents, float32 [N],
 already zero for ignored tokens. Masking, target log-probs and dtype casts happen here once.
+
+These are statistics-first kernels: a row's normalizers exist only after its statistics sweep,
+so the student's gradient is one more sweep wherever it runs. It runs in the backward, with the
+actual cotangents (any loss weighting at the same cost, and no [H, V] residual between forward
+and backward); the `weights` argument of the fused form is accepted and not needed.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ def outputs_from_stats(stats: rows.RowStats, target_logits, mask_N) -> Divergenc
 
 
 def _outputs(backend: Backend, inputs, mask_N, targets_N, spec):
-    stats, target_logits = backend.row_stats(inputs, targets_N, spec)
+    stats, target_logits = backend.row_stats(inputs, targets_N, mask_N, spec)
     return outputs_from_stats(stats, target_logits, mask_N), stats
 
 
@@ -90,7 +96,12 @@ def make(backend: Backend):
         return gh.astype(hs.dtype), gw.astype(ws.dtype), None, None, None, None
 
     fused.defvjp(fused_fwd, fused_bwd)
-    return from_logits, fused
+
+    def fused_linear_divergence(hs, ws, ht, wt, mask_N, targets_N, weights_N, spec):
+        del weights_N  # the gradient sweep runs in the backward, with the actual cotangents
+        return fused(hs, ws, ht, wt, mask_N, targets_N, spec)
+
+    return from_logits, fused_linear_divergence
 
 
 def full_cotangents(cots, n):

@@ -1,14 +1,28 @@
 """Pallas GPU (Triton) kernels for the divergence; the Pallas interpreter on other backends.
 
 Letters: N tokens, V vocabulary, H hidden width (Hs student, Ht teacher), R rows per token block,
-C columns per vocabulary block.
+C columns per vocabulary block, K hidden columns per chunk.
 
-Triton programs do not keep state across grid steps, so each program owns a token block (or, for
-the head gradient, a vocabulary block) and loops over the other axis itself with an online
-logsumexp in registers. Triton wants power-of-two tiles, so R, C and the hidden widths are powers
-of two; a block that would run past the end starts earlier instead (no masks, no padding), and
-a reduction skips the rows or columns such a block revisits, while pointwise results simply
-write the same values twice.
+Triton programs do not keep state across grid steps, so each program owns a token block and
+loops over the vocabulary itself with an online logsumexp in registers. Triton wants power-of-two
+tiles, so R and C are powers of two; a block that would run past the end starts earlier instead
+(no masks, no padding), and a reduction skips the rows or columns such a block revisits, while
+pointwise results simply write the same values twice.
+
+Hidden widths: any multiple of 128 (Qwen3's 2560 and 4096 included; powers of two below 128 too).
+The projections loop over K=128-wide chunks of the hidden dimension, accumulating the [R, C]
+logits tile in float32, so no [R, H] or [H, C] value is ever live; inputs may be bf16 (the MXU /
+tensor-core products accumulate in float32).
+
+Backward: one kernel, one recomputation of each tile. A program owns a token block and walks the
+vocabulary; for each tile it forms G and then, chunk by chunk of the hidden dimension, adds
+G W^T into its own d/dh rows (read-modify-write in global memory: no other program touches
+them) and h^T G into d/dW with atomic adds (every token block contributes to every column).
+12 N H V FLOPs with the statistics sweep; the float atomics make d/dW's summation order, and so
+its last bits, vary from run to run.
+
+Token blocks without a kept row are skipped (their program returns at once); their output rows
+are selected away afterwards.
 
 Never validated on a real GPU in this repository (no GPU on the build host): the interpreter runs
 the oracle tests, and benchmarks/divergence.py --gpu measures it where a GPU exists.
@@ -21,12 +35,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
 
 from opsd_jax.kernels import pallas_common, rows
 from opsd_jax.kernels.spec import DivergenceSpec
 
 TOKEN_BLOCK = 64
 VOCAB_BLOCK = 256
+HIDDEN_CHUNK = 128
 
 
 def _pow2_at_most(x: int) -> int:
@@ -39,11 +55,24 @@ def _blocks(n: int, vocab: int, spec: DivergenceSpec):
     return r, c
 
 
+def hidden_chunk(width: int) -> int | None:
+    """K for a hidden width: 128 for multiples of 128, the width itself for a power of two below
+    128, None otherwise (Triton tiles are powers of two)."""
+    if width % HIDDEN_CHUNK == 0:
+        return HIDDEN_CHUNK
+    if width < HIDDEN_CHUNK and width & (width - 1) == 0:
+        return width
+    return None
+
+
 def _check_widths(inputs):
     for name, x in zip(("student_hidden", "student_head", "teacher_hidden", "teacher_head"), inputs):
         width = x.shape[1] if name.endswith("hidden") else x.shape[0]
-        if width & (width - 1):
-            raise ValueError(f"pallas_gpu needs power-of-two hidden widths (Triton tiles); {name} has {width}")
+        if hidden_chunk(width) is None:
+            raise ValueError(
+                f"pallas_gpu needs hidden widths that are multiples of {HIDDEN_CHUNK} (or powers of two below "
+                f"it: Triton tiles); {name} has {width}"
+            )
 
 
 def _limit(spec, vocab):
@@ -55,6 +84,18 @@ def _start(index, block, total):
     return nominal, jnp.minimum(nominal, total - block)
 
 
+def _project(h_ref, w_ref, rows_, cols, r, c):
+    """float32 [R, C] = h[rows] @ W[:, cols], accumulated over K-wide chunks of the hidden width."""
+    width = h_ref.shape[1]
+    k = hidden_chunk(width)
+
+    def chunk(q, acc_RxC):
+        ks = pl.ds(pl.multiple_of(q * k, k), k)
+        return acc_RxC + jnp.dot(h_ref[rows_, ks], w_ref[ks, cols], preferred_element_type=jnp.float32)
+
+    return jax.lax.fori_loop(0, width // k, chunk, jnp.zeros((r, c), jnp.float32))
+
+
 def _tile(in_refs, row0, col0, r, c, spec, limit, projected, first_col=None):
     """Scaled float32 student and teacher logits [R, C] at (row0, col0); columns below first_col
     (already counted by the previous block) and at or past limit are -inf."""
@@ -62,8 +103,8 @@ def _tile(in_refs, row0, col0, r, c, spec, limit, projected, first_col=None):
     cols = pl.ds(col0, c)
     if projected:
         hs_ref, ws_ref, ht_ref, wt_ref = in_refs
-        raw_s = jnp.dot(hs_ref[rows_, :], ws_ref[:, cols], preferred_element_type=jnp.float32)
-        raw_t = jnp.dot(ht_ref[rows_, :], wt_ref[:, cols], preferred_element_type=jnp.float32)
+        raw_s = _project(hs_ref, ws_ref, rows_, cols, r, c)
+        raw_t = _project(ht_ref, wt_ref, rows_, cols, r, c)
     else:
         raw_s, raw_t = in_refs[0][rows_, cols], in_refs[1][rows_, cols]
     column_1xC = rows.columns(c, col0)
@@ -83,44 +124,48 @@ def _tile(in_refs, row0, col0, r, c, spec, limit, projected, first_col=None):
 def _stats_kernel(*refs, n_in, n, vocab, r, c, spec, with_targets):
     in_refs = refs[:n_in]
     rest = list(refs[n_in:])
+    mask_ref = rest.pop(0)
     tgt_ref = rest.pop(0) if with_targets else None
     out_refs = rest
     projected = n_in == 4
     limit = _limit(spec, vocab)
     _, row0 = _start(pl.program_id(0), r, n)
-    tgt_R = tgt_ref[pl.ds(row0, r)] if with_targets else None
-    blocks = pl.cdiv(vocab, c)
 
-    def fold(j, carry):
-        stats, ts, tt = carry
-        first, col0 = _start(j, c, vocab)
-        zs, zt, _ = _tile(in_refs, row0, col0, r, c, spec, limit, projected, first)
-        stats = rows.online_fold(stats, zs, zt)
-        if with_targets:
-            # A revisited column holds -inf here; its target was already counted.
-            fresh_tgt_R = jnp.where(tgt_R >= first, tgt_R, -1)
-            ts = ts + rows.target_logit(zs, fresh_tgt_R, col0)
-            tt = tt + rows.target_logit(zt, fresh_tgt_R, col0)
-        return stats, ts, tt
+    @pl.when(jnp.max(mask_ref[pl.ds(row0, r)]) > 0)  # (Triton has no reduce_or)
+    def _run():
+        tgt_R = tgt_ref[pl.ds(row0, r)] if with_targets else None
+        blocks = pl.cdiv(vocab, c)
 
-    zero_R = jnp.zeros((r,), jnp.float32)
-    stats, ts, tt = jax.lax.fori_loop(0, blocks, fold, (rows.online_init(r), zero_R, zero_R))
-    if rows.divergence_mode(spec.beta) == "jsd":
-        log_zs, log_zt = rows.online_log_normalizers(stats)
-
-        def second(j, kls):
+        def fold(j, carry):
+            stats, ts, tt = carry
             first, col0 = _start(j, c, vocab)
             zs, zt, _ = _tile(in_refs, row0, col0, r, c, spec, limit, projected, first)
-            kl_s, kl_t = rows.jsd_block_kls(zs, zt, log_zs, log_zt, spec.beta)
-            return kls[0] + kl_s, kls[1] + kl_t
+            stats = rows.online_fold(stats, zs, zt, spec.beta)
+            if with_targets:
+                # A revisited column holds -inf here; its target was already counted.
+                fresh_tgt_R = jnp.where(tgt_R >= first, tgt_R, -1)
+                ts = ts + rows.target_logit(zs, fresh_tgt_R, col0)
+                tt = tt + rows.target_logit(zt, fresh_tgt_R, col0)
+            return stats, ts, tt
 
-        kl_s, kl_t = jax.lax.fori_loop(0, blocks, second, (zero_R, zero_R))
-        done = rows.online_finish(stats, spec.beta, kl_s, kl_t)
-    else:
-        done = rows.online_finish(stats, spec.beta)
-    values = tuple(done) + ((ts, tt) if with_targets else ())
-    for ref, v_R in zip(out_refs, values):
-        ref[pl.ds(row0, r)] = v_R
+        zero_R = jnp.zeros((r,), jnp.float32)
+        stats, ts, tt = jax.lax.fori_loop(0, blocks, fold, (rows.online_init(r), zero_R, zero_R))
+        if rows.divergence_mode(spec.beta) == "jsd":
+            log_zs, log_zt = rows.online_log_normalizers(stats)
+
+            def second(j, kls):
+                first, col0 = _start(j, c, vocab)
+                zs, zt, _ = _tile(in_refs, row0, col0, r, c, spec, limit, projected, first)
+                kl_s, kl_t = rows.jsd_block_kls(zs, zt, log_zs, log_zt, spec.beta)
+                return kls[0] + kl_s, kls[1] + kl_t
+
+            kl_s, kl_t = jax.lax.fori_loop(0, blocks, second, (zero_R, zero_R))
+            done = rows.online_finish(stats, spec.beta, kl_s, kl_t)
+        else:
+            done = rows.online_finish(stats, spec.beta)
+        values = tuple(done) + ((ts, tt) if with_targets else ())
+        for ref, v_R in zip(out_refs, values):
+            ref[pl.ds(row0, r)] = v_R
 
 
 def _grad_tile(in_refs, vec_refs, row0, col0, r, c, spec, limit, projected, first_col=None):
@@ -138,48 +183,57 @@ def _logits_grad_kernel(*refs, n, vocab, r, c, spec):
     out_ref[pl.ds(row0, r), pl.ds(col0, c)] = g.astype(out_ref.dtype)
 
 
-def _hidden_grad_kernel(*refs, n, vocab, r, c, spec):
-    in_refs, vec_refs, out_ref = refs[:4], refs[4:13], refs[13]
-    ws_ref = in_refs[1]
-    _, row0 = _start(pl.program_id(0), r, n)
+def _grad_kernel(*refs, n, vocab, r, c, spec):
+    """Program = token block: d/dh of its rows (owned, read-modify-write) and its share of d/dW
+    (atomic adds), one tile at a time; rows a clamped block revisits are left to their owner."""
+    in_refs, vec_refs = refs[:4], refs[4:13]
+    gh_ref, gw_ref = refs[-2], refs[-1]  # refs[13:15] are their zero-initialised aliases
+    hs_ref, ws_ref = in_refs[0], in_refs[1]
+    width = hs_ref.shape[1]
+    k = hidden_chunk(width)
+    nominal, row0 = _start(pl.program_id(0), r, n)
+    rows_ = pl.ds(row0, r)
+    keep_R = vec_refs[4][rows_]
+    fresh_Rx1 = row0 + jax.lax.broadcasted_iota(jnp.int32, (r, 1), 0) >= nominal
+    # The rows this program adds to d/dW: its own (not revisited) kept ones. An ignored row's
+    # hidden state may be NaN, which g's zeros would not cancel in h^T G.
+    row_ok_Rx1 = fresh_Rx1 & (keep_R[:, None] > 0)
 
-    def step(j, acc_RxH):
-        first, col0 = _start(j, c, vocab)
-        g = _grad_tile(in_refs, vec_refs, row0, col0, r, c, spec, _limit(spec, vocab), True, first)
-        w_HxC = ws_ref[:, pl.ds(col0, c)]
-        return acc_RxH + jax.lax.dot_general(
-            g.astype(w_HxC.dtype), w_HxC, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
+    @pl.when(jnp.max(keep_R) > 0)
+    def _run():
+        def vocab_step(j, carry):
+            first, col0 = _start(j, c, vocab)
+            cols = pl.ds(col0, c)
+            g = _grad_tile(in_refs, vec_refs, row0, col0, r, c, spec, _limit(spec, vocab), True, first)
+            g = jnp.where(row_ok_Rx1, g, 0.0)
 
-    acc = jax.lax.fori_loop(0, pl.cdiv(vocab, c), step, jnp.zeros((r, ws_ref.shape[0]), jnp.float32))
-    out_ref[pl.ds(row0, r), :] = acc
+            def hidden_step(q, carry):
+                ks = pl.ds(pl.multiple_of(q * k, k), k)
+                w_KxC = ws_ref[ks, cols]
+                gh_RxK = jax.lax.dot_general(g.astype(w_KxC.dtype), w_KxC, (((1,), (1,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
+                gh_ref[rows_, ks] = gh_ref[rows_, ks] + gh_RxK
+                h_RxK = jnp.where(row_ok_Rx1, hs_ref[rows_, ks], 0)
+                gw_KxC = jax.lax.dot_general(h_RxK, g.astype(h_RxK.dtype), (((0,), (0,)), ((), ())),
+                                             preferred_element_type=jnp.float32)
+                plt.atomic_add(gw_ref, (ks, cols), gw_KxC)
+                return carry
 
+            return jax.lax.fori_loop(0, width // k, hidden_step, carry)
 
-def _head_grad_kernel(*refs, n, vocab, r, c, spec):
-    in_refs, vec_refs, out_ref = refs[:4], refs[4:13], refs[13]
-    hs_ref = in_refs[0]
-    _, col0 = _start(pl.program_id(0), c, vocab)
-
-    def step(i, acc_HxC):
-        first, row0 = _start(i, r, n)
-        g = _grad_tile(in_refs, vec_refs, row0, col0, r, c, spec, _limit(spec, vocab), True)
-        fresh_Rx1 = row0 + jax.lax.broadcasted_iota(jnp.int32, (r, 1), 0) >= first
-        g = jnp.where(fresh_Rx1, g, 0.0)
-        h_RxH = hs_ref[pl.ds(row0, r), :]
-        return acc_HxC + jax.lax.dot_general(
-            h_RxH, g.astype(h_RxH.dtype), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-
-    acc = jax.lax.fori_loop(0, pl.cdiv(n, r), step, jnp.zeros((hs_ref.shape[1], c), jnp.float32))
-    out_ref[:, pl.ds(col0, c)] = acc
+        jax.lax.fori_loop(0, pl.cdiv(vocab, c), vocab_step, 0)
 
 
-def _call(kernel, out_shape, grid, spec, *args):
+def _call(kernel, out_shape, grid, spec, *args, aliases=None):
     interpret = spec.interpret if spec.interpret is not None else jax.default_backend() != "gpu"
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret)(*args)
+    # Triton explicitly: without compiler params jax now lowers GPU pallas_calls through Mosaic GPU,
+    # which would stage every ref in shared memory.
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+                          compiler_params=plt.CompilerParams(num_warps=4),
+                          input_output_aliases=aliases or {})(*args)
 
 
-def row_stats(inputs, targets_N, spec: DivergenceSpec):
+def row_stats(inputs, targets_N, mask_N, spec: DivergenceSpec):
     projected = len(inputs) == 4
     if projected:
         _check_widths(inputs)
@@ -192,7 +246,7 @@ def row_stats(inputs, targets_N, spec: DivergenceSpec):
     kernel = functools.partial(
         _stats_kernel, n_in=len(inputs), n=n, vocab=vocab, r=r, c=c, spec=spec, with_targets=with_targets
     )
-    args = tuple(inputs) + ((targets_N,) if with_targets else ())
+    args = tuple(inputs) + (mask_N.astype(jnp.int32),) + ((targets_N,) if with_targets else ())
     outs = _call(kernel, [jax.ShapeDtypeStruct((n,), jnp.float32)] * n_out, (pl.cdiv(n, r),), spec, *args)
     return rows.RowStats(*outs[:6]), ((outs[6], outs[7]) if with_targets else None)
 
@@ -218,15 +272,14 @@ def fused_grads(hs, ws, ht, wt, stats, cots, targets_N, spec: DivergenceSpec):
     n, vocab = hs.shape[0], ws.shape[1]
     r, c = _blocks(n, vocab, spec)
     vectors = _grad_vectors(stats, cots, targets_N, n)
-    kw = dict(n=n, vocab=vocab, r=r, c=c, spec=spec)
-    gh = _call(
-        functools.partial(_hidden_grad_kernel, **kw), jax.ShapeDtypeStruct(hs.shape, jnp.float32),
-        (pl.cdiv(n, r),), spec, hs, ws, ht, wt, *vectors,
+    kernel = functools.partial(_grad_kernel, n=n, vocab=vocab, r=r, c=c, spec=spec)
+    zeros = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros(ws.shape, jnp.float32))
+    first_alias = 4 + len(vectors)
+    gh, gw = _call(
+        kernel, [jax.ShapeDtypeStruct(hs.shape, jnp.float32), jax.ShapeDtypeStruct(ws.shape, jnp.float32)],
+        (pl.cdiv(n, r),), spec, hs, ws, ht, wt, *vectors, *zeros, aliases={first_alias: 0, first_alias + 1: 1},
     )
-    gw = _call(
-        functools.partial(_head_grad_kernel, **kw), jax.ShapeDtypeStruct(ws.shape, jnp.float32),
-        (pl.cdiv(vocab, c),), spec, hs, ws, ht, wt, *vectors,
-    )
+    # Skipped token blocks wrote nothing; their rows hold the zeros they started with.
     return gh, gw
 
 

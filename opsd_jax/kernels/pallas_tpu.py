@@ -10,13 +10,22 @@ the *running* statistics (rows.OnlineStats), not finished results, so a shard th
 slice of the vocabulary can combine them with the other shards' (vocab_parallel.py); finishing
 them is cheap [N] vector math outside the kernel. The fused form projects each tile on the MXU
 inside the kernel (h[R, H] @ W[H, C], in the hidden state's dtype: a float32 master head is cast
-tile by tile) and never writes logits to HBM. Its backward recomputes tiles in two kernels, one
-accumulating d/dh over vocabulary blocks and one accumulating d/dW over token blocks; that is
-16 N H V FLOPs in all instead of the XLA path's 8, the price of never holding a full row on chip.
+tile by tile) and never writes logits to HBM.
 
-Which vocabulary columns count is a run-time int32 scalar in SMEM (`limit`): the embedding's
-padding rows, and for a vocabulary-parallel shard the slice's position in the whole vocabulary,
-are not known when the kernel is traced inside a shard_map.
+Its backward is one kernel that recomputes each tile once and forms both products from it:
+4 N H V FLOPs for the two projections and 4 for G W^T and h^T G, 12 N H V in all with the
+statistics sweep (16 for the JSD, whose second pass needs both normalizers). Its grid is
+(vocabulary blocks, token blocks): the d/dW block of a vocabulary block stays in VMEM while the
+token blocks stream past, and each token block's d/dh rows are read from HBM, added to and written
+back (manual DMA, double-buffered so the write of one step overlaps the next). On chips whose two
+TensorCores form one device (v4, v5p) a leading "parallel" axis gives each core half of the
+vocabulary blocks and its own d/dh partial, summed afterwards.
+
+Which vocabulary columns count is a run-time int32 scalar (`limit`): the embedding's padding
+rows, and for a vocabulary-parallel shard the slice's position in the whole vocabulary, are not
+known when the kernel is traced inside a shard_map. Token blocks without a kept row are skipped:
+per-block flags are scalar-prefetched, a skipped step computes nothing, and its index maps point
+at the blocks the previous step already holds, so it moves no data either.
 
 Vocabulary sizes that no block divides (Qwen3: 151,936 = 128 x 1187) use a cdiv grid; the columns
 past V in the last block hold garbage, so they are masked to -inf (logits) and 0 (weights) before
@@ -42,10 +51,13 @@ from opsd_jax.kernels import pallas_common, rows, tpu_vmem, vocab_parallel
 from opsd_jax.kernels.spec import DivergenceSpec
 
 N_STATS = len(rows.OnlineStats._fields)
-# Per-token float32 values the gradient kernels read, packed as the columns of one [N, 8] array
+# Per-token float32 values the gradient kernel reads, packed as the columns of one [N, 8] array
 # (one VMEM block instead of eight lane-padded ones).
 GRAD_VECTORS = ("student_log_z", "teacher_log_z", "aux", "student_entropy", "keep", "cot_divergence",
                 "cot_entropy", "cot_logprob")
+# Scalar-prefetched operands of the statistics and gradient kernels: the column limit, and per
+# token block its "holds a kept row" flag and the block its index maps read.
+N_PREFETCH = 3
 
 
 def _col(x_N):
@@ -89,6 +101,20 @@ def _default_limit(spec: DivergenceSpec, vocab: int):
     return jnp.array([vocab if spec.valid_vocab is None else spec.valid_vocab], jnp.int32)
 
 
+def block_tables(active_N, r: int):
+    """(int32 [B] flags: token block b holds an active row; int32 [B] the block b's index maps
+    read: b itself when active, else the last active block before it (the first active one when
+    none is), so that a skipped step finds its blocks already in VMEM)."""
+    n = active_N.shape[0]
+    count = pl.cdiv(n, r)
+    padded = jnp.zeros((count * r,), jnp.bool_).at[:n].set(active_N)
+    flags_B = jnp.any(padded.reshape(count, r), axis=1)
+    index_B = jnp.arange(count, dtype=jnp.int32)
+    last_B = jax.lax.cummax(jnp.where(flags_B, index_B, -1))
+    first = jnp.argmax(flags_B).astype(jnp.int32)
+    return flags_B.astype(jnp.int32), jnp.where(last_B >= 0, last_B, first).astype(jnp.int32)
+
+
 def _project(h_RxH, w_HxC):
     """float32 [R, C] = h @ W on the MXU in h's dtype (the model's compute dtype, as
     models.logits_from_hidden multiplies)."""
@@ -114,13 +140,14 @@ def _tiles(limit_ref, in_refs, j, c, spec, projected):
     return scaled(raw_s), scaled(raw_t), col_ok_1xC
 
 
-def _stats_kernel(limit_ref, *refs, n_in, c, spec, projected, with_targets):
+def _stats_kernel(limit_ref, flags_ref, index_ref, *refs, n_in, c, spec, projected, with_targets):
+    del index_ref  # used by the index maps only
     in_refs = refs[:n_in]
     rest = list(refs[n_in:])
     tgt_ref = rest.pop(0) if with_targets else None
     stat_refs = rest[:N_STATS]
     target_refs = rest[N_STATS:]
-    j = pl.program_id(1)
+    i, j = pl.program_id(0), pl.program_id(1)
 
     # The output blocks stay in VMEM while j advances (same block index): they are the accumulators.
     @pl.when(j == 0)
@@ -130,30 +157,36 @@ def _stats_kernel(limit_ref, *refs, n_in, c, spec, projected, with_targets):
         for ref in target_refs:
             ref[...] = jnp.zeros_like(ref)
 
-    zs_RxC, zt_RxC, _ = _tiles(limit_ref, in_refs, j, c, spec, projected)
-    stats = rows.online_fold(rows.OnlineStats(*(_load_rows(ref) for ref in stat_refs)), zs_RxC, zt_RxC)
-    for ref, v_R in zip(stat_refs, stats):
-        ref[...] = _col(v_R)
-    if with_targets:
-        tgt_R = _load_rows(tgt_ref)
-        target_refs[0][...] += _col(rows.target_logit(zs_RxC, tgt_R, j * c))
-        target_refs[1][...] += _col(rows.target_logit(zt_RxC, tgt_R, j * c))
+    @pl.when(flags_ref[i] > 0)
+    def _fold():
+        zs_RxC, zt_RxC, _ = _tiles(limit_ref, in_refs, j, c, spec, projected)
+        old = rows.OnlineStats(*(_load_rows(ref) for ref in stat_refs))
+        for ref, v_R in zip(stat_refs, rows.online_fold(old, zs_RxC, zt_RxC, spec.beta)):
+            ref[...] = _col(v_R)
+        if with_targets:
+            tgt_R = _load_rows(tgt_ref)
+            target_refs[0][...] += _col(rows.target_logit(zs_RxC, tgt_R, j * c))
+            target_refs[1][...] += _col(rows.target_logit(zt_RxC, tgt_R, j * c))
 
 
-def _jsd_kernel(limit_ref, *refs, n_in, c, spec, projected):
+def _jsd_kernel(limit_ref, flags_ref, index_ref, *refs, n_in, c, spec, projected):
+    del index_ref
     in_refs = refs[:n_in]
     log_zs_ref, log_zt_ref, kl_s_ref, kl_t_ref = refs[n_in:]
-    j = pl.program_id(1)
+    i, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(j == 0)
     def _init():
         kl_s_ref[...] = jnp.zeros_like(kl_s_ref)
         kl_t_ref[...] = jnp.zeros_like(kl_t_ref)
 
-    zs_RxC, zt_RxC, _ = _tiles(limit_ref, in_refs, j, c, spec, projected)
-    kl_s_R, kl_t_R = rows.jsd_block_kls(zs_RxC, zt_RxC, _load_rows(log_zs_ref), _load_rows(log_zt_ref), spec.beta)
-    kl_s_ref[...] += _col(kl_s_R)
-    kl_t_ref[...] += _col(kl_t_R)
+    @pl.when(flags_ref[i] > 0)
+    def _add():
+        zs_RxC, zt_RxC, _ = _tiles(limit_ref, in_refs, j, c, spec, projected)
+        kl_s_R, kl_t_R = rows.jsd_block_kls(zs_RxC, zt_RxC, _load_rows(log_zs_ref), _load_rows(log_zt_ref),
+                                            spec.beta)
+        kl_s_ref[...] += _col(kl_s_R)
+        kl_t_ref[...] += _col(kl_t_R)
 
 
 def _grad_tile(limit_ref, in_refs, vec_ref, tgt_ref, i, j, r, c, n, spec, projected):
@@ -175,45 +208,91 @@ def _logits_grad_kernel(limit_ref, s_ref, t_ref, vec_ref, tgt_ref, out_ref, *, r
     out_ref[...] = g_RxC.astype(out_ref.dtype)
 
 
-def _hidden_grad_kernel(limit_ref, *refs, r, c, n, spec):
-    in_refs, vec_ref, tgt_ref, out_ref = refs[:4], refs[4], refs[5], refs[6]
-    j = pl.program_id(1)
+def _grad_kernel(limit_ref, flags_ref, index_ref, *refs, r, c, n, n_token_blocks, vocab_blocks, per_core, spec):
+    """One step (core, jj, i): token block i against vocabulary block j = core * per_core + jj.
 
-    @pl.when(j == 0)
+    gw_ref: the [Hs, C] d/dW block of j, resident while i advances. gh_hbm: [cores, Npad, Hs]
+    float32 in HBM; buf: two [R, Hs] float32 VMEM buffers; step s = jj * I + i of this core uses
+    buf[s % 2]: it reads token block i's partial d/dh (written back by the step I earlier, whose
+    write was awaited before this step), adds G W^T, and starts the write back, which the next
+    step awaits. With a single token block the rows stay in buf[0] instead and leave once.
+    """
+    del index_ref
+    in_refs, vec_ref, tgt_ref, gw_ref, gh_hbm, buf, in_sem, out_sem = (refs[:4], *refs[4:])
+    core, jj, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    j = core * per_core + jj
+    live = j < vocab_blocks
+    kept = (flags_ref[i] > 0) & live
+    single = n_token_blocks == 1
+    step = jj * n_token_blocks + i
+    slot = 0 if single else step % 2
+    last = (jj == per_core - 1) & (i == n_token_blocks - 1)
+
+    def rows_of(block):
+        return pl.ds(pl.multiple_of(block * r, 8), r)
+
+    def read(block, at):
+        return pltpu.make_async_copy(gh_hbm.at[core, rows_of(block), :], buf.at[at], in_sem)
+
+    def write(block, at):
+        return pltpu.make_async_copy(buf.at[at], gh_hbm.at[core, rows_of(block), :], out_sem.at[at])
+
+    @pl.when((i == 0) & live)
     def _init():
-        out_ref[...] = jnp.zeros_like(out_ref)
+        gw_ref[...] = jnp.zeros_like(gw_ref)
 
-    g_RxC, _, col_ok_1xC = _grad_tile(limit_ref, in_refs, vec_ref, tgt_ref, pl.program_id(0), j, r, c, n, spec, True)
-    hs_dtype = in_refs[0].dtype
-    # Garbage columns past V may be NaN, and g's zeros there would not cancel them (0 * NaN).
-    ws_HxC = jnp.where(col_ok_1xC, in_refs[1][...].astype(hs_dtype), 0)
-    out_ref[...] += jax.lax.dot_general(
-        g_RxC.astype(hs_dtype), ws_HxC, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    if not single:
+        @pl.when(kept & (jj > 0))
+        def _fetch():
+            read(i, slot).start()
 
+    @pl.when(kept)
+    def _accumulate():
+        g_RxC, row_ok_Rx1, col_ok_1xC = _grad_tile(limit_ref, in_refs, vec_ref, tgt_ref, i, j, r, c, n, spec, True)
+        hs_dtype = in_refs[0].dtype
+        g_RxC = g_RxC.astype(hs_dtype)
+        # Rows past N are garbage and ignored tokens may be NaN: g's zeros would not cancel them.
+        hs_RxH = jnp.where(row_ok_Rx1, in_refs[0][...], 0)
+        gw_ref[...] += jax.lax.dot_general(hs_RxH, g_RxC, (((0,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+        # Likewise the garbage columns past V in the head tile.
+        ws_HxC = jnp.where(col_ok_1xC, in_refs[1][...].astype(hs_dtype), 0)
+        gh_RxH = jax.lax.dot_general(g_RxC, ws_HxC, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-def _head_grad_kernel(limit_ref, *refs, r, c, n, spec):
-    # Grid is (vocabulary, tokens) here: the head block stays resident while tokens stream by.
-    in_refs, vec_ref, tgt_ref, out_ref = refs[:4], refs[4], refs[5], refs[6]
-    i = pl.program_id(1)
+        @pl.when(jj == 0)
+        def _first():
+            buf[slot] = gh_RxH
 
-    @pl.when(i == 0)
-    def _init():
-        out_ref[...] = jnp.zeros_like(out_ref)
+        @pl.when(jj > 0)
+        def _add():
+            if not single:
+                read(i, slot).wait()
+            buf[slot] += gh_RxH
 
-    g_RxC, row_ok_Rx1, _ = _grad_tile(limit_ref, in_refs, vec_ref, tgt_ref, i, pl.program_id(0), r, c, n, spec, True)
-    # Rows past N are garbage and ignored tokens may be NaN: g's zeros would not cancel them.
-    hs_RxH = jnp.where(row_ok_Rx1, in_refs[0][...], 0)
-    out_ref[...] += jax.lax.dot_general(
-        hs_RxH, g_RxC.astype(hs_RxH.dtype), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    if single:
+        @pl.when(last & (flags_ref[0] > 0))
+        def _flush():
+            write(0, 0).start()
+            write(0, 0).wait()
+    else:
+        previous = jnp.where(i == 0, n_token_blocks - 1, i - 1)
+        previous_live = jnp.where(i == 0, j - 1, j) < vocab_blocks
 
+        @pl.when((step > 0) & (flags_ref[previous] > 0) & previous_live)
+        def _drain():
+            write(previous, 1 - slot).wait()
 
-_SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
+        @pl.when(kept)
+        def _store():
+            write(i, slot).start()
+
+        @pl.when(kept & last)
+        def _finish():
+            write(i, slot).wait()
 
 
 def _in_specs(inputs, r, c, tokens_first=True):
-    """BlockSpecs for the matrix inputs; index maps take grid ids in grid order."""
+    """BlockSpecs for the matrix inputs (no scalar prefetch); index maps take grid ids in order."""
 
     def ids(g):
         return (g[0], g[1]) if tokens_first else (g[1], g[0])
@@ -229,120 +308,197 @@ def _in_specs(inputs, r, c, tokens_first=True):
     return [pl.BlockSpec((r, c), lambda *g: ids(g)) for _ in inputs]
 
 
+def _skipping_in_specs(inputs, r, c, vocab_blocks):
+    """BlockSpecs of the matrix inputs for a (token block i, vocab block j) grid with scalar
+    prefetch (limit, flags, index): a skipped block reads token block index[i] and vocabulary
+    block V/C - 1, which the previous step already holds."""
+
+    def token(i, flags, index):
+        return index[i]
+
+    def vocab(i, j, flags):
+        return jnp.where(flags[i] > 0, j, vocab_blocks - 1)
+
+    if len(inputs) == 4:
+        hs, ws, ht, wt = inputs
+        # The hidden rows change once per token block: one buffer (tpu_vmem.estimate).
+        return [
+            pl.BlockSpec((r, hs.shape[1]), lambda i, j, lim, f, x: (token(i, f, x), 0), pipeline_mode=pl.Buffered(1)),
+            pl.BlockSpec((ws.shape[0], c), lambda i, j, lim, f, x: (0, vocab(i, j, f))),
+            pl.BlockSpec((r, ht.shape[1]), lambda i, j, lim, f, x: (token(i, f, x), 0), pipeline_mode=pl.Buffered(1)),
+            pl.BlockSpec((wt.shape[0], c), lambda i, j, lim, f, x: (0, vocab(i, j, f))),
+        ]
+    return [pl.BlockSpec((r, c), lambda i, j, lim, f, x: (token(i, f, x), vocab(i, j, f))) for _ in inputs]
+
+
+def _row_spec(r, width=1, *, follow=True):
+    """An [R, width] block of token block i (grid (i, j) with scalar prefetch); follow: a skipped
+    block reads the block its index table names (inputs) rather than its own (outputs)."""
+    if follow:
+        return pl.BlockSpec((r, width), lambda i, j, lim, f, x: (x[i], 0))
+    return pl.BlockSpec((r, width), lambda i, j, lim, f, x: (i, 0))
+
+
 def _vec_spec(r, width=1, tokens_first=True):
     return pl.BlockSpec((r, width), (lambda *g: (g[0], 0)) if tokens_first else (lambda *g: (g[1], 0)))
 
 
+_SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)
+
+
+def _interpret(spec: DivergenceSpec):
+    interpret = spec.interpret if spec.interpret is not None else jax.default_backend() != "tpu"
+    return pltpu.InterpretParams() if interpret else False
+
+
+def _params(semantics, spec):
+    return pltpu.CompilerParams(dimension_semantics=semantics,
+                                vmem_limit_bytes=tpu_vmem.budget(_generation(spec)).limit_bytes)
+
+
 def _call(kernel, out_shape, grid, in_specs, out_specs, semantics, spec, *args):
     """pallas_call through Mosaic, or through the TPU interpreter (see DivergenceSpec.interpret)."""
-    interpret = spec.interpret if spec.interpret is not None else jax.default_backend() != "tpu"
-    limit = tpu_vmem.budget(_generation(spec)).limit_bytes
     return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=limit),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        compiler_params=_params(semantics, spec), interpret=_interpret(spec),
     )(*args)
 
 
-def slice_stats(inputs, targets_N, limit, spec: DivergenceSpec):
+def _call_prefetch(kernel, out_shape, grid, in_specs, out_specs, semantics, spec, prefetch, *args, scratch=()):
+    """pallas_call with N_PREFETCH scalar-prefetched int32 arrays (limit, flags, index)."""
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=N_PREFETCH, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        scratch_shapes=list(scratch),
+    )
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=_params(semantics, spec),
+        interpret=_interpret(spec),
+    )(*prefetch, *args)
+
+
+def slice_stats(inputs, targets_N, mask_N, limit, spec: DivergenceSpec):
     """vocab_parallel.LocalBackend.stats: running statistics (rows.OnlineStats, float32 [N]) of
     these columns, and the targets' scaled logits (0 where a target lies outside them) or None.
 
     inputs: (logits s, t [N, V]) or (hs [N, Hs], ws [Hs, V], ht [N, Ht], wt [Ht, V]); targets_N:
-    int32 column ids or None; limit: int32 [1], columns at or past it are excluded.
+    int32 column ids or None; mask_N: bool, token blocks without a kept row are skipped (their
+    rows' statistics stay at their initial values); limit: int32 [1], columns at or past it are
+    excluded.
     """
     projected = len(inputs) == 4
     n, vocab = _shape(inputs)
     r, c = _blocks("stats", inputs, spec)
     with_targets = targets_N is not None
     vec = jax.ShapeDtypeStruct((n, 1), jnp.float32)
-    in_specs = [_SMEM] + _in_specs(inputs, r, c)
-    args = [jnp.reshape(limit, (1,)).astype(jnp.int32), *inputs]
+    vocab_blocks = pl.cdiv(vocab, c)
+    in_specs = _skipping_in_specs(inputs, r, c, vocab_blocks)
+    args = list(inputs)
     if with_targets:
-        in_specs.append(_vec_spec(r))
+        in_specs.append(_row_spec(r))
         args.append(_col(targets_N))
     n_out = N_STATS + 2 * with_targets
     kernel = functools.partial(_stats_kernel, n_in=len(inputs), c=c, spec=spec, projected=projected,
                                with_targets=with_targets)
-    outs = _call(kernel, [vec] * n_out, (pl.cdiv(n, r), pl.cdiv(vocab, c)), in_specs, [_vec_spec(r)] * n_out,
-                 ("parallel", "arbitrary"), spec, *args)
+    prefetch = (jnp.reshape(limit, (1,)).astype(jnp.int32), *block_tables(mask_N, r))
+    outs = _call_prefetch(kernel, [vec] * n_out, (pl.cdiv(n, r), vocab_blocks), in_specs,
+                          [_row_spec(r, follow=False)] * n_out, ("parallel", "arbitrary"), spec, prefetch, *args)
     outs = [o[:, 0] for o in outs]
     return rows.OnlineStats(*outs[:N_STATS]), (tuple(outs[N_STATS:]) if with_targets else None)
 
 
-def slice_jsd_kls(inputs, log_zs_N, log_zt_N, limit, spec: DivergenceSpec):
+def slice_jsd_kls(inputs, log_zs_N, log_zt_N, mask_N, limit, spec: DivergenceSpec):
     """vocab_parallel.LocalBackend.jsd_kls: these columns' shares of KL(p_s||m), KL(p_t||m) [N]."""
     projected = len(inputs) == 4
     n, vocab = _shape(inputs)
     r, c = _blocks("jsd", inputs, spec)
     vec = jax.ShapeDtypeStruct((n, 1), jnp.float32)
+    vocab_blocks = pl.cdiv(vocab, c)
     kernel = functools.partial(_jsd_kernel, n_in=len(inputs), c=c, spec=spec, projected=projected)
-    kl_s, kl_t = _call(
-        kernel, [vec] * 2, (pl.cdiv(n, r), pl.cdiv(vocab, c)),
-        [_SMEM] + _in_specs(inputs, r, c) + [_vec_spec(r)] * 2, [_vec_spec(r)] * 2, ("parallel", "arbitrary"), spec,
-        jnp.reshape(limit, (1,)).astype(jnp.int32), *inputs, _col(log_zs_N), _col(log_zt_N),
+    prefetch = (jnp.reshape(limit, (1,)).astype(jnp.int32), *block_tables(mask_N, r))
+    kl_s, kl_t = _call_prefetch(
+        kernel, [vec] * 2, (pl.cdiv(n, r), vocab_blocks),
+        _skipping_in_specs(inputs, r, c, vocab_blocks) + [_row_spec(r)] * 2, [_row_spec(r, follow=False)] * 2,
+        ("parallel", "arbitrary"), spec, prefetch, *inputs, _col(log_zs_N), _col(log_zt_N),
     )
     return kl_s[:, 0], kl_t[:, 0]
 
 
-def row_stats(inputs, targets_N, spec: DivergenceSpec):
+def row_stats(inputs, targets_N, mask_N, spec: DivergenceSpec):
     """pallas_common.Backend.row_stats: the whole vocabulary is one slice."""
     local = vocab_parallel.LocalBackend(slice_stats, slice_jsd_kls, None)
-    return vocab_parallel.combined_row_stats(local, inputs, targets_N, _default_limit(spec, _shape(inputs)[1]), spec)
+    return vocab_parallel.combined_row_stats(local, inputs, targets_N, mask_N,
+                                             _default_limit(spec, _shape(inputs)[1]), spec)
 
 
 def _grad_vectors(stats: rows.RowStats, cots, targets_N, n):
-    """(float32 [N, 8] packed GRAD_VECTORS, int32 [N, 1] targets (-1: none))."""
+    """(float32 [N, 8] packed GRAD_VECTORS, int32 [N, 1] targets (-1: none), bool [N] keep)."""
     cot_d, cot_h, cot_lp = pallas_common.full_cotangents(cots, n)
-    keep = ((cot_d != 0) | (cot_h != 0) | (cot_lp != 0)).astype(jnp.float32)
+    keep_N = (cot_d != 0) | (cot_h != 0) | (cot_lp != 0)
     packed = jnp.stack(
-        [stats.student_log_z_R, stats.teacher_log_z_R, stats.aux_R, stats.student_entropy_R, keep, cot_d, cot_h, cot_lp],
+        [stats.student_log_z_R, stats.teacher_log_z_R, stats.aux_R, stats.student_entropy_R,
+         keep_N.astype(jnp.float32), cot_d, cot_h, cot_lp],
         axis=1,
     )
     tgt = jnp.full((n,), -1, jnp.int32) if targets_N is None else targets_N
-    return packed, _col(tgt)
+    return packed, _col(tgt), keep_N
 
 
 def logits_grad(s_NxV, t_NxV, stats, cots, targets_N, spec: DivergenceSpec):
     n, vocab = s_NxV.shape
     r, c = _blocks("logits_grad", (s_NxV, t_NxV), spec)
     kernel = functools.partial(_logits_grad_kernel, r=r, c=c, n=n, spec=spec)
+    packed, tgt, _ = _grad_vectors(stats, cots, targets_N, n)
     return _call(
         kernel, jax.ShapeDtypeStruct((n, vocab), s_NxV.dtype), (pl.cdiv(n, r), pl.cdiv(vocab, c)),
         [_SMEM] + _in_specs((s_NxV, t_NxV), r, c) + [_vec_spec(r, len(GRAD_VECTORS)), _vec_spec(r)],
         pl.BlockSpec((r, c), lambda i, j: (i, j)), ("parallel", "parallel"), spec,
-        _default_limit(spec, vocab), s_NxV, t_NxV, *_grad_vectors(stats, cots, targets_N, n),
+        _default_limit(spec, vocab), s_NxV, t_NxV, packed, tgt,
     )
 
 
 def slice_grads(hs, ws, ht, wt, stats, cots, targets_N, limit, spec: DivergenceSpec):
     """vocab_parallel.LocalBackend.grads: (float32 [N, Hs] d/dh through these columns, float32
-    [Hs, V] d/dW of these columns)."""
+    [Hs, V] d/dW of these columns), one recomputation of each tile (`_grad_kernel`)."""
     inputs = (hs, ws, ht, wt)
     n, vocab = hs.shape[0], ws.shape[1]
     width = hs.shape[1]
-    packed, tgt = _grad_vectors(stats, cots, targets_N, n)
-    limit = jnp.reshape(limit, (1,)).astype(jnp.int32)
-    k = len(GRAD_VECTORS)
-    r, c = _blocks("hidden_grad", inputs, spec)
-    gh = _call(
-        functools.partial(_hidden_grad_kernel, r=r, c=c, n=n, spec=spec),
-        jax.ShapeDtypeStruct((n, width), jnp.float32), (pl.cdiv(n, r), pl.cdiv(vocab, c)),
-        [_SMEM] + _in_specs(inputs, r, c) + [_vec_spec(r, k), _vec_spec(r)],
-        pl.BlockSpec((r, width), lambda i, j: (i, 0)), ("parallel", "arbitrary"), spec, limit, *inputs, packed, tgt,
-    )
-    r, c = _blocks("head_grad", inputs, spec)
-    gw = _call(
-        functools.partial(_head_grad_kernel, r=r, c=c, n=n, spec=spec),
-        jax.ShapeDtypeStruct((width, vocab), jnp.float32), (pl.cdiv(vocab, c), pl.cdiv(n, r)),
-        [_SMEM] + _in_specs(inputs, r, c, tokens_first=False)
-        + [_vec_spec(r, k, tokens_first=False), _vec_spec(r, tokens_first=False)],
-        pl.BlockSpec((width, c), lambda j, i: (0, j)), ("parallel", "arbitrary"), spec, limit, *inputs, packed, tgt,
-    )
+    packed, tgt, keep_N = _grad_vectors(stats, cots, targets_N, n)
+    r, c = _blocks("grad", inputs, spec)
+    token_blocks, vocab_blocks = pl.cdiv(n, r), pl.cdiv(vocab, c)
+    cores = min(tpu_vmem.cores_per_device(_generation(spec)), vocab_blocks)
+    per_core = pl.cdiv(vocab_blocks, cores)
+
+    def vocab_index(core, jj):
+        return jnp.minimum(core * per_core + jj, vocab_blocks - 1)
+
+    def token(i, index):
+        return index[i]
+
+    # Head tiles and the d/dW block change once per vocabulary block: one buffer each.
+    once = pl.Buffered(1)
+    in_specs = [
+        pl.BlockSpec((r, width), lambda k, jj, i, lim, f, x: (token(i, x), 0)),
+        pl.BlockSpec((width, c), lambda k, jj, i, lim, f, x: (0, vocab_index(k, jj)), pipeline_mode=once),
+        pl.BlockSpec((r, ht.shape[1]), lambda k, jj, i, lim, f, x: (token(i, x), 0)),
+        pl.BlockSpec((wt.shape[0], c), lambda k, jj, i, lim, f, x: (0, vocab_index(k, jj)), pipeline_mode=once),
+        pl.BlockSpec((r, len(GRAD_VECTORS)), lambda k, jj, i, lim, f, x: (token(i, x), 0)),
+        pl.BlockSpec((r, 1), lambda k, jj, i, lim, f, x: (token(i, x), 0)),
+    ]
+    out_specs = [
+        pl.BlockSpec((width, c), lambda k, jj, i, lim, f, x: (0, vocab_index(k, jj)), pipeline_mode=once),
+        pl.BlockSpec(memory_space=pl.ANY),
+    ]
+    out_shape = [jax.ShapeDtypeStruct((width, vocab), jnp.float32),
+                 jax.ShapeDtypeStruct((cores, token_blocks * r, width), jnp.float32)]
+    scratch = (pltpu.VMEM((2, r, width), jnp.float32), pltpu.SemaphoreType.DMA(()), pltpu.SemaphoreType.DMA((2,)))
+    kernel = functools.partial(_grad_kernel, r=r, c=c, n=n, n_token_blocks=token_blocks, vocab_blocks=vocab_blocks,
+                               per_core=per_core, spec=spec)
+    prefetch = (jnp.reshape(limit, (1,)).astype(jnp.int32), *block_tables(keep_N, r))
+    gw, gh_parts = _call_prefetch(kernel, out_shape, (cores, per_core, token_blocks), in_specs, out_specs,
+                                  ("parallel", "arbitrary", "arbitrary"), spec, prefetch, *inputs, packed, tgt,
+                                  scratch=scratch)
+    # Rows of skipped blocks were never written (and ignored rows of kept blocks hold zeros).
+    gh = jnp.where(keep_N[:, None], jnp.sum(gh_parts, axis=0)[:n], 0.0)
     return gh, gw
 
 

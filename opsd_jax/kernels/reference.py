@@ -48,9 +48,10 @@ def divergence(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec: 
 
 
 def fused_linear_divergence(
-    student_hidden_NxHs, student_head_HsxV, teacher_hidden_NxHt, teacher_head_HtxV, mask_N, targets_N, spec
+    student_hidden_NxHs, student_head_HsxV, teacher_hidden_NxHt, teacher_head_HtxV, mask_N, targets_N, weights_N, spec
 ):
-    """The same outputs from hidden states and heads, by forming both logits in float32."""
+    """The same outputs from hidden states and heads, by forming both logits in float32 (autodiff
+    needs no `weights`)."""
     logits_s_NxV = jnp.dot(student_hidden_NxHs, student_head_HsxV, preferred_element_type=jnp.float32)
     logits_t_NxV = jnp.dot(teacher_hidden_NxHt, teacher_head_HtxV, preferred_element_type=jnp.float32)
     return divergence(logits_s_NxV, logits_t_NxV, mask_N, targets_N, spec)

@@ -5,11 +5,11 @@ R rows per token block, C columns per vocabulary block.
 
 Pallas double-buffers every block it streams, so a kernel's VMEM is about twice its blocks plus
 the values it keeps live. At Qwen3-8B widths (H=4096) with a float32 master head, one [H, C]
-head tile is 8 MiB at C=512, and the d/dW kernel holds six head-sized blocks or values (student
-and teacher tiles twice each, their MXU casts, the [Hs, C] accumulator twice): that is what
-overflowed v5e's 64 MiB scoped limit (70.4M). Block sizes are therefore chosen per kernel, per
-width and per generation: the candidates that fit the budget, and among them the one that
-reads the least HBM.
+head tile is 8 MiB at C=512, and the gradient kernel holds six head-sized blocks or values
+(student and teacher tiles twice each, their MXU casts, the [Hs, C] d/dW block twice): that is
+what overflowed v5e's 64 MiB scoped limit (70.4M) before. Block sizes are therefore chosen per
+kernel, per width and per generation: the candidates that fit the budget, and among them the one
+that moves the least HBM.
 """
 
 from __future__ import annotations
@@ -25,6 +25,16 @@ PHYSICAL_VMEM = {"v4": 16 * MiB, "v5e": 128 * MiB, "v5p": 64 * MiB, "v6e": 128 *
 # When the chip is unknown (interpreting on a CPU, or compiling without a device): the smallest
 # current generation's VMEM, so a kernel that fits here fits on v5e, v5p, v6e and v7x.
 DEFAULT_GENERATION = "v5p"
+# Generations whose two TensorCores form one jax device ("megacore", jax's tpu_info
+# supports_megacore): a "parallel" grid axis is split between them. v7x has two cores per chip
+# too, but each is its own device.
+MEGACORE = ("v4", "v5p")
+
+
+def cores_per_device(generation: str | None) -> int:
+    """TensorCores behind one device of `generation` (1 when unknown: interpreting, or a kernel
+    that must not assume a split)."""
+    return 2 if generation in MEGACORE else 1
 
 
 class Budget(NamedTuple):
@@ -84,7 +94,7 @@ class Operands(NamedTuple):
 
 # Blocks streamed besides the matrices, in units of an [R, 1] vector block, and what the kernel
 # writes (see `estimate`).
-KERNELS = ("stats", "jsd", "logits_grad", "hidden_grad", "head_grad")
+KERNELS = ("stats", "jsd", "logits_grad", "grad")
 _LANES = 128
 _LIVE_TILES = 8  # float32 [R, C] values alive at once: two logits tiles, probabilities, mixture, gradient, masks
 
@@ -93,51 +103,52 @@ def estimate(kernel: str, r: int, c: int, ops: Operands) -> int:
     """Estimated VMEM bytes of one pallas_call with (R, C) blocks.
 
     An [R, k] 32-bit block with k <= 128 fills R/8 whole (8, 128) tiles, so a per-token vector
-    costs R * 128 * 4 bytes, not R * 4.
+    costs R * 128 * 4 bytes, not R * 4. Blocks whose index changes only along the outer grid axis
+    are single-buffered (pl.Buffered(1): one stall per outer step): the hidden rows of the
+    statistics kernels, the head tiles and the d/dW block of the gradient kernel.
     """
     vec = r * _LANES * 4
     tile = r * c * 4
+    single = 0
     if ops.projected:
-        streamed = (r * (ops.student_width * ops.student_hidden_bytes + ops.teacher_width * ops.teacher_hidden_bytes)
-                    + c * (ops.student_width * ops.student_head_bytes + ops.teacher_width * ops.teacher_head_bytes))
+        rows_bytes = r * (ops.student_width * ops.student_hidden_bytes + ops.teacher_width * ops.teacher_hidden_bytes)
+        head_bytes = c * (ops.student_width * ops.student_head_bytes + ops.teacher_width * ops.teacher_head_bytes)
+        double, single = (rows_bytes, head_bytes) if kernel == "grad" else (head_bytes, rows_bytes)
         # Head tiles cast to the hidden states' dtype for the MXU.
         live = c * (ops.student_width * ops.student_hidden_bytes + ops.teacher_width * ops.teacher_hidden_bytes)
     else:
-        streamed = 2 * r * c * ops.logits_bytes
+        double = 2 * r * c * ops.logits_bytes
         live = 0
     live += _LIVE_TILES * tile
     if kernel == "stats":
-        streamed += vec  # targets
-        written = 10 * vec  # eight running statistics, two target logits
+        double += vec + 10 * vec  # targets; eight running statistics and two target logits written
     elif kernel == "jsd":
-        streamed += 2 * vec
-        written = 2 * vec
+        double += 4 * vec
     elif kernel == "logits_grad":
-        streamed += 2 * vec  # packed per-token values, targets
-        written = r * c * ops.logits_bytes
-    elif kernel == "hidden_grad":
-        streamed += 2 * vec
-        written = r * ops.student_width * 4
-        live += c * ops.student_width * ops.student_hidden_bytes  # the head tile with its tail zeroed
-    elif kernel == "head_grad":
-        streamed += 2 * vec
-        written = ops.student_width * c * 4
-        live += r * ops.student_width * ops.student_hidden_bytes  # hidden rows with ignored ones zeroed
+        double += 2 * vec + r * c * ops.logits_bytes  # packed per-token values, targets; the gradient
+    elif kernel == "grad":
+        double += 2 * vec
+        single += ops.student_width * c * 4  # the d/dW block
+        # Two [R, Hs] float32 d/dh buffers (scratch); the head tile with its tail zeroed, the
+        # hidden rows with ignored ones zeroed, G W^T.
+        live += 2 * r * ops.student_width * 4
+        live += (c + r) * ops.student_width * ops.student_hidden_bytes + r * ops.student_width * 4
     else:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return 2 * (streamed + written) + live
+    return 2 * double + single + live
 
 
 def hbm_bytes(kernel: str, r: int, c: int, n: int, vocab: int, ops: Operands) -> int:
-    """Bytes one pallas_call reads from HBM: the operand whose block changes along the inner grid
-    axis is read once per outer block (heads per token block; for d/dW, hidden states per
-    vocabulary block)."""
+    """Bytes one pallas_call moves through HBM: the operand whose block changes along the inner
+    grid axis is read once per outer block (heads per token block; for the gradient kernel,
+    whose outer axis is the vocabulary, hidden states per vocabulary block, plus the float32
+    d/dh rows read and written back once per vocabulary block)."""
     if not ops.projected:
         return 2 * n * vocab * ops.logits_bytes
     rows_bytes = n * (ops.student_width * ops.student_hidden_bytes + ops.teacher_width * ops.teacher_hidden_bytes)
     head_bytes = vocab * (ops.student_width * ops.student_head_bytes + ops.teacher_width * ops.teacher_head_bytes)
-    if kernel == "head_grad":
-        return math.ceil(vocab / c) * rows_bytes + head_bytes
+    if kernel == "grad":
+        return math.ceil(vocab / c) * (rows_bytes + 2 * n * ops.student_width * 4) + head_bytes
     return math.ceil(n / r) * head_bytes + rows_bytes
 
 
@@ -174,7 +185,11 @@ def choose_blocks(kernel: str, n: int, vocab: int, ops: Operands, generation: st
             f"{ops.student_width}/{ops.teacher_width}); use impl='xla' or bfloat16 heads"
         )
     # Blocks of at least 256 first where they fit: smaller ones leave v6e's and v7x's 256-wide
-    # MXUs half idle and pay the per-step overhead more often.
-    wide = [(r, c) for r, c in fitting if r >= min(256, n) and c >= min(256, vocab)]
-    return min(wide or fitting, key=lambda rc: (hbm_bytes(kernel, rc[0], rc[1], n, vocab, ops),
-                                                math.ceil(n / rc[0]) * math.ceil(vocab / rc[1])))
+    # MXUs half idle and pay the per-step overhead more often; then at least 128 (one MXU pass
+    # of rows on v4 / v5); only then anything that fits.
+    for least in (256, 128, 0):
+        tier = [(r, c) for r, c in fitting if r >= min(least, n) and c >= min(least, vocab)]
+        if tier:
+            break
+    return min(tier, key=lambda rc: (hbm_bytes(kernel, rc[0], rc[1], n, vocab, ops),
+                                     math.ceil(n / rc[0]) * math.ceil(vocab / rc[1])))

@@ -18,7 +18,9 @@ fsdp split of its hidden dimension is gathered at the shard_map boundary, as FSD
 Needed for Mosaic kernels (which XLA cannot partition), and used for the XLA implementation too
 so the trainer has one sharded form. An implementation provides a `LocalBackend`; the others
 (reference: plain jnp that XLA partitions itself; pallas_gpu: no slice statistics yet) run
-token-parallel with the head replicated.
+token-parallel with the head replicated. So does xla when the mesh does not split the vocabulary
+(tensor = 1, the usual FSDP mesh): every shard then holds whole rows, and its single sweep forms
+the gradients in the forward (`gradient_in_forward`).
 """
 
 from __future__ import annotations
@@ -41,12 +43,15 @@ class LocalBackend(NamedTuple):
     [H, v]; targets int32 [n] are *slice* column ids, -1 when the target lies elsewhere; limit is
     an int32 scalar: slice columns at or past it are excluded (padding, or past the tokenizer)).
 
-    stats(inputs, targets_n, limit, spec) -> (rows.OnlineStats of float32 [n], (s, t) target
-        logits float32 [n] (0 where the target is elsewhere) or None)
-    jsd_kls(inputs, log_zs_n, log_zt_n, limit, spec) -> (KL(p_s||m), KL(p_t||m)) slice shares [n]
+    stats(inputs, targets_n, mask_n, limit, spec) -> (rows.OnlineStats of float32 [n], (s, t)
+        target logits float32 [n] (0 where the target is elsewhere) or None); token blocks
+        without a kept row (mask_n) may be skipped, their rows' values are then meaningless
+    jsd_kls(inputs, log_zs_n, log_zt_n, mask_n, limit, spec) -> (KL(p_s||m), KL(p_t||m)) slice
+        shares [n]
     grads(hs, ws, ht, wt, stats, cots, targets_n, limit, spec) -> (float32 [n, Hs] d/dh over this
         slice, float32 [Hs, v] d/dW of this slice from these tokens); stats: whole-row
-        rows.RowStats; cots as in pallas_common (zero for ignored tokens).
+        rows.RowStats; cots as in pallas_common (zero for ignored tokens, whose rows may be
+        skipped: their d/dh rows are zero).
     """
 
     stats: Callable
@@ -54,15 +59,16 @@ class LocalBackend(NamedTuple):
     grads: Callable
 
 
-def combined_row_stats(local: LocalBackend, inputs, targets_n, limit, spec: DivergenceSpec, axis_name=()):
+def combined_row_stats(local: LocalBackend, inputs, targets_n, mask_n, limit, spec: DivergenceSpec, axis_name=()):
     """(rows.RowStats of the whole rows, target logits (s, t) or None), float32 [n] each, from
-    this shard's slice and collectives over `axis_name` (() : the slice is the whole vocabulary)."""
-    partial, target_logits = local.stats(inputs, targets_n, limit, spec)
-    stats = rows.online_combine(partial, axis_name)
+    this shard's slice and collectives over `axis_name` (() : the slice is the whole vocabulary).
+    Rows the mask ignores may hold anything (they are selected away downstream)."""
+    partial, target_logits = local.stats(inputs, targets_n, mask_n, limit, spec)
+    stats = rows.online_combine(partial, axis_name, spec.beta)
     kls = None
     if rows.divergence_mode(spec.beta) == "jsd":
         log_zs_n, log_zt_n = rows.online_log_normalizers(stats)
-        kls = local.jsd_kls(inputs, log_zs_n, log_zt_n, limit, spec)
+        kls = local.jsd_kls(inputs, log_zs_n, log_zt_n, mask_n, limit, spec)
         if axis_name:
             kls = jax.lax.psum(kls, axis_name)
     if target_logits is not None and axis_name:
@@ -73,7 +79,7 @@ def combined_row_stats(local: LocalBackend, inputs, targets_n, limit, spec: Dive
 
 def _forward(local, spec, axis_name, hs, ws, ht, wt, mask_n, targets_n, limit):
     inputs = (hs, ws, ht, wt)
-    stats, target_logits = combined_row_stats(local, inputs, targets_n, limit, spec, axis_name)
+    stats, target_logits = combined_row_stats(local, inputs, targets_n, mask_n, limit, spec, axis_name)
     return pallas_common.outputs_from_stats(stats, target_logits, mask_n), stats
 
 
@@ -137,6 +143,17 @@ def local_backend(impl: str) -> LocalBackend | None:
     return module.LOCAL
 
 
+def gradient_in_forward(impl: str, mesh: Mesh | None, n: int, vocab: int) -> bool:
+    """Whether `impl` on `mesh` forms the student's gradients in the same sweep as the statistics,
+    for the `weights` it is given: only the XLA kernel, and only where each shard holds whole
+    vocabulary rows (one device, or a mesh that splits only the tokens). Everywhere else the row
+    normalizers exist only after a statistics sweep (and its collectives), so the gradient is one
+    more sweep, run in the backward with the actual cotangents."""
+    if impl != "xla":
+        return False
+    return mesh is None or mesh.size == 1 or not mesh_axes(mesh, n, vocab)[1]
+
+
 def _slice_targets(targets_n, offset, limit):
     """Global token ids -> this slice's column ids, -1 outside [0, limit) (a slice's padded tail
     columns must not match a target that belongs to the next slice)."""
@@ -144,40 +161,88 @@ def _slice_targets(targets_n, offset, limit):
     return jnp.where((local_n >= 0) & (local_n < limit), local_n, -1)
 
 
-def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec: DivergenceSpec,
-                            *, mesh: Mesh, impl: str, whole: Callable) -> DivergenceOutput:
+def _specs(mesh: Mesh, n: int, vocab: int, vocab_parallel: bool):
+    token_axes, vocab_axes = mesh_axes(mesh, n, vocab)
+    if not vocab_parallel:
+        vocab_axes = ()
+    v = vocab // math.prod(mesh.shape[a] for a in vocab_axes)
+    return (PartitionSpec(_entry(token_axes), None), PartitionSpec(None, _entry(vocab_axes)),
+            PartitionSpec(_entry(token_axes)), vocab_axes, v)
+
+
+def _slice_position(vocab_axes, v: int, allowed: int):
+    """(first global column of this shard's slice, int32 number of its allowed columns)."""
+    offset = jax.lax.axis_index(vocab_axes) * v if vocab_axes else 0
+    return offset, jnp.clip(allowed - offset, 0, v).astype(jnp.int32)
+
+
+def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N,
+                            spec: DivergenceSpec, *, mesh: Mesh, impl: str, whole: Callable) -> DivergenceOutput:
     """api.fused_linear_divergence on `mesh`: vocabulary-parallel for xla and pallas_tpu, else
     token-parallel around `whole` (the implementation's single-device function, heads replicated).
+    xla on a mesh that does not split the vocabulary is token-parallel too: whole rows on every
+    shard keep its single sweep (gradients formed for `weights` in the forward).
 
     Same arguments and result as the implementation functions (mask bool [N], targets int32 [N] or
-    None); the result's [N] arrays are split over the token axes.
+    None, weights float32 [N] or None); the result's [N] arrays are split over the token axes.
     """
     n, vocab = hs_NxHs.shape[0], ws_HsxV.shape[1]
-    local = local_backend(impl)
-    token_axes, vocab_axes = mesh_axes(mesh, n, vocab)
-    if local is None:
-        vocab_axes = ()
-    rows_spec = PartitionSpec(_entry(token_axes), None)
-    head_spec = PartitionSpec(None, _entry(vocab_axes))
-    vec_spec = PartitionSpec(_entry(token_axes))
-    v = vocab // math.prod(mesh.shape[a] for a in vocab_axes)
+    local = None if gradient_in_forward(impl, mesh, n, vocab) else local_backend(impl)
+    rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, local is not None)
     with_targets = targets_N is not None
-    if targets_N is None:
-        targets_N = jnp.zeros((n,), jnp.int32)  # a placeholder: shard_map takes arrays
+    with_weights = weights_N is not None
+    # Placeholders: shard_map takes arrays.
+    targets_N = jnp.zeros((n,), jnp.int32) if targets_N is None else targets_N
+    weights_N = jnp.zeros((n,), jnp.float32) if weights_N is None else weights_N
     allowed = vocab if spec.valid_vocab is None else spec.valid_vocab
 
-    def body(hs, ws, ht, wt, mask_n, targets_n):
+    def body(hs, ws, ht, wt, mask_n, targets_n, weights_n):
         tgt = targets_n if with_targets else None
         if local is None:
-            return whole(hs, ws, ht, wt, mask_n, tgt, spec)
-        offset = jax.lax.axis_index(vocab_axes) * v if vocab_axes else 0
-        limit = jnp.clip(allowed - offset, 0, v).astype(jnp.int32)
+            return whole(hs, ws, ht, wt, mask_n, tgt, weights_n if with_weights else None, spec)
+        offset, limit = _slice_position(vocab_axes, v, allowed)
         if tgt is not None:
             tgt = _slice_targets(tgt, offset, limit)
         return _shard(local, spec, vocab_axes, hs, ws, ht, wt, mask_n, tgt, limit)
 
     sharded = jax.shard_map(
-        body, mesh=mesh, in_specs=(rows_spec, head_spec, rows_spec, head_spec, vec_spec, vec_spec),
+        body, mesh=mesh, in_specs=(rows_spec, head_spec, rows_spec, head_spec, vec_spec, vec_spec, vec_spec),
         out_specs=vec_spec, check_vma=False,
     )
-    return sharded(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N)
+    return sharded(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N)
+
+
+def student_statistics(hs_NxH, ws_HxV, mask_N, targets_N, spec: DivergenceSpec, *, mesh: Mesh | None):
+    """(student entropy, student log-prob of the targets or None), float32 [N], zero for ignored
+    tokens: api.student_statistics, the XLA student-only sweep; on a mesh, vocabulary-parallel
+    like the fused form (one pmax and one psum of [n] vectors, the target's logit psummed)."""
+    from opsd_jax.kernels import xla
+
+    n, vocab = hs_NxH.shape[0], ws_HxV.shape[1]
+    with_targets = targets_N is not None
+    allowed = vocab if spec.valid_vocab is None else spec.valid_vocab
+
+    def body(hs, ws, mask_n, targets_n, vocab_axes=(), v=vocab):
+        offset, limit = _slice_position(vocab_axes, v, allowed)
+        tgt = _slice_targets(targets_n, offset, limit) if with_targets else None
+        m_n, s_n, b_n, target_n = xla.student_slice_stats(hs, ws, mask_n, tgt, limit, spec)
+        m_n, s_n, b_n = rows.side_combine(m_n, s_n, b_n, vocab_axes)
+        log_z_n, entropy_n = rows.side_finish(m_n, s_n, b_n)
+        entropy_n = jnp.where(mask_n, entropy_n, 0.0)
+        if not with_targets:
+            return entropy_n, jnp.zeros_like(entropy_n)
+        if vocab_axes:
+            target_n = jax.lax.psum(target_n, vocab_axes)
+        return entropy_n, jnp.where(mask_n, target_n - log_z_n, 0.0)
+
+    placeholder = jnp.zeros((n,), jnp.int32) if targets_N is None else targets_N
+    if mesh is None or mesh.size == 1:
+        entropy_N, logprob_N = body(hs_NxH, ws_HxV, mask_N, placeholder)
+    else:
+        rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, True)
+        sharded = jax.shard_map(
+            functools.partial(body, vocab_axes=vocab_axes, v=v), mesh=mesh,
+            in_specs=(rows_spec, head_spec, vec_spec, vec_spec), out_specs=(vec_spec, vec_spec), check_vma=False,
+        )
+        entropy_N, logprob_N = sharded(hs_NxH, ws_HxV, mask_N, placeholder)
+    return entropy_N, (logprob_N if with_targets else None)

@@ -8,15 +8,18 @@ forward never holds more than a few [R, C] float32 tiles; the backward is one el
 that XLA fuses into the [N, V] gradient it has to return anyway.
 
 From hidden states (`fused_linear_divergence`): token blocks of full vocabulary rows. A full row
-gives both normalizers at once, so the forward can also form the student gradient products
+gives both normalizers at once, so the forward also forms the student gradient products
 (d/dh = G W^T and d/dW = h^T G, with G the per-logit gradient) while the logits tile is live:
 two projections plus two gradient products, with no recomputation, for every beta including the
-JSD. Those products assume a unit cotangent per token; the backward scales them and, only when
-the cotangents are not one shared value over kept tokens (sum and mean losses are), sweeps the
-tiles again for the remainder (the trip count is decided at run time).
+JSD. Those products are formed for the cotangent the caller's loss will give the divergence
+(`weights`, default the mask: sum and mean losses); the backward only scales them when the
+actual cotangent is a multiple of it, and otherwise sweeps the tiles once more for the remainder
+(the trip count is decided at run time).
 
-Blocks that would run past the end start earlier instead (no padding copy of the inputs); the
-rows or columns they revisit are excluded so nothing is counted twice.
+Token blocks without a kept row are not visited at all: the loops run over the list of blocks
+that hold one (padding at the end of short sequences costs nothing). Blocks that would run past
+the end start earlier instead (no padding copy of the inputs); the rows or columns they revisit
+are excluded so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -33,12 +36,28 @@ TOKEN_BLOCK = 256
 VOCAB_BLOCK = 8192
 FUSED_TOKEN_BLOCK = 128
 HEAD_GRAD_SLICE = 8192
+# The backward reuses the forward's gradient products when every token's cotangent is within this
+# relative distance of c * weights (a few dozen float32 ulps: the loss's own rounding of the same
+# weights), and sweeps again otherwise.
+WEIGHTS_RTOL = 2.0**-18
 
 
 def _clamped_start(index, block: int, total: int):
     """(nominal, actual) start of block `index`: actual = min(nominal, total - block)."""
     nominal = index * block
     return nominal, jnp.minimum(nominal, total - block)
+
+
+def active_blocks(active_N, block: int):
+    """(int32 [B] indices of the token blocks holding an active row, first the active ones in
+    order; int32 number of them). Block b's own rows are b*R .. b*R+R-1 (a clamped last block
+    also revisits earlier rows, which belong to the block before)."""
+    n = active_N.shape[0]
+    count = -(-n // block)
+    padded = jnp.zeros((count * block,), jnp.bool_).at[:n].set(active_N)
+    flags_B = jnp.any(padded.reshape(count, block), axis=1)
+    order_B = jnp.nonzero(flags_B, size=count, fill_value=0)[0].astype(jnp.int32)
+    return order_B, jnp.sum(flags_B, dtype=jnp.int32)
 
 
 def _mask_outputs(stats: rows.RowStats, mask_N):
@@ -64,11 +83,11 @@ def _target_logprobs(student_logits_NxV, teacher_logits_NxV, targets_N, stats: r
 # ----------------------------------------------------------------------------- from logits
 
 
-def _row_stats_from_logits(student_logits_NxV, teacher_logits_NxV, spec: DivergenceSpec) -> rows.RowStats:
+def _row_stats_from_logits(student_logits_NxV, teacher_logits_NxV, mask_N, spec: DivergenceSpec) -> rows.RowStats:
     n, vocab = student_logits_NxV.shape
     r = min(spec.token_block or TOKEN_BLOCK, n)
     c = min(spec.vocab_block or VOCAB_BLOCK, vocab)
-    token_blocks = -(-n // r)
+    order_B, count = active_blocks(mask_N, r)
     vocab_blocks = -(-vocab // c)
 
     def z_block(logits_NxV, row0, j):
@@ -78,11 +97,12 @@ def _row_stats_from_logits(student_logits_NxV, teacher_logits_NxV, spec: Diverge
         column_C = col0 + jnp.arange(c, dtype=jnp.int32)
         return jnp.where(column_C[None, :] >= nominal, z_RxC, rows.NEG_INF)
 
-    def token_block(i, outs):
-        _, row0 = _clamped_start(i, r, n)
+    def token_block(k, outs):
+        _, row0 = _clamped_start(order_B[k], r, n)
 
         def fold(j, stats):
-            return rows.online_fold(stats, z_block(student_logits_NxV, row0, j), z_block(teacher_logits_NxV, row0, j))
+            zs_RxC = z_block(student_logits_NxV, row0, j)
+            return rows.online_fold(stats, zs_RxC, z_block(teacher_logits_NxV, row0, j), spec.beta)
 
         stats = jax.lax.fori_loop(0, vocab_blocks, fold, rows.online_init(r))
         if rows.divergence_mode(spec.beta) == "jsd":
@@ -107,11 +127,11 @@ def _row_stats_from_logits(student_logits_NxV, teacher_logits_NxV, spec: Diverge
         return tuple(jax.lax.dynamic_update_slice(o_N, v_R, (row0,)) for o_N, v_R in zip(outs, block_stats))
 
     init = tuple(jnp.zeros((n,), jnp.float32) for _ in rows.RowStats._fields)
-    return rows.RowStats(*jax.lax.fori_loop(0, token_blocks, token_block, init))
+    return rows.RowStats(*jax.lax.fori_loop(0, count, token_block, init))
 
 
 def _outputs_from_logits(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec):
-    stats = _row_stats_from_logits(student_logits_NxV, teacher_logits_NxV, spec)
+    stats = _row_stats_from_logits(student_logits_NxV, teacher_logits_NxV, mask_N, spec)
     lp_s_N, lp_t_N = _target_logprobs(student_logits_NxV, teacher_logits_NxV, targets_N, stats, mask_N, spec)
     kept = _mask_outputs(stats, mask_N)
     out = DivergenceOutput(kept.divergence_R, kept.student_entropy_R, kept.teacher_entropy_R, lp_s_N, lp_t_N)
@@ -201,26 +221,26 @@ def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc_HxV):
     return gh_RxH, jax.lax.fori_loop(0, -(-vocab // c), add_slice, acc_HxV)
 
 
-def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents=None, grads0=None, blocks=None):
-    """One sweep over token blocks.
+def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents=None, grads0=None,
+                active_N=None):
+    """One sweep over the token blocks that hold an active row (default: a kept one).
 
     cotangents None: outputs only. Otherwise a triple of float32 [N] (divergence, entropy,
     log-prob; the last two may be None) and the sweep also adds the student gradients to
     grads0 (float32 [N, Hs], float32 [Hs, V]; zeros when None) and returns them.
-    blocks: how many token blocks to visit (may be traced; default all of them).
+    active_N: bool [N] (may be traced), the rows that need a visit; all False visits nothing.
     """
     n, hs_width = hs_NxHs.shape
     vocab = ws_HsxV.shape[1]
     r = min(spec.token_block or FUSED_TOKEN_BLOCK, n)
-    if blocks is None:
-        blocks = -(-n // r)
+    order_B, count = active_blocks(mask_N if active_N is None else active_N, r)
     want_grads = cotangents is not None
     with_targets = targets_N is not None
     stat_names = rows.RowStats._fields + (("student_target", "teacher_target") if with_targets else ())
 
-    def block(i, carry):
+    def block(k, carry):
         outs, grads = carry
-        nominal, row0 = _clamped_start(i, r, n)
+        nominal, row0 = _clamped_start(order_B[k], r, n)
         fresh_R = row0 + jnp.arange(r) >= nominal
         zs_RxV, hs_RxHs = _project(hs_NxHs, ws_HsxV, row0, r, spec)
         zt_RxV, _ = _project(ht_NxHt, wt_HtxV, row0, r, spec)
@@ -256,7 +276,7 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
     outs0 = tuple(jnp.zeros((n,), jnp.float32) for _ in stat_names)
     if want_grads and grads0 is None:
         grads0 = (jnp.zeros((n, hs_width), jnp.float32), jnp.zeros((hs_width, vocab), jnp.float32))
-    outs, grads = jax.lax.fori_loop(0, blocks, block, (outs0, grads0 if want_grads else ()))
+    outs, grads = jax.lax.fori_loop(0, count, block, (outs0, grads0 if want_grads else ()))
     stats = rows.RowStats(*outs[: len(rows.RowStats._fields)])
     lp_s_N = lp_t_N = None
     if with_targets:
@@ -267,50 +287,88 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
     return out, grads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec):
+def _unit_cotangent(mask_N, weights_N):
+    """The divergence cotangent the forward forms its gradient products for, float32 [N]."""
+    if weights_N is None:
+        return mask_N.astype(jnp.float32)
+    return jnp.where(mask_N, weights_N.astype(jnp.float32), 0.0)
+
+
+def split_cotangent(cot_d_N, unit_N):
+    """(c, remainder): cot_d = c * unit + remainder, with the remainder exactly 0 where it is within
+    WEIGHTS_RTOL of c * unit (the loss's own rounding). c is read at the largest |unit|."""
+    k = jnp.argmax(jnp.abs(unit_N))
+    c = jnp.where(unit_N[k] != 0, cot_d_N[k] / jnp.where(unit_N[k] != 0, unit_N[k], 1.0), 0.0)
+    scaled_N = c * unit_N
+    rest_N = cot_d_N - scaled_N
+    return c, jnp.where(jnp.abs(rest_N) <= WEIGHTS_RTOL * jnp.abs(scaled_N), 0.0, rest_N)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, spec):
     return _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, None)[0]
 
 
-def _fused_fwd(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec):
-    unit_N = mask_N.astype(jnp.float32)
+def _fused_fwd(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, spec):
+    unit_N = _unit_cotangent(mask_N, weights_N)
     out, (gh_unit_NxHs, gw_unit_HsxV) = _fused_pass(
         hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, (unit_N, None, None)
     )
-    return out, (hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, gh_unit_NxHs, gw_unit_HsxV)
+    return out, (hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, unit_N, gh_unit_NxHs, gw_unit_HsxV)
 
 
 def _fused_bwd(spec, residuals, cot: DivergenceOutput):
-    hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, gh_unit_NxHs, gw_unit_HsxV = residuals
+    hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, unit_N, gh_unit_NxHs, gw_unit_HsxV = residuals
     cot_d_N, cot_h_N, cot_lp_N = _student_cotangents(cot, mask_N, targets_N)
-    # The gradient is linear in the cotangents: scale the forward's unit-cotangent products by one
-    # representative cotangent, then add what the remainder contributes. For a mean or sum loss
-    # the remainder is zero and its sweep runs zero blocks; the scaling happens in place, so the
-    # head gradient never exists twice.
-    scale = jnp.max(jnp.where(mask_N, cot_d_N, -jnp.inf))
-    scale = jnp.where(jnp.any(mask_N), scale, 0.0)
-    rest_d_N = cot_d_N - scale * mask_N.astype(jnp.float32)
-    needed = jnp.any(rest_d_N != 0.0) | jnp.any(cot_h_N != 0.0)
-    if cot_lp_N is not None:
-        needed = needed | jnp.any(cot_lp_N != 0.0)
-    r = min(spec.token_block or FUSED_TOKEN_BLOCK, hs_NxHs.shape[0])
-    blocks = jnp.where(needed, -(-hs_NxHs.shape[0] // r), 0)
+    # The gradient is linear in the cotangents: scale the forward's products by c, then add what
+    # the remainder contributes. When the loss gave the divergence c * weights (and the entropy
+    # and log-prob nothing) the remainder is zero and its sweep visits no block; the scaling
+    # happens in place, so the head gradient never exists twice.
+    c, rest_d_N = split_cotangent(cot_d_N, unit_N)
+    active_N = rest_d_N != 0.0
+    for x_N in (cot_h_N, cot_lp_N):
+        if x_N is not None:
+            active_N = active_N | (x_N != 0.0)
     _, (gh_NxHs, gw_HsxV) = _fused_pass(
         hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec,
         cotangents=(rest_d_N, cot_h_N, cot_lp_N),
-        grads0=(scale * gh_unit_NxHs, scale * gw_unit_HsxV),
-        blocks=blocks,
+        grads0=(c * gh_unit_NxHs, c * gw_unit_HsxV),
+        active_N=active_N & mask_N,
     )
-    return gh_NxHs.astype(hs_NxHs.dtype), gw_HsxV.astype(ws_HsxV.dtype), None, None, None, None
+    return gh_NxHs.astype(hs_NxHs.dtype), gw_HsxV.astype(ws_HsxV.dtype), None, None, None, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec: DivergenceSpec):
+def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, spec: DivergenceSpec):
     """DivergenceOutput (float32 [N] each) from hidden states [N, H] and heads [H, V]; see
-    api.fused_linear_divergence."""
-    return _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec)
+    api.fused_linear_divergence. weights_N: float32 [N] or None, the divergence cotangent (up to
+    one scalar) the forward forms its gradient products for."""
+    return _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, spec)
+
+
+# ----------------------------------------------------------------------------- the student alone
+
+
+def student_slice_stats(hs_nxHs, ws_HsxV, mask_n, targets_n, limit, spec: DivergenceSpec):
+    """Running statistics of the student's distribution over these columns: (max, sum, centered
+    sum, target logit (0 where the target is elsewhere or absent)), float32 [n] each; blocks
+    without a kept row are skipped. limit: None (spec.valid_vocab) or an int32 scalar."""
+    n = hs_nxHs.shape[0]
+    r = min(spec.token_block or FUSED_TOKEN_BLOCK, n)
+    order_B, count = active_blocks(mask_n, r)
+
+    def block(k, outs):
+        _, row0 = _clamped_start(order_B[k], r, n)
+        z_RxV, _ = _project(hs_nxHs, ws_HsxV, row0, r, spec, limit)
+        values = rows.side_partial(z_RxV)
+        if targets_n is not None:
+            values += (rows.target_logit(z_RxV, jax.lax.dynamic_slice_in_dim(targets_n, row0, r)),)
+        return tuple(jax.lax.dynamic_update_slice(o_n, v_R, (row0,)) for o_n, v_R in zip(outs, values))
+
+    outs = jax.lax.fori_loop(0, count, block, tuple(jnp.zeros((n,), jnp.float32) for _ in range(4)))
+    return outs
 
 
 # ----------------------------------------------------------------------------- one vocabulary slice
@@ -320,42 +378,43 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
 
 
 def _slice_blocks(n: int, spec: DivergenceSpec):
-    r = min(spec.token_block or FUSED_TOKEN_BLOCK, n)
-    return r, -(-n // r)
+    return min(spec.token_block or FUSED_TOKEN_BLOCK, n)
 
 
-def _slice_stats(inputs, targets_n, limit, spec: DivergenceSpec):
+def _slice_stats(inputs, targets_n, mask_n, limit, spec: DivergenceSpec):
     """vocab_parallel.LocalBackend.stats: rows.OnlineStats of the slice and its target logits."""
     hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV = inputs
     n = hs_nxHs.shape[0]
-    r, blocks = _slice_blocks(n, spec)
+    r = _slice_blocks(n, spec)
+    order_B, count = active_blocks(mask_n, r)
     with_targets = targets_n is not None
 
-    def block(i, outs):
-        _, row0 = _clamped_start(i, r, n)
+    def block(k, outs):
+        _, row0 = _clamped_start(order_B[k], r, n)
         zs_RxV, _ = _project(hs_nxHs, ws_HsxV, row0, r, spec, limit)
         zt_RxV, _ = _project(ht_nxHt, wt_HtxV, row0, r, spec, limit)
-        values = tuple(rows.online_partial(zs_RxV, zt_RxV))
+        values = tuple(rows.online_partial(zs_RxV, zt_RxV, spec.beta))
         if with_targets:
             tgt_R = jax.lax.dynamic_slice_in_dim(targets_n, row0, r)
             values += (rows.target_logit(zs_RxV, tgt_R), rows.target_logit(zt_RxV, tgt_R))
         # Rows a clamped block revisits get the same values again.
         return tuple(jax.lax.dynamic_update_slice(o_n, v_R, (row0,)) for o_n, v_R in zip(outs, values))
 
-    count = len(rows.OnlineStats._fields) + 2 * with_targets
-    outs = jax.lax.fori_loop(0, blocks, block, tuple(jnp.zeros((n,), jnp.float32) for _ in range(count)))
+    init = rows.online_init(n) + tuple(jnp.zeros((n,), jnp.float32) for _ in range(2 * with_targets))
+    outs = jax.lax.fori_loop(0, count, block, init)
     stats = rows.OnlineStats(*outs[: len(rows.OnlineStats._fields)])
     return stats, (tuple(outs[-2:]) if with_targets else None)
 
 
-def _slice_jsd_kls(inputs, log_zs_n, log_zt_n, limit, spec: DivergenceSpec):
+def _slice_jsd_kls(inputs, log_zs_n, log_zt_n, mask_n, limit, spec: DivergenceSpec):
     """vocab_parallel.LocalBackend.jsd_kls: this slice's shares of KL(p_s||m), KL(p_t||m)."""
     hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV = inputs
     n = hs_nxHs.shape[0]
-    r, blocks = _slice_blocks(n, spec)
+    r = _slice_blocks(n, spec)
+    order_B, count = active_blocks(mask_n, r)
 
-    def block(i, kls):
-        _, row0 = _clamped_start(i, r, n)
+    def block(k, kls):
+        _, row0 = _clamped_start(order_B[k], r, n)
         zs_RxV, _ = _project(hs_nxHs, ws_HsxV, row0, r, spec, limit)
         zt_RxV, _ = _project(ht_nxHt, wt_HtxV, row0, r, spec, limit)
         cut = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=row0, slice_size=r)
@@ -363,22 +422,23 @@ def _slice_jsd_kls(inputs, log_zs_n, log_zt_n, limit, spec: DivergenceSpec):
         return tuple(jax.lax.dynamic_update_slice(o_n, v_R, (row0,)) for o_n, v_R in zip(kls, values))
 
     zero_n = jnp.zeros((n,), jnp.float32)
-    return jax.lax.fori_loop(0, blocks, block, (zero_n, zero_n))
+    return jax.lax.fori_loop(0, count, block, (zero_n, zero_n))
 
 
 def _slice_grads(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, stats: rows.RowStats, cots, targets_n, limit, spec):
     """vocab_parallel.LocalBackend.grads: (float32 [n, Hs] d/dh over this slice, float32 [Hs, v])."""
     n, width = hs_nxHs.shape
-    r, blocks = _slice_blocks(n, spec)
+    r = _slice_blocks(n, spec)
     cot_d_n, cot_h_n, cot_lp_n = cots
     keep_n = cot_d_n != 0.0
     for c in (cot_h_n, cot_lp_n):
         if c is not None:
             keep_n = keep_n | (c != 0.0)
+    order_B, count = active_blocks(keep_n, r)
 
-    def block(i, grads):
+    def block(k, grads):
         gh_nxHs, acc_HsxV = grads
-        nominal, row0 = _clamped_start(i, r, n)
+        nominal, row0 = _clamped_start(order_B[k], r, n)
         cut = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=row0, slice_size=r)
         # A clamped block's revisited rows were done by the previous block: keep them out.
         keep_R = (row0 + jnp.arange(r) >= nominal) & cut(keep_n)
@@ -398,7 +458,7 @@ def _slice_grads(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, stats: rows.RowStats, cots,
         return jax.lax.dynamic_update_slice_in_dim(gh_nxHs, old_RxHs + gh_RxHs, row0, axis=0), acc_HsxV
 
     grads0 = (jnp.zeros((n, width), jnp.float32), jnp.zeros((width, ws_HsxV.shape[1]), jnp.float32))
-    return jax.lax.fori_loop(0, blocks, block, grads0)
+    return jax.lax.fori_loop(0, count, block, grads0)
 
 
 LOCAL = vocab_parallel.LocalBackend(_slice_stats, _slice_jsd_kls, _slice_grads)

@@ -1,6 +1,11 @@
 """Models: ModelConfig from HF config.json, and one decoder covering Qwen3 / OLMo-2 / OLMo-3."""
 
-from opsd_jax.models.config import SUPPORTED_MODEL_TYPES, ConfigError, ModelConfig, RopeConfig
+from opsd_jax.models.config import (
+    SUPPORTED_MODEL_TYPES,
+    ConfigError,
+    ModelConfig,
+    RopeConfig,
+)
 from opsd_jax.models.decoder import (
     CACHE_LOGICAL_AXES,
     PAGE_POOL_LOGICAL_AXES,
@@ -13,8 +18,8 @@ from opsd_jax.models.decoder import (
     forward_with_cache,
     init_cache,
     init_page_pools,
-    logits_from_hidden,
     init_params,
+    logits_from_hidden,
     param_shardings,
     sharded_abstract_params,
 )
@@ -22,12 +27,6 @@ from opsd_jax.models.decoder import (
 __all__ = [
     "CACHE_LOGICAL_AXES",
     "PAGE_POOL_LOGICAL_AXES",
-    "forward_hidden_with_cache",
-    "forward_hidden_with_pages",
-    "forward_with_cache",
-    "init_cache",
-    "init_page_pools",
-    "logits_from_hidden",
     "SUPPORTED_MODEL_TYPES",
     "ConfigError",
     "Decoder",
@@ -36,7 +35,13 @@ __all__ = [
     "abstract_params",
     "forward",
     "forward_hidden",
+    "forward_hidden_with_cache",
+    "forward_hidden_with_pages",
+    "forward_with_cache",
+    "init_cache",
+    "init_page_pools",
     "init_params",
+    "logits_from_hidden",
     "param_shardings",
     "sharded_abstract_params",
 ]

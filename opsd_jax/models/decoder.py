@@ -242,27 +242,35 @@ def forward_with_cache(params, config: ModelConfig, tokens, positions, cache):
     return logits_from_hidden(hidden, head, config), cache
 
 
-def forward_hidden_with_pages(params, config: ModelConfig, tokens, positions, pools, page_table):
+def forward_hidden_with_pages(params, config: ModelConfig, tokens, positions, pools, page_table,
+                              window_page_table=None):
     """As `forward_hidden_with_cache` over a paged cache (`opsd_jax.models.paged`).
 
     pools: list over layers of {"k", "v": compute_dtype[pages, page_size, kv_heads, head_dim]};
     page_table: int32[batch, table_pages], row b mapping sequence b's cache rows to pages.
+    window_page_table: the same for sliding-window layers, whose pools are their own (pages
+    behind the window released and mapped to the null page); default: page_table.
     Returns (hidden [batch, seq, hidden_size], head, new pools).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
-    cache = [{**layer, "page_table": page_table} for layer in pools]
+    if window_page_table is None:
+        window_page_table = page_table
+    cache = [{**layer, "page_table": window_page_table if kind == "sliding_attention" else page_table}
+             for layer, kind in zip(pools, config.layer_types)]
     hidden, head, cache = Decoder(config).apply({"params": params}, tokens, positions, jnp.ones_like(tokens), cache)
     return hidden, head, [{"k": layer["k"], "v": layer["v"]} for layer in cache]
 
 
-def init_page_pools(config: ModelConfig, pages: int, page_size: int):
-    """An all-zero paged cache: list over layers of {"k", "v": [pages, page_size, kv_heads, head_dim]}."""
-    shape = (pages, page_size, config.num_kv_heads, config.head_dim)
-    return [
-        {"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype)}
-        for _ in range(config.num_layers)
-    ]
+def init_page_pools(config: ModelConfig, pages: int, page_size: int, window_pages: int | None = None):
+    """An all-zero paged cache: list over layers of {"k", "v": [pages, page_size, kv_heads, head_dim]},
+    with `window_pages` pages (default: pages) on sliding-window layers."""
+    def pool(count):
+        shape = (count, page_size, config.num_kv_heads, config.head_dim)
+        return {"k": jnp.zeros(shape, config.compute_dtype), "v": jnp.zeros(shape, config.compute_dtype)}
+
+    window_pages = pages if window_pages is None else window_pages
+    return [pool(window_pages if kind == "sliding_attention" else pages) for kind in config.layer_types]
 
 
 PAGE_POOL_LOGICAL_AXES = (None, None, "kv_heads", "head_dim")

@@ -11,13 +11,11 @@ import dataclasses
 import json
 
 from opsd_jax.config import RunConfig
-from opsd_jax.models.decoder import sharded_abstract_params
 from opsd_jax.plan.programs import (
     EVAL_PROMPT_TOKENS,
     PlanInputError,
     ProgramPlan,
     decode_state_bytes,
-    per_chip_bytes,
     run_model_configs,
     sampler_programs,
     train_step_program,
@@ -55,41 +53,47 @@ def remedies(plan: ProgramPlan, c: RunConfig) -> list[str]:
         steps.append("a larger topology")
         return steps
     if plan.name.endswith("_decode"):
-        return ["fewer slots (sampling.max_slots / eval --max-slots)", "a shorter sequence (max_new_tokens / "
-                "--max-tokens)", "bfloat16 sampler weights (issue 14)"]
+        return ["fewer slots (sampling.max_slots / eval --max-slots)", ("a shorter sequence (max_new_tokens / "
+                "--max-tokens)"), "bfloat16 sampler weights (issue 14)"]
     return ["a smaller largest prefill bucket", "a shorter data.max_prompt_tokens"]
 
 
 def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots: int = 8, kernel_impl: str = "auto",
-             model_config: str | None = None, teacher_config: str | None = None, progress=print) -> dict:
-    """Compiles the selected programs of run `c` for `topology`; returns the report dict."""
+             model_config: str | None = None, teacher_config: str | None = None, progress=print,
+             num_slices: int = 1) -> dict:
+    """Compiles the selected programs of run `c` for `num_slices` slices of `topology`; returns the
+    report dict. Several slices: `train.mesh` is one slice's mesh and the slices repeat its data
+    axis over DCN (parallel.make_mesh), as the trainer builds it on the same devices."""
     from opsd_jax.distill.trainer import rollout_sampler_config
     from opsd_jax.parallel import make_mesh, parse_mesh_shape
+    from opsd_jax.sampler.engine import serving_mesh
 
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
         raise PlanInputError(f"--programs: unknown {sorted(unknown)}; choose from {', '.join(PROGRAMS)}")
     student, teacher, sources = run_model_configs(c, model_config, teacher_config)
-    devices = topology_devices(topology)
-    processes = topology.hosts
+    if num_slices < 1:
+        raise PlanInputError(f"--num-slices must be at least 1, got {num_slices}")
+    devices = topology_devices(topology, num_slices)
+    processes = topology.hosts * num_slices
     try:
         mesh = make_mesh(*parse_mesh_shape(c.train.mesh), devices=devices)
     except ValueError as e:
-        raise PlanInputError(f"train.mesh: {e} (topology {topology.name} has {len(devices)} chips)") from None
+        raise PlanInputError(f"train.mesh: {e} (topology {topology.name} has {topology.chips} chips per slice, "
+                             f"{num_slices} slice(s))") from None
     local = host_devices(devices, 0)
-    # One process drives the whole mesh on a single host; on a pod each host samples on its own chips.
-    sampler_mesh = mesh if processes == 1 else make_mesh(1, -1, 1, devices=local)
+    # One process drives the whole mesh on a single host; on a pod each host samples on its own
+    # chips. Either way on the sampler's own mesh (tensor parallel over KV heads), as the trainer.
+    sampler_mesh = serving_mesh(student, list(mesh.devices.flat) if processes == 1 else local)
     results: list[ProgramPlan] = []
     sampler = rollout_sampler_config(c, max(c.train.batch_size // processes, 1), student.vocab_size)
     if "rollout" in programs:
         progress(f"compiling the rollout sampler on {dict(sampler_mesh.shape)} ...")
         results += sampler_programs("rollout", student, sampler, sampler_mesh, longest_prompt=c.data.max_prompt_tokens)
     if "train" in programs:
-        # Kept on the chips between steps: the sampler's KV cache, and on a pod each host's own
-        # copy of the weights (on one host the sampler decodes from the training buffers).
+        # Kept on the chips between steps: the sampler's KV page pool and its own copy of the
+        # weights (compute dtype, sampler shardings).
         resident = decode_state_bytes(student, sampler, sampler_mesh)
-        if processes > 1:
-            resident += per_chip_bytes(sharded_abstract_params(student, sampler_mesh))
         progress(f"compiling the train step on {dict(mesh.shape)} ...")
         results.insert(0, train_step_program(c, student, teacher, mesh, processes, resident_bytes=resident,
                                              kernel_impl=kernel_impl))
@@ -98,7 +102,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         from opsd_jax.sampler.engine import SamplerConfig
 
         length = EVAL_PROMPT_TOKENS + c.eval.max_tokens
-        eval_mesh = make_mesh(1, -1, 1, devices=local)
+        eval_mesh = serving_mesh(evaluation, local)
         progress(f"compiling the evaluation sampler on {dict(eval_mesh.shape)} ...")
         if length > student.max_position_embeddings:
             results.append(ProgramPlan("eval_decode", "evaluation sampler", dict(eval_mesh.shape),
@@ -116,11 +120,21 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         if row["verdict"] == "does not fit":
             row["remedies"] = remedies(plan, c)
         rows.append(row)
+    from opsd_jax.launch.grace import (
+        checkpoint_bytes,
+        grace_period_seconds,
+        save_rate_seconds_per_gib,
+    )
+
+    state_bytes = checkpoint_bytes(c, model_config=model_config)
     return {
-        "topology": topology.name, "jax_topology": topology.jax_name, "chips": topology.chips,
-        "hosts": processes, "hbm_bytes_per_chip": topology.hbm_bytes, "model_configs": sources,
+        # What a preemption must save before the grace period ends (launch/grace.py).
+        "checkpoint": {"bytes": state_bytes, "seconds_per_gib": save_rate_seconds_per_gib(),
+                       "grace_seconds": grace_period_seconds(state_bytes, hosts=processes)},
+        "topology": topology.name, "jax_topology": topology.jax_name, "chips": topology.chips * num_slices,
+        "slices": num_slices, "hosts": processes, "hbm_bytes_per_chip": topology.hbm_bytes, "model_configs": sources,
         "eval": {"slots": eval_slots, "sequence_length": EVAL_PROMPT_TOKENS + c.eval.max_tokens,
-                 "mesh_flag": f"--mesh 1,{len(local)},1"},
+                 "mesh_flag": "--mesh {},1,{}".format(*serving_mesh(student, local).devices.shape[::2])},
         "programs": rows, "all_fit": all(r["verdict"] == "fits" for r in rows),
     }
 
@@ -128,11 +142,13 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
 def format_report(report: dict) -> str:
     """The table a person reads, then what to do about each program that does not fit."""
     hbm = report["hbm_bytes_per_chip"]
-    lines = [f"{report['topology']} ({report['jax_topology']}): {report['chips']} chips on {report['hosts']} "
-             f"host(s), {hbm / GiB:.0f} GiB HBM per chip; model configs: "
+    slices = report.get("slices", 1)
+    over_dcn = f" x {slices} slices over DCN" if slices > 1 else ""
+    lines = [f"{report['topology']} ({report['jax_topology']}){over_dcn}: {report['chips']} chips on "
+             f"{report['hosts']} host(s), {hbm / GiB:.0f} GiB HBM per chip; model configs: "
              + ", ".join(f"{k} {v}" for k, v in report["model_configs"].items()),
-             f"{'program':<28} {'mesh d,f,t':>10} {'args':>8} {'out':>8} {'temp':>8} {'code':>7} {'resident':>8} "
-             f"{'total GiB/chip':>15} {'TFLOP':>8} {'compile s':>9}  verdict"]
+             (f"{'program':<28} {'mesh d,f,t':>10} {'args':>8} {'out':>8} {'temp':>8} {'code':>7} {'resident':>8} "
+             f"{'total GiB/chip':>15} {'TFLOP':>8} {'compile s':>9}  verdict")]
     for r in report["programs"]:
         mesh = ",".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
         if r["status"] == "out of memory":
@@ -160,6 +176,11 @@ def format_report(report: dict) -> str:
                       if r["status"] == "out of memory" else f"{r['total_bytes'] / GiB:.2f} GiB per chip")
             lines.append(f"\n{r['name']} does not fit: {needed} > {hbm / GiB:.0f} GiB. Largest arrays: {largest}")
             lines += [f"  - try {remedy}" for remedy in r["remedies"]]
+    if "checkpoint" in report:
+        from opsd_jax.launch.grace import describe
+
+        lines.append("\npreemption: " + describe(report["checkpoint"]["bytes"], hosts=report["hosts"],
+                                                  seconds_per_gib=report["checkpoint"]["seconds_per_gib"]))
     lines.append(f"\nevaluation planned as `opsd-jax eval {report['eval']['mesh_flag']} --max-slots "
                  f"{report['eval']['slots']}` ({report['eval']['sequence_length']} tokens per slot)")
     lines.append("verdict: " + ("every program fits" if report["all_fit"] else "NOT every program fits"))

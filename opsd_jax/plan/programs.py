@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from opsd_jax.config import RunConfig
 from opsd_jax.models.config import ModelConfig
-from opsd_jax.models.decoder import sharded_abstract_params
+from opsd_jax.models.decoder import abstract_params, sharded_abstract_params
 
 PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 # Prompt tokens the evaluation sampler reserves ahead of the generation cap: the chat-templated
@@ -124,6 +124,8 @@ def per_chip_bytes(tree) -> int:
     """Bytes of one device's shards of a pytree of ShapeDtypeStructs with shardings."""
     total = 0
     for leaf in jax.tree.leaves(tree):
+        if not hasattr(leaf, "sharding"):
+            continue  # a static argument (a Python number)
         itemsize = 8 if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else jnp.dtype(leaf.dtype).itemsize
         total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * itemsize
     return total
@@ -257,39 +259,52 @@ def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig 
 
 
 def decode_state_bytes(model: ModelConfig, sampler_config, mesh) -> int:
-    """Per-chip bytes of a sampler's decode state (KV cache and slot scalars) on its shardings."""
+    """Per-chip bytes a sampler keeps resident: its KV page pool and slot scalars on their
+    shardings, and its own copy of the weights (compute dtype, sampler shardings)."""
     from opsd_jax.sampler.engine import Engine
 
     engine = Engine(model, sampler_config, mesh=mesh)
-    return per_chip_bytes(_with_shardings(jax.eval_shape(engine._init_state_fn), engine.state_shardings))
+    state = _with_shardings(jax.eval_shape(engine._init_state_fn), engine.state_shardings)
+    return per_chip_bytes(state) + per_chip_bytes(serving_abstract_params(model, engine))
+
+
+def serving_abstract_params(model: ModelConfig, engine):
+    """ShapeDtypeStructs of the weights as `Engine.load_params` places them: the compute dtype on
+    the sampler's shardings."""
+    shapes, _ = abstract_params(model)
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, engine.serving_dtype, sharding=sharding),
+                        shapes, engine.param_shardings)
 
 
 def sampler_programs(name: str, model: ModelConfig, sampler_config, mesh, *, longest_prompt: int) -> list[ProgramPlan]:
-    """The sampler's decode step and the prefill programs prompts up to `longest_prompt` tokens can
-    reach (each bucket, and the longest chunked prefill), as `Engine` jits them."""
-    from opsd_jax.models import init_cache
-    from opsd_jax.sampler.engine import Engine
+    """The sampler's decode step (with and without top-logprob alternatives) and one prefill chunk
+    per bucket prompts up to `longest_prompt` tokens reach, as `Engine` jits them; every prompt
+    length runs through these programs, so nothing else compiles while serving."""
+    from opsd_jax.sampler.engine import TOP_LOGPROBS, Engine
 
     engine = Engine(model, sampler_config, mesh=mesh)
-    params = sharded_abstract_params(model, mesh)  # in model.param_dtype, as `Engine.load_params` places them
+    params = serving_abstract_params(model, engine)
     state = _with_shardings(jax.eval_shape(engine._init_state_fn), engine.state_shardings)
     S, L = sampler_config.max_slots, engine.max_sequence_length
-    plans = [compile_program(ProgramPlan(f"{name}_decode", f"{name} sampler decode step: {S} slots x {L} tokens, "
-                                                           f"{model.param_dtype} weights", dict(mesh.shape)),
-                             engine._generate, params, state)]
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def spec(shape, dtype=jnp.int32):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
-    longest_rows = engine.prefix_length(min(longest_prompt, L))
-    cases = [(b, b) for b in engine.buckets if b <= longest_rows]
-    if longest_rows > engine.buckets[-1]:
-        cases.append((engine.buckets[-1], longest_rows))
-    for chunk, rows in cases:
-        cache = jax.tree.map(lambda s: spec(s.shape, s.dtype), jax.eval_shape(lambda: init_cache(model, 1, rows)))
-        plan = ProgramPlan(f"{name}_prefill_{chunk}x{rows}",
-                           f"{name} prefill: {chunk}-token chunk into a {rows}-row prompt cache", dict(mesh.shape))
-        plans.append(compile_program(plan, engine._prefill_chunk, params, spec((1, chunk)), spec((1, chunk)), cache,
-                                     spec(())))
+    window = (f" + {engine.num_window_pages} sliding-window pages" if engine.windowed else "")
+    pool = (f"{engine.num_pages} pages{window} of {engine.page_size} rows "
+            f"({engine.decode_state_bytes / 2**30:.1f} GiB in all, {L} tokens per slot)")
+    plans = []
+    for alternatives in (0, TOP_LOGPROBS):
+        suffix = "" if not alternatives else "_top_logprobs"
+        plans.append(compile_program(
+            ProgramPlan(f"{name}_decode{suffix}", f"{name} sampler decode step: {S} slots, KV pool {pool}, "
+                                                  f"{engine.serving_dtype} weights", dict(mesh.shape)),
+            engine._generate, params, state, spec((2, S, engine.table_pages)), alternatives))
+    for chunk in sorted({engine.chunk_size(n) for n in [b for b in engine.buckets if b <= longest_prompt]
+                         + [min(longest_prompt, L)]}):
+        plan = ProgramPlan(f"{name}_prefill_{chunk}", f"{name} prefill: {chunk}-token chunk into the KV pool",
+                           dict(mesh.shape))
+        plans.append(compile_program(plan, engine._prefill_chunk, params, state, spec((2, engine.table_pages)),
+                                     spec((1, chunk)), spec(()), spec(())))
     return plans

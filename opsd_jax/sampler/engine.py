@@ -32,7 +32,12 @@ from opsd_jax.models import (
 )
 from opsd_jax.models.paged import NULL_PAGE
 from opsd_jax.parallel import SERVING_AXIS_RULES, logical_sharding, make_mesh
-from opsd_jax.sampler.sampling import TOP_LOGPROBS, SamplingParams, request_key, sample_tokens
+from opsd_jax.sampler.sampling import (
+    TOP_LOGPROBS,
+    SamplingParams,
+    request_key,
+    sample_tokens,
+)
 
 
 class RequestError(ValueError):
@@ -45,7 +50,8 @@ class SamplerConfig:
     (prompt + generated; default: the model's context).
 
     The KV cache is a pool of `kv_pages` pages of `page_size` rows shared by all slots (default:
-    enough for every slot at full length, the memory of a contiguous cache; fewer pages serve a
+    enough for every slot at full length plus one prompt, about the memory of a contiguous
+    cache; fewer pages serve a
     workload whose sequences are mostly shorter than L, and the orchestrator preempts and later
     resumes a sequence when the pool runs dry). Prompts are prefilled in chunks: the smallest
     bucket that holds what is left, at most the largest bucket at a time.
@@ -59,6 +65,9 @@ class SamplerConfig:
     valid_vocab_size: int | None = None
     page_size: int = 16
     kv_pages: int | None = None
+    # Sliding-window layers keep only the pages their window can still see, in a pool of their
+    # own of `window_kv_pages` pages (default: every slot's window plus one prompt's).
+    window_kv_pages: int | None = None
 
     def validate(self) -> None:
         if self.max_slots < 1:
@@ -67,14 +76,16 @@ class SamplerConfig:
             raise ValueError(f"prefill_buckets must be positive sizes, got {self.prefill_buckets}")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
-        if self.kv_pages is not None and self.kv_pages < 2:
-            raise ValueError(f"kv_pages must be >= 2 (page 0 is the null page), got {self.kv_pages}")
+        for name in ("kv_pages", "window_kv_pages"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ValueError(f"{name} must be >= 2 (page 0 is the null page), got {value}")
 
 
 class DecodeState(NamedTuple):
     """Everything on device that changes between decode steps; slot arrays have one row per slot."""
 
-    pools: list  # per layer {"k", "v": [P, N, K, Dh]}
+    pools: list  # per layer {"k", "v": [P, N, K, Dh]} (P = window pages on sliding-window layers)
     next_token: jax.Array  # int32[S]: sampled, not yet in the cache
     next_position: jax.Array  # int32[S]: its position (= its cache row)
     keys: jax.Array  # PRNG key[S] of the request sample occupying the slot
@@ -108,6 +119,15 @@ def alternatives_for(samplings) -> int:
     return TOP_LOGPROBS if any(s.top_logprobs for s in samplings) else 0
 
 
+def serving_mesh(config: ModelConfig, devices):
+    """The sampler's mesh over `devices`: tensor parallel over as many devices as evenly split the
+    KV heads (weights and KV pages divided among them, one all-reduce per layer), data parallel
+    over slots for the rest (weights and pages replicated there)."""
+    devices = list(devices)
+    tensor = max(t for t in range(1, len(devices) + 1) if len(devices) % t == 0 and config.num_kv_heads % t == 0)
+    return make_mesh(len(devices) // tensor, 1, tensor, devices=devices)
+
+
 class Engine:
     """Prefill, insert and generate for one model on one mesh."""
 
@@ -122,17 +142,31 @@ class Engine:
                 f"max_sequence_length {self.max_sequence_length} exceeds the model's context "
                 f"(max_position_embeddings {config.max_position_embeddings})"
             )
-        self.buckets = tuple(sorted(set(min(b, self.max_sequence_length) for b in sampler_config.prefill_buckets)))
+        self.buckets = tuple(sorted({min(b, self.max_sequence_length) for b in sampler_config.prefill_buckets}))
         self.page_size = sampler_config.page_size
         self.table_pages = math.ceil(self.max_sequence_length / self.page_size)
         slots = sampler_config.max_slots
-        self.num_pages = sampler_config.kv_pages or slots * self.table_pages + 1
+        # Default: every slot at full length plus one prompt held for its waiting samples.
+        self.num_pages = sampler_config.kv_pages or (slots + 1) * self.table_pages + 1
+        self.windowed_layers = [kind == "sliding_attention" for kind in config.layer_types]
+        window = config.sliding_window
+        # A window's own pool pays off only when the window is shorter than a sequence. A sequence
+        # never holds more window pages than a prefill chunk plus the window before it spans.
+        self.windowed = any(self.windowed_layers) and window is not None and window < self.max_sequence_length
+        self.window_pages_per_sequence = (min(self.pages_for(window + self.buckets[-1]) + 1, self.table_pages)
+                                          if self.windowed else self.table_pages)
+        self.num_window_pages = (sampler_config.window_kv_pages or (slots + 1) * self.window_pages_per_sequence + 1
+                                 if self.windowed else self.num_pages)
         self.param_shardings = param_shardings(config, self.mesh, SERVING_AXIS_RULES)
-        pool_shape = (self.num_pages, self.page_size, config.num_kv_heads, config.head_dim)
-        pool_sharding = logical_sharding(self.mesh, PAGE_POOL_LOGICAL_AXES, pool_shape, SERVING_AXIS_RULES)
+
+        def pool_sharding(pages):
+            shape = (pages, self.page_size, config.num_kv_heads, config.head_dim)
+            return logical_sharding(self.mesh, PAGE_POOL_LOGICAL_AXES, shape, SERVING_AXIS_RULES)
+
         slot_sharding = logical_sharding(self.mesh, ("batch",), (slots,), SERVING_AXIS_RULES)
+        layer_shardings = [pool_sharding(self.num_window_pages if w else self.num_pages) for w in self.windowed_layers]
         self.state_shardings = DecodeState(
-            pools=[{"k": pool_sharding, "v": pool_sharding} for _ in range(config.num_layers)],
+            pools=[{"k": sharding, "v": sharding} for sharding in layer_shardings],
             next_token=slot_sharding, next_position=slot_sharding, keys=slot_sharding,
             temperature=slot_sharding, top_k=slot_sharding, top_p=slot_sharding,
         )
@@ -141,7 +175,8 @@ class Engine:
         self._prefill_chunk = jax.jit(self._prefill_chunk_fn, donate_argnums=(1,),
                                       out_shardings=(self.state_shardings, None))
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,), out_shardings=self.state_shardings)
-        self._copy_page = jax.jit(self._copy_page_fn, donate_argnums=(0,), out_shardings=self.state_shardings)
+        self._copy_page = jax.jit(self._copy_page_fn, donate_argnums=(0,), static_argnums=(3,),
+                                  out_shardings=self.state_shardings)
         self._generate = jax.jit(self._generate_fn, donate_argnums=(1,), static_argnums=(3,),
                                  out_shardings=(self.state_shardings, None))
         self._sample_first = jax.jit(self._sample_first_fn, static_argnums=(6,))
@@ -153,16 +188,24 @@ class Engine:
         """Weights are kept in the compute dtype: what every matmul reads anyway."""
         return jnp.dtype(self.config.compute_dtype)
 
+    def _layer_page_bytes(self, layers: int) -> int:
+        c = self.config
+        return 2 * layers * self.page_size * c.num_kv_heads * c.head_dim * jnp.dtype(c.compute_dtype).itemsize
+
     @property
     def page_bytes(self) -> int:
-        """Bytes of one page across all layers (keys and values)."""
-        c = self.config
-        return 2 * c.num_layers * self.page_size * c.num_kv_heads * c.head_dim * jnp.dtype(c.compute_dtype).itemsize
+        """Bytes of one page of the full-attention pool, across its layers (keys and values)."""
+        return self._layer_page_bytes(self.config.num_layers - sum(self.windowed_layers))
+
+    @property
+    def window_page_bytes(self) -> int:
+        """Bytes of one page of the sliding-window pool, across its layers."""
+        return self._layer_page_bytes(sum(self.windowed_layers))
 
     @property
     def decode_state_bytes(self) -> int:
-        """Bytes of the KV page pool (the slot scalars are negligible)."""
-        return self.num_pages * self.page_bytes
+        """Bytes of the KV page pools (the slot scalars are negligible)."""
+        return self.num_pages * self.page_bytes + self.num_window_pages * self.window_page_bytes
 
     def pages_for(self, rows: int) -> int:
         """Pages that hold cache rows 0 .. rows - 1."""
@@ -196,12 +239,17 @@ class Engine:
                 f"prompt ({prompt.size} tokens) + max_new_tokens ({sampling.max_new_tokens}) needs "
                 f"{needed + 1} tokens, more than max_sequence_length {self.max_sequence_length}"
             )
-        # A sequence must fit the pool alone, or it could never be served.
+        # A sequence must fit the pools alone, or it could never be served.
         usable = self.num_pages - 1
         if self.pages_for(needed) > usable:
             raise RequestError(
                 f"prompt ({prompt.size} tokens) + max_new_tokens ({sampling.max_new_tokens}) needs "
                 f"{self.pages_for(needed)} KV pages of {self.page_size} rows; the pool has {usable} (kv_pages)"
+            )
+        if self.windowed and self.window_pages_per_sequence > self.num_window_pages - 1:
+            raise RequestError(
+                f"a sequence needs {self.window_pages_per_sequence} sliding-window KV pages; the window pool has "
+                f"{self.num_window_pages - 1} (window_kv_pages)"
             )
         return prompt.astype(np.int32)
 
@@ -210,7 +258,7 @@ class Engine:
     def _init_state_fn(self):
         slots = self.sampler_config.max_slots
         return DecodeState(
-            pools=init_page_pools(self.config, self.num_pages, self.page_size),
+            pools=init_page_pools(self.config, self.num_pages, self.page_size, self.num_window_pages),
             next_token=jnp.zeros(slots, jnp.int32),
             next_position=jnp.zeros(slots, jnp.int32),
             keys=jax.random.split(jax.random.key(0), slots),
@@ -222,10 +270,10 @@ class Engine:
     def _place_fn(self, params):
         return jax.tree.map(lambda p: p.astype(self.serving_dtype), params)
 
-    def _prefill_chunk_fn(self, params, state: DecodeState, page_row_M, tokens_1xC, start, last_index):
+    def _prefill_chunk_fn(self, params, state: DecodeState, tables_2xM, tokens_1xC, start, last_index):
         positions_1xC = (start + jnp.arange(tokens_1xC.shape[1], dtype=jnp.int32))[None]
         hidden_1xCxD, head, pools = forward_hidden_with_pages(params, self.config, tokens_1xC, positions_1xC,
-                                                              state.pools, page_row_M[None])
+                                                              state.pools, tables_2xM[0][None], tables_2xM[1][None])
         last_hidden_D = jax.lax.dynamic_index_in_dim(hidden_1xCxD[0], last_index, axis=0, keepdims=False)
         return state._replace(pools=pools), logits_from_hidden(last_hidden_D, head, self.config)
 
@@ -244,9 +292,10 @@ class Engine:
             top_p=state.top_p.at[slot].set(top_p),
         )
 
-    def _copy_page_fn(self, state: DecodeState, source, destination):
+    def _copy_page_fn(self, state: DecodeState, source, destination, windowed: bool):
         pools = [{name: pool.at[destination].set(pool[source]) for name, pool in layer.items()}
-                 for layer in state.pools]
+                 if (self.windowed and is_windowed) == windowed else layer
+                 for layer, is_windowed in zip(state.pools, self.windowed_layers)]
         return state._replace(pools=pools)
 
     def _mask_padded_vocab(self, logits_SxV):
@@ -255,9 +304,10 @@ class Engine:
             return logits_SxV
         return jnp.where(jnp.arange(logits_SxV.shape[-1]) < valid, logits_SxV, -jnp.inf)
 
-    def _generate_fn(self, params, state: DecodeState, page_table_SxM, alternatives):
+    def _generate_fn(self, params, state: DecodeState, tables_2xSxM, alternatives):
         hidden_Sx1xD, head, pools = forward_hidden_with_pages(
-            params, self.config, state.next_token[:, None], state.next_position[:, None], state.pools, page_table_SxM
+            params, self.config, state.next_token[:, None], state.next_position[:, None], state.pools,
+            tables_2xSxM[0], tables_2xSxM[1],
         )
         logits_SxV = self._mask_padded_vocab(logits_from_hidden(hidden_Sx1xD[:, 0], head, self.config))
         sampled_position_S = state.next_position + 1
@@ -277,8 +327,12 @@ class Engine:
         expected = jax.tree.structure(self.param_shardings)
         if jax.tree.structure(params) != expected:
             raise ValueError("params do not match the engine's model structure")
+        leaves, targets = jax.tree.leaves(params), jax.tree.leaves(self.param_shardings)
+        if all(isinstance(p, jax.Array) and p.dtype == self.serving_dtype and p.sharding.is_equivalent_to(t, p.ndim)
+               for p, t in zip(leaves, targets)):
+            return params  # placed already (WeightSync)
         devices = set(self.mesh.devices.flat)
-        if all(isinstance(p, jax.Array) and p.sharding.device_set == devices for p in jax.tree.leaves(params)):
+        if all(isinstance(p, jax.Array) and p.sharding.device_set == devices for p in leaves):
             return self._place(params)
         # Elsewhere (host arrays, or another set of devices): cast where they are, then move the
         # smaller copy.
@@ -289,9 +343,10 @@ class Engine:
     def init_decode_state(self) -> DecodeState:
         return self._init_state()
 
-    def empty_page_table(self, rows: int) -> np.ndarray:
-        """int32[rows, M] of null pages."""
-        return np.full((rows, self.table_pages), NULL_PAGE, np.int32)
+    def empty_page_tables(self, rows: int) -> np.ndarray:
+        """int32[2, rows, M] of null pages: the full-attention pool's table and the sliding-window
+        pool's (the same pool when the model has no window shorter than a sequence)."""
+        return np.full((2, rows, self.table_pages), NULL_PAGE, np.int32)
 
     def chunk_size(self, remaining: int) -> int:
         """The prefill chunk for `remaining` prompt tokens: the smallest bucket that holds them,
@@ -301,8 +356,13 @@ class Engine:
                 return bucket
         return self.buckets[-1]
 
-    def prefill_chunk(self, params, state: DecodeState, prompt: np.ndarray, page_row_M: np.ndarray, start: int):
-        """Prefills prompt tokens from `start` (one chunk) into the pages of `page_row_M`.
+    def chunk_rows(self, length: int, start: int) -> tuple[int, int]:
+        """[start, stop) rows the next prefill chunk of a `length`-token prompt writes (padding
+        past the prompt included)."""
+        return start, start + self.chunk_size(length - start)
+
+    def prefill_chunk(self, params, state: DecodeState, prompt: np.ndarray, tables_2xM: np.ndarray, start: int):
+        """Prefills prompt tokens from `start` (one chunk) into the pages of `tables_2xM`.
 
         Returns (state, next start, float32[V] logits at the last prompt token once the prompt
         is done, else None). Padded rows past the prompt fall in its last page (overwritten by
@@ -313,16 +373,10 @@ class Engine:
         tokens = np.zeros((1, chunk), np.int32)
         stop = min(length, start + chunk)
         tokens[0, : stop - start] = prompt[start:stop]
-        state, logits_V = self._prefill_chunk(params, state, page_row_M, tokens, np.int32(start),
+        state, logits_V = self._prefill_chunk(params, state, tables_2xM, tokens, np.int32(start),
                                               np.int32(stop - 1 - start))
         return state, stop, (logits_V if stop == length else None)
 
-    def prefill(self, params, state: DecodeState, prompt: np.ndarray, page_row_M: np.ndarray, start: int = 0):
-        """Prefills the whole prompt from `start`; returns (state, logits float32[V] at its last token)."""
-        logits_V = None
-        while start < prompt.size:
-            state, start, logits_V = self.prefill_chunk(params, state, prompt, page_row_M, start)
-        return state, logits_V
 
     def sample_first(self, logits_V, position: int, samplings: list[SamplingParams],
                      sample_indices: list[int]) -> TokenResult:
@@ -342,29 +396,30 @@ class Engine:
         return self._insert(state, np.int32(slot), np.int32(next_token), np.int32(next_position),
                             request_key(sampling.seed, sample_index), temperature[0], top_k[0], top_p[0])
 
-    def copy_page(self, state: DecodeState, source: int, destination: int) -> DecodeState:
-        """Copies one page in every layer (a shared prompt's partly filled last page, before a
-        sample writes its own tokens into it)."""
-        return self._copy_page(state, np.int32(source), np.int32(destination))
+    def copy_page(self, state: DecodeState, source: int, destination: int, windowed: bool = False) -> DecodeState:
+        """Copies one page of the full-attention pool (or of the sliding-window pool) in each of
+        its layers: a shared prompt's partly filled last page, before a sample writes into it."""
+        return self._copy_page(state, np.int32(source), np.int32(destination), windowed)
 
-    def generate(self, params, state: DecodeState, page_table_SxM: np.ndarray, alternatives: int = 0):
+    def generate(self, params, state: DecodeState, tables_2xSxM: np.ndarray, alternatives: int = 0):
         """One decode step for every slot; returns the new state and each slot's sampled token.
         Nothing is read back: the caller fetches the result when it needs it."""
-        return self._generate(params, state, page_table_SxM, alternatives)
+        return self._generate(params, state, tables_2xSxM, alternatives)
 
     def warmup(self, params, state: DecodeState) -> DecodeState:
         """Compiles every program serving can reach (each prefill bucket, insert, page copy, the
         decode step with and without alternatives, first-token sampling) before any request,
         writing only into the null page."""
-        table = self.empty_page_table(self.sampler_config.max_slots)
+        tables = self.empty_page_tables(self.sampler_config.max_slots)
         for bucket in self.buckets:
-            state, _ = self._prefill_chunk(params, state, table[0], np.zeros((1, bucket), np.int32), np.int32(0),
-                                           np.int32(0))
+            state, logits_V = self._prefill_chunk(params, state, tables[:, 0], np.zeros((1, bucket), np.int32),
+                                                  np.int32(0), np.int32(0))
         state = self.insert(state, 0, SamplingParams(), 0, 0)
-        state = self.copy_page(state, NULL_PAGE, NULL_PAGE)
+        for windowed in (False, True):
+            state = self.copy_page(state, NULL_PAGE, NULL_PAGE, windowed)
         for alternatives in (0, TOP_LOGPROBS):
-            state, result = self.generate(params, state, table, alternatives)
-            logits_V = jnp.zeros(self.config.vocab_size, jnp.float32)
+            state, result = self.generate(params, state, tables, alternatives)
+            # n = 1 only: other sample counts compile their own (small) sampling program.
             self.sample_first(logits_V, 0, [SamplingParams(top_logprobs=min(alternatives, 1))], [0])
         jax.block_until_ready(result)
         return state

@@ -74,6 +74,15 @@ class _Request:
     remaining: int = 0
     on_token: object = None  # called as on_token(sample index, completion) after each token
     should_stop: object = None  # called with the token ids so far; True ends the sequence ("stop")
+    sample_seeds: tuple[int, ...] | None = None
+
+    def sample(self, index: int) -> tuple[SamplingParams, int]:
+        """(sampling, key index) of sample `index`: sample i of a request draws with
+        request_key(seed, i), or, with per-sample seeds, exactly as an n=1 request with seed
+        sample_seeds[i] would."""
+        if self.sample_seeds is None:
+            return self.sampling, index
+        return dataclasses.replace(self.sampling, seed=self.sample_seeds[index]), 0
 
 
 @dataclasses.dataclass
@@ -86,6 +95,7 @@ class _Sequence:
     next_position: int  # row the next fed token is written at
     admitted: int  # admission order: the newest is preempted first
     finished: bool = False  # done, cancelled or preempted: results for it are ignored
+    window: dict = dataclasses.field(default_factory=dict)  # page index -> page of the sliding-window pool
 
     @property
     def completion(self) -> Completion:
@@ -105,6 +115,7 @@ class _Prefill:
     pages: list[int]
     next_start: int = 0
     samples: list = dataclasses.field(default_factory=list)  # [(index, first token row)] not yet in slots
+    window: dict = dataclasses.field(default_factory=dict)  # page index -> page of the sliding-window pool
 
 
 class Orchestrator:
@@ -124,8 +135,10 @@ class Orchestrator:
         self._warmup = warmup
         # decode_steps and active_slot_steps give utilization; prefills counts prompts prefilled
         # (resumes excluded); preemptions counts sequences evicted for pages.
-        self.stats = {"decode_steps": 0, "active_slot_steps": 0, "prefills": 0, "prefill_chunks": 0,
-                      "preemptions": 0, "active_slots": 0, "peak_pages_in_use": 0}
+        # live_token_steps sums the cache rows live sequences hold over decode steps (mean live
+        # tokens = live_token_steps / decode_steps).
+        self.stats = {"decode_steps": 0, "active_slot_steps": 0, "live_token_steps": 0, "prefills": 0,
+                      "prefill_chunks": 0, "preemptions": 0, "active_slots": 0, "peak_pages_in_use": 0}
         self._thread = threading.Thread(target=self._run, name="opsd-sampler", daemon=True)
         self._thread.start()
 
@@ -140,16 +153,23 @@ class Orchestrator:
         return self._draining
 
     def submit(self, prompt_ids, sampling: SamplingParams = SamplingParams(), n: int = 1,
-               on_token=None, should_stop=None) -> concurrent.futures.Future:
-        """Queues one prompt for n samples; the future resolves to n Completions (or raises
-        RequestError for a request the engine cannot serve). `on_token(index, completion)` runs
-        on the sampler thread after each token of sample `index` (finish_reason already set on the
-        last); `should_stop(token_ids)` lets a caller end a sequence early (stop strings). Either
-        raising fails the request. `future.cancel()` cancels all n samples."""
+               on_token=None, should_stop=None, sample_seeds=None) -> concurrent.futures.Future:
+        """Queues one prompt for n samples, prefilled once; the future resolves to n Completions
+        (or raises RequestError for a request the engine cannot serve). `sample_seeds` (n
+        integers) makes sample i identical to an n=1 request with seed sample_seeds[i].
+        `on_token(index, completion)` runs on the sampler thread after each token of sample
+        `index` (finish_reason already set on the last); `should_stop(token_ids)` lets a caller
+        end a sequence early (stop strings). Either raising fails the request.
+        `future.cancel()` cancels all n samples."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             future.set_exception(RequestError(f"n must be a positive integer, got {n!r}"))
             return future
+        if sample_seeds is not None:
+            sample_seeds = tuple(sample_seeds)
+            if len(sample_seeds) != n:
+                future.set_exception(RequestError(f"{len(sample_seeds)} sample_seeds for n={n} samples"))
+                return future
         with self._lock:
             if self.error is not None:
                 raise SamplerCrashed(f"the sampler loop failed: {self.error!r}")
@@ -158,7 +178,8 @@ class Orchestrator:
             self._live.add(future)
             future.add_done_callback(self._forget)
             self._queue.put(
-                _Request(np.asarray(prompt_ids), sampling, n, future, on_token=on_token, should_stop=should_stop)
+                _Request(np.asarray(prompt_ids), sampling, n, future, on_token=on_token, should_stop=should_stop,
+                         sample_seeds=sample_seeds)
             )
         return future
 
@@ -188,7 +209,7 @@ class Orchestrator:
         for future in futures:
             try:
                 results.append(future.result())
-            except Exception as e:  # noqa: BLE001 - reported per request
+            except Exception as e:
                 if not return_exceptions:
                     bar.close()
                     raise
@@ -259,7 +280,8 @@ class Orchestrator:
         if self._warmup:
             state = engine.warmup(self._params, state)
         self._pages = PageAllocator(engine.num_pages)
-        self._table = engine.empty_page_table(slots)
+        self._window_pages = PageAllocator(engine.num_window_pages) if engine.windowed else None
+        self._tables = engine.empty_page_tables(slots)
         self._free_slots = collections.deque(range(slots))
         self._active: dict[int, _Sequence] = {}
         self._incoming: collections.deque[_Request] = collections.deque()
@@ -284,11 +306,12 @@ class Orchestrator:
             if self._active:
                 snapshot = dict(self._active)
                 samplings = [seq.request.sampling for seq in snapshot.values()]
-                state, result = engine.generate(self._params, state, self._table.copy(), alternatives_for(samplings))
+                state, result = engine.generate(self._params, state, self._tables.copy(), alternatives_for(samplings))
                 for seq in snapshot.values():
                     seq.next_position += 1
                 self.stats["decode_steps"] += 1
                 self.stats["active_slot_steps"] += len(snapshot)
+                self.stats["live_token_steps"] += sum(seq.next_position for seq in snapshot.values())
                 if pending is not None:
                     self._process(*pending)
                 pending = (result, snapshot)
@@ -329,52 +352,129 @@ class Orchestrator:
     # ---- admission and prefill ----------------------------------------------------------------
 
     def _admit(self, state):
+        state = self._admit_waiting(state)
+        if not self._active and self._free_slots and (self._ready or self._resume):
+            # Nothing decodes, yet nothing waiting fits: prompts held for their remaining samples
+            # take the pages. Those samples become sequences that prefill their own copy (any one
+            # sequence fits the pool alone), so the loop always makes progress.
+            while self._ready:
+                self._reclaim_waiting()
+            state = self._admit_waiting(state)
+        return state
+
+    def _admit_waiting(self, state):
         engine = self.engine
         while self._free_slots and self._resume:
             seq = self._resume[0]
             tokens = np.concatenate([seq.request.prompt, np.asarray(seq.completion.token_ids[:-1], np.int32)])
-            pages = self._pages.allocate(engine.pages_for(tokens.size + 1))
-            if pages is None:
+            windowed = self._window_pages is not None
+            if windowed and self._window_pages.free < engine.window_pages_per_sequence:
                 return state
+            # A page of headroom per decoding sequence, or it would be preempted again at once.
+            if self._pages.free < engine.pages_for(tokens.size + 1) + len(self._active):
+                return state
+            pages = self._pages.allocate(engine.pages_for(tokens.size + 1))
             self._resume.popleft()
-            row = engine.empty_page_table(1)[0]
-            row[: len(pages)] = pages
-            state, _ = engine.prefill(self._params, state, tokens, row)
-            seq.pages, seq.finished = pages, False
+            seq.pages, seq.window, seq.finished = pages, {}, False
+            start = 0
+            while start < tokens.size:  # the window pool had room for a whole sequence's window
+                state, start, _ = self._prefill_chunk(state, tokens, seq, start)
             state = self._place(state, seq, seq.completion.token_ids[-1], tokens.size)
         while self._free_slots and self._ready:
             entry = self._ready[0]
             request = entry.request
-            length = request.prompt.size
-            shared = entry.pages[: length // engine.page_size]
+            full_pages = request.prompt.size // engine.page_size
+            shared = entry.pages[:full_pages]
             own = self._pages.allocate(len(entry.pages) - len(shared))
             if own is None:
+                return state
+            window = {m: page for m, page in entry.window.items() if m < full_pages}
+            partial = {m: page for m, page in entry.window.items() if m >= full_pages}
+            own_window = self._window_pages.allocate(len(partial)) if partial else []
+            if own_window is None:
+                self._pages.release(own)
                 return state
             index, first = entry.samples.pop(0)
             if not entry.samples:
                 self._ready.popleft()
             for source, destination in zip(entry.pages[len(shared):], own):
                 state = engine.copy_page(state, source, destination)
+            for (m, source), destination in zip(sorted(partial.items()), own_window):
+                state = engine.copy_page(state, source, destination, windowed=True)
+                window[m] = destination
             self._pages.retain(shared)
+            if self._window_pages is not None:
+                self._window_pages.retain([page for m, page in window.items() if m < full_pages])
             if not entry.samples:
-                self._pages.release(entry.pages)
-            seq = _Sequence(request, index, shared + own, length, next(self._admissions))
-            state = self._place(state, seq, int(first.token), length)
+                self._release(entry)
+            seq = _Sequence(request, index, shared + own, request.prompt.size, next(self._admissions), window=window)
+            state = self._place(state, seq, int(first.token), request.prompt.size)
         return state
+
+    def _tables_of(self, holder) -> np.ndarray:
+        """int32[2, M]: the page tables of a sequence or prompt (full-attention pool, window pool)."""
+        tables = self.engine.empty_page_tables(1)[:, 0]
+        tables[0, : len(holder.pages)] = holder.pages
+        if self._window_pages is None:
+            tables[1] = tables[0]
+        else:
+            for m, page in holder.window.items():
+                tables[1, m] = page
+        return tables
+
+    def _fit_window(self, holder, low_row: int, high_row: int) -> bool:
+        """Keeps the window pages of rows low_row .. high_row (allocating what is missing) and
+        releases those wholly before; False, with nothing allocated, when the pool is dry."""
+        if self._window_pages is None:
+            return True
+        size = self.engine.page_size
+        first, last = low_row // size, high_row // size
+        behind = [m for m in holder.window if m < first]
+        self._window_pages.release([holder.window.pop(m) for m in behind])
+        missing = [m for m in range(first, last + 1) if m not in holder.window]
+        if not missing:
+            return True
+        pages = self._window_pages.allocate(len(missing))
+        if pages is None:
+            return False
+        holder.window.update(zip(missing, pages))
+        return True
+
+    def _prefill_chunk(self, state, tokens: np.ndarray, holder, start: int):
+        """One prefill chunk of `tokens` into the pages of `holder` (a prompt job or a resumed
+        sequence); returns (state, next start, logits at the last token once done), or None
+        when the window pool cannot hold the chunk yet."""
+        engine = self.engine
+        low, high = engine.chunk_rows(tokens.size, start)
+        window = self.engine.config.sliding_window or 0
+        if not self._fit_window(holder, max(0, low - window + 1), min(high, tokens.size) - 1):
+            return None
+        self.stats["prefill_chunks"] += 1
+        return engine.prefill_chunk(self._params, state, tokens, self._tables_of(holder), start)
+
+    def _release(self, holder) -> None:
+        """Drops `holder`'s hold on its pages in both pools."""
+        self._pages.release(holder.pages)
+        holder.pages = []
+        if self._window_pages is not None:
+            self._window_pages.release(list(holder.window.values()))
+        holder.window = {}
 
     def _place(self, state, seq: _Sequence, next_token: int, next_position: int):
         slot = self._free_slots.popleft()
         seq.next_position = next_position
-        self._table[slot] = NULL_PAGE
-        self._table[slot, : len(seq.pages)] = seq.pages
+        self._tables[:, slot] = self._tables_of(seq)
         self._active[slot] = seq
-        return self.engine.insert(state, slot, seq.request.sampling, next_token, next_position, seq.index)
+        sampling, key_index = seq.request.sample(seq.index)
+        return self.engine.insert(state, slot, sampling, next_token, next_position, key_index)
 
     def _prefill_step(self, state):
         """One prefill chunk (the whole prompt when nothing decodes) of the next prompt."""
         engine = self.engine
         if self._prefilling is None:
-            if not self._incoming or self._ready:  # samples still waiting: no new prompt yet
+            # Samples still waiting for a slot, or preempted sequences waiting for pages, come
+            # before a new prompt (which would take the pages they wait for).
+            if not self._incoming or self._ready or self._resume:
                 return state
             request = self._incoming[0]
             if request.future.done():
@@ -382,32 +482,33 @@ class Orchestrator:
                 return state
             try:
                 prompt = engine.validate_request(request.prompt, request.sampling)
+                for index in range(request.n if request.sample_seeds is not None else 0):
+                    engine.validate_request(prompt, request.sample(index)[0])
             except RequestError as e:
                 self._incoming.popleft()
                 self._set(request.future, exception=e)
                 return state
+            if self._pages.free < engine.pages_for(prompt.size) + len(self._active):
+                return state  # wait for sequences to finish (a page of headroom per decoding one)
             pages = self._pages.allocate(engine.pages_for(prompt.size))
-            if pages is None:
-                return state  # wait for sequences to finish
             self._incoming.popleft()
             request.prompt = prompt
             self._prefilling = _Prefill(request, pages)
         job = self._prefilling
-        row = engine.empty_page_table(1)[0]
-        row[: len(job.pages)] = job.pages
         request = job.request
         while True:
-            state, job.next_start, logits_V = engine.prefill_chunk(self._params, state, request.prompt, row,
-                                                                   job.next_start)
-            self.stats["prefill_chunks"] += 1
+            done = self._prefill_chunk(state, request.prompt, job, job.next_start)
+            if done is None:
+                return state  # the window pool is dry: decoding sequences free it as they move on
+            state, job.next_start, logits_V = done
             if logits_V is not None or self._active:
                 break
         if logits_V is None:
             return state
         self._prefilling = None
         self.stats["prefills"] += 1
-        samplings = [request.sampling] * request.n
-        first = jax.device_get(engine.sample_first(logits_V, request.prompt.size, samplings, list(range(request.n))))
+        samplings, key_indices = zip(*(request.sample(i) for i in range(request.n)))
+        first = jax.device_get(engine.sample_first(logits_V, request.prompt.size, list(samplings), list(key_indices)))
         request.completions = [
             Completion(prompt_token_ids=request.prompt.tolist(), sample_index=i, weight_version=self.weight_version)
             for i in range(request.n)
@@ -420,32 +521,55 @@ class Orchestrator:
         if job.samples:
             self._ready.append(job)
         else:
-            self._pages.release(job.pages)
+            self._release(job)
         return state
 
     # ---- decoding -------------------------------------------------------------------------------
 
     def _grow_pages(self) -> None:
-        """Gives every decoding sequence the page its next row needs, preempting the newest
-        sequences while the pool is dry."""
+        """Gives every decoding sequence the pages its next row needs (in both pools; window
+        pages left behind the window are released), preempting the newest sequences while a pool
+        is dry."""
         size = self.engine.page_size
+        window = self.engine.config.sliding_window or 0
         for slot in sorted(self._active, key=lambda s: self._active[s].admitted):
             seq = self._active.get(slot)
             if seq is None:
                 continue
             row = seq.next_position
-            if row > seq.last_row or row // size < len(seq.pages):
+            if row > seq.last_row:
                 continue
             while True:
-                page = self._pages.allocate(1)
-                if page is not None:
-                    seq.pages += page
-                    self._table[slot, len(seq.pages) - 1] = page[0]
+                if row // size >= len(seq.pages):
+                    page = self._pages.allocate(1)
+                    if page is not None:
+                        seq.pages += page
+                if row // size < len(seq.pages) and self._fit_window(seq, max(0, row - window + 1), row):
+                    self._tables[:, slot] = self._tables_of(seq)
                     break
+                if self._reclaim_waiting():
+                    continue
                 newest = max(self._active, key=lambda s: self._active[s].admitted)
                 self._preempt(newest)
                 if newest == slot:
                     break
+
+    def _reclaim_waiting(self) -> bool:
+        """Frees pages held for work that has not started decoding (cheaper to redo than a
+        decoding sequence): the newest prompt held for its waiting samples (which then resume on
+        their own), else the prompt being prefilled (which starts over later). False if none."""
+        if self._ready:
+            entry = self._ready.pop()
+            self._release(entry)
+            for index, _ in entry.samples:
+                self._resume.append(_Sequence(entry.request, index, [], 0, next(self._admissions)))
+            return True
+        if self._prefilling is not None:
+            job, self._prefilling = self._prefilling, None
+            self._release(job)
+            self._incoming.appendleft(job.request)
+            return True
+        return False
 
     def _preempt(self, slot: int) -> None:
         seq = self._release_slot(slot)
@@ -455,15 +579,16 @@ class Orchestrator:
 
     def _release_slot(self, slot: int) -> _Sequence:
         seq = self._active.pop(slot)
-        self._pages.release(seq.pages)
-        seq.pages = []
-        self._table[slot] = NULL_PAGE
+        self._release(seq)
+        self._tables[:, slot] = NULL_PAGE
         self._free_slots.append(slot)
         return seq
 
     def _process(self, result, snapshot: dict[int, _Sequence]) -> None:
         result = jax.device_get(result)
         self.stats["peak_pages_in_use"] = self._pages.peak_in_use
+        if self._window_pages is not None:
+            self.stats["peak_window_pages_in_use"] = self._window_pages.peak_in_use
         for slot, seq in snapshot.items():
             if seq.finished:
                 continue
@@ -478,9 +603,9 @@ class Orchestrator:
             self._release_slot(slot).finished = True
         for entry in [e for e in self._ready if e.request.future.done()]:
             self._ready.remove(entry)
-            self._pages.release(entry.pages)
+            self._release(entry)
         if self._prefilling is not None and self._prefilling.request.future.done():
-            self._pages.release(self._prefilling.pages)
+            self._release(self._prefilling)
             self._prefilling = None
         self._resume = collections.deque(seq for seq in self._resume if not seq.request.future.done())
 
@@ -509,9 +634,7 @@ class Orchestrator:
         if wanted:
             completion.top_logprobs.append(list(zip(token.top_ids[:wanted].tolist(),
                                                     token.top_logprobs[:wanted].tolist())))
-        if int(token.token) in request.sampling.stop_token_ids:
-            completion.finish_reason = "stop"
-        elif request.should_stop is not None and self._callback(request, request.should_stop, completion.token_ids):
+        if int(token.token) in request.sampling.stop_token_ids or request.should_stop is not None and self._callback(request, request.should_stop, completion.token_ids):
             completion.finish_reason = "stop"
         elif len(completion.token_ids) >= request.sampling.max_new_tokens:
             completion.finish_reason = "length"
@@ -548,7 +671,7 @@ class Orchestrator:
 class _TokenRow:
     """Row `index` of a TokenResult (host arrays)."""
 
-    __slots__ = ("token", "sampled_logprob", "model_logprob", "entropy", "top_ids", "top_logprobs")
+    __slots__ = ("entropy", "model_logprob", "sampled_logprob", "token", "top_ids", "top_logprobs")
 
     def __init__(self, result, index: int):
         self.token = result.token[index]

@@ -31,7 +31,7 @@ def student_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(student_dir):
-    from opsd_jax.sampler.server import load_for_serving
+    from opsd_jax.checkpoint.loading import load_for_serving
 
     return load_for_serving(student_dir, dtype="float32")
 

@@ -44,8 +44,9 @@ def _compile(accelerator, *args):
 def test_fused_kernel_compiles_for_tpu(topology, accelerator):
     report = _compile(accelerator, topology)
     assert report["device_kind"].startswith("TPU")
-    # statistics, JSD second pass, d/dh and d/dW: all four must be Mosaic kernels, not interpreter HLO.
-    assert report["mosaic_custom_calls"] == 4
+    # statistics, JSD second pass, and the one gradient kernel (d/dh and d/dW from a single
+    # recomputation): all three must be Mosaic kernels, not interpreter HLO.
+    assert report["mosaic_custom_calls"] == 3
     assert 0 < report["temp_bytes"] < 2 * 2**30
 
 
@@ -59,7 +60,7 @@ def test_vocab_parallel_kernel_fits_vmem_at_qwen3_8b_widths(topology, accelerato
     block sizes chosen from the generation's VMEM budget compile (v5e overflowed 64M before)."""
     report = _compile(accelerator, topology, "--mesh", mesh, "--hidden", "4096", "--tokens-per-chip", "8192",
                       "--head-dtype", "float32")
-    assert report["mosaic_custom_calls"] == 4
+    assert report["mosaic_custom_calls"] == 3
 
 
 @needs_libtpu

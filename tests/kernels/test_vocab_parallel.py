@@ -194,11 +194,14 @@ def test_blocks_fit_every_generation_at_qwen3_8b_widths():
     for generation in ("v5e", "v5p", "v6e", "v7x"):
         budget = tpu_vmem.budget(generation)
         assert budget.block_bytes < budget.limit_bytes < tpu_vmem.PHYSICAL_VMEM[generation]
-        for kernel in ("stats", "jsd", "hidden_grad", "head_grad"):
+        for kernel in ("stats", "jsd", "grad"):
             r, c = tpu_vmem.choose_blocks(kernel, 8192, 151_936, ops, generation)
             assert r % 8 == 0 and c % 128 == 0 and r >= 128 and c >= 128, (generation, kernel, r, c)
             assert tpu_vmem.estimate(kernel, r, c, ops) <= budget.block_bytes
+    # v4's 16 MiB: H=4096 fits only in small blocks (the head tiles and d/dW block are single-
+    # buffered), H=8192 not at all.
+    assert tpu_vmem.choose_blocks("grad", 8192, 151_936, ops, "v4")[1] == 128
     with pytest.raises(ValueError, match="over the .* MiB budget of v4"):
-        tpu_vmem.choose_blocks("head_grad", 8192, 151_936, ops, "v4")
+        tpu_vmem.choose_blocks("grad", 8192, 151_936, tpu_vmem.Operands(True, 8192, 8192, 2, 2, 4, 4), "v4")
     # Explicit blocks are honoured (rounded to what Mosaic accepts), whatever the budget.
-    assert tpu_vmem.choose_blocks("head_grad", 9, 300, ops, "v4", token_block=8, vocab_block=200) == (8, 128)
+    assert tpu_vmem.choose_blocks("grad", 9, 300, ops, "v4", token_block=8, vocab_block=200) == (8, 128)

@@ -80,10 +80,13 @@ def test_tiny_plan_compiles_the_real_jobs_for_a_multi_chip_topology(tmp_path, to
     report = json.loads((tmp_path / "plan.json").read_text())
     rows = {r["name"]: r for r in report["programs"]}
     assert report["chips"] == 4 and report["model_configs"]["student"] == model
-    # The rollout sampler: decode plus every prefill bucket a 96-token prompt reaches (64, 128).
-    assert {"rollout_decode", "rollout_prefill_64x64", "rollout_prefill_128x128", "eval_decode"} <= set(rows)
+    # The rollout sampler: decode (with and without alternatives) plus one chunk program per prefill
+    # bucket a 96-token prompt reaches (64, 128), on the sampler's own mesh: tensor parallel over
+    # the model's 2 KV heads, slots over data.
+    assert {"rollout_decode", "rollout_decode_top_logprobs", "rollout_prefill_64", "rollout_prefill_128",
+            "eval_decode", "eval_prefill_64"} <= set(rows)
     for name in ("rollout_decode", "eval_decode"):
-        assert rows[name]["verdict"] == "fits" and rows[name]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+        assert rows[name]["verdict"] == "fits" and rows[name]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
         assert 0 < rows[name]["total_bytes"] < 2**30 and rows[name]["flops"] > 0
     train = rows["train_step"]
     assert train["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
@@ -108,7 +111,8 @@ def test_a_model_too_large_is_exit_2_naming_the_largest_array(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr[-2000:]
     # The TPU compiler itself refuses for HBM; the plan reports what it asked for and the largest arrays.
     assert "eval_decode does not fit: the compiler needs" in done.stdout
-    assert "Largest arrays: bf16[64,131024,8,128] (15.99 GiB" in done.stdout  # one layer's K (or V) cache
+    # One layer's K (or V) page pool: 65 x 8,189 pages of 16 rows (every slot at full length + one prompt).
+    assert "Largest arrays: bf16[532286,16,8,128] (16.24 GiB" in done.stdout
     assert "try fewer slots" in done.stdout
 
 

@@ -1,0 +1,127 @@
+"""Cloud TPU VM slices, created directly or through a queued resource: create, install the
+project on every worker, run one command on every worker.
+
+    opsd-jax launch tpu-vm --name N --zone Z --topology v5p-64 [--create] [--spot] -- opsd-jax train --config C
+    opsd-jax launch queued --name N --zone Z --topology v5p-64 [--spot | --best-effort] -- opsd-jax train --config C
+
+The steps, in order (each printed exactly by --dry-run):
+  1. `gcloud compute tpus tpu-vm create` (with --create), or `queued-resources create` and its
+     `describe` polled until ACTIVE;
+  2. the working tree packed into a tarball here (no .git, .venv or runs/), copied to every worker
+     with `tpu-vm scp --worker=all`, unpacked over ~/opsd-jax (an earlier run directory there is
+     kept) and installed (`pip install -e .[tpu]` in ~/opsd-jax/.venv) with `tpu-vm ssh
+     --worker=all` (skipped with --no-install);
+  3. the command, on every worker at once (`tpu-vm ssh --worker=all`), from ~/opsd-jax with the
+     virtualenv first on PATH and, on a multi-host slice, OPSD_JAX_DISTRIBUTED=1, which makes
+     every process call jax.distributed.initialize() (JAX reads the pod from the TPU metadata).
+A preempted run exits 42 (`train.preemption_exit_code`); the same command again resumes it. A spot
+slice that is reclaimed is deleted with its disks: keep `train.output_dir` on storage that outlives
+it, or recreate the slice and rerun to continue from the last checkpoint that was copied off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+
+from opsd_jax.launch.commands import Step
+from opsd_jax.plan.topology import GENERATIONS, Topology
+
+# TPU VM software versions per generation (Cloud TPU's "TPU software versions" page).
+RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
+                    "v6e": "v2-alpha-tpuv6e"}
+assert set(RUNTIME_VERSIONS) == set(GENERATIONS)
+REMOTE_DIR = "~/opsd-jax"
+EXCLUDED = (".git", ".venv", "runs", "__pycache__", "*.egg-info")
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str  # the TPU VM (node) name
+    zone: str
+    topology: Topology
+    project: str | None = None
+    runtime_version: str | None = None  # default: RUNTIME_VERSIONS of the generation
+
+    @property
+    def version(self) -> str:
+        return self.runtime_version or RUNTIME_VERSIONS[self.topology.generation.name]
+
+    def flags(self) -> list[str]:
+        return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
+
+
+def create_vm(s: Slice, *, spot: bool = False) -> Step:
+    return Step(("gcloud", "compute", "tpus", "tpu-vm", "create", s.name, *s.flags(),
+                 f"--accelerator-type={s.topology.accelerator_type}", f"--version={s.version}",
+                 *(["--spot"] if spot else [])))
+
+
+def create_queued(s: Slice, queued_id: str, *, spot: bool = False, best_effort: bool = False) -> list[Step]:
+    """The queued resource request (best-effort is a gcloud alpha flag) and its state, polled."""
+    if spot and best_effort:
+        raise ValueError("--spot and --best-effort exclude each other")
+    alpha = ("alpha",) if best_effort else ()
+    create = Step(("gcloud", *alpha, "compute", "tpus", "queued-resources", "create", queued_id, *s.flags(),
+                   f"--node-id={s.name}", f"--accelerator-type={s.topology.accelerator_type}",
+                   f"--runtime-version={s.version}",
+                   *(["--spot"] if spot else []), *(["--best-effort"] if best_effort else [])))
+    wait = Step(("gcloud", "compute", "tpus", "queued-resources", "describe", queued_id, *s.flags(),
+                 "--format=value(state.state)"), until=("ACTIVE",))
+    return [create, wait]
+
+
+def archive_name(s: Slice) -> str:
+    return f"opsd-jax-{s.name}.tar.gz"
+
+
+def pack(source_dir: str, archive: str) -> Step:
+    excludes = [f"--exclude={pattern}" for pattern in EXCLUDED]
+    return Step(("tar", "-czf", archive, *excludes, "-C", source_dir, "."))
+
+
+def ssh_all(s: Slice, command: str) -> Step:
+    return Step(("gcloud", "compute", "tpus", "tpu-vm", "ssh", s.name, *s.flags(), "--worker=all",
+                 f"--command={command}"))
+
+
+def install_steps(s: Slice, source_dir: str, archive_dir: str, extras: str = "tpu") -> list[Step]:
+    """Pack the tree here, copy it to every worker, unpack and pip-install it there."""
+    archive = os.path.join(archive_dir, archive_name(s))
+    copy = Step(("gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{s.name}:{archive_name(s)}", *s.flags(),
+                 "--worker=all"))
+    # Unpacked over an earlier install: a run directory inside it (runs/...) and its checkpoints stay.
+    install = (f"set -e; mkdir -p {REMOTE_DIR}; tar -xzf ~/{archive_name(s)} -C {REMOTE_DIR}; "
+               f"cd {REMOTE_DIR}; python3 -m venv .venv; .venv/bin/pip install -q -e '.[{extras}]'")
+    return [pack(source_dir, archive), copy, ssh_all(s, install)]
+
+
+def remote_command(argv: list[str], hosts: int) -> str:
+    """`argv` as every worker runs it: from the installed tree, its virtualenv first on PATH, and,
+    on a multi-host slice, jax.distributed told to join the slice (parallel.initialize_distributed)."""
+    if not argv:
+        raise ValueError("no command to run (give it after --, e.g. -- opsd-jax train --config configs/X.yaml)")
+    join = "OPSD_JAX_DISTRIBUTED=1 " if hosts > 1 else ""
+    return f"cd {REMOTE_DIR} && PATH={REMOTE_DIR}/.venv/bin:$PATH {join}" + shlex.join(argv)
+
+
+def tpu_vm_steps(s: Slice, argv: list[str], *, create: bool = False, spot: bool = False, install: bool = True,
+                 source_dir: str = ".", archive_dir: str = "/tmp") -> list[Step]:
+    steps = [create_vm(s, spot=spot)] if create else []
+    if install:
+        steps += install_steps(s, source_dir, archive_dir)
+    return steps + [ssh_all(s, remote_command(argv, s.topology.hosts))]
+
+
+def queued_steps(s: Slice, argv: list[str], *, queued_id: str | None = None, spot: bool = False,
+                 best_effort: bool = False, install: bool = True, source_dir: str = ".",
+                 archive_dir: str = "/tmp") -> list[Step]:
+    steps = create_queued(s, queued_id or f"{s.name}-qr", spot=spot, best_effort=best_effort)
+    if install:
+        steps += install_steps(s, source_dir, archive_dir)
+    return steps + [ssh_all(s, remote_command(argv, s.topology.hosts))]
+
+
+__all__ = ["RUNTIME_VERSIONS", "Slice", "create_queued", "create_vm", "install_steps", "queued_steps",
+           "remote_command", "ssh_all", "tpu_vm_steps"]

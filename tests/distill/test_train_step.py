@@ -1,0 +1,138 @@
+"""The train step's loss through the fused kernel's training path: the loss's own per-token weights
+(sequence mean x importance scale x token weighting) go into the kernel, whose forward then forms
+the final gradients. Loss and gradients against plain autodiff of the reference kernel."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opsd_jax.config import ObjectiveSection
+from opsd_jax.distill import objectives
+from opsd_jax.distill.train_step import (
+    Batch,
+    StepSettings,
+    accumulated_gradients,
+    loss_and_metrics,
+)
+from opsd_jax.kernels import xla
+from opsd_jax.models import ModelConfig, init_params
+from opsd_jax.parallel import make_mesh
+
+CONFIG = dict(
+    architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=512, hidden_size=32, intermediate_size=64,
+    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ModelConfig.from_hf(CONFIG)
+
+
+def _batch(rng, B=4, L=14, T=8):
+    tokens = jnp.asarray(rng.integers(3, 500, (B, L)), jnp.int32)
+    index = jnp.broadcast_to(jnp.arange(L - T - 1, L - 1, dtype=jnp.int32), (B, T))
+    lengths = jnp.asarray(rng.integers(2, T + 1, B), jnp.int32)
+    # Sampler log-probs near the student's (about -6.2 for a fresh 512-token model): ratios around
+    # 1, some above the paper's cap of 2, so every sequence gets its own importance scale.
+    sampler = jnp.asarray(-6.2 + rng.normal(size=(B, T)) * 0.8, jnp.float32)
+    return Batch(tokens, jnp.ones((B, L), jnp.int32), tokens, jnp.ones((B, L), jnp.int32), index, index,
+                 tokens[:, L - T:], lengths, sampler)
+
+
+def _params(model, rng):
+    key = jax.random.key(int(rng.integers(2**31)))
+    return tuple(init_params(model, k) for k in jax.random.split(key))
+
+
+def _loss_and_grads(params, teacher, batch, settings):
+    fn = jax.value_and_grad(lambda p: loss_and_metrics(p, teacher, batch, settings), has_aux=True)
+    (loss, metrics), grads = jax.jit(fn)(params)
+    return float(loss), metrics, grads
+
+
+@pytest.mark.parametrize("objective", [
+    ObjectiveSection(kind="jsd", beta=0.5, skip_first=1, token_weighting="downweight_teacher_at_forks"),
+    ObjectiveSection(kind="reverse_kl", skip_first=0, importance="sequence", reduction="token_mean",
+                     token_weighting="top_student_entropy", top_rho=0.5),
+])
+def test_weighted_loss_and_gradients_match_autodiff_and_need_one_sweep(model, rng, objective, monkeypatch):
+    """xla (student statistics first, then the fused sweep with the loss's final weights) against
+    the reference kernel (whole logits, autodiff): same loss, same gradients; and the backward
+    takes every divergence cotangent from the forward (no token left for a second sweep)."""
+    remainders = []
+    split = xla.split_cotangent
+
+    def recording(cot_d_N, unit_N):
+        c, rest_N = split(cot_d_N, unit_N)
+        jax.debug.callback(lambda k: remainders.append(int(k)), jnp.count_nonzero(rest_N))
+        return c, rest_N
+
+    monkeypatch.setattr(xla, "split_cotangent", recording)
+    params, teacher = _params(model, rng)
+    batch = _batch(rng)
+    results = {}
+    for impl in ("xla", "reference"):
+        settings = StepSettings(student=model, teacher=model, objective=objective, kernel_impl=impl, valid_vocab=500)
+        results[impl] = _loss_and_grads(params, teacher, batch, settings)
+    assert remainders == [0]
+    (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = results["xla"], results["reference"]
+    assert loss > 0 and loss == pytest.approx(ref_loss, rel=2e-5)
+    scale = np.asarray(metrics["importance_ratio_max"])
+    assert scale == pytest.approx(float(ref_metrics["importance_ratio_max"]), rel=1e-5)
+    assert float(metrics["importance_ratio_mean"]) != pytest.approx(float(scale))  # sequences differ
+    assert np.abs(np.asarray(grads["lm_head"])).max() > 0
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_grads), jax.tree.leaves(grads)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5 * np.abs(a).max(), err_msg=jax.tree_util.keystr(path))
+
+
+def test_loss_weights_are_the_gradient_of_the_reduction(rng):
+    B, T = 5, 9
+    mask = jnp.asarray(rng.random((B, T)) > 0.3).at[0].set(False)  # a sequence without loss tokens
+    token_w = jnp.asarray(rng.uniform(0.2, 1.0, (B, T)), jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, B), jnp.float32)
+    per_token = jnp.asarray(rng.normal(size=(B, T)), jnp.float32)
+    for reduction in ("sequence_mean", "token_mean"):
+        w = objectives.loss_weights(token_w, mask, scale, reduction)
+        loss = objectives.reduce_loss(per_token, token_w, mask, scale, reduction)
+        assert float(jnp.sum(w * per_token)) == pytest.approx(float(loss), rel=1e-5)
+        assert np.all(np.asarray(w)[~np.asarray(mask)] == 0.0)
+    counts = np.asarray(mask).sum(1)
+    expected = np.where(np.asarray(mask), np.asarray(token_w) * np.asarray(scale)[:, None]
+                        / np.maximum(counts, 1)[:, None] / (counts > 0).sum(), 0.0)
+    np.testing.assert_allclose(np.asarray(objectives.loss_weights(token_w, mask, scale, "sequence_mean")), expected,
+                               rtol=1e-6)
+
+
+def test_token_parallel_mesh_keeps_the_single_sweep_and_the_gradients(model, rng, monkeypatch):
+    """On a mesh that splits only the tokens (tensor = 1, the usual FSDP layout) every shard holds
+    whole vocabulary rows: the statistics pass and the weighted sweep run per shard, and the
+    trainer's gradients equal the single-device ones."""
+    remainders = []
+    split = xla.split_cotangent
+
+    def recording(cot_d_N, unit_N):
+        c, rest_N = split(cot_d_N, unit_N)
+        jax.debug.callback(lambda k: remainders.append(int(k)), jnp.count_nonzero(rest_N))
+        return c, rest_N
+
+    monkeypatch.setattr(xla, "split_cotangent", recording)
+    mesh = make_mesh(4, 2, 1)
+    params, teacher = _params(model, rng)
+    batch = _batch(rng, B=8)
+    objective = ObjectiveSection(kind="jsd", beta=0.5, skip_first=1)
+    results = []
+    for step_mesh in (None, mesh):
+        settings = StepSettings(student=model, teacher=model, objective=objective, kernel_impl="xla",
+                                valid_vocab=500, mesh=step_mesh)
+        results.append(jax.jit(functools.partial(accumulated_gradients, settings=settings))(params, teacher, batch))
+    assert remainders and not any(remainders)  # one call per shard on the mesh: all took the fast path
+    (grads1, metrics1), (grads2, metrics2) = results
+    assert float(metrics1["loss"]) == pytest.approx(float(metrics2["loss"]), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads2)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max())

@@ -1,0 +1,72 @@
+"""`opsd-jax launch tpu-vm | queued --dry-run` print exactly the commands they would run."""
+
+import pytest
+
+from opsd_jax.cli import main
+from opsd_jax.launch.tpu_vm import RUNTIME_VERSIONS
+from opsd_jax.plan.topology import GENERATIONS
+
+TRAIN = ["--", "opsd-jax", "train", "--config", "configs/qwen3_8b_ot15k_dense.yaml", "train.steps=3"]
+
+
+def _dry_run(capsys, target, *argv) -> list[str]:
+    assert main(["launch", target, "--dry-run", *argv]) == 0  # before the `--` that starts the command
+    return capsys.readouterr().out.splitlines()
+
+
+def test_tpu_vm_creates_installs_on_every_worker_and_runs_everywhere(capsys):
+    lines = _dry_run(capsys, "tpu-vm", "--name", "opsd", "--zone", "us-east5-a", "--topology", "v5p-64",
+                     "--project", "my-project", "--create", "--spot", "--source", "/src/opsd-jax", "--archive-dir",
+                     "/tmp/a", *TRAIN)
+    assert lines == [
+        ("gcloud compute tpus tpu-vm create opsd --zone=us-east5-a --project=my-project --accelerator-type=v5p-64 "
+         "--version=v2-alpha-tpuv5 --spot"),
+        ("tar -czf /tmp/a/opsd-jax-opsd.tar.gz --exclude=.git --exclude=.venv --exclude=runs --exclude=__pycache__ "
+         "'--exclude=*.egg-info' -C /src/opsd-jax ."),
+        ("gcloud compute tpus tpu-vm scp /tmp/a/opsd-jax-opsd.tar.gz opsd:opsd-jax-opsd.tar.gz --zone=us-east5-a "
+         "--project=my-project --worker=all"),
+        ("gcloud compute tpus tpu-vm ssh opsd --zone=us-east5-a --project=my-project --worker=all '--command=set -e; "
+         "mkdir -p ~/opsd-jax; tar -xzf ~/opsd-jax-opsd.tar.gz -C ~/opsd-jax; cd ~/opsd-jax; python3 -m venv .venv; "
+         ".venv/bin/pip install -q -e '\"'\"'.[tpu]'\"'\"''"),
+        ("gcloud compute tpus tpu-vm ssh opsd --zone=us-east5-a --project=my-project --worker=all '--command=cd "
+         "~/opsd-jax && PATH=~/opsd-jax/.venv/bin:$PATH OPSD_JAX_DISTRIBUTED=1 opsd-jax train --config "
+         "configs/qwen3_8b_ot15k_dense.yaml train.steps=3'"),
+    ]
+
+
+def test_single_host_slice_runs_without_joining_a_cluster(capsys):
+    lines = _dry_run(capsys, "tpu-vm", "--name", "one", "--zone", "z", "--topology", "v5e-4", "--no-install", *TRAIN)
+    assert lines == [("gcloud compute tpus tpu-vm ssh one --zone=z --worker=all '--command=cd ~/opsd-jax && "
+                     "PATH=~/opsd-jax/.venv/bin:$PATH opsd-jax train --config configs/qwen3_8b_ot15k_dense.yaml "
+                     "train.steps=3'")]
+
+
+@pytest.mark.parametrize("capacity, create", [
+    ("--spot", ("gcloud compute tpus queued-resources create opsd-qr --zone=us-east5-a --node-id=opsd "
+               "--accelerator-type=v6e-16 --runtime-version=v2-alpha-tpuv6e --spot")),
+    ("--best-effort", ("gcloud alpha compute tpus queued-resources create opsd-qr --zone=us-east5-a --node-id=opsd "
+                      "--accelerator-type=v6e-16 --runtime-version=v2-alpha-tpuv6e --best-effort")),
+])
+def test_queued_resource_requests_waits_for_active_then_runs(capsys, capacity, create):
+    lines = _dry_run(capsys, "queued", "--name", "opsd", "--zone", "us-east5-a", "--topology", "v6e-16", capacity,
+                     "--no-install", *TRAIN)
+    assert lines == [
+        create,
+        ("gcloud compute tpus queued-resources describe opsd-qr --zone=us-east5-a '--format=value(state.state)'"
+         "  # again every 30 s until it prints ACTIVE"),
+        ("gcloud compute tpus tpu-vm ssh opsd --zone=us-east5-a --worker=all '--command=cd ~/opsd-jax && "
+         "PATH=~/opsd-jax/.venv/bin:$PATH OPSD_JAX_DISTRIBUTED=1 opsd-jax train --config "
+         "configs/qwen3_8b_ot15k_dense.yaml train.steps=3'"),
+    ]
+
+
+def test_spot_and_best_effort_exclude_each_other_and_a_command_is_required(capsys):
+    with pytest.raises(SystemExit):
+        main(["launch", "queued", "--dry-run", "--name", "a", "--zone", "z", "--topology", "v6e-16", "--spot",
+              "--best-effort", *TRAIN])
+    assert main(["launch", "tpu-vm", "--dry-run", "--name", "a", "--zone", "z", "--topology", "v6e-16"]) == 2
+    assert "no command to run" in capsys.readouterr().err
+
+
+def test_every_generation_has_a_runtime_version():
+    assert set(RUNTIME_VERSIONS) == set(GENERATIONS)
