@@ -7,7 +7,7 @@ memory floor (weight + KV bytes one step reads / copy bandwidth measured in the 
 slot utilization of a mixed-length workload through the orchestrator (goal >= 85%), and the paged
 KV cache against a contiguous one on a workload whose mean length is a quarter of L (goals: KV
 bytes per live token <= 0.35x, decode step faster).
-    python benchmarks/sampler.py [--batch 16] [--prompt 128] [--new 256] [--layers 8] [--paged-length 1024]
+    python benchmarks/sampler.py [--batch 16] [--prompt 128] [--new 256] [--layers 8] [--paged-length 1024] [--paged-requests 48]
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--mixed-requests", type=int, default=160)
     parser.add_argument("--paged-length", type=int, default=1024, help="L of the paged-vs-contiguous comparison")
+    parser.add_argument("--paged-requests", type=int, default=48)
+    parser.add_argument("--paged-only", action="store_true", help="only the paged-vs-contiguous comparison")
     args = parser.parse_args()
 
     import torch
@@ -54,6 +56,18 @@ def main() -> int:
     from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig, SamplingParams
 
     transformers.utils.logging.disable_progress_bar()
+    if args.paged_only:
+        torch.manual_seed(0)
+        hf_config = transformers.Qwen3Config(
+            vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=args.layers,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=64, tie_word_embeddings=True,
+            max_position_embeddings=4096,
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            transformers.Qwen3ForCausalLM(hf_config).save_pretrained(folder)
+            config, params = load_hf(folder, progress=False)
+        paged_against_contiguous(config, params, args)
+        return 0
     torch.manual_seed(0)
     hf_config = transformers.Qwen3Config(
         vocab_size=151936, hidden_size=512, intermediate_size=1536, num_hidden_layers=args.layers,
@@ -146,7 +160,7 @@ def paged_against_contiguous(config, params, args) -> None:
 
     length, slots = args.paged_length, args.batch
     rng = np.random.default_rng(2)
-    totals = rng.integers(length // 16, length // 2 - length // 16, args.mixed_requests)  # mean L / 4
+    totals = rng.integers(length // 16, length // 2 - length // 16, args.paged_requests)  # mean L / 4
     prompts = [rng.integers(0, 151_000, int(t) // 4).tolist() for t in totals]
     samplings = [SamplingParams(temperature=0.6, top_p=0.95, seed=i, max_new_tokens=int(t) - int(t) // 4)
                  for i, t in enumerate(totals)]
@@ -172,9 +186,12 @@ def paged_against_contiguous(config, params, args) -> None:
         rows.append((name, engine.decode_state_bytes, live, seconds / stats["decode_steps"], stats["preemptions"],
                      sum(len(r[0].token_ids) for r in results) / seconds))
         outputs.append([r[0].token_ids for r in results])
-    assert outputs[0] == outputs[1], "paged and contiguous caches gave different tokens"
+    # Both sum the same float32 attention in a different block order (1,024-row pages vs 512-row
+    # blocks of 16-row pages), so a sampled token can flip where two are nearly tied; the tests
+    # check exact equality on models where that cannot happen.
+    same = sum(a == b for a, b in zip(*outputs))
     print(f"\nmixed workload on {slots} slots x L={length} (mean sequence {totals.mean():.0f} tokens), "
-          f"{args.mixed_requests} requests, identical tokens from both")
+          f"{args.paged_requests} requests; {same} of them gave identical tokens on both caches")
     print("| cache | KV bytes | mean live tokens | KV bytes per live token | mean step | tokens/s | preemptions |")
     print("|---|---|---|---|---|---|---|")
     for name, nbytes, live, step, preemptions, throughput in rows:

@@ -8,6 +8,7 @@ over HBM: the largest arrays and remedies are listed), "does not compile" (the c
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 
 from opsd_jax.config import RunConfig
@@ -34,10 +35,17 @@ def verdict(plan: ProgramPlan, hbm_bytes: int) -> str:
     return "fits" if plan.total_bytes <= hbm_bytes else "does not fit"
 
 
-def remedies(plan: ProgramPlan, c: RunConfig) -> list[str]:
+def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None) -> list[str]:
     """Concrete changes that shrink a program that does not fit, most effective first."""
     if plan.name == "train_step":
         steps = []
+        excess = plan.total_bytes - hbm_bytes if hbm_bytes else 0
+        if 0 < excess < plan.resident_bytes:
+            # The resident rollout sampler is mostly its KV page pool, which scales with the fraction.
+            fraction = math.floor(c.sampling.kv_cache_fraction * (1 - excess / plan.resident_bytes) * 20) / 20
+            if fraction > 0:
+                steps.append(f"sampling.kv_cache_fraction={fraction:g} (now {c.sampling.kv_cache_fraction:g}: a "
+                             f"smaller rollout KV pool beside the step; a dry pool preempts and resumes sequences)")
         context = str(c.data.max_prompt_tokens + c.sampling.max_new_tokens)
         if any(a["shape"].count(context) >= 2 for a in plan.largest_arrays):
             steps.append(f"memory-efficient attention (issue 13): the largest arrays are attention scores over the "
@@ -54,7 +62,7 @@ def remedies(plan: ProgramPlan, c: RunConfig) -> list[str]:
         return steps
     if plan.name.endswith("_decode"):
         return ["fewer slots (sampling.max_slots / eval --max-slots)", ("a shorter sequence (max_new_tokens / "
-                "--max-tokens)"), "bfloat16 sampler weights (issue 14)"]
+                "--max-tokens)"), "a smaller KV pool (sampling.kv_cache_fraction)"]
     return ["a smaller largest prefill bucket", "a shorter data.max_prompt_tokens"]
 
 
@@ -118,7 +126,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         row = dataclasses.asdict(plan)
         row.update(total_bytes=plan.total_bytes, verdict=verdict(plan, topology.hbm_bytes))
         if row["verdict"] == "does not fit":
-            row["remedies"] = remedies(plan, c)
+            row["remedies"] = remedies(plan, c, topology.hbm_bytes)
         rows.append(row)
     from opsd_jax.launch.grace import (
         checkpoint_bytes,

@@ -370,8 +370,8 @@ class Orchestrator:
             windowed = self._window_pages is not None
             if windowed and self._window_pages.free < engine.window_pages_per_sequence:
                 return state
-            # A page of headroom per decoding sequence, or it would be preempted again at once.
-            if self._pages.free < engine.pages_for(tokens.size + 1) + len(self._active):
+            # Leave the pages decoding sequences are about to need, or it would be preempted at once.
+            if self._pages.free < engine.pages_for(tokens.size + 1) + self._pages_needed_soon():
                 return state
             pages = self._pages.allocate(engine.pages_for(tokens.size + 1))
             self._resume.popleft()
@@ -488,8 +488,8 @@ class Orchestrator:
                 self._incoming.popleft()
                 self._set(request.future, exception=e)
                 return state
-            if self._pages.free < engine.pages_for(prompt.size) + len(self._active):
-                return state  # wait for sequences to finish (a page of headroom per decoding one)
+            if self._pages.free < engine.pages_for(prompt.size) + self._pages_needed_soon():
+                return state  # wait until decoding sequences leave room
             pages = self._pages.allocate(engine.pages_for(prompt.size))
             self._incoming.popleft()
             request.prompt = prompt
@@ -553,6 +553,12 @@ class Orchestrator:
                 self._preempt(newest)
                 if newest == slot:
                     break
+
+    def _pages_needed_soon(self) -> int:
+        """Pages decoding sequences take within the next two steps (the one in flight and the next)."""
+        size = self.engine.page_size
+        return sum(1 for seq in self._active.values()
+                   if min(seq.next_position + 2, seq.last_row) // size >= len(seq.pages))
 
     def _reclaim_waiting(self) -> bool:
         """Frees pages held for work that has not started decoding (cheaper to redo than a

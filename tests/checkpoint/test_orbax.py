@@ -81,7 +81,7 @@ def test_cli_rejects_a_mesh_that_does_not_fit(tmp_path, rng, capsys):
     save_tiny_hf_model("qwen3", str(tmp_path / "hf"), seed=_seed(rng))
     status = cli_main(["convert", "--from-hf", str(tmp_path / "hf"), "--to-orbax", str(tmp_path / "o"),
                        "--mesh", "3,1,1"])
-    assert status == 2 and "needs 3 devices, but 8 are available" in capsys.readouterr().err
+    assert status == 2 and "needs 3 devices, but 8 devices are available" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
