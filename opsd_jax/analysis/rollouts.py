@@ -142,6 +142,10 @@ def _eval_generations(path, tokenizer) -> RolloutSet:
         rollouts.append(Rollout(problem, tuple(ids), record["sample_index"], where))
     if not rollouts:
         raise ValueError(f"{path}: no generations with text")
+    # Suite order, then sample: the evaluator appends samples as they finish, and whatever is
+    # computed over the rollouts (bootstrap intervals, a rollout limit) must not depend on that.
+    rank = {problem_id: i for i, problem_id in enumerate(suite)}
+    rollouts.sort(key=lambda r: (rank[r.problem.id], r.sample_index))
     header = contents.header
     prompt = PromptSection(student_suffix=header.get("instruction") or "",
                            student_thinking=header.get("enable_thinking") is not False)
