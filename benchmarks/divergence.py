@@ -126,14 +126,7 @@ def _opsd_weighted_worker(variant, beta, repeats):
         out = kernels.fused_linear_divergence(hs, ws, ht, wt, weights=weights if variant == "given" else None, **kw)
         return jnp.sum(weights * out.divergence)
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    compiled = step.lower(hs, ws).compile()
-    memory = compiled.memory_analysis()
-    result = _measure(lambda: jax.block_until_ready(compiled(hs, ws)), repeats)
-    result["xla_mb"] = (memory.temp_size_in_bytes + memory.output_size_in_bytes) / 2**20
-    mm = jax.jit(jnp.dot).lower(hs, ws).compile()
-    result["mm_flops"] = 2.0 * N * H * V / _measure(lambda: jax.block_until_ready(mm(hs, ws)), repeats)["time_s"]
-    return result
+    return _measure_step(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), hs, ws, repeats)
 
 
 def worker_opsd_jax_train(beta, repeats):
@@ -204,6 +197,16 @@ def worker_opsd_jax(beta, repeats):
 
         return jax.value_and_grad(loss, argnums=(0, 1))(hs, ws)
 
+    return _measure_step(step, hs, ws, repeats)
+
+
+def _measure_step(step, hs, ws, repeats: int) -> dict:
+    """Times a jitted step(hs, ws); adds XLA's memory account and the same-process matmul rate."""
+    import jax
+    import jax.numpy as jnp
+
+    N, H = hs.shape
+    V = ws.shape[1]
     compiled = step.lower(hs, ws).compile()
     memory = compiled.memory_analysis()
     result = _measure(lambda: jax.block_until_ready(compiled(hs, ws)), repeats)
