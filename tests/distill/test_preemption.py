@@ -19,18 +19,9 @@ import yaml
 
 from opsd_jax.config import load_config
 from opsd_jax.distill.trainer import Trainer, TrainingError
-from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(REPO, "launch", "local_cpu_cluster.sh")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("student")
-    save_tiny_hf_model("qwen3", str(path), seed=int(np.random.default_rng().integers(2**31)))
-    save_tiny_tokenizer(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

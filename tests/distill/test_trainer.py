@@ -14,20 +14,18 @@ import pytest
 import yaml
 
 from opsd_jax.config import load_config
-from opsd_jax.distill.train_step import StepSettings, TrainState, accumulated_gradients, make_optimizer, train_step
+from opsd_jax.distill.train_step import (
+    StepSettings,
+    TrainState,
+    accumulated_gradients,
+    make_optimizer,
+    train_step,
+)
 from opsd_jax.distill.trainer import Trainer, TrainingError, build_batch
 from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(REPO, "opsd_jax", "data", "samples", "math_demo.jsonl")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("student")
-    save_tiny_hf_model("qwen3", str(path), seed=int(np.random.default_rng().integers(2**31)))
-    save_tiny_tokenizer(str(path))
-    return str(path)
 
 
 def _overrides(model_dir, output_dir, **extra):
@@ -362,7 +360,10 @@ def test_optimizer_state_takes_the_parameter_shardings(model_dir, tmp_path):
     """Adam's moments live beside their parameters (jit alone puts them on one device, and the
     loop then replicated them on every chip); counts are replicated."""
     from opsd_jax import load_hf
-    from opsd_jax.distill.trainer import optimizer_state_shardings, train_state_shardings
+    from opsd_jax.distill.trainer import (
+        optimizer_state_shardings,
+        train_state_shardings,
+    )
     from opsd_jax.parallel import make_mesh
 
     mesh = make_mesh(2, 2, 2)
