@@ -17,9 +17,9 @@ from opsd_jax.distill.train_step import (
     accumulated_gradients,
     loss_and_metrics,
 )
-from opsd_jax.kernels import xla
 from opsd_jax.models import ModelConfig, init_params
 from opsd_jax.parallel import make_mesh
+from tests.kernels.sweeps import record_sweep_remainders
 
 CONFIG = dict(
     architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=512, hidden_size=32, intermediate_size=64,
@@ -63,15 +63,7 @@ def test_weighted_loss_and_gradients_match_autodiff_and_need_one_sweep(model, rn
     """xla (student statistics first, then the fused sweep with the loss's final weights) against
     the reference kernel (whole logits, autodiff): same loss, same gradients; and the backward
     takes every divergence cotangent from the forward (no token left for a second sweep)."""
-    remainders = []
-    split = xla.split_cotangent
-
-    def recording(cot_d_N, unit_N):
-        c, rest_N = split(cot_d_N, unit_N)
-        jax.debug.callback(lambda k: remainders.append(int(k)), jnp.count_nonzero(rest_N))
-        return c, rest_N
-
-    monkeypatch.setattr(xla, "split_cotangent", recording)
+    remainders = record_sweep_remainders(monkeypatch)
     params, teacher = _params(model, rng)
     batch = _batch(rng)
     results = {}
@@ -112,15 +104,7 @@ def test_token_parallel_mesh_keeps_the_single_sweep_and_the_gradients(model, rng
     """On a mesh that splits only the tokens (tensor = 1, the usual FSDP layout) every shard holds
     whole vocabulary rows: the statistics pass and the weighted sweep run per shard, and the
     trainer's gradients equal the single-device ones."""
-    remainders = []
-    split = xla.split_cotangent
-
-    def recording(cot_d_N, unit_N):
-        c, rest_N = split(cot_d_N, unit_N)
-        jax.debug.callback(lambda k: remainders.append(int(k)), jnp.count_nonzero(rest_N))
-        return c, rest_N
-
-    monkeypatch.setattr(xla, "split_cotangent", recording)
+    remainders = record_sweep_remainders(monkeypatch)
     mesh = make_mesh(4, 2, 1)
     params, teacher = _params(model, rng)
     batch = _batch(rng, B=8)

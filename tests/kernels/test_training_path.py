@@ -14,6 +14,7 @@ from opsd_jax import kernels
 from opsd_jax.kernels import DivergenceSpec, pallas_gpu, pallas_tpu, xla
 from opsd_jax.parallel import make_mesh
 from tests.kernels import oracle
+from tests.kernels.sweeps import record_sweep_remainders
 
 BLOCKS = {
     "xla": {"token_block": 8},
@@ -87,23 +88,8 @@ def test_weighted_loss_values_and_gradients_match_oracle(rng, impl, mesh_shape, 
     assert np.all(np.asarray(g_h)[~mask] == 0.0) and np.all(np.asarray(g_w)[:, 900:] == 0.0)
 
 
-def _remainders(monkeypatch):
-    """Record, per backward, how many tokens' cotangents the xla kernel could not take from its
-    forward (the remainder it sweeps again for)."""
-    seen = []
-    split = xla.split_cotangent
-
-    def recording(cot_d_N, unit_N):
-        c, rest_N = split(cot_d_N, unit_N)
-        jax.debug.callback(lambda k: seen.append(int(k)), jnp.count_nonzero(rest_N))
-        return c, rest_N
-
-    monkeypatch.setattr(xla, "split_cotangent", recording)
-    return seen
-
-
 def test_xla_backward_only_scales_when_the_cotangent_is_the_weights_and_sweeps_otherwise(rng, monkeypatch):
-    seen = _remainders(monkeypatch)
+    seen = record_sweep_remainders(monkeypatch)
     n, hs, ht, v = 24, 8, 8, 300
     h_s, w_s, h_t, w_t = _inputs(rng, n, hs, ht, v)
     mask, weights = _weighted_mask(rng, n)
