@@ -34,6 +34,11 @@ wherever a product could carry them into another token's or the head's gradient.
 
 Block sizes come from tpu_vmem.choose_blocks: per kernel, per width and per TPU generation.
 
+Every pallas_call carries a pl.CostEstimate (stats_cost, jsd_cost, grad_cost, logits_grad_cost),
+so that XLA's cost_analysis(), the plan's FLOP column and XLA's scheduler see the kernels' work;
+each kernel body is a step function on one tile that the estimate traces, so the count follows the
+code.
+
 Off TPU the kernels run in the TPU interpreter unless `interpret=False` asks for Mosaic, which is
 how a CPU host compiles them ahead of time for a TPU topology.
 """
@@ -115,21 +120,61 @@ def block_tables(active_N, r: int):
     return flags_B.astype(jnp.int32), jnp.where(last_B >= 0, last_B, first).astype(jnp.int32)
 
 
-def _project(h_RxH, w_HxC):
+# Head orientation. The model's heads are [H, V]; a vocabulary-parallel shard gets [H, v]. XLA's
+# TPU layouts avoid padding the minor dimension to 128 lanes: when v is no multiple of 128 but H
+# is (Qwen3: 151,936 / 2, 4 or 8 columns; H = 2048-4096), the shard is stored column-major
+# ({0,1}, hidden minor). Mosaic reads its operands row-major, so an [H, v] kernel operand made
+# XLA copy both heads in and d/dW out (3 x 622 MB at H=4096, v=37,984: BUILD_NOTES). Such a head
+# is therefore passed as its transpose [v, H], which in row-major *is* that column-major buffer
+# (the transpose is a bitcast), and d/dW comes back [v, H] the same way. A 128-aligned slice is
+# row-major already and keeps [H, C] tiles; with neither dimension aligned XLA pads one of them
+# either way and the [H, v] form is kept. The rule is per head: student and teacher widths may
+# differ.
+_LANE = 128
+
+
+def vocab_major(width: int, vocab: int) -> bool:
+    """Whether the kernels read an [H, v] head as its transpose [v, H] (see the note above)."""
+    return vocab % _LANE != 0 and width % _LANE == 0
+
+
+def _orientation(inputs) -> tuple[bool, bool]:
+    """(student head vocabulary-major, teacher head vocabulary-major) of hidden-major inputs;
+    (False, False) for logits."""
+    if len(inputs) != 4:
+        return (False, False)
+    hs, ws, ht, wt = inputs
+    return vocab_major(hs.shape[1], ws.shape[1]), vocab_major(ht.shape[1], wt.shape[1])
+
+
+def _oriented(inputs, major):
+    """The inputs as the kernels read them: each vocabulary-major head transposed to [v, H]."""
+    if len(inputs) != 4:
+        return tuple(inputs)
+    hs, ws, ht, wt = inputs
+    return hs, ws.T if major[0] else ws, ht, wt.T if major[1] else wt
+
+
+def _project(h_RxH, w, vocab_major_=False):
     """float32 [R, C] = h @ W on the MXU in h's dtype (the model's compute dtype, as
-    models.logits_from_hidden multiplies)."""
-    return jnp.dot(h_RxH, w_HxC.astype(h_RxH.dtype), preferred_element_type=jnp.float32)
+    models.logits_from_hidden multiplies); w: an [H, C] head tile, or [C, H] when vocab_major_."""
+    contract = 1 if vocab_major_ else 0
+    return jax.lax.dot_general(h_RxH, w.astype(h_RxH.dtype), (((1,), (contract,)), ((), ())),
+                               preferred_element_type=jnp.float32)
 
 
-def _tiles(limit_ref, in_refs, j, c, spec, projected):
+def _tile_values(limit, blocks, column0, c, spec, projected, major=(False, False)):
     """Scaled float32 logits of one tile, student and teacher [R, C] (-inf at columns past the
-    limit, garbage included), and that column mask [1, C]."""
-    col_ok_1xC = rows.columns(c, j * c) < limit_ref[0]
+    limit, garbage included), and that column mask [1, C]. blocks: the input blocks (hidden rows
+    and head tiles, or two logits tiles) as refs in the kernel, values when the cost is traced,
+    read with [...] where used (a head tile loaded early would stay live in VMEM); column0: the
+    tile's first vocabulary column; major: _orientation of the heads."""
+    col_ok_1xC = rows.columns(c, column0) < limit
     if projected:
-        hs_ref, ws_ref, ht_ref, wt_ref = in_refs
-        raw_s, raw_t = _project(hs_ref[...], ws_ref[...]), _project(ht_ref[...], wt_ref[...])
+        hs, ws, ht, wt = blocks
+        raw_s, raw_t = _project(hs[...], ws[...], major[0]), _project(ht[...], wt[...], major[1])
     else:
-        raw_s, raw_t = in_refs[0][...], in_refs[1][...]
+        raw_s, raw_t = blocks[0][...], blocks[1][...]
 
     def scaled(raw_RxC):
         z_RxC = raw_RxC.astype(jnp.float32)
@@ -140,7 +185,23 @@ def _tiles(limit_ref, in_refs, j, c, spec, projected):
     return scaled(raw_s), scaled(raw_t), col_ok_1xC
 
 
-def _stats_kernel(limit_ref, flags_ref, index_ref, *refs, n_in, c, spec, projected, with_targets):
+def _stats_step(limit, blocks, old: rows.OnlineStats, tgt_R, column0, *, c, spec, projected, major=(False, False)):
+    """One (token block, vocabulary block) step of the statistics kernel (see _tile_values): (the
+    folded statistics, the two targets' logits in this tile, or () without targets)."""
+    zs_RxC, zt_RxC, _ = _tile_values(limit, blocks, column0, c, spec, projected, major)
+    new = rows.online_fold(old, zs_RxC, zt_RxC, spec.beta)
+    if tgt_R is None:
+        return new, ()
+    return new, (rows.target_logit(zs_RxC, tgt_R, column0), rows.target_logit(zt_RxC, tgt_R, column0))
+
+
+def _jsd_step(limit, blocks, log_zs_R, log_zt_R, column0, *, c, spec, projected, major=(False, False)):
+    """One step of the JSD second pass: this tile's shares of KL(p_s||m), KL(p_t||m) [R]."""
+    zs_RxC, zt_RxC, _ = _tile_values(limit, blocks, column0, c, spec, projected, major)
+    return rows.jsd_block_kls(zs_RxC, zt_RxC, log_zs_R, log_zt_R, spec.beta)
+
+
+def _stats_kernel(limit_ref, flags_ref, index_ref, *refs, n_in, c, spec, projected, major, with_targets):
     del index_ref  # used by the index maps only
     in_refs = refs[:n_in]
     rest = list(refs[n_in:])
@@ -159,17 +220,17 @@ def _stats_kernel(limit_ref, flags_ref, index_ref, *refs, n_in, c, spec, project
 
     @pl.when(flags_ref[i] > 0)
     def _fold():
-        zs_RxC, zt_RxC, _ = _tiles(limit_ref, in_refs, j, c, spec, projected)
         old = rows.OnlineStats(*(_load_rows(ref) for ref in stat_refs))
-        for ref, v_R in zip(stat_refs, rows.online_fold(old, zs_RxC, zt_RxC, spec.beta)):
+        tgt_R = _load_rows(tgt_ref) if with_targets else None
+        new, target_logits = _stats_step(limit_ref[0], in_refs, old, tgt_R, j * c, c=c,
+                                         spec=spec, projected=projected, major=major)
+        for ref, v_R in zip(stat_refs, new):
             ref[...] = _col(v_R)
-        if with_targets:
-            tgt_R = _load_rows(tgt_ref)
-            target_refs[0][...] += _col(rows.target_logit(zs_RxC, tgt_R, j * c))
-            target_refs[1][...] += _col(rows.target_logit(zt_RxC, tgt_R, j * c))
+        for ref, v_R in zip(target_refs, target_logits):
+            ref[...] += _col(v_R)
 
 
-def _jsd_kernel(limit_ref, flags_ref, index_ref, *refs, n_in, c, spec, projected):
+def _jsd_kernel(limit_ref, flags_ref, index_ref, *refs, n_in, c, spec, projected, major):
     del index_ref
     in_refs = refs[:n_in]
     log_zs_ref, log_zt_ref, kl_s_ref, kl_t_ref = refs[n_in:]
@@ -182,36 +243,61 @@ def _jsd_kernel(limit_ref, flags_ref, index_ref, *refs, n_in, c, spec, projected
 
     @pl.when(flags_ref[i] > 0)
     def _add():
-        zs_RxC, zt_RxC, _ = _tiles(limit_ref, in_refs, j, c, spec, projected)
-        kl_s_R, kl_t_R = rows.jsd_block_kls(zs_RxC, zt_RxC, _load_rows(log_zs_ref), _load_rows(log_zt_ref),
-                                            spec.beta)
+        kl_s_R, kl_t_R = _jsd_step(limit_ref[0], in_refs, _load_rows(log_zs_ref),
+                                   _load_rows(log_zt_ref), j * c, c=c, spec=spec, projected=projected,
+                                   major=major)
         kl_s_ref[...] += _col(kl_s_R)
         kl_t_ref[...] += _col(kl_t_R)
 
 
-def _grad_tile(limit_ref, in_refs, vec_ref, tgt_ref, i, j, r, c, n, spec, projected):
+def _grad_tile(limit, blocks, v_RxK, tgt_R, row0, column0, r, c, n, spec, projected, major=(False, False)):
     """(gradient of the raw student logits float32 [R, C], zero outside the data and for ignored
-    tokens; the rows that count [R, 1]; the columns that count [1, C])."""
-    zs_RxC, zt_RxC, col_ok_1xC = _tiles(limit_ref, in_refs, j, c, spec, projected)
-    v_RxK = vec_ref[...]
+    tokens; the rows that count [R, 1]; the columns that count [1, C]). blocks: see _tile_values;
+    v_RxK: the packed GRAD_VECTORS; row0 / column0 the tile's first token and vocabulary column."""
+    zs_RxC, zt_RxC, col_ok_1xC = _tile_values(limit, blocks, column0, c, spec, projected, major)
     log_zs, log_zt, aux, ent_s, keep, cot_d, cot_h, cot_lp = (v_RxK[:, k] for k in range(len(GRAD_VECTORS)))
     g_RxC = rows.student_grad_tile(
-        zs_RxC, zt_RxC, log_zs, log_zt, aux, ent_s, spec.beta, cot_d, cot_h, cot_lp, _load_rows(tgt_ref), j * c
+        zs_RxC, zt_RxC, log_zs, log_zt, aux, ent_s, spec.beta, cot_d, cot_h, cot_lp, tgt_R, column0
     )
-    row_ok_Rx1 = (i * r + jax.lax.broadcasted_iota(jnp.int32, (r, 1), 0) < n) & (_col(keep) > 0)
+    row_ok_Rx1 = (row0 + jax.lax.broadcasted_iota(jnp.int32, (r, 1), 0) < n) & (_col(keep) > 0)
     return jnp.where(col_ok_1xC & row_ok_Rx1, g_RxC * (1.0 / spec.temperature), 0.0), row_ok_Rx1, col_ok_1xC
 
 
 def _logits_grad_kernel(limit_ref, s_ref, t_ref, vec_ref, tgt_ref, out_ref, *, r, c, n, spec):
-    g_RxC, _, _ = _grad_tile(limit_ref, (s_ref, t_ref), vec_ref, tgt_ref, pl.program_id(0), pl.program_id(1),
-                             r, c, n, spec, False)
+    i, j = pl.program_id(0), pl.program_id(1)
+    g_RxC, _, _ = _grad_tile(limit_ref[0], (s_ref, t_ref), vec_ref[...], _load_rows(tgt_ref), i * r,
+                             j * c, r, c, n, spec, False)
     out_ref[...] = g_RxC.astype(out_ref.dtype)
 
 
-def _grad_kernel(limit_ref, flags_ref, index_ref, *refs, r, c, n, n_token_blocks, vocab_blocks, per_core, spec):
+def _grad_step(limit, blocks, v_RxK, tgt_R, row0, column0, *, r, c, n, spec, major=(False, False)):
+    """One (vocabulary block, token block) step of the gradient kernel (blocks: see
+    _tile_values): (this tile's h^T G float32 [Hs, C], or G^T h [C, Hs] when the student head is
+    vocabulary-major (d/dW in the head's orientation); its G W^T float32 [R, Hs])."""
+    g_RxC, row_ok_Rx1, col_ok_1xC = _grad_tile(limit, blocks, v_RxK, tgt_R, row0, column0, r, c, n, spec, True,
+                                               major)
+    hs_dtype = blocks[0].dtype
+    g_RxC = g_RxC.astype(hs_dtype)
+    # Rows past N are garbage and ignored tokens may be NaN: g's zeros would not cancel them.
+    hs_RxH = jnp.where(row_ok_Rx1, blocks[0][...], 0)
+    if major[0]:
+        gw = jax.lax.dot_general(g_RxC, hs_RxH, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        # Likewise the garbage columns past V in the head tile (its rows here).
+        col_ok_Cx1 = column0 + jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0) < limit
+        ws_CxH = jnp.where(col_ok_Cx1, blocks[1][...].astype(hs_dtype), 0)
+        gh_RxH = jnp.dot(g_RxC, ws_CxH, preferred_element_type=jnp.float32)
+        return gw, gh_RxH
+    gw = jax.lax.dot_general(hs_RxH, g_RxC, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    ws_HxC = jnp.where(col_ok_1xC, blocks[1][...].astype(hs_dtype), 0)
+    gh_RxH = jax.lax.dot_general(g_RxC, ws_HxC, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return gw, gh_RxH
+
+
+def _grad_kernel(limit_ref, flags_ref, index_ref, *refs, r, c, n, n_token_blocks, vocab_blocks, per_core, spec,
+                 major):
     """One step (core, jj, i): token block i against vocabulary block j = core * per_core + jj.
 
-    gw_ref: the [Hs, C] d/dW block of j, resident while i advances. gh_hbm: [cores, Npad, Hs]
+    gw_ref: the [Hs, C] ([C, Hs] vocabulary-major) d/dW block of j, resident while i advances. gh_hbm: [cores, Npad, Hs]
     float32 in HBM; buf: two [R, Hs] float32 VMEM buffers; step s = jj * I + i of this core uses
     buf[s % 2]: it reads token block i's partial d/dh (written back by the step I earlier, whose
     write was awaited before this step), adds G W^T, and starts the write back, which the next
@@ -248,16 +334,9 @@ def _grad_kernel(limit_ref, flags_ref, index_ref, *refs, r, c, n, n_token_blocks
 
     @pl.when(kept)
     def _accumulate():
-        g_RxC, row_ok_Rx1, col_ok_1xC = _grad_tile(limit_ref, in_refs, vec_ref, tgt_ref, i, j, r, c, n, spec, True)
-        hs_dtype = in_refs[0].dtype
-        g_RxC = g_RxC.astype(hs_dtype)
-        # Rows past N are garbage and ignored tokens may be NaN: g's zeros would not cancel them.
-        hs_RxH = jnp.where(row_ok_Rx1, in_refs[0][...], 0)
-        gw_ref[...] += jax.lax.dot_general(hs_RxH, g_RxC, (((0,), (0,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
-        # Likewise the garbage columns past V in the head tile.
-        ws_HxC = jnp.where(col_ok_1xC, in_refs[1][...].astype(hs_dtype), 0)
-        gh_RxH = jax.lax.dot_general(g_RxC, ws_HxC, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        gw, gh_RxH = _grad_step(limit_ref[0], in_refs, vec_ref[...], _load_rows(tgt_ref),
+                                i * r, j * c, r=r, c=c, n=n, spec=spec, major=major)
+        gw_ref[...] += gw
 
         @pl.when(jj == 0)
         def _first():
@@ -308,10 +387,18 @@ def _in_specs(inputs, r, c, tokens_first=True):
     return [pl.BlockSpec((r, c), lambda *g: ids(g)) for _ in inputs]
 
 
-def _skipping_in_specs(inputs, r, c, vocab_blocks):
-    """BlockSpecs of the matrix inputs for a (token block i, vocab block j) grid with scalar
-    prefetch (limit, flags, index): a skipped block reads token block index[i] and vocabulary
-    block V/C - 1, which the previous step already holds."""
+def _head_spec(width, c, vocab_major_, vocab_index, **kw):
+    """The BlockSpec of one head's tiles: [H, C] blocks, or [C, H] of a vocabulary-major head;
+    vocab_index maps the grid ids to the vocabulary block."""
+    if vocab_major_:
+        return pl.BlockSpec((c, width), lambda *g: (vocab_index(*g), 0), **kw)
+    return pl.BlockSpec((width, c), lambda *g: (0, vocab_index(*g)), **kw)
+
+
+def _skipping_in_specs(inputs, r, c, vocab_blocks, major=(False, False)):
+    """BlockSpecs of the matrix inputs (hidden-major shapes; major: _orientation) for a (token
+    block i, vocab block j) grid with scalar prefetch (limit, flags, index): a skipped block reads
+    token block index[i] and vocabulary block V/C - 1, which the previous step already holds."""
 
     def token(i, flags, index):
         return index[i]
@@ -324,9 +411,9 @@ def _skipping_in_specs(inputs, r, c, vocab_blocks):
         # The hidden rows change once per token block: one buffer (tpu_vmem.estimate).
         return [
             pl.BlockSpec((r, hs.shape[1]), lambda i, j, lim, f, x: (token(i, f, x), 0), pipeline_mode=pl.Buffered(1)),
-            pl.BlockSpec((ws.shape[0], c), lambda i, j, lim, f, x: (0, vocab(i, j, f))),
+            _head_spec(ws.shape[0], c, major[0], lambda i, j, lim, f, x: vocab(i, j, f)),
             pl.BlockSpec((r, ht.shape[1]), lambda i, j, lim, f, x: (token(i, f, x), 0), pipeline_mode=pl.Buffered(1)),
-            pl.BlockSpec((wt.shape[0], c), lambda i, j, lim, f, x: (0, vocab(i, j, f))),
+            _head_spec(wt.shape[0], c, major[1], lambda i, j, lim, f, x: vocab(i, j, f)),
         ]
     return [pl.BlockSpec((r, c), lambda i, j, lim, f, x: (token(i, f, x), vocab(i, j, f))) for _ in inputs]
 
@@ -356,15 +443,15 @@ def _params(semantics, spec):
                                 vmem_limit_bytes=tpu_vmem.budget(_generation(spec)).limit_bytes)
 
 
-def _call(kernel, out_shape, grid, in_specs, out_specs, semantics, spec, *args):
+def _call(kernel, out_shape, grid, in_specs, out_specs, semantics, spec, cost, *args):
     """pallas_call through Mosaic, or through the TPU interpreter (see DivergenceSpec.interpret)."""
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-        compiler_params=_params(semantics, spec), interpret=_interpret(spec),
+        compiler_params=_params(semantics, spec), interpret=_interpret(spec), cost_estimate=cost,
     )(*args)
 
 
-def _call_prefetch(kernel, out_shape, grid, in_specs, out_specs, semantics, spec, prefetch, *args, scratch=()):
+def _call_prefetch(kernel, out_shape, grid, in_specs, out_specs, semantics, spec, cost, prefetch, *args, scratch=()):
     """pallas_call with N_PREFETCH scalar-prefetched int32 arrays (limit, flags, index)."""
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=N_PREFETCH, grid=grid, in_specs=in_specs, out_specs=out_specs,
@@ -372,8 +459,125 @@ def _call_prefetch(kernel, out_shape, grid, in_specs, out_specs, semantics, spec
     )
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=_params(semantics, spec),
-        interpret=_interpret(spec),
+        interpret=_interpret(spec), cost_estimate=cost,
     )(*prefetch, *args)
+
+
+# Cost estimates. A Mosaic kernel is opaque to XLA: without a pl.CostEstimate its FLOPs count as 0
+# in cost_analysis() (and in XLA's scheduling). Each estimate traces the very step function the
+# kernel runs on one (R, C) tile (pl.estimate_cost: 2 R H C per matmul, one FLOP per arithmetic
+# elementwise op, exp / log as transcendentals; selects and reductions are not counted) and
+# multiplies by the grid steps that compute. That counts
+# every token block as kept (which blocks are skipped is only known at run time: the estimate is
+# the dense upper bound) and the last vocabulary block in full (its columns past V are computed and
+# masked). Bytes follow the BlockSpecs: a block is read again only when its index changes between
+# consecutive steps.
+
+
+def _scalar():
+    return jax.ShapeDtypeStruct((), jnp.int32)
+
+
+def _vector(r, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct((r,), dtype)
+
+
+def _block_values(inputs, r, c, major=(False, False)):
+    """Abstract [R, H] / [H, C] ([C, H] vocabulary-major) (or [R, C] logits) blocks of the matrix
+    inputs (hidden-major shapes)."""
+    if len(inputs) == 4:
+        hs, ws, ht, wt = inputs
+
+        def head(w, vocab_major_):
+            return jax.ShapeDtypeStruct((c, w.shape[0]) if vocab_major_ else (w.shape[0], c), w.dtype)
+
+        return [jax.ShapeDtypeStruct((r, hs.shape[1]), hs.dtype), head(ws, major[0]),
+                jax.ShapeDtypeStruct((r, ht.shape[1]), ht.dtype), head(wt, major[1])]
+    return [jax.ShapeDtypeStruct((r, c), x.dtype) for x in inputs]
+
+
+def _nbytes(x):
+    return x.size * x.dtype.itemsize
+
+
+def _streamed_bytes(inputs, token_blocks, vocab_blocks):
+    """HBM bytes of the matrix inputs on a (token block, vocabulary block) grid: hidden rows once,
+    heads once per token block (once in all when one vocabulary block never changes index), logits
+    tiles once each."""
+    if len(inputs) == 4:
+        hs, ws, ht, wt = inputs
+        head_reads = token_blocks if vocab_blocks > 1 else 1
+        return _nbytes(hs) + _nbytes(ht) + head_reads * (_nbytes(ws) + _nbytes(wt))
+    return sum(_nbytes(x) for x in inputs)
+
+
+def _estimate(step_cost, steps, *, extra_flops=0, bytes_accessed):
+    return pl.CostEstimate(flops=int(steps * step_cost.flops + extra_flops),
+                           transcendentals=int(steps * step_cost.transcendentals),
+                           bytes_accessed=int(bytes_accessed))
+
+
+def stats_cost(inputs, with_targets: bool, r, c, spec: DivergenceSpec, major=(False, False)) -> pl.CostEstimate:
+    """The statistics kernel's pl.CostEstimate on (R, C) blocks (see the note on cost estimates);
+    inputs hidden-major, major: which heads the kernel reads vocabulary-major."""
+    n, vocab = _shape(inputs)
+    token_blocks, vocab_blocks = pl.cdiv(n, r), pl.cdiv(vocab, c)
+    old = rows.OnlineStats(*(_vector(r) for _ in range(N_STATS)))
+    tgt = _vector(r, jnp.int32) if with_targets else None
+    step = pl.estimate_cost(functools.partial(_stats_step, c=c, spec=spec, projected=len(inputs) == 4, major=major),
+                            _scalar(), _block_values(inputs, r, c, major), old, tgt, _scalar())
+    # targets read; the statistics and the two target logits written
+    vectors = (with_targets + N_STATS + 2 * with_targets) * n * 4
+    return _estimate(step, token_blocks * vocab_blocks,
+                     bytes_accessed=_streamed_bytes(inputs, token_blocks, vocab_blocks) + vectors)
+
+
+def jsd_cost(inputs, r, c, spec: DivergenceSpec, major=(False, False)) -> pl.CostEstimate:
+    """The JSD second pass's pl.CostEstimate on (R, C) blocks."""
+    n, vocab = _shape(inputs)
+    token_blocks, vocab_blocks = pl.cdiv(n, r), pl.cdiv(vocab, c)
+    step = pl.estimate_cost(functools.partial(_jsd_step, c=c, spec=spec, projected=len(inputs) == 4, major=major),
+                            _scalar(), _block_values(inputs, r, c, major), _vector(r), _vector(r), _scalar())
+    return _estimate(step, token_blocks * vocab_blocks,
+                     bytes_accessed=_streamed_bytes(inputs, token_blocks, vocab_blocks) + 4 * n * 4)
+
+
+def logits_grad_cost(s_NxV, t_NxV, r, c, spec: DivergenceSpec) -> pl.CostEstimate:
+    """The logits-gradient kernel's pl.CostEstimate on (R, C) blocks."""
+    n, vocab = s_NxV.shape
+    step = pl.estimate_cost(
+        lambda limit, blocks, v, tgt, row0, column0: _grad_tile(limit, blocks, v, tgt, row0, column0, r, c, n, spec,
+                                                                False)[0],
+        _scalar(), _block_values((s_NxV, t_NxV), r, c), jax.ShapeDtypeStruct((r, len(GRAD_VECTORS)), jnp.float32),
+        _vector(r, jnp.int32), _scalar(), _scalar())
+    # the two logits read, the gradient written; per-token values once per token block
+    moved = 3 * _nbytes(s_NxV) + (len(GRAD_VECTORS) + 1) * n * 4
+    return _estimate(step, pl.cdiv(n, r) * pl.cdiv(vocab, c), bytes_accessed=moved)
+
+
+def grad_cost(inputs, r, c, cores, per_core, spec: DivergenceSpec, major=(False, False)) -> pl.CostEstimate:
+    """The gradient kernel's pl.CostEstimate: grid (cores, per_core, token blocks), of which the
+    steps of vocabulary blocks past the last (the second core's tail) compute nothing."""
+    hs, ws, ht, wt = inputs
+    n, width, vocab = hs.shape[0], hs.shape[1], ws.shape[1]
+    token_blocks, vocab_blocks = pl.cdiv(n, r), pl.cdiv(vocab, c)
+    step = pl.estimate_cost(functools.partial(_grad_step, r=r, c=c, n=n, spec=spec, major=major), _scalar(),
+                            _block_values(inputs, r, c, major), jax.ShapeDtypeStruct((r, len(GRAD_VECTORS)), jnp.float32),
+                            _vector(r, jnp.int32), _scalar(), _scalar())
+    steps = token_blocks * vocab_blocks
+    # gw += h^T G and buf += G W^T, outside the step function
+    accumulate = steps * (width * c + r * width)
+    # Per-token blocks (hidden rows, packed values, targets) change every step, unless there is one
+    # token block: then each core's pipeline fetches them once.
+    row_passes = cores * per_core if token_blocks > 1 else cores
+    per_token = _nbytes(hs) + _nbytes(ht) + n * (len(GRAD_VECTORS) + 1) * 4
+    # Each vocabulary block writes its d/dh rows back, and reads them first unless it is its core's
+    # first; with one token block each core writes its rows once.
+    dh_rows = token_blocks * r * width * 4
+    used_cores = pl.cdiv(vocab_blocks, per_core)
+    dh_moved = used_cores * dh_rows if token_blocks == 1 else (2 * vocab_blocks - used_cores) * dh_rows
+    moved = row_passes * per_token + _nbytes(ws) + _nbytes(wt) + width * vocab * 4 + dh_moved
+    return _estimate(step, steps, extra_flops=accumulate, bytes_accessed=moved)
 
 
 def slice_stats(inputs, targets_N, mask_N, limit, spec: DivergenceSpec):
@@ -391,17 +595,19 @@ def slice_stats(inputs, targets_N, mask_N, limit, spec: DivergenceSpec):
     with_targets = targets_N is not None
     vec = jax.ShapeDtypeStruct((n, 1), jnp.float32)
     vocab_blocks = pl.cdiv(vocab, c)
-    in_specs = _skipping_in_specs(inputs, r, c, vocab_blocks)
-    args = list(inputs)
+    major = _orientation(inputs)
+    in_specs = _skipping_in_specs(inputs, r, c, vocab_blocks, major)
+    args = list(_oriented(inputs, major))
     if with_targets:
         in_specs.append(_row_spec(r))
         args.append(_col(targets_N))
     n_out = N_STATS + 2 * with_targets
-    kernel = functools.partial(_stats_kernel, n_in=len(inputs), c=c, spec=spec, projected=projected,
+    kernel = functools.partial(_stats_kernel, n_in=len(inputs), c=c, spec=spec, projected=projected, major=major,
                                with_targets=with_targets)
     prefetch = (jnp.reshape(limit, (1,)).astype(jnp.int32), *block_tables(mask_N, r))
     outs = _call_prefetch(kernel, [vec] * n_out, (pl.cdiv(n, r), vocab_blocks), in_specs,
-                          [_row_spec(r, follow=False)] * n_out, ("parallel", "arbitrary"), spec, prefetch, *args)
+                          [_row_spec(r, follow=False)] * n_out, ("parallel", "arbitrary"), spec,
+                          stats_cost(inputs, with_targets, r, c, spec, major), prefetch, *args)
     outs = [o[:, 0] for o in outs]
     return rows.OnlineStats(*outs[:N_STATS]), (tuple(outs[N_STATS:]) if with_targets else None)
 
@@ -413,12 +619,14 @@ def slice_jsd_kls(inputs, log_zs_N, log_zt_N, mask_N, limit, spec: DivergenceSpe
     r, c = _blocks("jsd", inputs, spec)
     vec = jax.ShapeDtypeStruct((n, 1), jnp.float32)
     vocab_blocks = pl.cdiv(vocab, c)
-    kernel = functools.partial(_jsd_kernel, n_in=len(inputs), c=c, spec=spec, projected=projected)
+    major = _orientation(inputs)
+    kernel = functools.partial(_jsd_kernel, n_in=len(inputs), c=c, spec=spec, projected=projected, major=major)
     prefetch = (jnp.reshape(limit, (1,)).astype(jnp.int32), *block_tables(mask_N, r))
     kl_s, kl_t = _call_prefetch(
         kernel, [vec] * 2, (pl.cdiv(n, r), vocab_blocks),
-        _skipping_in_specs(inputs, r, c, vocab_blocks) + [_row_spec(r)] * 2, [_row_spec(r, follow=False)] * 2,
-        ("parallel", "arbitrary"), spec, prefetch, *inputs, _col(log_zs_N), _col(log_zt_N),
+        _skipping_in_specs(inputs, r, c, vocab_blocks, major) + [_row_spec(r)] * 2, [_row_spec(r, follow=False)] * 2,
+        ("parallel", "arbitrary"), spec, jsd_cost(inputs, r, c, spec, major), prefetch, *_oriented(inputs, major),
+        _col(log_zs_N), _col(log_zt_N),
     )
     return kl_s[:, 0], kl_t[:, 0]
 
@@ -452,14 +660,17 @@ def logits_grad(s_NxV, t_NxV, stats, cots, targets_N, spec: DivergenceSpec):
         kernel, jax.ShapeDtypeStruct((n, vocab), s_NxV.dtype), (pl.cdiv(n, r), pl.cdiv(vocab, c)),
         [_SMEM] + _in_specs((s_NxV, t_NxV), r, c) + [_vec_spec(r, len(GRAD_VECTORS)), _vec_spec(r)],
         pl.BlockSpec((r, c), lambda i, j: (i, j)), ("parallel", "parallel"), spec,
-        _default_limit(spec, vocab), s_NxV, t_NxV, packed, tgt,
+        logits_grad_cost(s_NxV, t_NxV, r, c, spec), _default_limit(spec, vocab), s_NxV, t_NxV, packed, tgt,
     )
 
 
 def slice_grads(hs, ws, ht, wt, stats, cots, targets_N, limit, spec: DivergenceSpec):
     """vocab_parallel.LocalBackend.grads: (float32 [N, Hs] d/dh through these columns, float32
-    [Hs, V] d/dW of these columns), one recomputation of each tile (`_grad_kernel`)."""
+    [Hs, V] d/dW of these columns), one recomputation of each tile (`_grad_kernel`). A
+    vocabulary-major student head gets d/dW as the transpose of the kernel's [V, Hs] (a bitcast
+    where XLA stores it column-major, see `vocab_major`)."""
     inputs = (hs, ws, ht, wt)
+    major = _orientation(inputs)
     n, vocab = hs.shape[0], ws.shape[1]
     width = hs.shape[1]
     packed, tgt, keep_N = _grad_vectors(stats, cots, targets_N, n)
@@ -476,30 +687,34 @@ def slice_grads(hs, ws, ht, wt, stats, cots, targets_N, limit, spec: DivergenceS
 
     # Head tiles and the d/dW block change once per vocabulary block: one buffer each.
     once = pl.Buffered(1)
+    def head_block(k, jj, i, lim, f, x):
+        return vocab_index(k, jj)
+
     in_specs = [
         pl.BlockSpec((r, width), lambda k, jj, i, lim, f, x: (token(i, x), 0)),
-        pl.BlockSpec((width, c), lambda k, jj, i, lim, f, x: (0, vocab_index(k, jj)), pipeline_mode=once),
+        _head_spec(width, c, major[0], head_block, pipeline_mode=once),
         pl.BlockSpec((r, ht.shape[1]), lambda k, jj, i, lim, f, x: (token(i, x), 0)),
-        pl.BlockSpec((wt.shape[0], c), lambda k, jj, i, lim, f, x: (0, vocab_index(k, jj)), pipeline_mode=once),
+        _head_spec(wt.shape[0], c, major[1], head_block, pipeline_mode=once),
         pl.BlockSpec((r, len(GRAD_VECTORS)), lambda k, jj, i, lim, f, x: (token(i, x), 0)),
         pl.BlockSpec((r, 1), lambda k, jj, i, lim, f, x: (token(i, x), 0)),
     ]
     out_specs = [
-        pl.BlockSpec((width, c), lambda k, jj, i, lim, f, x: (0, vocab_index(k, jj)), pipeline_mode=once),
+        _head_spec(width, c, major[0], head_block, pipeline_mode=once),
         pl.BlockSpec(memory_space=pl.ANY),
     ]
-    out_shape = [jax.ShapeDtypeStruct((width, vocab), jnp.float32),
+    out_shape = [jax.ShapeDtypeStruct((vocab, width) if major[0] else (width, vocab), jnp.float32),
                  jax.ShapeDtypeStruct((cores, token_blocks * r, width), jnp.float32)]
     scratch = (pltpu.VMEM((2, r, width), jnp.float32), pltpu.SemaphoreType.DMA(()), pltpu.SemaphoreType.DMA((2,)))
     kernel = functools.partial(_grad_kernel, r=r, c=c, n=n, n_token_blocks=token_blocks, vocab_blocks=vocab_blocks,
-                               per_core=per_core, spec=spec)
+                               per_core=per_core, spec=spec, major=major)
     prefetch = (jnp.reshape(limit, (1,)).astype(jnp.int32), *block_tables(keep_N, r))
     gw, gh_parts = _call_prefetch(kernel, out_shape, (cores, per_core, token_blocks), in_specs, out_specs,
-                                  ("parallel", "arbitrary", "arbitrary"), spec, prefetch, *inputs, packed, tgt,
-                                  scratch=scratch)
+                                  ("parallel", "arbitrary", "arbitrary"), spec,
+                                  grad_cost(inputs, r, c, cores, per_core, spec, major), prefetch,
+                                  *_oriented(inputs, major), packed, tgt, scratch=scratch)
     # Rows of skipped blocks were never written (and ignored rows of kept blocks hold zeros).
     gh = jnp.where(keep_N[:, None], jnp.sum(gh_parts, axis=0)[:n], 0.0)
-    return gh, gw
+    return gh, gw.T if major[0] else gw
 
 
 def fused_grads(hs, ws, ht, wt, stats, cots, targets_N, spec: DivergenceSpec):

@@ -1,5 +1,5 @@
 """Attention with backends behind one function: dense (the oracle), chunked (online softmax over
-key/value blocks, any platform) and cuDNN flash attention on GPU.
+key/value blocks, any platform), cuDNN flash attention on GPU and Pallas splash attention on TPU.
 
 Shape letters: B batch, T queries, S keys, H query heads, K kv heads, G query heads per kv head
 (H = K * G), D head width; bq / bk query / key block lengths, nq / nk block counts.
@@ -23,6 +23,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
 
 from opsd_jax.models import layers
 from opsd_jax.models.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
@@ -45,16 +47,31 @@ def attend(
     """Grouped-query attention; returns [B, T, H, D] in v's dtype.
 
     query_rows_BxT: int32, default arange(T) (self-attention). Segment ids: int32, default all 1
-    (no padding). `implementation`: "auto" (cuDNN on GPU where it applies, else chunked),
-    "dense" (materializes float32 [B, K, G, T, S] scores: the oracle), "chunked", "cudnn" (falls
-    back to chunked where cuDNN's constraints do not hold). `block_size` bounds the chunked
-    backend's tiles.
+    (no padding). `implementation`:
+      "auto": cuDNN on GPU where it applies; on TPU splash where it applies and its kernel can be
+        split over the context mesh without repeating work (see `splash_attention`); else chunked.
+        The TPU is recognized from the mesh set with `jax.set_mesh` (an ahead-of-time compile for
+        TPU devices from a CPU host counts as TPU) or, without one, from the default backend with a
+        single device: a Mosaic kernel in a multi-device jit without a known mesh cannot be
+        partitioned, so "auto" then stays chunked.
+      "dense": materializes float32 [B, K, G, T, S] scores (the oracle).
+      "chunked": online softmax over key blocks, any platform.
+      "cudnn": falls back to chunked where cuDNN's constraints do not hold.
+      "splash": Pallas TPU splash attention (TPU interpret mode off TPU, for tests); falls back to
+        chunked where it does not apply: queries against a cache (`query_rows_BxT` given), T != S,
+        or query and key segment ids that are not the same array (a padding query is then not
+        recognizable from its own id alone). T need not be a multiple of the kernel's block: the
+        sequence is padded with keys nobody sees.
+    `block_size` bounds the chunked backend's tiles; splash rounds it up to a multiple of 128.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}; supported: {', '.join(IMPLEMENTATIONS)}")
     batch, length = q_BxTxHxD.shape[:2]
     keys = k_BxSxKxD.shape[1]
     self_attention = query_rows_BxT is None
+    # Splash recognizes a padding query by its own segment id only when keys carry the same ids.
+    shared_segments = query_segment_ids_BxT is key_segment_ids_BxS
+    splash_segments = query_segment_ids_BxT
     if self_attention:
         query_rows_BxT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     if query_segment_ids_BxT is None:
@@ -63,8 +80,16 @@ def attend(
         key_segment_ids_BxS = jnp.ones((batch, keys), jnp.int32)
     inputs = (q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, query_rows_BxT, query_segment_ids_BxT, key_segment_ids_BxS)
 
+    splash_applies = _splash_applies(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, self_attention, shared_segments)
     if implementation == "auto":
-        implementation = "cudnn" if jax.default_backend() == "gpu" else "chunked"
+        if jax.default_backend() == "gpu":
+            implementation = "cudnn"
+        elif splash_applies and _splash_is_native(q_BxTxHxD.shape[0], k_BxSxKxD.shape[2]):
+            implementation = "splash"
+        else:
+            implementation = "chunked"
+    if implementation == "splash" and splash_applies:
+        return splash_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, splash_segments, sliding_window, block_size)
     if implementation == "cudnn" and _cudnn_applies(q_BxTxHxD, k_BxSxKxD, self_attention):
         return _cudnn_or_chunked(*inputs, sliding_window, block_size)
     if implementation == "dense":
@@ -317,3 +342,183 @@ def _cudnn_or_chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, k
 
     return jax.lax.cond(_right_padded_single_segment(segments_BxT, key_segments_BxS), cudnn, chunked, *inputs)
 
+
+# ---- splash attention (Pallas TPU) -------------------------------------------------------------
+
+# Splash tiles, and the segment-id tiles it broadcasts over them, are multiples of the TPU's lanes.
+SPLASH_LANES = 128
+# Padding ids handed to the kernel: splash pairs equal ids, so padding queries and padding keys
+# (segment 0 here) get two different ids no real segment uses, and nobody sees a padding key.
+_QUERY_PADDING_ID = int(np.iinfo(np.int32).min)
+_KEY_PADDING_ID = _QUERY_PADDING_ID + 1
+
+
+def _context_mesh():
+    """The mesh set with `jax.set_mesh` (an AbstractMesh while tracing), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def _mesh_platform(mesh) -> str:
+    """The platform the program is compiled for: the context mesh's devices' (an ahead-of-time
+    compile for TPU devices from a CPU host is a TPU program), else the default backend's."""
+    device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
+def _splash_applies(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, self_attention: bool, shared_segments: bool) -> bool:
+    """What splash can take, decided at trace time: causal self-attention over the given tokens
+    (queries against a cache sit at per-row offsets a static mask cannot express), one segment-id
+    array for queries and keys (an empty row is then exactly a query in segment 0), and one
+    float32 or bfloat16 dtype."""
+    dtypes = {q_BxTxHxD.dtype, k_BxSxKxD.dtype, v_BxSxKxD.dtype}
+    return (
+        self_attention
+        and shared_segments
+        and q_BxTxHxD.shape[1] == k_BxSxKxD.shape[1]
+        and len(dtypes) == 1
+        and dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
+    )
+
+
+def _splash_partition(mesh, batch: int, kv_heads: int):
+    """(batch axes, head axes, idle axes) of the context mesh for splash's shard_map.
+
+    The batch takes its logical-rule axes (data, fsdp) that divide it; the kv heads take theirs
+    (tensor) and then the batch axes the batch could not use, so a microbatch smaller than the
+    fsdp axis (4 sequences on 8 chips) is split by heads instead of repeated on every chip. Idle
+    axes (size > 1, neither) hold whole copies of the computation. Axes already manual (inside a
+    caller's shard_map) are not touched."""
+    from opsd_jax.parallel import LOGICAL_AXIS_RULES
+
+    sizes = dict(mesh.shape)
+    free = _free_axes(mesh)
+    used: list[str] = []
+
+    def take(candidates, extent):
+        chosen = []
+        for axis in candidates:
+            if axis in free and axis not in used and extent % (math.prod(sizes[a] for a in chosen) * sizes[axis]) == 0:
+                chosen.append(axis)
+                used.append(axis)
+        return tuple(chosen)
+
+    batch_axes = take(LOGICAL_AXIS_RULES["batch"], batch)
+    head_axes = take((*LOGICAL_AXIS_RULES["kv_heads"], *LOGICAL_AXIS_RULES["batch"]), kv_heads)
+    return batch_axes, head_axes, tuple(a for a in free if a not in used)
+
+
+def _free_axes(mesh) -> list[str]:
+    """Mesh axes of size > 1 that XLA partitions (not manual inside a caller's shard_map)."""
+    manual = set(getattr(mesh, "manual_axes", ()) or ())
+    return [axis for axis, size in dict(mesh.shape).items() if size > 1 and axis not in manual]
+
+
+def _splash_is_native(batch: int, kv_heads: int) -> bool:
+    """Whether "auto" takes splash: a TPU program whose mesh splits splash's work without copies
+    (or a single TPU device when no mesh is set)."""
+    mesh = _context_mesh()
+    if _mesh_platform(mesh) != "tpu":
+        return False
+    if mesh is None:
+        return jax.device_count() == 1
+    return not _splash_partition(mesh, batch, kv_heads)[2]
+
+
+def _axes_entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def splash_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segments_BxT, sliding_window,
+                     block_size: int = DEFAULT_BLOCK_SIZE):
+    """Causal (or sliding-window) self-attention with Pallas splash attention; [B, T, H, D].
+
+    segments_BxT: int32 ids for queries and keys alike (0: padding), or None (one segment). Runs
+    the Mosaic kernel on TPU and the same kernel in Pallas' interpreter elsewhere (tests). Under a
+    context mesh (`jax.set_mesh`) it sits in a `shard_map` (Mosaic kernels are never partitioned
+    by XLA): batch over data/fsdp, kv heads over tensor and the batch axes the batch left
+    (`_splash_partition`); each shard holds whole sequences, so the forward and splash's own
+    backward need no collective. Queries in segment 0 get the mean of all values, as in dense.
+    """
+    batch, length = q_BxTxHxD.shape[:2]
+    kv_heads = k_BxTxKxD.shape[2]
+    mesh = _context_mesh()
+    # The generic interpreter, not pltpu.InterpretParams: the TPU interpreter (jax 0.10.2) pairs
+    # the grid with the kernel's dimension semantics and fails on the grid dimension vmap adds.
+    interpret = _mesh_platform(mesh) != "tpu"
+    with_segments = segments_BxT is not None
+    if not with_segments:
+        segments_BxT = jnp.ones((batch, length), jnp.int32)  # shard_map takes arrays; unused then
+    local = functools.partial(_splash_local, sliding_window=sliding_window, block_size=block_size,
+                              with_segments=with_segments, interpret=interpret)
+    if mesh is None or not _free_axes(mesh):
+        return local(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segments_BxT)
+    batch_axes, head_axes, _ = _splash_partition(mesh, batch, kv_heads)
+    x_spec = PartitionSpec(_axes_entry(batch_axes), None, _axes_entry(head_axes), None)
+    segments_spec = PartitionSpec(_axes_entry(batch_axes), None)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, segments_spec), out_specs=x_spec,
+                            check_vma=False)
+    return sharded(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segments_BxT.astype(jnp.int32))
+
+
+def splash_block(length: int, block_size: int) -> int:
+    """Splash's query and key tile: block_size rounded up to a multiple of 128, no longer than
+    the sequence rounded up to one."""
+    lanes = SPLASH_LANES
+    return min(-(-block_size // lanes) * lanes, -(-length // lanes) * lanes)
+
+
+def _splash_local(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segments_BxT, *, sliding_window, block_size: int,
+                  with_segments: bool, interpret):
+    """splash_attention on one shard's whole sequences and its heads."""
+    # Imported here so that Pallas loads only where splash runs.
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    batch, length, heads, head_dim = q_BxTxHxD.shape
+    kv_heads = k_BxTxKxD.shape[2]
+    block = splash_block(length, block_size)
+    padded = -(-length // block) * block
+    pad = padded - length
+    # Splash does not scale the scores; the dense path scales them by 1/sqrt(D) in float32. (In
+    # bfloat16 the scaled q is rounded once more than dense's scores are.)
+    q_BxTxHxD = (q_BxTxHxD.astype(jnp.float32) / math.sqrt(head_dim)).astype(q_BxTxHxD.dtype)
+
+    def heads_major(x_BxTxNxD):
+        return jnp.pad(jnp.swapaxes(x_BxTxNxD, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
+
+    q_BxHxPxD, k_BxKxPxD, v_BxKxPxD = (heads_major(x) for x in (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD))
+    shape = (padded, padded)
+    if sliding_window is None:
+        head_mask = splash.CausalMask(shape)
+    else:
+        head_mask = splash.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
+    blocks = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
+        block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([head_mask] * heads), block_sizes=blocks, head_shards=1,
+                                    q_seq_shards=1, interpret=interpret)
+    if with_segments or pad:
+        real_BxT = segments_BxT != 0 if with_segments else jnp.ones((batch, length), bool)
+        ids_BxT = segments_BxT.astype(jnp.int32)
+        query_ids_BxP = jnp.pad(jnp.where(real_BxT, ids_BxT, _QUERY_PADDING_ID), ((0, 0), (0, pad)),
+                                constant_values=_QUERY_PADDING_ID)
+        key_ids_BxP = jnp.pad(jnp.where(real_BxT, ids_BxT, _KEY_PADDING_ID), ((0, 0), (0, pad)),
+                              constant_values=_KEY_PADDING_ID)
+        out_BxHxPxD = jax.vmap(lambda q, k, v, qi, ki: kernel(q, k, v, splash.SegmentIds(q=qi, kv=ki)))(
+            q_BxHxPxD, k_BxKxPxD, v_BxKxPxD, query_ids_BxP, key_ids_BxP)
+    else:
+        out_BxHxPxD = jax.vmap(lambda q, k, v: kernel(q, k, v))(q_BxHxPxD, k_BxKxPxD, v_BxKxPxD)
+    out_BxTxHxD = jnp.swapaxes(out_BxHxPxD[:, :, :length], 1, 2).astype(v_BxTxKxD.dtype)
+    if not with_segments:
+        return out_BxTxHxD
+    # A padding query sees no key; splash returns the mean of the masked keys of the blocks it
+    # visited, the dense path the mean of all values. The where hands the kernel a zero cotangent
+    # for those rows, so the kernel's own backward adds nothing for them.
+    ones_T = jnp.ones((length,), v_BxTxKxD.dtype)
+    mean_v_BxKxD = jnp.einsum("btkd,t->bkd", v_BxTxKxD, ones_T, preferred_element_type=jnp.float32) / length
+    out_BxTxKxGxD = out_BxTxHxD.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    empty_BxTx1x1x1 = (segments_BxT == 0)[:, :, None, None, None]
+    out_BxTxKxGxD = jnp.where(empty_BxTx1x1x1, mean_v_BxKxD[:, None, :, None, :].astype(v_BxTxKxD.dtype),
+                              out_BxTxKxGxD)
+    return out_BxTxKxGxD.reshape(batch, length, heads, head_dim)

@@ -15,7 +15,7 @@ SUPPORTED_MODEL_TYPES = ("qwen3", "olmo2", "olmo3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 # The backends of opsd_jax.models.attention.attend (a runtime setting, not a checkpoint field).
-ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
 
 # transformers' per-architecture defaults for fields a config.json may omit.
 _DEFAULT_ROPE_THETA = {"qwen3": 10_000.0, "olmo2": 10_000.0, "olmo3": 500_000.0}
@@ -74,8 +74,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
-    # "auto": cuDNN flash attention on GPU where it applies, else the chunked online softmax
-    # (CPU, TPU); "dense" materializes [T, S] scores (the oracle). Never written to config.json.
+    # "auto": cuDNN flash attention on GPU where it applies, splash on TPU under a mesh where it
+    # applies, else the chunked online softmax; "dense" materializes [T, S] scores (the oracle).
+    # Never written to config.json.
     attention_implementation: str = "auto"
     # Query and key tile length of the chunked backend: memory O(T * block) per head.
     attention_block_size: int = 512

@@ -48,6 +48,34 @@ def test_fused_kernel_compiles_for_tpu(topology, accelerator):
     # recomputation): all three must be Mosaic kernels, not interpreter HLO.
     assert report["mosaic_custom_calls"] == 3
     assert 0 < report["temp_bytes"] < 2 * 2**30
+    _assert_costs_counted(report, ["stats", "jsd", "grad"])
+
+
+def _assert_costs_counted(report, kinds):
+    """Every Mosaic kernel carries its pl.CostEstimate into the compiled program, and
+    cost_analysis() counts them: the kernels' FLOPs are the design's N H V count (tokens and
+    vocabulary columns per chip; blocks padded past V and the elementwise work add a few percent
+    at these small widths), and XLA's own ops around them add next to nothing."""
+    kernels = report["kernels"]
+    assert sorted(k["kind"] for k in kernels) == sorted(kinds)
+    for k in kernels:
+        assert k["flops"] > 0 and k["transcendentals"] > 0 and k["bytes_accessed"] > 0, k
+    assert 1.0 <= report["kernel_flops_over_design"] < 1.06, report
+    assert report["kernel_flops"] <= report["flops"] < 1.01 * report["kernel_flops"], report
+    assert report["transcendentals"] >= sum(k["transcendentals"] for k in kernels)
+
+
+@needs_libtpu
+def test_vocab_parallel_kl_reports_its_flops_per_chip():
+    """The trainer's form (vocabulary split over tensor=2, tokens over fsdp=2) for a KL, small
+    enough to compile in seconds: cost_analysis() sees the kernels' FLOPs for this chip's tokens
+    and vocabulary slice, 12 N H V (the statistics sweep and one recomputation in the backward)."""
+    report = _compile("v5litepod-4", "v5e:2x2", "--mesh", "1,2,2", "--hidden", "256", "--tokens-per-chip", "512",
+                      "--head-dtype", "float32", "--beta", "0")
+    assert report["tokens_per_chip"] == 512 and report["vocab_per_chip"] == 151_936 // 2
+    _assert_costs_counted(report, ["stats", "grad"])
+    # against the goal's one sweep (8 N H V): the design's 12 over 8, times the same few percent
+    assert report["flops_over_goal"] == pytest.approx(12 / 8 * report["kernel_flops_over_design"], rel=0.01)
 
 
 @needs_libtpu

@@ -4,17 +4,27 @@
     TPU_ACCELERATOR_TYPE=v5litepod-4 JAX_PLATFORMS=cpu python -m tests.kernels.tpu_aot_compile v5e:2x2 \\
         --mesh 1,2,2 --hidden 4096 --tokens-per-chip 8192 --head-dtype float32
 
-Run as its own process: libtpu reads TPU_ACCELERATOR_TYPE when it loads. Default shape: the
-benchmark's (N=1024 tokens per chip, H=512, V=151,936), bf16, tokens sharded over a `data` axis
-in a hand-written shard_map. With --mesh: the public API's vocabulary-parallel form on a
-(data, fsdp, tensor) mesh, inputs placed as the trainer places them (hidden rows over
-data x fsdp, heads [H, V] over (fsdp, tensor)). Prints memory_analysis() and one JSON line.
+Run as its own process (without XLA_FLAGS: the CPU device count they set does not apply): libtpu
+reads TPU_ACCELERATOR_TYPE when it loads. Default shape: the benchmark's (N=1024 tokens per chip,
+H=512, V=151,936), bf16, tokens sharded over a `data` axis in a hand-written shard_map. With
+--mesh: the public API's vocabulary-parallel form on a (data, fsdp, tensor) mesh, inputs placed
+as the trainer places them (hidden rows over data x fsdp, heads [H, V] over (fsdp, tensor)), with
+--tokens-per-chip rows per token shard (a chip holds data x fsdp's share of the tokens and
+tensor's share of the vocabulary).
+
+Prints memory_analysis() and one JSON line: memory per chip; cost_analysis() of the whole program
+(per chip: the partitioned module); each Mosaic kernel's own pl.CostEstimate and scoped VMEM as
+the compiled custom calls carry them; and the kernels' FLOPs against the issue-12 goal, 8 N H V
+for the KLs and 12 N H V for the JSD, and against the count of pallas_tpu's design (statistics
+sweep, JSD pass, one recomputation in the backward: 12 and 16 N H V), N and V per chip.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 
 import jax
@@ -55,42 +65,119 @@ def _data_parallel(devices, beta, n_per_chip, width, head_dtype):
     return jax.jit(sharded), args
 
 
-def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape):
+def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab=V):
     """The public API with the mesh, as the train step calls it."""
     from opsd_jax.parallel import make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=devices)
 
     def loss(hs, ws, ht, wt, targets):
-        out = kernels.fused_linear_divergence(hs, ws, ht, wt, beta=beta, valid_vocab=VALID, targets=targets,
+        out = kernels.fused_linear_divergence(hs, ws, ht, wt, beta=beta, valid_vocab=min(VALID, vocab), targets=targets,
                                               impl="pallas_tpu", interpret=False, mesh=mesh)
         return jnp.mean(out.divergence) - jnp.mean(out.student_logprob)
 
-    n = n_per_chip * len(devices)
+    n = n_per_chip * mesh.shape["data"] * mesh.shape["fsdp"]
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     head = NamedSharding(mesh, P("fsdp", "tensor"))
     args = (
         jax.ShapeDtypeStruct((n, width), jnp.bfloat16, sharding=rows),
-        jax.ShapeDtypeStruct((width, V), head_dtype, sharding=head),
+        jax.ShapeDtypeStruct((width, vocab), head_dtype, sharding=head),
         jax.ShapeDtypeStruct((n, width), jnp.bfloat16, sharding=rows),
-        jax.ShapeDtypeStruct((width, V), head_dtype, sharding=head),
+        jax.ShapeDtypeStruct((width, vocab), head_dtype, sharding=head),
         jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rows),
     )
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), args
 
 
+_ESTIMATE = re.compile(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"(\d+)","bytes_accessed":"(\d+)"')
+_USED_VMEM = re.compile(r'"used_scoped_memory_configs":\[\{[^}]*"size":"(\d+)"')
+
+
+def _kernel_kind(outputs: str) -> str:
+    """Which pallas_tpu kernel a custom call is, from its output shapes: the gradient kernel
+    returns d/dW [H, V] and the cores' d/dh partials [cores, N, H]; the statistics kernel eight
+    running statistics (ten with targets), the JSD pass two [N, 1] vectors."""
+    shapes = re.findall(r"\w+\[[\d,]*\]", outputs)
+    if any(shape.count(",") == 2 for shape in shapes):
+        return "grad"
+    return {2: "jsd", 8: "stats", 10: "stats"}.get(len(shapes), f"{len(shapes)} outputs")
+
+
+def kernel_estimates(compiled_text: str) -> list[dict]:
+    """Each Mosaic custom call of a compiled module: its kind, the pl.CostEstimate it carries
+    (None when it has none) and the scoped VMEM Mosaic reports using."""
+    kernels = []
+    for line in compiled_text.splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        estimate, used = _ESTIMATE.search(line), _USED_VMEM.search(line)
+        kernels.append({
+            "kind": _kernel_kind(line.split("custom-call(")[0].split("=", 1)[1]),
+            "flops": None if estimate is None else int(estimate.group(1)),
+            "transcendentals": None if estimate is None else int(estimate.group(2)),
+            "bytes_accessed": None if estimate is None else int(estimate.group(3)),
+            "vmem_bytes": None if used is None else int(used.group(1)),
+        })
+    return kernels
+
+
+def flops_per_nhv(beta: float) -> tuple[int, int]:
+    """(the issue-12 goal, pallas_tpu's design count) in units of N H V: the goal is one sweep that
+    forms the gradients (8; 12 with the JSD's second pass); pallas_tpu's statistics sweep (4), JSD
+    pass (4) and backward with one recomputation (8) make 12 for the KLs and 16 for the JSD."""
+    jsd = 0.0 < beta < 1.0
+    return (12, 16) if jsd else (8, 12)
+
+
 def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per_chip: int = N_PER_DEVICE,
-                width: int = H, head_dtype=jnp.bfloat16):
-    """(device kind, memory_analysis(), number of Mosaic custom calls in the lowered program)."""
+                width: int = H, head_dtype=jnp.bfloat16, vocab: int = V):
+    """(device kind, memory_analysis(), number of Mosaic custom calls in the lowered program,
+    cost_analysis() of the compiled program, kernel_estimates of it)."""
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices
     if mesh_shape is None:
         jitted, args = _data_parallel(devices, beta, n_per_chip, width, head_dtype)
     else:
-        jitted, args = _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape)
+        jitted, args = _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab)
     lowered = jitted.lower(*args)
     hlo = lowered.as_text()
     compiled = lowered.compile()
-    return devices[0].device_kind, compiled.memory_analysis(), hlo.count("tpu_custom_call")
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return (devices[0].device_kind, compiled.memory_analysis(), hlo.count("tpu_custom_call"), dict(cost),
+            kernel_estimates(compiled.as_text()))
+
+
+def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab, kind, memory, mosaic_calls, cost,
+           kernels) -> dict:
+    """The JSON line: memory per chip, the program's and the kernels' costs, and the kernels' FLOPs
+    over the goal's and the design's N H V (N tokens and V vocabulary columns per chip)."""
+    vocab_per_chip = vocab if mesh_shape is None else math.ceil(vocab / mesh_shape[2])
+    nhv = n_per_chip * width * vocab_per_chip
+    goal, design = flops_per_nhv(beta)
+    kernel_flops = sum(k["flops"] or 0 for k in kernels)
+    return {
+        "topology": topology,
+        "mesh": None if mesh_shape is None else ",".join(map(str, mesh_shape)),
+        "beta": beta,
+        "hidden": width,
+        "tokens_per_chip": n_per_chip,
+        "vocab_per_chip": vocab_per_chip,
+        "head_dtype": head_dtype_name,
+        "device_kind": kind,
+        "mosaic_custom_calls": mosaic_calls,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "flops": cost.get("flops", 0.0),
+        "transcendentals": cost.get("transcendentals", 0.0),
+        "bytes_accessed": cost.get("bytes accessed", 0.0),
+        "kernels": kernels,
+        "kernel_flops": kernel_flops,
+        "goal_flops": goal * nhv,
+        "design_flops": design * nhv,
+        "flops_over_goal": cost.get("flops", 0.0) / (goal * nhv),
+        "kernel_flops_over_design": kernel_flops / (design * nhv),
+    }
 
 
 def main(argv):
@@ -101,29 +188,19 @@ def main(argv):
     parser.add_argument("--tokens-per-chip", type=int, default=N_PER_DEVICE)
     parser.add_argument("--head-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--beta", type=float, default=0.5)
+    # XLA lays out a head shard whose columns are no multiple of 128 (Qwen3's 151,936 / 2 or / 4)
+    # column-major, and copies it for Mosaic, which wants row-major: another vocabulary size shows
+    # what the kernel itself needs without those copies.
+    parser.add_argument("--vocab", type=int, default=V, help="vocabulary size (with --mesh)")
     args = parser.parse_args(argv[1:])
     mesh_shape = None if args.mesh is None else tuple(int(x) for x in args.mesh.split(","))
-    kind, memory, mosaic_calls = compile_for(
+    compiled = compile_for(
         args.topology, args.beta, mesh_shape=mesh_shape, n_per_chip=args.tokens_per_chip, width=args.hidden,
-        head_dtype=jnp.dtype(args.head_dtype),
+        head_dtype=jnp.dtype(args.head_dtype), vocab=args.vocab,
     )
-    print(memory)
-    print(
-        json.dumps(
-            {
-                "topology": args.topology,
-                "mesh": args.mesh,
-                "hidden": args.hidden,
-                "tokens_per_chip": args.tokens_per_chip,
-                "head_dtype": args.head_dtype,
-                "device_kind": kind,
-                "mosaic_custom_calls": mosaic_calls,
-                "temp_bytes": memory.temp_size_in_bytes,
-                "argument_bytes": memory.argument_size_in_bytes,
-                "output_bytes": memory.output_size_in_bytes,
-            }
-        )
-    )
+    print(compiled[1])
+    print(json.dumps(report(args.topology, mesh_shape, args.beta, args.tokens_per_chip, args.hidden, args.head_dtype,
+                            args.vocab if mesh_shape else V, *compiled)))
 
 
 if __name__ == "__main__":

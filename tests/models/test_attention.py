@@ -145,8 +145,8 @@ def test_chunked_backward_stores_no_scores():
 
 
 def test_unknown_implementation_is_named():
-    with pytest.raises(ValueError, match="splash"):
-        attention.attend(*(jnp.zeros((1, 4, 1, 8)),) * 3, implementation="splash")
+    with pytest.raises(ValueError, match="'flash'.*splash"):
+        attention.attend(*(jnp.zeros((1, 4, 1, 8)),) * 3, implementation="flash")
 
 
 # ---- through the model ---------------------------------------------------------------------
