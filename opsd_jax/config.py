@@ -30,9 +30,10 @@ class ModelSection:
     # full: recompute each layer in the backward pass; dots: keep its matmul outputs; offload:
     # keep them in host memory.
     remat_policy: Literal["full", "dots", "offload"] = "full"
-    # auto: chunked (online softmax, O(T x block) memory) on CPU and TPU, cuDNN flash attention on
-    # GPU where it applies; dense materializes the scores (the oracle).
-    attention: Literal["auto", "dense", "chunked", "cudnn"] = "auto"
+    # auto: cuDNN flash attention on GPU where it applies, splash on TPU under a mesh where it
+    # applies, else chunked (online softmax, O(T x block) memory); dense materializes the scores
+    # (the oracle).
+    attention: Literal["auto", "dense", "chunked", "cudnn", "splash"] = "auto"
     attention_block_size: int = 512
 
     def runtime(self, *, training: bool) -> dict:
