@@ -151,7 +151,9 @@ class TrainSection:
     batch_size: int = 64  # prompts per step, all hosts together (one rollout each)
     microbatches: int = 1  # gradient accumulation
     seed: int = 0
-    mesh: str = "1,-1,1"  # data,fsdp,tensor
+    # data,fsdp,tensor sizes (one may be -1: the devices left), per slice on a multi-slice job; or
+    # auto: chosen from the model, the batch and the devices (parallel.auto_mesh_shape).
+    mesh: str = "1,-1,1"
     # On a host without accelerators, emulate this many CPU devices so `mesh` fits a laptop.
     # `opsd-jax train` applies it before jax starts; it never hides a TPU or GPU.
     cpu_devices: int | None = None
@@ -163,6 +165,28 @@ class TrainSection:
     # After a preemption (SIGTERM) every process saves at the same step and exits with this code,
     # which the GKE JobSet / XPK failure policy restarts on (42 and 127-255); 0 would end the job.
     preemption_exit_code: int = 42
+
+    def __post_init__(self):
+        self.mesh = check_mesh(self.mesh, "train.mesh")
+
+
+def check_mesh(text: str, key: str) -> str:
+    """A mesh setting as written: "auto", or three sizes data,fsdp,tensor, each a positive integer
+    or -1 (at most one). Anything else is a ConfigKeyError naming `key`, when the config is read
+    rather than once devices exist. (Here, not in parallel.py: reading a config imports no jax.)"""
+    if not isinstance(text, str):
+        raise ConfigKeyError(f"{key}: expected 'auto' or sizes data,fsdp,tensor such as 1,-1,1; got {text!r}")
+    if text.strip().lower() == "auto":
+        return "auto"
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(parts) != 3 or len(sizes) != 3 or any(s < 1 and s != -1 for s in sizes) or sizes.count(-1) > 1:
+        raise ConfigKeyError(f"{key}: {text!r} is neither 'auto' nor three sizes data,fsdp,tensor (each a positive "
+                             "integer, or -1 for the devices left, at most one -1), e.g. 1,-1,1")
+    return text
 
 
 @dataclasses.dataclass

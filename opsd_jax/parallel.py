@@ -1,7 +1,8 @@
 """Device mesh, the one logical-axis rules table, and multi-host initialization.
 
 Every array that crosses a jit boundary gets its NamedSharding from `LOGICAL_AXIS_RULES` through
-`logical_sharding`; no other code names a mesh axis or a device.
+`logical_sharding`; no other code names a mesh axis or a device. A mesh is either explicit sizes
+("data,fsdp,tensor") or "auto", whose rule is `auto_mesh_shape`.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def _slice_groups(devices) -> list[list]:
 
 def parse_mesh_shape(text: str) -> tuple[int, int, int]:
     """Parses "data,fsdp,tensor" such as "2,2,2" or "1,-1,1" from a command line."""
+    if is_auto_mesh(text):
+        raise ValueError("mesh 'auto' is resolved from the model and the devices (parallel.auto_mesh_shape); "
+                         "this command needs explicit sizes data,fsdp,tensor")
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != 3:
         raise ValueError(f"--mesh must be three comma-separated sizes data,fsdp,tensor; got {text!r}")
@@ -108,6 +112,97 @@ def parse_mesh_shape(text: str) -> tuple[int, int, int]:
         return tuple(int(p) for p in parts)  # type: ignore[return-value]
     except ValueError:
         raise ValueError(f"--mesh sizes must be integers; got {text!r}") from None
+
+
+AUTO_MESH = "auto"
+# Share of a chip's memory the training state (parameters, gradients, optimizer moments and a
+# frozen teacher's copy) may take when auto_mesh_shape shrinks fsdp. The rest is for what the
+# state does not include: activations and temporaries of one microbatch, the compiled code, and
+# the rollout sampler's KV pool and weight copy that stay resident beside the step. In the v5p-16
+# plan table (BUILD_NOTES) those take about three quarters of the tightest config that fits
+# (Qwen3-8B dense: about 19 of 87 GiB per chip is state at fsdp 8).
+STATE_MEMORY_SHARE = 0.25
+
+
+def is_auto_mesh(text: str | None) -> bool:
+    return isinstance(text, str) and text.strip().lower() == AUTO_MESH
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def auto_mesh_shape(devices_per_slice: int, *, num_heads: int, num_kv_heads: int, batch: int | None = None,
+                    num_slices: int = 1, state_bytes: int | None = None,
+                    memory_bytes: int | None = None) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes of one slice for `train.mesh: auto` (make_mesh then repeats
+    the data axis once per slice, over DCN).
+
+    batch: sequences per microbatch (train.batch_size / train.microbatches, all slices together);
+    state_bytes: the training state (parameters, gradients, optimizer moments, teacher copy) of
+    the whole model; memory_bytes: one device's memory (None: unknown, as on CPU).
+
+    The rule, in order:
+
+    1. Slices: only the data axis crosses slices. The DCN between slices is an order of magnitude
+       slower than the chips' interconnect (ICI), and data parallelism sends one gradient
+       reduction per step over it, where fsdp would gather every layer's weights and tensor
+       parallelism reduce every layer's activations.
+    2. tensor: the batch axis splits over data x fsdp (LOGICAL_AXIS_RULES); when a slice has more
+       chips than its share of a microbatch's sequences, a mesh axis that does not divide the
+       batch is left out and the chips beyond it compute the same sequences again. Tensor
+       parallelism takes those chips: the smallest tensor size dividing both the attention and
+       the KV heads (each chip then attends with whole heads, and the rollout sampler splits its
+       KV heads the same way) that leaves the fewest copies of each sequence. With enough
+       sequences that is 1: tensor parallelism costs two activation reductions per layer, which
+       FSDP's weight gathers avoid.
+    3. fsdp and data share the rest: fsdp only as far as the model needs it, the smallest size
+       that keeps the training state within STATE_MEMORY_SHARE of a device's memory, and data
+       for the chips left (each data replica sends one gradient reduction per step instead of a
+       weight gather per layer and microbatch). With the memory unknown, or no size small enough,
+       fsdp takes all of them (ZeRO-3: the least memory per chip).
+    """
+    for name, value in (("devices_per_slice", devices_per_slice), ("num_heads", num_heads),
+                        ("num_kv_heads", num_kv_heads), ("num_slices", num_slices)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"auto mesh: {name} must be a positive integer, got {value!r}")
+    n = devices_per_slice
+    # Sequences one slice holds per microbatch: the slices split the batch first (data over DCN).
+    per_slice = None if not batch else batch // num_slices if batch % num_slices == 0 else batch
+
+    def repeated(tensor: int) -> int:
+        batch_chips = n // tensor
+        return 1 if per_slice is None else batch_chips // math.gcd(batch_chips, per_slice)
+
+    heads = [t for t in _divisors(n) if num_heads % t == 0 and num_kv_heads % t == 0]
+    tensor = min(heads, key=lambda t: (repeated(t), t))
+    rest = n // tensor
+    fsdp = rest
+    if state_bytes is not None and memory_bytes:
+        fitting = [f for f in _divisors(rest) if state_bytes / (f * tensor) <= STATE_MEMORY_SHARE * memory_bytes]
+        if fitting:
+            fsdp = fitting[0]
+    return rest // fsdp, fsdp, tensor
+
+
+def auto_mesh(devices=None, **facts) -> Mesh:
+    """make_mesh over `devices` (default: all) with auto_mesh_shape's sizes for their slices;
+    `facts` are auto_mesh_shape's keyword arguments other than num_slices."""
+    devices = list(jax.devices() if devices is None else devices)
+    slices = _slice_groups(devices)
+    shape = auto_mesh_shape(len(devices) // len(slices), num_slices=len(slices), **facts)
+    return make_mesh(*shape, devices=devices)
+
+
+def device_memory_bytes(device) -> int | None:
+    """One device's memory as its runtime reports it (TPU and GPU: bytes_limit); None where the
+    backend reports none (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        return None
+    limit = (stats or {}).get("bytes_limit")
+    return int(limit) if limit else None
 
 
 def logical_to_spec(

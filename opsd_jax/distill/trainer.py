@@ -136,10 +136,15 @@ class Trainer:
 
         initialize_distributed()
         try:
-            self.mesh = make_mesh(*parse_mesh_shape(self.config.train.mesh))
+            self.mesh = train_mesh(self.config, jax.devices())
+        except FileNotFoundError as e:
+            raise TrainingError(f"train.mesh: {e}") from None
         except ValueError as e:
             raise TrainingError(f"train.mesh: {e}{self._device_hint()}") from None
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        if self.process_index == 0 and self.config.train.mesh == "auto":
+            print("train.mesh auto: " + ", ".join(f"{axis} {size}" for axis, size in self.mesh.shape.items()),
+                  flush=True)
         # Each host samples its own rollouts on its own devices (sampler.serving_mesh, set once the
         # model is known): the orchestrator schedules requests dynamically, which hosts cannot do
         # in lockstep on one global mesh.
@@ -454,6 +459,73 @@ def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int) -> 
                          page_size=page, kv_pages=pages)
 
 
+def model_config_folder(checkpoint: str) -> str:
+    """The folder holding the config.json of `checkpoint` (an HF folder, or an opsd-jax Orbax
+    checkpoint's hf/ copy), as load_for_serving reads it."""
+    from opsd_jax.checkpoint.orbax import HF_DIR, MANIFEST
+
+    checkpoint = user_path(checkpoint)
+    return os.path.join(checkpoint, HF_DIR) if os.path.exists(os.path.join(checkpoint, MANIFEST)) else checkpoint
+
+
+def training_state_bytes(c: RunConfig, student, teacher=None) -> int:
+    """Bytes of the whole model's training state in the step: the student's parameters, their
+    gradients and Adam's two moments (all in param_dtype), and the teacher's parameters the step
+    keeps (a frozen or EMA copy, or an external teacher; none for a live teacher or sft)."""
+    from opsd_jax.models.decoder import abstract_params
+
+    def parameter_bytes(config) -> int:
+        shapes, _ = abstract_params(config)
+        return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(shapes))
+
+    student_bytes = parameter_bytes(student)
+    if c.teacher.kind == "external" and teacher is not None:
+        teacher_bytes = parameter_bytes(teacher)
+    elif c.teacher.kind in ("frozen", "ema") and c.objective.kind != "sft":
+        teacher_bytes = student_bytes
+    else:
+        teacher_bytes = 0
+    return 4 * student_bytes + teacher_bytes
+
+
+def train_mesh(c: RunConfig, devices, *, student=None, teacher=None, memory_bytes: int | None = None):
+    """The train step's mesh over `devices`: train.mesh's sizes, or for `auto` the sizes
+    parallel.auto_mesh_shape picks from the student (and an external teacher), the microbatch and
+    the devices. The models' config.json files are read from their checkpoints unless given;
+    memory_bytes defaults to what one of this process's devices reports (None on CPU: fsdp takes
+    every chip the tensor axis leaves)."""
+    from opsd_jax.models import ModelConfig
+    from opsd_jax.parallel import auto_mesh, device_memory_bytes, is_auto_mesh
+
+    devices = list(devices)
+    if not is_auto_mesh(c.train.mesh):
+        return make_mesh(*parse_mesh_shape(c.train.mesh), devices=devices)
+
+    def read(key: str, checkpoint: str):
+        try:
+            return ModelConfig.from_hf(model_config_folder(checkpoint), param_dtype=c.model.param_dtype)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"auto reads the config.json of {key}: {e}") from None
+
+    if student is None:
+        if not c.model.checkpoint:
+            raise ValueError("auto needs the model's config.json, but model.checkpoint is not set")
+        student = read("model.checkpoint", c.model.checkpoint)
+    if teacher is None and c.teacher.kind == "external" and c.teacher.checkpoint:
+        teacher = read("teacher.checkpoint", c.teacher.checkpoint)
+    if memory_bytes is None:
+        # One of this process's own chips: only those report memory, and every host must reach the
+        # same answer (the chips of a job are alike), or their meshes would differ.
+        local = [d for d in devices if d.process_index == jax.process_index()]
+        memory_bytes = device_memory_bytes(local[0]) if local else None
+    # An external teacher's heads are split over the same tensor axis as the student's.
+    heads = [student] + ([teacher] if c.teacher.kind == "external" and teacher is not None else [])
+    return auto_mesh(devices, num_heads=math.gcd(*(m.num_heads for m in heads)),
+                     num_kv_heads=math.gcd(*(m.num_kv_heads for m in heads)),
+                     batch=c.train.batch_size // max(c.train.microbatches, 1),
+                     state_bytes=training_state_bytes(c, student, teacher), memory_bytes=memory_bytes)
+
+
 def step_settings(c: RunConfig, student, teacher, valid_vocab: int, mesh=None) -> StepSettings:
     """mesh: the step's device mesh (the kernel's shard_map needs it on more than one device)."""
     return StepSettings(student=student, teacher=teacher, objective=c.objective, teacher_kind=c.teacher.kind,
@@ -544,4 +616,5 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
 
 
 __all__ = ["Trainer", "TrainingError", "batch_shapes", "build_batch", "export_checkpoint", "jitted_train_step",
-           "optimizer_state_shardings", "rollout_seed", "step_settings", "train_state_shardings"]
+           "optimizer_state_shardings", "rollout_seed", "step_settings", "train_mesh", "train_state_shardings",
+           "training_state_bytes"]

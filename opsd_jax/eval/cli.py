@@ -47,7 +47,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-slots", type=int, default=8,
                         help="sequences decoded together (KV cache: slots x (prompt + max tokens); printed at start)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR")
+    parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                        help="device mesh (default: one device); auto: every device, tensor parallel over as many "
+                             "as divide the KV heads and data parallel over slots for the rest, the sampler's own "
+                             "rule (sampler.engine.serving_mesh)")
     parser.add_argument("--grade-timeout", type=int, default=5,
                         help="seconds per math-verify parse / check (strict grading; paper grading keeps the paper's 1 s)")
     parser.add_argument("--grading", default="strict", metavar="MODE[,MODE]",
@@ -84,6 +87,24 @@ def _print_summary(results: dict) -> None:
                   f"mean_tokens={m['length']['mean_tokens']:.0f} hit_cap={m['length']['hit_cap_share']:.1%}")
 
 
+def auto_serving_mesh(checkpoint: str, devices=None):
+    """`--mesh auto`: the sampler's mesh for this checkpoint's model over every device (or
+    `devices`), from its config.json alone, before any weight is read."""
+    import jax
+
+    from opsd_jax.distill.trainer import model_config_folder
+    from opsd_jax.models import ModelConfig
+    from opsd_jax.parallel import initialize_distributed
+    from opsd_jax.sampler.engine import serving_mesh
+
+    initialize_distributed()
+    try:
+        config = ModelConfig.from_hf(model_config_folder(checkpoint))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--mesh auto reads the config.json of --checkpoint: {e}") from None
+    return serving_mesh(config, jax.devices() if devices is None else devices)
+
+
 def run(args, make_mesh) -> int:
     """Runs the mode the flags select; `make_mesh(text)` builds the device mesh (from opsd_jax.cli)."""
     from opsd_jax.eval import runner
@@ -116,7 +137,9 @@ def run(args, make_mesh) -> int:
         budgets=_budgets(args.budgets))
     shard = parse_shard(args.shard)
     suites = parse_suites(args.suite)
-    result = runner.run_eval(args.checkpoint, suites, args.out, settings, shard=shard, mesh=make_mesh(args.mesh),
+    mesh = auto_serving_mesh(args.checkpoint) if args.mesh and args.mesh.strip().lower() == "auto" else make_mesh(
+        args.mesh)
+    result = runner.run_eval(args.checkpoint, suites, args.out, settings, shard=shard, mesh=mesh,
                              dtype=args.dtype, max_slots=args.max_slots, progress=progress,
                              timeout_seconds=args.grade_timeout, grading=gradings)
     for suite, counts in result["generation"].items():

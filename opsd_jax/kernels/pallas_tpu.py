@@ -34,6 +34,10 @@ wherever a product could carry them into another token's or the head's gradient.
 
 Block sizes come from tpu_vmem.choose_blocks: per kernel, per width and per TPU generation.
 
+A head whose slice has a column count that is no multiple of 128 while H is (Qwen3's vocabulary over
+tensor = 2, 4 or 8) is read as its transpose [V, H], the orientation XLA stores it in, and its
+d/dW is written [V, H]: see `vocab_major` for the rule and why.
+
 Every pallas_call carries a pl.CostEstimate (stats_cost, jsd_cost, grad_cost, logits_grad_cost),
 so that XLA's cost_analysis(), the plan's FLOP column and XLA's scheduler see the kernels' work;
 each kernel body is a step function on one tile that the estimate traces, so the count follows the
@@ -120,31 +124,37 @@ def block_tables(active_N, r: int):
     return flags_B.astype(jnp.int32), jnp.where(last_B >= 0, last_B, first).astype(jnp.int32)
 
 
-# Head orientation. The model's heads are [H, V]; a vocabulary-parallel shard gets [H, v]. XLA's
-# TPU layouts avoid padding the minor dimension to 128 lanes: when v is no multiple of 128 but H
-# is (Qwen3: 151,936 / 2, 4 or 8 columns; H = 2048-4096), the shard is stored column-major
-# ({0,1}, hidden minor). Mosaic reads its operands row-major, so an [H, v] kernel operand made
-# XLA copy both heads in and d/dW out (3 x 622 MB at H=4096, v=37,984: BUILD_NOTES). Such a head
-# is therefore passed as its transpose [v, H], which in row-major *is* that column-major buffer
-# (the transpose is a bitcast), and d/dW comes back [v, H] the same way. A 128-aligned slice is
-# row-major already and keeps [H, C] tiles; with neither dimension aligned XLA pads one of them
-# either way and the [H, v] form is kept. The rule is per head: student and teacher widths may
-# differ.
+# Head orientation. The model's heads are [H, V]; a vocabulary-parallel shard gets [H, v], gathered
+# at the shard_map boundary from the stored [H / f, v] shards when fsdp (f) splits the hidden
+# dimension. XLA's TPU layouts avoid padding the minor dimension to 128 lanes: when v is no
+# multiple of 128 but H / f is (Qwen3: 151,936 / 2, 4 or 8 columns; H = 2048-4096), the stored
+# shard, and the head gathered from it, are column-major ({0,1}, hidden minor). Mosaic reads its
+# operands row-major, so an [H, v] kernel operand made XLA copy both heads in and d/dW out (3 x
+# 622 MB at H=4096, v=37,984: BUILD_NOTES). Such a head is therefore passed as its transpose
+# [v, H], which in row-major *is* that column-major buffer (the transpose is a bitcast), and d/dW
+# comes back [v, H] the same way. A 128-aligned slice is row-major already and keeps [H, C]
+# tiles; so does a shard whose hidden rows are not 128-aligned (a 64-row shard of H=128 over
+# fsdp=2: XLA pads 75,968 columns to 76,032 rather than 64 rows to 128 and stores it row-major).
+# With neither aligned XLA pads one of them either way and [H, v] is kept. The rule is per head:
+# student and teacher widths may differ.
 _LANE = 128
 
 
-def vocab_major(width: int, vocab: int) -> bool:
-    """Whether the kernels read an [H, v] head as its transpose [v, H] (see the note above)."""
-    return vocab % _LANE != 0 and width % _LANE == 0
+def vocab_major(width: int, vocab: int, hidden_shards: int = 1) -> bool:
+    """Whether the kernels read an [H, v] head as its transpose [v, H] (see the note above);
+    hidden_shards: the stored head's fsdp split of H (DivergenceSpec.head_hidden_shards)."""
+    stored = width // hidden_shards if width % hidden_shards == 0 else width
+    return vocab % _LANE != 0 and stored % _LANE == 0
 
 
-def _orientation(inputs) -> tuple[bool, bool]:
+def _orientation(inputs, spec: DivergenceSpec) -> tuple[bool, bool]:
     """(student head vocabulary-major, teacher head vocabulary-major) of hidden-major inputs;
     (False, False) for logits."""
     if len(inputs) != 4:
         return (False, False)
     hs, ws, ht, wt = inputs
-    return vocab_major(hs.shape[1], ws.shape[1]), vocab_major(ht.shape[1], wt.shape[1])
+    shards = spec.head_hidden_shards
+    return vocab_major(hs.shape[1], ws.shape[1], shards), vocab_major(ht.shape[1], wt.shape[1], shards)
 
 
 def _oriented(inputs, major):
@@ -595,7 +605,7 @@ def slice_stats(inputs, targets_N, mask_N, limit, spec: DivergenceSpec):
     with_targets = targets_N is not None
     vec = jax.ShapeDtypeStruct((n, 1), jnp.float32)
     vocab_blocks = pl.cdiv(vocab, c)
-    major = _orientation(inputs)
+    major = _orientation(inputs, spec)
     in_specs = _skipping_in_specs(inputs, r, c, vocab_blocks, major)
     args = list(_oriented(inputs, major))
     if with_targets:
@@ -619,7 +629,7 @@ def slice_jsd_kls(inputs, log_zs_N, log_zt_N, mask_N, limit, spec: DivergenceSpe
     r, c = _blocks("jsd", inputs, spec)
     vec = jax.ShapeDtypeStruct((n, 1), jnp.float32)
     vocab_blocks = pl.cdiv(vocab, c)
-    major = _orientation(inputs)
+    major = _orientation(inputs, spec)
     kernel = functools.partial(_jsd_kernel, n_in=len(inputs), c=c, spec=spec, projected=projected, major=major)
     prefetch = (jnp.reshape(limit, (1,)).astype(jnp.int32), *block_tables(mask_N, r))
     kl_s, kl_t = _call_prefetch(
@@ -670,7 +680,7 @@ def slice_grads(hs, ws, ht, wt, stats, cots, targets_N, limit, spec: DivergenceS
     vocabulary-major student head gets d/dW as the transpose of the kernel's [V, Hs] (a bitcast
     where XLA stores it column-major, see `vocab_major`)."""
     inputs = (hs, ws, ht, wt)
-    major = _orientation(inputs)
+    major = _orientation(inputs, spec)
     n, vocab = hs.shape[0], ws.shape[1]
     width = hs.shape[1]
     packed, tgt, keep_N = _grad_vectors(stats, cots, targets_N, n)

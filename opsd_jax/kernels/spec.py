@@ -37,6 +37,9 @@ class DivergenceSpec:
       own accelerator; False forces real lowering (to compile for a TPU topology on a CPU host).
     tpu_generation: pallas_tpu only: the chip the kernel is compiled for ("v4", "v5e", "v5p",
       "v6e", "v7x"), which sets its VMEM budget; None: the default device's, else a conservative one.
+    head_hidden_shards: how many shards the stored heads' hidden dimension is split into (fsdp),
+      set by the vocabulary-parallel form: a stored shard's shape decides the layout XLA gives
+      the heads, and pallas_tpu reads them in that orientation (pallas_tpu.vocab_major).
     """
 
     beta: float
@@ -46,3 +49,4 @@ class DivergenceSpec:
     vocab_block: int | None = None
     interpret: bool | None = None
     tpu_generation: str | None = None
+    head_hidden_shards: int = 1

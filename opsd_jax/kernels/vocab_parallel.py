@@ -25,6 +25,7 @@ the gradients in the forward (`gradient_in_forward`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -170,6 +171,16 @@ def _specs(mesh: Mesh, n: int, vocab: int, vocab_parallel: bool):
             PartitionSpec(_entry(token_axes)), vocab_axes, v)
 
 
+def _hidden_shards(mesh: Mesh, width: int, vocab: int) -> int:
+    """Into how many shards the model stores a head's hidden dimension on `mesh` (its "embed"
+    axis, fsdp): the shard_map gathers them, but XLA lays the gathered head out as it lays out
+    the stored shard (see pallas_tpu.vocab_major)."""
+    from opsd_jax.parallel import logical_to_spec
+
+    axes = _axes_of(logical_to_spec(("embed", "vocab"), (width, vocab), mesh)[0])
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def _slice_position(vocab_axes, v: int, allowed: int):
     """(first global column of this shard's slice, int32 number of its allowed columns)."""
     offset = jax.lax.axis_index(vocab_axes) * v if vocab_axes else 0
@@ -189,6 +200,8 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
     n, vocab = hs_NxHs.shape[0], ws_HsxV.shape[1]
     local = None if gradient_in_forward(impl, mesh, n, vocab) else local_backend(impl)
     rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, local is not None)
+    if local is not None:
+        spec = dataclasses.replace(spec, head_hidden_shards=_hidden_shards(mesh, hs_NxHs.shape[1], vocab))
     with_targets = targets_N is not None
     with_weights = weights_N is not None
     # Placeholders: shard_map takes arrays.

@@ -35,7 +35,7 @@ def verdict(plan: ProgramPlan, hbm_bytes: int) -> str:
     return "fits" if plan.total_bytes <= hbm_bytes else "does not fit"
 
 
-def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None) -> list[str]:
+def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, slices: int = 1) -> list[str]:
     """Concrete changes that shrink a program that does not fit, most effective first."""
     if plan.name == "train_step":
         steps = []
@@ -56,8 +56,9 @@ def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None) -> l
                          f"(now {c.train.microbatches}: {per_micro} sequences per microbatch)")
         if not c.model.remat:
             steps.append("model.remat=true (recompute each layer in the backward pass)")
-        if c.train.mesh.replace(" ", "") != "1,-1,1":
-            steps.append("train.mesh=1,-1,1 (every parameter and optimizer moment sharded over all chips)")
+        if plan.mesh.get("data", 1) > slices:  # replicas within a slice each hold the whole state
+            steps.append(f"train.mesh=1,-1,1 (now {c.train.mesh}: every parameter and optimizer moment sharded "
+                         "over all chips of a slice)")
         steps.append("a larger topology")
         return steps
     if plan.name.endswith("_decode"):
@@ -72,8 +73,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
     """Compiles the selected programs of run `c` for `num_slices` slices of `topology`; returns the
     report dict. Several slices: `train.mesh` is one slice's mesh and the slices repeat its data
     axis over DCN (parallel.make_mesh), as the trainer builds it on the same devices."""
-    from opsd_jax.distill.trainer import rollout_sampler_config
-    from opsd_jax.parallel import make_mesh, parse_mesh_shape
+    from opsd_jax.distill.trainer import rollout_sampler_config, train_mesh
     from opsd_jax.sampler.engine import serving_mesh
 
     unknown = set(programs) - set(PROGRAMS)
@@ -85,7 +85,8 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
     devices = topology_devices(topology, num_slices)
     processes = topology.hosts * num_slices
     try:
-        mesh = make_mesh(*parse_mesh_shape(c.train.mesh), devices=devices)
+        # As the trainer picks it on these chips; "auto" learns their memory from the topology.
+        mesh = train_mesh(c, devices, student=student, teacher=teacher, memory_bytes=topology.hbm_bytes)
     except ValueError as e:
         raise PlanInputError(f"train.mesh: {e} (topology {topology.name} has {topology.chips} chips per slice, "
                              f"{num_slices} slice(s))") from None
@@ -126,7 +127,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         row = dataclasses.asdict(plan)
         row.update(total_bytes=plan.total_bytes, verdict=verdict(plan, topology.hbm_bytes))
         if row["verdict"] == "does not fit":
-            row["remedies"] = remedies(plan, c, topology.hbm_bytes)
+            row["remedies"] = remedies(plan, c, topology.hbm_bytes, slices=num_slices)
         rows.append(row)
     from opsd_jax.launch.grace import (
         checkpoint_bytes,
@@ -141,6 +142,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
                        "grace_seconds": grace_period_seconds(state_bytes, hosts=processes)},
         "topology": topology.name, "jax_topology": topology.jax_name, "chips": topology.chips * num_slices,
         "slices": num_slices, "hosts": processes, "hbm_bytes_per_chip": topology.hbm_bytes, "model_configs": sources,
+        "train_mesh": {"setting": c.train.mesh, "shape": dict(mesh.shape)},
         "eval": {"slots": eval_slots, "sequence_length": EVAL_PROMPT_TOKENS + c.eval.max_tokens,
                  "mesh_flag": "--mesh {},1,{}".format(*serving_mesh(student, local).devices.shape[::2])},
         "programs": rows, "all_fit": all(r["verdict"] == "fits" for r in rows),
@@ -155,6 +157,9 @@ def format_report(report: dict) -> str:
     lines = [f"{report['topology']} ({report['jax_topology']}){over_dcn}: {report['chips']} chips on "
              f"{report['hosts']} host(s), {hbm / GiB:.0f} GiB HBM per chip; model configs: "
              + ", ".join(f"{k} {v}" for k, v in report["model_configs"].items()),
+             *([f"train.mesh {report['train_mesh']['setting']}: "
+                + ", ".join(f"{axis} {size}" for axis, size in report["train_mesh"]["shape"].items())]
+               if "train_mesh" in report else []),
              (f"{'program':<28} {'mesh d,f,t':>10} {'args':>8} {'out':>8} {'temp':>8} {'code':>7} {'resident':>8} "
              f"{'total GiB/chip':>15} {'TFLOP':>8} {'compile s':>9}  verdict")]
     for r in report["programs"]:

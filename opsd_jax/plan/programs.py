@@ -212,6 +212,19 @@ def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig 
                        *, resident_bytes: int = 0, kernel_impl: str = "auto") -> ProgramPlan:
     """The training step exactly as `Trainer.run` jits it, for one global batch at the config's
     longest shapes (every prompt at data.max_prompt_tokens, every rollout at max_new_tokens)."""
+    step, state, batch, settings = train_step_inputs(c, student, teacher, mesh, processes, kernel_impl=kernel_impl)
+    plan = ProgramPlan("train_step", f"training step: batch {c.train.batch_size} in {c.train.microbatches} "
+                                     f"microbatches, contexts {c.data.max_prompt_tokens}+{c.sampling.max_new_tokens} "
+                                     f"tokens, {c.objective.kind} via {settings.kernel_impl}, remat {student.remat}",
+                       dict(mesh.shape), resident_bytes=resident_bytes)
+    return compile_program(plan, step, state, batch)
+
+
+def train_step_inputs(c: RunConfig, student: ModelConfig, teacher: ModelConfig | None, mesh, processes: int,
+                      *, kernel_impl: str = "auto"):
+    """(jitted step, state, batch, settings): the trainer's jitted step and ShapeDtypeStructs of
+    its arguments on their NamedShardings, as train_step_program compiles them (a test runs the same
+    step on real arrays of these shapes and shardings to check the plan's bytes)."""
     from opsd_jax.distill.train_step import TrainState, make_optimizer
     from opsd_jax.distill.trainer import (
         batch_shapes,
@@ -251,11 +264,7 @@ def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig 
                                    else settings.kernel_impl)
     step = jitted_train_step(settings, optimizer, shardings)
     batch = batch_shapes(c, B, logical_sharding(mesh, ("batch",), (B,)))
-    plan = ProgramPlan("train_step", f"training step: batch {B} in {c.train.microbatches} microbatches, "
-                                     f"contexts {c.data.max_prompt_tokens}+{c.sampling.max_new_tokens} tokens, "
-                                     f"{c.objective.kind} via {settings.kernel_impl}, remat {student.remat}",
-                       dict(mesh.shape), resident_bytes=resident_bytes)
-    return compile_program(plan, step, state, batch)
+    return step, state, batch, settings
 
 
 def decode_state_bytes(model: ModelConfig, sampler_config, mesh) -> int:

@@ -107,3 +107,26 @@ def test_estimates_scale_with_the_width_as_the_matmuls_do():
                                                                                                       spec)
     assert wide_est.flops - narrow_est.flops == _matmuls((HS, HT))
     assert wide_est.transcendentals == narrow_est.transcendentals
+
+
+def test_vocabulary_major_heads_cost_what_hidden_major_ones_do():
+    """The kernels read a head whose slice is no multiple of 128 columns as [V, H] tiles
+    (pallas_tpu.vocab_major): the same products on the MXU and the same bytes, so the estimate
+    must not change beyond the few integer ops of the transposed column mask (one per column)."""
+    assert pallas_tpu.vocab_major(4096, 37_984) and pallas_tpu.vocab_major(HS, 1000)
+    assert not pallas_tpu.vocab_major(4096, 37_888) and not pallas_tpu.vocab_major(72, 1000)
+    # the stored shard decides: 2048 rows of H=4096 over fsdp=2 are aligned, 64 of H=128 are not
+    assert pallas_tpu.vocab_major(4096, 75_968, 2) and not pallas_tpu.vocab_major(128, 75_968, 2)
+    both = (True, True)
+    for beta in (0.0, 0.5):
+        spec = DivergenceSpec(beta=beta)
+        pairs = [(pallas_tpu.stats_cost(_inputs(), True, R, C, spec),
+                  pallas_tpu.stats_cost(_inputs(), True, R, C, spec, both)),
+                 (pallas_tpu.grad_cost(_inputs(), R, C, 1, VOCAB_BLOCKS, spec),
+                  pallas_tpu.grad_cost(_inputs(), R, C, 1, VOCAB_BLOCKS, spec, both))]
+        if beta == 0.5:
+            pairs.append((pallas_tpu.jsd_cost(_inputs(), R, C, spec), pallas_tpu.jsd_cost(_inputs(), R, C, spec, both)))
+        for hidden_major, vocab_major in pairs:
+            assert hidden_major.flops <= vocab_major.flops <= hidden_major.flops + STEPS * 2 * C
+            assert vocab_major.transcendentals == hidden_major.transcendentals
+            assert vocab_major.bytes_accessed == hidden_major.bytes_accessed

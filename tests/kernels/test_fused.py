@@ -11,7 +11,9 @@ from tests.kernels import oracle
 IMPL_SHAPES = {
     "reference": [(7, 8, 6, 50)],
     "xla": [(7, 8, 6, 50), (21, 16, 12, 203)],
-    "pallas_tpu": [(9, 8, 8, 300)],
+    # 128-wide heads with 300 columns are read vocabulary-major ([V, H] tiles: pallas_tpu.vocab_major),
+    # the 72-wide ones hidden-major: one case with each head in each orientation.
+    "pallas_tpu": [(9, 8, 8, 300), (9, 128, 72, 300), (9, 72, 128, 300)],
     "pallas_gpu": [(9, 8, 8, 300)],
 }
 BLOCKS = {"reference": {}, "xla": {"token_block": 8}, "pallas_tpu": {"token_block": 8, "vocab_block": 128}, "pallas_gpu": {"token_block": 8, "vocab_block": 128}}

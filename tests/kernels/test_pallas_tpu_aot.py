@@ -79,6 +79,36 @@ def test_vocab_parallel_kl_reports_its_flops_per_chip():
 
 
 @needs_libtpu
+def test_unaligned_vocabulary_slice_is_read_without_head_copies():
+    """Qwen3's 151,936 columns over tensor=4 give 37,984-column slices, no multiple of 128, which
+    XLA stores column-major; the kernels read such heads vocabulary-major ([v, H], a bitcast of
+    that buffer) and return d/dW the same way. Before, XLA copied both heads in and d/dW out
+    (three head-sized temporaries: BUILD_NOTES, issue 12)."""
+    report = _compile("v5p-8", "v5p:2x2x1", "--mesh", "1,1,4", "--hidden", "256", "--tokens-per-chip", "512",
+                      "--head-dtype", "float32", "--beta", "0")
+    assert report["vocab_per_chip"] == 37_984
+    assert report["head_relayouts"] == [], report["head_relayouts"]
+    head_shard = 256 * 37_984 * 4
+    # what remains: the per-token vectors and the two cores' [2, N, H] d/dh partials
+    assert report["temp_bytes"] < head_shard, report["temp_bytes"]
+
+
+def test_head_relayouts_finds_copies_and_transposes_of_head_sized_arrays():
+    from tests.kernels.tpu_aot_compile import head_relayouts
+
+    text = (
+        "  %copy.45 = f32[4096,37984]{1,0:T(8,128)} copy(f32[4096,37984]{0,1:T(8,128)} %param.28), metadata={}\n"
+        "  %transpose.3 = f32[37984,4096]{1,0:T(8,128)} transpose(%param.30), dimensions={1,0}\n"
+        "  %bitcast.1 = f32[37984,4096]{1,0:T(8,128)} bitcast(%param.28)\n"
+        "  %copy.35 = s32[8192,1]{1,0:T(8,128)} copy(%bitcast.13)\n"
+        "  ROOT %copy.2 = bf16[4096,37984]{1,0} copy(%x)\n"
+    )
+    found = head_relayouts(text, 4096, 37_984)
+    assert [line.split(" = ")[0].split()[-1] for line in found] == ["%copy.45", "%transpose.3", "%copy.2"]
+    assert head_relayouts(text, 4096, 37_888) == []
+
+
+@needs_libtpu
 @pytest.mark.slow  # about 30 s of compiling per topology on the 2-core build host
 @pytest.mark.parametrize("topology,accelerator,mesh", [
     ("v5e:2x2", "v5litepod-4", "1,2,2"), ("v5p:2x2x1", "v5p-8", "1,1,4"), ("v6e:2x2", "v6e-4", "1,4,1"),
@@ -95,7 +125,12 @@ def test_vocab_parallel_kernel_fits_vmem_at_qwen3_8b_widths(topology, accelerato
 def test_trainer_step_compiles_with_pallas_tpu_on_a_multi_chip_mesh(tmp_path):
     """The trainer's jitted step (via `opsd-jax plan`) with the default TPU kernel, pallas_tpu, on
     a 2x2 v5e mesh with the vocabulary split over tensor: a small model with Qwen3's 151,936-row
-    head. Before the shard_map form, Mosaic refused: "cannot be automatically partitioned"."""
+    head. Before the shard_map form, Mosaic refused: "cannot be automatically partitioned".
+
+    Its compiled step has no copy of a head: the stored head shards are [64, 75,968] (H=128 over
+    fsdp=2), which XLA keeps row-major, so the kernels must read the gathered head hidden-major
+    (reading it vocabulary-major, as for an aligned shard, made XLA copy both heads and cost 79 MB
+    of temporaries here)."""
     model = tmp_path / "tiny"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(dict(
@@ -108,6 +143,7 @@ def test_trainer_step_compiles_with_pallas_tpu_on_a_multi_chip_mesh(tmp_path):
         "data": {"max_prompt_tokens": 96}, "sampling": {"max_new_tokens": 32, "max_slots": 4},
         "train": {"batch_size": 8, "microbatches": 2, "mesh": "1,2,2"}, "eval": {"max_tokens": 256}}))
     env = {k: v for k, v in _tpu_env().items() if k != "JAX_PLATFORMS"}
+    env["XLA_FLAGS"] = f"--xla_dump_to={tmp_path / 'hlo'} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*"
     done = subprocess.run(
         [sys.executable, "-m", "opsd_jax.cli", "plan", "--config", "run.yaml", "--topology", "v5e-4",
          "--programs", "train", "--json", "plan.json"],
@@ -116,3 +152,9 @@ def test_trainer_step_compiles_with_pallas_tpu_on_a_multi_chip_mesh(tmp_path):
     (train,) = json.loads((tmp_path / "plan.json").read_text())["programs"]
     assert train["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
     assert "via pallas_tpu" in train["description"] and train["verdict"] == "fits", train
+    from tests.kernels.tpu_aot_compile import head_relayouts
+
+    (optimized,) = (tmp_path / "hlo").glob("*train_step*.after_optimizations.txt")
+    text = optimized.read_text()
+    assert "tpu_custom_call" in text
+    assert head_relayouts(text, 128, 151_936 // 2) == []

@@ -121,6 +121,25 @@ def kernel_estimates(compiled_text: str) -> list[dict]:
     return kernels
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.-]+ = (\w+)\[([\d,]*)\]\{[^}]*\} ([\w-]+)\(")
+
+
+def head_relayouts(compiled_text: str, width: int, vocab_per_chip: int) -> list[str]:
+    """The copies and transposes of head-sized arrays ([H, v] or [v, H], any layout) in a
+    compiled module, fused or not: what XLA adds when the layout it stores a head shard in is not
+    the one a Mosaic kernel reads (BUILD_NOTES, issue 12). Bitcasts are free and not listed."""
+    found = []
+    for line in compiled_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        # (copy-start / copy-done, tuple-shaped, move buffers between memory spaces: not relayouts)
+        if match is None or match.group(3) not in ("copy", "transpose"):
+            continue
+        dims = sorted(int(d) for d in match.group(2).split(",") if d)
+        if dims == sorted((width, vocab_per_chip)):
+            found.append(line.strip().split(", metadata")[0][:200])
+    return found
+
+
 def flops_per_nhv(beta: float) -> tuple[int, int]:
     """(the issue-12 goal, pallas_tpu's design count) in units of N H V: the goal is one sweep that
     forms the gradients (8; 12 with the JSD's second pass); pallas_tpu's statistics sweep (4), JSD
@@ -144,11 +163,11 @@ def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return (devices[0].device_kind, compiled.memory_analysis(), hlo.count("tpu_custom_call"), dict(cost),
-            kernel_estimates(compiled.as_text()))
+            kernel_estimates(compiled.as_text()), compiled.as_text())
 
 
 def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab, kind, memory, mosaic_calls, cost,
-           kernels) -> dict:
+           kernels, compiled_text="") -> dict:
     """The JSON line: memory per chip, the program's and the kernels' costs, and the kernels' FLOPs
     over the goal's and the design's N H V (N tokens and V vocabulary columns per chip)."""
     vocab_per_chip = vocab if mesh_shape is None else math.ceil(vocab / mesh_shape[2])
@@ -172,6 +191,7 @@ def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab
         "transcendentals": cost.get("transcendentals", 0.0),
         "bytes_accessed": cost.get("bytes accessed", 0.0),
         "kernels": kernels,
+        "head_relayouts": head_relayouts(compiled_text, width, vocab_per_chip),
         "kernel_flops": kernel_flops,
         "goal_flops": goal * nhv,
         "design_flops": design * nhv,
