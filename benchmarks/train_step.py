@@ -37,27 +37,20 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--completion", type=int, default=384)
-    parser.add_argument("--privileged", type=int, default=128, help="extra teacher prompt tokens")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-
+def build_step(layers: int, B: int, P: int, C: int, X: int, *, remat: bool, allocate: bool = True):
+    """(jitted train step, state, batch, config, params) for the benchmark's model at `layers`
+    depth: the trainer's `train_step` with donation, as the job jits it. Without `allocate`,
+    params and state are ShapeDtypeStructs (enough to lower and compile)."""
     from opsd_jax.config import ObjectiveSection, OptimizerSection
     from opsd_jax.distill.train_step import Batch, StepSettings, TrainState, make_optimizer, train_step
     from opsd_jax.models import ModelConfig, init_params
 
     hf = dict(model_type="qwen3", vocab_size=151936, hidden_size=512, intermediate_size=1536,
-              num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+              num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
               tie_word_embeddings=True, max_position_embeddings=4096)
-    config = ModelConfig.from_hf(hf, compute_dtype="float32")
-    params = init_params(config, jax.random.key(0))
-    B, P, C, X = args.batch, args.prompt, args.completion, args.privileged
-    student_length, teacher_length = P + C, P + X + C
+    config = ModelConfig.from_hf(hf, compute_dtype="float32", remat=remat)
+    params = init_params(config, jax.random.key(0)) if allocate else jax.eval_shape(
+        lambda: init_params(config, jax.random.key(0)))
     rng = np.random.default_rng(0)
     completion = rng.integers(0, 151_000, (B, C)).astype(np.int32)
     student_tokens = np.concatenate([rng.integers(0, 151_000, (B, P)), completion], 1).astype(np.int32)
@@ -71,8 +64,28 @@ def main() -> int:
     )
     optimizer = make_optimizer(OptimizerSection(), 100)
     settings = StepSettings(student=config, teacher=config, objective=ObjectiveSection(kind="jsd", beta=0.5))
-    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.tree.map(jnp.copy, params))
+    def make_state(params):
+        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), jax.tree.map(jnp.copy, params))
+
+    state = make_state(params) if allocate else jax.eval_shape(make_state, params)
     step = jax.jit(lambda s, b: train_step(s, b, settings=settings, optimizer=optimizer), donate_argnums=(0,))
+    return step, state, batch, config, params
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--completion", type=int, default=384)
+    parser.add_argument("--privileged", type=int, default=128, help="extra teacher prompt tokens")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    step, state, batch, config, params = build_step(args.layers, args.batch, args.prompt, args.completion,
+                                                    args.privileged, remat=False)
+    B, P, C, X = args.batch, args.prompt, args.completion, args.privileged
+    student_length, teacher_length = P + C, P + X + C
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times = []
@@ -86,7 +99,7 @@ def main() -> int:
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
     D, L, V = config.hidden_size, config.num_layers, config.vocab_size
-    layer_params = sum(x.size for k, v in params.items() if k.startswith("layers_") for x in jax.tree.leaves(v))
+    layer_params = sum(x.size for x in jax.tree.leaves(params["layers"]))
     q_width = config.num_heads * config.head_dim
     attention = lambda length: 4 * L * q_width * length * length / 2  # causal QK^T and PV  # noqa: E731
     student_flops = B * (6 * layer_params * student_length + 3 * attention(student_length) + 6 * D * V * C)

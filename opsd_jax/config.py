@@ -27,9 +27,13 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat: bool = True
-    # auto: chunked (online softmax, O(T x block) memory) on CPU and TPU, cuDNN flash attention on
-    # GPU where it applies; dense materializes the scores (the oracle).
-    attention: Literal["auto", "dense", "chunked", "cudnn"] = "auto"
+    # full: recompute each layer in the backward pass; dots: keep its matmul outputs; offload:
+    # keep them in host memory.
+    remat_policy: Literal["full", "dots", "offload"] = "full"
+    # auto: cuDNN flash attention on GPU where it applies, splash on TPU under a mesh where it
+    # applies, else chunked (online softmax, O(T x block) memory); dense materializes the scores
+    # (the oracle).
+    attention: Literal["auto", "dense", "chunked", "cudnn", "splash"] = "auto"
     attention_block_size: int = 512
 
     def runtime(self, *, training: bool) -> dict:
@@ -37,7 +41,7 @@ class ModelSection:
         teacher's: no remat, it takes no gradient)."""
         fields = {"compute_dtype": self.compute_dtype, "attention_implementation": self.attention,
                   "attention_block_size": self.attention_block_size}
-        return {**fields, "remat": self.remat} if training else fields
+        return {**fields, "remat": self.remat, "remat_policy": self.remat_policy} if training else fields
 
 
 @dataclasses.dataclass

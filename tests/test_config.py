@@ -59,12 +59,15 @@ def test_model_attention_settings_reach_the_model_config():
     from opsd_jax.plan.programs import run_model_configs
 
     config = load_config(None, ["model.attention=dense", "model.attention_block_size=128", "model.remat=false",
-                                "model.checkpoint=checkpoints/Qwen3-1.7B"])
+                                "model.remat_policy=dots", "model.checkpoint=checkpoints/Qwen3-1.7B"])
     assert config.model.runtime(training=True) == {"compute_dtype": "bfloat16", "attention_implementation": "dense",
-                                                   "attention_block_size": 128, "remat": False}
+                                                   "attention_block_size": 128, "remat": False, "remat_policy": "dots"}
     assert "remat" not in config.model.runtime(training=False)
     student, _, _ = run_model_configs(config)
     assert isinstance(student, ModelConfig)
-    assert (student.attention_implementation, student.attention_block_size, student.remat) == ("dense", 128, False)
+    assert (student.attention_implementation, student.attention_block_size, student.remat,
+            student.remat_policy) == ("dense", 128, False, "dots")
+    with pytest.raises(ConfigKeyError, match="model.remat_policy: 'nothing' is not one of"):
+        load_config(None, ["model.remat_policy=nothing"])
     with pytest.raises(ConfigKeyError, match="model.attention: 'flash' is not one of"):
         load_config(None, ["model.attention=flash"])

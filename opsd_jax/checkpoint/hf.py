@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from opsd_jax.checkpoint.atomic import atomic_directory
 from opsd_jax.models.config import ModelConfig
-from opsd_jax.models.decoder import abstract_params, param_shardings
+from opsd_jax.models.decoder import abstract_params, layer_period, param_shardings
 from opsd_jax.paths import user_path
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -59,7 +59,8 @@ class TensorMapping:
     """One HF tensor and the parameter it becomes.
 
     kind "linear": HF [out, in] weight <-> our kernel of `shape`, whose first `contract_dims`
-    dims are the input. kind "same": identical values, possibly reshaped.
+    dims are the input. kind "same": identical values, possibly reshaped. A decoder layer's
+    tensor is row `block` of the stacked parameter at `path` (see `decoder.LayerBlock`).
     """
 
     hf_name: str
@@ -68,6 +69,11 @@ class TensorMapping:
     shape: tuple[int, ...]
     kind: str
     contract_dims: int = 1
+    block: int | None = None
+
+    @property
+    def group(self) -> tuple[str, ...]:
+        return group_path(self.path)
 
     def to_jax(self, hf_value: np.ndarray) -> np.ndarray:
         if self.kind == "linear":
@@ -81,45 +87,63 @@ class TensorMapping:
         return value.reshape(self.hf_shape)
 
 
+def group_path(path: tuple[str, ...]) -> tuple[str, ...]:
+    """The unit a conversion streams: a top-level parameter (embedding, final_norm, lm_head), or
+    one stacked leaf of the layers (all blocks of, say, layers_0/mlp/gate_proj/kernel), so that
+    neither side ever holds more than one such array beyond what it has placed."""
+    return path if path[0] == "layers" else path[:1]
+
+
+def group_name(group: tuple[str, ...]) -> str:
+    return ".".join(group)
+
+
+def param_groups(config: ModelConfig) -> list[tuple[str, ...]]:
+    """Every group of `config`'s parameters, in the order conversions stream them."""
+    return list(dict.fromkeys(m.group for m in tensor_mappings(config)))
+
+
 def tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
-    """Every HF tensor of `config`'s architecture, in HF's order."""
+    """Every HF tensor of `config`'s architecture, grouped by `group_path` (one stacked leaf's
+    layers together, in layer order), the order exports write them."""
     c = config
     D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
     H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
-    out: list[TensorMapping] = [
-        TensorMapping("model.embed_tokens.weight", ("embedding",), (V, D), (V, D), "same")
-    ]
+    period = layer_period(c)
+    layer_mappings: list[TensorMapping] = []
     for i in range(c.num_layers):
         hf = f"model.layers.{i}"
-        layer = f"layers_{i}"
+        layer = ("layers", f"layers_{i % period}")
+        block = i // period
 
         def linear(hf_module, path, shape, contract_dims=1):
             inputs = math.prod(shape[:contract_dims])
             outputs = math.prod(shape[contract_dims:])
             return TensorMapping(
-                f"{hf}.{hf_module}.weight", (layer, *path, "kernel"), (outputs, inputs), shape,
-                "linear", contract_dims,
+                f"{hf}.{hf_module}.weight", (*layer, *path, "kernel"), (outputs, inputs), shape,
+                "linear", contract_dims, block,
             )
 
         def same(hf_tensor, path, shape):
-            return TensorMapping(f"{hf}.{hf_tensor}", (layer, *path), (math.prod(shape),), shape, "same")
+            return TensorMapping(f"{hf}.{hf_tensor}", (*layer, *path), (math.prod(shape),), shape, "same",
+                                 block=block)
 
         for name, heads in (("q_proj", H), ("k_proj", K), ("v_proj", K)):
-            out.append(linear(f"self_attn.{name}", ("attention", name), (D, heads, Dh)))
+            layer_mappings.append(linear(f"self_attn.{name}", ("attention", name), (D, heads, Dh)))
             if c.attention_bias:
-                out.append(same(f"self_attn.{name}.bias", ("attention", name, "bias"), (heads, Dh)))
-        out.append(linear("self_attn.o_proj", ("attention", "o_proj"), (H, Dh, D), contract_dims=2))
+                layer_mappings.append(same(f"self_attn.{name}.bias", ("attention", name, "bias"), (heads, Dh)))
+        layer_mappings.append(linear("self_attn.o_proj", ("attention", "o_proj"), (H, Dh, D), contract_dims=2))
         if c.attention_bias:
-            out.append(same("self_attn.o_proj.bias", ("attention", "o_proj", "bias"), (D,)))
+            layer_mappings.append(same("self_attn.o_proj.bias", ("attention", "o_proj", "bias"), (D,)))
         if c.qk_norm == "per_head":
-            out.append(same("self_attn.q_norm.weight", ("attention", "q_norm", "scale"), (Dh,)))
-            out.append(same("self_attn.k_norm.weight", ("attention", "k_norm", "scale"), (Dh,)))
+            layer_mappings.append(same("self_attn.q_norm.weight", ("attention", "q_norm", "scale"), (Dh,)))
+            layer_mappings.append(same("self_attn.k_norm.weight", ("attention", "k_norm", "scale"), (Dh,)))
         else:
-            out.append(same("self_attn.q_norm.weight", ("attention", "q_norm", "scale"), (H, Dh)))
-            out.append(same("self_attn.k_norm.weight", ("attention", "k_norm", "scale"), (K, Dh)))
-        out.append(linear("mlp.gate_proj", ("mlp", "gate_proj"), (D, F)))
-        out.append(linear("mlp.up_proj", ("mlp", "up_proj"), (D, F)))
-        out.append(linear("mlp.down_proj", ("mlp", "down_proj"), (F, D)))
+            layer_mappings.append(same("self_attn.q_norm.weight", ("attention", "q_norm", "scale"), (H, Dh)))
+            layer_mappings.append(same("self_attn.k_norm.weight", ("attention", "k_norm", "scale"), (K, Dh)))
+        layer_mappings.append(linear("mlp.gate_proj", ("mlp", "gate_proj"), (D, F)))
+        layer_mappings.append(linear("mlp.up_proj", ("mlp", "up_proj"), (D, F)))
+        layer_mappings.append(linear("mlp.down_proj", ("mlp", "down_proj"), (F, D)))
         if c.norm_placement == "pre":
             norms = (("input_layernorm", "pre_attention_norm"), ("post_attention_layernorm", "pre_mlp_norm"))
         else:
@@ -128,7 +152,10 @@ def tensor_mappings(config: ModelConfig) -> list[TensorMapping]:
                 ("post_feedforward_layernorm", "post_mlp_norm"),
             )
         for hf_norm, our_norm in norms:
-            out.append(same(f"{hf_norm}.weight", (our_norm, "scale"), (D,)))
+            layer_mappings.append(same(f"{hf_norm}.weight", (our_norm, "scale"), (D,)))
+    out = [TensorMapping("model.embed_tokens.weight", ("embedding",), (V, D), (V, D), "same")]
+    leaf_order = list(dict.fromkeys(m.path for m in layer_mappings))
+    out += sorted(layer_mappings, key=lambda m: (leaf_order.index(m.path), m.block))
     out.append(TensorMapping("model.norm.weight", ("final_norm", "scale"), (D,), (D,), "same"))
     if not c.tie_word_embeddings:
         out.append(TensorMapping("lm_head.weight", ("lm_head",), (V, D), (D, V), "linear"))
@@ -214,16 +241,25 @@ def _check_tensors(path: str, config: ModelConfig, mappings, owners, shapes) -> 
         )
 
 
-def _set_path(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
 
 
-def _get_path(tree, path: tuple[str, ...]):
+def get_path(tree, path: tuple[str, ...]):
     for key in path:
         tree = tree[key]
     return tree
+
+
+def _leaf(params, path: tuple[str, ...]):
+    """The parameter at `path` of a nested dict, or of a mapping from group names to groups (a
+    lazily restored checkpoint, which then restores only that group)."""
+    if isinstance(params, dict):
+        return get_path(params, path)
+    group = group_path(path)
+    return get_path(params[group_name(group)], path[len(group):])
 
 
 def _read_tensor(file: str, name: str) -> np.ndarray:
@@ -239,8 +275,9 @@ def _read_tensor(file: str, name: str) -> np.ndarray:
 def load_hf_groups(path, *, dtype: str = "float32", mesh=None, compute_dtype: str | None = None,
                    progress=True):
     """Validates an HF checkpoint directory, then returns (ModelConfig, iterator) where the
-    iterator yields (group, parameters) one top-level group at a time (the embedding, each layer,
-    the final norm, the head), placed on `mesh` (default: a one-device mesh).
+    iterator yields (group name, parameters) one `group_path` group at a time (the embedding,
+    each stacked layer leaf, the final norm, the head), placed on `mesh` (default: a one-device
+    mesh).
 
     A consumer that writes each group and drops it (the Orbax converter) never holds the whole
     model. Every tensor name and shape is checked before the first one is read.
@@ -261,18 +298,25 @@ def load_hf_groups(path, *, dtype: str = "float32", mesh=None, compute_dtype: st
 
     def groups():
         bar = tqdm(total=len(mappings), desc=f"loading {os.path.basename(path) or path}", disable=not progress)
-        for group, members in itertools.groupby(mappings, key=lambda m: m.path[0]):
+        for group, members in itertools.groupby(mappings, key=lambda m: m.group):
             subtree: dict = {}
-            for m in members:
-                value = m.to_jax(_read_tensor(owners[m.hf_name], m.hf_name)).astype(numpy_dtype, copy=False)
-                placed = jax.make_array_from_callback(value.shape, _get_path(shardings, m.path), value.__getitem__)
+            for leaf_path, tensors in itertools.groupby(members, key=lambda m: m.path):
+                tensors = list(tensors)
+                if tensors[0].block is None:
+                    (m,) = tensors
+                    value = m.to_jax(_read_tensor(owners[m.hf_name], m.hf_name)).astype(numpy_dtype, copy=False)
+                else:  # a stacked leaf: its layers' tensors, one row each
+                    value = np.empty((len(tensors), *tensors[0].shape), numpy_dtype)
+                    for m in tensors:
+                        value[m.block] = m.to_jax(_read_tensor(owners[m.hf_name], m.hf_name))
+                placed = jax.make_array_from_callback(value.shape, get_path(shardings, leaf_path), value.__getitem__)
                 del value
-                if len(m.path) == 1:
+                if leaf_path == group:
                     subtree = placed
                 else:
-                    _set_path(subtree, m.path[1:], placed)
-                bar.update(1)
-            yield group, subtree
+                    set_path(subtree, leaf_path[len(group):], placed)
+                bar.update(len(tensors))
+            yield group_name(group), subtree
         bar.close()
 
     return config, groups()
@@ -285,7 +329,10 @@ def load_hf(path, *, dtype: str = "float32", mesh=None, compute_dtype: str | Non
     `dtype`) the activations'. Raises CheckpointError / ConfigError naming the file or tensor.
     """
     config, groups = load_hf_groups(path, dtype=dtype, mesh=mesh, compute_dtype=compute_dtype, progress=progress)
-    return config, dict(groups)
+    params: dict = {}
+    for group, (_, subtree) in zip(param_groups(config), groups, strict=True):
+        set_path(params, group, subtree)
+    return config, params
 
 
 def _host_value(array) -> np.ndarray:
@@ -398,8 +445,8 @@ def save_hf(
     hf_config.pop("torch_dtype", None)
     with atomic_directory(path, overwrite=overwrite) as staging:
         if staging is None:  # another process of a multi-host job writes
-            for m in tensor_mappings(config):
-                _host_value(_get_path(params, m.path))  # joins the all-gathers
+            for leaf_path in dict.fromkeys(m.path for m in tensor_mappings(config)):
+                _host_value(_leaf(params, leaf_path))  # joins the writer's all-gathers, one per leaf
             return path
         copy_side_files(side_files_from or config.source_path, staging)
         with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:
@@ -408,9 +455,15 @@ def save_hf(
         bar = tqdm(total=sum(len(t) for _, t in plan), desc=f"writing {os.path.basename(path)}",
                    disable=not progress)
 
+        host_leaf: dict = {}  # the one leaf being written: a stacked leaf is fetched once, not per layer
+
         def hf_values(mappings):
             for m in mappings:
-                yield m.to_hf(_host_value(_get_path(params, m.path))).astype(numpy_dtype, copy=False)
+                if m.path not in host_leaf:
+                    host_leaf.clear()
+                    host_leaf[m.path] = _host_value(_leaf(params, m.path))
+                value = host_leaf[m.path] if m.block is None else host_leaf[m.path][m.block]
+                yield m.to_hf(value).astype(numpy_dtype, copy=False)
                 bar.update(1)
 
         for file_name, mappings in plan:

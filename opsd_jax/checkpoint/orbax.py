@@ -1,8 +1,9 @@
 """Model parameters in Orbax: sharded writes, restorable onto any mesh shape.
 
 Layout of a model checkpoint directory:
-    params/GROUP/ one Orbax (tensorstore/OCDBT) pytree per top-level parameter group (embedding,
-                  layers_0 ... layers_N, final_norm, lm_head), so conversions stream group by group
+    params/GROUP/ one Orbax (tensorstore/OCDBT) pytree per parameter group (`hf.group_path`:
+                  embedding, each stacked layer leaf such as layers.layers_0.mlp.gate_proj.kernel,
+                  final_norm, lm_head), so conversions stream group by group
     hf/           config.json plus tokenizer and generation_config files, so an export to HF and
                   the sampler's prompts need nothing else
     opsd_jax.json parameter dtype and layout version
@@ -18,12 +19,14 @@ import jax
 import orbax.checkpoint as ocp
 
 from opsd_jax.checkpoint.atomic import atomic_directory
-from opsd_jax.checkpoint.hf import CheckpointError, copy_side_files
+from opsd_jax.checkpoint.hf import CheckpointError, copy_side_files, get_path, group_name, param_groups, set_path
 from opsd_jax.models.config import ModelConfig
 from opsd_jax.models.decoder import sharded_abstract_params
 from opsd_jax.paths import user_path
 
-LAYOUT_VERSION = 2
+# 3: layers stacked for the scanned decoder, one group per stacked leaf. 2 (one group per layer)
+# is refused with the command that rewrites it.
+LAYOUT_VERSION = 3
 PARAMS_DIR = "params"
 HF_DIR = "hf"
 MANIFEST = "opsd_jax.json"
@@ -76,7 +79,8 @@ def save_param_groups(groups, config: ModelConfig, path, *, overwrite: bool = Fa
 def save_params(params, config: ModelConfig, path, *, overwrite: bool = False) -> str:
     """Writes `params` (sharded jax arrays) with their config; the directory appears complete or
     not at all."""
-    return save_param_groups(params.items(), config, path, overwrite=overwrite)
+    groups = ((group_name(group), get_path(params, group)) for group in param_groups(config))
+    return save_param_groups(groups, config, path, overwrite=overwrite)
 
 
 def read_manifest(path) -> dict:
@@ -88,8 +92,15 @@ def read_manifest(path) -> dict:
         )
     with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
-    if manifest.get("layout_version") != LAYOUT_VERSION:
-        raise CheckpointError(f"{manifest_path}: unknown layout_version {manifest.get('layout_version')!r}")
+    version = manifest.get("layout_version")
+    if version == 2:
+        raise CheckpointError(
+            f"{manifest_path}: layout_version 2 (one group per unstacked layer) predates the scanned "
+            "decoder; rewrite it with this version: `opsd-jax convert --from-hf <the HF folder> --to-orbax "
+            f"{path}` (or export it to HF with the version that wrote it first)"
+        )
+    if version != LAYOUT_VERSION:
+        raise CheckpointError(f"{manifest_path}: unknown layout_version {version!r}")
     return manifest
 
 
@@ -132,7 +143,8 @@ def restore_params_lazily(path, *, mesh=None, dtype: str | None = None, compute_
     config = config.replace(source_path=hf_dir)
     mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.devices()[:1])
     target = sharded_abstract_params(config, mesh)
-    expected = sorted(target)
+    groups = {group_name(group): group for group in param_groups(config)}
+    expected = sorted(groups)
     if sorted(manifest.get("groups", [])) != expected:
         raise CheckpointError(
             f"{path}: parameter groups {sorted(manifest.get('groups', []))} do not match the model "
@@ -140,7 +152,7 @@ def restore_params_lazily(path, *, mesh=None, dtype: str | None = None, compute_
         )
 
     def restore_group(name):
-        tree = {name: target[name]}
+        tree = {name: get_path(target, groups[name])}
         restore_args = ocp.checkpoint_utils.construct_restore_args(tree)
         with _checkpointer(tree) as checkpointer:
             restored = checkpointer.restore(
@@ -157,4 +169,7 @@ def restore_params(path, *, mesh=None, dtype: str | None = None, compute_dtype: 
     `dtype` casts the parameters on restore (default: the dtype they were saved in).
     """
     config, lazy = restore_params_lazily(path, mesh=mesh, dtype=dtype, compute_dtype=compute_dtype)
-    return config, {name: lazy[name] for name in lazy}
+    params: dict = {}
+    for group in param_groups(config):
+        set_path(params, group, lazy[group_name(group)])
+    return config, params

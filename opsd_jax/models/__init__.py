@@ -19,9 +19,12 @@ from opsd_jax.models.decoder import (
     init_cache,
     init_page_pools,
     init_params,
+    layer_period,
     logits_from_hidden,
     param_shardings,
     sharded_abstract_params,
+    stack_layers,
+    unstack_layers,
 )
 
 __all__ = [
@@ -41,7 +44,10 @@ __all__ = [
     "init_cache",
     "init_page_pools",
     "init_params",
+    "layer_period",
     "logits_from_hidden",
     "param_shardings",
     "sharded_abstract_params",
+    "stack_layers",
+    "unstack_layers",
 ]

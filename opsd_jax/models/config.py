@@ -16,6 +16,8 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 # The backends of opsd_jax.models.attention.attend (a runtime setting, not a checkpoint field).
 ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "chunked", "cudnn", "splash")
+# What a rematerialized layer keeps for the backward pass (opsd_jax.models.decoder._remat_policy).
+REMAT_POLICIES = ("full", "dots", "offload")
 
 # transformers' per-architecture defaults for fields a config.json may omit.
 _DEFAULT_ROPE_THETA = {"qwen3": 10_000.0, "olmo2": 10_000.0, "olmo3": 500_000.0}
@@ -74,6 +76,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False
+    # With remat: "full" saves nothing inside a layer, "dots" saves its matmul outputs, "offload"
+    # moves those to host memory (where the platform has it) instead of recomputing them.
+    remat_policy: str = "full"
     # "auto": cuDNN flash attention on GPU where it applies, splash on TPU under a mesh where it
     # applies, else the chunked online softmax; "dense" materializes [T, S] scores (the oracle).
     # Never written to config.json.
@@ -91,6 +96,10 @@ class ModelConfig:
             raise ConfigError(
                 f"ModelConfig: field 'attention_implementation' is {self.attention_implementation!r}; "
                 f"supported: {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(
+                f"ModelConfig: field 'remat_policy' is {self.remat_policy!r}; supported: {', '.join(REMAT_POLICIES)}"
             )
         block = self.attention_block_size
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
@@ -117,8 +126,8 @@ class ModelConfig:
     def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **runtime) -> ModelConfig:
         """Reads an HF checkpoint directory (its config.json) or an already-parsed config dict.
 
-        `runtime` sets param_dtype, compute_dtype, remat, attention_implementation and
-        attention_block_size.
+        `runtime` sets param_dtype, compute_dtype, remat, remat_policy, attention_implementation
+        and attention_block_size.
         """
         if isinstance(source, Mapping):
             return _from_dict(dict(source), "config dict", runtime)

@@ -147,40 +147,151 @@ class DecoderLayer(nn.Module):
         return x_BxTxD + norm(name="post_mlp_norm")(mlp(x_BxTxD)), cache
 
 
-class Decoder(nn.Module):
-    """tokens -> (final hidden states [B, T, D] in compute dtype, lm_head [D, V], cache).
+def layer_period(config: ModelConfig) -> int:
+    """The length of the shortest pattern of layer types that repeats through the model (OLMo-3:
+    3 sliding + 1 full = 4; Qwen3: 1). The scan runs over blocks of this many layers, so each
+    layer inside a block knows its window and RoPE statically (the attention kernels need them
+    static); a model with no repeating pattern is one block, which is the unrolled model."""
+    types = config.layer_types
+    for period in range(1, len(types) + 1):
+        if len(types) % period == 0 and all(types[i] == types[i % period] for i in range(len(types))):
+            return period
+    return len(types)
 
-    With `cache` (one {"k", "v": [B, S, K, Dh]} per layer), each token's keys and values are
-    written at the cache row equal to its position and queries attend to the cache; segment ids
-    are then unused. Without it, attention runs over the given tokens only and cache is None.
+
+def num_blocks(config: ModelConfig) -> int:
+    return config.num_layers // layer_period(config)
+
+
+def _remat_policy(name: str):
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "dots":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(f"remat policy {name!r}; supported: full, dots, offload")
+
+
+class LayerBlock(nn.Module):
+    """`layer_period` consecutive layers: the body of the scan over the model's depth.
+
+    Its parameters are `layers_j` for j < period; scanned, each leaf gains a leading
+    [num_blocks] dimension, and global layer i is block i // period, member i % period.
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache=None):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        for j in range(layer_period(self.config)):
+            x_BxTxD, _ = DecoderLayer(self.config, j, name=f"layers_{j}")(x_BxTxD, positions_BxT, segment_ids_BxT)
+        return x_BxTxD, None
+
+
+def _embed(module: nn.Module, c: ModelConfig, tokens_BxT):
+    embedding_VxD = _param(module, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"), _normal,
+                           c.param_dtype)
+    return embedding_VxD, jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(c.compute_dtype)
+
+
+def _final_norm_and_head(module: nn.Module, c: ModelConfig, x_BxTxD, embedding_VxD):
+    x_BxTxD = RMSNorm(c, (c.hidden_size,), ("norm",), name="final_norm")(x_BxTxD)
+    if c.tie_word_embeddings:
+        return x_BxTxD, embedding_VxD.T
+    return x_BxTxD, _param(module, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), _normal,
+                           c.param_dtype)
+
+
+class Decoder(nn.Module):
+    """tokens -> (final hidden states [B, T, D] in compute dtype, lm_head [D, V]).
+
+    The layers are one `nn.scan` over `num_blocks` blocks of `layer_period` layers: compile time
+    does not grow with depth, and parameters are stacked (`params["layers"]["layers_j"]`, leading
+    dimension num_blocks, logical axis "layers"). With `config.remat`, each block is
+    rematerialized under `config.remat_policy`.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
         c = self.config
-        embedding_VxD = _param(
-            self, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"), _normal, c.param_dtype
+        embedding_VxD, x_BxTxD = _embed(self, c, tokens_BxT)
+        block = nn.remat(LayerBlock, policy=_remat_policy(c.remat_policy), prevent_cse=False) if c.remat else LayerBlock
+        scanned = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+            length=num_blocks(c), metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x_BxTxD = jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(c.compute_dtype)
-        layer_class = nn.remat(DecoderLayer) if c.remat else DecoderLayer
-        new_cache = None if cache is None else []
-        for i in range(c.num_layers):
-            layer_cache = None if cache is None else cache[i]
-            x_BxTxD, layer_cache = layer_class(c, i, name=f"layers_{i}")(
-                x_BxTxD, positions_BxT, segment_ids_BxT, layer_cache
-            )
-            if cache is not None:
-                new_cache.append(layer_cache)
-        x_BxTxD = RMSNorm(c, (c.hidden_size,), ("norm",), name="final_norm")(x_BxTxD)
-        if c.tie_word_embeddings:
-            head_DxV = embedding_VxD.T
-        else:
-            head_DxV = _param(
-                self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), _normal, c.param_dtype
-            )
-        return x_BxTxD, head_DxV, new_cache
+        x_BxTxD, _ = scanned(c, name="layers")(x_BxTxD, positions_BxT, segment_ids_BxT)
+        return _final_norm_and_head(self, c, x_BxTxD, embedding_VxD)
+
+
+class Embed(nn.Module):
+    """The decoder's embedding alone (same parameter name), for the per-layer cache paths."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT):
+        return _embed(self, self.config, tokens_BxT)
+
+
+class FinalNormAndHead(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, embedding_VxD):
+        return _final_norm_and_head(self, self.config, x_BxTxD, embedding_VxD)
+
+
+def unstack_layers(params, config: ModelConfig):
+    """params with `layers` as a tuple of num_layers per-layer trees (no leading dimension).
+
+    Decoding reads every weight every step; a sampler keeps this layout so each layer's matmuls
+    read their weights where they lie, where slicing a stacked array inside the step could copy
+    it first (XLA on CPU and GPU materializes such slices).
+    """
+    if isinstance(params["layers"], (tuple, list)):
+        return params
+    return {**params, "layers": tuple(_layer_params(params, config, i) for i in range(config.num_layers))}
+
+
+def stack_layers(params, config: ModelConfig):
+    """The inverse of `unstack_layers`: the training (scanned) layout."""
+    layers_ = params["layers"]
+    if not isinstance(layers_, (tuple, list)):
+        return params
+    period = layer_period(config)
+    stacked = {f"layers_{j}": jax.tree.map(lambda *xs: jnp.stack(xs), *layers_[j::period]) for j in range(period)}
+    return {**params, "layers": stacked}
+
+
+def _layer_params(params, config: ModelConfig, i: int):
+    layers_ = params["layers"]
+    if isinstance(layers_, (tuple, list)):
+        return layers_[i]
+    period = layer_period(config)
+    return jax.tree.map(lambda a: a[i // period], layers_[f"layers_{i % period}"])
+
+
+def _forward_layer_by_layer(params, config: ModelConfig, tokens_BxT, positions_BxT, segment_ids_BxT, cache):
+    """The cache paths (prefill, chunked prefill, decode): layer i reads and writes cache[i].
+    Returns (hidden [B, T, D], head [D, V], new cache list)."""
+    c = config
+    period = layer_period(c)
+    embedding_VxD, x_BxTxD = Embed(c).apply({"params": {"embedding": params["embedding"]}}, tokens_BxT)
+    new_cache = []
+    for i in range(c.num_layers):
+        # DecoderLayer's index only selects the layer type, which repeats with the period.
+        x_BxTxD, layer_cache = DecoderLayer(c, i % period).apply(
+            {"params": _layer_params(params, c, i)}, x_BxTxD, positions_BxT, segment_ids_BxT, cache[i]
+        )
+        new_cache.append(layer_cache)
+    head_params = {k: params[k] for k in ("final_norm", "lm_head") if k in params}
+    x_BxTxD, head_DxV = FinalNormAndHead(c).apply({"params": head_params}, x_BxTxD, embedding_VxD)
+    return x_BxTxD, head_DxV, new_cache
 
 
 def _segments_and_positions(tokens_BxT, positions_BxT, attention_mask_BxT, segment_ids_BxT):
@@ -219,8 +330,11 @@ def forward_hidden(
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     positions, segment_ids = _segments_and_positions(tokens, positions, attention_mask, segment_ids)
-    hidden, head, _ = Decoder(config).apply({"params": params}, tokens, positions, segment_ids)
-    return hidden, head
+    if isinstance(params["layers"], (tuple, list)):  # a sampler's per-layer copy
+        cache = [None] * config.num_layers
+        hidden, head, _ = _forward_layer_by_layer(params, config, tokens, positions, segment_ids, cache)
+        return hidden, head
+    return Decoder(config).apply({"params": params}, tokens, positions, segment_ids)
 
 
 def forward_hidden_with_cache(params, config: ModelConfig, tokens, positions, cache):
@@ -233,7 +347,7 @@ def forward_hidden_with_cache(params, config: ModelConfig, tokens, positions, ca
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.asarray(positions, jnp.int32)
-    return Decoder(config).apply({"params": params}, tokens, positions, jnp.ones_like(tokens), cache)
+    return _forward_layer_by_layer(params, config, tokens, positions, jnp.ones_like(tokens), cache)
 
 
 def forward_with_cache(params, config: ModelConfig, tokens, positions, cache):
@@ -258,7 +372,7 @@ def forward_hidden_with_pages(params, config: ModelConfig, tokens, positions, po
         window_page_table = page_table
     cache = [{**layer, "page_table": window_page_table if kind == "sliding_attention" else page_table}
              for layer, kind in zip(pools, config.layer_types)]
-    hidden, head, cache = Decoder(config).apply({"params": params}, tokens, positions, jnp.ones_like(tokens), cache)
+    hidden, head, cache = _forward_layer_by_layer(params, config, tokens, positions, jnp.ones_like(tokens), cache)
     return hidden, head, [{"k": layer["k"], "v": layer["v"]} for layer in cache]
 
 
@@ -309,20 +423,30 @@ def _dummy_inputs():
     return tokens, tokens, jnp.ones((1, 1), jnp.int32)
 
 
-def abstract_params(config: ModelConfig):
-    """(ShapeDtypeStruct pytree, logical-axes pytree) without allocating anything."""
+def abstract_params(config: ModelConfig, *, per_layer: bool = False):
+    """(ShapeDtypeStruct pytree, logical-axes pytree) without allocating anything; with
+    `per_layer`, in `unstack_layers`' layout (the sampler's)."""
     boxed = jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0), *_dummy_inputs())["params"])
     logical = nn.get_partition_spec(boxed)
     logical = jax.tree.map(tuple, logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    return nn.unbox(boxed), logical
+    shapes = nn.unbox(boxed)
+    if per_layer:
+        shapes = jax.eval_shape(functools.partial(unstack_layers, config=config), shapes)
+        period = layer_period(config)
+        per_layer_axes = [jax.tree.map(lambda axes: axes[1:], logical["layers"][f"layers_{i % period}"],
+                                       is_leaf=lambda x: isinstance(x, tuple))
+                          for i in range(config.num_layers)]
+        logical = {**logical, "layers": tuple(per_layer_axes)}
+    return shapes, logical
 
 
-def param_shardings(config: ModelConfig, mesh, rules=None):
+def param_shardings(config: ModelConfig, mesh, rules=None, *, per_layer: bool = False):
     """NamedSharding pytree for the parameters on `mesh` (from the logical-axis rules; default
-    the training rules, `parallel.SERVING_AXIS_RULES` for a sampler)."""
+    the training rules, `parallel.SERVING_AXIS_RULES` for a sampler), in the stacked layout or,
+    with `per_layer`, `unstack_layers`' layout."""
     from opsd_jax.parallel import tree_shardings
 
-    shapes, logical = abstract_params(config)
+    shapes, logical = abstract_params(config, per_layer=per_layer)
     return tree_shardings(mesh, logical, shapes, rules)
 
 

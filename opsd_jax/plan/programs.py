@@ -280,7 +280,7 @@ def decode_state_bytes(model: ModelConfig, sampler_config, mesh) -> int:
 def serving_abstract_params(model: ModelConfig, engine):
     """ShapeDtypeStructs of the weights as `Engine.load_params` places them: the compute dtype on
     the sampler's shardings."""
-    shapes, _ = abstract_params(model)
+    shapes, _ = abstract_params(model, per_layer=True)
     return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, engine.serving_dtype, sharding=sharding),
                         shapes, engine.param_shardings)
 

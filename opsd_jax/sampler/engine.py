@@ -29,6 +29,8 @@ from opsd_jax.models import (
     init_page_pools,
     logits_from_hidden,
     param_shardings,
+    stack_layers,
+    unstack_layers,
 )
 from opsd_jax.models.paged import NULL_PAGE
 from opsd_jax.parallel import SERVING_AXIS_RULES, logical_sharding, make_mesh
@@ -157,7 +159,10 @@ class Engine:
                                           if self.windowed else self.table_pages)
         self.num_window_pages = (sampler_config.window_kv_pages or (slots + 1) * self.window_pages_per_sequence + 1
                                  if self.windowed else self.num_pages)
-        self.param_shardings = param_shardings(config, self.mesh, SERVING_AXIS_RULES)
+        # The engine's weights are per layer (`unstack_layers`); what it is given is the training
+        # (stacked) layout, placed on `input_param_shardings` on the way.
+        self.param_shardings = param_shardings(config, self.mesh, SERVING_AXIS_RULES, per_layer=True)
+        self.input_param_shardings = param_shardings(config, self.mesh, SERVING_AXIS_RULES)
 
         def pool_sharding(pages):
             shape = (pages, self.page_size, config.num_kv_heads, config.head_dim)
@@ -268,7 +273,7 @@ class Engine:
         )
 
     def _place_fn(self, params):
-        return jax.tree.map(lambda p: p.astype(self.serving_dtype), params)
+        return unstack_layers(jax.tree.map(lambda p: p.astype(self.serving_dtype), params), self.config)
 
     def _prefill_chunk_fn(self, params, state: DecodeState, tables_2xM, tokens_1xC, start, last_index):
         positions_1xC = (start + jnp.arange(tokens_1xC.shape[1], dtype=jnp.int32))[None]
@@ -321,24 +326,27 @@ class Engine:
     # ---- public API ---------------------------------------------------------------------------
 
     def load_params(self, params):
-        """The engine's copy of `params`: cast to the compute dtype and placed on the sampler's
-        shardings on device (a training state's fsdp shards are resharded by one jitted
-        transfer, never through the host). Shapes must match, so nothing recompiles."""
-        expected = jax.tree.structure(self.param_shardings)
-        if jax.tree.structure(params) != expected:
+        """The engine's copy of `params` (the training layout, or the engine's own): cast to the
+        compute dtype, one array per layer, placed on the sampler's shardings on device (a
+        training state's fsdp shards are resharded by one jitted transfer, never through the
+        host). Shapes must match, so nothing recompiles."""
+        if jax.tree.structure(params) == jax.tree.structure(self.param_shardings):
+            leaves, targets = jax.tree.leaves(params), jax.tree.leaves(self.param_shardings)
+            if all(isinstance(p, jax.Array) and p.dtype == self.serving_dtype
+                   and p.sharding.is_equivalent_to(t, p.ndim) for p, t in zip(leaves, targets)):
+                return params  # placed already (WeightSync)
+            params = stack_layers(params, self.config)
+        if jax.tree.structure(params) != jax.tree.structure(self.input_param_shardings):
             raise ValueError("params do not match the engine's model structure")
-        leaves, targets = jax.tree.leaves(params), jax.tree.leaves(self.param_shardings)
-        if all(isinstance(p, jax.Array) and p.dtype == self.serving_dtype and p.sharding.is_equivalent_to(t, p.ndim)
-               for p, t in zip(leaves, targets)):
-            return params  # placed already (WeightSync)
         devices = set(self.mesh.devices.flat)
-        if all(isinstance(p, jax.Array) and p.sharding.device_set == devices for p in leaves):
+        if all(isinstance(p, jax.Array) and p.sharding.device_set == devices for p in jax.tree.leaves(params)):
             return self._place(params)
         # Elsewhere (host arrays, or another set of devices): cast where they are, then move the
         # smaller copy.
         dtype = self.serving_dtype
-        return jax.device_put(jax.tree.map(lambda p: p.astype(dtype) if isinstance(p, jax.Array)
-                                           else np.asarray(p).astype(dtype), params), self.param_shardings)
+        return self._place(jax.device_put(jax.tree.map(lambda p: p.astype(dtype) if isinstance(p, jax.Array)
+                                                       else np.asarray(p).astype(dtype), params),
+                                          self.input_param_shardings))
 
     def init_decode_state(self) -> DecodeState:
         return self._init_state()

@@ -5,7 +5,7 @@ In a multi-process job every process decodes its own share of the rollouts on it
 devices. One jitted transfer reshards the training parameters onto a global mesh laid out as
 `[process, *local mesh]`, with each leaf's sampler sharding and nothing split over processes, so
 each process ends up holding exactly the shards its local engine wants (already cast to the
-compute dtype); those shards are then viewed as local arrays without a copy. The collectives run
+compute dtype, one array per layer); those shards are then viewed as local arrays without a copy. The collectives run
 over the interconnect; no host ever holds the model.
 """
 
@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from opsd_jax.models import unstack_layers
 from opsd_jax.parallel import make_mesh
 
 
@@ -47,8 +48,8 @@ class WeightSync:
         if [d.id for d in mine.flat] != [d.id for d in engine.mesh.devices.flat]:
             raise ValueError("the sampler mesh must be this process's local devices, laid out by make_mesh")
         self._global_shardings = jax.tree.map(lambda s: NamedSharding(global_mesh, s.spec), local_shardings)
-        dtype = engine.serving_dtype
-        self._transfer = jax.jit(lambda params: jax.tree.map(lambda p: p.astype(dtype), params),
+        dtype, config = engine.serving_dtype, engine.config
+        self._transfer = jax.jit(lambda params: unstack_layers(jax.tree.map(lambda p: p.astype(dtype), params), config),
                                  out_shardings=self._global_shardings)
 
     def __call__(self, params):

@@ -186,8 +186,8 @@ def test_existing_destination_is_kept_without_overwrite(tiny_checkpoint, tmp_pat
 
 def test_save_rejects_params_of_another_model(tiny_checkpoint, tmp_path):
     config, params = load_hf(tiny_checkpoint, progress=False)
-    params["layers_0"]["mlp"]["up_proj"]["kernel"] = jax.numpy.zeros((3, 3))
-    with pytest.raises(CheckpointError, match=r"\['layers_0'\]\['mlp'\]\['up_proj'\]\['kernel'\] has shape"):
+    params["layers"]["layers_0"]["mlp"]["up_proj"]["kernel"] = jax.numpy.zeros((3, 3))
+    with pytest.raises(CheckpointError, match=r"\['layers'\]\['layers_0'\]\['mlp'\]\['up_proj'\]\['kernel'\] has shape"):
         save_hf(params, config, tmp_path / "export", progress=False)
     assert not (tmp_path / "export").exists()
 
@@ -195,8 +195,8 @@ def test_save_rejects_params_of_another_model(tiny_checkpoint, tmp_path):
 def test_loaded_params_are_placed_by_the_logical_rules(tiny_checkpoint):
     mesh = make_mesh(2, 2, 2)
     config, params = load_hf(tiny_checkpoint, mesh=mesh, progress=False)
-    spec = params["layers_0"]["attention"]["q_proj"]["kernel"].sharding.spec
-    assert tuple(spec) == ("fsdp", "tensor", None)  # embed -> fsdp, heads -> tensor
+    spec = params["layers"]["layers_0"]["attention"]["q_proj"]["kernel"].sharding.spec
+    assert tuple(spec) == (None, "fsdp", "tensor", None)  # layers whole, embed -> fsdp, heads -> tensor
     assert tuple(params["embedding"].sharding.spec) == ("tensor", "fsdp")  # vocab 1000 = 2 x 500
     logits = forward(params, config, np.zeros((2, 3), np.int32))
     assert logits.shape == (2, 3, config.vocab_size)

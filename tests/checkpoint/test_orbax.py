@@ -103,3 +103,15 @@ def test_library_accepts_relative_and_home_paths(tmp_path, rng, monkeypatch):
     save_hf(restored, config, "~/exported", progress=False)
     assert load_file(str(tmp_path / "home" / "exported" / "model.safetensors")).keys() == \
         load_file(str(tmp_path / "hf" / "model.safetensors")).keys()
+
+
+def test_checkpoint_of_the_unstacked_layout_names_the_rewrite(tmp_path, rng):
+    save_tiny_hf_model("qwen3-tied", str(tmp_path / "hf"), seed=_seed(rng))
+    config, params = load_hf(tmp_path / "hf", progress=False)
+    save_params(params, config, tmp_path / "orbax")
+    manifest_path = tmp_path / "orbax" / "opsd_jax.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert "layers.layers_0.mlp.up_proj.kernel" in manifest["groups"]  # one group per stacked leaf
+    manifest_path.write_text(json.dumps({**manifest, "layout_version": 2}))
+    with pytest.raises(CheckpointError, match="layout_version 2.*opsd-jax convert --from-hf"):
+        restore_params(tmp_path / "orbax")

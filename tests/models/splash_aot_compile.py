@@ -87,7 +87,10 @@ def decoder_report(topology: str, mesh_shape, arch: str, batch: int, length: int
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1) * mask)
 
     report = _compile(jax.jit(jax.grad(loss)), (params, tokens, mask), mesh)
-    report.update(program="decoder", arch=arch, batch=batch, length=length, layers=config.num_layers)
+    # The layers are one scan over blocks of layer_period layers: the compiled program holds one
+    # block's kernels, whatever the depth.
+    report.update(program="decoder", arch=arch, batch=batch, length=length, layers=config.num_layers,
+                  layers_per_block=decoder.layer_period(config))
     return report
 
 

@@ -154,13 +154,14 @@ def _tpu_compile(accelerator: str, *args) -> dict:
 def test_decoder_compiles_with_splash_for_a_tpu_mesh(arch, topology, accelerator):
     """The decoder's forward and backward, attention "auto", traced under a (1, 2, 2) mesh of TPU
     devices from this CPU host: every layer runs splash as a Mosaic kernel (forward, its remat
-    recomputation, dQ, dK/dV), none is left to XLA's partitioner (which refuses Mosaic calls).
+    recomputation, dQ, dK/dV), none is left to XLA's partitioner (which refuses Mosaic calls); the
+    scanned program holds one block of layers.
     The sequence (300) is not a multiple of the 128-block; OLMo-3 has a sliding layer."""
     report = _tpu_compile(accelerator, "decoder", topology, "--mesh", "1,2,2", "--arch", arch,
                           "--batch", "4", "--length", "300", "--block-size", "128")
     assert report["device_kind"].startswith("TPU")
     assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
-    layers = report["layers"]
+    layers = report["layers_per_block"]
     assert report["splash_kernels"] == sorted(["fwd", "fwd", "dq", "dkv"] * layers)
     assert report["mosaic_custom_calls"] == 4 * layers
     assert 0 < report["temp_bytes"] < 64 * 2**20
