@@ -185,8 +185,15 @@ class LayerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-        for j in range(layer_period(self.config)):
-            x_BxTxD, _ = DecoderLayer(self.config, j, name=f"layers_{j}")(x_BxTxD, positions_BxT, segment_ids_BxT)
+        c = self.config
+        # Remat per layer, not per block: a block's backward then holds one layer's recomputed
+        # activations at a time (OLMo-3's 4-layer blocks rematerialized whole needed 27 GiB more
+        # per v5p chip in the dense plan), and the scan saves each layer's input as the unrolled
+        # model did.
+        layer_class = (nn.remat(DecoderLayer, policy=_remat_policy(c.remat_policy), prevent_cse=False)
+                       if c.remat else DecoderLayer)
+        for j in range(layer_period(c)):
+            x_BxTxD, _ = layer_class(c, j, name=f"layers_{j}")(x_BxTxD, positions_BxT, segment_ids_BxT)
         return x_BxTxD, None
 
 
@@ -209,7 +216,7 @@ class Decoder(nn.Module):
 
     The layers are one `nn.scan` over `num_blocks` blocks of `layer_period` layers: compile time
     does not grow with depth, and parameters are stacked (`params["layers"]["layers_j"]`, leading
-    dimension num_blocks, logical axis "layers"). With `config.remat`, each block is
+    dimension num_blocks, logical axis "layers"). With `config.remat`, each layer is
     rematerialized under `config.remat_policy`.
     """
 
@@ -219,9 +226,8 @@ class Decoder(nn.Module):
     def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
         c = self.config
         embedding_VxD, x_BxTxD = _embed(self, c, tokens_BxT)
-        block = nn.remat(LayerBlock, policy=_remat_policy(c.remat_policy), prevent_cse=False) if c.remat else LayerBlock
         scanned = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+            LayerBlock, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
             length=num_blocks(c), metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x_BxTxD, _ = scanned(c, name="layers")(x_BxTxD, positions_BxT, segment_ids_BxT)
