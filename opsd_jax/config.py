@@ -30,6 +30,9 @@ class ModelSection:
     # full: recompute each layer in the backward pass; dots: keep its matmul outputs; offload:
     # keep them in host memory.
     remat_policy: Literal["full", "dots", "offload"] = "full"
+    # true: the layers are one scan (compile time flat in depth); false: unrolled over the same
+    # parameters (more compile time; on TPU less memory for OLMo-3's dense step).
+    scan_layers: bool = True
     # auto: cuDNN flash attention on GPU where it applies, splash on TPU under a mesh where it
     # applies, else chunked (online softmax, O(T x block) memory); dense materializes the scores
     # (the oracle).
@@ -40,7 +43,7 @@ class ModelSection:
         """The ModelConfig fields this section sets (the student's when `training`, else a
         teacher's: no remat, it takes no gradient)."""
         fields = {"compute_dtype": self.compute_dtype, "attention_implementation": self.attention,
-                  "attention_block_size": self.attention_block_size}
+                  "attention_block_size": self.attention_block_size, "scan_layers": self.scan_layers}
         return {**fields, "remat": self.remat, "remat_policy": self.remat_policy} if training else fields
 
 

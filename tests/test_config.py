@@ -61,7 +61,8 @@ def test_model_attention_settings_reach_the_model_config():
     config = load_config(None, ["model.attention=dense", "model.attention_block_size=128", "model.remat=false",
                                 "model.remat_policy=dots", "model.checkpoint=checkpoints/Qwen3-1.7B"])
     assert config.model.runtime(training=True) == {"compute_dtype": "bfloat16", "attention_implementation": "dense",
-                                                   "attention_block_size": 128, "remat": False, "remat_policy": "dots"}
+                                                   "attention_block_size": 128, "scan_layers": True, "remat": False,
+                                                   "remat_policy": "dots"}
     assert "remat" not in config.model.runtime(training=False)
     student, _, _ = run_model_configs(config)
     assert isinstance(student, ModelConfig)

@@ -79,6 +79,10 @@ class ModelConfig:
     # With remat: "full" saves nothing inside a layer, "dots" saves its matmul outputs, "offload"
     # moves those to host memory (where the platform has it) instead of recomputing them.
     remat_policy: str = "full"
+    # Training forward as one scan over the layer pattern (compile time flat in depth), or a loop
+    # over the same stacked parameters (XLA sees every layer: on TPU it needed less memory for
+    # OLMo-3's dense step, see BUILD_NOTES "Layers scanned").
+    scan_layers: bool = True
     # "auto": cuDNN flash attention on GPU where it applies, splash on TPU under a mesh where it
     # applies, else the chunked online softmax; "dense" materializes [T, S] scores (the oracle).
     # Never written to config.json.
@@ -126,7 +130,7 @@ class ModelConfig:
     def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **runtime) -> ModelConfig:
         """Reads an HF checkpoint directory (its config.json) or an already-parsed config dict.
 
-        `runtime` sets param_dtype, compute_dtype, remat, remat_policy, attention_implementation
+        `runtime` sets param_dtype, compute_dtype, remat, remat_policy, scan_layers, attention_implementation
         and attention_block_size.
         """
         if isinstance(source, Mapping):

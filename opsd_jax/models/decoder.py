@@ -291,9 +291,12 @@ def _forward_layer_by_layer(params, config: ModelConfig, tokens_BxT, positions_B
     new_cache = []
     for i in range(c.num_layers):
         # DecoderLayer's index only selects the layer type, which repeats with the period.
-        x_BxTxD, layer_cache = DecoderLayer(c, i % period).apply(
-            {"params": _layer_params(params, c, i)}, x_BxTxD, positions_BxT, segment_ids_BxT, cache[i]
-        )
+        def apply_layer(layer_params, x, layer_cache, layer=DecoderLayer(c, i % period)):
+            return layer.apply({"params": layer_params}, x, positions_BxT, segment_ids_BxT, layer_cache)
+
+        if c.remat and cache[i] is None:
+            apply_layer = jax.checkpoint(apply_layer, policy=_remat_policy(c.remat_policy))
+        x_BxTxD, layer_cache = apply_layer(_layer_params(params, c, i), x_BxTxD, cache[i])
         new_cache.append(layer_cache)
     head_params = {k: params[k] for k in ("final_norm", "lm_head") if k in params}
     x_BxTxD, head_DxV = FinalNormAndHead(c).apply({"params": head_params}, x_BxTxD, embedding_VxD)
@@ -336,7 +339,7 @@ def forward_hidden(
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     positions, segment_ids = _segments_and_positions(tokens, positions, attention_mask, segment_ids)
-    if isinstance(params["layers"], (tuple, list)):  # a sampler's per-layer copy
+    if isinstance(params["layers"], (tuple, list)) or not config.scan_layers:  # a sampler's copy, or unrolled
         cache = [None] * config.num_layers
         hidden, head, _ = _forward_layer_by_layer(params, config, tokens, positions, segment_ids, cache)
         return hidden, head

@@ -95,3 +95,21 @@ def test_program_size_does_not_grow_with_depth():
         grad = jax.jit(jax.grad(lambda p, t, c=config: forward(p, c, t).std()))
         sizes[layers] = len(grad.lower(params, tokens).as_text())
     assert sizes[24] <= 1.02 * sizes[3], sizes
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_unrolled_layers_over_the_same_parameters_give_the_same_values_and_gradients(remat, tmp_path, rng):
+    save_tiny_hf_model("olmo3", str(tmp_path), seed=_seed(rng), num_hidden_layers=8)
+    config, params = load_hf(tmp_path, progress=False)
+    config = config.replace(remat=remat)
+    tokens = rng.integers(0, config.vocab_size, (2, 12))
+
+    def loss(params, config):
+        return forward(params, config, tokens).std()
+
+    scanned = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, config)
+    unrolled = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, config.replace(scan_layers=False))
+    np.testing.assert_allclose(scanned[0], unrolled[0], rtol=1e-6)
+    assert jax.tree.structure(scanned[1]) == jax.tree.structure(unrolled[1])
+    for a, b in zip(jax.tree.leaves(scanned[1]), jax.tree.leaves(unrolled[1])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
