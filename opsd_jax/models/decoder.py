@@ -187,7 +187,7 @@ class LayerBlock(nn.Module):
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
         c = self.config
         # Remat per layer, not per block: a block's backward then holds one layer's recomputed
-        # activations at a time (OLMo-3's 4-layer blocks rematerialized whole needed 27 GiB more
+        # activations at a time (OLMo-3's 4-layer blocks rematerialized whole needed 8 GiB more
         # per v5p chip in the dense plan), and the scan saves each layer's input as the unrolled
         # model did.
         layer_class = (nn.remat(DecoderLayer, policy=_remat_policy(c.remat_policy), prevent_cse=False)
