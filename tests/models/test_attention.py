@@ -95,12 +95,14 @@ def test_chunked_matches_dense_against_a_cache(window, queries, rng):
                           block_size=16)
 
 
-def test_chunked_matches_dense_in_bfloat16(rng):
-    batch, length, heads, kv_heads, head_dim = 2, 50, 4, 2, 32
+# Splash (TPU interpret mode here) tiles in 128-row blocks, so its case is longer.
+@pytest.mark.parametrize("implementation, length, block_size", [("chunked", 50, 16), ("splash", 140, 128)])
+def test_matches_dense_in_bfloat16(implementation, length, block_size, rng):
+    batch, heads, kv_heads, head_dim = 2, 4, 2, 32
     q, k, v = (_random(rng, batch, length, n, head_dim, dtype=jnp.bfloat16) for n in (heads, kv_heads, kv_heads))
     segments = jnp.asarray(_segments(rng, "right", batch, length))
-    _assert_matches_dense("chunked", q, k, v, 0.05, query_segment_ids_BxT=segments, key_segment_ids_BxS=segments,
-                          block_size=16)
+    _assert_matches_dense(implementation, q, k, v, 0.05, query_segment_ids_BxT=segments,
+                          key_segment_ids_BxS=segments, block_size=block_size)
 
 
 def test_mask_rule_is_the_layers_masks(rng):
