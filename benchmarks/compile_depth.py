@@ -17,9 +17,8 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-
-from train_step import build_step  # noqa: E402
+import jax
+from train_step import build_step
 
 
 def main() -> int:

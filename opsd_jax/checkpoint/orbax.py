@@ -19,7 +19,14 @@ import jax
 import orbax.checkpoint as ocp
 
 from opsd_jax.checkpoint.atomic import atomic_directory
-from opsd_jax.checkpoint.hf import CheckpointError, copy_side_files, get_path, group_name, param_groups, set_path
+from opsd_jax.checkpoint.hf import (
+    CheckpointError,
+    copy_side_files,
+    get_path,
+    group_name,
+    param_groups,
+    set_path,
+)
 from opsd_jax.models.config import ModelConfig
 from opsd_jax.models.decoder import sharded_abstract_params
 from opsd_jax.paths import user_path

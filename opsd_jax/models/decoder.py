@@ -291,12 +291,11 @@ def _forward_layer_by_layer(params, config: ModelConfig, tokens_BxT, positions_B
     new_cache = []
     for i in range(c.num_layers):
         # DecoderLayer's index only selects the layer type, which repeats with the period.
-        def apply_layer(layer_params, x, layer_cache, layer=DecoderLayer(c, i % period)):
-            return layer.apply({"params": layer_params}, x, positions_BxT, segment_ids_BxT, layer_cache)
-
+        apply_layer = functools.partial(DecoderLayer(c, i % period).apply, positions_BxT=positions_BxT,
+                                        segment_ids_BxT=segment_ids_BxT)
         if c.remat and cache[i] is None:
             apply_layer = jax.checkpoint(apply_layer, policy=_remat_policy(c.remat_policy))
-        x_BxTxD, layer_cache = apply_layer(_layer_params(params, c, i), x_BxTxD, cache[i])
+        x_BxTxD, layer_cache = apply_layer({"params": _layer_params(params, c, i)}, x_BxTxD, cache=cache[i])
         new_cache.append(layer_cache)
     head_params = {k: params[k] for k in ("final_norm", "lm_head") if k in params}
     x_BxTxD, head_DxV = FinalNormAndHead(c).apply({"params": head_params}, x_BxTxD, embedding_VxD)

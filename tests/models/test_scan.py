@@ -14,7 +14,12 @@ from opsd_jax.models import (
     stack_layers,
     unstack_layers,
 )
-from opsd_jax.testing import hf_logits, left_padded_batch, save_tiny_hf_model, tiny_hf_config
+from opsd_jax.testing import (
+    hf_logits,
+    left_padded_batch,
+    save_tiny_hf_model,
+    tiny_hf_config,
+)
 
 jitted_forward = jax.jit(forward, static_argnums=1)
 
