@@ -29,15 +29,18 @@ def load_for_serving(checkpoint: str, *, dtype: str = "float32", mesh=None):
     import transformers
 
     from opsd_jax.checkpoint.hf import load_hf
-    from opsd_jax.checkpoint.orbax import HF_DIR, MANIFEST, restore_params
+    from opsd_jax.checkpoint.orbax import (
+        config_folder,
+        is_model_checkpoint,
+        restore_params,
+    )
 
     checkpoint = user_path(checkpoint)
-    if os.path.exists(os.path.join(checkpoint, MANIFEST)):
+    if is_model_checkpoint(checkpoint):
         config, params = restore_params(checkpoint, mesh=mesh, dtype=dtype)
-        side_dir = os.path.join(checkpoint, HF_DIR)
     else:
         config, params = load_hf(checkpoint, dtype=dtype, mesh=mesh)
-        side_dir = checkpoint
+    side_dir = config_folder(checkpoint)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(side_dir)
     except Exception as e:  # noqa: BLE001 - say which folder lacks what

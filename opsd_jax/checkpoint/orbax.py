@@ -90,6 +90,18 @@ def save_params(params, config: ModelConfig, path, *, overwrite: bool = False) -
     return save_param_groups(groups, config, path, overwrite=overwrite)
 
 
+def is_model_checkpoint(path) -> bool:
+    """Whether `path` is an opsd-jax model checkpoint (rather than an HF folder)."""
+    return os.path.exists(os.path.join(user_path(path), MANIFEST))
+
+
+def config_folder(path) -> str:
+    """The folder with the config.json and tokenizer files of `path`: an opsd-jax checkpoint's hf/
+    copy, or an HF folder itself."""
+    path = user_path(path)
+    return os.path.join(path, HF_DIR) if is_model_checkpoint(path) else path
+
+
 def read_manifest(path) -> dict:
     manifest_path = os.path.join(user_path(path), MANIFEST)
     if not os.path.exists(manifest_path):

@@ -459,15 +459,6 @@ def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int) -> 
                          page_size=page, kv_pages=pages)
 
 
-def model_config_folder(checkpoint: str) -> str:
-    """The folder holding the config.json of `checkpoint` (an HF folder, or an opsd-jax Orbax
-    checkpoint's hf/ copy), as load_for_serving reads it."""
-    from opsd_jax.checkpoint.orbax import HF_DIR, MANIFEST
-
-    checkpoint = user_path(checkpoint)
-    return os.path.join(checkpoint, HF_DIR) if os.path.exists(os.path.join(checkpoint, MANIFEST)) else checkpoint
-
-
 def training_state_bytes(c: RunConfig, student, teacher=None) -> int:
     """Bytes of the whole model's training state in the step: the student's parameters, their
     gradients and Adam's two moments (all in param_dtype), and the teacher's parameters the step
@@ -494,6 +485,7 @@ def train_mesh(c: RunConfig, devices, *, student=None, teacher=None, memory_byte
     the devices. The models' config.json files are read from their checkpoints unless given;
     memory_bytes defaults to what one of this process's devices reports (None on CPU: fsdp takes
     every chip the tensor axis leaves)."""
+    from opsd_jax.checkpoint.orbax import config_folder
     from opsd_jax.models import ModelConfig
     from opsd_jax.parallel import auto_mesh, device_memory_bytes, is_auto_mesh
 
@@ -503,7 +495,7 @@ def train_mesh(c: RunConfig, devices, *, student=None, teacher=None, memory_byte
 
     def read(key: str, checkpoint: str):
         try:
-            return ModelConfig.from_hf(model_config_folder(checkpoint), param_dtype=c.model.param_dtype)
+            return ModelConfig.from_hf(config_folder(checkpoint), param_dtype=c.model.param_dtype)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"auto reads the config.json of {key}: {e}") from None
 
@@ -598,12 +590,11 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
     from opsd_jax.config import load_config
 
     param_dtype = load_config(os.path.join(run_dir, "config.yaml")).model.param_dtype
-    from opsd_jax.checkpoint.orbax import HF_DIR, MANIFEST
+    from opsd_jax.checkpoint.orbax import config_folder
     from opsd_jax.models import ModelConfig
 
     # Only the config and side files are needed; the weights come from the run.
-    orbax_checkpoint = os.path.exists(os.path.join(model_checkpoint, MANIFEST))
-    side_dir = os.path.join(model_checkpoint, HF_DIR) if orbax_checkpoint else model_checkpoint
+    side_dir = config_folder(model_checkpoint)
     config = ModelConfig.from_hf(side_dir, param_dtype=param_dtype)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     shapes = sharded_abstract_params(config, mesh)

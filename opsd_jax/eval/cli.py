@@ -92,14 +92,14 @@ def auto_serving_mesh(checkpoint: str, devices=None):
     `devices`), from its config.json alone, before any weight is read."""
     import jax
 
-    from opsd_jax.distill.trainer import model_config_folder
+    from opsd_jax.checkpoint.orbax import config_folder
     from opsd_jax.models import ModelConfig
     from opsd_jax.parallel import initialize_distributed
     from opsd_jax.sampler.engine import serving_mesh
 
     initialize_distributed()
     try:
-        config = ModelConfig.from_hf(model_config_folder(checkpoint))
+        config = ModelConfig.from_hf(config_folder(checkpoint))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--mesh auto reads the config.json of --checkpoint: {e}") from None
     return serving_mesh(config, jax.devices() if devices is None else devices)
