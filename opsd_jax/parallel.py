@@ -24,6 +24,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "seq": (),
+    # Activations' sequence dimension takes the batch axes the batch could not (a microbatch
+    # with fewer sequences than data x fsdp shards): sequence parallelism between attentions.
+    "activation_seq": ("data", "fsdp"),
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -241,6 +244,22 @@ def logical_to_spec(
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
     return PartitionSpec(*spec)
+
+
+def constrain(x, logical_axes: Sequence[str | None], rules: dict[str, tuple[str, ...]] | None = None):
+    """`x` constrained to the sharding its logical dimension names give on the context mesh
+    (`jax.sharding.use_abstract_mesh`, which the train step enters); `x` unchanged without one.
+
+    Activations need it: XLA's propagation alone, with FSDP weights split over the same axis the
+    batch is, gathers the microbatch onto every chip and repeats its whole forward and backward
+    there. An axis that does not divide its dimension is left out (`logical_to_spec`).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    # Inside a shard_map (manual axes) each shard is already placed.
+    if (mesh.empty or not any(size > 1 for size in mesh.shape.values())
+            or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, rules))
 
 
 def logical_sharding(

@@ -205,7 +205,7 @@ def accumulated_gradients(params, teacher_params, batch: Batch, settings: StepSe
     if M == 1:
         (_, metrics), grads = grad_fn(params, teacher_params, batch, settings)
         return grads, metrics
-    micro = jax.tree.map(lambda x: x.reshape(M, x.shape[0] // M, *x.shape[1:]), batch)
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // M, M, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def accumulate(carry, microbatch):
         (_, metrics), grads = grad_fn(params, teacher_params, Batch(*microbatch), settings)
@@ -224,7 +224,19 @@ def accumulated_gradients(params, teacher_params, batch: Batch, settings: StepSe
 def train_step(state: TrainState, batch: Batch, *, settings: StepSettings,
                optimizer: optax.GradientTransformation):
     """Returns (new state, metrics). The teacher is frozen, an EMA of the student (updated after
-    the step) or the live student; it never receives gradients."""
+    the step) or the live student; it never receives gradients.
+
+    Traced under the trainer's mesh as the context mesh, so the decoder can pin its activations'
+    batch to the data and fsdp axes (`parallel.constrain`) and TPU attention can find its mesh.
+    """
+    if settings.mesh is not None:
+        with jax.sharding.use_abstract_mesh(settings.mesh.abstract_mesh):
+            return _train_step(state, batch, settings=settings, optimizer=optimizer)
+    return _train_step(state, batch, settings=settings, optimizer=optimizer)
+
+
+def _train_step(state: TrainState, batch: Batch, *, settings: StepSettings,
+                optimizer: optax.GradientTransformation):
     teacher_params = state.params if state.teacher_params is None else state.teacher_params
     grads, metrics = accumulated_gradients(state.params, jax.lax.stop_gradient(teacher_params), batch, settings)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

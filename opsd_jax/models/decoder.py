@@ -14,6 +14,10 @@ import jax.numpy as jnp
 
 from opsd_jax.models import attention, layers, paged
 from opsd_jax.models.config import ModelConfig
+from opsd_jax.parallel import constrain
+
+# The residual stream between layers: sequences over the batch axes of the context mesh (if any).
+RESIDUAL_AXES = ("batch", "activation_seq", None)
 
 
 def _param(module: nn.Module, name: str, shape, logical_axes, init, dtype):
@@ -194,13 +198,15 @@ class LayerBlock(nn.Module):
                        if c.remat else DecoderLayer)
         for j in range(layer_period(c)):
             x_BxTxD, _ = layer_class(c, j, name=f"layers_{j}")(x_BxTxD, positions_BxT, segment_ids_BxT)
+            x_BxTxD = constrain(x_BxTxD, RESIDUAL_AXES)
         return x_BxTxD, None
 
 
 def _embed(module: nn.Module, c: ModelConfig, tokens_BxT):
     embedding_VxD = _param(module, "embedding", (c.vocab_size, c.hidden_size), ("vocab", "embed"), _normal,
                            c.param_dtype)
-    return embedding_VxD, jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(c.compute_dtype)
+    return embedding_VxD, constrain(jnp.take(embedding_VxD, tokens_BxT, axis=0).astype(c.compute_dtype),
+                                    RESIDUAL_AXES)
 
 
 def _final_norm_and_head(module: nn.Module, c: ModelConfig, x_BxTxD, embedding_VxD):
@@ -296,6 +302,7 @@ def _forward_layer_by_layer(params, config: ModelConfig, tokens_BxT, positions_B
         if c.remat and cache[i] is None:
             apply_layer = jax.checkpoint(apply_layer, policy=_remat_policy(c.remat_policy))
         x_BxTxD, layer_cache = apply_layer({"params": _layer_params(params, c, i)}, x_BxTxD, cache=cache[i])
+        x_BxTxD = constrain(x_BxTxD, RESIDUAL_AXES)
         new_cache.append(layer_cache)
     head_params = {k: params[k] for k in ("final_norm", "lm_head") if k in params}
     x_BxTxD, head_DxV = FinalNormAndHead(c).apply({"params": head_params}, x_BxTxD, embedding_VxD)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 NULL_PAGE = 0
+PAGED_IMPLEMENTATIONS = ("auto", "gather", "pallas_tpu")
 
 
 def physical_rows(page_table_BxM, rows_BxT, page_size: int):
@@ -34,7 +35,7 @@ def write_pages(pool_PxNxKxD, values_BxTxKxD, page_table_BxM, rows_BxT):
 
 
 def paged_attention(q_BxTxHxD, k_pool_PxNxKxD, v_pool_PxNxKxD, page_table_BxM, rows_BxT, *,
-                    sliding_window: int | None = None, block_rows: int = 256):
+                    sliding_window: int | None = None, block_rows: int = 256, implementation: str = "auto"):
     """Causal grouped-query attention of queries at cache rows `rows` over the paged cache.
 
     A query at row r sees rows <= r (and > r - sliding_window on sliding layers). Keys are read a
@@ -42,7 +43,21 @@ def paged_attention(q_BxTxHxD, k_pool_PxNxKxD, v_pool_PxNxKxD, page_table_BxM, r
     query row: the work and the bytes read follow the live length, not the table's length. Online
     softmax in float32; returns [B, T, H, D] in the pool's dtype. Every query must see at least
     its own row (the caller writes it first).
+
+    `implementation`: "gather" (this function's loop, any platform), "pallas_tpu" (the Mosaic
+    kernel of `opsd_jax.models.paged_tpu`, reading the pools in place; Pallas' interpreter off
+    TPU), or "auto": pallas_tpu when compiling for TPU (the context mesh's or the pool's mesh's
+    devices, else the default backend) and the kernel takes the shapes, else gather.
     """
+    if implementation not in PAGED_IMPLEMENTATIONS:
+        raise ValueError(f"paged attention implementation {implementation!r}; supported: "
+                         f"{', '.join(PAGED_IMPLEMENTATIONS)}")
+    if implementation != "gather":
+        from opsd_jax.models import paged_tpu
+
+        if implementation == "pallas_tpu" or paged_tpu.applies(q_BxTxHxD, k_pool_PxNxKxD, v_pool_PxNxKxD):
+            return paged_tpu.paged_attention(q_BxTxHxD, k_pool_PxNxKxD, v_pool_PxNxKxD, page_table_BxM,
+                                             rows_BxT, sliding_window=sliding_window, block_rows=block_rows)
     batch, length, heads, head_dim = q_BxTxHxD.shape
     page_size, kv_heads = k_pool_PxNxKxD.shape[1], k_pool_PxNxKxD.shape[2]
     groups = heads // kv_heads

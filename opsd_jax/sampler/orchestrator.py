@@ -5,8 +5,9 @@ One loop thread owns the engine, the decode state and the page pool. Each turn i
 - admits waiting sequences into free slots: preempted ones first, then the samples of prefilled
   prompts (the n samples of a prompt share its full pages; each copies only the partly filled
   last one),
-- prefills one chunk of the next prompt (a whole prompt when nothing decodes), so long prompts
-  interleave with decoding instead of stalling it,
+- prefills one chunk of the next prompts per free slot (a whole prompt when nothing decodes), so
+  empty slots fill before the next step and long prompts interleave with decoding instead of
+  stalling it,
 - gives every decoding sequence the page its next row needs; when the pool is dry it preempts the
   most recently admitted sequence, whose pages are freed and which later resumes by prefilling
   what it had (its tokens do not change: each token's key depends only on its position),
@@ -299,8 +300,16 @@ class Orchestrator:
             sentinel_seen |= self._pull_requests(block=False)
             self._drop_cancelled()
             state = self._admit(state)
-            state = self._prefill_step(state)
-            state = self._admit(state)
+            # One prefill chunk per free slot (at least one): a decode step costs the same with
+            # empty slots, so filling them first (the first turn of a batch prefills every
+            # prompt that fits) beats decoding half-empty; with few free slots, a long prompt
+            # still interleaves chunk by chunk with decoding.
+            for _ in range(max(1, len(self._free_slots))):
+                chunks = self.stats["prefill_chunks"]
+                state = self._prefill_step(state)
+                state = self._admit(state)
+                if not self._free_slots or self.stats["prefill_chunks"] == chunks:
+                    break
             if self._active:
                 self._grow_pages()
             if self._active:

@@ -52,16 +52,20 @@ def request_key(seed: int, sample_index: int):
 _BISECTION_STEPS = 40
 
 
-def _largest_cut(values_SxV, low_S, high_S, satisfied):
-    """Largest c in [low, high] with satisfied(values >= c) per row, by bisection.
+def _largest_cut(values_SxV, low_S, high_S, measure, target_S):
+    """Largest c in [low, high] with measure(values >= c) >= target per row, by bisection.
 
-    `satisfied(mask_SxV) -> bool[S]` must be monotone (true for every c below the answer).
+    `measure(mask_SxV) -> [S]` must be monotone in the mask (true for every c below the answer).
+    Each step is one compare-select-sum pass over the vocabulary. Stopping once no value lies
+    inside a row's interval (26-33 of the 40 steps at V = 151,936) and regula falsi (about 40
+    passes: the last values near the cut need as many) were tried and were slower, because the
+    test that says when to stop is a second reduction in every pass.
     """
 
     def step(_, bounds):
         low_S, high_S = bounds
         middle_S = (low_S + high_S) / 2
-        ok_S = satisfied(values_SxV >= middle_S[:, None])
+        ok_S = measure(values_SxV >= middle_S[:, None]) >= target_S
         return jnp.where(ok_S, middle_S, low_S), jnp.where(ok_S, high_S, middle_S)
 
     low_S, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, step, (low_S, high_S))
@@ -85,35 +89,67 @@ def filtered_logits(logits_SxV, temperature_S, top_k_S, top_p_S):
     k_S = jnp.where(top_k_S > 0, jnp.minimum(top_k_S, vocab), vocab)
 
     def top_k_cut(_):
-        return _largest_cut(scaled_SxV, low_S, high_S, lambda kept: jnp.sum(kept, axis=-1) >= k_S)
+        return _largest_cut(scaled_SxV, low_S, high_S, lambda kept: jnp.sum(kept, axis=-1), k_S)
 
     k_cut_S = jax.lax.cond(jnp.any(k_S < vocab), top_k_cut, lambda _: jnp.full_like(high_S, -jnp.inf), None)
     after_k_SxV = jnp.where(scaled_SxV >= k_cut_S[:, None], scaled_SxV, -jnp.inf)
 
     def top_p_cut(_):
         probs_SxV = jax.nn.softmax(after_k_SxV, axis=-1)
-        return _largest_cut(
-            after_k_SxV, jnp.maximum(low_S, k_cut_S), high_S,
-            lambda kept: jnp.sum(jnp.where(kept, probs_SxV, 0.0), axis=-1) >= top_p_S,
-        )
+        return _largest_cut(after_k_SxV, jnp.maximum(low_S, k_cut_S), high_S,
+                            lambda kept: jnp.sum(jnp.where(kept, probs_SxV, 0.0), axis=-1), top_p_S)
 
     p_cut_S = jax.lax.cond(jnp.any(top_p_S < 1), top_p_cut, lambda _: jnp.full_like(high_S, -jnp.inf), None)
     p_cut_S = jnp.where(top_p_S < 1, p_cut_S, -jnp.inf)
     return jnp.where(after_k_SxV >= p_cut_S[:, None], after_k_SxV, -jnp.inf)
 
 
-def _inverse_cdf_sample(key, logits_V):
-    """One draw from softmax(logits) with a single uniform (cheaper than Gumbel noise over V)."""
-    cdf_V = jnp.cumsum(jax.nn.softmax(logits_V))
-    u = jax.random.uniform(key, dtype=jnp.float32) * cdf_V[-1]
-    # Token i is drawn when cdf[i-1] <= u < cdf[i], so a zero-probability token never is; the
-    # fallback covers u rounding up to the total.
-    index = jnp.sum(cdf_V <= u)
-    return jnp.where(index < logits_V.shape[0], index, jnp.argmax(logits_V))
+# Rows of the vocabulary summed together by the two-level inverse-CDF draw.
+_CDF_BLOCK = 128
+
+
+def _inverse_cdf_sample(keys_S, logits_SxV):
+    """One draw per row from softmax(logits) with a single uniform each (cheaper than Gumbel
+    noise over V), and log-softmax(logits) at the drawn token.
+
+    Two levels instead of a cumulative sum over V: the uniform picks a block of `_CDF_BLOCK`
+    tokens by the running sum of block masses, then a token inside it by the running sum of its
+    weights. Token i is drawn when its running sum first exceeds the uniform, and only tokens of
+    positive weight qualify, so a zero-probability (filtered) token never is; the fallback (the
+    argmax) covers the uniform rounding up to the total.
+    """
+    rows, vocab = logits_SxV.shape
+    max_S = jnp.max(logits_SxV, axis=-1)
+    weights_SxV = jnp.exp(logits_SxV - max_S[:, None])
+    total_S = jnp.sum(weights_SxV, axis=-1)
+    blocks = -(-vocab // _CDF_BLOCK)
+    padded_SxV = jnp.pad(weights_SxV, ((0, 0), (0, blocks * _CDF_BLOCK - vocab)))
+    weights_SxBxR = padded_SxV.reshape(rows, blocks, _CDF_BLOCK)
+    mass_SxB = jnp.sum(weights_SxBxR, axis=-1)
+    running_SxB = jnp.cumsum(mass_SxB, axis=-1)
+    u_S = jax.vmap(lambda key: jax.random.uniform(key, dtype=jnp.float32))(keys_S) * running_SxB[:, -1]
+    block_ok_SxB = (running_SxB > u_S[:, None]) & (mass_SxB > 0)
+    block_S = jnp.argmax(block_ok_SxB, axis=-1)
+    found_S = jnp.take_along_axis(block_ok_SxB, block_S[:, None], axis=-1)[:, 0]
+    before_S = jnp.where(block_S > 0, jnp.take_along_axis(running_SxB, jnp.maximum(block_S - 1, 0)[:, None],
+                                                          axis=-1)[:, 0], 0.0)
+    inner_SxR = jnp.take_along_axis(weights_SxBxR, block_S[:, None, None], axis=1)[:, 0]
+    inner_ok_SxR = (jnp.cumsum(inner_SxR, axis=-1) > (u_S - before_S)[:, None]) & (inner_SxR > 0)
+    # Rounding can leave the inner running sum short of the block's mass: the block's last
+    # token of positive weight then.
+    last_S = _CDF_BLOCK - 1 - jnp.argmax((inner_SxR > 0)[:, ::-1], axis=-1)
+    inner_S = jnp.where(jnp.any(inner_ok_SxR, axis=-1), jnp.argmax(inner_ok_SxR, axis=-1), last_S)
+    token_S = jnp.where(found_S, block_S * _CDF_BLOCK + inner_S, jnp.argmax(logits_SxV, axis=-1))
+    logit_S = jnp.take_along_axis(logits_SxV, token_S[:, None], axis=-1)[:, 0]
+    return token_S, logit_S - max_S - jnp.log(total_S)
 
 
 # Alternatives reported per token (OpenAI's chat API allows up to 20).
 TOP_LOGPROBS = 20
+
+
+# Rows sampled together (see sample_tokens).
+_ROW_BLOCK = 4
 
 
 def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternatives: int = TOP_LOGPROBS):
@@ -123,24 +159,41 @@ def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternati
     logprob under the raw model distribution float32[S], entropy of the raw model distribution
     float32[S] in nats, the raw model's top alternatives: ids int32[S, A] and logprobs
     float32[S, A], A = min(alternatives, V)). `alternatives` is static; 0 skips the top-k pass.
+
+    Rows go through in blocks of `_ROW_BLOCK` (a loop over blocks): the top-p bisection makes 40
+    passes over its rows, and a block's logits and probabilities (4 x 151,936 x 8 bytes) stay in
+    cache between passes where all 16 slots' do not; every row's result is the same as sampling
+    all rows at once (each is computed from its own row alone).
     """
+    rows = logits_SxV.shape[0]
+    if rows <= _ROW_BLOCK:
+        return _sample_rows(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternatives)
+    blocks = -(-rows // _ROW_BLOCK)
+    # Pad by repeating the last row (any valid row will do; its results are dropped).
+    index_N = jnp.minimum(jnp.arange(blocks * _ROW_BLOCK), rows - 1)
+    inputs = tuple(x[index_N].reshape(blocks, _ROW_BLOCK, *x.shape[1:])
+                   for x in (logits_SxV, keys_S, temperature_S, top_k_S, top_p_S))
+    outputs = jax.lax.map(lambda block: _sample_rows(*block, alternatives), inputs)
+    return tuple(x.reshape(blocks * _ROW_BLOCK, *x.shape[2:])[:rows] for x in outputs)
+
+
+def _sample_rows(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternatives: int):
     logits_SxV = logits_SxV.astype(jnp.float32)
     model_logprobs_SxV = jax.nn.log_softmax(logits_SxV, axis=-1)
     # Masked (padded-vocabulary) entries have log-prob -inf and contribute 0, not 0 * -inf.
     entropy_S = -jnp.sum(jnp.where(jnp.isfinite(model_logprobs_SxV),
                                    jnp.exp(model_logprobs_SxV) * model_logprobs_SxV, 0.0), axis=-1)
     sampling_logits_SxV = filtered_logits(logits_SxV, temperature_S, top_k_S, top_p_S)
-    drawn_S = jax.vmap(_inverse_cdf_sample)(keys_S, sampling_logits_SxV)
+    drawn_S, drawn_logprob_S = _inverse_cdf_sample(keys_S, sampling_logits_SxV)
     greedy_S = jnp.argmax(logits_SxV, axis=-1)
     is_greedy_S = temperature_S <= 0
     token_S = jnp.where(is_greedy_S, greedy_S, drawn_S).astype(jnp.int32)
-    sampled_logprobs_SxV = jax.nn.log_softmax(sampling_logits_SxV, axis=-1)
-    sampled_logprob_S = jnp.take_along_axis(sampled_logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
-    sampled_logprob_S = jnp.where(is_greedy_S, 0.0, sampled_logprob_S)
+    sampled_logprob_S = jnp.where(is_greedy_S, 0.0, drawn_logprob_S)
     model_logprob_S = jnp.take_along_axis(model_logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
     count = min(alternatives, logits_SxV.shape[-1])
     if count:
         top_logprobs_SxA, top_ids_SxA = jax.lax.top_k(model_logprobs_SxV, count)
     else:
-        top_logprobs_SxA, top_ids_SxA = jnp.zeros((token_S.shape[0], 0), jnp.float32), jnp.zeros((token_S.shape[0], 0))
+        top_logprobs_SxA, top_ids_SxA = (jnp.zeros((token_S.shape[0], 0), jnp.float32),
+                                         jnp.zeros((token_S.shape[0], 0), jnp.int32))
     return token_S, sampled_logprob_S, model_logprob_S, entropy_S, top_ids_SxA.astype(jnp.int32), top_logprobs_SxA

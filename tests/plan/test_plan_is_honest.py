@@ -43,5 +43,5 @@ def test_plan_bytes_match_a_real_cpu_run(tmp_path):
     assert m["donated_deleted"] and m["state_on_device"] == plan["alias_bytes"]
     assert plan["output_bytes"] - m["outputs_on_device"] == 8 * m["output_leaves"]
     expected = m["devices"] * (plan["output_bytes"] - plan["alias_bytes"] + plan["temp_bytes"])
-    assert plan["temp_bytes"] > 50 * 2**20  # the temporaries dominate what is measured
+    assert plan["temp_bytes"] > 20 * 2**20  # the temporaries dominate what is measured
     assert 0.9 * expected <= m["peak_growth_bytes"] <= 1.25 * expected, (m["peak_growth_bytes"], expected)

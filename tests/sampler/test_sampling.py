@@ -91,3 +91,44 @@ def test_greedy_and_model_statistics(rng):
 def test_sampling_params_name_the_bad_field(change, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**change).validate()
+
+
+def test_rows_sample_the_same_alone_or_in_any_batch(rng):
+    """sample_tokens takes rows in blocks (padding the last): every output of a row, bit for bit,
+    is what sampling that row alone gives, for a row count that is not a multiple of the block."""
+    rows, vocab = 9, 700
+    logits = jnp.asarray(rng.normal(size=(rows, vocab)) * 2, jnp.float32)
+    keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), rows)
+    temperature = jnp.asarray(rng.choice([0.0, 0.6, 1.0], rows), jnp.float32)
+    top_k = jnp.asarray(rng.choice([0, 5, 50], rows), jnp.int32)
+    top_p = jnp.asarray(rng.choice([1.0, 0.9, 0.5], rows), jnp.float32)
+    together = jax.jit(sample_tokens, static_argnums=5)(logits, keys, temperature, top_k, top_p, 3)
+    for row in range(rows):
+        alone = jax.jit(sample_tokens, static_argnums=5)(logits[row:row + 1], keys[row:row + 1], temperature[row:row + 1],
+                                                         top_k[row:row + 1], top_p[row:row + 1], 3)
+        for got, expected in zip(together, alone):
+            np.testing.assert_array_equal(np.asarray(got)[row], np.asarray(expected)[0])
+
+
+def test_two_level_draw_is_the_inverse_cdf_of_the_filtered_distribution(rng):
+    """The block-then-token draw picks the token whose float64 cumulative probability first
+    exceeds the same uniform (except within rounding of a boundary), never a filtered token,
+    with a vocabulary that is not a multiple of the block and kept tokens at block edges."""
+    draws, vocab = 3000, 1000
+    logits = rng.normal(size=vocab) * 2
+    logits[[127, 128, 255, 999]] += 6  # likely draws on both sides of block edges and the last token
+    temperature, top_k, top_p = 0.9, 40, 0.95
+    keys = jax.random.split(jax.random.key(int(rng.integers(2**31))), draws)
+    ones = jnp.ones(draws)
+    tokens = np.asarray(jax.jit(sample_tokens, static_argnums=5)(
+        jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (draws, vocab)), keys, temperature * ones,
+        jnp.full(draws, top_k, jnp.int32), top_p * ones, 0)[0])
+    kept = np.isfinite(_transformers_filtered(logits[None], temperature, top_k, top_p)[0])
+    assert kept[tokens].all()
+    filtered = np.where(kept, logits / temperature, -np.inf)
+    cdf = np.cumsum(np.exp(filtered - filtered.max()))
+    cdf /= cdf[-1]
+    uniforms = np.asarray(jax.vmap(lambda key: jax.random.uniform(key, dtype=jnp.float32))(keys), np.float64)
+    expected = np.searchsorted(cdf, uniforms, side="right")
+    near_boundary = np.min(np.abs(uniforms[:, None] - cdf[None, kept]), axis=1) < 1e-5
+    assert (tokens == expected)[~near_boundary].all()
