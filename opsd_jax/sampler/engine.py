@@ -35,6 +35,7 @@ from opsd_jax.models import (
 from opsd_jax.models.paged import NULL_PAGE
 from opsd_jax.parallel import SERVING_AXIS_RULES, logical_sharding, make_mesh
 from opsd_jax.sampler.sampling import (
+    CPU_ROW_BLOCK,
     TOP_LOGPROBS,
     SamplingParams,
     request_key,
@@ -151,9 +152,10 @@ class Engine:
         self.config = config
         self.sampler_config = sampler_config
         self.mesh = mesh if mesh is not None else make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
+        self._sample_row_block = CPU_ROW_BLOCK if on_cpu else None
         block_rows = sampler_config.paged_block_rows
         if block_rows is None:
-            on_cpu = all(d.platform == "cpu" for d in self.mesh.devices.flat)
             block_rows = CPU_PAGED_BLOCK_ROWS if on_cpu else config.attention_block_size
         # The model as the engine's programs run it (only paged attention reads the block size).
         self._forward_config = config.replace(attention_block_size=block_rows)
@@ -305,7 +307,8 @@ class Engine:
     def _sample_first_fn(self, logits_V, keys_N, positions_N, temperature_N, top_k_N, top_p_N, alternatives):
         token_keys = jax.vmap(jax.random.fold_in)(keys_N, positions_N)
         logits_NxV = self._mask_padded_vocab(jnp.broadcast_to(logits_V, (keys_N.shape[0], logits_V.shape[0])))
-        return TokenResult(*sample_tokens(logits_NxV, token_keys, temperature_N, top_k_N, top_p_N, alternatives))
+        return TokenResult(*sample_tokens(logits_NxV, token_keys, temperature_N, top_k_N, top_p_N, alternatives,
+                                          self._sample_row_block))
 
     def _insert_fn(self, state: DecodeState, slot, next_token, next_position, key, temperature, top_k, top_p):
         return state._replace(
@@ -338,7 +341,7 @@ class Engine:
         sampled_position_S = state.next_position + 1
         token_keys = jax.vmap(jax.random.fold_in)(state.keys, sampled_position_S)
         result = TokenResult(*sample_tokens(logits_SxV, token_keys, state.temperature, state.top_k, state.top_p,
-                                            alternatives))
+                                            alternatives, self._sample_row_block))
         # Idle slots keep stepping (into the null page); clamp so positions stay in range.
         next_position = jnp.minimum(sampled_position_S, self.max_sequence_length - 1)
         return state._replace(pools=pools, next_token=result.token, next_position=next_position), result

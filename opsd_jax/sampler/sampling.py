@@ -148,11 +148,12 @@ def _inverse_cdf_sample(keys_S, logits_SxV):
 TOP_LOGPROBS = 20
 
 
-# Rows sampled together (see sample_tokens).
-_ROW_BLOCK = 4
+# Rows sampled together on CPU (see sample_tokens).
+CPU_ROW_BLOCK = 4
 
 
-def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternatives: int = TOP_LOGPROBS):
+def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternatives: int = TOP_LOGPROBS,
+                  row_block: int | None = CPU_ROW_BLOCK):
     """Samples one token per row.
 
     Returns (token int32[S], logprob under the sampled distribution float32[S] (0 for greedy),
@@ -160,21 +161,21 @@ def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternati
     float32[S] in nats, the raw model's top alternatives: ids int32[S, A] and logprobs
     float32[S, A], A = min(alternatives, V)). `alternatives` is static; 0 skips the top-k pass.
 
-    Rows go through in blocks of `_ROW_BLOCK` (a loop over blocks): the top-p bisection makes 40
-    passes over its rows, and a block's logits and probabilities (4 x 151,936 x 8 bytes) stay in
-    cache between passes where all 16 slots' do not; every row's result is the same as sampling
-    all rows at once (each is computed from its own row alone).
+    Rows go through in blocks of `row_block` (a loop over blocks; None: all at once, as an
+    accelerator wants): on CPU the top-p bisection makes 40 passes over its rows, and a block's
+    logits and probabilities (4 x 151,936 x 8 bytes) stay in cache between passes where all 16
+    slots' do not. Every row's result is the same either way (each is computed from its own row).
     """
     rows = logits_SxV.shape[0]
-    if rows <= _ROW_BLOCK:
+    if row_block is None or rows <= row_block:
         return _sample_rows(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternatives)
-    blocks = -(-rows // _ROW_BLOCK)
+    blocks = -(-rows // row_block)
     # Pad by repeating the last row (any valid row will do; its results are dropped).
-    index_N = jnp.minimum(jnp.arange(blocks * _ROW_BLOCK), rows - 1)
-    inputs = tuple(x[index_N].reshape(blocks, _ROW_BLOCK, *x.shape[1:])
+    index_N = jnp.minimum(jnp.arange(blocks * row_block), rows - 1)
+    inputs = tuple(x[index_N].reshape(blocks, row_block, *x.shape[1:])
                    for x in (logits_SxV, keys_S, temperature_S, top_k_S, top_p_S))
     outputs = jax.lax.map(lambda block: _sample_rows(*block, alternatives), inputs)
-    return tuple(x.reshape(blocks * _ROW_BLOCK, *x.shape[2:])[:rows] for x in outputs)
+    return tuple(x.reshape(blocks * row_block, *x.shape[2:])[:rows] for x in outputs)
 
 
 def _sample_rows(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternatives: int):

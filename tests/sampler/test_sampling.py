@@ -103,6 +103,13 @@ def test_rows_sample_the_same_alone_or_in_any_batch(rng):
     top_k = jnp.asarray(rng.choice([0, 5, 50], rows), jnp.int32)
     top_p = jnp.asarray(rng.choice([1.0, 0.9, 0.5], rows), jnp.float32)
     together = jax.jit(sample_tokens, static_argnums=5)(logits, keys, temperature, top_k, top_p, 3)
+    unblocked = jax.jit(sample_tokens, static_argnums=(5, 6))(logits, keys, temperature, top_k, top_p, 3, None)
+    # All rows at once, as accelerators run it: the same tokens, values to the last bits (XLA
+    # vectorizes a 9-row reduction differently from a 4-row one).
+    np.testing.assert_array_equal(np.asarray(unblocked[0]), np.asarray(together[0]))
+    np.testing.assert_array_equal(np.asarray(unblocked[4]), np.asarray(together[4]))
+    for got, expected in zip(unblocked[1:], together[1:]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-6, atol=1e-6)
     for row in range(rows):
         alone = jax.jit(sample_tokens, static_argnums=5)(logits[row:row + 1], keys[row:row + 1], temperature[row:row + 1],
                                                          top_k[row:row + 1], top_p[row:row + 1], 3)
