@@ -26,7 +26,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "seq": (),
     # Activations' sequence dimension takes the batch axes the batch could not (a microbatch
     # with fewer sequences than data x fsdp shards): sequence parallelism between attentions.
-    "activation_seq": ("data", "fsdp"),
+    "activation_seq": ("data", "fsdp", "tensor"),
     "embed": ("fsdp",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),

@@ -146,12 +146,13 @@ def test_token_parallel_mesh_keeps_the_single_sweep_and_the_gradients(model, rng
 ACTIVATION_MODEL = dict(CONFIG, hidden_size=48, intermediate_size=176, num_hidden_layers=2)
 
 
-@pytest.mark.parametrize("sequences_per_microbatch", [8, 2])
-def test_fsdp_step_splits_activations_and_matches_one_device(rng, sequences_per_microbatch):
-    """The train step on a 1,8,1 mesh: each chip holds 1/8 of every microbatch's activations
-    (its sequences when the microbatch divides over the 8 batch shards, else 1/8 of the positions
-    of each sequence), never the whole microbatch (what XLA's propagation chose before the decoder
-    constrained its residual stream), and the step's new parameters equal one device's."""
+@pytest.mark.parametrize("mesh_shape,sequences_per_microbatch", [((1, 8, 1), 8), ((1, 8, 1), 2), ((1, 4, 2), 2)])
+def test_fsdp_step_splits_activations_and_matches_one_device(rng, mesh_shape, sequences_per_microbatch):
+    """The train step on an 8-chip mesh: with fsdp 8 each chip holds 1/8 of every microbatch's
+    activations (its sequences when the microbatch divides over the 8 batch shards, else 1/8 of
+    the positions of each sequence), never the whole microbatch (what XLA's propagation chose
+    before the decoder constrained its residual stream); with tensor 2 the positions split over
+    it too. The step's new parameters equal one device's."""
     from opsd_jax.config import OptimizerSection
     from opsd_jax.distill.train_step import TrainState, make_optimizer
     from opsd_jax.distill.trainer import jitted_train_step, optimizer_state_shardings, train_state_shardings
@@ -163,7 +164,7 @@ def test_fsdp_step_splits_activations_and_matches_one_device(rng, sequences_per_
     optimizer = make_optimizer(OptimizerSection(learning_rate=1e-3, warmup_ratio=0.0), 10)
     key = jax.random.key(int(rng.integers(2**31)))
     results = []
-    for mesh in (None, make_mesh(1, 8, 1)):
+    for mesh in (None, make_mesh(*mesh_shape)):
         params = init_params(model, key, mesh)
         opt_state = (optimizer.init(params) if mesh is None else jax.jit(
             optimizer.init, out_shardings=optimizer_state_shardings(optimizer, params, mesh))(params))
@@ -178,6 +179,7 @@ def test_fsdp_step_splits_activations_and_matches_one_device(rng, sequences_per_
             step = jitted_train_step(settings, optimizer, shardings)
             batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
             hlo = step.lower(state, batch).compile().as_text()
+        if mesh is not None and mesh_shape[2] == 1:
             # Per-device MLP activations [b, t, 176], t a whole sequence or an eighth of one (the
             # stacked MLP weights' shards are [layers, 48 / 8, 176]): b x t must be the
             # microbatch's tokens over 8.
