@@ -24,8 +24,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
     "seq": (),
-    # Activations' sequence dimension takes the batch axes the batch could not (a microbatch
-    # with fewer sequences than data x fsdp shards): sequence parallelism between attentions.
+    # Activations' sequence dimension takes the batch axes the batch could not use (a microbatch
+    # with fewer sequences than data x fsdp shards), then tensor: sequence parallelism between
+    # attentions, so no chip holds a whole microbatch's residual stream.
     "activation_seq": ("data", "fsdp", "tensor"),
     "embed": ("fsdp",),
     "heads": ("tensor",),

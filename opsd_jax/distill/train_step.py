@@ -205,6 +205,8 @@ def accumulated_gradients(params, teacher_params, batch: Batch, settings: StepSe
     if M == 1:
         (_, metrics), grads = grad_fn(params, teacher_params, batch, settings)
         return grads, metrics
+    # Strided: microbatch i is rows i, i + M, ..., so it spans every chip the batch is split over
+    # (contiguous slices of a batch placed in contiguous blocks would sit on one or two chips).
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // M, M, *x.shape[1:]).swapaxes(0, 1), batch)
 
     def accumulate(carry, microbatch):

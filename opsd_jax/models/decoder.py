@@ -16,7 +16,8 @@ from opsd_jax.models import attention, layers, paged
 from opsd_jax.models.config import ModelConfig
 from opsd_jax.parallel import constrain
 
-# The residual stream between layers: sequences over the batch axes of the context mesh (if any).
+# The residual stream between layers on the context mesh (if any): sequences over the batch axes,
+# positions over the axes they leave (parallel.LOGICAL_AXIS_RULES).
 RESIDUAL_AXES = ("batch", "activation_seq", None)
 
 
