@@ -371,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "the slices repeat its data axis, as the trainer builds it")
     plan.add_argument("--programs", default="train,rollout,eval", help="which of train, rollout, eval to compile")
     plan.add_argument("--eval-slots", type=int, default=8, help="evaluation sampler slots (eval --max-slots)")
-    plan.add_argument("--kernel-impl", default="auto", choices=("auto", "xla", "pallas_tpu", "reference"),
-                      help="the train step's divergence kernel (auto: what the job picks on TPU, pallas_tpu); "
-                           "another choice asks what-if")
+    plan.add_argument("--kernel-impl", default=None, choices=("auto", "xla", "pallas_tpu", "reference"),
+                      help="the train step's divergence kernel (default: the config's train.kernel; auto is what "
+                           "the job picks on TPU, pallas_tpu); another choice asks what-if")
     plan.add_argument("--model-config", metavar="DIR", type=user_path,
                       help="folder with the student's config.json (default: from model.checkpoint, else the "
                            "packaged config of the same name)")

@@ -21,6 +21,7 @@ def test_yaml_and_overrides(tmp_path):
      ("objective.kind=kl", r"objective.kind: 'kl' is not one of 'jsd', 'forward_kl'"),
      ("train.steps=many", r"train.steps: expected an integer"),
      ("model.remat=maybe", r"model.remat: expected true or false"),
+     ("train.kernel=triton", r"train.kernel: 'triton' is not one of 'auto', 'xla', 'pallas_tpu'"),
      ("steps", r"must look like section.key=value")],
 )
 def test_bad_keys_are_named(override, message):

@@ -522,7 +522,7 @@ def step_settings(c: RunConfig, student, teacher, valid_vocab: int, mesh=None) -
     """mesh: the step's device mesh (the kernel's shard_map needs it on more than one device)."""
     return StepSettings(student=student, teacher=teacher, objective=c.objective, teacher_kind=c.teacher.kind,
                         ema_rate=c.teacher.ema_rate, microbatches=c.train.microbatches, valid_vocab=valid_vocab,
-                        mesh=mesh)
+                        mesh=mesh, kernel_impl=c.train.kernel)
 
 
 def optimizer_state_shardings(optimizer, params, mesh):

@@ -35,8 +35,9 @@ class DivergenceSpec:
     token_block / vocab_block: tile sizes; None lets the implementation choose.
     interpret: Pallas only. None runs the interpreter unless the default backend is the kernel's
       own accelerator; False forces real lowering (to compile for a TPU topology on a CPU host).
-    tpu_generation: pallas_tpu only: the chip the kernel is compiled for ("v4", "v5e", "v5p",
-      "v6e", "v7x"), which sets its VMEM budget; None: the default device's, else a conservative one.
+    tpu_generation: the TPU the kernel is compiled for ("v4", "v5e", "v5p", "v6e", "v7x"), None
+      when it is not a TPU: sets pallas_tpu's VMEM budget (None there: a conservative one) and
+      xla's default token block from hidden states (larger on TPU, xla.TPU_FUSED_TOKEN_BLOCK).
     head_hidden_shards: how many shards the stored heads' hidden dimension is split into (fsdp),
       set by the vocabulary-parallel form: a stored shard's shape decides the layout XLA gives
       the heads, and pallas_tpu reads them in that orientation (pallas_tpu.vocab_major).

@@ -4,23 +4,25 @@ Letters: N tokens, n tokens per shard, V vocabulary, v vocabulary columns per sh
 student / teacher hidden widths.
 
 Tokens are split over the mesh axes of the logical "batch" axis and the heads' vocabulary over
-those of "vocab" (parallel.LOGICAL_AXIS_RULES: (data, fsdp) and tensor). Each shard computes
-statistics of its [n, v] slice of the logits without forming it (maxima, rescaled sums, the
-entropy and KL cross terms, the target's logit when the target lies in its slice), and the rows
-are completed over the vocabulary axes with one pmax and one psum of [n] vectors, plus one psum
-for the target logits and one for the JSD's second pass; the backward adds one psum of the
-cotangents. The backward of a shard is otherwise local: its d/dh is a partial sum over its vocabulary
-slice and its d/dW covers its tokens only; shard_map's transpose sums the first over the
-vocabulary axes and the second over the token axes, because each input's spec leaves those axes
-out. The head is never gathered over the vocabulary axes and no [N, V] array exists; the head's
-fsdp split of its hidden dimension is gathered at the shard_map boundary, as FSDP does anyway.
+those of "vocab" (parallel.LOGICAL_AXIS_RULES: (data, fsdp) and tensor). A shard's rows are
+completed over the vocabulary axes by collectives of [n] (or per-block [R]) vectors: one pmax of
+the maxima and one psum of the rescaled sums, the entropy and KL cross terms; one psum for the
+target logits (the slice holding a target contributes it) and one for the JSD's second pass; the
+backward adds one psum of the cotangents. A shard's gradients are local: its d/dh is a partial
+sum over its vocabulary slice and its d/dW covers its tokens only; shard_map's transpose sums the
+first over the vocabulary axes and the second over the token axes, because each input's spec
+leaves those axes out. The head is never gathered over the vocabulary axes and no [N, V] array
+exists; the head's fsdp split of its hidden dimension is gathered at the shard_map boundary, as
+FSDP does anyway.
 
-Needed for Mosaic kernels (which XLA cannot partition), and used for the XLA implementation too
-so the trainer has one sharded form. An implementation provides a `LocalBackend`; the others
-(reference: plain jnp that XLA partitions itself; pallas_gpu: no slice statistics yet) run
-token-parallel with the head replicated. So does xla when the mesh does not split the vocabulary
-(tensor = 1, the usual FSDP mesh): every shard then holds whole rows, and its single sweep forms
-the gradients in the forward (`gradient_in_forward`).
+Two forms, by implementation:
+- xla, one sweep: per token block, the [R, v] tiles stay live while their statistics are
+  completed across the slices, so the forward forms the gradients too (8 N H V, `xla.py`).
+- Statistics first, for Mosaic kernels (which XLA cannot partition) and their fixed VMEM tiles:
+  an implementation's `LocalBackend` sums statistics of its slice without forming it, the rows
+  are completed once, and the backward recomputes the tiles (12 N H V for the KLs).
+The others (reference: plain jnp that XLA partitions itself; pallas_gpu: no slice statistics yet)
+run token-parallel with the head replicated.
 """
 
 from __future__ import annotations
@@ -134,25 +136,24 @@ def mesh_axes(mesh: Mesh, n: int, vocab: int) -> tuple[tuple[str, ...], tuple[st
 
 
 def local_backend(impl: str) -> LocalBackend | None:
-    """The slice statistics of `impl`, or None where it has none (reference, pallas_gpu)."""
-    if impl == "xla":
-        from opsd_jax.kernels import xla as module
-    elif impl == "pallas_tpu":
-        from opsd_jax.kernels import pallas_tpu as module
-    else:
+    """The statistics-first slice backend of `impl`, or None where it has none (xla sweeps once
+    instead; reference and pallas_gpu run token-parallel)."""
+    if impl != "pallas_tpu":
         return None
-    return module.LOCAL
+    from opsd_jax.kernels import pallas_tpu
+
+    return pallas_tpu.LOCAL
 
 
 def gradient_in_forward(impl: str, mesh: Mesh | None, n: int, vocab: int) -> bool:
     """Whether `impl` on `mesh` forms the student's gradients in the same sweep as the statistics,
-    for the `weights` it is given: only the XLA kernel, and only where each shard holds whole
-    vocabulary rows (one device, or a mesh that splits only the tokens). Everywhere else the row
-    normalizers exist only after a statistics sweep (and its collectives), so the gradient is one
-    more sweep, run in the backward with the actual cotangents."""
-    if impl != "xla":
-        return False
-    return mesh is None or mesh.size == 1 or not mesh_axes(mesh, n, vocab)[1]
+    for the `weights` it is given: the XLA kernel, on any mesh (its tiles of whole rows, or of a
+    vocabulary slice whose statistics are completed by collectives, stay live until G is formed).
+    The Mosaic and Triton kernels compute statistics first without keeping the tiles: their
+    gradient is one more sweep, run in the backward with the actual cotangents. (mesh, n and
+    vocab are accepted so that a future kernel may depend on them.)"""
+    del mesh, n, vocab
+    return impl == "xla"
 
 
 def _slice_targets(targets_n, offset, limit):
@@ -189,17 +190,18 @@ def _slice_position(vocab_axes, v: int, allowed: int):
 
 def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N,
                             spec: DivergenceSpec, *, mesh: Mesh, impl: str, whole: Callable) -> DivergenceOutput:
-    """api.fused_linear_divergence on `mesh`: vocabulary-parallel for xla and pallas_tpu, else
-    token-parallel around `whole` (the implementation's single-device function, heads replicated).
-    xla on a mesh that does not split the vocabulary is token-parallel too: whole rows on every
-    shard keep its single sweep (gradients formed for `weights` in the forward).
+    """api.fused_linear_divergence on `mesh`: vocabulary-parallel for xla (one sweep) and
+    pallas_tpu (statistics first), else token-parallel around `whole` (the implementation's
+    single-device function, heads replicated). xla on a mesh that does not split the vocabulary
+    runs `whole` on each shard's whole rows.
 
     Same arguments and result as the implementation functions (mask bool [N], targets int32 [N] or
     None, weights float32 [N] or None); the result's [N] arrays are split over the token axes.
     """
     n, vocab = hs_NxHs.shape[0], ws_HsxV.shape[1]
-    local = None if gradient_in_forward(impl, mesh, n, vocab) else local_backend(impl)
-    rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, local is not None)
+    local = local_backend(impl)
+    one_sweep = impl == "xla" and bool(mesh_axes(mesh, n, vocab)[1])
+    rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, local is not None or one_sweep)
     if local is not None:
         spec = dataclasses.replace(spec, head_hidden_shards=_hidden_shards(mesh, hs_NxHs.shape[1], vocab))
     with_targets = targets_N is not None
@@ -211,11 +213,16 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
 
     def body(hs, ws, ht, wt, mask_n, targets_n, weights_n):
         tgt = targets_n if with_targets else None
-        if local is None:
-            return whole(hs, ws, ht, wt, mask_n, tgt, weights_n if with_weights else None, spec)
+        wts = weights_n if with_weights else None
+        if local is None and not one_sweep:
+            return whole(hs, ws, ht, wt, mask_n, tgt, wts, spec)
         offset, limit = _slice_position(vocab_axes, v, allowed)
         if tgt is not None:
             tgt = _slice_targets(tgt, offset, limit)
+        if one_sweep:
+            from opsd_jax.kernels import xla
+
+            return xla.slice_fused_linear_divergence(hs, ws, ht, wt, mask_n, tgt, wts, limit, spec, vocab_axes)
         return _shard(local, spec, vocab_axes, hs, ws, ht, wt, mask_n, tgt, limit)
 
     sharded = jax.shard_map(

@@ -16,6 +16,12 @@ JSD. Those products are formed for the cotangent the caller's loss will give the
 actual cotangent is a multiple of it, and otherwise sweeps the tiles once more for the remainder
 (the trip count is decided at run time).
 
+On a mesh that splits the vocabulary (vocab_parallel.py) a shard holds an [R, v] slice of each
+block's rows; the block's row statistics are completed across the slices by collectives while
+the tile is live (one pmax and one psum of [R] vectors, one more psum for the JSD's KLs and one
+for the target logits), so the same single sweep forms this slice's share of d/dh and its own
+d/dW: 8 N H V in all, where a statistics-first sweep recomputes the tiles (12 N H V).
+
 Token blocks without a kept row are not visited at all: the loops run over the list of blocks
 that hold one (padding at the end of short sequences costs nothing). Blocks that would run past
 the end start earlier instead (no padding copy of the inputs); the rows or columns they revisit
@@ -29,17 +35,26 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from opsd_jax.kernels import rows, vocab_parallel
+from opsd_jax.kernels import rows
 from opsd_jax.kernels.spec import DivergenceOutput, DivergenceSpec
 
 TOKEN_BLOCK = 256
 VOCAB_BLOCK = 8192
 FUSED_TOKEN_BLOCK = 128
+# Every token block reads both heads (bf16 for the MXU, 4 bytes per column and hidden unit) and
+# adds into the float32 d/dW accumulator (8 bytes read and written) against 8 R FLOPs: 2R/3 FLOP
+# per byte, under v5p's ~166 at R = 128 (HBM-bound) and twice it at 512. The AOT compile of the
+# vocabulary-parallel form at H = 4096, 37,984 columns per chip found 1.23 GiB of temporaries at
+# 128 rows and 1.29 at 512 (BUILD_NOTES, issue 12).
+TPU_FUSED_TOKEN_BLOCK = 512
 HEAD_GRAD_SLICE = 8192
 # The backward reuses the forward's gradient products when every token's cotangent is within this
 # relative distance of c * weights (a few dozen float32 ulps: the loss's own rounding of the same
 # weights), and sweeps again otherwise.
 WEIGHTS_RTOL = 2.0**-18
+# The backward divides the remainder's cotangents by the scale c and multiplies the sum back by it;
+# a smaller |c| is not used (see split_cotangent).
+MIN_SCALE = 2.0**-60
 
 
 def _clamped_start(index, block: int, total: int):
@@ -183,6 +198,13 @@ def divergence(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec: 
 # ----------------------------------------------------------------------------- fused with the heads
 
 
+def fused_token_block(n: int, spec: DivergenceSpec) -> int:
+    """Rows per token block of the sweeps from hidden states: spec.token_block, else
+    FUSED_TOKEN_BLOCK, or TPU_FUSED_TOKEN_BLOCK when compiling for a TPU."""
+    default = TPU_FUSED_TOKEN_BLOCK if spec.tpu_generation else FUSED_TOKEN_BLOCK
+    return min(spec.token_block or default, n)
+
+
 def _project(hidden_NxH, head_HxV, row0, r, spec, limit=None):
     """Scaled float32 logits [R, V] of rows row0..row0+R, and those hidden rows [R, H].
 
@@ -207,7 +229,11 @@ def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc_HxV):
     g_RxV = g_RxV.astype(head_HxV.dtype)
     gh_RxH = jax.lax.dot_general(g_RxV, head_HxV, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     vocab = g_RxV.shape[1]
-    c = min(HEAD_GRAD_SLICE, vocab)
+    # Equal slices of at most HEAD_GRAD_SLICE columns (rounded up to 128): a clamped last slice
+    # recomputes the columns it revisits, 8% of the product for Qwen3's 37,984-column shard in
+    # 8,192-column slices, 1% in 7,680-column ones.
+    per_slice = -(-vocab // -(-vocab // HEAD_GRAD_SLICE))
+    c = min(vocab, -(-per_slice // 128) * 128)
 
     def add_slice(j, acc_HxV):
         nominal, col0 = _clamped_start(j, c, vocab)
@@ -221,18 +247,38 @@ def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc_HxV):
     return gh_RxH, jax.lax.fori_loop(0, -(-vocab // c), add_slice, acc_HxV)
 
 
+def _block_stats(zs_RxV, zt_RxV, beta: float, axis_name) -> rows.RowStats:
+    """Whole-row statistics of one token block from its scaled logits tiles (float32 [R, V], or
+    [R, v] slices of the rows when axis_name names the mesh axes that hold the other slices)."""
+    if not axis_name:
+        return rows.full_row_stats(zs_RxV, zt_RxV, beta)
+    stats = rows.online_combine(rows.online_partial(zs_RxV, zt_RxV, beta), axis_name, beta)
+    kls = None
+    if rows.divergence_mode(beta) == "jsd":
+        # The tiles are still live, so the JSD's second pass costs no recomputation.
+        log_zs_R, log_zt_R = rows.online_log_normalizers(stats)
+        kls = jax.lax.psum(rows.jsd_block_kls(zs_RxV, zt_RxV, log_zs_R, log_zt_R, beta), axis_name)
+    return rows.finish_row_stats(stats, beta, kls)
+
+
 def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents=None, grads0=None,
-                active_N=None):
+                active_N=None, limit=None, axis_name=()):
     """One sweep over the token blocks that hold an active row (default: a kept one).
 
     cotangents None: outputs only. Otherwise a triple of float32 [N] (divergence, entropy,
     log-prob; the last two may be None) and the sweep also adds the student gradients to
     grads0 (float32 [N, Hs], float32 [Hs, V]; zeros when None) and returns them.
     active_N: bool [N] (may be traced), the rows that need a visit; all False visits nothing.
+    limit, axis_name: None and () for whole rows. For one vocabulary slice of the rows: its int32
+    bound (columns at or past it are excluded) and the mesh axes holding the other slices, over
+    which every block's statistics are completed (every shard of such a group must see the same
+    active_N, which it does: the tokens and their cotangents are the same on all of them).
+    targets_N are then slice columns (-1 elsewhere), d/dh is this slice's share and the head
+    gradient this slice's [Hs, v].
     """
     n, hs_width = hs_NxHs.shape
     vocab = ws_HsxV.shape[1]
-    r = min(spec.token_block or FUSED_TOKEN_BLOCK, n)
+    r = fused_token_block(n, spec)
     order_B, count = active_blocks(mask_N if active_N is None else active_N, r)
     want_grads = cotangents is not None
     with_targets = targets_N is not None
@@ -242,13 +288,17 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
         outs, grads = carry
         nominal, row0 = _clamped_start(order_B[k], r, n)
         fresh_R = row0 + jnp.arange(r) >= nominal
-        zs_RxV, hs_RxHs = _project(hs_NxHs, ws_HsxV, row0, r, spec)
-        zt_RxV, _ = _project(ht_NxHt, wt_HtxV, row0, r, spec)
-        stats = rows.full_row_stats(zs_RxV, zt_RxV, spec.beta)
+        zs_RxV, hs_RxHs = _project(hs_NxHs, ws_HsxV, row0, r, spec, limit)
+        zt_RxV, _ = _project(ht_NxHt, wt_HtxV, row0, r, spec, limit)
+        stats = _block_stats(zs_RxV, zt_RxV, spec.beta, axis_name)
         values = tuple(stats)
         if with_targets:
             tgt_R = jax.lax.dynamic_slice_in_dim(targets_N, row0, r)
-            values += (rows.target_logit(zs_RxV, tgt_R), rows.target_logit(zt_RxV, tgt_R))
+            target_logits = (rows.target_logit(zs_RxV, tgt_R), rows.target_logit(zt_RxV, tgt_R))
+            if axis_name:
+                # Only the slice holding a row's target contributes a nonzero logit.
+                target_logits = jax.lax.psum(target_logits, axis_name)
+            values += target_logits
         outs = tuple(jax.lax.dynamic_update_slice(o_N, v_R, (row0,)) for o_N, v_R in zip(outs, values))
         if want_grads:
             keep_R = fresh_R & jax.lax.dynamic_slice_in_dim(mask_N, row0, r)
@@ -296,46 +346,58 @@ def _unit_cotangent(mask_N, weights_N):
 
 def split_cotangent(cot_d_N, unit_N):
     """(c, remainder): cot_d = c * unit + remainder, with the remainder exactly 0 where it is within
-    WEIGHTS_RTOL of c * unit (the loss's own rounding). c is read at the largest |unit|."""
+    WEIGHTS_RTOL of c * unit (the loss's own rounding). c is read at the largest |unit|; where that
+    gives 0, or a c so small that dividing the other cotangents by it could overflow, c is 1 (the
+    whole difference is then remainder, which is exact and costs one sweep)."""
     k = jnp.argmax(jnp.abs(unit_N))
     c = jnp.where(unit_N[k] != 0, cot_d_N[k] / jnp.where(unit_N[k] != 0, unit_N[k], 1.0), 0.0)
+    c = jnp.where(jnp.isfinite(c) & (jnp.abs(c) >= MIN_SCALE), c, 1.0)
     scaled_N = c * unit_N
     rest_N = cot_d_N - scaled_N
     return c, jnp.where(jnp.abs(rest_N) <= WEIGHTS_RTOL * jnp.abs(scaled_N), 0.0, rest_N)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, spec):
-    return _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, None)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, limit, spec, axis_name):
+    return _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, None, limit=limit,
+                       axis_name=axis_name)[0]
 
 
-def _fused_fwd(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, spec):
+def _fused_fwd(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, limit, spec, axis_name):
     unit_N = _unit_cotangent(mask_N, weights_N)
     out, (gh_unit_NxHs, gw_unit_HsxV) = _fused_pass(
-        hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, (unit_N, None, None)
+        hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, (unit_N, None, None), limit=limit,
+        axis_name=axis_name,
     )
-    return out, (hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, unit_N, gh_unit_NxHs, gw_unit_HsxV)
+    return out, (hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, limit, unit_N, gh_unit_NxHs, gw_unit_HsxV)
 
 
-def _fused_bwd(spec, residuals, cot: DivergenceOutput):
-    hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, unit_N, gh_unit_NxHs, gw_unit_HsxV = residuals
+def _fused_bwd(spec, axis_name, residuals, cot: DivergenceOutput):
+    hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, limit, unit_N, gh_unit_NxHs, gw_unit_HsxV = residuals
     cot_d_N, cot_h_N, cot_lp_N = _student_cotangents(cot, mask_N, targets_N)
-    # The gradient is linear in the cotangents: scale the forward's products by c, then add what
-    # the remainder contributes. When the loss gave the divergence c * weights (and the entropy
-    # and log-prob nothing) the remainder is zero and its sweep visits no block; the scaling
-    # happens in place, so the head gradient never exists twice.
+    if axis_name:
+        # Inside vocab_parallel's shard_map: the outputs are replicated over the vocabulary axes,
+        # so its transpose hands each slice 1/size of their cotangent; each slice's share of the
+        # gradient needs all of it (see vocab_parallel._shard_bwd).
+        cot_d_N, cot_h_N, cot_lp_N = (None if x is None else jax.lax.psum(x, axis_name)
+                                      for x in (cot_d_N, cot_h_N, cot_lp_N))
+    # The gradient is linear in the cotangents: c * (the forward's products + what the remainder
+    # contributes at 1/c). When the loss gave the divergence c * weights (and the entropy and
+    # log-prob nothing) the remainder is zero and its sweep visits no block. The sweep adds into
+    # the forward's products themselves and the scaling comes last, so XLA can keep the one head
+    # gradient buffer from the forward to the output (scaling first would make a second one).
     c, rest_d_N = split_cotangent(cot_d_N, unit_N)
     active_N = rest_d_N != 0.0
     for x_N in (cot_h_N, cot_lp_N):
         if x_N is not None:
             active_N = active_N | (x_N != 0.0)
+    per_c = tuple(None if x_N is None else x_N / c for x_N in (rest_d_N, cot_h_N, cot_lp_N))
     _, (gh_NxHs, gw_HsxV) = _fused_pass(
-        hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec,
-        cotangents=(rest_d_N, cot_h_N, cot_lp_N),
-        grads0=(c * gh_unit_NxHs, c * gw_unit_HsxV),
-        active_N=active_N & mask_N,
+        hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents=per_c,
+        grads0=(gh_unit_NxHs, gw_unit_HsxV), active_N=active_N & mask_N, limit=limit, axis_name=axis_name,
     )
-    return gh_NxHs.astype(hs_NxHs.dtype), gw_HsxV.astype(ws_HsxV.dtype), None, None, None, None, None
+    return ((c * gh_NxHs).astype(hs_NxHs.dtype), (c * gw_HsxV).astype(ws_HsxV.dtype),
+            None, None, None, None, None, None)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -345,7 +407,17 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
     """DivergenceOutput (float32 [N] each) from hidden states [N, H] and heads [H, V]; see
     api.fused_linear_divergence. weights_N: float32 [N] or None, the divergence cotangent (up to
     one scalar) the forward forms its gradient products for."""
-    return _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, spec)
+    return _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, None, spec, ())
+
+
+def slice_fused_linear_divergence(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, weights_n, limit,
+                                  spec: DivergenceSpec, axis_name):
+    """`fused_linear_divergence` of one shard inside vocab_parallel's shard_map, whose heads hold
+    the vocabulary slice [H, v]: limit int32 scalar (slice columns at or past it are excluded),
+    targets_n slice columns (-1 where the target lies in another slice), axis_name the mesh axes
+    holding the other slices. Outputs are whole-row values [n]; the gradients are this slice's
+    share of d/dh (summed over the slices by shard_map's transpose) and d/dW of this slice."""
+    return _fused(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, weights_n, limit, spec, tuple(axis_name))
 
 
 # ----------------------------------------------------------------------------- the student alone
@@ -356,7 +428,7 @@ def student_slice_stats(hs_nxHs, ws_HsxV, mask_n, targets_n, limit, spec: Diverg
     sum, target logit (0 where the target is elsewhere or absent)), float32 [n] each; blocks
     without a kept row are skipped. limit: None (spec.valid_vocab) or an int32 scalar."""
     n = hs_nxHs.shape[0]
-    r = min(spec.token_block or FUSED_TOKEN_BLOCK, n)
+    r = fused_token_block(n, spec)
     order_B, count = active_blocks(mask_n, r)
 
     def block(k, outs):
@@ -369,96 +441,3 @@ def student_slice_stats(hs_nxHs, ws_HsxV, mask_n, targets_n, limit, spec: Diverg
 
     outs = jax.lax.fori_loop(0, count, block, tuple(jnp.zeros((n,), jnp.float32) for _ in range(4)))
     return outs
-
-
-# ----------------------------------------------------------------------------- one vocabulary slice
-# The vocabulary-parallel form (vocab_parallel.py): statistics of an [n, v] slice, completed across
-# shards by collectives, then a backward that recomputes the tiles (the single-pass trick above
-# needs whole rows, hence both normalizers, while the tile is live). Token blocks of slice rows.
-
-
-def _slice_blocks(n: int, spec: DivergenceSpec):
-    return min(spec.token_block or FUSED_TOKEN_BLOCK, n)
-
-
-def _slice_stats(inputs, targets_n, mask_n, limit, spec: DivergenceSpec):
-    """vocab_parallel.LocalBackend.stats: rows.OnlineStats of the slice and its target logits."""
-    hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV = inputs
-    n = hs_nxHs.shape[0]
-    r = _slice_blocks(n, spec)
-    order_B, count = active_blocks(mask_n, r)
-    with_targets = targets_n is not None
-
-    def block(k, outs):
-        _, row0 = _clamped_start(order_B[k], r, n)
-        zs_RxV, _ = _project(hs_nxHs, ws_HsxV, row0, r, spec, limit)
-        zt_RxV, _ = _project(ht_nxHt, wt_HtxV, row0, r, spec, limit)
-        values = tuple(rows.online_partial(zs_RxV, zt_RxV, spec.beta))
-        if with_targets:
-            tgt_R = jax.lax.dynamic_slice_in_dim(targets_n, row0, r)
-            values += (rows.target_logit(zs_RxV, tgt_R), rows.target_logit(zt_RxV, tgt_R))
-        # Rows a clamped block revisits get the same values again.
-        return tuple(jax.lax.dynamic_update_slice(o_n, v_R, (row0,)) for o_n, v_R in zip(outs, values))
-
-    init = rows.online_init(n) + tuple(jnp.zeros((n,), jnp.float32) for _ in range(2 * with_targets))
-    outs = jax.lax.fori_loop(0, count, block, init)
-    stats = rows.OnlineStats(*outs[: len(rows.OnlineStats._fields)])
-    return stats, (tuple(outs[-2:]) if with_targets else None)
-
-
-def _slice_jsd_kls(inputs, log_zs_n, log_zt_n, mask_n, limit, spec: DivergenceSpec):
-    """vocab_parallel.LocalBackend.jsd_kls: this slice's shares of KL(p_s||m), KL(p_t||m)."""
-    hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV = inputs
-    n = hs_nxHs.shape[0]
-    r = _slice_blocks(n, spec)
-    order_B, count = active_blocks(mask_n, r)
-
-    def block(k, kls):
-        _, row0 = _clamped_start(order_B[k], r, n)
-        zs_RxV, _ = _project(hs_nxHs, ws_HsxV, row0, r, spec, limit)
-        zt_RxV, _ = _project(ht_nxHt, wt_HtxV, row0, r, spec, limit)
-        cut = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=row0, slice_size=r)
-        values = rows.jsd_block_kls(zs_RxV, zt_RxV, cut(log_zs_n), cut(log_zt_n), spec.beta)
-        return tuple(jax.lax.dynamic_update_slice(o_n, v_R, (row0,)) for o_n, v_R in zip(kls, values))
-
-    zero_n = jnp.zeros((n,), jnp.float32)
-    return jax.lax.fori_loop(0, count, block, (zero_n, zero_n))
-
-
-def _slice_grads(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, stats: rows.RowStats, cots, targets_n, limit, spec):
-    """vocab_parallel.LocalBackend.grads: (float32 [n, Hs] d/dh over this slice, float32 [Hs, v])."""
-    n, width = hs_nxHs.shape
-    r = _slice_blocks(n, spec)
-    cot_d_n, cot_h_n, cot_lp_n = cots
-    keep_n = cot_d_n != 0.0
-    for c in (cot_h_n, cot_lp_n):
-        if c is not None:
-            keep_n = keep_n | (c != 0.0)
-    order_B, count = active_blocks(keep_n, r)
-
-    def block(k, grads):
-        gh_nxHs, acc_HsxV = grads
-        nominal, row0 = _clamped_start(order_B[k], r, n)
-        cut = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=row0, slice_size=r)
-        # A clamped block's revisited rows were done by the previous block: keep them out.
-        keep_R = (row0 + jnp.arange(r) >= nominal) & cut(keep_n)
-        zs_RxV, hs_RxHs = _project(hs_nxHs, ws_HsxV, row0, r, spec, limit)
-        zt_RxV, _ = _project(ht_nxHt, wt_HtxV, row0, r, spec, limit)
-        g_RxV = rows.student_grad_tile(
-            zs_RxV, zt_RxV, cut(stats.student_log_z_R), cut(stats.teacher_log_z_R), cut(stats.aux_R),
-            cut(stats.student_entropy_R), spec.beta, jnp.where(keep_R, cut(cot_d_n), 0.0),
-            None if cot_h_n is None else jnp.where(keep_R, cut(cot_h_n), 0.0),
-            None if cot_lp_n is None else jnp.where(keep_R, cut(cot_lp_n), 0.0),
-            None if targets_n is None else cut(targets_n),
-        )
-        g_RxV = jnp.where(keep_R[:, None], g_RxV * (1.0 / spec.temperature), 0.0)
-        hs_RxHs = jnp.where(keep_R[:, None], hs_RxHs, 0)  # NaN in an ignored row stays out of h^T G
-        gh_RxHs, acc_HsxV = _gradient_products(g_RxV, hs_RxHs, ws_HsxV, acc_HsxV)
-        old_RxHs = jax.lax.dynamic_slice_in_dim(gh_nxHs, row0, r)
-        return jax.lax.dynamic_update_slice_in_dim(gh_nxHs, old_RxHs + gh_RxHs, row0, axis=0), acc_HsxV
-
-    grads0 = (jnp.zeros((n, width), jnp.float32), jnp.zeros((width, ws_HsxV.shape[1]), jnp.float32))
-    return jax.lax.fori_loop(0, count, block, grads0)
-
-
-LOCAL = vocab_parallel.LocalBackend(_slice_stats, _slice_jsd_kls, _slice_grads)

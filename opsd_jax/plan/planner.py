@@ -67,8 +67,8 @@ def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, s
     return ["a smaller largest prefill bucket", "a shorter data.max_prompt_tokens"]
 
 
-def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots: int = 8, kernel_impl: str = "auto",
-             model_config: str | None = None, teacher_config: str | None = None, progress=print,
+def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots: int = 8,
+             kernel_impl: str | None = None, model_config: str | None = None, teacher_config: str | None = None, progress=print,
              num_slices: int = 1) -> dict:
     """Compiles the selected programs of run `c` for `num_slices` slices of `topology`; returns the
     report dict. Several slices: `train.mesh` is one slice's mesh and the slices repeat its data

@@ -209,7 +209,7 @@ def compile_program(plan: ProgramPlan, jitted, *args) -> ProgramPlan:
 # ---- the programs ---------------------------------------------------------------------------------
 
 def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig | None, mesh, processes: int,
-                       *, resident_bytes: int = 0, kernel_impl: str = "auto") -> ProgramPlan:
+                       *, resident_bytes: int = 0, kernel_impl: str | None = None) -> ProgramPlan:
     """The training step exactly as `Trainer.run` jits it, for one global batch at the config's
     longest shapes (every prompt at data.max_prompt_tokens, every rollout at max_new_tokens)."""
     step, state, batch, settings = train_step_inputs(c, student, teacher, mesh, processes, kernel_impl=kernel_impl)
@@ -221,10 +221,11 @@ def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig 
 
 
 def train_step_inputs(c: RunConfig, student: ModelConfig, teacher: ModelConfig | None, mesh, processes: int,
-                      *, kernel_impl: str = "auto"):
+                      *, kernel_impl: str | None = None):
     """(jitted step, state, batch, settings): the trainer's jitted step and ShapeDtypeStructs of
     its arguments on their NamedShardings, as train_step_program compiles them (a test runs the same
-    step on real arrays of these shapes and shardings to check the plan's bytes)."""
+    step on real arrays of these shapes and shardings to check the plan's bytes). kernel_impl: the
+    divergence kernel, default the config's train.kernel."""
     from opsd_jax.distill.train_step import TrainState, make_optimizer
     from opsd_jax.distill.trainer import (
         batch_shapes,
@@ -256,8 +257,9 @@ def train_step_inputs(c: RunConfig, student: ModelConfig, teacher: ModelConfig |
     state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params, opt_state, teacher_params)
     shardings = train_state_shardings(state, mesh)
     state = _with_shardings(state, shardings)
-    settings = dataclasses.replace(step_settings(c, student, teacher_config, student.vocab_size, mesh=mesh),
-                                   kernel_impl=kernel_impl)
+    settings = step_settings(c, student, teacher_config, student.vocab_size, mesh=mesh)
+    if kernel_impl is not None:
+        settings = dataclasses.replace(settings, kernel_impl=kernel_impl)
     # What the job resolves on the TPU it runs on: "auto" is the Mosaic kernel, lowered (not interpreted).
     settings = dataclasses.replace(settings, kernel_interpret=False,
                                    kernel_impl=default_impl("tpu") if settings.kernel_impl == "auto"

@@ -17,6 +17,14 @@ Prints memory_analysis() and one JSON line: memory per chip; cost_analysis() of 
 the compiled custom calls carry them; and the kernels' FLOPs against the issue-12 goal, 8 N H V
 for the KLs and 12 N H V for the JSD, and against the count of pallas_tpu's design (statistics
 sweep, JSD pass, one recomputation in the backward: 12 and 16 N H V), N and V per chip.
+
+--impl xla (with --mesh): the XLA kernel in the trainer's form, a weighted loss
+sum(weights * divergence) with the same `weights` passed to the kernel, so its one sweep forms
+the gradients and the backward only scales them. Its token-block loops have run-time trip counts,
+which cost_analysis() counts once each; the JSON line therefore also has `jaxpr_dot_flops`: the
+matmul FLOPs of the traced program with static loops multiplied out and each run-time loop run
+as often as it runs here (the forward sweep once per token block; the backward's remainder sweep
+0 times, which tests/kernels/test_training_path.py checks for this loss form).
 """
 
 from __future__ import annotations
@@ -65,16 +73,24 @@ def _data_parallel(devices, beta, n_per_chip, width, head_dtype):
     return jax.jit(sharded), args
 
 
-def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab=V):
+def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab=V, impl="pallas_tpu",
+                    token_block=None):
     """The public API with the mesh, as the train step calls it."""
     from opsd_jax.parallel import make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=devices)
 
-    def loss(hs, ws, ht, wt, targets):
-        out = kernels.fused_linear_divergence(hs, ws, ht, wt, beta=beta, valid_vocab=min(VALID, vocab), targets=targets,
-                                              impl="pallas_tpu", interpret=False, mesh=mesh)
-        return jnp.mean(out.divergence) - jnp.mean(out.student_logprob)
+    if impl == "xla":
+        def loss(hs, ws, ht, wt, targets, weights):
+            out = kernels.fused_linear_divergence(hs, ws, ht, wt, beta=beta, valid_vocab=min(VALID, vocab),
+                                                  targets=targets, impl="xla", mesh=mesh, weights=weights,
+                                                  token_block=token_block)
+            return jnp.sum(weights * out.divergence)
+    else:
+        def loss(hs, ws, ht, wt, targets):
+            out = kernels.fused_linear_divergence(hs, ws, ht, wt, beta=beta, valid_vocab=min(VALID, vocab),
+                                                  targets=targets, impl="pallas_tpu", interpret=False, mesh=mesh)
+            return jnp.mean(out.divergence) - jnp.mean(out.student_logprob)
 
     n = n_per_chip * mesh.shape["data"] * mesh.shape["fsdp"]
     rows = NamedSharding(mesh, P(("data", "fsdp")))
@@ -86,7 +102,38 @@ def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vo
         jax.ShapeDtypeStruct((width, vocab), head_dtype, sharding=head),
         jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rows),
     )
+    if impl == "xla":
+        args += (jax.ShapeDtypeStruct((n,), jnp.float32, sharding=rows),)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), args
+
+
+def dot_flops(jaxpr, dynamic_trips: list[int]) -> int:
+    """Matmul FLOPs (2 x output elements x contracted size per dot_general) of a jaxpr, inside
+    every sub-jaxpr (jit, shard_map: per shard, custom_vjp); scans count `length` times, a cond its
+    costliest branch, and each while loop whose body holds a matmul as often as the next entry of
+    `dynamic_trips` says (taken in the order the loops appear, outer before inner)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+        elif name == "scan":
+            total += eqn.params["length"] * dot_flops(eqn.params["jaxpr"].jaxpr, dynamic_trips)
+        elif name == "while":
+            body = eqn.params["body_jaxpr"].jaxpr
+            if dot_flops(body, [10**9] * 64):  # holds a matmul: takes the next trip count
+                trips = dynamic_trips.pop(0)
+                total += trips * dot_flops(body, dynamic_trips)
+        elif name == "cond":
+            total += max(dot_flops(branch.jaxpr, list(dynamic_trips)) for branch in eqn.params["branches"])
+        else:
+            for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+                sub = eqn.params.get(key)
+                if sub is not None:
+                    total += dot_flops(getattr(sub, "jaxpr", sub), dynamic_trips)
+    return total
 
 
 _ESTIMATE = re.compile(r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"(\d+)","bytes_accessed":"(\d+)"')
@@ -149,25 +196,40 @@ def flops_per_nhv(beta: float) -> tuple[int, int]:
 
 
 def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per_chip: int = N_PER_DEVICE,
-                width: int = H, head_dtype=jnp.bfloat16, vocab: int = V):
+                width: int = H, head_dtype=jnp.bfloat16, vocab: int = V, impl: str = "pallas_tpu",
+                token_block: int | None = None):
     """(device kind, memory_analysis(), number of Mosaic custom calls in the lowered program,
-    cost_analysis() of the compiled program, kernel_estimates of it)."""
+    cost_analysis() of the compiled program, kernel_estimates of it, compiled text, matmul FLOPs
+    per chip from the jaxpr (xla only, else None))."""
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices
     if mesh_shape is None:
+        if impl != "pallas_tpu":
+            raise SystemExit("--impl xla needs --mesh")
         jitted, args = _data_parallel(devices, beta, n_per_chip, width, head_dtype)
     else:
-        jitted, args = _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab)
+        jitted, args = _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab, impl,
+                                       token_block)
+    jaxpr_flops = None
+    if impl == "xla":
+        from opsd_jax.kernels import xla
+
+        blocks = -(-n_per_chip // (token_block or xla.TPU_FUSED_TOKEN_BLOCK))
+        jaxpr = jax.make_jaxpr(jitted)(*args).jaxpr
+        trips = [blocks, 0]  # the forward sweep; the backward's remainder sweep (none for this loss)
+        jaxpr_flops = dot_flops(jaxpr, trips)
+        if trips:
+            raise RuntimeError(f"expected two token-block loops in the xla program, {len(trips)} fewer")
     lowered = jitted.lower(*args)
     hlo = lowered.as_text()
     compiled = lowered.compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return (devices[0].device_kind, compiled.memory_analysis(), hlo.count("tpu_custom_call"), dict(cost),
-            kernel_estimates(compiled.as_text()), compiled.as_text())
+            kernel_estimates(compiled.as_text()), compiled.as_text(), jaxpr_flops)
 
 
 def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab, kind, memory, mosaic_calls, cost,
-           kernels, compiled_text="") -> dict:
+           kernels, compiled_text="", jaxpr_flops=None, impl="pallas_tpu") -> dict:
     """The JSON line: memory per chip, the program's and the kernels' costs, and the kernels' FLOPs
     over the goal's and the design's N H V (N tokens and V vocabulary columns per chip)."""
     vocab_per_chip = vocab if mesh_shape is None else math.ceil(vocab / mesh_shape[2])
@@ -176,6 +238,7 @@ def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab
     kernel_flops = sum(k["flops"] or 0 for k in kernels)
     return {
         "topology": topology,
+        "impl": impl,
         "mesh": None if mesh_shape is None else ",".join(map(str, mesh_shape)),
         "beta": beta,
         "hidden": width,
@@ -197,6 +260,8 @@ def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab
         "design_flops": design * nhv,
         "flops_over_goal": cost.get("flops", 0.0) / (goal * nhv),
         "kernel_flops_over_design": kernel_flops / (design * nhv),
+        "jaxpr_dot_flops": jaxpr_flops,
+        "jaxpr_dot_flops_over_goal": None if jaxpr_flops is None else jaxpr_flops / (goal * nhv),
     }
 
 
@@ -212,15 +277,17 @@ def main(argv):
     # column-major, and copies it for Mosaic, which wants row-major: another vocabulary size shows
     # what the kernel itself needs without those copies.
     parser.add_argument("--vocab", type=int, default=V, help="vocabulary size (with --mesh)")
+    parser.add_argument("--impl", default="pallas_tpu", choices=["pallas_tpu", "xla"])
+    parser.add_argument("--token-block", type=int, help="xla: rows per token block (default xla.TPU_FUSED_TOKEN_BLOCK)")
     args = parser.parse_args(argv[1:])
     mesh_shape = None if args.mesh is None else tuple(int(x) for x in args.mesh.split(","))
     compiled = compile_for(
         args.topology, args.beta, mesh_shape=mesh_shape, n_per_chip=args.tokens_per_chip, width=args.hidden,
-        head_dtype=jnp.dtype(args.head_dtype), vocab=args.vocab,
+        head_dtype=jnp.dtype(args.head_dtype), vocab=args.vocab, impl=args.impl, token_block=args.token_block,
     )
     print(compiled[1])
     print(json.dumps(report(args.topology, mesh_shape, args.beta, args.tokens_per_chip, args.hidden, args.head_dtype,
-                            args.vocab if mesh_shape else V, *compiled)))
+                            args.vocab if mesh_shape else V, *compiled, impl=args.impl)))
 
 
 if __name__ == "__main__":

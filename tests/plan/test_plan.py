@@ -100,6 +100,18 @@ def test_tiny_plan_compiles_the_real_jobs_for_a_multi_chip_topology(tmp_path, to
 
 
 @needs_libtpu
+def test_the_configs_kernel_reaches_the_train_step(tmp_path):
+    """train.kernel: xla plans the trainer's step with the XLA kernel's one sweep on a mesh that
+    splits the vocabulary over tensor (a shard_map XLA partitions with no Mosaic call in it)."""
+    model = _tiny_model(tmp_path / "tiny")
+    done = _plan(tmp_path, _run_config(model, mesh="1,2,2", kernel="xla"), "--topology", "v5e-4", "--programs", "train")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    train = {r["name"]: r for r in json.loads((tmp_path / "plan.json").read_text())["programs"]}["train_step"]
+    assert train["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} and train["verdict"] == "fits"
+    assert "via xla" in train["description"], train["description"]
+
+
+@needs_libtpu
 def test_a_model_too_large_is_exit_2_naming_the_largest_array(tmp_path):
     """A 4-layer model whose evaluation KV cache (64 slots x 131k tokens) is 32 GiB per v5e chip."""
     model = _tiny_model(tmp_path / "wide", num_hidden_layers=4, hidden_size=1024, num_attention_heads=8,
