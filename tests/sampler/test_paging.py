@@ -160,7 +160,9 @@ def test_drain_refuses_new_requests_and_close_deadline_cancels_the_rest(tiny, rn
     _model, config, params = tiny
     orchestrator = Orchestrator(_engine(config, max_slots=1), params)
     finishing = orchestrator.submit([1, 2, 3], SamplingParams(max_new_tokens=3))
-    endless = [orchestrator.submit([4, 5], SamplingParams(max_new_tokens=LENGTH - 3)) for _ in range(20)]
+    # More work than the deadline can cover: a tiny model decodes a token in about 0.3 ms on CPU,
+    # so 20 such requests (1,860 steps) once all finished within the 0.5 s.
+    endless = [orchestrator.submit([4, 5], SamplingParams(max_new_tokens=LENGTH - 3)) for _ in range(200)]
     orchestrator.drain()
     with pytest.raises(OrchestratorClosed):
         orchestrator.submit([1], SamplingParams(max_new_tokens=2))

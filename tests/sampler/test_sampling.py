@@ -139,3 +139,42 @@ def test_two_level_draw_is_the_inverse_cdf_of_the_filtered_distribution(rng):
     expected = np.searchsorted(cdf, uniforms, side="right")
     near_boundary = np.min(np.abs(uniforms[:, None] - cdf[None, kept]), axis=1) < 1e-5
     assert (tokens == expected)[~near_boundary].all()
+
+
+@pytest.mark.parametrize("scale, temperature, top_k, top_p", [
+    (0.05, 0.6, 0, 0.95),  # nearly flat, as a random model's: the cut is deep in the vocabulary
+    (3.0, 0.6, 0, 0.95),  # peaked
+    (1.0, 1.0, 5000, 1.0),
+    (2.0, 0.7, 2000, 0.9),
+    (None, 1.0, 0, 0.9),  # logits on a 0.1 grid: ties spread over every block (whole-vocabulary fallback)
+])
+def test_full_vocabulary_cut_equals_the_whole_vocabulary_bisection(rng, monkeypatch, scale, temperature, top_k, top_p):
+    """At V = 151,936 the later halvings pass over the gathered blocks only; the kept sets must be
+    those of halving over the whole vocabulary every time."""
+    from opsd_jax.sampler import sampling
+
+    logits = rng.normal(size=(4, 151_936))
+    logits = np.round(logits, 1) if scale is None else logits * scale
+    args = (jnp.asarray(logits, jnp.float32), jnp.full(4, temperature), jnp.full(4, top_k, jnp.int32),
+            jnp.full(4, top_p))
+    gathered = np.asarray(jax.jit(filtered_logits)(*args))
+    monkeypatch.setattr(sampling, "_FULL_STEPS", sampling._BISECTION_STEPS)
+    whole = np.asarray(jax.jit(filtered_logits)(*args))
+    np.testing.assert_array_equal(np.isfinite(gathered), np.isfinite(whole))
+    kept = np.isfinite(whole)
+    assert 0 < kept.sum(axis=1).min() and kept.sum(axis=1).max() < 151_936
+    if scale == 3.0:  # a nucleus far from float32 rounding: transformers' warpers keep the same set
+        theirs = _transformers_filtered(logits, temperature, top_k, top_p)
+        np.testing.assert_array_equal(kept, np.isfinite(theirs))
+
+
+def test_first_argmax_is_argmax_ties_and_empty_rows_included(rng):
+    from opsd_jax.sampler.sampling import first_argmax
+
+    values = rng.normal(size=(6, 1000)).astype(np.float32)
+    values[1, [17, 400, 999]] = 50.0  # a tie: the first wins
+    values[2] = -np.inf  # nothing allowed: index 0
+    values[3, -1] = 60.0
+    values[4] = np.round(values[4])  # many ties everywhere
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(values))), np.argmax(values, axis=-1))
+    assert list(np.asarray(first_argmax(jnp.asarray(values)))[[1, 2, 3]]) == [17, 0, 999]
