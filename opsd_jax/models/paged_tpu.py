@@ -322,19 +322,19 @@ def _kernel(lo_ref, hi_ref, table_ref, q_ref, rows_ref, k_hbm, v_hbm, o_ref, k_b
                         pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, p], sems.at[1, slot])))
         return out
 
-    def start(j, slot):
+    def each_needed_copy(j, slot, action: str):
+        """Calls `action` ("start" or "wait") on the k and v copies of key block j's needed pages."""
         for needed, k_copy, v_copy in copies(j, slot):
             @pl.when(needed)
             def _(k_copy=k_copy, v_copy=v_copy):
-                k_copy.start()
-                v_copy.start()
+                getattr(k_copy, action)()
+                getattr(v_copy, action)()
+
+    def start(j, slot):
+        each_needed_copy(j, slot, "start")
 
     def wait(j, slot):
-        for needed, k_copy, v_copy in copies(j, slot):
-            @pl.when(needed)
-            def _(k_copy=k_copy, v_copy=v_copy):
-                k_copy.wait()
-                v_copy.wait()
+        each_needed_copy(j, slot, "wait")
 
     m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
