@@ -159,6 +159,7 @@ def fused_linear_divergence(
     interpret: bool | None = None,
     mesh: Mesh | None = None,
     weights=None,
+    gather_token_rows: bool | None = None,
 ) -> DivergenceOutput:
     """`divergence` of student_hidden @ student_head and teacher_hidden @ teacher_head, never
     forming the [N, V] logits.
@@ -175,6 +176,9 @@ def fused_linear_divergence(
       gradients for it in its one sweep, and a backward whose divergence cotangent is c * weights
       (entropy and log-prob cotangents zero) only scales them; any other cotangent is still
       exact, for one more sweep. Statistics-first implementations do not need it.
+    gather_token_rows: xla on a mesh whose fsdp axis splits the tokens and the heads' hidden
+      dimension: gather the token rows over fsdp and split the vocabulary further (True), gather
+      the heads as FSDP does (False), or whichever needs fewer bytes per chip (None).
     Other arguments and the result are as in `divergence`.
     """
     beta, temperature = _check_scalars(beta, temperature)
@@ -215,7 +219,7 @@ def fused_linear_divergence(
             raise TypeError(f"weights must be floating point, got {weights.dtype}")
         weights_N = jax.lax.stop_gradient(jnp.asarray(weights).astype(jnp.float32))
     spec = DivergenceSpec(beta, temperature, valid_vocab, token_block, vocab_block, interpret,
-                          _tpu_generation(mesh))
+                          _tpu_generation(mesh), gather_token_rows=gather_token_rows)
     impl = _resolve(impl)
     fn = _implementation(impl, fused=True)
     args = (student_hidden, student_head, teacher_hidden, teacher_head, mask_N, targets_N, weights_N, spec)

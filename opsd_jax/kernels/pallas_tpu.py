@@ -124,27 +124,8 @@ def block_tables(active_N, r: int):
     return flags_B.astype(jnp.int32), jnp.where(last_B >= 0, last_B, first).astype(jnp.int32)
 
 
-# Head orientation. The model's heads are [H, V]; a vocabulary-parallel shard gets [H, v], gathered
-# at the shard_map boundary from the stored [H / f, v] shards when fsdp (f) splits the hidden
-# dimension. XLA's TPU layouts avoid padding the minor dimension to 128 lanes: when v is no
-# multiple of 128 but H / f is (Qwen3: 151,936 / 2, 4 or 8 columns; H = 2048-4096), the stored
-# shard, and the head gathered from it, are column-major ({0,1}, hidden minor). Mosaic reads its
-# operands row-major, so an [H, v] kernel operand made XLA copy both heads in and d/dW out (3 x
-# 622 MB at H=4096, v=37,984: BUILD_NOTES). Such a head is therefore passed as its transpose
-# [v, H], which in row-major *is* that column-major buffer (the transpose is a bitcast), and d/dW
-# comes back [v, H] the same way. A 128-aligned slice is row-major already and keeps [H, C]
-# tiles; so does a shard whose hidden rows are not 128-aligned (a 64-row shard of H=128 over
-# fsdp=2: XLA pads 75,968 columns to 76,032 rather than 64 rows to 128 and stores it row-major).
-# With neither aligned XLA pads one of them either way and [H, v] is kept. The rule is per head:
-# student and teacher widths may differ.
-_LANE = 128
-
-
-def vocab_major(width: int, vocab: int, hidden_shards: int = 1) -> bool:
-    """Whether the kernels read an [H, v] head as its transpose [v, H] (see the note above);
-    hidden_shards: the stored head's fsdp split of H (DivergenceSpec.head_hidden_shards)."""
-    stored = width // hidden_shards if width % hidden_shards == 0 else width
-    return vocab % _LANE != 0 and stored % _LANE == 0
+# Which heads the kernels read vocabulary-major, and why: tpu_vmem.vocab_major.
+vocab_major = tpu_vmem.vocab_major
 
 
 def _orientation(inputs, spec: DivergenceSpec) -> tuple[bool, bool]:

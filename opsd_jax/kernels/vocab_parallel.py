@@ -12,8 +12,11 @@ backward adds one psum of the cotangents. A shard's gradients are local: its d/d
 sum over its vocabulary slice and its d/dW covers its tokens only; shard_map's transpose sums the
 first over the vocabulary axes and the second over the token axes, because each input's spec
 leaves those axes out. The head is never gathered over the vocabulary axes and no [N, V] array
-exists; the head's fsdp split of its hidden dimension is gathered at the shard_map boundary, as
-FSDP does anyway.
+exists. The head's fsdp split of its hidden dimension is gathered at the shard_map boundary, as
+FSDP does anyway, except where gathering the token rows over fsdp needs fewer bytes
+(`row_gather_axes`; xla): the vocabulary is then split over fsdp too, each shard of an fsdp group
+sweeps all of the group's rows against its [H, V / (t f)] slice (the heads are resharded, not
+gathered) and the outputs and d/dh are reduced back to the token shards by the same transpose.
 
 Two forms, by implementation:
 - xla, one sweep: per token block, the [R, v] tiles stay live while their statistics are
@@ -163,23 +166,81 @@ def _slice_targets(targets_n, offset, limit):
     return jnp.where((local_n >= 0) & (local_n < limit), local_n, -1)
 
 
-def _specs(mesh: Mesh, n: int, vocab: int, vocab_parallel: bool):
+def _specs(mesh: Mesh, n: int, vocab: int, vocab_parallel: bool, row_gather: tuple[str, ...] = ()):
+    """(token rows spec, head spec, [N] vector spec, vocabulary axes, columns per slice).
+    row_gather: token axes whose shards gather their rows and split the vocabulary instead
+    (`row_gather_axes`); their slices come after the vocabulary axes' own."""
     token_axes, vocab_axes = mesh_axes(mesh, n, vocab)
     if not vocab_parallel:
         vocab_axes = ()
+    token_axes = tuple(a for a in token_axes if a not in row_gather)
+    vocab_axes = vocab_axes + tuple(row_gather)
     v = vocab // math.prod(mesh.shape[a] for a in vocab_axes)
     return (PartitionSpec(_entry(token_axes), None), PartitionSpec(None, _entry(vocab_axes)),
             PartitionSpec(_entry(token_axes)), vocab_axes, v)
 
 
+def _hidden_split_axes(mesh: Mesh, width: int, vocab: int) -> tuple[str, ...]:
+    """The mesh axes the model splits a head's hidden dimension over (its "embed" axis: fsdp)."""
+    from opsd_jax.parallel import logical_to_spec
+
+    return _axes_of(logical_to_spec(("embed", "vocab"), (width, vocab), mesh)[0])
+
+
+def gather_bytes(f: int, n: int, v: int, widths: tuple[int, int], row_bytes: int,
+                 gradients: bool = True) -> tuple[int, int]:
+    """(bytes per chip of gathering the heads, of gathering the token rows) for the one-sweep
+    kernel where f shards split both the tokens (n rows each) and the heads' hidden dimension,
+    and v columns are this chip's vocabulary slice otherwise. Only what differs is counted, with
+    heads moved in the matmul's dtype (row_bytes: XLA converts a float32 head before gathering or
+    resharding it). Heads: both [H, v] heads and the student's float32 d/dW [Hs, v] before its
+    reduction over the f shards. Rows: the [f n, H] rows of both models, the student's float32
+    d/dh [f n, Hs] before its reduction, both heads resharded to [H, v / f] and d/dW [Hs, v / f].
+    At H = 4096, v = 151,936, f = 4 this predicts 4.6 GiB against the rows' 2.4 / 3.4 / 5.4 GiB at
+    n = 8,192 / 16,384 / 32,768, where the AOT compile measured 4.8-4.9 against 2.2 / 3.2 / 5.2.
+    gradients False: statistics only (no d/dW, no d/dh).
+    """
+    hs, ht = widths
+    per_column = (hs + ht) * row_bytes + (hs * 4 if gradients else 0)
+    return per_column * v, f * n * per_column + per_column * (v // f)
+
+
+def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], impl: str, *, row_bytes: int,
+                    choice: bool | None = None, gradients: bool = True) -> tuple[str, ...]:
+    """The token axes (fsdp) whose shards gather their token rows for the one-sweep kernel and
+    split the heads' vocabulary f times further, instead of gathering the heads' fsdp split of
+    the hidden dimension (FSDP's own all-gather). Empty: gather the heads.
+
+    Gathering rows trades [H, V/t] heads per chip for [f n, H] rows: it wins when the tokens a
+    group of f shards holds are few against the vocabulary (`gather_bytes`, which the AOT compile
+    confirmed: BUILD_NOTES, issue 12). choice True / False forces it where possible / off; None
+    takes the smaller by `gather_bytes`. xla only (its slices are completed in one sweep; the
+    Mosaic kernels read heads in the orientation XLA stores the fsdp shard in). n: all tokens.
+    """
+    if impl != "xla" or choice is False:
+        return ()
+    token_axes, vocab_axes = mesh_axes(mesh, n, vocab)
+    # The student's head is the one whose gathered copy and float32 gradient matter.
+    split = _hidden_split_axes(mesh, widths[0], vocab)
+    axes = tuple(a for a in token_axes if a in split)
+    if not axes:
+        return ()
+    f = math.prod(mesh.shape[a] for a in axes)
+    t = math.prod(mesh.shape[a] for a in vocab_axes)
+    if vocab % (f * t):
+        return ()
+    if choice:
+        return axes
+    shards = math.prod(mesh.shape[a] for a in token_axes)
+    heads, rows_ = gather_bytes(f, n // shards, vocab // t, widths, row_bytes, gradients)
+    return axes if rows_ < heads else ()
+
+
 def _hidden_shards(mesh: Mesh, width: int, vocab: int) -> int:
     """Into how many shards the model stores a head's hidden dimension on `mesh` (its "embed"
     axis, fsdp): the shard_map gathers them, but XLA lays the gathered head out as it lays out
-    the stored shard (see pallas_tpu.vocab_major)."""
-    from opsd_jax.parallel import logical_to_spec
-
-    axes = _axes_of(logical_to_spec(("embed", "vocab"), (width, vocab), mesh)[0])
-    return math.prod(mesh.shape[a] for a in axes)
+    the stored shard (see tpu_vmem.vocab_major)."""
+    return math.prod(mesh.shape[a] for a in _hidden_split_axes(mesh, width, vocab))
 
 
 def _slice_position(vocab_axes, v: int, allowed: int):
@@ -200,10 +261,15 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
     """
     n, vocab = hs_NxHs.shape[0], ws_HsxV.shape[1]
     local = local_backend(impl)
-    one_sweep = impl == "xla" and bool(mesh_axes(mesh, n, vocab)[1])
-    rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, local is not None or one_sweep)
-    if local is not None:
-        spec = dataclasses.replace(spec, head_hidden_shards=_hidden_shards(mesh, hs_NxHs.shape[1], vocab))
+    row_gather = row_gather_axes(mesh, n, vocab, (hs_NxHs.shape[1], ht_NxHt.shape[1]), impl,
+                                 row_bytes=hs_NxHs.dtype.itemsize, choice=spec.gather_token_rows)
+    one_sweep = impl == "xla" and bool(mesh_axes(mesh, n, vocab)[1] or row_gather)
+    rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, local is not None or one_sweep,
+                                                           row_gather)
+    if local is not None or one_sweep:
+        # Resharded to whole hidden columns, the heads are no longer stored split over fsdp.
+        shards = 1 if row_gather else _hidden_shards(mesh, hs_NxHs.shape[1], vocab)
+        spec = dataclasses.replace(spec, head_hidden_shards=shards)
     with_targets = targets_N is not None
     with_weights = weights_N is not None
     # Placeholders: shard_map takes arrays.
@@ -259,7 +325,9 @@ def student_statistics(hs_NxH, ws_HxV, mask_N, targets_N, spec: DivergenceSpec, 
     if mesh is None or mesh.size == 1:
         entropy_N, logprob_N = body(hs_NxH, ws_HxV, mask_N, placeholder)
     else:
-        rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, True)
+        row_gather = row_gather_axes(mesh, n, vocab, (hs_NxH.shape[1], 0), "xla", row_bytes=hs_NxH.dtype.itemsize,
+                                     choice=spec.gather_token_rows, gradients=False)
+        rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, True, row_gather)
         sharded = jax.shard_map(
             functools.partial(body, vocab_axes=vocab_axes, v=v), mesh=mesh,
             in_specs=(rows_spec, head_spec, vec_spec, vec_spec), out_specs=(vec_spec, vec_spec), check_vma=False,

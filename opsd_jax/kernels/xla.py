@@ -35,7 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from opsd_jax.kernels import rows
+from opsd_jax.kernels import rows, tpu_vmem
 from opsd_jax.kernels.spec import DivergenceOutput, DivergenceSpec
 
 TOKEN_BLOCK = 256
@@ -43,10 +43,15 @@ VOCAB_BLOCK = 8192
 FUSED_TOKEN_BLOCK = 128
 # Every token block reads both heads (bf16 for the MXU, 4 bytes per column and hidden unit) and
 # adds into the float32 d/dW accumulator (8 bytes read and written) against 8 R FLOPs: 2R/3 FLOP
-# per byte, under v5p's ~166 at R = 128 (HBM-bound) and twice it at 512. The AOT compile of the
-# vocabulary-parallel form at H = 4096, 37,984 columns per chip found 1.23 GiB of temporaries at
-# 128 rows and 1.29 at 512 (BUILD_NOTES, issue 12).
+# per byte, under v5p's ~166 at R = 128 (HBM-bound) and twice it at 512. Larger blocks also make
+# larger [R, v] float32 tiles (a few live at once): 512 rows of Qwen3's 37,984-column slice are
+# 78 MB a tile, of its whole 151,936-column rows 311 MB. So on TPU a block has up to
+# TPU_FUSED_TOKEN_BLOCK rows, fewer (down to FUSED_TOKEN_BLOCK, in multiples of it) where a tile
+# would pass TPU_TILE_BYTES. The AOT compile at H = 4096 (BUILD_NOTES, issue 12): 0.98 GiB of
+# temporaries at 512 rows of a 37,984-column slice; whole rows on fsdp 4 take 2.71 GiB at 128
+# rows and 3.29 at 512.
 TPU_FUSED_TOKEN_BLOCK = 512
+TPU_TILE_BYTES = 80 * 2**20
 HEAD_GRAD_SLICE = 8192
 # The backward reuses the forward's gradient products when every token's cotangent is within this
 # relative distance of c * weights (a few dozen float32 ulps: the loss's own rounding of the same
@@ -198,11 +203,17 @@ def divergence(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec: 
 # ----------------------------------------------------------------------------- fused with the heads
 
 
-def fused_token_block(n: int, spec: DivergenceSpec) -> int:
-    """Rows per token block of the sweeps from hidden states: spec.token_block, else
-    FUSED_TOKEN_BLOCK, or TPU_FUSED_TOKEN_BLOCK when compiling for a TPU."""
-    default = TPU_FUSED_TOKEN_BLOCK if spec.tpu_generation else FUSED_TOKEN_BLOCK
-    return min(spec.token_block or default, n)
+def fused_token_block(n: int, vocab: int, spec: DivergenceSpec) -> int:
+    """Rows per token block of the sweeps from hidden states over `vocab` columns:
+    spec.token_block, else FUSED_TOKEN_BLOCK, or on a TPU the most rows up to
+    TPU_FUSED_TOKEN_BLOCK whose float32 tile stays within TPU_TILE_BYTES (a multiple of
+    FUSED_TOKEN_BLOCK, at least one)."""
+    if spec.token_block:
+        return min(spec.token_block, n)
+    if not spec.tpu_generation:
+        return min(FUSED_TOKEN_BLOCK, n)
+    fitting = TPU_TILE_BYTES // (4 * vocab) // FUSED_TOKEN_BLOCK * FUSED_TOKEN_BLOCK
+    return min(max(FUSED_TOKEN_BLOCK, min(TPU_FUSED_TOKEN_BLOCK, fitting)), n)
 
 
 def _project(hidden_NxH, head_HxV, row0, r, spec, limit=None):
@@ -219,9 +230,10 @@ def _project(hidden_NxH, head_HxV, row0, r, spec, limit=None):
     return jnp.where(rows.columns(z_RxV.shape[1]) < limit, z_RxV, rows.NEG_INF), hidden_RxH
 
 
-def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc_HxV):
-    """(G W^T float32 [R, H], acc + h^T G float32 [H, V]) with G rounded to the head's dtype, as
-    the forward's matmul inputs were.
+def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc, vocab_major=False):
+    """(G W^T float32 [R, H], acc + h^T G) with G rounded to the head's dtype, as the forward's
+    matmul inputs were. acc: float32 [H, V], or its transpose [V, H] when vocab_major
+    (`_vocab_major_head_grad`).
 
     h^T G goes into acc one vocabulary slice at a time: a whole [H, V] product would be a second
     head-sized temporary next to acc, since XLA does not fuse the add into the matmul.
@@ -235,16 +247,27 @@ def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc_HxV):
     per_slice = -(-vocab // -(-vocab // HEAD_GRAD_SLICE))
     c = min(vocab, -(-per_slice // 128) * 128)
 
-    def add_slice(j, acc_HxV):
+    def add_slice(j, acc):
         nominal, col0 = _clamped_start(j, c, vocab)
         g_RxC = jax.lax.dynamic_slice_in_dim(g_RxV, col0, c, axis=1)
         # A clamped last slice revisits columns; count them once.
         g_RxC = jnp.where(rows.columns(c, col0) >= nominal, g_RxC, 0)
+        if vocab_major:
+            gw_CxH = jax.lax.dot_general(g_RxC, hidden_RxH, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            old_CxH = jax.lax.dynamic_slice_in_dim(acc, col0, c, axis=0)
+            return jax.lax.dynamic_update_slice_in_dim(acc, old_CxH + gw_CxH, col0, axis=0)
         gw_HxC = jax.lax.dot_general(hidden_RxH, g_RxC, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        old_HxC = jax.lax.dynamic_slice_in_dim(acc_HxV, col0, c, axis=1)
-        return jax.lax.dynamic_update_slice_in_dim(acc_HxV, old_HxC + gw_HxC, col0, axis=1)
+        old_HxC = jax.lax.dynamic_slice_in_dim(acc, col0, c, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(acc, old_HxC + gw_HxC, col0, axis=1)
 
-    return gh_RxH, jax.lax.fori_loop(0, -(-vocab // c), add_slice, acc_HxV)
+    return gh_RxH, jax.lax.fori_loop(0, -(-vocab // c), add_slice, acc)
+
+
+def _vocab_major_head_grad(spec: DivergenceSpec, width: int, vocab: int) -> bool:
+    """Whether the head gradient is accumulated as [V, H] and transposed at the end: on a TPU,
+    where XLA stores such a head shard, and so its gradient, column-major (tpu_vmem.vocab_major),
+    the transpose is a bitcast where an [H, V] accumulator costs a head-sized copy."""
+    return spec.tpu_generation is not None and tpu_vmem.vocab_major(width, vocab, spec.head_hidden_shards)
 
 
 def _block_stats(zs_RxV, zt_RxV, beta: float, axis_name) -> rows.RowStats:
@@ -267,7 +290,8 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
 
     cotangents None: outputs only. Otherwise a triple of float32 [N] (divergence, entropy,
     log-prob; the last two may be None) and the sweep also adds the student gradients to
-    grads0 (float32 [N, Hs], float32 [Hs, V]; zeros when None) and returns them.
+    grads0 (float32 [N, Hs], float32 [Hs, V] or [V, Hs] by `_vocab_major_head_grad`; zeros when
+    None) and returns them.
     active_N: bool [N] (may be traced), the rows that need a visit; all False visits nothing.
     limit, axis_name: None and () for whole rows. For one vocabulary slice of the rows: its int32
     bound (columns at or past it are excluded) and the mesh axes holding the other slices, over
@@ -278,7 +302,8 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
     """
     n, hs_width = hs_NxHs.shape
     vocab = ws_HsxV.shape[1]
-    r = fused_token_block(n, spec)
+    vocab_major = _vocab_major_head_grad(spec, hs_width, vocab)
+    r = fused_token_block(n, vocab, spec)
     order_B, count = active_blocks(mask_N if active_N is None else active_N, r)
     want_grads = cotangents is not None
     with_targets = targets_N is not None
@@ -313,19 +338,20 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
                 tgt_R if with_targets else None,
             )
             g_RxV = jnp.where(keep_R[:, None], g_RxV * (1.0 / spec.temperature), 0.0)
-            gh_NxHs, acc_HsxV = grads
+            gh_NxHs, acc_head = grads
             # An ignored row's hidden state may be NaN, and h^T G would spread 0 * NaN into the head.
             hs_RxHs = jnp.where(keep_R[:, None], hs_RxHs, 0)
-            gh_RxHs, acc_HsxV = _gradient_products(g_RxV, hs_RxHs, ws_HsxV, acc_HsxV)
+            gh_RxHs, acc_head = _gradient_products(g_RxV, hs_RxHs, ws_HsxV, acc_head, vocab_major)
             # Revisited rows contribute zeros here (keep_R is False for them).
             old_RxHs = jax.lax.dynamic_slice_in_dim(gh_NxHs, row0, r)
             gh_NxHs = jax.lax.dynamic_update_slice_in_dim(gh_NxHs, old_RxHs + gh_RxHs, row0, axis=0)
-            grads = (gh_NxHs, acc_HsxV)
+            grads = (gh_NxHs, acc_head)
         return outs, grads
 
     outs0 = tuple(jnp.zeros((n,), jnp.float32) for _ in stat_names)
     if want_grads and grads0 is None:
-        grads0 = (jnp.zeros((n, hs_width), jnp.float32), jnp.zeros((hs_width, vocab), jnp.float32))
+        acc_shape = (vocab, hs_width) if vocab_major else (hs_width, vocab)
+        grads0 = (jnp.zeros((n, hs_width), jnp.float32), jnp.zeros(acc_shape, jnp.float32))
     outs, grads = jax.lax.fori_loop(0, count, block, (outs0, grads0 if want_grads else ()))
     stats = rows.RowStats(*outs[: len(rows.RowStats._fields)])
     lp_s_N = lp_t_N = None
@@ -365,15 +391,15 @@ def _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, lim
 
 def _fused_fwd(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, limit, spec, axis_name):
     unit_N = _unit_cotangent(mask_N, weights_N)
-    out, (gh_unit_NxHs, gw_unit_HsxV) = _fused_pass(
+    out, (gh_unit_NxHs, gw_unit_head) = _fused_pass(
         hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, (unit_N, None, None), limit=limit,
         axis_name=axis_name,
     )
-    return out, (hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, limit, unit_N, gh_unit_NxHs, gw_unit_HsxV)
+    return out, (hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, limit, unit_N, gh_unit_NxHs, gw_unit_head)
 
 
 def _fused_bwd(spec, axis_name, residuals, cot: DivergenceOutput):
-    hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, limit, unit_N, gh_unit_NxHs, gw_unit_HsxV = residuals
+    hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, limit, unit_N, gh_unit_NxHs, gw_unit_head = residuals
     cot_d_N, cot_h_N, cot_lp_N = _student_cotangents(cot, mask_N, targets_N)
     if axis_name:
         # Inside vocab_parallel's shard_map: the outputs are replicated over the vocabulary axes,
@@ -392,10 +418,11 @@ def _fused_bwd(spec, axis_name, residuals, cot: DivergenceOutput):
         if x_N is not None:
             active_N = active_N | (x_N != 0.0)
     per_c = tuple(None if x_N is None else x_N / c for x_N in (rest_d_N, cot_h_N, cot_lp_N))
-    _, (gh_NxHs, gw_HsxV) = _fused_pass(
+    _, (gh_NxHs, gw_head) = _fused_pass(
         hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents=per_c,
-        grads0=(gh_unit_NxHs, gw_unit_HsxV), active_N=active_N & mask_N, limit=limit, axis_name=axis_name,
+        grads0=(gh_unit_NxHs, gw_unit_head), active_N=active_N & mask_N, limit=limit, axis_name=axis_name,
     )
+    gw_HsxV = gw_head.T if _vocab_major_head_grad(spec, *ws_HsxV.shape) else gw_head
     return ((c * gh_NxHs).astype(hs_NxHs.dtype), (c * gw_HsxV).astype(ws_HsxV.dtype),
             None, None, None, None, None, None)
 
@@ -427,8 +454,8 @@ def student_slice_stats(hs_nxHs, ws_HsxV, mask_n, targets_n, limit, spec: Diverg
     """Running statistics of the student's distribution over these columns: (max, sum, centered
     sum, target logit (0 where the target is elsewhere or absent)), float32 [n] each; blocks
     without a kept row are skipped. limit: None (spec.valid_vocab) or an int32 scalar."""
-    n = hs_nxHs.shape[0]
-    r = fused_token_block(n, spec)
+    n, vocab = hs_nxHs.shape[0], ws_HsxV.shape[1]
+    r = fused_token_block(n, vocab, spec)
     order_B, count = active_blocks(mask_n, r)
 
     def block(k, outs):

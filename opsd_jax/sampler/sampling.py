@@ -238,22 +238,36 @@ def sample_tokens(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternati
     return tuple(x.reshape(blocks * row_block, *x.shape[2:])[:rows] for x in outputs)
 
 
+def _model_statistics(logits_SxV):
+    """(row max, log of the sum of exp(logits - max), entropy in nats) of softmax(logits), float32
+    [S] each, from one pass of exponentials: the [S, V] log-probabilities are never formed (a
+    decode step reads the logits once for these instead of twice). A log-prob is then
+    (logit - max) - log sum, rounded as log_softmax rounds it. Masked (-inf) entries add 0."""
+    max_S = jnp.max(logits_SxV, axis=-1)
+    shifted_SxV = logits_SxV - max_S[:, None]
+    weights_SxV = jnp.exp(shifted_SxV)
+    total_S = jnp.sum(weights_SxV, axis=-1)
+    # H = log Z - E[z - max] with Z the sum of the shifted weights.
+    mean_shift_S = jnp.sum(jnp.where(weights_SxV > 0, weights_SxV * shifted_SxV, 0.0), axis=-1) / total_S
+    log_total_S = jnp.log(total_S)
+    return max_S, log_total_S, log_total_S - mean_shift_S
+
+
 def _sample_rows(logits_SxV, keys_S, temperature_S, top_k_S, top_p_S, alternatives: int):
     logits_SxV = logits_SxV.astype(jnp.float32)
-    model_logprobs_SxV = jax.nn.log_softmax(logits_SxV, axis=-1)
-    # Masked (padded-vocabulary) entries have log-prob -inf and contribute 0, not 0 * -inf.
-    entropy_S = -jnp.sum(jnp.where(jnp.isfinite(model_logprobs_SxV),
-                                   jnp.exp(model_logprobs_SxV) * model_logprobs_SxV, 0.0), axis=-1)
+    max_S, log_total_S, entropy_S = _model_statistics(logits_SxV)
     sampling_logits_SxV = filtered_logits(logits_SxV, temperature_S, top_k_S, top_p_S)
     drawn_S, drawn_logprob_S = _inverse_cdf_sample(keys_S, sampling_logits_SxV)
     greedy_S = first_argmax(logits_SxV)
     is_greedy_S = temperature_S <= 0
     token_S = jnp.where(is_greedy_S, greedy_S, drawn_S).astype(jnp.int32)
     sampled_logprob_S = jnp.where(is_greedy_S, 0.0, drawn_logprob_S)
-    model_logprob_S = jnp.take_along_axis(model_logprobs_SxV, token_S[:, None], axis=-1)[:, 0]
+    model_logprob_S = (jnp.take_along_axis(logits_SxV, token_S[:, None], axis=-1)[:, 0] - max_S) - log_total_S
     count = min(alternatives, logits_SxV.shape[-1])
     if count:
-        top_logprobs_SxA, top_ids_SxA = jax.lax.top_k(model_logprobs_SxV, count)
+        # The log-softmax is the logits shifted by one constant per row: same order.
+        top_logits_SxA, top_ids_SxA = jax.lax.top_k(logits_SxV, count)
+        top_logprobs_SxA = (top_logits_SxA - max_S[:, None]) - log_total_S[:, None]
     else:
         top_logprobs_SxA, top_ids_SxA = (jnp.zeros((token_S.shape[0], 0), jnp.float32),
                                          jnp.zeros((token_S.shape[0], 0), jnp.int32))

@@ -94,18 +94,38 @@ def test_xla_vocab_parallel_sweeps_once_for_tpu(beta):
 
 
 @needs_libtpu
-def test_unaligned_vocabulary_slice_is_read_without_head_copies():
+@pytest.mark.parametrize("impl", ["pallas_tpu", "xla"])
+def test_unaligned_vocabulary_slice_is_read_without_head_copies(impl):
     """Qwen3's 151,936 columns over tensor=4 give 37,984-column slices, no multiple of 128, which
     XLA stores column-major; the kernels read such heads vocabulary-major ([v, H], a bitcast of
-    that buffer) and return d/dW the same way. Before, XLA copied both heads in and d/dW out
-    (three head-sized temporaries: BUILD_NOTES, issue 12)."""
+    that buffer) and form d/dW the same way. Before, XLA copied both heads in and d/dW out for
+    pallas_tpu, and d/dW out for xla (BUILD_NOTES, issue 12)."""
     report = _compile("v5p-8", "v5p:2x2x1", "--mesh", "1,1,4", "--hidden", "256", "--tokens-per-chip", "512",
-                      "--head-dtype", "float32", "--beta", "0")
+                      "--head-dtype", "float32", "--beta", "0", "--impl", impl)
     assert report["vocab_per_chip"] == 37_984
     assert report["head_relayouts"] == [], report["head_relayouts"]
-    head_shard = 256 * 37_984 * 4
-    # what remains: the per-token vectors and the two cores' [2, N, H] d/dh partials
-    assert report["temp_bytes"] < head_shard, report["temp_bytes"]
+    if impl == "pallas_tpu":
+        head_shard = 256 * 37_984 * 4
+        # what remains: the per-token vectors and the two cores' [2, N, H] d/dh partials
+        assert report["temp_bytes"] < head_shard, report["temp_bytes"]
+
+
+@needs_libtpu
+def test_xla_gathers_token_rows_over_fsdp_when_they_are_fewer():
+    """Whole rows on fsdp=4 (the 8B configs' kind of mesh): gathering the heads over fsdp holds
+    both [H, V] heads and the float32 [H, V] d/dW on every chip; gathering the 4 x 512 token rows
+    and splitting the vocabulary 4 ways instead holds a quarter of each. The rule picks the rows
+    here, and the compiled temporaries show the difference."""
+    common = ("v5p:2x2x1", "--mesh", "1,4,1", "--hidden", "256", "--tokens-per-chip", "512",
+              "--head-dtype", "float32", "--beta", "0", "--impl", "xla")
+    heads = _compile("v5p-8", *common, "--gather-token-rows", "no")
+    rows = _compile("v5p-8", *common, "--gather-token-rows", "auto")
+    whole_head_grad = 256 * 151_936 * 4
+    assert heads["temp_bytes"] > whole_head_grad, heads["temp_bytes"]
+    assert rows["temp_bytes"] < heads["temp_bytes"] / 2, (rows["temp_bytes"], heads["temp_bytes"])
+    nhv = 512 * 256 * 151_936  # the same per-chip work either way
+    for report in (heads, rows):
+        assert 8 * nhv <= report["jaxpr_dot_flops"] < 8.1 * nhv, report
 
 
 def test_head_relayouts_finds_copies_and_transposes_of_head_sized_arrays():

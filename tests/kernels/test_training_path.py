@@ -350,13 +350,19 @@ def test_weights_are_checked():
         kernels.fused_linear_divergence(*arrays, beta=0.0, weights=jnp.ones(4, jnp.int32))
 
 
-@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2), (1, 8, 1)])
 def test_student_statistics_match_the_fused_kernel(rng, mesh_shape):
+    """On the fsdp meshes, with these few tokens, the pass gathers the token rows and splits the
+    vocabulary over fsdp too (vocab_parallel.row_gather_axes)."""
     n, h, v = 32, 8, 1040
     h_s, w_s, _, _ = _inputs(rng, n, h, h, v)
     mask, _ = _weighted_mask(rng, n)
     targets = rng.integers(0, 900, n).astype(np.int32)
     mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
+    if mesh is not None:
+        from opsd_jax.kernels import vocab_parallel
+
+        assert vocab_parallel.row_gather_axes(mesh, n, v, (h, 0), "xla", row_bytes=4, gradients=False) == ("fsdp",)
     kw = dict(temperature=0.8, mask=jnp.asarray(mask), valid_vocab=900, targets=jnp.asarray(targets), mesh=mesh)
     entropy, logprob = jax.jit(functools.partial(kernels.student_statistics, token_block=8, **kw))(h_s, w_s)
     expected = oracle.outputs(h_s.astype(np.float64) @ w_s.astype(np.float64), np.zeros((n, v)), 0.0,
@@ -366,3 +372,27 @@ def test_student_statistics_match_the_fused_kernel(rng, mesh_shape):
     assert kernels.gradient_in_forward("xla", mesh, tokens=n, vocab=v)
     assert kernels.gradient_in_forward("xla", make_mesh(4, 2, 1), tokens=n, vocab=v)
     assert not kernels.gradient_in_forward("pallas_tpu", None, tokens=n, vocab=v)
+
+
+def test_xla_head_gradient_formed_vocabulary_major_for_tpu_layouts(rng):
+    """For a TPU (spec.tpu_generation set) a 128-wide head with 300 columns (XLA's TPU layout
+    stores it column-major: tpu_vmem.vocab_major) gets its d/dW accumulated as [V, H] and
+    transposed; run here on the CPU, it is the same gradient as the oracle's, with the remainder
+    sweep of a cotangent other than the weights adding into that accumulator too."""
+    n, hs, v = 24, 128, 300
+    h_s, w_s, h_t, w_t = _inputs(rng, n, hs, 8, v)
+    mask, weights = _weighted_mask(rng, n)
+    cot_d = weights * 0.7 + np.where(mask, rng.normal(size=n), 0.0).astype(np.float32) * 0.1
+    spec = DivergenceSpec(0.5, 1.0, 290, token_block=8, tpu_generation="v5p")
+    assert xla._vocab_major_head_grad(spec, hs, v) and not xla._vocab_major_head_grad(spec, 8, v)
+
+    def loss(a, b):
+        out = xla.fused_linear_divergence(a, b, jnp.asarray(h_t), jnp.asarray(w_t), jnp.asarray(mask), None,
+                                          jnp.asarray(weights), spec)
+        return jnp.sum(jnp.asarray(cot_d) * out.divergence), out
+
+    (_, out), (g_h, g_w) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(h_s, w_s)
+    values, exp_h, exp_w = _expected(h_s, w_s, h_t, w_t, 0.5, mask, cot_d, 290, None, 1.0)
+    np.testing.assert_allclose(np.asarray(out.divergence), values["divergence"], rtol=5e-5, atol=5e-6)
+    assert g_w.shape == (hs, v)
+    _check_grads(g_h, g_w, exp_h, exp_w)

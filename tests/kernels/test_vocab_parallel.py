@@ -39,11 +39,12 @@ def _cotangents(rng):
     return {k: rng.normal(size=N).astype(np.float32) for k in ("divergence", "student_entropy", "student_logprob")}
 
 
-def _value_and_grads(impl, mesh, beta, h_s, w_s, h_t, w_t, mask, targets, cot, temperature=1.3):
+def _value_and_grads(impl, mesh, beta, h_s, w_s, h_t, w_t, mask, targets, cot, temperature=1.3, gather=None):
     def loss(a, b):
         out = kernels.fused_linear_divergence(
             a, b, jnp.asarray(h_t), jnp.asarray(w_t), beta=beta, temperature=temperature, mask=jnp.asarray(mask),
-            valid_vocab=VALID, targets=jnp.asarray(targets), impl=impl, mesh=mesh, **BLOCKS[impl],
+            valid_vocab=VALID, targets=jnp.asarray(targets), impl=impl, mesh=mesh, gather_token_rows=gather,
+            **BLOCKS[impl],
         )
         return sum(jnp.sum(jnp.asarray(cot[k]) * getattr(out, k)) for k in cot), out
 
@@ -52,23 +53,30 @@ def _value_and_grads(impl, mesh, beta, h_s, w_s, h_t, w_t, mask, targets, cot, t
     return out, np.asarray(g_h), np.asarray(g_w)
 
 
-@pytest.mark.parametrize("impl,mesh_shape,beta,widths", [
-    ("xla", (2, 2, 2), 0.5, (HS, HT)), ("xla", (1, 1, 8), 0.0, (HS, HT)), ("xla", (1, 1, 8), 1.0, (HS, HT)),
-    ("pallas_tpu", (2, 2, 2), 0.5, (HS, HT)), ("pallas_tpu", (1, 1, 8), 1.0, (HS, HT)),
+@pytest.mark.parametrize("impl,mesh_shape,beta,widths,gather", [
+    # xla on an fsdp mesh: the heads gathered over fsdp, or the token rows (the vocabulary then
+    # splits over tensor and fsdp: 4 slices on 2,2,2, 8 on 1,8,1).
+    ("xla", (2, 2, 2), 0.5, (HS, HT), False), ("xla", (2, 2, 2), 0.5, (HS, HT), True),
+    ("xla", (1, 8, 1), 0.0, (HS, HT), True), ("xla", (2, 2, 2), 1.0, (HS, HT), True),
+    ("xla", (1, 1, 8), 0.0, (HS, HT), None), ("xla", (1, 1, 8), 1.0, (HS, HT), None),
+    ("pallas_tpu", (2, 2, 2), 0.5, (HS, HT), None), ("pallas_tpu", (1, 1, 8), 1.0, (HS, HT), None),
     # 520-column slices of 128-wide heads: read vocabulary-major ([v, H] tiles, d/dW [v, H]), as
     # Qwen3's 37,984-column slices are on TPU; the teacher's 6-wide head stays hidden-major. Two
     # devices: at H=128 the TPU interpreter's cross-device barrier deadlocks on 8 CPU devices in
     # either orientation (XLA's CPU thread pool is held by the callbacks waiting at it).
-    ("pallas_tpu", (1, 1, 2), 0.5, (128, HT)), ("pallas_tpu", (1, 1, 2), 0.0, (128, 128)),
-    ("reference", (2, 2, 2), 0.5, (HS, HT)),  # no slice statistics: token-parallel, heads replicated
+    ("pallas_tpu", (1, 1, 2), 0.5, (128, HT), None), ("pallas_tpu", (1, 1, 2), 0.0, (128, 128), None),
+    ("reference", (2, 2, 2), 0.5, (HS, HT), None),  # no slice statistics: token-parallel, heads replicated
 ])
-def test_vocab_parallel_matches_oracle(rng, impl, mesh_shape, beta, widths):
+def test_vocab_parallel_matches_oracle(rng, impl, mesh_shape, beta, widths, gather):
     mesh = make_mesh(*mesh_shape, devices=jax.devices()[:np.prod(mesh_shape)])
     token_axes, vocab_axes = vocab_parallel.mesh_axes(mesh, N, V)
-    assert vocab_axes == ("tensor",) and len(token_axes) == sum(s > 1 for s in mesh_shape[:2])
+    assert vocab_axes == (("tensor",) if mesh_shape[2] > 1 else ())
+    assert len(token_axes) == sum(s > 1 for s in mesh_shape[:2])
+    gathered = vocab_parallel.row_gather_axes(mesh, N, V, widths, impl, row_bytes=4, choice=gather)
+    assert gathered == (("fsdp",) if gather else ())
     h_s, w_s, h_t, w_t, mask, targets = _inputs(rng, *widths)
     cot = _cotangents(rng)
-    out, g_h, g_w = _value_and_grads(impl, mesh, beta, h_s, w_s, h_t, w_t, mask, targets, cot)
+    out, g_h, g_w = _value_and_grads(impl, mesh, beta, h_s, w_s, h_t, w_t, mask, targets, cot, gather=gather)
     s64 = h_s.astype(np.float64) @ w_s.astype(np.float64)
     t64 = h_t.astype(np.float64) @ w_t.astype(np.float64)
     okw = dict(temperature=1.3, mask=mask, valid_vocab=VALID, targets=targets)

@@ -74,7 +74,7 @@ def _data_parallel(devices, beta, n_per_chip, width, head_dtype):
 
 
 def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab=V, impl="pallas_tpu",
-                    token_block=None):
+                    token_block=None, gather_token_rows=None):
     """The public API with the mesh, as the train step calls it."""
     from opsd_jax.parallel import make_mesh
 
@@ -84,7 +84,7 @@ def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vo
         def loss(hs, ws, ht, wt, targets, weights):
             out = kernels.fused_linear_divergence(hs, ws, ht, wt, beta=beta, valid_vocab=min(VALID, vocab),
                                                   targets=targets, impl="xla", mesh=mesh, weights=weights,
-                                                  token_block=token_block)
+                                                  token_block=token_block, gather_token_rows=gather_token_rows)
             return jnp.sum(weights * out.divergence)
     else:
         def loss(hs, ws, ht, wt, targets):
@@ -104,7 +104,10 @@ def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vo
     )
     if impl == "xla":
         args += (jax.ShapeDtypeStruct((n,), jnp.float32, sharding=rows),)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), args
+    # Gradients leave sharded as their inputs are, as the train step's do (d/dh feeds the model's
+    # backward with tokens split, d/dW the optimizer with the head's sharding).
+    out_shardings = (NamedSharding(mesh, P()), (rows, head))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), out_shardings=out_shardings), args
 
 
 def _sub_jaxprs(eqn):
@@ -214,7 +217,7 @@ def flops_per_nhv(beta: float) -> tuple[int, int]:
 
 def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per_chip: int = N_PER_DEVICE,
                 width: int = H, head_dtype=jnp.bfloat16, vocab: int = V, impl: str = "pallas_tpu",
-                token_block: int | None = None):
+                token_block: int | None = None, gather_token_rows: bool | None = None):
     """(device kind, memory_analysis(), number of Mosaic custom calls in the lowered program,
     cost_analysis() of the compiled program, kernel_estimates of it, compiled text, matmul FLOPs
     per chip from the jaxpr (xla only, else None))."""
@@ -225,12 +228,24 @@ def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per
         jitted, args = _data_parallel(devices, beta, n_per_chip, width, head_dtype)
     else:
         jitted, args = _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab, impl,
-                                       token_block)
+                                       token_block, gather_token_rows)
     jaxpr_flops = None
     if impl == "xla":
-        from opsd_jax.kernels import xla
+        from opsd_jax.kernels import vocab_parallel, xla
+        from opsd_jax.kernels.spec import DivergenceSpec
+        from opsd_jax.parallel import make_mesh
 
-        blocks = -(-n_per_chip // (token_block or xla.TPU_FUSED_TOKEN_BLOCK))
+        # A shard's rows and columns: with the token rows gathered over fsdp (f), f times the
+        # rows of 1/f the columns.
+        mesh = make_mesh(*mesh_shape, devices=devices)
+        gathered = vocab_parallel.row_gather_axes(
+            mesh, n_per_chip * mesh_shape[0] * mesh_shape[1], vocab, (width, width), "xla",
+            row_bytes=2, choice=gather_token_rows)
+        f = math.prod(mesh.shape[a] for a in gathered)
+        rows_per_shard, columns = n_per_chip * f, vocab // mesh_shape[2] // f
+        rows_per_block = xla.fused_token_block(rows_per_shard, columns,
+                                               DivergenceSpec(beta, token_block=token_block, tpu_generation="tpu"))
+        blocks = -(-rows_per_shard // rows_per_block)
         jaxpr = jax.make_jaxpr(jitted)(*args).jaxpr
         trips = [blocks, 0]  # the forward sweep; the backward's remainder sweep (none for this loss)
         jaxpr_flops = dot_flops(jaxpr, trips)
@@ -295,12 +310,15 @@ def main(argv):
     # what the kernel itself needs without those copies.
     parser.add_argument("--vocab", type=int, default=V, help="vocabulary size (with --mesh)")
     parser.add_argument("--impl", default="pallas_tpu", choices=["pallas_tpu", "xla"])
-    parser.add_argument("--token-block", type=int, help="xla: rows per token block (default xla.TPU_FUSED_TOKEN_BLOCK)")
+    parser.add_argument("--gather-token-rows", choices=["auto", "yes", "no"], default="auto",
+                        help="xla with fsdp > 1: gather token rows instead of heads (auto: the kernel's rule)")
+    parser.add_argument("--token-block", type=int, help="xla: rows per token block (default xla.fused_token_block's on TPU)")
     args = parser.parse_args(argv[1:])
     mesh_shape = None if args.mesh is None else tuple(int(x) for x in args.mesh.split(","))
     compiled = compile_for(
         args.topology, args.beta, mesh_shape=mesh_shape, n_per_chip=args.tokens_per_chip, width=args.hidden,
         head_dtype=jnp.dtype(args.head_dtype), vocab=args.vocab, impl=args.impl, token_block=args.token_block,
+        gather_token_rows={"auto": None, "yes": True, "no": False}[args.gather_token_rows],
     )
     print(compiled[1])
     print(json.dumps(report(args.topology, mesh_shape, args.beta, args.tokens_per_chip, args.hidden, args.head_dtype,
