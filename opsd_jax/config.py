@@ -179,23 +179,35 @@ class TrainSection:
         self.mesh = check_mesh(self.mesh, "train.mesh")
 
 
-def check_mesh(text: str, key: str) -> str:
-    """A mesh setting as written: "auto", or three sizes data,fsdp,tensor, each a positive integer
-    or -1 (at most one). Anything else is a ConfigKeyError naming `key`, when the config is read
-    rather than once devices exist. (Here, not in parallel.py: reading a config imports no jax.)"""
+def mesh_sizes(text) -> tuple[int, int, int] | None:
+    """Three sizes data,fsdp,tensor from "2,2,2" or "1,-1,1" (each a positive integer or -1, at
+    most one -1), or None for "auto"; anything else is a ValueError. The one parser of mesh
+    settings, for configs and command lines alike (here, not in parallel.py: reading a config
+    imports no jax)."""
     if not isinstance(text, str):
-        raise ConfigKeyError(f"{key}: expected 'auto' or sizes data,fsdp,tensor such as 1,-1,1; got {text!r}")
+        raise ValueError(f"expected 'auto' or sizes data,fsdp,tensor such as 1,-1,1; got {text!r}")
     if text.strip().lower() == "auto":
-        return "auto"
+        return None
     parts = [p.strip() for p in text.split(",")]
     try:
         sizes = [int(p) for p in parts]
     except ValueError:
         sizes = []
     if len(parts) != 3 or len(sizes) != 3 or any(s < 1 and s != -1 for s in sizes) or sizes.count(-1) > 1:
-        raise ConfigKeyError(f"{key}: {text!r} is neither 'auto' nor three sizes data,fsdp,tensor (each a positive "
-                             "integer, or -1 for the devices left, at most one -1), e.g. 1,-1,1")
-    return text
+        raise ValueError(f"{text!r} is neither 'auto' nor three sizes data,fsdp,tensor (each a positive integer, "
+                         "or -1 for the devices left, at most one -1), e.g. 1,-1,1")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def check_mesh(text: str, key: str) -> str:
+    """A mesh setting as written ("auto" in any case or spacing is stored as "auto"; sizes as
+    `mesh_sizes` accepts them); anything else is a ConfigKeyError naming `key`, when the config
+    is read rather than once devices exist."""
+    try:
+        sizes = mesh_sizes(text)
+    except ValueError as error:
+        raise ConfigKeyError(f"{key}: {error}") from None
+    return "auto" if sizes is None else text
 
 
 @dataclasses.dataclass

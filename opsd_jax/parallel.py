@@ -105,17 +105,18 @@ def _slice_groups(devices) -> list[list]:
 
 
 def parse_mesh_shape(text: str) -> tuple[int, int, int]:
-    """Parses "data,fsdp,tensor" such as "2,2,2" or "1,-1,1" from a command line."""
-    if is_auto_mesh(text):
+    """Parses "data,fsdp,tensor" such as "2,2,2" or "1,-1,1" from a command line
+    (config.mesh_sizes; "auto" is refused here)."""
+    from opsd_jax.config import mesh_sizes
+
+    try:
+        sizes = mesh_sizes(text)
+    except ValueError as error:
+        raise ValueError(f"--mesh: {error}") from None
+    if sizes is None:
         raise ValueError("mesh 'auto' is resolved from the model and the devices (parallel.auto_mesh_shape); "
                          "this command needs explicit sizes data,fsdp,tensor")
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 3:
-        raise ValueError(f"--mesh must be three comma-separated sizes data,fsdp,tensor; got {text!r}")
-    try:
-        return tuple(int(p) for p in parts)  # type: ignore[return-value]
-    except ValueError:
-        raise ValueError(f"--mesh sizes must be integers; got {text!r}") from None
+    return sizes
 
 
 AUTO_MESH = "auto"

@@ -45,10 +45,10 @@ def test_make_mesh_errors(sizes, message):
 
 def test_parse_mesh_shape():
     assert parse_mesh_shape("2, -1,1") == (2, -1, 1)
-    with pytest.raises(ValueError, match="three comma-separated"):
-        parse_mesh_shape("2,2")
-    with pytest.raises(ValueError, match="integers"):
-        parse_mesh_shape("a,b,c")
+    # the config's own parser (config.mesh_sizes), so a command line and a config refuse alike
+    for bad in ("2,2", "a,b,c", "0,1,8", "1,-1,-1"):
+        with pytest.raises(ValueError, match=r"--mesh: .* is neither 'auto' nor three sizes data,fsdp,tensor"):
+            parse_mesh_shape(bad)
 
 
 def test_rules_cover_every_logical_name():
