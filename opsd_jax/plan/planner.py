@@ -194,6 +194,9 @@ def format_report(report: dict) -> str:
 
         lines.append("\npreemption: " + describe(report["checkpoint"]["bytes"], hosts=report["hosts"],
                                                   seconds_per_gib=report["checkpoint"]["seconds_per_gib"]))
+    lines.append("\nTFLOP: XLA's cost_analysis() of the compiled program, which counts the body of every loop once "
+                 "(scanned layers, microbatches, the divergence kernel's token blocks): a lower bound, not the "
+                 "work per step")
     lines.append(f"\nevaluation planned as `opsd-jax eval {report['eval']['mesh_flag']} --max-slots "
                  f"{report['eval']['slots']}` ({report['eval']['sequence_length']} tokens per slot)")
     lines.append("verdict: " + ("every program fits" if report["all_fit"] else "NOT every program fits"))
