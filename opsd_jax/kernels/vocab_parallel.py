@@ -14,7 +14,7 @@ first over the vocabulary axes and the second over the token axes, because each 
 leaves those axes out. The head is never gathered over the vocabulary axes and no [N, V] array
 exists. The head's fsdp split of its hidden dimension is gathered at the shard_map boundary, as
 FSDP does anyway, except where gathering the token rows over fsdp needs fewer bytes
-(`row_gather_axes`; xla): the vocabulary is then split over fsdp too, each shard of an fsdp group
+(`row_gather_axes`): the vocabulary is then split over fsdp too, each shard of an fsdp group
 sweeps all of the group's rows against its [H, V / (t f)] slice (the heads are resharded, not
 gathered) and the outputs and d/dh are reduced back to the token shards by the same transpose.
 
@@ -187,37 +187,42 @@ def _hidden_split_axes(mesh: Mesh, width: int, vocab: int) -> tuple[str, ...]:
     return _axes_of(logical_to_spec(("embed", "vocab"), (width, vocab), mesh)[0])
 
 
-def gather_bytes(f: int, n: int, v: int, widths: tuple[int, int], row_bytes: int,
+def gather_bytes(f: int, n: int, v: int, widths: tuple[int, int], row_bytes: int, head_bytes: int | None = None,
                  gradients: bool = True) -> tuple[int, int]:
-    """(bytes per chip of gathering the heads, of gathering the token rows) for the one-sweep
-    kernel where f shards split both the tokens (n rows each) and the heads' hidden dimension,
-    and v columns are this chip's vocabulary slice otherwise. Only what differs is counted, with
-    heads moved in the matmul's dtype (row_bytes: XLA converts a float32 head before gathering or
-    resharding it). Heads: both [H, v] heads and the student's float32 d/dW [Hs, v] before its
-    reduction over the f shards. Rows: the [f n, H] rows of both models, the student's float32
-    d/dh [f n, Hs] before its reduction, both heads resharded to [H, v / f] and d/dW [Hs, v / f].
-    At H = 4096, v = 151,936, f = 4 this predicts 4.6 GiB against the rows' 2.4 / 3.4 / 5.4 GiB at
-    n = 8,192 / 16,384 / 32,768, where the AOT compile measured 4.8-4.9 against 2.2 / 3.2 / 5.2.
+    """(bytes per chip of gathering the heads, of gathering the token rows) for a kernel where f
+    shards split both the tokens (n rows each) and the heads' hidden dimension, and v columns are
+    this chip's vocabulary slice otherwise. Only what differs is counted. Heads: both [H, v]
+    heads and the student's float32 d/dW [Hs, v] before its reduction over the f shards. Rows:
+    the [f n, H] rows of both models (row_bytes), the student's float32 d/dh [f n, Hs] before its
+    reduction, both heads resharded to [H, v / f] and d/dW [Hs, v / f]. head_bytes: the dtype the
+    heads move in (default row_bytes: XLA converts a float32 head for the matmul before gathering
+    it; the Mosaic kernels cast tiles themselves, so their heads move as stored).
+    At H = 4096, v = 151,936, f = 4 (xla) this predicts 4.6 GiB against the rows' 2.4 / 3.4 /
+    5.4 GiB at n = 8,192 / 16,384 / 32,768, where the AOT compile measured 4.8-4.9 against 2.2 /
+    3.2 / 5.2; for pallas_tpu's float32 heads 7.0 against 2.7 at 8,192, as measured.
     gradients False: statistics only (no d/dW, no d/dh).
     """
     hs, ht = widths
-    per_column = (hs + ht) * row_bytes + (hs * 4 if gradients else 0)
-    return per_column * v, f * n * per_column + per_column * (v // f)
+    head_bytes = row_bytes if head_bytes is None else head_bytes
+    grad = 4 if gradients else 0
+    per_column = (hs + ht) * head_bytes + hs * grad
+    return per_column * v, f * n * ((hs + ht) * row_bytes + hs * grad) + per_column * (v // f)
 
 
 def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], impl: str, *, row_bytes: int,
-                    choice: bool | None = None, gradients: bool = True) -> tuple[str, ...]:
-    """The token axes (fsdp) whose shards gather their token rows for the one-sweep kernel and
-    split the heads' vocabulary f times further, instead of gathering the heads' fsdp split of
-    the hidden dimension (FSDP's own all-gather). Empty: gather the heads.
+                    head_bytes: int | None = None, choice: bool | None = None,
+                    gradients: bool = True) -> tuple[str, ...]:
+    """The token axes (fsdp) whose shards gather their token rows and split the heads' vocabulary
+    f times further, instead of gathering the heads' fsdp split of the hidden dimension (FSDP's
+    own all-gather). Empty: gather the heads.
 
     Gathering rows trades [H, V/t] heads per chip for [f n, H] rows: it wins when the tokens a
     group of f shards holds are few against the vocabulary (`gather_bytes`, which the AOT compile
     confirmed: BUILD_NOTES, issue 12). choice True / False forces it where possible / off; None
-    takes the smaller by `gather_bytes`. xla only (its slices are completed in one sweep; the
-    Mosaic kernels read heads in the orientation XLA stores the fsdp shard in). n: all tokens.
+    takes the smaller by `gather_bytes`. xla and pallas_tpu (the vocabulary-parallel forms); the
+    others run token-parallel. n: all tokens.
     """
-    if impl != "xla" or choice is False:
+    if impl not in ("xla", "pallas_tpu") or choice is False:
         return ()
     token_axes, vocab_axes = mesh_axes(mesh, n, vocab)
     # The student's head is the one whose gathered copy and float32 gradient matter.
@@ -232,7 +237,7 @@ def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], imp
     if choice:
         return axes
     shards = math.prod(mesh.shape[a] for a in token_axes)
-    heads, rows_ = gather_bytes(f, n // shards, vocab // t, widths, row_bytes, gradients)
+    heads, rows_ = gather_bytes(f, n // shards, vocab // t, widths, row_bytes, head_bytes, gradients)
     return axes if rows_ < heads else ()
 
 
@@ -262,7 +267,9 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
     n, vocab = hs_NxHs.shape[0], ws_HsxV.shape[1]
     local = local_backend(impl)
     row_gather = row_gather_axes(mesh, n, vocab, (hs_NxHs.shape[1], ht_NxHt.shape[1]), impl,
-                                 row_bytes=hs_NxHs.dtype.itemsize, choice=spec.gather_token_rows)
+                                 row_bytes=hs_NxHs.dtype.itemsize,
+                                 head_bytes=ws_HsxV.dtype.itemsize if local is not None else None,
+                                 choice=spec.gather_token_rows)
     one_sweep = impl == "xla" and bool(mesh_axes(mesh, n, vocab)[1] or row_gather)
     rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, local is not None or one_sweep,
                                                            row_gather)

@@ -54,12 +54,13 @@ def _value_and_grads(impl, mesh, beta, h_s, w_s, h_t, w_t, mask, targets, cot, t
 
 
 @pytest.mark.parametrize("impl,mesh_shape,beta,widths,gather", [
-    # xla on an fsdp mesh: the heads gathered over fsdp, or the token rows (the vocabulary then
-    # splits over tensor and fsdp: 4 slices on 2,2,2, 8 on 1,8,1).
+    # On an fsdp mesh: the heads gathered over fsdp, or the token rows (the vocabulary then
+    # splits over tensor and fsdp: 4 slices on 2,2,2, 8 on 1,8,1); xla here, pallas_tpu below.
     ("xla", (2, 2, 2), 0.5, (HS, HT), False), ("xla", (2, 2, 2), 0.5, (HS, HT), True),
     ("xla", (1, 8, 1), 0.0, (HS, HT), True), ("xla", (2, 2, 2), 1.0, (HS, HT), True),
     ("xla", (1, 1, 8), 0.0, (HS, HT), None), ("xla", (1, 1, 8), 1.0, (HS, HT), None),
-    ("pallas_tpu", (2, 2, 2), 0.5, (HS, HT), None), ("pallas_tpu", (1, 1, 8), 1.0, (HS, HT), None),
+    ("pallas_tpu", (2, 2, 2), 0.5, (HS, HT), False), ("pallas_tpu", (1, 1, 8), 1.0, (HS, HT), None),
+    ("pallas_tpu", (2, 2, 2), 0.5, (HS, HT), True), ("pallas_tpu", (1, 8, 1), 0.0, (HS, HT), True),
     # 520-column slices of 128-wide heads: read vocabulary-major ([v, H] tiles, d/dW [v, H]), as
     # Qwen3's 37,984-column slices are on TPU; the teacher's 6-wide head stays hidden-major. Two
     # devices: at H=128 the TPU interpreter's cross-device barrier deadlocks on 8 CPU devices in

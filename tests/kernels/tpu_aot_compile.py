@@ -89,7 +89,8 @@ def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vo
     else:
         def loss(hs, ws, ht, wt, targets):
             out = kernels.fused_linear_divergence(hs, ws, ht, wt, beta=beta, valid_vocab=min(VALID, vocab),
-                                                  targets=targets, impl="pallas_tpu", interpret=False, mesh=mesh)
+                                                  targets=targets, impl="pallas_tpu", interpret=False, mesh=mesh,
+                                                  gather_token_rows=gather_token_rows)
             return jnp.mean(out.divergence) - jnp.mean(out.student_logprob)
 
     n = n_per_chip * mesh.shape["data"] * mesh.shape["fsdp"]
