@@ -246,19 +246,18 @@ def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc, vocab_major=False):
     # 8,192-column slices, 1% in 7,680-column ones.
     per_slice = -(-vocab // -(-vocab // HEAD_GRAD_SLICE))
     c = min(vocab, -(-per_slice // 128) * 128)
+    vocab_axis = 0 if vocab_major else 1
 
     def add_slice(j, acc):
         nominal, col0 = _clamped_start(j, c, vocab)
         g_RxC = jax.lax.dynamic_slice_in_dim(g_RxV, col0, c, axis=1)
         # A clamped last slice revisits columns; count them once.
         g_RxC = jnp.where(rows.columns(c, col0) >= nominal, g_RxC, 0)
-        if vocab_major:
-            gw_CxH = jax.lax.dot_general(g_RxC, hidden_RxH, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            old_CxH = jax.lax.dynamic_slice_in_dim(acc, col0, c, axis=0)
-            return jax.lax.dynamic_update_slice_in_dim(acc, old_CxH + gw_CxH, col0, axis=0)
-        gw_HxC = jax.lax.dot_general(hidden_RxH, g_RxC, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        old_HxC = jax.lax.dynamic_slice_in_dim(acc, col0, c, axis=1)
-        return jax.lax.dynamic_update_slice_in_dim(acc, old_HxC + gw_HxC, col0, axis=1)
+        # [C, H] = G^T h for a vocabulary-major acc, else [H, C] = h^T G.
+        lhs, rhs = (g_RxC, hidden_RxH) if vocab_major else (hidden_RxH, g_RxC)
+        gw = jax.lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        old = jax.lax.dynamic_slice_in_dim(acc, col0, c, axis=vocab_axis)
+        return jax.lax.dynamic_update_slice_in_dim(acc, old + gw, col0, axis=vocab_axis)
 
     return gh_RxH, jax.lax.fori_loop(0, -(-vocab // c), add_slice, acc)
 
