@@ -80,6 +80,17 @@ def active_blocks(active_N, block: int):
     return order_B, jnp.sum(flags_B, dtype=jnp.int32)
 
 
+def over_active_blocks(order_B, count, block, init):
+    """block(k, carry) for k in 0 .. count-1 (the active blocks, `order_B[k]` being the k-th), as a
+    loop of static length B whose later steps are a `cond` away. The static bound is what lets XLA
+    and `opsd-jax plan` read the loop's trip count (a run-time bound is counted once); a skipped
+    step costs one predicate."""
+    def step(k, carry):
+        return jax.lax.cond(k < count, block, lambda _, same: same, k, carry)
+
+    return jax.lax.fori_loop(0, order_B.shape[0], step, init)
+
+
 def _mask_outputs(stats: rows.RowStats, mask_N):
     return stats._replace(
         divergence_R=jnp.where(mask_N, stats.divergence_R, 0.0),
@@ -147,7 +158,7 @@ def _row_stats_from_logits(student_logits_NxV, teacher_logits_NxV, mask_N, spec:
         return tuple(jax.lax.dynamic_update_slice(o_N, v_R, (row0,)) for o_N, v_R in zip(outs, block_stats))
 
     init = tuple(jnp.zeros((n,), jnp.float32) for _ in rows.RowStats._fields)
-    return rows.RowStats(*jax.lax.fori_loop(0, count, token_block, init))
+    return rows.RowStats(*over_active_blocks(order_B, count, token_block, init))
 
 
 def _outputs_from_logits(student_logits_NxV, teacher_logits_NxV, mask_N, targets_N, spec):
@@ -351,7 +362,14 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
     if want_grads and grads0 is None:
         acc_shape = (vocab, hs_width) if vocab_major else (hs_width, vocab)
         grads0 = (jnp.zeros((n, hs_width), jnp.float32), jnp.zeros(acc_shape, jnp.float32))
-    outs, grads = jax.lax.fori_loop(0, count, block, (outs0, grads0 if want_grads else ()))
+    carry0 = (outs0, grads0 if want_grads else ())
+    if active_N is None:
+        outs, grads = over_active_blocks(order_B, count, block, carry0)
+    else:
+        # The backward's remainder sweep visits the rows whose cotangents the forward did not
+        # foresee: none in training, so its bound stays a run-time one (a static bound would make
+        # the plan count a full sweep that never runs).
+        outs, grads = jax.lax.fori_loop(0, count, block, carry0)
     stats = rows.RowStats(*outs[: len(rows.RowStats._fields)])
     lp_s_N = lp_t_N = None
     if with_targets:
@@ -465,5 +483,5 @@ def student_slice_stats(hs_nxHs, ws_HsxV, mask_n, targets_n, limit, spec: Diverg
             values += (rows.target_logit(z_RxV, jax.lax.dynamic_slice_in_dim(targets_n, row0, r)),)
         return tuple(jax.lax.dynamic_update_slice(o_n, v_R, (row0,)) for o_n, v_R in zip(outs, values))
 
-    outs = jax.lax.fori_loop(0, count, block, tuple(jnp.zeros((n,), jnp.float32) for _ in range(4)))
+    outs = over_active_blocks(order_B, count, block, tuple(jnp.zeros((n,), jnp.float32) for _ in range(4)))
     return outs

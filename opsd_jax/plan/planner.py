@@ -149,6 +149,29 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
     }
 
 
+def _flop_notes(r: dict) -> list[str]:
+    """What a compiled program's TFLOP figure holds beyond the table: the divergence kernel's
+    share against one fused sweep's matmuls, and the loops it could only count once."""
+    from opsd_jax.kernels.api import KERNEL_SCOPE, STATISTICS_SCOPE
+
+    notes = []
+    kernel = r.get("kernel_flops") or {}
+    if KERNEL_SCOPE in kernel:
+        sweep = r.get("kernel_sweep_flops")
+        against = f" = {kernel[KERNEL_SCOPE] / sweep:.3f} x one sweep's 2 N (3 Hs + Ht) V" if sweep else ""
+        statistics = (f"; student statistics pass {kernel[STATISTICS_SCOPE] / 1e12:.2f}"
+                      if STATISTICS_SCOPE in kernel else "")
+        notes.append(f"  {r['name']}: divergence kernel {kernel[KERNEL_SCOPE] / 1e12:.2f} TFLOP{against}{statistics}")
+    for key, what in (("runtime_loops", "loop(s) bounded at run time, counted once"),
+                      ("opaque_kernels", "Pallas kernel(s) without a cost estimate, counted as 0")):
+        # the op_names' last three scopes tell the loops and kernels apart
+        names = list(dict.fromkeys("/".join(name.split("/")[-3:]) for name in r.get(key) or []))
+        if names:
+            shown = "; ".join(names[:3]) + ("; ..." if len(names) > 3 else "")
+            notes.append(f"  {r['name']}: {len(names)} {what}: {shown}")
+    return notes
+
+
 def format_report(report: dict) -> str:
     """The table a person reads, then what to do about each program that does not fit."""
     hbm = report["hbm_bytes_per_chip"]
@@ -180,6 +203,9 @@ def format_report(report: dict) -> str:
             f"{r['temp_bytes'] / GiB:>8.2f} {r['code_bytes'] / 2**20:>6.1f}M {r['resident_bytes'] / GiB:>8.2f} "
             f"{r['total_bytes'] / GiB:>7.2f} / {hbm / GiB:<5.0f} {flops:>8} {r['compile_seconds']:>9.1f}  {r['verdict']}")
     for r in report["programs"]:
+        if r["status"] == "compiled":
+            lines += _flop_notes(r)
+    for r in report["programs"]:
         if r["verdict"] == "does not compile":
             lines.append(f"\n{r['name']} does not compile: {r['error']}")
         elif r["verdict"] == "does not fit":
@@ -194,9 +220,10 @@ def format_report(report: dict) -> str:
 
         lines.append("\npreemption: " + describe(report["checkpoint"]["bytes"], hosts=report["hosts"],
                                                   seconds_per_gib=report["checkpoint"]["seconds_per_gib"]))
-    lines.append("\nTFLOP: XLA's cost_analysis() of the compiled program, which counts the body of every loop once "
-                 "(scanned layers, microbatches, the divergence kernel's token blocks): a lower bound, not the "
-                 "work per step")
+    lines.append("\nTFLOP: the compiled program's matmuls per chip (dots, convolutions and Pallas kernels' cost "
+                 "estimates), every loop multiplied by its trip count (scanned layers, microbatches, the divergence "
+                 "kernel's token blocks); a loop bounded only at run time is counted once, a Pallas kernel without a "
+                 "cost estimate as 0, both named below their program. XLA's cost_analysis(), which counts every loop body once, is in the JSON.")
     lines.append(f"\nevaluation planned as `opsd-jax eval {report['eval']['mesh_flag']} --max-slots "
                  f"{report['eval']['slots']}` ({report['eval']['sequence_length']} tokens per slot)")
     lines.append("verdict: " + ("every program fits" if report["all_fit"] else "NOT every program fits"))

@@ -21,8 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from opsd_jax.config import RunConfig
+from opsd_jax.kernels.api import KERNEL_SCOPE, STATISTICS_SCOPE
 from opsd_jax.models.config import ModelConfig
 from opsd_jax.models.decoder import abstract_params, sharded_abstract_params
+from opsd_jax.plan import hlo_flops
+
+KERNEL_SCOPES = (KERNEL_SCOPE, STATISTICS_SCOPE)
 
 PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 # Prompt tokens the evaluation sampler reserves ahead of the generation cap: the chat-templated
@@ -57,7 +61,12 @@ class ProgramPlan:
     alias_bytes: int = 0
     temp_bytes: int = 0
     code_bytes: int = 0
-    flops: float | None = None
+    flops: float | None = None  # matmul FLOPs, loops multiplied out (hlo_flops)
+    cost_analysis_flops: float | None = None  # XLA's own count: each loop body once
+    runtime_loops: list = dataclasses.field(default_factory=list)  # op_names of loops bounded at run time: in `flops` once
+    opaque_kernels: list = dataclasses.field(default_factory=list)  # op_names of Pallas kernels without an estimate: 0
+    kernel_flops: dict = dataclasses.field(default_factory=dict)  # the divergence kernel's entry points'
+    kernel_sweep_flops: float | None = None  # one fused sweep's matmuls for this step's tokens, per chip
     compile_seconds: float = 0.0
     largest_arrays: list = dataclasses.field(default_factory=list)
     resident_bytes: int = 0  # other buffers the job keeps on the same chips while this runs
@@ -201,7 +210,10 @@ def compile_program(plan: ProgramPlan, jitted, *args) -> ProgramPlan:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    plan.flops = float(cost["flops"]) if cost and "flops" in cost else None
+    plan.cost_analysis_flops = float(cost["flops"]) if cost and "flops" in cost else None
+    counted = hlo_flops.count(compiled.as_text(), KERNEL_SCOPES)
+    plan.flops, plan.runtime_loops, plan.opaque_kernels = counted.flops, counted.runtime_loops, counted.opaque_kernels
+    plan.kernel_flops = {scope: counted.by_scope[scope] for scope in KERNEL_SCOPES if scope in counted.by_scope}
     plan.largest_arrays = largest_arrays(compiled.as_text())
     return plan
 
@@ -217,7 +229,15 @@ def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig 
                                      f"microbatches, contexts {c.data.max_prompt_tokens}+{c.sampling.max_new_tokens} "
                                      f"tokens, {c.objective.kind} via {settings.kernel_impl}, remat {student.remat}",
                        dict(mesh.shape), resident_bytes=resident_bytes)
-    return compile_program(plan, step, state, batch)
+    plan = compile_program(plan, step, state, batch)
+    # Every objective scores the rollouts with the fused kernel. Its one sweep: both models'
+    # projections (2 N Hs V + 2 N Ht V) and the student's two gradient products (4 N Hs V), the
+    # issue-12 goal's 8 N H V when Hs = Ht; chips share it evenly (tokens over data x fsdp, the
+    # vocabulary over tensor, or the rows gathered over fsdp against 1/fsdp of the columns).
+    tokens = c.train.batch_size * c.sampling.max_new_tokens
+    teacher_width = student.hidden_size if c.objective.kind == "sft" or teacher is None else teacher.hidden_size
+    plan.kernel_sweep_flops = 2 * tokens * (3 * student.hidden_size + teacher_width) * student.vocab_size / mesh.size
+    return plan
 
 
 def train_step_inputs(c: RunConfig, student: ModelConfig, teacher: ModelConfig | None, mesh, processes: int,

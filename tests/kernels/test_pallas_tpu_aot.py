@@ -91,6 +91,11 @@ def test_xla_vocab_parallel_sweeps_once_for_tpu(beta):
     nhv = 1024 * 256 * (151_936 // 2)
     # the h^T G product's last slice is clamped and revisits about 1% of the columns
     assert 8 * nhv <= report["jaxpr_dot_flops"] < 8.1 * nhv, report
+    # The plan's count, read from the compiled TPU program, agrees with the jaxpr's: its token
+    # loop has a static bound, and only the backward's remainder sweep (which this loss never
+    # enters) is bounded at run time and counted once.
+    assert report["hlo_runtime_loops"] == 1, report
+    assert report["hlo_matmul_flops"] == pytest.approx(report["jaxpr_dot_flops_runtime_loop_once"], rel=1e-3)
 
 
 @needs_libtpu

@@ -19,12 +19,16 @@ for the KLs and 12 N H V for the JSD, and against the count of pallas_tpu's desi
 sweep, JSD pass, one recomputation in the backward: 12 and 16 N H V), N and V per chip.
 
 --impl xla (with --mesh): the XLA kernel in the trainer's form, a weighted loss
-sum(weights * divergence) with the same `weights` passed to the kernel, so its one sweep forms
-the gradients and the backward only scales them. Its token-block loops have run-time trip counts,
-which cost_analysis() counts once each; the JSON line therefore also has `jaxpr_dot_flops`: the
-matmul FLOPs of the traced program with static loops multiplied out and each run-time loop run
-as often as it runs here (the forward sweep once per token block; the backward's remainder sweep
-0 times, which tests/kernels/test_training_path.py checks for this loss form).
+sum(weights * divergence) with the same `weights` passed to the kernel and a mask, so its one
+sweep forms the gradients and the backward only scales them. cost_analysis() counts each loop
+body once; the JSON line therefore also has `jaxpr_dot_flops`: the matmul FLOPs of the traced
+program with every loop run as often as it runs here (the forward sweep once per token block; the
+backward's remainder sweep, bounded at run time, 0 times, which tests/kernels/test_training_path.py
+checks for this loss form).
+
+`hlo_matmul_flops` is what `opsd-jax plan` reports: the compiled program's matmuls with every
+loop multiplied by its trip count (opsd_jax.plan.hlo_flops), a loop bounded at run time (here the
+remainder sweep) once; `jaxpr_dot_flops_runtime_loop_once` is the jaxpr's count of the same.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from opsd_jax import kernels
+from opsd_jax.plan import hlo_flops
 
 N_PER_DEVICE, H, V, VALID = 1024, 512, 151_936, 151_669
 
@@ -82,8 +87,11 @@ def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vo
 
     if impl == "xla":
         def loss(hs, ws, ht, wt, targets, weights):
+            # The trainer's mask: padding is known only at run time, so the kernel's token-block
+            # loops skip blocks at run time too.
             out = kernels.fused_linear_divergence(hs, ws, ht, wt, beta=beta, valid_vocab=min(VALID, vocab),
                                                   targets=targets, impl="xla", mesh=mesh, weights=weights,
+                                                  mask=weights != 0,
                                                   token_block=token_block, gather_token_rows=gather_token_rows)
             return jnp.sum(weights * out.divergence)
     else:
@@ -232,26 +240,15 @@ def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per
                                        token_block, gather_token_rows)
     jaxpr_flops = None
     if impl == "xla":
-        from opsd_jax.kernels import vocab_parallel, xla
-        from opsd_jax.kernels.spec import DivergenceSpec
-        from opsd_jax.parallel import make_mesh
-
-        # A shard's rows and columns: with the token rows gathered over fsdp (f), f times the
-        # rows of 1/f the columns.
-        mesh = make_mesh(*mesh_shape, devices=devices)
-        gathered = vocab_parallel.row_gather_axes(
-            mesh, n_per_chip * mesh_shape[0] * mesh_shape[1], vocab, (width, width), "xla",
-            row_bytes=2, choice=gather_token_rows)
-        f = math.prod(mesh.shape[a] for a in gathered)
-        rows_per_shard, columns = n_per_chip * f, vocab // mesh_shape[2] // f
-        rows_per_block = xla.fused_token_block(rows_per_shard, columns,
-                                               DivergenceSpec(beta, token_block=token_block, tpu_generation="tpu"))
-        blocks = -(-rows_per_shard // rows_per_block)
         jaxpr = jax.make_jaxpr(jitted)(*args).jaxpr
-        trips = [blocks, 0]  # the forward sweep; the backward's remainder sweep (none for this loss)
+        # The forward sweep's loop has a static bound (its skipped blocks are conds); the one
+        # run-time loop is the backward's remainder sweep, which this loss form never enters.
+        trips = [0]
         jaxpr_flops = dot_flops(jaxpr, trips)
         if trips:
-            raise RuntimeError(f"expected two token-block loops in the xla program, found {2 - len(trips)}")
+            raise RuntimeError("expected one run-time token-block loop in the xla program, found none")
+        # As the compiled program's loop-aware count must see it: the run-time loop once.
+        jaxpr_flops = (jaxpr_flops, dot_flops(jaxpr, [1]))
     lowered = jitted.lower(*args)
     hlo = lowered.as_text()
     compiled = lowered.compile()
@@ -269,6 +266,7 @@ def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab
     nhv = n_per_chip * width * vocab_per_chip
     goal, design = flops_per_nhv(beta)
     kernel_flops = sum(k["flops"] or 0 for k in kernels)
+    loop_aware = hlo_flops.count(compiled_text)
     return {
         "topology": topology,
         "impl": impl,
@@ -293,8 +291,14 @@ def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab
         "design_flops": design * nhv,
         "flops_over_goal": cost.get("flops", 0.0) / (goal * nhv),
         "kernel_flops_over_design": kernel_flops / (design * nhv),
-        "jaxpr_dot_flops": jaxpr_flops,
-        "jaxpr_dot_flops_over_goal": None if jaxpr_flops is None else jaxpr_flops / (goal * nhv),
+        "jaxpr_dot_flops": jaxpr_flops and jaxpr_flops[0],
+        "jaxpr_dot_flops_over_goal": jaxpr_flops and jaxpr_flops[0] / (goal * nhv),
+        "jaxpr_dot_flops_runtime_loop_once": jaxpr_flops and jaxpr_flops[1],
+        # What `opsd-jax plan` reads: the compiled program's matmuls with its loops multiplied out
+        # (a loop bounded at run time counted once).
+        "hlo_matmul_flops": loop_aware.flops,
+        "hlo_matmul_flops_over_goal": loop_aware.flops / (goal * nhv),
+        "hlo_runtime_loops": len(loop_aware.runtime_loops),
     }
 
 

@@ -1,0 +1,298 @@
+"""Matmul FLOPs of a compiled XLA program with its loops multiplied out.
+
+XLA's `cost_analysis()` counts the body of every while loop once: a model whose 36 layers are a
+scan reports one layer's work, and the divergence kernel one token block's. This module reads the
+compiled (per-chip, already partitioned) HLO text instead and counts what the chip runs:
+
+- `dot`: 2 x output elements x the contracted size; `convolution` (TPU lowers most dots to one):
+  2 x output elements x the kernel's elements per output feature;
+- a Pallas (Mosaic) kernel: the FLOPs of the `cost_estimate` its backend config carries; one
+  without (splash attention's) counts 0 and is reported in `opaque_kernels`;
+- `fusion`, `call` and async wrappers: their called computations, once;
+- `while`: its body times its trip count, read from the loop's condition (`i < C`, or `C > i`,
+  with `i` starting at a constant); a loop whose bound is only known at run time (the divergence
+  kernel skipping masked token blocks, causal attention's key range) cannot be read, is counted
+  once, and is reported in `runtime_loops`;
+- `conditional`: its costliest branch.
+
+Elementwise work (exponentials, the softmax's adds) is not counted: matmuls are what a step's
+MFU is measured against. Every counted FLOP is also attributed to each `scopes` substring its
+instruction's `op_name` holds (jax.named_scope names show there), so the divergence kernel's share
+of a train step can be read off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$", re.DOTALL)
+_ARRAY = re.compile(r"([a-z]+\d*)\[([\d,]*)\]")
+_OPCODE = re.compile(r"^([a-z][\w\-]*)\(")
+_CALLED = re.compile(r"\b(?:calls|to_apply|body|condition)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"\b(?:branch_computations=\{([^}]*)\}|true_computation=%([\w.\-]+), "
+                       r"false_computation=%([\w.\-]+))")
+_ESTIMATE = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_INDEX = re.compile(r"\bindex=(\d+)")
+_DIRECTION = re.compile(r"\bdirection=(\w+)")
+# Custom-call targets of Pallas kernels (Mosaic TPU, Triton and Mosaic GPU), whose work XLA knows
+# only from the estimate they carry.
+_KERNEL_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    name: str
+    shape: str
+    opcode: str
+    operands: tuple[str, ...]
+    attributes: str
+    is_root: bool = False
+
+
+@dataclasses.dataclass
+class Count:
+    """FLOPs per chip; `by_scope[s]`: those whose op_name holds s; `runtime_loops`: the op_names
+    of the while loops counted once because their trip count is decided at run time (a loop
+    inside another is listed once)."""
+
+    flops: float = 0.0
+    by_scope: dict[str, float] = dataclasses.field(default_factory=dict)
+    runtime_loops: list[str] = dataclasses.field(default_factory=list)
+    # op_names of Pallas kernels that carry no cost estimate (splash attention's): counted as 0
+    opaque_kernels: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, other: Count, times: float = 1.0) -> None:
+        self.flops += times * other.flops
+        for scope, flops in other.by_scope.items():
+            self.by_scope[scope] = self.by_scope.get(scope, 0.0) + times * flops
+        self.runtime_loops += [name for name in other.runtime_loops if name not in self.runtime_loops]
+        self.opaque_kernels += [name for name in other.opaque_kernels if name not in self.opaque_kernels]
+
+
+def _matching_paren(text: str, start: int) -> int:
+    """Index of the parenthesis closing the one at `start`."""
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ValueError(f"unbalanced parentheses in HLO: {text[start:start + 120]!r}")
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    if "".join(current).strip():
+        parts.append("".join(current).strip())
+    return parts
+
+
+def parse_instruction(line: str) -> Instruction | None:
+    """One HLO instruction line, or None for anything else (headers, braces, comments)."""
+    match = _INSTRUCTION.match(line)
+    if not match:
+        return None
+    root, name, rest = match.groups()
+    if rest.startswith("("):
+        end = _matching_paren(rest, 0)
+        shape, rest = rest[: end + 1], rest[end + 1:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    opcode = _OPCODE.match(rest)
+    if not opcode:
+        return None
+    open_at = opcode.end() - 1
+    close_at = _matching_paren(rest, open_at)
+    operands = tuple(part.split()[-1].lstrip("%") for part in _split_top_level(rest[open_at + 1: close_at]) if part)
+    opcode = opcode.group(1)
+    attributes = rest[close_at + 1:]
+    if opcode == "constant":
+        # A constant's value is its "operand": `constant(16)`.
+        attributes = rest[open_at + 1: close_at] + attributes
+        operands = ()
+    return Instruction(name, shape, opcode, operands, attributes, bool(root))
+
+
+def parse_module(text: str) -> tuple[dict[str, dict[str, Instruction]], str]:
+    """({computation: {instruction name: Instruction}} in order, the entry computation's name).
+    An instruction may span lines (a Mosaic call's backend config holds its kernel's text); a
+    computation ends at a line that is only a closing brace."""
+    computations: dict[str, dict[str, Instruction]] = {}
+    entry, current, pending = None, None, []
+
+    def flush():
+        if current is not None and pending:
+            instruction = parse_instruction("\n".join(pending))
+            if instruction is not None:
+                current[instruction.name] = instruction
+        pending.clear()
+
+    for line in text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header and line.rstrip().endswith("{"):
+            flush()
+            current = computations.setdefault(header.group(1), {})
+            if line.startswith("ENTRY"):
+                entry = header.group(1)
+        elif line.rstrip() == "}":
+            flush()
+            current = None
+        elif _INSTRUCTION.match(line):
+            flush()
+            pending.append(line)
+        elif pending:
+            pending.append(line)
+    flush()
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return computations, entry
+
+
+def _dims(shape: str) -> list[int]:
+    match = _ARRAY.search(shape)
+    if not match:
+        raise ValueError(f"not an array shape: {shape!r}")
+    return [int(d) for d in match.group(2).split(",") if d]
+
+
+def _attribute(attributes: str, key: str) -> str | None:
+    match = re.search(rf"\b{key}=([^\s,]+(?:,\d+)*)", attributes)
+    return match.group(1) if match else None
+
+
+def _contracting(attributes: str, side: str) -> list[int]:
+    match = re.search(rf"\b{side}_contracting_dims=\{{([\d,]*)\}}", attributes)
+    return [int(d) for d in match.group(1).split(",") if d] if match else []
+
+
+def instruction_flops(instruction: Instruction, shapes: dict[str, Instruction]) -> float:
+    """FLOPs of one dot, convolution or cost-estimated custom call; 0 for anything else."""
+    if instruction.opcode == "dot":
+        lhs = _dims(shapes[instruction.operands[0]].shape)
+        contracted = math.prod(lhs[d] for d in _contracting(instruction.attributes, "lhs"))
+        return 2.0 * math.prod(_dims(instruction.shape)) * contracted
+    if instruction.opcode == "convolution":
+        labels = _attribute(instruction.attributes, "dim_labels")
+        if labels is None:
+            raise ValueError(f"convolution {instruction.name} has no dim_labels")
+        kernel_labels = labels.split("_")[1].split("->")[0]
+        kernel = _dims(shapes[instruction.operands[1]].shape)
+        per_output = math.prod(kernel) // kernel[kernel_labels.index("o")]
+        return 2.0 * math.prod(_dims(instruction.shape)) * per_output
+    if instruction.opcode == "custom-call":
+        estimate = _ESTIMATE.search(instruction.attributes)
+        return float(estimate.group(1)) if estimate else 0.0
+    return 0.0
+
+
+def _through_copies(name: str, shapes: dict[str, Instruction]) -> Instruction | None:
+    instruction = shapes.get(name)
+    while instruction is not None and instruction.opcode in ("copy", "bitcast") and instruction.operands:
+        instruction = shapes.get(instruction.operands[0])
+    return instruction
+
+
+def _constant(instruction: Instruction | None) -> int | None:
+    if instruction is None or instruction.opcode != "constant":
+        return None
+    value = re.match(r"\s*(-?\d+)\s*(?:,|$)", instruction.attributes)
+    return int(value.group(1)) if value else None
+
+
+def trip_count(loop: Instruction, computations: dict, shapes: dict[str, Instruction]) -> int | None:
+    """The trip count of a while loop whose condition is `i < C` (or `C > i`) with i a tuple
+    element that starts at a constant; None when it is decided at run time."""
+    known = _KNOWN_TRIPS.search(loop.attributes)
+    if known:
+        return int(known.group(1))
+    condition = computations[re.search(r"\bcondition=%([\w.\-]+)", loop.attributes).group(1)]
+    root = next((i for i in condition.values() if i.is_root), None)
+    operands = root.operands if root is not None else ()
+    if root is not None and root.opcode == "fusion":
+        # (the CPU wraps the compare in a fusion of its two operands)
+        fused = computations.get(_CALLED.search(root.attributes).group(1), {})
+        inner = next((i for i in fused.values() if i.is_root), None)
+        parameters = {i.name: int(i.operands[0]) for i in fused.values() if i.opcode == "parameter"}
+        if inner is not None and all(o in parameters for o in inner.operands):
+            root, operands = inner, tuple(root.operands[parameters[o]] for o in inner.operands)
+    if root is None or root.opcode != "compare" or len(operands) != 2:
+        return None
+    direction = _DIRECTION.search(root.attributes)
+    direction = direction.group(1) if direction else ""
+    left, right = (_through_copies(o, condition) for o in operands)
+    if direction == "GT":
+        left, right, direction = right, left, "LT"
+    if direction != "LT" or left is None or left.opcode != "get-tuple-element":
+        return None
+    bound = _constant(right)
+    index = _INDEX.search(left.attributes)
+    start_tuple = _through_copies(loop.operands[0], shapes)
+    if bound is None or index is None or start_tuple is None or start_tuple.opcode != "tuple":
+        return None
+    start = _constant(_through_copies(start_tuple.operands[int(index.group(1))], shapes))
+    return None if start is None else max(bound - start, 0)
+
+
+def count(text: str, scopes: tuple[str, ...] = ()) -> Count:
+    """Loop-aware matmul FLOPs of the compiled HLO `text` (one chip's module)."""
+    computations, entry = parse_module(text)
+    memo: dict[str, Count] = {}
+
+    def of(name: str) -> Count:
+        if name in memo:
+            return memo[name]
+        memo[name] = Count()  # a recursion guard; HLO has no recursion
+        instructions = computations[name]
+        total = Count()
+        for instruction in instructions.values():
+            flops = instruction_flops(instruction, instructions)
+            op_name = _OP_NAME.search(instruction.attributes)
+            op_name = op_name.group(1) if op_name else instruction.name
+            if (instruction.opcode == "custom-call" and not flops
+                    and any(f'custom_call_target="{t}"' in instruction.attributes for t in _KERNEL_TARGETS)
+                    and op_name not in total.opaque_kernels):
+                total.opaque_kernels.append(op_name)
+            if flops:
+                total.flops += flops
+                for scope in scopes:
+                    if scope in op_name:
+                        total.by_scope[scope] = total.by_scope.get(scope, 0.0) + flops
+            if instruction.opcode == "while":
+                body = re.search(r"\bbody=%([\w.\-]+)", instruction.attributes).group(1)
+                trips = trip_count(instruction, computations, instructions)
+                if trips is None and op_name not in total.runtime_loops:
+                    total.runtime_loops.append(op_name)
+                total.add(of(body), 1 if trips is None else trips)
+                continue
+            if instruction.opcode == "conditional":
+                branches = _BRANCHES.search(instruction.attributes)
+                names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches.group(1)
+                         else [branches.group(2), branches.group(3)])
+                total.add(max((of(b) for b in names), key=lambda c: c.flops))
+                continue
+            for called in _CALLED.findall(instruction.attributes):
+                if called in computations and instruction.opcode not in ("reduce", "reduce-window", "scatter",
+                                                                        "select-and-scatter", "sort", "map",
+                                                                        "all-reduce", "reduce-scatter"):
+                    total.add(of(called))
+        memo[name] = total
+        return total
+
+    return of(entry)

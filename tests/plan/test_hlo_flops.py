@@ -1,0 +1,137 @@
+"""The plan's loop-aware matmul count against FLOPs known by construction: compiled CPU programs
+with scanned, static, conditional and run-time-bounded loops, and TPU-style HLO text (operands
+named without shapes, dots lowered to convolutions, a Mosaic call's cost estimate, a kernel's
+config spanning lines as splash attention's does)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from opsd_jax.plan import hlo_flops
+
+
+def _compiled_text(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def _random(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize("layers", [3, 7])
+def test_scanned_layers_count_every_layer(layers):
+    m, k = 16, 32
+    x, w = _random((m, k), 0), _random((layers, k, k), 1)
+
+    def stack(x, w):
+        with jax.named_scope("layer_stack"):
+            return jax.lax.scan(lambda h, w_l: (jnp.tanh(h @ w_l), None), x, w)[0]
+
+    counted = hlo_flops.count(_compiled_text(stack, x, w), ("layer_stack", "absent"))
+    assert counted.flops == layers * 2 * m * k * k
+    assert counted.by_scope == {"layer_stack": counted.flops}
+    assert counted.runtime_loops == []
+    # XLA's own count sees one layer
+    cost = jax.jit(stack).lower(x, w).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert cost["flops"] < 2 * (2 * m * k * k + m * k * 8)
+
+
+def test_nested_static_loops_multiply_and_a_conditional_counts_its_costliest_branch():
+    m, k, n = 8, 16, 24
+    x, w, v = _random((m, k), 2), _random((k, k), 3), _random((k, n), 4)
+
+    def nested(x, w, v, flag):
+        def outer(_, h):
+            h = jax.lax.fori_loop(0, 5, lambda _, g: jnp.sin(g @ w), h)
+            return jax.lax.cond(flag > 0, lambda g: g @ w, lambda g: g, h)
+
+        h = jax.lax.fori_loop(0, 4, outer, x)
+        return h @ v
+
+    counted = hlo_flops.count(_compiled_text(nested, x, w, v, jnp.int32(1)))
+    assert counted.flops == 4 * (5 + 1) * 2 * m * k * k + 2 * m * k * n
+    assert counted.runtime_loops == []
+
+
+def test_a_loop_bounded_at_run_time_is_counted_once_and_named():
+    m, k = 8, 16
+    x, w = _random((m, k), 5), _random((k, k), 6)
+
+    def dynamic(x, w, trips):
+        with jax.named_scope("skipping_blocks"):
+            return jax.lax.fori_loop(0, trips, lambda _, h: jnp.cos(h @ w), x)
+
+    counted = hlo_flops.count(_compiled_text(dynamic, x, w, jnp.int32(9)))
+    assert counted.flops == 2 * m * k * k
+    assert len(counted.runtime_loops) == 1 and "skipping_blocks" in counted.runtime_loops[0]
+
+
+def test_a_loop_starting_past_zero_counts_its_own_trips():
+    x, w = _random((8, 16), 7), _random((16, 16), 8)
+    counted = hlo_flops.count(_compiled_text(
+        lambda x, w: jax.lax.fori_loop(3, 10, lambda _, h: jnp.sin(h @ w), x), x, w))
+    assert counted.flops == 7 * 2 * 8 * 16 * 16
+
+
+# TPU's optimized HLO names operands without their shapes, lowers dots to convolutions (one with
+# batch-major output from a feature-major lhs), and puts a Mosaic kernel's estimate in its config.
+_TPU_STYLE = """\
+HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%body (p: (s32[], bf16[512,4096], f32[4096,1024])) -> (s32[], bf16[512,4096], f32[4096,1024]) {
+  %p = (s32[]{:T(128)}, bf16[512,4096]{1,0:T(8,128)(2,1)}, f32[4096,1024]{1,0:T(8,128)}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %one = s32[]{:T(128)} constant(1)
+  %next = s32[]{:T(128)} add(%i, %one)
+  %h = bf16[512,4096]{1,0:T(8,128)(2,1)} get-tuple-element(%p), index=1
+  %w = f32[4096,1024]{1,0:T(8,128)} get-tuple-element(%p), index=2
+  %fusion.1 = bf16[4096,1024]{1,0:T(8,128)(2,1)} fusion(%w), kind=kLoop, calls=%convert
+  %convolution.3 = f32[512,1024]{1,0:T(8,128)} convolution(%h, %fusion.1), dim_labels=bf_io->bf, metadata={op_name="jit(step)/fused_linear_divergence/while/body/dot_general"}
+  %convolution.4 = f32[1024,4096]{1,0:T(8,128)} convolution(%convolution.3, %h), dim_labels=fb_io->bf, metadata={op_name="jit(step)/transpose(jvp(fused_linear_divergence))/dot_general"}
+  %kernel = f32[512,128]{1,0} custom-call(%h), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "abc", "cost_estimate":{"flops":"1000","transcendentals":"0","bytes_accessed":"8"}}}
+  %splash = f32[512,128]{1,0} custom-call(%h), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "module {
+  func.func @main() {
+}}, metadata={op_name="jit(step)/attention/splash_mha_fwd/pallas_call"}
+  ROOT %t = (s32[]{:T(128)}, bf16[512,4096]{1,0:T(8,128)(2,1)}, f32[4096,1024]{1,0:T(8,128)}) tuple(%next, %h, %w)
+}
+
+%convert (q: f32[4096,1024]) -> bf16[4096,1024] {
+  %q = f32[4096,1024]{1,0:T(8,128)} parameter(0)
+  ROOT %c = bf16[4096,1024]{1,0:T(8,128)(2,1)} convert(%q)
+}
+
+%cond (p.1: (s32[], bf16[512,4096], f32[4096,1024])) -> pred[] {
+  %p.1 = (s32[]{:T(128)}, bf16[512,4096]{1,0:T(8,128)(2,1)}, f32[4096,1024]{1,0:T(8,128)}) parameter(0)
+  %bound = s32[]{:T(128)} constant(16)
+  %i.1 = s32[]{:T(128)} get-tuple-element(%p.1), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%bound, %i.1), direction=GT
+}
+
+ENTRY %main (a: bf16[512,4096], b: f32[4096,1024]) -> f32[] {
+  %a = bf16[512,4096]{1,0:T(8,128)(2,1)} parameter(0)
+  %b = f32[4096,1024]{1,0:T(8,128)} parameter(1)
+  %zero = s32[]{:T(128)} constant(0)
+  %copy = s32[]{:T(128)} copy(%zero)
+  %start = (s32[]{:T(128)}, bf16[512,4096]{1,0:T(8,128)(2,1)}, f32[4096,1024]{1,0:T(8,128)}) tuple(%copy, %a, %b)
+  %loop = (s32[]{:T(128)}, bf16[512,4096]{1,0:T(8,128)(2,1)}, f32[4096,1024]{1,0:T(8,128)}) while(%start), condition=%cond, body=%body
+  ROOT %r = f32[]{:T(128)} constant(0)
+}
+"""
+
+
+def test_tpu_style_text_convolutions_and_mosaic_estimates():
+    counted = hlo_flops.count(_TPU_STYLE, ("fused_linear_divergence",))
+    forward = 2 * 512 * 1024 * 4096
+    gradient = 2 * 1024 * 4096 * 512
+    assert counted.flops == 16 * (forward + gradient + 1000)
+    assert counted.by_scope == {"fused_linear_divergence": 16 * (forward + gradient)}
+    assert counted.runtime_loops == []
+    # the kernel whose config spans lines is read whole, and the loop body goes on past it
+    assert counted.opaque_kernels == ["jit(step)/attention/splash_mha_fwd/pallas_call"]
+
+
+def test_text_without_an_entry_computation_is_refused():
+    with pytest.raises(ValueError, match="ENTRY"):
+        hlo_flops.count("HloModule empty\n")
