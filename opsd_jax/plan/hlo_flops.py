@@ -38,6 +38,10 @@ _ESTIMATE = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _INDEX = re.compile(r"\bindex=(\d+)")
 _DIRECTION = re.compile(r"\bdirection=(\w+)")
+# Ops whose called computations are scalar reducers (no matmuls), or the other ends of an async
+# pair whose start already counted the wrapped computation.
+_NOT_CALLING = frozenset({"reduce", "reduce-window", "scatter", "select-and-scatter", "sort", "map", "all-reduce",
+                          "all-reduce-start", "reduce-scatter", "async-update", "async-done"})
 # Custom-call targets of Pallas kernels (Mosaic TPU, Triton and Mosaic GPU), whose work XLA knows
 # only from the estimate they carry.
 _KERNEL_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
@@ -182,6 +186,62 @@ def _contracting(attributes: str, side: str) -> list[int]:
     return [int(d) for d in match.group(1).split(",") if d] if match else []
 
 
+def _window_pairs(out_size: int, in_size: int, size: int, stride: int, low: int, lhs_dilate: int,
+                  rhs_dilate: int) -> int:
+    """(output position, window position) pairs of one spatial dimension that land on an input
+    element rather than padding or a dilation hole: the multiply-adds that dimension contributes."""
+    pairs = 0
+    for o in range(out_size):
+        if lhs_dilate == 1:
+            # input index o*stride + w*rhs_dilate - low in [0, in_size)
+            first = max(0, -(-(low - o * stride) // rhs_dilate))
+            last = min(size - 1, (in_size - 1 + low - o * stride) // rhs_dilate)
+            pairs += max(0, last - first + 1)
+        else:
+            for w in range(size):
+                p = o * stride + w * rhs_dilate - low
+                pairs += p >= 0 and p % lhs_dilate == 0 and p // lhs_dilate < in_size
+    return pairs
+
+
+def _window(attributes: str) -> dict[str, list[int]]:
+    """`window={size=32x4 stride=.. pad=31_31x0_0 lhs_dilate=.. rhs_dilate=..}` as lists per
+    spatial dimension (pad as its low sides)."""
+    match = re.search(r"\bwindow=\{([^}]*)\}", attributes)
+    fields = dict(item.split("=", 1) for item in match.group(1).split()) if match else {}
+    size = [int(v) for v in fields["size"].split("x")] if "size" in fields else []
+
+    def per_dim(key, default):
+        return [int(v) for v in fields[key].split("x")] if key in fields else [default] * len(size)
+
+    low = [int(v.split("_")[0]) for v in fields["pad"].split("x")] if "pad" in fields else [0] * len(size)
+    return {"size": size, "stride": per_dim("stride", 1), "low": low, "lhs_dilate": per_dim("lhs_dilate", 1),
+            "rhs_dilate": per_dim("rhs_dilate", 1)}
+
+
+def _convolution_flops(instruction: Instruction, shapes: dict[str, Instruction]) -> float:
+    """2 x batch x output features x input features per group x the valid (output, window)
+    position pairs of every spatial dimension. TPU lowers dots to convolutions, some of them
+    windowed with wide padding (a weight gradient as a 32-wide window over one real position), so
+    counting every window position, padding included, would overcount many times."""
+    labels = _attribute(instruction.attributes, "dim_labels")
+    if labels is None:
+        raise ValueError(f"convolution {instruction.name} has no dim_labels")
+    lhs_labels, rest = labels.split("_")
+    kernel_labels, out_labels = rest.split("->")
+    lhs = _dims(shapes[instruction.operands[0]].shape)
+    kernel = _dims(shapes[instruction.operands[1]].shape)
+    out = _dims(instruction.shape)
+    window = _window(instruction.attributes)
+    flops = 2.0 * out[out_labels.index("b")] * out[out_labels.index("f")] * kernel[kernel_labels.index("i")]
+    for d, size in enumerate(window["size"]):
+        label = str(d)
+        flops *= _window_pairs(out[out_labels.index(label)], lhs[lhs_labels.index(label)], size,
+                               window["stride"][d], window["low"][d], window["lhs_dilate"][d],
+                               window["rhs_dilate"][d])
+    return flops
+
+
 def instruction_flops(instruction: Instruction, shapes: dict[str, Instruction]) -> float:
     """FLOPs of one dot, convolution or cost-estimated custom call; 0 for anything else."""
     if instruction.opcode == "dot":
@@ -189,13 +249,7 @@ def instruction_flops(instruction: Instruction, shapes: dict[str, Instruction]) 
         contracted = math.prod(lhs[d] for d in _contracting(instruction.attributes, "lhs"))
         return 2.0 * math.prod(_dims(instruction.shape)) * contracted
     if instruction.opcode == "convolution":
-        labels = _attribute(instruction.attributes, "dim_labels")
-        if labels is None:
-            raise ValueError(f"convolution {instruction.name} has no dim_labels")
-        kernel_labels = labels.split("_")[1].split("->")[0]
-        kernel = _dims(shapes[instruction.operands[1]].shape)
-        per_output = math.prod(kernel) // kernel[kernel_labels.index("o")]
-        return 2.0 * math.prod(_dims(instruction.shape)) * per_output
+        return _convolution_flops(instruction, shapes)
     if instruction.opcode == "custom-call":
         estimate = _ESTIMATE.search(instruction.attributes)
         return float(estimate.group(1)) if estimate else 0.0
@@ -216,38 +270,67 @@ def _constant(instruction: Instruction | None) -> int | None:
     return int(value.group(1)) if value else None
 
 
+def _unfused(instruction: Instruction | None, computations: dict) -> tuple[Instruction | None, tuple[str, ...]]:
+    """(the op, its operands in the caller's names): for a fusion that wraps one op of its
+    parameters (the CPU wraps a loop's compare and add so), that op; else the instruction."""
+    if instruction is None or instruction.opcode != "fusion":
+        return instruction, instruction.operands if instruction is not None else ()
+    fused = computations.get(_CALLED.search(instruction.attributes).group(1), {})
+    inner = next((i for i in fused.values() if i.is_root), None)
+    parameters = {i.name: int(i.operands[0]) for i in fused.values() if i.opcode == "parameter"}
+    if inner is None or not all(o in parameters for o in inner.operands):
+        return instruction, instruction.operands
+    return inner, tuple(instruction.operands[parameters[o]] for o in inner.operands)
+
+
+def _element(instruction: Instruction | None, index: int) -> bool:
+    """Whether `instruction` is get-tuple-element `index` (of the loop's parameter)."""
+    found = instruction is not None and instruction.opcode == "get-tuple-element" and _INDEX.search(
+        instruction.attributes)
+    return bool(found) and int(found.group(1)) == index
+
+
+def _root(computation: dict[str, Instruction]) -> Instruction | None:
+    return next((i for i in computation.values() if i.is_root), None)
+
+
 def trip_count(loop: Instruction, computations: dict, shapes: dict[str, Instruction]) -> int | None:
-    """The trip count of a while loop whose condition is `i < C` (or `C > i`) with i a tuple
-    element that starts at a constant; None when it is decided at run time."""
+    """The trip count of a while loop: from XLA's own annotation where it left one, else from the
+    loop's form `for (i = start; i < bound; i += step)` with start, bound and step constants (the
+    condition `i < C` or `C > i`; XLA's windowed matmuls step by 2). None when any of them is
+    decided at run time."""
     known = _KNOWN_TRIPS.search(loop.attributes)
     if known:
         return int(known.group(1))
     condition = computations[re.search(r"\bcondition=%([\w.\-]+)", loop.attributes).group(1)]
-    root = next((i for i in condition.values() if i.is_root), None)
-    operands = root.operands if root is not None else ()
-    if root is not None and root.opcode == "fusion":
-        # (the CPU wraps the compare in a fusion of its two operands)
-        fused = computations.get(_CALLED.search(root.attributes).group(1), {})
-        inner = next((i for i in fused.values() if i.is_root), None)
-        parameters = {i.name: int(i.operands[0]) for i in fused.values() if i.opcode == "parameter"}
-        if inner is not None and all(o in parameters for o in inner.operands):
-            root, operands = inner, tuple(root.operands[parameters[o]] for o in inner.operands)
-    if root is None or root.opcode != "compare" or len(operands) != 2:
+    compare, operands = _unfused(_root(condition), computations)
+    if compare is None or compare.opcode != "compare" or len(operands) != 2:
         return None
-    direction = _DIRECTION.search(root.attributes)
+    direction = _DIRECTION.search(compare.attributes)
     direction = direction.group(1) if direction else ""
     left, right = (_through_copies(o, condition) for o in operands)
     if direction == "GT":
         left, right, direction = right, left, "LT"
     if direction != "LT" or left is None or left.opcode != "get-tuple-element":
         return None
+    index = int(_INDEX.search(left.attributes).group(1))
     bound = _constant(right)
-    index = _INDEX.search(left.attributes)
     start_tuple = _through_copies(loop.operands[0], shapes)
-    if bound is None or index is None or start_tuple is None or start_tuple.opcode != "tuple":
+    if bound is None or start_tuple is None or start_tuple.opcode != "tuple":
         return None
-    start = _constant(_through_copies(start_tuple.operands[int(index.group(1))], shapes))
-    return None if start is None else max(bound - start, 0)
+    start = _constant(_through_copies(start_tuple.operands[index], shapes))
+    body = computations[re.search(r"\bbody=%([\w.\-]+)", loop.attributes).group(1)]
+    body_root = _root(body)
+    if start is None or body_root is None or body_root.opcode != "tuple":
+        return None
+    add, operands = _unfused(_through_copies(body_root.operands[index], body), computations)
+    if add is None or add.opcode != "add" or len(operands) != 2:
+        return None
+    first, second = (_through_copies(o, body) for o in operands)
+    step = _constant(second) if _element(first, index) else _constant(first) if _element(second, index) else None
+    if not step or step < 0:
+        return None
+    return max(0, -(-(bound - start) // step))
 
 
 def count(text: str, scopes: tuple[str, ...] = ()) -> Count:
@@ -287,10 +370,10 @@ def count(text: str, scopes: tuple[str, ...] = ()) -> Count:
                          else [branches.group(2), branches.group(3)])
                 total.add(max((of(b) for b in names), key=lambda c: c.flops))
                 continue
+            if instruction.opcode in _NOT_CALLING:
+                continue
             for called in _CALLED.findall(instruction.attributes):
-                if called in computations and instruction.opcode not in ("reduce", "reduce-window", "scatter",
-                                                                        "select-and-scatter", "sort", "map",
-                                                                        "all-reduce", "reduce-scatter"):
+                if called in computations:
                     total.add(of(called))
         memo[name] = total
         return total

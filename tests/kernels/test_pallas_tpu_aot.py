@@ -192,6 +192,13 @@ def test_trainer_step_compiles_with_pallas_tpu_on_a_multi_chip_mesh(tmp_path):
     (train,) = json.loads((tmp_path / "plan.json").read_text())["programs"]
     assert train["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
     assert "via pallas_tpu" in train["description"] and train["verdict"] == "fits", train
+    # The plan's FLOPs multiply the scanned layers and microbatches out (cost_analysis() sees one
+    # of each) and find the kernel by its scope: pallas_tpu's design is 12 N H V against the one
+    # sweep's 8 (its statistics sweep; the kernels' elementwise work adds more at H = 128).
+    assert train["flops"] > 2 * train["cost_analysis_flops"], train
+    kernel = train["kernel_flops"]["fused_linear_divergence"]
+    assert 1.5 <= kernel / train["kernel_sweep_flops"] < 2.0, train
+    assert train["runtime_loops"] == [] and len(train["opaque_kernels"]) > 0, train  # splash attention
     from tests.kernels.tpu_aot_compile import head_relayouts
 
     (optimized,) = (tmp_path / "hlo").glob("*train_step*.after_optimizations.txt")

@@ -76,20 +76,24 @@ def test_a_loop_starting_past_zero_counts_its_own_trips():
 
 
 # TPU's optimized HLO names operands without their shapes, lowers dots to convolutions (one with
-# batch-major output from a feature-major lhs), and puts a Mosaic kernel's estimate in its config.
+# batch-major output from a feature-major lhs, one windowed over padding), puts a Mosaic kernel's
+# estimate in its config, and steps windowed-matmul loops by 2 (here 0, 2, .., 30: 16 trips).
 _TPU_STYLE = """\
 HloModule jit_step, entry_computation_layout={()->f32[]}
 
 %body (p: (s32[], bf16[512,4096], f32[4096,1024])) -> (s32[], bf16[512,4096], f32[4096,1024]) {
   %p = (s32[]{:T(128)}, bf16[512,4096]{1,0:T(8,128)(2,1)}, f32[4096,1024]{1,0:T(8,128)}) parameter(0)
   %i = s32[]{:T(128)} get-tuple-element(%p), index=0
-  %one = s32[]{:T(128)} constant(1)
-  %next = s32[]{:T(128)} add(%i, %one)
+  %two = s32[]{:T(128)} constant(2)
+  %next = s32[]{:T(128)} add(%two, %i)
   %h = bf16[512,4096]{1,0:T(8,128)(2,1)} get-tuple-element(%p), index=1
   %w = f32[4096,1024]{1,0:T(8,128)} get-tuple-element(%p), index=2
   %fusion.1 = bf16[4096,1024]{1,0:T(8,128)(2,1)} fusion(%w), kind=kLoop, calls=%convert
   %convolution.3 = f32[512,1024]{1,0:T(8,128)} convolution(%h, %fusion.1), dim_labels=bf_io->bf, metadata={op_name="jit(step)/fused_linear_divergence/while/body/dot_general"}
   %convolution.4 = f32[1024,4096]{1,0:T(8,128)} convolution(%convolution.3, %h), dim_labels=fb_io->bf, metadata={op_name="jit(step)/transpose(jvp(fused_linear_divergence))/dot_general"}
+  %w3 = bf16[32,4096,1,1024]{3,2,1,0} broadcast(%fusion.1), dimensions={1,3}
+  %h3 = bf16[1,512,4096,1]{3,2,1,0} reshape(%h)
+  %convolution.5 = f32[512,32,1024,1]{3,2,1,0} convolution(%h3, %w3), window={size=32x1 pad=31_31x0_0 rhs_reversal=1x0}, dim_labels=0bf1_0i1o->b0f1
   %kernel = f32[512,128]{1,0} custom-call(%h), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "abc", "cost_estimate":{"flops":"1000","transcendentals":"0","bytes_accessed":"8"}}}
   %splash = f32[512,128]{1,0} custom-call(%h), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "module {
   func.func @main() {
@@ -104,7 +108,7 @@ HloModule jit_step, entry_computation_layout={()->f32[]}
 
 %cond (p.1: (s32[], bf16[512,4096], f32[4096,1024])) -> pred[] {
   %p.1 = (s32[]{:T(128)}, bf16[512,4096]{1,0:T(8,128)(2,1)}, f32[4096,1024]{1,0:T(8,128)}) parameter(0)
-  %bound = s32[]{:T(128)} constant(16)
+  %bound = s32[]{:T(128)} constant(31)
   %i.1 = s32[]{:T(128)} get-tuple-element(%p.1), index=0
   ROOT %lt = pred[]{:T(512)} compare(%bound, %i.1), direction=GT
 }
@@ -125,7 +129,10 @@ def test_tpu_style_text_convolutions_and_mosaic_estimates():
     counted = hlo_flops.count(_TPU_STYLE, ("fused_linear_divergence",))
     forward = 2 * 512 * 1024 * 4096
     gradient = 2 * 1024 * 4096 * 512
-    assert counted.flops == 16 * (forward + gradient + 1000)
+    # the windowed one: 32 outputs along the window's dimension, each meeting the one real input
+    # position once (the other 31 window positions fall on padding)
+    windowed = 2 * 512 * 1024 * 4096 * 32
+    assert counted.flops == 16 * (forward + gradient + windowed + 1000)
     assert counted.by_scope == {"fused_linear_divergence": 16 * (forward + gradient)}
     assert counted.runtime_loops == []
     # the kernel whose config spans lines is read whole, and the loop body goes on past it
