@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--eval-slots", type=int, default=8, help="evaluation sampler slots (eval --max-slots)")
     plan.add_argument("--kernel-impl", default=None, choices=("auto", "xla", "pallas_tpu", "reference"),
                       help="the train step's divergence kernel (default: the config's train.kernel; auto is what "
-                           "the job picks on TPU, pallas_tpu); another choice asks what-if")
+                           "the job picks, xla); another choice asks what-if")
     plan.add_argument("--model-config", metavar="DIR", type=user_path,
                       help="folder with the student's config.json (default: from model.checkpoint, else the "
                            "packaged config of the same name)")

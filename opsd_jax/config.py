@@ -168,11 +168,11 @@ class TrainSection:
     # After a preemption (SIGTERM) every process saves at the same step and exits with this code,
     # which the GKE JobSet / XPK failure policy restarts on (42 and 127-255); 0 would end the job.
     preemption_exit_code: int = 42
-    # The fused divergence kernel: auto (pallas_tpu on TPU, xla elsewhere), xla, pallas_tpu,
-    # pallas_gpu or reference. On TPU, xla sweeps once (8 N H V, gradients formed for the loss's
-    # weights after a student pass of 2 N H V) where pallas_tpu computes statistics first and
-    # recomputes (12 N H V for the KLs, 16 for the JSD) with VMEM-resident head-gradient blocks;
-    # which is faster has not been measured on a TPU (BUILD_NOTES, issue 12).
+    # The fused divergence kernel: auto (xla), xla, pallas_tpu, pallas_gpu or reference. On TPU,
+    # xla sweeps once (8 N H V, gradients formed for the loss's weights after a student pass of
+    # 2 N H V) where pallas_tpu computes statistics first and recomputes (12 N H V for the KLs, 16
+    # for the JSD) with VMEM-resident head-gradient blocks; `opsd-jax plan` counts both in the real
+    # step, but which is faster has not been measured on a TPU (BUILD_NOTES, issue 12).
     kernel: Literal["auto", "xla", "pallas_tpu", "pallas_gpu", "reference"] = "auto"
 
     def __post_init__(self):

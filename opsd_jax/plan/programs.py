@@ -63,9 +63,9 @@ class ProgramPlan:
     code_bytes: int = 0
     flops: float | None = None  # matmul FLOPs, loops multiplied out (hlo_flops)
     cost_analysis_flops: float | None = None  # XLA's own count: each loop body once
-    runtime_loops: list = dataclasses.field(default_factory=list)  # op_names of loops bounded at run time: in `flops` once
-    opaque_kernels: list = dataclasses.field(default_factory=list)  # op_names of Pallas kernels without an estimate: 0
-    kernel_flops: dict = dataclasses.field(default_factory=dict)  # the divergence kernel's entry points'
+    runtime_loops: list = dataclasses.field(default_factory=list)  # op_names of loops in `flops` once
+    opaque_kernels: list = dataclasses.field(default_factory=list)  # op_names of Pallas kernels counted 0
+    kernel_flops: dict = dataclasses.field(default_factory=dict)  # {kernel entry point's scope: its FLOPs}
     kernel_sweep_flops: float | None = None  # one fused sweep's matmuls for this step's tokens, per chip
     compile_seconds: float = 0.0
     largest_arrays: list = dataclasses.field(default_factory=list)
@@ -280,7 +280,7 @@ def train_step_inputs(c: RunConfig, student: ModelConfig, teacher: ModelConfig |
     settings = step_settings(c, student, teacher_config, student.vocab_size, mesh=mesh)
     if kernel_impl is not None:
         settings = dataclasses.replace(settings, kernel_impl=kernel_impl)
-    # What the job resolves on the TPU it runs on: "auto" is the Mosaic kernel, lowered (not interpreted).
+    # What the job resolves on the TPU it runs on: "auto" as there; Mosaic kernels lowered, not interpreted.
     settings = dataclasses.replace(settings, kernel_interpret=False,
                                    kernel_impl=default_impl("tpu") if settings.kernel_impl == "auto"
                                    else settings.kernel_impl)

@@ -163,7 +163,8 @@ def test_vocab_parallel_kernel_fits_vmem_at_qwen3_8b_widths(topology, accelerato
 
 @needs_libtpu
 def test_trainer_step_compiles_with_pallas_tpu_on_a_multi_chip_mesh(tmp_path):
-    """The trainer's jitted step (via `opsd-jax plan`) with the default TPU kernel, pallas_tpu, on
+    """The trainer's jitted step (via `opsd-jax plan`) with pallas_tpu (the TPU default until the
+    plan counted both kernels in the real step; BUILD_NOTES, issue 12) on
     a 2x2 v5e mesh with the vocabulary split over tensor: a small model with Qwen3's 151,936-row
     head. Before the shard_map form, Mosaic refused: "cannot be automatically partitioned".
 
@@ -186,18 +187,19 @@ def test_trainer_step_compiles_with_pallas_tpu_on_a_multi_chip_mesh(tmp_path):
     env["XLA_FLAGS"] = f"--xla_dump_to={tmp_path / 'hlo'} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*train_step.*"
     done = subprocess.run(
         [sys.executable, "-m", "opsd_jax.cli", "plan", "--config", "run.yaml", "--topology", "v5e-4",
-         "--programs", "train", "--json", "plan.json"],
+         "--programs", "train", "--kernel-impl", "pallas_tpu", "--json", "plan.json"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     (train,) = json.loads((tmp_path / "plan.json").read_text())["programs"]
     assert train["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
     assert "via pallas_tpu" in train["description"] and train["verdict"] == "fits", train
-    # The plan's FLOPs multiply the scanned layers and microbatches out (cost_analysis() sees one
-    # of each) and find the kernel by its scope: pallas_tpu's design is 12 N H V against the one
-    # sweep's 8 (its statistics sweep; the kernels' elementwise work adds more at H = 128).
-    assert train["flops"] > 2 * train["cost_analysis_flops"], train
+    # The plan's FLOPs multiply the microbatches (2) and scanned layers out, where cost_analysis()
+    # sees one of each (the kernel, which is most of this step, once), and find the kernel by its
+    # scope: pallas_tpu's design for the JSD is 16 N H V against the one sweep's 8 (the statistics
+    # sweep and the JSD pass; the kernels' elementwise work adds a little more at H = 128).
+    assert train["flops"] > 1.9 * train["cost_analysis_flops"], train
     kernel = train["kernel_flops"]["fused_linear_divergence"]
-    assert 1.5 <= kernel / train["kernel_sweep_flops"] < 2.0, train
+    assert 2.0 <= kernel / train["kernel_sweep_flops"] < 2.3, (kernel, train["kernel_sweep_flops"])
     assert train["runtime_loops"] == [] and len(train["opaque_kernels"]) > 0, train  # splash attention
     from tests.kernels.tpu_aot_compile import head_relayouts
 
