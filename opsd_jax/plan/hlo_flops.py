@@ -5,14 +5,16 @@ scan reports one layer's work, and the divergence kernel one token block's. This
 compiled (per-chip, already partitioned) HLO text instead and counts what the chip runs:
 
 - `dot`: 2 x output elements x the contracted size; `convolution` (TPU lowers most dots to one):
-  2 x output elements x the kernel's elements per output feature;
+  2 x batch x output features x input features x the (output, window) position pairs that meet
+  a real input element, padding and dilation holes excluded;
 - a Pallas (Mosaic) kernel: the FLOPs of the `cost_estimate` its backend config carries; one
   without (splash attention's) counts 0 and is reported in `opaque_kernels`;
-- `fusion`, `call` and async wrappers: their called computations, once;
-- `while`: its body times its trip count, read from the loop's condition (`i < C`, or `C > i`,
-  with `i` starting at a constant); a loop whose bound is only known at run time (the divergence
-  kernel skipping masked token blocks, causal attention's key range) cannot be read, is counted
-  once, and is reported in `runtime_loops`;
+- `fusion`, `call` and async starts: their called computations, once;
+- `while`: its body times its trip count: XLA's `known_trip_count` where it left one, else the
+  loop's form `for (i = start; i < bound; i += step)` with constant start, bound and step, read
+  from its condition and body; a loop whose bound is only known at run time (the divergence
+  kernel's backward remainder sweep) cannot be read, is counted once, and is reported in
+  `runtime_loops`;
 - `conditional`: its costliest branch.
 
 Elementwise work (exponentials, the softmax's adds) is not counted: matmuls are what a step's
