@@ -272,13 +272,22 @@ def _constant(instruction: Instruction | None) -> int | None:
     return int(value.group(1)) if value else None
 
 
+def _root(computation: dict[str, Instruction]) -> Instruction | None:
+    return next((i for i in computation.values() if i.is_root), None)
+
+
+def _called(loop: Instruction, role: str) -> str:
+    """The name of a while loop's `body` or `condition` computation."""
+    return re.search(rf"\b{role}=%([\w.\-]+)", loop.attributes).group(1)
+
+
 def _unfused(instruction: Instruction | None, computations: dict) -> tuple[Instruction | None, tuple[str, ...]]:
     """(the op, its operands in the caller's names): for a fusion that wraps one op of its
     parameters (the CPU wraps a loop's compare and add so), that op; else the instruction."""
     if instruction is None or instruction.opcode != "fusion":
         return instruction, instruction.operands if instruction is not None else ()
     fused = computations.get(_CALLED.search(instruction.attributes).group(1), {})
-    inner = next((i for i in fused.values() if i.is_root), None)
+    inner = _root(fused)
     parameters = {i.name: int(i.operands[0]) for i in fused.values() if i.opcode == "parameter"}
     if inner is None or not all(o in parameters for o in inner.operands):
         return instruction, instruction.operands
@@ -292,10 +301,6 @@ def _element(instruction: Instruction | None, index: int) -> bool:
     return bool(found) and int(found.group(1)) == index
 
 
-def _root(computation: dict[str, Instruction]) -> Instruction | None:
-    return next((i for i in computation.values() if i.is_root), None)
-
-
 def trip_count(loop: Instruction, computations: dict, shapes: dict[str, Instruction]) -> int | None:
     """The trip count of a while loop: from XLA's own annotation where it left one, else from the
     loop's form `for (i = start; i < bound; i += step)` with start, bound and step constants (the
@@ -304,7 +309,7 @@ def trip_count(loop: Instruction, computations: dict, shapes: dict[str, Instruct
     known = _KNOWN_TRIPS.search(loop.attributes)
     if known:
         return int(known.group(1))
-    condition = computations[re.search(r"\bcondition=%([\w.\-]+)", loop.attributes).group(1)]
+    condition = computations[_called(loop, "condition")]
     compare, operands = _unfused(_root(condition), computations)
     if compare is None or compare.opcode != "compare" or len(operands) != 2:
         return None
@@ -321,7 +326,7 @@ def trip_count(loop: Instruction, computations: dict, shapes: dict[str, Instruct
     if bound is None or start_tuple is None or start_tuple.opcode != "tuple":
         return None
     start = _constant(_through_copies(start_tuple.operands[index], shapes))
-    body = computations[re.search(r"\bbody=%([\w.\-]+)", loop.attributes).group(1)]
+    body = computations[_called(loop, "body")]
     body_root = _root(body)
     if start is None or body_root is None or body_root.opcode != "tuple":
         return None
@@ -360,7 +365,7 @@ def count(text: str, scopes: tuple[str, ...] = ()) -> Count:
                     if scope in op_name:
                         total.by_scope[scope] = total.by_scope.get(scope, 0.0) + flops
             if instruction.opcode == "while":
-                body = re.search(r"\bbody=%([\w.\-]+)", instruction.attributes).group(1)
+                body = _called(instruction, "body")
                 trips = trip_count(instruction, computations, instructions)
                 if trips is None and op_name not in total.runtime_loops:
                     total.runtime_loops.append(op_name)

@@ -211,10 +211,11 @@ def compile_program(plan: ProgramPlan, jitted, *args) -> ProgramPlan:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     plan.cost_analysis_flops = float(cost["flops"]) if cost and "flops" in cost else None
-    counted = hlo_flops.count(compiled.as_text(), KERNEL_SCOPES)
+    compiled_text = compiled.as_text()
+    counted = hlo_flops.count(compiled_text, KERNEL_SCOPES)
     plan.flops, plan.runtime_loops, plan.opaque_kernels = counted.flops, counted.runtime_loops, counted.opaque_kernels
     plan.kernel_flops = {scope: counted.by_scope[scope] for scope in KERNEL_SCOPES if scope in counted.by_scope}
-    plan.largest_arrays = largest_arrays(compiled.as_text())
+    plan.largest_arrays = largest_arrays(compiled_text)
     return plan
 
 
