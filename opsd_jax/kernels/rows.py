@@ -231,6 +231,13 @@ def target_logit(z_RxC, target_column_R, column_start=0):
     return jnp.sum(jnp.where(hit_RxC, z_RxC, 0.0), axis=-1)
 
 
+def slice_targets(targets_N, offset, limit):
+    """Global token ids int32 [N] -> columns of the vocabulary slice that starts at `offset`, -1
+    outside [0, limit): a slice's padded tail must not match a target of the next slice."""
+    local_N = targets_N - offset
+    return jnp.where((local_N >= 0) & (local_N < limit), local_N, -1)
+
+
 class OnlineStats(NamedTuple):
     """Running statistics of one row over vocabulary blocks (all float32 [R]).
 

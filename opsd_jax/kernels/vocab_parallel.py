@@ -16,7 +16,11 @@ exists. The head's fsdp split of its hidden dimension is gathered at the shard_m
 FSDP does anyway, except where gathering the token rows over fsdp needs fewer bytes
 (`row_gather_axes`): the vocabulary is then split over fsdp too, each shard of an fsdp group
 sweeps all of the group's rows against its [H, V / (t f)] slice (the heads are resharded, not
-gathered) and the outputs and d/dh are reduced back to the token shards by the same transpose.
+gathered). The one-sweep xla form gathers those rows itself, a chunk at a time, and hands each
+chunk's outputs and d/dh back to their shards by a reduce-scatter before the next
+(`xla.gathered_fused_linear_divergence`), so a chip holds about its own n rows' worth of gathered
+rows and float32 d/dh, not f n; the statistics-first form takes them gathered whole at the
+shard_map boundary, whose transpose reduces the outputs and d/dh back to the token shards.
 
 Two forms, by implementation:
 - xla, one sweep: per token block, the [R, v] tiles stay live while their statistics are
@@ -159,21 +163,18 @@ def gradient_in_forward(impl: str, mesh: Mesh | None, n: int, vocab: int) -> boo
     return impl == "xla"
 
 
-def _slice_targets(targets_n, offset, limit):
-    """Global token ids -> this slice's column ids, -1 outside [0, limit) (a slice's padded tail
-    columns must not match a target that belongs to the next slice)."""
-    local_n = targets_n - offset
-    return jnp.where((local_n >= 0) & (local_n < limit), local_n, -1)
-
-
-def _specs(mesh: Mesh, n: int, vocab: int, vocab_parallel: bool, row_gather: tuple[str, ...] = ()):
+def _specs(mesh: Mesh, n: int, vocab: int, vocab_parallel: bool, row_gather: tuple[str, ...] = (),
+           gather_in_body: bool = False):
     """(token rows spec, head spec, [N] vector spec, vocabulary axes, columns per slice).
     row_gather: token axes whose shards gather their rows and split the vocabulary instead
-    (`row_gather_axes`); their slices come after the vocabulary axes' own."""
+    (`row_gather_axes`); their slices come after the vocabulary axes' own. gather_in_body: the
+    shard_map's body gathers them itself (in chunks), so the rows stay split over them at its
+    boundary; else the boundary gathers them whole."""
     token_axes, vocab_axes = mesh_axes(mesh, n, vocab)
     if not vocab_parallel:
         vocab_axes = ()
-    token_axes = tuple(a for a in token_axes if a not in row_gather)
+    if not gather_in_body:
+        token_axes = tuple(a for a in token_axes if a not in row_gather)
     vocab_axes = vocab_axes + tuple(row_gather)
     v = vocab // math.prod(mesh.shape[a] for a in vocab_axes)
     return (PartitionSpec(_entry(token_axes), None), PartitionSpec(None, _entry(vocab_axes)),
@@ -188,25 +189,28 @@ def _hidden_split_axes(mesh: Mesh, width: int, vocab: int) -> tuple[str, ...]:
 
 
 def gather_bytes(f: int, n: int, v: int, widths: tuple[int, int], row_bytes: int, head_bytes: int | None = None,
-                 gradients: bool = True) -> tuple[int, int]:
+                 gradients: bool = True, chunk_rows: int | None = None) -> tuple[int, int]:
     """(bytes per chip of gathering the heads, of gathering the token rows) for a kernel where f
     shards split both the tokens (n rows each) and the heads' hidden dimension, and v columns are
     this chip's vocabulary slice otherwise. Only what differs is counted. Heads: both [H, v]
     heads and the student's float32 d/dW [Hs, v] before its reduction over the f shards. Rows:
-    the [f n, H] rows of both models (row_bytes), the student's float32 d/dh [f n, Hs] before its
-    reduction, both heads resharded to [H, v / f] and d/dW [Hs, v / f]. head_bytes: the dtype the
-    heads move in (default row_bytes: XLA converts a float32 head for the matmul before gathering
-    it; the Mosaic kernels cast tiles themselves, so their heads move as stored).
-    At H = 4096, v = 151,936, f = 4 (xla) this predicts 4.6 GiB against the rows' 2.4 / 3.4 /
-    5.4 GiB at n = 8,192 / 16,384 / 32,768, where the AOT compile measured 4.8-4.9 against 2.2 /
-    3.2 / 5.2; for pallas_tpu's float32 heads 7.0 against 2.7 at 8,192, as measured.
+    the rows of both models gathered at once (chunk_rows of them, default all f n; row_bytes)
+    and the student's float32 d/dh of those rows before their reduce-scatter, both heads
+    resharded to [H, v / f] and d/dW [Hs, v / f]. head_bytes: the dtype the heads move in
+    (default row_bytes: XLA converts a float32 head for the matmul before gathering it; the
+    Mosaic kernels cast tiles themselves, so their heads move as stored).
+    Gathered whole (pallas_tpu), at H = 4096, v = 151,936, f = 4 this predicts 4.6 GiB for the
+    heads against the rows' 2.4 / 3.4 / 5.4 GiB at n = 8,192 / 16,384 / 32,768, where the AOT
+    compile measured 4.8-4.9 against 2.2 / 3.2 / 5.2 (xla, before it gathered in chunks). In
+    chunks of n rows (xla): BUILD_NOTES, issue 12, "Token rows gathered a chunk at a time".
     gradients False: statistics only (no d/dW, no d/dh).
     """
     hs, ht = widths
     head_bytes = row_bytes if head_bytes is None else head_bytes
     grad = 4 if gradients else 0
     per_column = (hs + ht) * head_bytes + hs * grad
-    return per_column * v, f * n * ((hs + ht) * row_bytes + hs * grad) + per_column * (v // f)
+    rows_at_once = f * n if chunk_rows is None else chunk_rows
+    return per_column * v, rows_at_once * ((hs + ht) * row_bytes + hs * grad) + per_column * (v // f)
 
 
 def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], impl: str, *, row_bytes: int,
@@ -216,11 +220,12 @@ def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], imp
     f times further, instead of gathering the heads' fsdp split of the hidden dimension (FSDP's
     own all-gather). Empty: gather the heads.
 
-    Gathering rows trades [H, V/t] heads per chip for [f n, H] rows: it wins when the tokens a
-    group of f shards holds are few against the vocabulary (`gather_bytes`, which the AOT compile
-    confirmed: BUILD_NOTES, issue 12). choice True / False forces it where possible / off; None
-    takes the smaller by `gather_bytes`. xla and pallas_tpu (the vocabulary-parallel forms); the
-    others run token-parallel. n: all tokens.
+    Gathering rows trades [H, V/t] heads per chip for gathered [., H] rows: all f n of them at
+    once for pallas_tpu, which wins while the tokens a group of f shards holds are few against
+    the vocabulary; a chunk of about n at a time for xla (`gather_chunks`), which wins far longer
+    (`gather_bytes`, which the AOT compile confirmed: BUILD_NOTES, issue 12). choice True /
+    False forces it where possible / off; None takes the smaller by `gather_bytes`. xla and
+    pallas_tpu (the vocabulary-parallel forms); the others run token-parallel. n: all tokens.
     """
     if impl not in ("xla", "pallas_tpu") or choice is False:
         return ()
@@ -236,8 +241,13 @@ def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], imp
         return ()
     if choice:
         return axes
-    shards = math.prod(mesh.shape[a] for a in token_axes)
-    heads, rows_ = gather_bytes(f, n // shards, vocab // t, widths, row_bytes, head_bytes, gradients)
+    shard_rows = n // math.prod(mesh.shape[a] for a in token_axes)
+    chunk_rows = None
+    if impl == "xla":
+        from opsd_jax.kernels import xla
+
+        chunk_rows = f * shard_rows // xla.gather_chunks(shard_rows, f)
+    heads, rows_ = gather_bytes(f, shard_rows, vocab // t, widths, row_bytes, head_bytes, gradients, chunk_rows)
     return axes if rows_ < heads else ()
 
 
@@ -271,8 +281,11 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
                                  head_bytes=ws_HsxV.dtype.itemsize if local is not None else None,
                                  choice=spec.gather_token_rows)
     one_sweep = impl == "xla" and bool(mesh_axes(mesh, n, vocab)[1] or row_gather)
+    # The one sweep gathers the rows a chunk at a time; the statistics-first form at the boundary.
+    gather_in_body = one_sweep and bool(row_gather)
     rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, local is not None or one_sweep,
-                                                           row_gather)
+                                                           row_gather, gather_in_body)
+    group = math.prod(mesh.shape[a] for a in row_gather)
     if local is not None or one_sweep:
         # Resharded to whole hidden columns, the heads are no longer stored split over fsdp.
         shards = 1 if row_gather else _hidden_shards(mesh, hs_NxHs.shape[1], vocab)
@@ -290,11 +303,14 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
         if local is None and not one_sweep:
             return whole(hs, ws, ht, wt, mask_n, tgt, wts, spec)
         offset, limit = _slice_position(vocab_axes, v, allowed)
-        if tgt is not None:
-            tgt = _slice_targets(tgt, offset, limit)
-        if one_sweep:
-            from opsd_jax.kernels import xla
+        from opsd_jax.kernels import xla
 
+        if gather_in_body:
+            return xla.gathered_fused_linear_divergence(hs, ws, ht, wt, mask_n, tgt, wts, offset, limit, spec,
+                                                        vocab_axes, row_gather, group)
+        if tgt is not None:
+            tgt = rows.slice_targets(tgt, offset, limit)
+        if one_sweep:
             return xla.slice_fused_linear_divergence(hs, ws, ht, wt, mask_n, tgt, wts, limit, spec, vocab_axes)
         return _shard(local, spec, vocab_axes, hs, ws, ht, wt, mask_n, tgt, limit)
 
@@ -308,16 +324,17 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
 def student_statistics(hs_NxH, ws_HxV, mask_N, targets_N, spec: DivergenceSpec, *, mesh: Mesh | None):
     """(student entropy, student log-prob of the targets or None), float32 [N], zero for ignored
     tokens: api.student_statistics, the XLA student-only sweep; on a mesh, vocabulary-parallel
-    like the fused form (one pmax and one psum of [n] vectors, the target's logit psummed)."""
+    like the fused form (one pmax and one psum of [n] vectors, the target's logit psummed, the
+    token rows gathered over fsdp a chunk at a time where `row_gather_axes` says so)."""
     from opsd_jax.kernels import xla
 
     n, vocab = hs_NxH.shape[0], ws_HxV.shape[1]
     with_targets = targets_N is not None
     allowed = vocab if spec.valid_vocab is None else spec.valid_vocab
 
-    def body(hs, ws, mask_n, targets_n, vocab_axes=(), v=vocab):
+    def rows_stats(hs, ws, mask_n, targets_n, vocab_axes, v):
         offset, limit = _slice_position(vocab_axes, v, allowed)
-        tgt = _slice_targets(targets_n, offset, limit) if with_targets else None
+        tgt = rows.slice_targets(targets_n, offset, limit) if with_targets else None
         m_n, s_n, b_n, target_n = xla.student_slice_stats(hs, ws, mask_n, tgt, limit, spec)
         m_n, s_n, b_n = rows.side_combine(m_n, s_n, b_n, vocab_axes)
         log_z_n, entropy_n = rows.side_finish(m_n, s_n, b_n)
@@ -328,15 +345,31 @@ def student_statistics(hs_NxH, ws_HxV, mask_N, targets_N, spec: DivergenceSpec, 
             target_n = jax.lax.psum(target_n, vocab_axes)
         return entropy_n, jnp.where(mask_n, target_n - log_z_n, 0.0)
 
+    def body(hs, ws, mask_n, targets_n, vocab_axes=(), v=vocab, gather_axes=(), group=1):
+        if not gather_axes:
+            return rows_stats(hs, ws, mask_n, targets_n, vocab_axes, v)
+        chunks = xla.gather_chunks(hs.shape[0], group)
+        r = hs.shape[0] // chunks
+
+        def chunk_step(c, outs):
+            taken = (xla.gathered_chunk(x, c, r, gather_axes) for x in (hs, mask_n, targets_n))
+            hs_c, mask_c, targets_c = taken
+            values = rows_stats(hs_c, ws, mask_c, targets_c, vocab_axes, v)
+            return tuple(xla.keep_own_rows(o_n, o_c, c, gather_axes) for o_n, o_c in zip(outs, values))
+
+        zeros = jnp.zeros((hs.shape[0],), jnp.float32)
+        return jax.lax.fori_loop(0, chunks, chunk_step, (zeros, zeros))
+
     placeholder = jnp.zeros((n,), jnp.int32) if targets_N is None else targets_N
     if mesh is None or mesh.size == 1:
         entropy_N, logprob_N = body(hs_NxH, ws_HxV, mask_N, placeholder)
     else:
         row_gather = row_gather_axes(mesh, n, vocab, (hs_NxH.shape[1], 0), "xla", row_bytes=hs_NxH.dtype.itemsize,
                                      choice=spec.gather_token_rows, gradients=False)
-        rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, True, row_gather)
+        rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, True, row_gather, gather_in_body=True)
+        group = math.prod(mesh.shape[a] for a in row_gather)
         sharded = jax.shard_map(
-            functools.partial(body, vocab_axes=vocab_axes, v=v), mesh=mesh,
+            functools.partial(body, vocab_axes=vocab_axes, v=v, gather_axes=row_gather, group=group), mesh=mesh,
             in_specs=(rows_spec, head_spec, vec_spec, vec_spec), out_specs=(vec_spec, vec_spec), check_vma=False,
         )
         entropy_N, logprob_N = sharded(hs_NxH, ws_HxV, mask_N, placeholder)

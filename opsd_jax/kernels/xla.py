@@ -360,8 +360,7 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
 
     outs0 = tuple(jnp.zeros((n,), jnp.float32) for _ in stat_names)
     if want_grads and grads0 is None:
-        acc_shape = (vocab, hs_width) if vocab_major else (hs_width, vocab)
-        grads0 = (jnp.zeros((n, hs_width), jnp.float32), jnp.zeros(acc_shape, jnp.float32))
+        grads0 = (jnp.zeros((n, hs_width), jnp.float32), _head_grad_zeros(hs_width, vocab, spec))
     carry0 = (outs0, grads0 if want_grads else ())
     if active_N is None:
         outs, grads = over_active_blocks(order_B, count, block, carry0)
@@ -462,6 +461,173 @@ def slice_fused_linear_divergence(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, ta
     holding the other slices. Outputs are whole-row values [n]; the gradients are this slice's
     share of d/dh (summed over the slices by shard_map's transpose) and d/dW of this slice."""
     return _fused(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, weights_n, limit, spec, tuple(axis_name))
+
+
+# ----------------------------------------------------------------------------- token rows gathered in chunks
+
+
+# Chunks per shard of the group when the token rows are gathered over fsdp: 2 per shard makes a
+# chunk's gathered rows half a shard's own rows. Measured at H = 4096, 8,192 tokens per chip, v5p
+# (BUILD_NOTES, issue 12): 1 per shard 1.03 / 1.41 GiB of temporaries on 1,8,1 / 1,4,1, 2 per
+# shard 0.73 / 1.32 GiB; what is left is mostly the heads and d/dW, which no chunking touches.
+GATHER_CHUNKS_PER_SHARD = 2
+
+
+def gather_chunks(n: int, group: int) -> int:
+    """Into how many chunks a shard's n token rows go when a group of `group` shards gathers them
+    (`gathered_fused_linear_divergence`): the fewest that divides n and is at least
+    GATHER_CHUNKS_PER_SHARD x group, so a chunk's gathered rows, group x n / chunks, are at most
+    half a shard's own n (n chunks of one row when nothing smaller divides n, or when n is below
+    that count: then `group` rows)."""
+    return next(c for c in range(min(GATHER_CHUNKS_PER_SHARD * group, n), n + 1) if n % c == 0)
+
+
+def gathered_chunk(x_n, chunk, rows_per_chunk: int, gather_axes):
+    """Rows chunk*r .. chunk*r + r - 1 of every shard of `gather_axes`, shard after shard: [f r, ...]."""
+    part = jax.lax.dynamic_slice_in_dim(x_n, chunk * rows_per_chunk, rows_per_chunk)
+    return jax.lax.all_gather(part, gather_axes, tiled=True)
+
+
+def keep_own_rows(out_n, out_fxr, chunk, gather_axes):
+    """out_n [n] with rows chunk*r .. chunk*r + r - 1 set to this shard's own part of out_fxr, a
+    gathered chunk's values [f r] (`gathered_chunk`)."""
+    r = out_fxr.shape[0] // jax.lax.axis_size(gather_axes)
+    own_r = jax.lax.dynamic_slice_in_dim(out_fxr, jax.lax.axis_index(gather_axes) * r, r)
+    return jax.lax.dynamic_update_slice_in_dim(out_n, own_r, chunk * r, axis=0)
+
+
+def _head_grad_zeros(width: int, vocab: int, spec: DivergenceSpec):
+    shape = (vocab, width) if _vocab_major_head_grad(spec, width, vocab) else (width, vocab)
+    return jnp.zeros(shape, jnp.float32)
+
+
+def _gathered_pass(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, spec, axis_name,
+                   gather_axes, group, cotangents=None, grads0=None, active_n=None):
+    """`_fused_pass` over this shard's vocabulary slice for the token rows of a group of `group`
+    shards (`gather_axes`), gathered a chunk at a time (`gather_chunks`): each chunk's rows are
+    gathered, swept, and their outputs and d/dh handed back to the shard that owns them (a
+    reduce-scatter of the slices' shares), so no shard ever holds more than about n gathered rows
+    or their float32 d/dh. Every shard of the group runs the same chunks in the same order, as the
+    block statistics' collectives over `axis_name` (which include gather_axes) need.
+
+    Own rows: hs [n, Hs], ht [n, Ht], mask bool [n], targets int32 [n] global token ids or None;
+    offset / limit: this slice's first column and int32 bound. cotangents None: outputs only,
+    every chunk visited (a static loop). Otherwise own-row float32 [n] triples as in
+    `_fused_pass`, and the result's gradients are grads0 (d/dh float32 [n, Hs] of the own rows,
+    head gradient of this slice) plus this pass's. active_n: bool [n] or None; when given, only
+    chunks holding an active row of some shard are visited (a run-time loop).
+    """
+    n, width = hs_nxHs.shape
+    chunks = gather_chunks(n, group)
+    r = n // chunks
+    want_grads = cotangents is not None
+    with_targets = targets_n is not None
+
+    def chunk_step(k, carry, order_C):
+        outs, grads = carry
+        c = order_C[k]
+
+        def take(x_n):
+            return None if x_n is None else gathered_chunk(x_n, c, r, gather_axes)
+
+        tgt = rows.slice_targets(take(targets_n), offset, limit) if with_targets else None
+        mask_c = take(mask_n)
+        pass_grads0 = None
+        if want_grads:
+            pass_grads0 = (jnp.zeros((group * r, width), jnp.float32), grads[1])
+        out_c, pass_grads = _fused_pass(
+            take(hs_nxHs), ws_HsxV, take(ht_nxHt), wt_HtxV, mask_c, tgt, spec,
+            None if not want_grads else tuple(take(x) for x in cotangents), pass_grads0,
+            active_N=None if active_n is None else take(active_n) & mask_c, limit=limit, axis_name=axis_name,
+        )
+        # Every shard of the group completed every gathered row; each keeps its own.
+        outs = jax.tree.map(lambda o_n, o_c: keep_own_rows(o_n, o_c, c, gather_axes), outs, out_c)
+        if want_grads:
+            gh_c, gw = pass_grads
+            mine_rxHs = jax.lax.psum_scatter(gh_c, gather_axes, scatter_dimension=0, tiled=True)
+            gh_n = grads[0]
+            gh_n = jax.lax.dynamic_update_slice_in_dim(
+                gh_n, jax.lax.dynamic_slice_in_dim(gh_n, c * r, r) + mine_rxHs, c * r, axis=0)
+            grads = (gh_n, gw)
+        return outs, grads
+
+    zeros = jnp.zeros((n,), jnp.float32)
+    outs0 = DivergenceOutput(zeros, zeros, zeros, *((zeros, zeros) if with_targets else ()))
+    if want_grads and grads0 is None:
+        grads0 = (jnp.zeros((n, width), jnp.float32), _head_grad_zeros(width, ws_HsxV.shape[1], spec))
+    carry0 = (outs0, grads0 if want_grads else ())
+    if active_n is None:
+        order_C = jnp.arange(chunks, dtype=jnp.int32)
+        return jax.lax.fori_loop(0, chunks, functools.partial(chunk_step, order_C=order_C), carry0)
+    # The chunks in which some shard of the group has an active row, chunk-major so that one
+    # token "block" of active_blocks is one chunk of all the group's shards.
+    active_fxn = jax.lax.all_gather(active_n & mask_n, gather_axes, tiled=False)
+    by_chunk = active_fxn.reshape(group, chunks, r).transpose(1, 0, 2).reshape(-1)
+    order_C, count = active_blocks(by_chunk, group * r)
+    return jax.lax.fori_loop(0, count, functools.partial(chunk_step, order_C=order_C), carry0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
+def _gathered(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, weights_n, offset, limit, spec, axis_name,
+              gather_axes, group):
+    return _gathered_pass(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, spec, axis_name,
+                          gather_axes, group)[0]
+
+
+def _gathered_fwd(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, weights_n, offset, limit, spec,
+                  axis_name, gather_axes, group):
+    unit_n = _unit_cotangent(mask_n, weights_n)
+    out, (gh_unit_nxHs, gw_unit_head) = _gathered_pass(
+        hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, spec, axis_name, gather_axes, group,
+        cotangents=(unit_n, None, None),
+    )
+    return out, (hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, unit_n, gh_unit_nxHs,
+                 gw_unit_head)
+
+
+def _gathered_bwd(spec, axis_name, gather_axes, group, residuals, cot: DivergenceOutput):
+    (hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, unit_n, gh_unit_nxHs,
+     gw_unit_head) = residuals
+    cots = _student_cotangents(cot, mask_n, targets_n)
+    # The outputs are split over gather_axes like the rows, and replicated over the other
+    # vocabulary axes, whose shards shard_map's transpose hands 1/size of the cotangent each.
+    replicated = tuple(a for a in axis_name if a not in gather_axes)
+    if replicated:
+        cots = tuple(None if x is None else jax.lax.psum(x, replicated) for x in cots)
+    cot_d_n, cot_h_n, cot_lp_n = cots
+    # One scale c for the whole group: its shards add into one head gradient from all their rows.
+    n = unit_n.shape[0]
+    me = jax.lax.axis_index(gather_axes)
+    c, rest_fn = split_cotangent(jax.lax.all_gather(cot_d_n, gather_axes, tiled=True),
+                                 jax.lax.all_gather(unit_n, gather_axes, tiled=True))
+    rest_d_n = jax.lax.dynamic_slice_in_dim(rest_fn, me * n, n)
+    active_n = rest_d_n != 0.0
+    for x_n in (cot_h_n, cot_lp_n):
+        if x_n is not None:
+            active_n = active_n | (x_n != 0.0)
+    per_c = tuple(None if x_n is None else x_n / c for x_n in (rest_d_n, cot_h_n, cot_lp_n))
+    _, (gh_nxHs, gw_head) = _gathered_pass(
+        hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, spec, axis_name, gather_axes, group,
+        cotangents=per_c, grads0=(gh_unit_nxHs, gw_unit_head), active_n=active_n,
+    )
+    gw_HsxV = gw_head.T if _vocab_major_head_grad(spec, *ws_HsxV.shape) else gw_head
+    return ((c * gh_nxHs).astype(hs_nxHs.dtype), (c * gw_HsxV).astype(ws_HsxV.dtype),
+            None, None, None, None, None, None, None)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+def gathered_fused_linear_divergence(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, weights_n, offset,
+                                     limit, spec: DivergenceSpec, axis_name, gather_axes, group: int):
+    """`slice_fused_linear_divergence` for a shard whose vocabulary slice serves the token rows of
+    a group of `group` shards (mesh axes `gather_axes`, part of `axis_name`), which it gathers a
+    chunk at a time (`_gathered_pass`). Arguments are this shard's own rows (targets: global ids;
+    offset: the slice's first column); outputs and d/dh are the own rows' whole-row values and
+    d/dh summed over the group's slices (the other vocabulary axes' shares are summed by
+    shard_map's transpose), d/dW this slice's from all the group's rows."""
+    return _gathered(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, weights_n, offset, limit, spec,
+                     tuple(axis_name), tuple(gather_axes), group)
 
 
 # ----------------------------------------------------------------------------- the student alone

@@ -93,8 +93,9 @@ def test_xla_vocab_parallel_sweeps_once_for_tpu(beta):
     assert 8 * nhv <= report["jaxpr_dot_flops"] < 8.1 * nhv, report
     # The plan's count, read from the compiled TPU program, agrees with the jaxpr's: its token
     # loop has a static bound, and only the backward's remainder sweep (which this loss never
-    # enters) is bounded at run time and counted once.
-    assert report["hlo_runtime_loops"] == 1, report
+    # enters) is bounded at run time and counted once, as is the loop over the gathered chunks
+    # it sits in (the token rows are gathered over fsdp at these sizes).
+    assert report["jaxpr_runtime_loops"] == 2 and report["hlo_runtime_loops"] == 2, report
     assert report["hlo_matmul_flops"] == pytest.approx(report["jaxpr_dot_flops_runtime_loop_once"], rel=1e-3)
 
 

@@ -88,10 +88,11 @@ def test_weighted_loss_values_and_gradients_match_oracle(rng, impl, mesh_shape, 
     assert np.all(np.asarray(g_h)[~mask] == 0.0) and np.all(np.asarray(g_w)[:, 900:] == 0.0)
 
 
-@pytest.mark.parametrize("mesh_shape", [None, (1, 2, 4)])
+@pytest.mark.parametrize("mesh_shape", [None, (1, 2, 4), (2, 2, 2)])
 def test_xla_backward_only_scales_when_the_cotangent_is_the_weights_and_sweeps_otherwise(rng, monkeypatch, mesh_shape):
     """Whole rows, and (1,2,4): tokens over fsdp and the vocabulary over 4 slices, whose statistics
-    the one sweep completes block by block (one remainder count per shard)."""
+    the one sweep completes block by block (one remainder count per shard); (2,2,2): the token
+    rows gathered over fsdp a chunk at a time (one scale for the group, which shares d/dW)."""
     seen = record_sweep_remainders(monkeypatch)
     n, hs, ht, v = 24, 8, 8, 300
     h_s, w_s, h_t, w_t = _inputs(rng, n, hs, ht, v)

@@ -92,11 +92,18 @@ def test_vocab_parallel_matches_oracle(rng, impl, mesh_shape, beta, widths, gath
     assert np.all(g_h[~mask] == 0.0) and np.all(g_w[:, VALID:] == 0.0)
 
 
-@pytest.mark.parametrize("impl,mesh_shape", [("xla", None), ("xla", (2, 2, 2)), ("pallas_tpu", (2, 2, 2))])
-def test_nan_in_ignored_rows_reaches_no_output_or_gradient(rng, impl, mesh_shape):
+@pytest.mark.parametrize("impl,mesh_shape,padded_chunk", [
+    ("xla", None, False), ("xla", (2, 2, 2), False), ("pallas_tpu", (2, 2, 2), False),
+    # Rows gathered over fsdp in 4 chunks of 2 rows per shard: the last two chunks of every shard
+    # are padding, so the group skips them in the backward's remainder sweep.
+    ("xla", (2, 2, 2), True),
+])
+def test_nan_in_ignored_rows_reaches_no_output_or_gradient(rng, impl, mesh_shape, padded_chunk):
     """NaN hidden states in ignored rows: every output and gradient is finite and equals the
     result of the kept rows alone (the oracle on them)."""
     h_s, w_s, h_t, w_t, mask, targets = _inputs(rng)
+    if padded_chunk:
+        mask[np.arange(N) % (N // 4) >= N // 8] = False
     cot = _cotangents(rng)  # nonzero for ignored rows too: the kernel must drop them itself
     poisoned_s, poisoned_t = h_s.copy(), h_t.copy()
     poisoned_s[~mask] = np.nan
@@ -119,6 +126,60 @@ def test_nan_in_ignored_rows_reaches_no_output_or_gradient(rng, impl, mesh_shape
         got = np.asarray(getattr(out, name))
         assert np.all(got[~mask] == 0.0), name
         np.testing.assert_allclose(got[kept], expected[name], atol=5e-5, rtol=5e-5, err_msg=name)
+
+
+def _all_gathers(jaxpr):
+    """Output shapes of every floating-point all_gather in a jaxpr and its sub-jaxprs."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        aval = eqn.outvars[0].aval if eqn.outvars else None
+        if eqn.primitive.name == "all_gather" and jnp.issubdtype(aval.dtype, jnp.floating):
+            shapes.append(aval.shape)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    shapes += _all_gathers(sub)
+    return shapes
+
+
+@pytest.mark.parametrize("mesh_shape,shard_rows,chunk_rows", [((2, 2, 2), 8, 2), ((1, 8, 1), 4, 1)])
+def test_xla_gathers_token_rows_a_chunk_at_a_time(rng, mesh_shape, shard_rows, chunk_rows):
+    """With the token rows gathered over fsdp, the one sweep gathers one chunk at a time, forward
+    and backward: 2 f chunks of n / (2 f) rows from each of the f shards on 2,2,2 (half the rows
+    a shard holds), one row from each on 1,8,1 (n = 4 < 2 f); the rows reach the shard_map split
+    over fsdp, not gathered whole."""
+    assert vocab_parallel.row_gather_axes(make_mesh(*mesh_shape), N, V, (HS, HT), "xla", row_bytes=4,
+                                          choice=True) == ("fsdp",)
+    from opsd_jax.kernels import xla
+
+    group = mesh_shape[1]
+    assert xla.gather_chunks(shard_rows, group) * chunk_rows == shard_rows
+    h_s, w_s, h_t, w_t, mask, targets = _inputs(rng)
+    cot = _cotangents(rng)
+    mesh = make_mesh(*mesh_shape)
+
+    def loss(a, b):
+        out = kernels.fused_linear_divergence(a, b, jnp.asarray(h_t), jnp.asarray(w_t), beta=0.5, mask=jnp.asarray(mask),
+                                              valid_vocab=VALID, targets=jnp.asarray(targets), impl="xla", mesh=mesh,
+                                              gather_token_rows=True, token_block=8)
+        return sum(jnp.sum(jnp.asarray(cot[k]) * getattr(out, k)) for k in cot)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(h_s), jnp.asarray(w_s)).jaxpr
+    row_gathers = [shape for shape in _all_gathers(jaxpr) if len(shape) == 2]
+    # Rows of both models (HS, HT wide) forward, and again in the backward's remainder sweep.
+    assert sorted({shape for shape in row_gathers}) == [(group * chunk_rows, HT), (group * chunk_rows, HS)]
+    assert len(row_gathers) == 4
+    shard_map = next(e for e in jaxpr.eqns if e.primitive.name == "shard_map")
+    row_specs = [spec for spec in shard_map.params["in_specs"] if len(spec) == 2 and spec[1] is None]
+    assert len(row_specs) == 2 and all("fsdp" in str(spec[0]) for spec in row_specs), row_specs
+
+
+def test_gather_chunks_divides_a_shards_rows():
+    from opsd_jax.kernels import xla
+
+    cases = [(8192, 4), (8192, 8), (2048, 8), (24, 8), (24, 4), (10, 4), (6, 4), (2, 8), (7, 2)]
+    assert [xla.gather_chunks(n, f) for n, f in cases] == [8, 16, 16, 24, 8, 10, 6, 2, 7]
 
 
 def test_mesh_must_be_the_trainers(rng):

@@ -154,7 +154,8 @@ def dot_flops(jaxpr, dynamic_trips: list[int]) -> int:
                 if not dynamic_trips:
                     raise ValueError("more while loops with matmuls than trip counts given")
                 trips = dynamic_trips.pop(0)
-                total += trips * dot_flops(body, dynamic_trips)
+                # A loop that never runs hides the loops nested in it: they take no entry.
+                total += trips and trips * dot_flops(body, dynamic_trips)
         elif name == "cond":
             total += max(dot_flops(branch.jaxpr, list(dynamic_trips)) for branch in eqn.params["branches"])
         else:
@@ -224,6 +225,17 @@ def flops_per_nhv(beta: float) -> tuple[int, int]:
     return (12, 16) if jsd else (8, 12)
 
 
+def _gathers_in_chunks(devices, mesh_shape, n_per_chip, width, vocab, gather_token_rows) -> bool:
+    """Whether the xla kernel gathers the token rows over fsdp (in chunks) on this mesh."""
+    from opsd_jax.kernels import vocab_parallel
+    from opsd_jax.parallel import make_mesh
+
+    mesh = make_mesh(*mesh_shape, devices=devices)
+    n = n_per_chip * mesh_shape[0] * mesh_shape[1]
+    return bool(vocab_parallel.row_gather_axes(mesh, n, vocab, (width, width), "xla", row_bytes=2,
+                                               choice=gather_token_rows))
+
+
 def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per_chip: int = N_PER_DEVICE,
                 width: int = H, head_dtype=jnp.bfloat16, vocab: int = V, impl: str = "pallas_tpu",
                 token_block: int | None = None, gather_token_rows: bool | None = None):
@@ -243,12 +255,18 @@ def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per
         jaxpr = jax.make_jaxpr(jitted)(*args).jaxpr
         # The forward sweep's loop has a static bound (its skipped blocks are conds); the one
         # run-time loop is the backward's remainder sweep, which this loss form never enters.
+        # (With the token rows gathered over fsdp that sweep is itself inside the run-time loop
+        # over the gathered chunks holding a remainder row: the outer loop's 0 covers both.)
         trips = [0]
         jaxpr_flops = dot_flops(jaxpr, trips)
         if trips:
             raise RuntimeError("expected one run-time token-block loop in the xla program, found none")
-        # As the compiled program's loop-aware count must see it: the run-time loop once.
-        jaxpr_flops = (jaxpr_flops, dot_flops(jaxpr, [1]))
+        # As the compiled program's loop-aware count must see it: each run-time loop once.
+        nested = 2 if _gathers_in_chunks(devices, mesh_shape, n_per_chip, width, vocab, gather_token_rows) else 1
+        once = [1] * nested
+        jaxpr_flops = (jaxpr_flops, dot_flops(jaxpr, once), nested)
+        if once:
+            raise RuntimeError(f"expected {nested} nested run-time loops in the xla program")
     lowered = jitted.lower(*args)
     hlo = lowered.as_text()
     compiled = lowered.compile()
@@ -294,6 +312,9 @@ def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab
         "jaxpr_dot_flops": jaxpr_flops and jaxpr_flops[0],
         "jaxpr_dot_flops_over_goal": jaxpr_flops and jaxpr_flops[0] / (goal * nhv),
         "jaxpr_dot_flops_runtime_loop_once": jaxpr_flops and jaxpr_flops[1],
+        # The remainder sweep's token-block loop, inside the loop over gathered chunks where the
+        # token rows are gathered over fsdp.
+        "jaxpr_runtime_loops": jaxpr_flops and jaxpr_flops[2],
         # What `opsd-jax plan` reads: the compiled program's matmuls with its loops multiplied out
         # (a loop bounded at run time counted once).
         "hlo_matmul_flops": loop_aware.flops,
