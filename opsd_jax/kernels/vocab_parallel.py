@@ -18,8 +18,8 @@ FSDP does anyway, except where gathering the token rows over fsdp needs fewer by
 sweeps all of the group's rows against its [H, V / (t f)] slice (the heads are resharded, not
 gathered). The one-sweep xla form gathers those rows itself, a chunk at a time, and hands each
 chunk's outputs and d/dh back to their shards by a reduce-scatter before the next
-(`xla.gathered_fused_linear_divergence`), so a chip holds about its own n rows' worth of gathered
-rows and float32 d/dh, not f n; the statistics-first form takes them gathered whole at the
+(`xla.gathered_fused_linear_divergence`), so a chip holds half its own n rows' worth of gathered
+rows and float32 d/dh at a time, not f n; the statistics-first form takes them gathered whole at the
 shard_map boundary, whose transpose reduces the outputs and d/dh back to the token shards.
 
 Two forms, by implementation:

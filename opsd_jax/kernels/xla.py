@@ -506,8 +506,8 @@ def _gathered_pass(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset
     """`_fused_pass` over this shard's vocabulary slice for the token rows of a group of `group`
     shards (`gather_axes`), gathered a chunk at a time (`gather_chunks`): each chunk's rows are
     gathered, swept, and their outputs and d/dh handed back to the shard that owns them (a
-    reduce-scatter of the slices' shares), so no shard ever holds more than about n gathered rows
-    or their float32 d/dh. Every shard of the group runs the same chunks in the same order, as the
+    reduce-scatter of the slices' shares), so a shard holds at most half its own n rows' worth of
+    gathered rows and their float32 d/dh (tiny n aside). Every shard of the group runs the same chunks in the same order, as the
     block statistics' collectives over `axis_name` (which include gather_axes) need.
 
     Own rows: hs [n, Hs], ht [n, Ht], mask bool [n], targets int32 [n] global token ids or None;
