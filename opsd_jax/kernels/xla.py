@@ -399,6 +399,23 @@ def split_cotangent(cot_d_N, unit_N):
     return c, jnp.where(jnp.abs(rest_N) <= WEIGHTS_RTOL * jnp.abs(scaled_N), 0.0, rest_N)
 
 
+def _remainder(c, rest_d_N, cot_h_N, cot_lp_N):
+    """(bool [N] rows the backward's remainder sweep must visit, its cotangents divided by c):
+    the divergence's remainder after `split_cotangent` and whole entropy / log-prob cotangents."""
+    active_N = rest_d_N != 0.0
+    for x_N in (cot_h_N, cot_lp_N):
+        if x_N is not None:
+            active_N = active_N | (x_N != 0.0)
+    return active_N, tuple(None if x_N is None else x_N / c for x_N in (rest_d_N, cot_h_N, cot_lp_N))
+
+
+def _scaled_grads(c, gh_NxHs, gw_head, hs_NxHs, ws_HsxV, spec):
+    """(d/dh, d/dW) in the inputs' dtypes: c times the swept sums, the head gradient back in
+    [Hs, V] orientation (`_vocab_major_head_grad`)."""
+    gw_HsxV = gw_head.T if _vocab_major_head_grad(spec, *ws_HsxV.shape) else gw_head
+    return (c * gh_NxHs).astype(hs_NxHs.dtype), (c * gw_HsxV).astype(ws_HsxV.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, limit, spec, axis_name):
     return _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, None, limit=limit,
@@ -429,18 +446,12 @@ def _fused_bwd(spec, axis_name, residuals, cot: DivergenceOutput):
     # the forward's products themselves and the scaling comes last, so XLA can keep the one head
     # gradient buffer from the forward to the output (scaling first would make a second one).
     c, rest_d_N = split_cotangent(cot_d_N, unit_N)
-    active_N = rest_d_N != 0.0
-    for x_N in (cot_h_N, cot_lp_N):
-        if x_N is not None:
-            active_N = active_N | (x_N != 0.0)
-    per_c = tuple(None if x_N is None else x_N / c for x_N in (rest_d_N, cot_h_N, cot_lp_N))
+    active_N, per_c = _remainder(c, rest_d_N, cot_h_N, cot_lp_N)
     _, (gh_NxHs, gw_head) = _fused_pass(
         hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents=per_c,
         grads0=(gh_unit_NxHs, gw_unit_head), active_N=active_N & mask_N, limit=limit, axis_name=axis_name,
     )
-    gw_HsxV = gw_head.T if _vocab_major_head_grad(spec, *ws_HsxV.shape) else gw_head
-    return ((c * gh_NxHs).astype(hs_NxHs.dtype), (c * gw_HsxV).astype(ws_HsxV.dtype),
-            None, None, None, None, None, None)
+    return _scaled_grads(c, gh_NxHs, gw_head, hs_NxHs, ws_HsxV, spec) + (None,) * 6
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -601,18 +612,12 @@ def _gathered_bwd(spec, axis_name, gather_axes, group, residuals, cot: Divergenc
     c, rest_fn = split_cotangent(jax.lax.all_gather(cot_d_n, gather_axes, tiled=True),
                                  jax.lax.all_gather(unit_n, gather_axes, tiled=True))
     rest_d_n = jax.lax.dynamic_slice_in_dim(rest_fn, me * n, n)
-    active_n = rest_d_n != 0.0
-    for x_n in (cot_h_n, cot_lp_n):
-        if x_n is not None:
-            active_n = active_n | (x_n != 0.0)
-    per_c = tuple(None if x_n is None else x_n / c for x_n in (rest_d_n, cot_h_n, cot_lp_n))
+    active_n, per_c = _remainder(c, rest_d_n, cot_h_n, cot_lp_n)
     _, (gh_nxHs, gw_head) = _gathered_pass(
         hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, spec, axis_name, gather_axes, group,
         cotangents=per_c, grads0=(gh_unit_nxHs, gw_unit_head), active_n=active_n,
     )
-    gw_HsxV = gw_head.T if _vocab_major_head_grad(spec, *ws_HsxV.shape) else gw_head
-    return ((c * gh_nxHs).astype(hs_nxHs.dtype), (c * gw_HsxV).astype(ws_HsxV.dtype),
-            None, None, None, None, None, None, None)
+    return _scaled_grads(c, gh_nxHs, gw_head, hs_nxHs, ws_HsxV, spec) + (None,) * 7
 
 
 _gathered.defvjp(_gathered_fwd, _gathered_bwd)
