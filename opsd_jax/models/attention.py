@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec
 
 from opsd_jax.models import layers
 from opsd_jax.models.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
+from opsd_jax.plan.hlo_flops import estimate_scope
 
 DEFAULT_BLOCK_SIZE = 512
 
@@ -351,6 +352,12 @@ SPLASH_LANES = 128
 # (segment 0 here) get two different ids no real segment uses, and nobody sees a padding key.
 _QUERY_PADDING_ID = int(np.iinfo(np.int32).min)
 _KEY_PADDING_ID = _QUERY_PADDING_ID + 1
+# Splash's kernels carry no cost estimate, so the plan would count them as 0 (BUILD_NOTES: 60% of
+# an 8B step's matmuls at 29k-token contexts). Its calls sit in a scope that names their FLOPs.
+SPLASH_SCOPE = "splash_attention"
+# Matmul FLOPs per (query, key) pair of a computed tile, per unit of head width: the forward runs
+# q k^T and p v; the dq kernel q k^T, dO v^T and dS k; the dkv kernel q k^T, p^T dO, dO v^T, dS^T q.
+_SPLASH_FLOPS_PER_PAIR = {"fwd": 4, "dq": 6, "dkv": 8}
 
 
 def _context_mesh():
@@ -468,6 +475,24 @@ def splash_block(length: int, block_size: int) -> int:
     return min(-(-block_size // lanes) * lanes, -(-length // lanes) * lanes)
 
 
+def splash_flops(heads_mask, batch: int, head_dim: int, block: int) -> dict[str, int]:
+    """Matmul FLOPs of one splash call over `batch` sequences with `heads_mask` (a MultiHeadMask;
+    the same [block, block] tiles forward and backward), per kernel (fwd, dq, dkv): the tiles the
+    mask leaves to compute times the kernel's matmuls. A tile the mask only partly covers costs a
+    whole one; one it fully masks is skipped. Causal over nb blocks: nb (nb + 1) / 2 tiles a head."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info
+
+    # The mask's block map as splash builds it (numpy, cached); [heads or 1 when the heads share
+    # it, q blocks, kv blocks visited], 0 where a tile is skipped.
+    info, _ = splash_attention_mask_info.process_mask(heads_mask, (block, block), head_shards=1, q_seq_shards=1)
+    heads = len(heads_mask.masks)
+    if info.block_mask is None:
+        tiles = heads * (heads_mask.shape[1] // block) * (heads_mask.shape[2] // block)
+    else:
+        tiles = int(np.count_nonzero(info.block_mask)) * heads // info.block_mask.shape[0]
+    return {phase: batch * tiles * block * block * head_dim * per_pair for phase, per_pair in _SPLASH_FLOPS_PER_PAIR.items()}
+
+
 def _splash_local(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segments_BxT, *, sliding_window, block_size: int,
                   with_segments: bool, interpret):
     """splash_attention on one shard's whole sequences and its heads."""
@@ -496,8 +521,8 @@ def _splash_local(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segments_BxT, *, sliding_wind
         block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
         block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
     )
-    kernel = splash.make_splash_mha(splash.MultiHeadMask([head_mask] * heads), block_sizes=blocks, head_shards=1,
-                                    q_seq_shards=1, interpret=interpret)
+    heads_mask = splash.MultiHeadMask([head_mask] * heads)
+    kernel = splash.make_splash_mha(heads_mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
     if with_segments or pad:
         real_BxT = segments_BxT != 0 if with_segments else jnp.ones((batch, length), bool)
         ids_BxT = segments_BxT.astype(jnp.int32)
@@ -505,10 +530,12 @@ def _splash_local(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, segments_BxT, *, sliding_wind
                                 constant_values=_QUERY_PADDING_ID)
         key_ids_BxP = jnp.pad(jnp.where(real_BxT, ids_BxT, _KEY_PADDING_ID), ((0, 0), (0, pad)),
                               constant_values=_KEY_PADDING_ID)
-        out_BxHxPxD = jax.vmap(lambda q, k, v, qi, ki: kernel(q, k, v, splash.SegmentIds(q=qi, kv=ki)))(
-            q_BxHxPxD, k_BxKxPxD, v_BxKxPxD, query_ids_BxP, key_ids_BxP)
+        call, inputs = (lambda q, k, v, qi, ki: kernel(q, k, v, splash.SegmentIds(q=qi, kv=ki)),
+                        (q_BxHxPxD, k_BxKxPxD, v_BxKxPxD, query_ids_BxP, key_ids_BxP))
     else:
-        out_BxHxPxD = jax.vmap(lambda q, k, v: kernel(q, k, v))(q_BxHxPxD, k_BxKxPxD, v_BxKxPxD)
+        call, inputs = (lambda q, k, v: kernel(q, k, v)), (q_BxHxPxD, k_BxKxPxD, v_BxKxPxD)
+    with jax.named_scope(estimate_scope(SPLASH_SCOPE, splash_flops(heads_mask, batch, head_dim, block))):
+        out_BxHxPxD = jax.vmap(call)(*inputs)
     out_BxTxHxD = jnp.swapaxes(out_BxHxPxD[:, :, :length], 1, 2).astype(v_BxTxKxD.dtype)
     if not with_segments:
         return out_BxTxHxD

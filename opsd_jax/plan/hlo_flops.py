@@ -8,7 +8,8 @@ compiled (per-chip, already partitioned) HLO text instead and counts what the ch
   2 x batch x output features x input features x the (output, window) position pairs that meet
   a real input element, padding and dilation holes excluded;
 - a Pallas (Mosaic) kernel: the FLOPs of the `cost_estimate` its backend config carries; one
-  without (splash attention's) counts 0 and is reported in `opaque_kernels`;
+  without (splash attention's) takes them from an `estimate_scope` its caller wrapped it in, and
+  otherwise counts 0 and is reported in `opaque_kernels`;
 - `fusion`, `call` and async starts: their called computations, once;
 - `while`: its body times its trip count: XLA's `known_trip_count` where it left one, else the
   loop's form `for (i = start; i < bound; i += step)` with constant start, bound and step, read
@@ -48,6 +49,27 @@ _NOT_CALLING = frozenset({"reduce", "reduce-window", "scatter", "select-and-scat
 # only from the estimate they carry.
 _KERNEL_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_SCOPED_ESTIMATE = re.compile(r"\[((?:\w+=\d+,)*\w+=\d+)\]")
+
+
+def estimate_scope(name: str, flops_by_phase: dict[str, int]) -> str:
+    """A `jax.named_scope` name that hands FLOPs to the Pallas kernels called inside it that carry
+    no cost estimate of their own (splash attention's are built without one and take no argument
+    for it): `name[fwd=F,dq=Q,dkv=K]`. A kernel whose name holds `_phase_` (splash's
+    `splash_mha_dq_no_residuals`: `_dq_`) counts that phase's FLOPs. The scope reaches the
+    backward's kernels too: their op_names read `transpose(jvp(name[...]))/...`."""
+    return f"{name}[{','.join(f'{phase}={int(flops)}' for phase, flops in flops_by_phase.items())}]"
+
+
+def scoped_estimate(op_name: str) -> float | None:
+    """The FLOPs an `estimate_scope` in `op_name` gives the kernel named after it, or None."""
+    for match in reversed(list(_SCOPED_ESTIMATE.finditer(op_name))):
+        kernel = op_name[match.end():]
+        for item in match.group(1).split(","):
+            phase, flops = item.split("=")
+            if re.search(rf"_{phase}(?:_|/|$)", kernel):
+                return float(flops)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +91,7 @@ class Count:
     flops: float = 0.0
     by_scope: dict[str, float] = dataclasses.field(default_factory=dict)
     runtime_loops: list[str] = dataclasses.field(default_factory=list)
-    # op_names of Pallas kernels that carry no cost estimate (splash attention's): counted as 0
+    # op_names of Pallas kernels that carry no cost estimate and sit in no estimate_scope: counted 0
     opaque_kernels: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, other: Count, times: float = 1.0) -> None:
@@ -245,7 +267,7 @@ def _convolution_flops(instruction: Instruction, shapes: dict[str, Instruction])
 
 
 def instruction_flops(instruction: Instruction, shapes: dict[str, Instruction]) -> float:
-    """FLOPs of one dot, convolution or cost-estimated custom call; 0 for anything else."""
+    """FLOPs of one dot, convolution or cost-estimated Pallas call; 0 for anything else."""
     if instruction.opcode == "dot":
         lhs = _dims(shapes[instruction.operands[0]].shape)
         contracted = math.prod(lhs[d] for d in _contracting(instruction.attributes, "lhs"))
@@ -254,7 +276,12 @@ def instruction_flops(instruction: Instruction, shapes: dict[str, Instruction]) 
         return _convolution_flops(instruction, shapes)
     if instruction.opcode == "custom-call":
         estimate = _ESTIMATE.search(instruction.attributes)
-        return float(estimate.group(1)) if estimate else 0.0
+        if estimate:
+            return float(estimate.group(1))
+        op_name = _OP_NAME.search(instruction.attributes)
+        scoped = scoped_estimate(op_name.group(1)) if op_name and any(
+            f'custom_call_target="{t}"' in instruction.attributes for t in _KERNEL_TARGETS) else None
+        return scoped or 0.0
     return 0.0
 
 

@@ -162,6 +162,9 @@ def _flop_notes(r: dict) -> list[str]:
         statistics = (f"; student statistics pass {kernel[STATISTICS_SCOPE] / 1e12:.2f}"
                       if STATISTICS_SCOPE in kernel else "")
         notes.append(f"  {r['name']}: divergence kernel {kernel[KERNEL_SCOPE] / 1e12:.2f} TFLOP{against}{statistics}")
+    if r.get("attention_flops"):
+        notes.append(f"  {r['name']}: splash attention {r['attention_flops'] / 1e12:.2f} TFLOP (the tiles its "
+                     f"masks leave, forward and backward kernels)")
     for key, what in (("runtime_loops", "loop(s) bounded at run time, counted once"),
                       ("opaque_kernels", "Pallas kernel(s) without a cost estimate, counted as 0")):
         # the op_names' last three scopes tell the loops and kernels apart
@@ -221,9 +224,10 @@ def format_report(report: dict) -> str:
         lines.append("\npreemption: " + describe(report["checkpoint"]["bytes"], hosts=report["hosts"],
                                                   seconds_per_gib=report["checkpoint"]["seconds_per_gib"]))
     lines.append("\nTFLOP: the compiled program's matmuls per chip (dots, convolutions and Pallas kernels' cost "
-                 "estimates), every loop multiplied by its trip count (scanned layers, microbatches, the divergence "
-                 "kernel's token blocks); a loop bounded only at run time is counted once, a Pallas kernel without a "
-                 "cost estimate as 0, both named below their program. XLA's cost_analysis(), which counts every loop "
+                 "estimates; splash attention's from the tiles its masks leave, a partly masked tile counted whole), "
+                 "every loop multiplied by its trip count (scanned layers, microbatches, the divergence kernel's "
+                 "token blocks); a loop bounded only at run time is counted once, a Pallas kernel without a cost "
+                 "estimate as 0, both named below their program. XLA's cost_analysis(), which counts every loop "
                  "body once, is in the JSON.")
     lines.append(f"\nevaluation planned as `opsd-jax eval {report['eval']['mesh_flag']} --max-slots "
                  f"{report['eval']['slots']}` ({report['eval']['sequence_length']} tokens per slot)")

@@ -22,11 +22,15 @@ import jax.numpy as jnp
 
 from opsd_jax.config import RunConfig
 from opsd_jax.kernels.api import KERNEL_SCOPE, STATISTICS_SCOPE
+from opsd_jax.models.attention import SPLASH_SCOPE
 from opsd_jax.models.config import ModelConfig
 from opsd_jax.models.decoder import abstract_params, sharded_abstract_params
 from opsd_jax.plan import hlo_flops
 
 KERNEL_SCOPES = (KERNEL_SCOPE, STATISTICS_SCOPE)
+# Splash attention's kernels, counted from the estimate scope around them (its op_names also
+# hold `jit(_splash_attention)`, which the bracket keeps out).
+ATTENTION_SCOPE = SPLASH_SCOPE + "["
 
 PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 # Prompt tokens the evaluation sampler reserves ahead of the generation cap: the chat-templated
@@ -67,6 +71,7 @@ class ProgramPlan:
     opaque_kernels: list = dataclasses.field(default_factory=list)  # op_names of Pallas kernels counted 0
     kernel_flops: dict = dataclasses.field(default_factory=dict)  # {kernel entry point's scope: its FLOPs}
     kernel_sweep_flops: float | None = None  # one fused sweep's matmuls for this step's tokens, per chip
+    attention_flops: float | None = None  # splash attention's kernels (their masks' tiles), in `flops`
     compile_seconds: float = 0.0
     largest_arrays: list = dataclasses.field(default_factory=list)
     resident_bytes: int = 0  # other buffers the job keeps on the same chips while this runs
@@ -212,9 +217,10 @@ def compile_program(plan: ProgramPlan, jitted, *args) -> ProgramPlan:
         cost = cost[0] if cost else {}
     plan.cost_analysis_flops = float(cost["flops"]) if cost and "flops" in cost else None
     compiled_text = compiled.as_text()
-    counted = hlo_flops.count(compiled_text, KERNEL_SCOPES)
+    counted = hlo_flops.count(compiled_text, (*KERNEL_SCOPES, ATTENTION_SCOPE))
     plan.flops, plan.runtime_loops, plan.opaque_kernels = counted.flops, counted.runtime_loops, counted.opaque_kernels
     plan.kernel_flops = {scope: counted.by_scope[scope] for scope in KERNEL_SCOPES if scope in counted.by_scope}
+    plan.attention_flops = counted.by_scope.get(ATTENTION_SCOPE)
     plan.largest_arrays = largest_arrays(compiled_text)
     return plan
 

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from opsd_jax.models import ModelConfig, attention, decoder
 from opsd_jax.parallel import logical_sharding, make_mesh
+from opsd_jax.plan import hlo_flops
 
 _SPLASH_KERNEL = re.compile(r"splash_mha_(fwd|dq|dkv)")
 
@@ -48,6 +49,7 @@ def _compile(jitted, args, mesh) -> dict:
     text = compiled.as_text()
     calls = [line for line in text.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
     kinds = sorted(m.group(1) for line in calls for m in [_SPLASH_KERNEL.search(line)] if m)
+    counted = hlo_flops.count(text, (attention.SPLASH_SCOPE + "[",))
     return {
         "device_kind": mesh.devices.flat[0].device_kind,
         "mesh": dict(mesh.shape),
@@ -57,6 +59,10 @@ def _compile(jitted, args, mesh) -> dict:
         "flops": float(cost.get("flops", 0.0)),
         "mosaic_custom_calls": len(calls),
         "splash_kernels": kinds,
+        # the plan's loop-aware count; splash's kernels from the estimate scope around them
+        "hlo_flops": counted.flops,
+        "splash_flops": counted.by_scope.get(attention.SPLASH_SCOPE + "[", 0.0),
+        "opaque_kernels": counted.opaque_kernels,
     }
 
 

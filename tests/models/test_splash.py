@@ -56,6 +56,52 @@ def test_splash_without_segments_or_padding(rng):
     _assert_matches_dense("splash", q, k, v, FLOAT32_TOLERANCE, block_size=128)
 
 
+@pytest.mark.parametrize("padding", ["right", "none"])
+def test_splash_flops_equal_the_interpreted_kernels_matmuls(padding, rng):
+    """One tile per head (T <= 128): the interpreter runs each kernel's matmuls as plain dots, so
+    the compiled CPU program's dots under each kernel's name are what the kernel computes on a TPU.
+    The estimate scope around the call must name exactly those, forward and backward, and the
+    plan's counter must read them off the kernels' names."""
+    from opsd_jax.plan import hlo_flops
+
+    batch, length, heads, kv_heads, head_dim = 2, int(rng.integers(60, 129)), 4, 2, 32
+    q, k, v = (_random(rng, batch, length, n, head_dim) for n in (heads, kv_heads, kv_heads))
+    segments = jnp.asarray(_segments(rng, padding, batch, length)) if padding != "none" else None
+
+    def loss(q, k, v):
+        return attention.splash_attention(q, k, v, segments, None, 128).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+    kernels = ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv")
+    counted = hlo_flops.count(text, (*kernels, attention.SPLASH_SCOPE + "["))
+    tile = batch * heads * 128 * 128 * head_dim
+    assert {name: counted.by_scope[name] for name in kernels} == dict(zip(kernels, (4 * tile, 6 * tile, 8 * tile)))
+    scope = hlo_flops.estimate_scope(attention.SPLASH_SCOPE, {"fwd": 4 * tile, "dq": 6 * tile, "dkv": 8 * tile})
+    assert scope in text
+    assert counted.flops == counted.by_scope[attention.SPLASH_SCOPE + "["] == 18 * tile
+
+
+@pytest.mark.parametrize("window", [None, 200])
+def test_splash_flops_count_the_tiles_the_mask_leaves(window, rng):
+    """Against the tiles of the dense [T, T] mask that hold any allowed pair: causal over 5 blocks
+    is 15 of 25; a 200-token window drops the far-off tiles too."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    block, blocks, heads, batch, head_dim = 128, 5, 3, int(rng.integers(1, 4)), 64
+    length = block * blocks
+    if window is None:
+        head_mask, allowed = splash.CausalMask((length, length)), np.tri(length, dtype=bool)
+    else:
+        head_mask = splash.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+        rows, cols = np.indices((length, length))
+        allowed = (cols <= rows) & (cols > rows - window)
+    tiles = int(allowed.reshape(blocks, block, blocks, block).any(axis=(1, 3)).sum())
+    assert (tiles == 15) if window is None else (tiles < 15)
+    flops = attention.splash_flops(splash.MultiHeadMask([head_mask] * heads), batch, head_dim, block)
+    pairs = batch * heads * tiles * block * block * head_dim
+    assert flops == {"fwd": 4 * pairs, "dq": 6 * pairs, "dkv": 8 * pairs}
+
+
 @pytest.mark.parametrize("mesh_shape,batch,kv_heads", [
     ((2, 2, 2), 4, 2),  # batch over data and fsdp, heads over tensor
     ((2, 2, 2), 2, 4),  # batch over data; fsdp left to the heads, with tensor
@@ -157,3 +203,9 @@ def test_decoder_compiles_with_splash_for_a_tpu_mesh(arch, topology, accelerator
     assert report["splash_kernels"] == sorted(["fwd", "fwd", "dq", "dkv"] * layers)
     assert report["mosaic_custom_calls"] == 4 * layers
     assert 0 < report["temp_bytes"] < 64 * 2**20
+    # The plan counts every kernel from its estimate scope, none as 0: per chip 2 sequences x 2
+    # heads, 6 of the 9 [128, 128] tiles (causal over 3 blocks; OLMo's 160-token window keeps all
+    # 6 at this length), and per tile the forward twice (remat), dQ and dK/dV: 4 + 4 + 6 + 8
+    # matmul FLOPs per (query, key) pair and unit of head width, for each of the model's layers.
+    assert report["opaque_kernels"] == []
+    assert report["splash_flops"] == report["layers"] * 2 * 2 * 6 * 128 * 128 * 128 * (4 + 4 + 6 + 8)

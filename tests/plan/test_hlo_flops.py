@@ -142,3 +142,29 @@ def test_tpu_style_text_convolutions_and_mosaic_estimates():
 def test_text_without_an_entry_computation_is_refused():
     with pytest.raises(ValueError, match="ENTRY"):
         hlo_flops.count("HloModule empty\n")
+
+
+def _kernel_without_estimate(name: str, op_name: str) -> str:
+    return (f'  %{name} = f32[512,128]{{1,0}} custom-call(%a), custom_call_target="tpu_custom_call", '
+            f'backend_config={{"custom_call_config": {{"body": "abc"}}}}, metadata={{op_name="{op_name}"}}\n')
+
+
+def test_kernels_without_an_estimate_take_their_phase_from_an_estimate_scope():
+    """Splash's three kernels inside `estimate_scope`: each counts its own phase (the backward's
+    op_names wrap the scope in transpose(jvp(..))); a Mosaic call outside any scope stays opaque, and
+    a scope whose phases the kernel's name does not hold gives it nothing."""
+    scope = hlo_flops.estimate_scope("splash_attention", {"fwd": 40, "dq": 60, "dkv": 80})
+    assert scope == "splash_attention[fwd=40,dq=60,dkv=80]"
+    text = ("HloModule m, entry_computation_layout={()->f32[]}\n\nENTRY %main (a: f32[512,128]) -> f32[512,128] {\n"
+            "  %a = f32[512,128]{1,0} parameter(0)\n"
+            + _kernel_without_estimate("f", f"jit(step)/jvp({scope})/vmap(s)/jit(_s)/splash_mha_fwd_residuals/pallas_call")
+            + _kernel_without_estimate("q", f"jit(step)/transpose(jvp({scope}))/splash_mha_dq_no_residuals/pallas_call")
+            + _kernel_without_estimate("k", f"jit(step)/transpose(jvp({scope}))/splash_mha_dkv_segmented_no_residuals")
+            + _kernel_without_estimate("other", f"jit(step)/{scope}/paged_attention/pallas_call")
+            + _kernel_without_estimate("bare", "jit(step)/splash_mha_fwd/pallas_call")
+            + "  ROOT %r = f32[512,128]{1,0} copy(%a)\n}\n")
+    counted = hlo_flops.count(text, ("splash_attention[",))
+    assert counted.flops == 40 + 60 + 80
+    assert counted.by_scope == {"splash_attention[": 180}
+    assert counted.opaque_kernels == [f"jit(step)/{scope}/paged_attention/pallas_call",
+                                      "jit(step)/splash_mha_fwd/pallas_call"]
