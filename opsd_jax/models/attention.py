@@ -352,8 +352,8 @@ SPLASH_LANES = 128
 # (segment 0 here) get two different ids no real segment uses, and nobody sees a padding key.
 _QUERY_PADDING_ID = int(np.iinfo(np.int32).min)
 _KEY_PADDING_ID = _QUERY_PADDING_ID + 1
-# Splash's kernels carry no cost estimate, so the plan would count them as 0 (BUILD_NOTES: 60% of
-# an 8B step's matmuls at 29k-token contexts). Its calls sit in a scope that names their FLOPs.
+# Splash's kernels carry no cost estimate, so the plan would count them as 0 (46% of the 8B step's
+# matmuls at 29k-token contexts, BUILD_NOTES). Its calls sit in a scope that names their FLOPs.
 SPLASH_SCOPE = "splash_attention"
 # Matmul FLOPs per (query, key) pair of a computed tile, per unit of head width: the forward runs
 # q k^T and p v; the dq kernel q k^T, dO v^T and dS k; the dkv kernel q k^T, p^T dO, dO v^T, dS^T q.

@@ -125,7 +125,9 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
     rows = []
     for plan in results:
         row = dataclasses.asdict(plan)
-        row.update(total_bytes=plan.total_bytes, verdict=verdict(plan, topology.hbm_bytes))
+        # A floor on the program's time: its matmuls at the chip's bf16 peak (an MFU of 1).
+        peak_seconds = None if plan.flops is None else plan.flops / topology.generation.peak_bf16_flops
+        row.update(total_bytes=plan.total_bytes, verdict=verdict(plan, topology.hbm_bytes), peak_seconds=peak_seconds)
         if row["verdict"] == "does not fit":
             row["remedies"] = remedies(plan, c, topology.hbm_bytes, slices=num_slices)
         rows.append(row)
@@ -142,6 +144,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
                        "grace_seconds": grace_period_seconds(state_bytes, hosts=processes)},
         "topology": topology.name, "jax_topology": topology.jax_name, "chips": topology.chips * num_slices,
         "slices": num_slices, "hosts": processes, "hbm_bytes_per_chip": topology.hbm_bytes, "model_configs": sources,
+        "peak_bf16_flops_per_chip": topology.generation.peak_bf16_flops,
         "train_mesh": {"setting": c.train.mesh, "shape": dict(mesh.shape)},
         "eval": {"slots": eval_slots, "sequence_length": EVAL_PROMPT_TOKENS + c.eval.max_tokens,
                  "mesh_flag": "--mesh {},1,{}".format(*serving_mesh(student, local).devices.shape[::2])},
@@ -223,6 +226,12 @@ def format_report(report: dict) -> str:
 
         lines.append("\npreemption: " + describe(report["checkpoint"]["bytes"], hosts=report["hosts"],
                                                   seconds_per_gib=report["checkpoint"]["seconds_per_gib"]))
+    peak = report.get("peak_bf16_flops_per_chip")
+    floors = [f"{r['name']} {r['peak_seconds']:.3g} s" for r in report["programs"] if r.get("peak_seconds")]
+    if peak and floors:
+        lines.append(f"\nat the chip's bf16 peak ({peak / 1e12:.0f} TFLOP/s), each program's matmuls take at least: "
+                     + ", ".join(floors) + ". A floor from compute alone: decode steps are bound by reading the "
+                     "weights and the cache from HBM instead, which it does not count.")
     lines.append("\nTFLOP: the compiled program's matmuls per chip (dots, convolutions and Pallas kernels' cost "
                  "estimates; splash attention's from the tiles its masks leave, a partly masked tile counted whole), "
                  "every loop multiplied by its trip count (scanned layers, microbatches, the divergence kernel's "

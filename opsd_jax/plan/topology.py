@@ -24,15 +24,16 @@ class Generation:
     dims: int  # torus dimensions of a slice
     accelerator_prefix: str  # TPU_ACCELERATOR_TYPE spelling
     chips_per_host: int
+    peak_bf16_flops: float  # per chip per second, the MXUs' bf16 peak
 
 
-# HBM per chip from Cloud TPU's system-architecture pages: v4 32 GiB, v5e 16 GiB, v5p 95 GiB,
-# v6e (Trillium) 32 GiB.
+# HBM and bf16 peak per chip from Cloud TPU's system-architecture pages: v4 32 GiB, 275 TFLOP/s;
+# v5e 16 GiB, 197; v5p 95 GiB, 459; v6e (Trillium) 32 GiB, 918.
 GENERATIONS = {
-    "v4": Generation("v4", "cores", 32 * GiB, 3, "v4", 4),
-    "v5e": Generation("v5e", "chips", 16 * GiB, 2, "v5litepod", 4),
-    "v5p": Generation("v5p", "cores", 95 * GiB, 3, "v5p", 4),
-    "v6e": Generation("v6e", "chips", 32 * GiB, 2, "v6e", 4),
+    "v4": Generation("v4", "cores", 32 * GiB, 3, "v4", 4, 275e12),
+    "v5e": Generation("v5e", "chips", 16 * GiB, 2, "v5litepod", 4, 197e12),
+    "v5p": Generation("v5p", "cores", 95 * GiB, 3, "v5p", 4, 459e12),
+    "v6e": Generation("v6e", "chips", 32 * GiB, 2, "v6e", 4, 918e12),
 }
 # Slice shapes by chip count: 2D for v5e / v6e, 3D tori for v4 / v5p.
 SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}

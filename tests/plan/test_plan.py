@@ -94,6 +94,11 @@ def test_tiny_plan_compiles_the_real_jobs_for_a_multi_chip_topology(tmp_path, to
     # tests/kernels/test_pallas_tpu_aot.py's), the kernel in its vocabulary-parallel shard_map.
     assert "via xla" in train["description"], train["description"]
     assert train["verdict"] == "fits" and train["resident_bytes"] > 0 and done.returncode == 0, done.stdout
+    # The time floor is the counted matmuls at the generation's bf16 peak.
+    peak = {"v5e-4": 197e12, "v5p-8": 459e12}[topology]
+    assert report["peak_bf16_flops_per_chip"] == peak
+    assert train["peak_seconds"] == pytest.approx(train["flops"] / peak)
+    assert f"train_step {train['peak_seconds']:.3g} s" in done.stdout, done.stdout
 
 
 @needs_libtpu
