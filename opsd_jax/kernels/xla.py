@@ -518,8 +518,9 @@ def _gathered_pass(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset
     shards (`gather_axes`), gathered a chunk at a time (`gather_chunks`): each chunk's rows are
     gathered, swept, and their outputs and d/dh handed back to the shard that owns them (a
     reduce-scatter of the slices' shares), so a shard holds at most half its own n rows' worth of
-    gathered rows and their float32 d/dh (tiny n aside). Every shard of the group runs the same chunks in the same order, as the
-    block statistics' collectives over `axis_name` (which include gather_axes) need.
+    gathered rows and their float32 d/dh (tiny n aside). Every shard of the group runs the same
+    chunks in the same order, as the block statistics' collectives over `axis_name` (which include
+    gather_axes) need.
 
     Own rows: hs [n, Hs], ht [n, Ht], mask bool [n], targets int32 [n] global token ids or None;
     offset / limit: this slice's first column and int32 bound. cotangents None: outputs only,

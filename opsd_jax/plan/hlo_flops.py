@@ -52,13 +52,20 @@ _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _SCOPED_ESTIMATE = re.compile(r"\[((?:\w+=\d+,)*\w+=\d+)\]")
 
 
+def estimate_scope_prefix(name: str) -> str:
+    """What every `estimate_scope(name, ...)` starts with: the `scopes` entry of `count` that
+    attributes those kernels' FLOPs to `name` (and to nothing else whose op_name holds `name`)."""
+    return f"{name}["
+
+
 def estimate_scope(name: str, flops_by_phase: dict[str, int]) -> str:
     """A `jax.named_scope` name that hands FLOPs to the Pallas kernels called inside it that carry
     no cost estimate of their own (splash attention's are built without one and take no argument
     for it): `name[fwd=F,dq=Q,dkv=K]`. A kernel whose name holds `_phase_` (splash's
     `splash_mha_dq_no_residuals`: `_dq_`) counts that phase's FLOPs. The scope reaches the
     backward's kernels too: their op_names read `transpose(jvp(name[...]))/...`."""
-    return f"{name}[{','.join(f'{phase}={int(flops)}' for phase, flops in flops_by_phase.items())}]"
+    phases = ",".join(f"{phase}={int(flops)}" for phase, flops in flops_by_phase.items())
+    return f"{estimate_scope_prefix(name)}{phases}]"
 
 
 def scoped_estimate(op_name: str) -> float | None:
@@ -266,6 +273,11 @@ def _convolution_flops(instruction: Instruction, shapes: dict[str, Instruction])
     return flops
 
 
+def _is_pallas_call(instruction: Instruction) -> bool:
+    return instruction.opcode == "custom-call" and any(
+        f'custom_call_target="{t}"' in instruction.attributes for t in _KERNEL_TARGETS)
+
+
 def instruction_flops(instruction: Instruction, shapes: dict[str, Instruction]) -> float:
     """FLOPs of one dot, convolution or cost-estimated Pallas call; 0 for anything else."""
     if instruction.opcode == "dot":
@@ -279,8 +291,7 @@ def instruction_flops(instruction: Instruction, shapes: dict[str, Instruction]) 
         if estimate:
             return float(estimate.group(1))
         op_name = _OP_NAME.search(instruction.attributes)
-        scoped = scoped_estimate(op_name.group(1)) if op_name and any(
-            f'custom_call_target="{t}"' in instruction.attributes for t in _KERNEL_TARGETS) else None
+        scoped = scoped_estimate(op_name.group(1)) if op_name and _is_pallas_call(instruction) else None
         return scoped or 0.0
     return 0.0
 
@@ -382,9 +393,7 @@ def count(text: str, scopes: tuple[str, ...] = ()) -> Count:
             flops = instruction_flops(instruction, instructions)
             op_name = _OP_NAME.search(instruction.attributes)
             op_name = op_name.group(1) if op_name else instruction.name
-            if (instruction.opcode == "custom-call" and not flops
-                    and any(f'custom_call_target="{t}"' in instruction.attributes for t in _KERNEL_TARGETS)
-                    and op_name not in total.opaque_kernels):
+            if _is_pallas_call(instruction) and not flops and op_name not in total.opaque_kernels:
                 total.opaque_kernels.append(op_name)
             if flops:
                 total.flops += flops

@@ -29,8 +29,8 @@ from opsd_jax.plan import hlo_flops
 
 KERNEL_SCOPES = (KERNEL_SCOPE, STATISTICS_SCOPE)
 # Splash attention's kernels, counted from the estimate scope around them (its op_names also
-# hold `jit(_splash_attention)`, which the bracket keeps out).
-ATTENTION_SCOPE = SPLASH_SCOPE + "["
+# hold `jit(_splash_attention)`, which the scope's prefix keeps out).
+ATTENTION_SCOPE = hlo_flops.estimate_scope_prefix(SPLASH_SCOPE)
 
 PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
 # Prompt tokens the evaluation sampler reserves ahead of the generation cap: the chat-templated

@@ -49,7 +49,8 @@ def _compile(jitted, args, mesh) -> dict:
     text = compiled.as_text()
     calls = [line for line in text.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
     kinds = sorted(m.group(1) for line in calls for m in [_SPLASH_KERNEL.search(line)] if m)
-    counted = hlo_flops.count(text, (attention.SPLASH_SCOPE + "[",))
+    in_scope = hlo_flops.estimate_scope_prefix(attention.SPLASH_SCOPE)
+    counted = hlo_flops.count(text, (in_scope,))
     return {
         "device_kind": mesh.devices.flat[0].device_kind,
         "mesh": dict(mesh.shape),
@@ -61,7 +62,7 @@ def _compile(jitted, args, mesh) -> dict:
         "splash_kernels": kinds,
         # the plan's loop-aware count; splash's kernels from the estimate scope around them
         "hlo_flops": counted.flops,
-        "splash_flops": counted.by_scope.get(attention.SPLASH_SCOPE + "[", 0.0),
+        "splash_flops": counted.by_scope.get(in_scope, 0.0),
         "opaque_kernels": counted.opaque_kernels,
     }
 
