@@ -50,11 +50,13 @@ how a CPU host compiles them ahead of time for a TPU topology.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.extend import core as jax_core
 
 from opsd_jax.kernels import pallas_common, rows, tpu_vmem, vocab_parallel
 from opsd_jax.kernels.spec import DivergenceSpec
@@ -465,6 +467,34 @@ def _call_prefetch(kernel, out_shape, grid, in_specs, out_specs, semantics, spec
 # consecutive steps.
 
 
+# XLA's cost model, which pl.estimate_cost runs, counts exp and log as transcendentals but not
+# log1p or expm1 (it gives them 0); the JSD's log-ratios use log1p per entry.
+_UNCOUNTED_TRANSCENDENTALS = frozenset({"log1p", "expm1"})
+
+
+def _uncounted_transcendentals(jaxpr) -> int:
+    """Elements produced by the primitives in _UNCOUNTED_TRANSCENDENTALS, nested jaxprs included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _UNCOUNTED_TRANSCENDENTALS:
+            count += sum(math.prod(v.aval.shape) for v in eqn.outvars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    count += _uncounted_transcendentals(sub.jaxpr)
+                elif isinstance(sub, jax_core.Jaxpr):
+                    count += _uncounted_transcendentals(sub)
+    return count
+
+
+def _step_cost(step_fn, *args) -> pl.CostEstimate:
+    """pl.estimate_cost of one grid step, with the transcendentals XLA's cost model leaves out."""
+    cost = pl.estimate_cost(step_fn, *args)
+    missing = _uncounted_transcendentals(jax.make_jaxpr(step_fn)(*args).jaxpr)
+    return pl.CostEstimate(flops=cost.flops, transcendentals=cost.transcendentals + missing,
+                           bytes_accessed=cost.bytes_accessed)
+
+
 def _scalar():
     return jax.ShapeDtypeStruct((), jnp.int32)
 
@@ -515,7 +545,7 @@ def stats_cost(inputs, with_targets: bool, r, c, spec: DivergenceSpec, major=(Fa
     token_blocks, vocab_blocks = pl.cdiv(n, r), pl.cdiv(vocab, c)
     old = rows.OnlineStats(*(_vector(r) for _ in range(N_STATS)))
     tgt = _vector(r, jnp.int32) if with_targets else None
-    step = pl.estimate_cost(functools.partial(_stats_step, c=c, spec=spec, projected=len(inputs) == 4, major=major),
+    step = _step_cost(functools.partial(_stats_step, c=c, spec=spec, projected=len(inputs) == 4, major=major),
                             _scalar(), _block_values(inputs, r, c, major), old, tgt, _scalar())
     # targets read; the statistics and the two target logits written
     vectors = (with_targets + N_STATS + 2 * with_targets) * n * 4
@@ -527,7 +557,7 @@ def jsd_cost(inputs, r, c, spec: DivergenceSpec, major=(False, False)) -> pl.Cos
     """The JSD second pass's pl.CostEstimate on (R, C) blocks."""
     n, vocab = _shape(inputs)
     token_blocks, vocab_blocks = pl.cdiv(n, r), pl.cdiv(vocab, c)
-    step = pl.estimate_cost(functools.partial(_jsd_step, c=c, spec=spec, projected=len(inputs) == 4, major=major),
+    step = _step_cost(functools.partial(_jsd_step, c=c, spec=spec, projected=len(inputs) == 4, major=major),
                             _scalar(), _block_values(inputs, r, c, major), _vector(r), _vector(r), _scalar())
     return _estimate(step, token_blocks * vocab_blocks,
                      bytes_accessed=_streamed_bytes(inputs, token_blocks, vocab_blocks) + 4 * n * 4)
@@ -536,7 +566,7 @@ def jsd_cost(inputs, r, c, spec: DivergenceSpec, major=(False, False)) -> pl.Cos
 def logits_grad_cost(s_NxV, t_NxV, r, c, spec: DivergenceSpec) -> pl.CostEstimate:
     """The logits-gradient kernel's pl.CostEstimate on (R, C) blocks."""
     n, vocab = s_NxV.shape
-    step = pl.estimate_cost(
+    step = _step_cost(
         lambda limit, blocks, v, tgt, row0, column0: _grad_tile(limit, blocks, v, tgt, row0, column0, r, c, n, spec,
                                                                 False)[0],
         _scalar(), _block_values((s_NxV, t_NxV), r, c), jax.ShapeDtypeStruct((r, len(GRAD_VECTORS)), jnp.float32),
@@ -552,7 +582,7 @@ def grad_cost(inputs, r, c, cores, per_core, spec: DivergenceSpec, major=(False,
     hs, ws, ht, wt = inputs
     n, width, vocab = hs.shape[0], hs.shape[1], ws.shape[1]
     token_blocks, vocab_blocks = pl.cdiv(n, r), pl.cdiv(vocab, c)
-    step = pl.estimate_cost(functools.partial(_grad_step, r=r, c=c, n=n, spec=spec, major=major), _scalar(),
+    step = _step_cost(functools.partial(_grad_step, r=r, c=c, n=n, spec=spec, major=major), _scalar(),
                             _block_values(inputs, r, c, major), jax.ShapeDtypeStruct((r, len(GRAD_VECTORS)), jnp.float32),
                             _vector(r, jnp.int32), _scalar(), _scalar())
     steps = token_blocks * vocab_blocks

@@ -111,9 +111,7 @@ def full_row_stats(zs_RxV, zt_RxV, beta: float) -> RowStats:
         div_R = kl_from_sums(gap_R, excess_R, ss_R, ts_R)
         aux_R = div_R
     else:
-        lm_RxV = log_mixture(ls_RxV, lt_RxV, beta)
-        kl_s_R = jnp.sum(xlogy_safe(ps_RxV, ls_RxV - lm_RxV), axis=-1)
-        kl_t_R = jnp.sum(xlogy_safe(pt_RxV, lt_RxV - lm_RxV), axis=-1)
+        kl_s_R, kl_t_R = _jsd_kls(ps_RxV, pt_RxV, *log_mixture_ratios(zs_RxV, zt_RxV, log_zs_R, log_zt_R, beta))
         div_R = beta * kl_t_R + (1.0 - beta) * kl_s_R
         aux_R = kl_s_R
     return RowStats(div_R, ent_s_R, ent_t_R, log_zs_R, log_zt_R, aux_R)
@@ -159,6 +157,35 @@ def kl_block_sums(zp_RxC, zq_RxC, cp_R, cq_R, ep_RxC, eq_RxC):
 def kl_from_sums(gap_R, excess_R, sum_p_R, sum_q_R):
     """KL(P || Q) = gap / s_P - log1p(excess / s_Q), float32 [R]."""
     return gap_R / sum_p_R - jnp.log1p(excess_R / sum_q_R)
+
+
+# The JSD's log-ratios, log(m / p) with m = beta p_t + (1 - beta) p_s, have the same problem: as
+# log p - log m each subtracts two numbers of size ~log V, and their float32 rounding (~1e-6 per
+# entry) is far above the JSD of nearly equal rows (1e-8 .. 1e-6 at V = 151,936). From
+#   w = log p_t - log p_s = (z_t - z_s) - (log Z_t - log Z_s)
+# (a difference of close logits, plus one per-row constant whose error only rescales p_t, which
+# changes the JSD by that error times itself), log(m / p_s) = log1p(beta expm1(w)) is exact to
+# float32 relative precision for every entry.
+
+
+def log_mixture_ratios(zs_RxC, zt_RxC, log_zs_R, log_zt_R, beta: float):
+    """(log(m / p_s), log(m / p_t)), float32 [R, C], m = beta p_t + (1 - beta) p_s, from scaled
+    logits and the two log-normalizers [R]. Where w > 0 the roles swap, so expm1's argument is
+    always -|w| (no overflow) and an entry only one side excludes gets the finite limit on the side
+    that has mass (+inf on the other, where the caller multiplies by p = 0)."""
+    w_RxC = (zt_RxC - zs_RxC) - (log_zt_R - log_zs_R)[:, None]
+    student_side_RxC = w_RxC <= 0
+    down_RxC = jnp.where(student_side_RxC, w_RxC, -w_RxC)
+    weight_RxC = jnp.where(student_side_RxC, beta, 1.0 - beta)
+    log_ratio_RxC = jnp.log1p(weight_RxC * expm1_any(down_RxC))
+    return (jnp.where(student_side_RxC, log_ratio_RxC, log_ratio_RxC + w_RxC),
+            jnp.where(student_side_RxC, log_ratio_RxC - w_RxC, log_ratio_RxC))
+
+
+def _jsd_kls(ps_RxC, pt_RxC, log_m_over_ps_RxC, log_m_over_pt_RxC):
+    """(KL(p_s || m), KL(p_t || m)) summed over the block's columns, float32 [R] each."""
+    return (-jnp.sum(xlogy_safe(ps_RxC, log_m_over_ps_RxC), axis=-1),
+            -jnp.sum(xlogy_safe(pt_RxC, log_m_over_pt_RxC), axis=-1))
 
 
 def _reframe_kl(gap_R, excess_R, side_p, side_q):
@@ -209,9 +236,8 @@ def student_grad_tile(
         lt_RxC = zt_RxC - log_zt_R[:, None]
         d_RxC = xlogy_safe(ps_RxC, ls_RxC - lt_RxC - aux_R[:, None])
     else:
-        lt_RxC = zt_RxC - log_zt_R[:, None]
-        lm_RxC = log_mixture(ls_RxC, lt_RxC, beta)
-        d_RxC = (1.0 - beta) * xlogy_safe(ps_RxC, ls_RxC - lm_RxC - aux_R[:, None])
+        log_m_over_ps_RxC, _ = log_mixture_ratios(zs_RxC, zt_RxC, log_zs_R, log_zt_R, beta)
+        d_RxC = (1.0 - beta) * xlogy_safe(ps_RxC, -log_m_over_ps_RxC - aux_R[:, None])
     g_RxC = cot_divergence_R[:, None] * d_RxC
     if cot_entropy_R is not None:
         # dH/dz_j = -p_j (log p_j + H)
@@ -338,12 +364,9 @@ def online_finish(stats: OnlineStats, beta: float, jsd_kl_s_R=None, jsd_kl_t_R=N
 
 def jsd_block_kls(zs_RxC, zt_RxC, log_zs_R, log_zt_R, beta: float):
     """This block's share of KL(p_s || m) and KL(p_t || m), float32 [R] each (second JSD pass)."""
-    ls_RxC = zs_RxC - log_zs_R[:, None]
-    lt_RxC = zt_RxC - log_zt_R[:, None]
-    lm_RxC = log_mixture(ls_RxC, lt_RxC, beta)
-    kl_s_R = jnp.sum(xlogy_safe(jnp.exp(ls_RxC), ls_RxC - lm_RxC), axis=-1)
-    kl_t_R = jnp.sum(xlogy_safe(jnp.exp(lt_RxC), lt_RxC - lm_RxC), axis=-1)
-    return kl_s_R, kl_t_R
+    ps_RxC = jnp.exp(zs_RxC - log_zs_R[:, None])
+    pt_RxC = jnp.exp(zt_RxC - log_zt_R[:, None])
+    return _jsd_kls(ps_RxC, pt_RxC, *log_mixture_ratios(zs_RxC, zt_RxC, log_zs_R, log_zt_R, beta))
 
 
 def online_partial(zs_RxC, zt_RxC, beta: float) -> OnlineStats:
