@@ -546,7 +546,7 @@ def stats_cost(inputs, with_targets: bool, r, c, spec: DivergenceSpec, major=(Fa
     old = rows.OnlineStats(*(_vector(r) for _ in range(N_STATS)))
     tgt = _vector(r, jnp.int32) if with_targets else None
     step = _step_cost(functools.partial(_stats_step, c=c, spec=spec, projected=len(inputs) == 4, major=major),
-                            _scalar(), _block_values(inputs, r, c, major), old, tgt, _scalar())
+                      _scalar(), _block_values(inputs, r, c, major), old, tgt, _scalar())
     # targets read; the statistics and the two target logits written
     vectors = (with_targets + N_STATS + 2 * with_targets) * n * 4
     return _estimate(step, token_blocks * vocab_blocks,
@@ -558,7 +558,7 @@ def jsd_cost(inputs, r, c, spec: DivergenceSpec, major=(False, False)) -> pl.Cos
     n, vocab = _shape(inputs)
     token_blocks, vocab_blocks = pl.cdiv(n, r), pl.cdiv(vocab, c)
     step = _step_cost(functools.partial(_jsd_step, c=c, spec=spec, projected=len(inputs) == 4, major=major),
-                            _scalar(), _block_values(inputs, r, c, major), _vector(r), _vector(r), _scalar())
+                      _scalar(), _block_values(inputs, r, c, major), _vector(r), _vector(r), _scalar())
     return _estimate(step, token_blocks * vocab_blocks,
                      bytes_accessed=_streamed_bytes(inputs, token_blocks, vocab_blocks) + 4 * n * 4)
 
@@ -583,8 +583,8 @@ def grad_cost(inputs, r, c, cores, per_core, spec: DivergenceSpec, major=(False,
     n, width, vocab = hs.shape[0], hs.shape[1], ws.shape[1]
     token_blocks, vocab_blocks = pl.cdiv(n, r), pl.cdiv(vocab, c)
     step = _step_cost(functools.partial(_grad_step, r=r, c=c, n=n, spec=spec, major=major), _scalar(),
-                            _block_values(inputs, r, c, major), jax.ShapeDtypeStruct((r, len(GRAD_VECTORS)), jnp.float32),
-                            _vector(r, jnp.int32), _scalar(), _scalar())
+                      _block_values(inputs, r, c, major), jax.ShapeDtypeStruct((r, len(GRAD_VECTORS)), jnp.float32),
+                      _vector(r, jnp.int32), _scalar(), _scalar())
     steps = token_blocks * vocab_blocks
     # gw += h^T G and buf += G W^T, outside the step function
     accumulate = steps * (width * c + r * width)
