@@ -56,7 +56,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.extend import core as jax_core
 
 from opsd_jax.kernels import pallas_common, rows, tpu_vmem, vocab_parallel
 from opsd_jax.kernels.spec import DivergenceSpec
@@ -472,18 +471,23 @@ def _call_prefetch(kernel, out_shape, grid, in_specs, out_specs, semantics, spec
 _UNCOUNTED_TRANSCENDENTALS = frozenset({"log1p", "expm1"})
 
 
+def sub_jaxprs(eqn):
+    """The jaxprs an equation runs (loop bodies, branches, called functions)."""
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(item, "eqns"):
+                yield item
+            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
+                yield item.jaxpr
+
+
 def _uncounted_transcendentals(jaxpr) -> int:
     """Elements produced by the primitives in _UNCOUNTED_TRANSCENDENTALS, nested jaxprs included."""
     count = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _UNCOUNTED_TRANSCENDENTALS:
             count += sum(math.prod(v.aval.shape) for v in eqn.outvars)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                if isinstance(sub, jax_core.ClosedJaxpr):
-                    count += _uncounted_transcendentals(sub.jaxpr)
-                elif isinstance(sub, jax_core.Jaxpr):
-                    count += _uncounted_transcendentals(sub)
+        count += sum(_uncounted_transcendentals(sub) for sub in sub_jaxprs(eqn))
     return count
 
 

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from opsd_jax import kernels
-from opsd_jax.kernels import tpu_vmem, vocab_parallel
+from opsd_jax.kernels import pallas_tpu, tpu_vmem, vocab_parallel
 from opsd_jax.parallel import make_mesh
 from tests.kernels import oracle
 
@@ -135,11 +135,8 @@ def _all_gathers(jaxpr):
         aval = eqn.outvars[0].aval if eqn.outvars else None
         if eqn.primitive.name == "all_gather" and jnp.issubdtype(aval.dtype, jnp.floating):
             shapes.append(aval.shape)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    shapes += _all_gathers(sub)
+        for sub in pallas_tpu.sub_jaxprs(eqn):
+            shapes += _all_gathers(sub)
     return shapes
 
 

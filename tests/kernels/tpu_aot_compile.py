@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from opsd_jax import kernels
+from opsd_jax.kernels import pallas_tpu
 from opsd_jax.plan import hlo_flops
 
 N_PER_DEVICE, H, V, VALID = 1024, 512, 151_936, 151_669
@@ -119,18 +120,9 @@ def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vo
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), out_shardings=out_shardings), args
 
 
-def _sub_jaxprs(eqn):
-    """The jaxprs an equation runs (loop bodies, branches, called functions)."""
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if hasattr(item, "eqns"):
-                yield item
-            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
-                yield item.jaxpr
-
-
 def _has_dot(jaxpr) -> bool:
-    return any(eqn.primitive.name == "dot_general" or any(_has_dot(sub) for sub in _sub_jaxprs(eqn))
+    return any(eqn.primitive.name == "dot_general"
+               or any(_has_dot(sub) for sub in pallas_tpu.sub_jaxprs(eqn))
                for eqn in jaxpr.eqns)
 
 
