@@ -14,12 +14,27 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# Tiny checkpoints are built once per module, before any test's own generator exists; they draw
+# their weights from this one per-session seed so that a failure can be replayed whole.
+MODEL_SEED = int(os.environ.get("OPSD_MODEL_SEED") or int.from_bytes(os.urandom(4), "little")) % 2**31
+
+
+def pytest_report_header(config):
+    return f"tiny model weights: OPSD_MODEL_SEED={MODEL_SEED}"
+
+
+@pytest.fixture(scope="session")
+def model_seed():
+    """The seed every module-scoped tiny checkpoint is built from (OPSD_MODEL_SEED=N replays one)."""
+    return MODEL_SEED
+
+
 @pytest.fixture
 def rng():
     """A fresh NumPy generator per test: inputs differ on every run, the seed is printed on failure
-    (OPSD_TEST_SEED=N replays one)."""
+    (OPSD_TEST_SEED=N replays one; OPSD_MODEL_SEED=N the tiny checkpoints' weights)."""
     seed = int(os.environ.get("OPSD_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"numpy seed: {seed}")
+    print(f"numpy seed: {seed} (OPSD_TEST_SEED={seed} OPSD_MODEL_SEED={MODEL_SEED})")
     return np.random.default_rng(seed)
 
 

@@ -24,7 +24,7 @@ def test_missing_source_directory_is_named(tmp_path, capsys):
     assert f"{tmp_path / 'nope'}: not a directory" in capsys.readouterr().err
 
 
-def test_serve_answers_on_loopback(tmp_path):
+def test_serve_answers_on_loopback(tmp_path, model_seed):
     """`opsd-jax serve` on an HF folder: starts, binds 127.0.0.1, answers a completion, and stops
     cleanly on SIGTERM."""
     import json
@@ -32,11 +32,9 @@ def test_serve_answers_on_loopback(tmp_path):
     import time
     import urllib.request
 
-    import numpy as np
-
     from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
 
-    save_tiny_hf_model("qwen3", str(tmp_path), seed=int(np.random.default_rng().integers(2**31)))
+    save_tiny_hf_model("qwen3", str(tmp_path), seed=model_seed)
     save_tiny_tokenizer(str(tmp_path))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -25,10 +25,10 @@ CLI_SETTINGS = ["--n", "8", "--max-tokens", "64", "--temperature", "1.0", "--top
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, model_seed):
     root = tmp_path_factory.mktemp("eval")
     model = root / "model"
-    save_tiny_hf_model("qwen3", str(model), seed=int(np.random.default_rng().integers(2**31)))
+    save_tiny_hf_model("qwen3", str(model), seed=model_seed)
     save_tiny_tokenizer(str(model))
     suite_path = root / "tiny.jsonl"
     suite_path.write_text("".join(json.dumps({"id": i, "problem": p, "answer": a}) + "\n" for i, p, a in PROBLEMS))

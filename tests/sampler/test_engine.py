@@ -15,10 +15,9 @@ PROMPT_LENGTHS = (5, 12, 23, 40)
 
 
 @pytest.fixture(scope="module", params=["qwen3", "olmo3"])
-def tiny(request, tmp_path_factory):
+def tiny(request, tmp_path_factory, model_seed):
     path = tmp_path_factory.mktemp(request.param)
-    seed = int(np.random.default_rng().integers(2**31))
-    model = save_tiny_hf_model(request.param, str(path), seed=seed)
+    model = save_tiny_hf_model(request.param, str(path), seed=model_seed)
     config, params = load_hf(path, progress=False)
     return request.param, model, config, params
 

@@ -12,9 +12,9 @@ from opsd_jax.testing import save_tiny_hf_model
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, model_seed):
     path = tmp_path_factory.mktemp("olmo3")
-    save_tiny_hf_model("olmo3", str(path), seed=int(np.random.default_rng().integers(2**31)))
+    save_tiny_hf_model("olmo3", str(path), seed=model_seed)
     return load_hf(path, progress=False)
 
 

@@ -24,9 +24,9 @@ MODEL = "tiny-qwen3"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, model_seed):
     path = tmp_path_factory.mktemp("qwen3")
-    torch_model = save_tiny_hf_model("qwen3", str(path), seed=int(np.random.default_rng().integers(2**31)))
+    torch_model = save_tiny_hf_model("qwen3", str(path), seed=model_seed)
     save_tiny_tokenizer(str(path))
     config, params = load_hf(path, progress=False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)

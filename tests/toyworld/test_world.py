@@ -6,11 +6,6 @@ import pytest
 from opsd_jax.toyworld import world
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng()
-
-
 def test_problems_have_one_answer_pair(rng):
     for problem in world.generate_problems(300, rng):
         sums = [a + b for a, b in itertools.combinations(problem.numbers, 2)]
