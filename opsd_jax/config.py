@@ -55,6 +55,15 @@ class TeacherSection:
     checkpoint: str | None = None  # for kind=external; must share the student's tokenizer
     ema_rate: float = 0.99
 
+    def param_dtype(self, model: ModelSection) -> str:
+        """The dtype the step keeps this teacher's parameters in. A frozen or external teacher only
+        runs forward passes, and the decoder casts every parameter to compute_dtype before use,
+        so storing it in compute_dtype loses nothing there and halves its memory (the hub's
+        checkpoints are bfloat16, so a frozen copy of one is even exact); its output head then
+        reaches the divergence kernel in the dtype the MXU reads anyway. An EMA teacher keeps
+        param_dtype: its updates are smaller than compute_dtype's rounding."""
+        return model.param_dtype if self.kind == "ema" else model.compute_dtype
+
 
 @dataclasses.dataclass
 class DataSection:

@@ -175,20 +175,21 @@ class Trainer:
                 f"({model_config.vocab_size})"
             )
         model_config = model_config.replace(**c.model.runtime(training=True))
+        teacher_dtype = c.teacher.param_dtype(c.model)
         teacher_config, teacher_params = model_config, None
         if c.teacher.kind == "external":
             if not c.teacher.checkpoint:
                 raise TrainingError("teacher.kind is external but teacher.checkpoint is not set")
             teacher_config, teacher_params, teacher_tokenizer, _ = load_for_serving(
-                c.teacher.checkpoint, dtype=c.model.param_dtype, mesh=self.mesh)
+                c.teacher.checkpoint, dtype=teacher_dtype, mesh=self.mesh)
             if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise TrainingError(f"teacher {c.teacher.checkpoint} does not share the student's tokenizer")
             teacher_config = teacher_config.replace(**c.model.runtime(training=False))
         elif c.objective.kind == "sft":
             pass  # no teacher: the step scores the data's responses against the student alone
         elif c.teacher.kind in ("frozen", "ema"):
-            # Its own buffers: the student's are donated to the step and overwritten.
-            teacher_params = jax.tree.map(jnp.copy, params)
+            teacher_params = teacher_copy(params, teacher_dtype)
+            teacher_config = model_config.replace(param_dtype=teacher_dtype)
         return model_config, params, tokenizer, side_dir, teacher_config, teacher_params
 
     def _problems(self, tokenizer):
@@ -459,10 +460,18 @@ def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int) -> 
                          page_size=page, kv_pages=pages)
 
 
+def teacher_copy(params, dtype):
+    """A frozen or EMA teacher's parameters: `params` in `dtype` (TeacherSection.param_dtype), in
+    buffers of their own even where the dtype is unchanged, since the student's are donated to the
+    step and overwritten."""
+    return jax.tree.map(lambda p: jnp.copy(p) if p.dtype == dtype else p.astype(dtype), params)
+
+
 def training_state_bytes(c: RunConfig, student, teacher=None) -> int:
     """Bytes of the whole model's training state in the step: the student's parameters, their
     gradients and Adam's two moments (all in param_dtype), and the teacher's parameters the step
-    keeps (a frozen or EMA copy, or an external teacher; none for a live teacher or sft)."""
+    keeps (a frozen or EMA copy, or an external teacher, in `TeacherSection.param_dtype`; none
+    for a live teacher or sft)."""
     from opsd_jax.models.decoder import abstract_params
 
     def parameter_bytes(config) -> int:
@@ -470,10 +479,11 @@ def training_state_bytes(c: RunConfig, student, teacher=None) -> int:
         return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(shapes))
 
     student_bytes = parameter_bytes(student)
+    teacher_dtype = c.teacher.param_dtype(c.model)
     if c.teacher.kind == "external" and teacher is not None:
-        teacher_bytes = parameter_bytes(teacher)
+        teacher_bytes = parameter_bytes(teacher.replace(param_dtype=teacher_dtype))
     elif c.teacher.kind in ("frozen", "ema") and c.objective.kind != "sft":
-        teacher_bytes = student_bytes
+        teacher_bytes = parameter_bytes(student.replace(param_dtype=teacher_dtype))
     else:
         teacher_bytes = 0
     return 4 * student_bytes + teacher_bytes

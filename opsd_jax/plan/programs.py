@@ -124,7 +124,7 @@ def run_model_configs(c: RunConfig, model_override: str | None = None,
         if not c.teacher.checkpoint:
             raise PlanInputError("teacher.kind is external but teacher.checkpoint is not set")
         sources["teacher"] = model_config_source(c.teacher.checkpoint, teacher_override)
-        teacher = ModelConfig.from_hf(sources["teacher"], param_dtype=c.model.param_dtype).replace(
+        teacher = ModelConfig.from_hf(sources["teacher"], param_dtype=c.teacher.param_dtype(c.model)).replace(
             **c.model.runtime(training=False))
     return student, teacher, sources
 
@@ -275,8 +275,8 @@ def train_step_inputs(c: RunConfig, student: ModelConfig, teacher: ModelConfig |
         teacher_params = sharded_abstract_params(teacher, mesh)
     elif c.teacher.kind == "live":
         teacher_params = None
-    else:  # frozen / ema: a copy of the student's parameters
-        teacher_params = params
+    else:  # frozen / ema: a copy of the student's parameters, in the teacher's dtype
+        teacher_params = sharded_abstract_params(student.replace(param_dtype=c.teacher.param_dtype(c.model)), mesh)
     optimizer = make_optimizer(c.optimizer, c.train.steps)
     opt_state = _with_shardings(jax.eval_shape(optimizer.init, params),
                                 optimizer_state_shardings(optimizer, params, mesh))

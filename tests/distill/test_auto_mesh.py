@@ -25,9 +25,13 @@ def _checkpoint_parameter_bytes(model_dir) -> int:
 def test_training_state_bytes_counts_params_gradients_moments_and_teacher(model_dir):
     student = ModelConfig.from_hf(model_dir, param_dtype="float32")
     params = _checkpoint_parameter_bytes(model_dir)
-    frozen = load_config(None, ["teacher.kind=frozen"])
+    frozen = load_config(None, ["teacher.kind=frozen", "model.compute_dtype=float32"])
+    frozen_bf16 = load_config(None, ["teacher.kind=frozen", "model.compute_dtype=bfloat16"])
+    ema_bf16 = load_config(None, ["teacher.kind=ema", "model.compute_dtype=bfloat16"])
     live = load_config(None, ["teacher.kind=live"])
     assert training_state_bytes(frozen, student) == 5 * params  # params, gradients, 2 moments, teacher copy
+    assert training_state_bytes(frozen_bf16, student) == 4 * params + params // 2  # the copy in compute dtype
+    assert training_state_bytes(ema_bf16, student) == 5 * params
     assert training_state_bytes(live, student) == 4 * params
 
 

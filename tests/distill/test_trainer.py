@@ -440,3 +440,28 @@ def test_sft_run_learns_the_data_responses(tmp_path):
     short = [f"{o}" for o in overrides if not o.startswith(("sampling.max_new_tokens", "train.output_dir"))]
     with pytest.raises(TrainingError, match="objective.kind=sft: the solution of problem toy-sft-"):
         Trainer(load_config(None, short + ["sampling.max_new_tokens=8", f"train.output_dir={tmp_path / 'r2'}"])).run()
+
+
+@pytest.mark.parametrize("kind", ["frozen", "ema"])
+def test_frozen_teacher_is_kept_in_compute_dtype_and_computes_the_same(model_dir, tmp_path, kind):
+    """A frozen teacher is stored in compute_dtype: the decoder casts every parameter to it before
+    use, so its hidden states are bit-identical to those of the param_dtype copy, and its head is
+    that copy rounded once. An EMA teacher keeps param_dtype (its updates are below bf16's ulp)."""
+    from opsd_jax.models import forward_hidden
+
+    config = load_config(None, _overrides(model_dir, tmp_path, **{"model.compute_dtype": "bfloat16",
+                                                                    "teacher.kind": kind}))
+    model_config, params, _, _, teacher_config, teacher_params = Trainer(config)._load_models()
+    want = jnp.dtype(jnp.bfloat16 if kind == "frozen" else jnp.float32)
+    assert {leaf.dtype for leaf in jax.tree.leaves(teacher_params)} == {want}
+    assert teacher_config.param_dtype == want.name
+    for p, t in zip(jax.tree.leaves(params), jax.tree.leaves(teacher_params)):
+        assert t.sharding.is_equivalent_to(p.sharding, p.ndim)
+        # Own buffers: the student's are donated to the step.
+        assert (t.addressable_shards[0].data.unsafe_buffer_pointer()
+                != p.addressable_shards[0].data.unsafe_buffer_pointer())
+    tokens = np.random.default_rng(0).integers(3, model_config.vocab_size, (2, 12))
+    hidden, head = jax.jit(lambda p: forward_hidden(p, model_config, tokens))(params)
+    teacher_hidden, teacher_head = jax.jit(lambda p: forward_hidden(p, teacher_config, tokens))(teacher_params)
+    assert np.asarray(teacher_hidden).tobytes() == np.asarray(hidden).tobytes()
+    assert np.asarray(teacher_head).tobytes() == np.asarray(head.astype(want)).tobytes()

@@ -80,8 +80,10 @@ def _data_parallel(devices, beta, n_per_chip, width, head_dtype):
 
 
 def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab=V, impl="pallas_tpu",
-                    token_block=None, gather_token_rows=None):
-    """The public API with the mesh, as the train step calls it."""
+                    token_block=None, gather_token_rows=None, teacher_head_dtype=None):
+    """The public API with the mesh, as the train step calls it. teacher_head_dtype: default
+    head_dtype (an EMA teacher); the trainer keeps a frozen or external teacher in compute dtype."""
+    teacher_head_dtype = head_dtype if teacher_head_dtype is None else teacher_head_dtype
     from opsd_jax.parallel import make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=devices)
@@ -109,7 +111,7 @@ def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vo
         jax.ShapeDtypeStruct((n, width), jnp.bfloat16, sharding=rows),
         jax.ShapeDtypeStruct((width, vocab), head_dtype, sharding=head),
         jax.ShapeDtypeStruct((n, width), jnp.bfloat16, sharding=rows),
-        jax.ShapeDtypeStruct((width, vocab), head_dtype, sharding=head),
+        jax.ShapeDtypeStruct((width, vocab), teacher_head_dtype, sharding=head),
         jax.ShapeDtypeStruct((n,), jnp.int32, sharding=rows),
     )
     if impl == "xla":
@@ -230,7 +232,7 @@ def _gathers_in_chunks(devices, mesh_shape, n_per_chip, width, vocab, gather_tok
 
 def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per_chip: int = N_PER_DEVICE,
                 width: int = H, head_dtype=jnp.bfloat16, vocab: int = V, impl: str = "pallas_tpu",
-                token_block: int | None = None, gather_token_rows: bool | None = None):
+                token_block: int | None = None, gather_token_rows: bool | None = None, teacher_head_dtype=None):
     """(device kind, memory_analysis(), number of Mosaic custom calls in the lowered program,
     cost_analysis() of the compiled program, kernel_estimates of it, compiled text, matmul FLOPs
     per chip from the jaxpr (xla only, else None))."""
@@ -241,7 +243,7 @@ def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per
         jitted, args = _data_parallel(devices, beta, n_per_chip, width, head_dtype)
     else:
         jitted, args = _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab, impl,
-                                       token_block, gather_token_rows)
+                                       token_block, gather_token_rows, teacher_head_dtype)
     jaxpr_flops = None
     if impl == "xla":
         jaxpr = jax.make_jaxpr(jitted)(*args).jaxpr
@@ -331,16 +333,22 @@ def main(argv):
     parser.add_argument("--gather-token-rows", choices=["auto", "yes", "no"], default="auto",
                         help="xla with fsdp > 1: gather token rows instead of heads (auto: the kernel's rule)")
     parser.add_argument("--token-block", type=int, help="xla: rows per token block (default xla.fused_token_block's on TPU)")
+    parser.add_argument("--teacher-head-dtype", choices=["bfloat16", "float32"],
+                        help="with --mesh (default --head-dtype): a frozen or external teacher's head is in compute "
+                             "dtype (bfloat16), an EMA teacher's in --head-dtype")
     args = parser.parse_args(argv[1:])
     mesh_shape = None if args.mesh is None else tuple(int(x) for x in args.mesh.split(","))
     compiled = compile_for(
         args.topology, args.beta, mesh_shape=mesh_shape, n_per_chip=args.tokens_per_chip, width=args.hidden,
         head_dtype=jnp.dtype(args.head_dtype), vocab=args.vocab, impl=args.impl, token_block=args.token_block,
         gather_token_rows={"auto": None, "yes": True, "no": False}[args.gather_token_rows],
+        teacher_head_dtype=args.teacher_head_dtype and jnp.dtype(args.teacher_head_dtype),
     )
     print(compiled[1])
-    print(json.dumps(report(args.topology, mesh_shape, args.beta, args.tokens_per_chip, args.hidden, args.head_dtype,
-                            args.vocab if mesh_shape else V, *compiled, impl=args.impl)))
+    line = report(args.topology, mesh_shape, args.beta, args.tokens_per_chip, args.hidden, args.head_dtype,
+                  args.vocab if mesh_shape else V, *compiled, impl=args.impl)
+    line["teacher_head_dtype"] = args.teacher_head_dtype or args.head_dtype
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 
 from opsd_jax.config import config_from_dict
 from opsd_jax.distill.train_step import TrainState, make_optimizer
-from opsd_jax.distill.trainer import optimizer_state_shardings, train_mesh
+from opsd_jax.distill.trainer import optimizer_state_shardings, teacher_copy, train_mesh
 from opsd_jax.models.config import ModelConfig
 from opsd_jax.models.decoder import init_params
 from opsd_jax.plan.programs import ProgramPlan, compile_program, train_step_inputs
@@ -42,7 +42,8 @@ def main(folder: str, mesh_setting: str) -> dict:
     params = init_params(student, jax.random.key(0), mesh)
     optimizer = make_optimizer(c.optimizer, c.train.steps)
     opt_state = jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(optimizer, params, mesh))(params)
-    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.tree.map(jnp.copy, params))
+    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state,
+                       teacher_copy(params, c.teacher.param_dtype(c.model)))
     state = jax.tree.map(lambda x, spec: jax.device_put(x, spec.sharding), state, specs)
     rng = np.random.default_rng(0)
     context = batch_specs.student_tokens.shape[1]
