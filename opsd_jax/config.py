@@ -47,6 +47,9 @@ class ModelSection:
         return {**fields, "remat": self.remat, "remat_policy": self.remat_policy} if training else fields
 
 
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
 @dataclasses.dataclass
 class TeacherSection:
     # frozen: the initial student weights (OPSD default); ema: an exponential moving average of
@@ -58,11 +61,13 @@ class TeacherSection:
     def param_dtype(self, model: ModelSection) -> str:
         """The dtype the step keeps this teacher's parameters in. A frozen or external teacher only
         runs forward passes, and the decoder casts every parameter to compute_dtype before use,
-        so storing it in compute_dtype loses nothing there and halves its memory (the hub's
-        checkpoints are bfloat16, so a frozen copy of one is even exact); its output head then
-        reaches the divergence kernel in the dtype the MXU reads anyway. An EMA teacher keeps
-        param_dtype: its updates are smaller than compute_dtype's rounding."""
-        return model.param_dtype if self.kind == "ema" else model.compute_dtype
+        so storing it in compute_dtype where that is the narrower loses nothing there and halves
+        its memory (the hub's checkpoints are bfloat16, so a frozen copy of one is even exact);
+        its output head then reaches the divergence kernel in the dtype the MXU reads anyway. An
+        EMA teacher keeps param_dtype: its updates are smaller than compute_dtype's rounding."""
+        if self.kind == "ema" or _DTYPE_BYTES[model.compute_dtype] >= _DTYPE_BYTES[model.param_dtype]:
+            return model.param_dtype
+        return model.compute_dtype
 
 
 @dataclasses.dataclass

@@ -73,3 +73,15 @@ def test_model_attention_settings_reach_the_model_config():
         load_config(None, ["model.remat_policy=nothing"])
     with pytest.raises(ConfigKeyError, match="model.attention: 'flash' is not one of"):
         load_config(None, ["model.attention=flash"])
+
+
+@pytest.mark.parametrize("kind, param, compute, kept", [
+    ("frozen", "float32", "bfloat16", "bfloat16"),
+    ("external", "float32", "bfloat16", "bfloat16"),
+    ("frozen", "float32", "float32", "float32"),
+    ("frozen", "bfloat16", "float32", "bfloat16"),  # never wider than the student's own copy
+    ("ema", "float32", "bfloat16", "float32"),  # its updates are below bfloat16's rounding
+])
+def test_teacher_parameter_dtype(kind, param, compute, kept):
+    c = load_config(None, [f"teacher.kind={kind}", f"model.param_dtype={param}", f"model.compute_dtype={compute}"])
+    assert c.teacher.param_dtype(c.model) == kept

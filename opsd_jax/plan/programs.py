@@ -273,7 +273,7 @@ def train_step_inputs(c: RunConfig, student: ModelConfig, teacher: ModelConfig |
     teacher_config = teacher if teacher is not None else student
     if c.teacher.kind == "external":
         teacher_params = sharded_abstract_params(teacher, mesh)
-    elif c.teacher.kind == "live":
+    elif c.teacher.kind == "live" or c.objective.kind == "sft":  # as Trainer._load_models: no copy
         teacher_params = None
     else:  # frozen / ema: a copy of the student's parameters, in the teacher's dtype
         teacher_params = sharded_abstract_params(student.replace(param_dtype=c.teacher.param_dtype(c.model)), mesh)
