@@ -1,6 +1,5 @@
 """Shared fixtures of the trainer tests."""
 
-import numpy as np
 import pytest
 
 from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer

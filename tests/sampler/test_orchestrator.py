@@ -3,7 +3,6 @@ mixed load completes exactly once."""
 
 import collections
 
-import numpy as np
 import pytest
 
 from opsd_jax import load_hf

@@ -1,7 +1,6 @@
 import itertools
 
 import numpy as np
-import pytest
 
 from opsd_jax.toyworld import world
 
