@@ -34,6 +34,14 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "head_dim": (),
     "mlp": ("tensor",),
     "vocab": ("tensor",),
+    # An untied output head [D, V] is stored as the divergence kernel reads it: its vocabulary
+    # split over tensor and then fsdp, its model dimension whole. The kernel then sweeps each
+    # chip's slice where it lies and accumulates its d/dW in the gradient's own buffer, where a
+    # head split over fsdp in D is resharded in and its d/dW out every microbatch (BUILD_NOTES,
+    # issue 12). Where fsdp does not divide the vocabulary (OLMo-3's 100,278), D takes fsdp as
+    # "embed" does. A tied head is the embedding's transpose and keeps its layout.
+    "head_vocab": ("tensor", "fsdp"),
+    "head_embed": ("fsdp",),
     "norm": (),
     "layers": (),
     "cache_seq": (),
@@ -43,7 +51,12 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
 # The sampler's rules: decoding reads every weight every step, so weights are never split over
 # fsdp (that would all-gather them every token); they split their heads over tensor (kv heads
 # included, so each chip holds its heads' slice of the KV cache) and are replicated elsewhere.
-SERVING_AXIS_RULES: dict[str, tuple[str, ...]] = {**LOGICAL_AXIS_RULES, "embed": ()}
+SERVING_AXIS_RULES: dict[str, tuple[str, ...]] = {**LOGICAL_AXIS_RULES, "embed": (), "head_embed": (),
+                                                   "head_vocab": ("tensor",)}
+
+# Logical names whose dimensions take their mesh axes before the other dimensions of the same
+# array do (see "head_vocab" above); the rest go in order.
+CLAIMS_FIRST = ("head_vocab",)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices=None) -> Mesh:
@@ -220,14 +233,15 @@ def logical_to_spec(
 
     With `shape` and `mesh`, a mesh axis is dropped from a dimension it does not divide (that
     dimension is then replicated over it) and no mesh axis is used twice: a tiny or odd-sized
-    tensor stays correct on any mesh instead of failing to place.
+    tensor stays correct on any mesh instead of failing to place. Dimensions named in
+    CLAIMS_FIRST choose their axes first.
     """
     rules = LOGICAL_AXIS_RULES if rules is None else rules
     used: set[str] = set()
-    spec = []
-    for dim, name in enumerate(logical_axes):
+    spec: list = [None] * len(logical_axes)
+    for dim in sorted(range(len(logical_axes)), key=lambda d: logical_axes[d] not in CLAIMS_FIRST):
+        name = logical_axes[dim]
         if name is None:
-            spec.append(None)
             continue
         if name not in rules:
             raise KeyError(f"logical axis {name!r} has no rule; known: {sorted(rules)}")
@@ -244,7 +258,7 @@ def logical_to_spec(
         if mesh is not None:
             chosen = [a for a in chosen if mesh.shape[a] > 1]
         used.update(chosen)
-        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+        spec[dim] = None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen)
     return PartitionSpec(*spec)
 
 

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
+from opsd_jax.testing import tiny_hf_config
+
 from opsd_jax.parallel import (
     LOGICAL_AXIS_RULES,
+    SERVING_AXIS_RULES,
     initialize_distributed,
     logical_to_spec,
     make_mesh,
@@ -68,6 +71,28 @@ def test_logical_to_spec_drops_axes_that_do_not_divide_and_never_repeats_one():
     assert logical_to_spec(("embed", "vocab"), (64, 100), make_mesh(1, 8, 1)) == PartitionSpec("fsdp", None)
     with pytest.raises(KeyError, match="no rule"):
         logical_to_spec(("nonsense",))
+
+
+def test_an_untied_head_splits_its_vocabulary_over_tensor_then_fsdp():
+    """The untied head [D, V] is stored as the divergence kernel reads it: its vocabulary over
+    tensor, then fsdp, D whole; D takes fsdp where fsdp does not divide the vocabulary (OLMo-3's
+    100,278 columns); the sampler's rules keep the vocabulary over tensor alone. A tied head is
+    the embedding's transpose, D over fsdp."""
+    from opsd_jax.models import ModelConfig, param_shardings
+
+    axes = ("head_embed", "head_vocab")
+    assert logical_to_spec(axes, (64, 151_936), make_mesh(1, 8, 1)) == PartitionSpec(None, "fsdp")
+    assert logical_to_spec(axes, (64, 151_936), make_mesh(2, 2, 2)) == PartitionSpec(None, ("tensor", "fsdp"))
+    assert logical_to_spec(axes, (64, 100_278), make_mesh(1, 4, 2)) == PartitionSpec("fsdp", "tensor")
+    assert logical_to_spec(axes, (64, 151_936), make_mesh(2, 2, 2), SERVING_AXIS_RULES) == PartitionSpec(None, "tensor")
+    mesh = make_mesh(1, 4, 2)
+    for tied in (False, True):
+        config = ModelConfig.from_hf(tiny_hf_config("qwen3", vocab_size=1024, tie_word_embeddings=tied).to_dict())
+        shardings = param_shardings(config, mesh)
+        assert ("lm_head" in shardings) is not tied
+        if not tied:
+            assert shardings["lm_head"].spec == PartitionSpec(None, ("tensor", "fsdp"))
+        assert shardings["embedding"].spec == PartitionSpec("tensor", "fsdp")
 
 
 def test_tree_shardings_places_every_leaf(rng):

@@ -12,12 +12,14 @@ backward adds one psum of the cotangents. A shard's gradients are local: its d/d
 sum over its vocabulary slice and its d/dW covers its tokens only; shard_map's transpose sums the
 first over the vocabulary axes and the second over the token axes, because each input's spec
 leaves those axes out. The head is never gathered over the vocabulary axes and no [N, V] array
-exists. The head's fsdp split of its hidden dimension is gathered at the shard_map boundary, as
+exists. A head's fsdp split (of its hidden dimension for a tied head, of its vocabulary after
+tensor for an untied one: parallel's "head_vocab") is gathered at the shard_map boundary, as
 FSDP does anyway, except where gathering the token rows over fsdp needs fewer bytes
 (`row_gather_axes`): the vocabulary is then split over fsdp too, each shard of an fsdp group
-sweeps all of the group's rows against its [H, V / (t f)] slice (the heads are resharded, not
-gathered). The one-sweep xla form gathers those rows itself, a chunk at a time, and hands each
-chunk's outputs and d/dh back to their shards by a reduce-scatter before the next
+sweeps all of the group's rows against its [H, V / (t f)] slice (a tied head is resharded to
+it; an untied head is stored so, and its d/dW is formed in place). The one-sweep xla form
+gathers those rows itself, a chunk at a time, and hands each chunk's outputs and d/dh back to
+their shards by a reduce-scatter before the next
 (`xla.gathered_fused_linear_divergence`), so a chip holds half its own n rows' worth of gathered
 rows and float32 d/dh at a time, not f n; the statistics-first form takes them gathered whole at the
 shard_map boundary, whose transpose reduces the outputs and d/dh back to the token shards.
@@ -181,11 +183,19 @@ def _specs(mesh: Mesh, n: int, vocab: int, vocab_parallel: bool, row_gather: tup
             PartitionSpec(_entry(token_axes)), vocab_axes, v)
 
 
-def _hidden_split_axes(mesh: Mesh, width: int, vocab: int) -> tuple[str, ...]:
-    """The mesh axes the model splits a head's hidden dimension over (its "embed" axis: fsdp)."""
+def _head_split_axes(mesh: Mesh, width: int, vocab: int) -> tuple[str, ...]:
+    """The mesh axes besides the vocabulary's own ("vocab": tensor) that split a stored head:
+    fsdp, over its hidden dimension (a tied head, the embedding's transpose: "embed") or over its
+    vocabulary after tensor (an untied head: "head_vocab"). Either way a group of those shards can
+    gather its token rows and split the vocabulary between them."""
     from opsd_jax.parallel import logical_to_spec
 
-    return _axes_of(logical_to_spec(("embed", "vocab"), (width, vocab), mesh)[0])
+    vocab_axes = _axes_of(logical_to_spec(("vocab",), (vocab,), mesh)[0])
+    axes: list[str] = []
+    for logical in (("embed", "vocab"), ("head_embed", "head_vocab")):
+        for entry in logical_to_spec(logical, (width, vocab), mesh):
+            axes += [a for a in _axes_of(entry) if a not in vocab_axes and a not in axes]
+    return tuple(axes)
 
 
 def gather_bytes(f: int, n: int, v: int, widths: tuple[int, int], row_bytes: int, head_bytes: int | None = None,
@@ -199,6 +209,9 @@ def gather_bytes(f: int, n: int, v: int, widths: tuple[int, int], row_bytes: int
     resharded to [H, v / f] and d/dW [Hs, v / f]. head_bytes: the dtype the heads move in
     (default row_bytes: XLA converts a float32 head for the matmul before gathering it; the
     Mosaic kernels cast tiles themselves, so their heads move as stored).
+    An untied head stored as the kernel reads it (parallel's "head_vocab") needs neither the
+    resharded copy nor a separate d/dW, so for it the rows' count is high by those terms and the
+    rule errs toward gathering the heads.
     Gathered whole (pallas_tpu), at H = 4096, v = 151,936, f = 4 this predicts 4.6 GiB for the
     heads against the rows' 2.4 / 3.4 / 5.4 GiB at n = 8,192 / 16,384 / 32,768, where the AOT
     compile measured 4.8-4.9 against 2.2 / 3.2 / 5.2 (xla, before it gathered in chunks). In
@@ -231,7 +244,7 @@ def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], imp
         return ()
     token_axes, vocab_axes = mesh_axes(mesh, n, vocab)
     # The student's head is the one whose gathered copy and float32 gradient matter.
-    split = _hidden_split_axes(mesh, widths[0], vocab)
+    split = _head_split_axes(mesh, widths[0], vocab)
     axes = tuple(a for a in token_axes if a in split)
     if not axes:
         return ()
@@ -252,10 +265,13 @@ def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], imp
 
 
 def _hidden_shards(mesh: Mesh, width: int, vocab: int) -> int:
-    """Into how many shards the model stores a head's hidden dimension on `mesh` (its "embed"
-    axis, fsdp): the shard_map gathers them, but XLA lays the gathered head out as it lays out
-    the stored shard (see tpu_vmem.vocab_major)."""
-    return math.prod(mesh.shape[a] for a in _hidden_split_axes(mesh, width, vocab))
+    """Into how many shards a tied head's hidden dimension is stored on `mesh` (its "embed" axis,
+    fsdp): the shard_map gathers them, but XLA lays the gathered head out as it lays out the
+    stored shard (see tpu_vmem.vocab_major). An untied head keeps it whole, and at the widths of
+    the models here (H / fsdp a multiple of 128) the rule's answer is the same either way."""
+    from opsd_jax.parallel import logical_to_spec
+
+    return math.prod(mesh.shape[a] for a in _axes_of(logical_to_spec(("embed", "vocab"), (width, vocab), mesh)[0]))
 
 
 def _slice_position(vocab_axes, v: int, allowed: int):

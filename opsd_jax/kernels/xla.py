@@ -31,6 +31,7 @@ are excluded so nothing is counted twice.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,11 +49,15 @@ FUSED_TOKEN_BLOCK = 128
 # 78 MB a tile, of its whole 151,936-column rows 311 MB. So on TPU a block has up to
 # TPU_FUSED_TOKEN_BLOCK rows, fewer (down to FUSED_TOKEN_BLOCK, in multiples of it) where a tile
 # would pass TPU_TILE_BYTES. The AOT compile at H = 4096 (BUILD_NOTES, issue 12): 0.98 GiB of
-# temporaries at 512 rows of a 37,984-column slice; whole rows on fsdp 4 take 2.71 GiB at 128
-# rows and 3.29 at 512.
+# temporaries at 512 rows of a 37,984-column slice (0.69 since the heads are read where they lie);
+# whole rows on fsdp 4 take 2.71 GiB at 128 rows and 3.29 at 512.
 TPU_FUSED_TOKEN_BLOCK = 512
 TPU_TILE_BYTES = 80 * 2**20
-HEAD_GRAD_SLICE = 8192
+# d/dW is added one slice of at most this many vocabulary columns at a time: the slice's product
+# [C, H] and its sum with the accumulator are two float32 temporaries. 4,096 columns (3,840 of
+# Qwen3's 37,984-column shard) took the kernel's temporaries at t f = 4 from 1.02 to 0.75 GiB
+# (BUILD_NOTES, issue 12); each slice's product still has 512 x 4,096 operands for the MXU.
+HEAD_GRAD_SLICE = 4096
 # The backward reuses the forward's gradient products when every token's cotangent is within this
 # relative distance of c * weights (a few dozen float32 ulps: the loss's own rounding of the same
 # weights), and sweeps again otherwise.
@@ -227,34 +232,67 @@ def fused_token_block(n: int, vocab: int, spec: DivergenceSpec) -> int:
     return min(max(FUSED_TOKEN_BLOCK, min(TPU_FUSED_TOKEN_BLOCK, fitting)), n)
 
 
-def _project(hidden_NxH, head_HxV, row0, r, spec, limit=None):
+class _Heads(NamedTuple):
+    """Both heads as the token-block loops read them (`_loop_heads`): each [H, V], or its
+    transpose [V, H] where its flag says so (`_vocab_major`)."""
+
+    student: jax.Array
+    teacher: jax.Array | None
+    student_major: bool
+    teacher_major: bool
+    vocab: int
+
+
+def _vocab_major(spec: DivergenceSpec, width: int, vocab: int) -> bool:
+    """Whether the sweeps read an [H, V] head as its transpose [V, H] and form its d/dW as
+    [V, H]: on a TPU, where XLA stores such a head shard column-major (tpu_vmem.vocab_major), so
+    the transpose is a bitcast. The loops' operands are laid out row-major in their own shapes:
+    an [H, V] operand, or accumulator, cost a head-sized copy of each (BUILD_NOTES, issue 12)."""
+    return spec.tpu_generation is not None and tpu_vmem.vocab_major(width, vocab, spec.head_hidden_shards)
+
+
+def _loop_heads(spec: DivergenceSpec, ws_HsxV, wt_HtxV=None) -> _Heads:
+    """The heads [H, V] oriented for the loops. Called outside every loop that reads them: a
+    transpose inside one would leave the loop's operand [H, V], and copied."""
+    vocab = ws_HsxV.shape[1]
+    s_major = _vocab_major(spec, ws_HsxV.shape[0], vocab)
+    t_major = wt_HtxV is not None and _vocab_major(spec, wt_HtxV.shape[0], vocab)
+    return _Heads(ws_HsxV.T if s_major else ws_HsxV,
+                  None if wt_HtxV is None else wt_HtxV.T if t_major else wt_HtxV, s_major, t_major, vocab)
+
+
+def _project(hidden_NxH, head, vocab_major, row0, r, spec, limit=None):
     """Scaled float32 logits [R, V] of rows row0..row0+R, and those hidden rows [R, H].
 
-    limit: None excludes columns from spec.valid_vocab on; else an int32 scalar (a vocabulary
-    slice's own bound, known only at run time) does.
+    head: [H, V], or [V, H] when vocab_major. limit: None excludes columns from
+    spec.valid_vocab on; else an int32 scalar (a vocabulary slice's own bound, known only at run
+    time) does.
     """
     hidden_RxH = jax.lax.dynamic_slice_in_dim(hidden_NxH, row0, r, axis=0)
-    logits_RxV = jnp.dot(hidden_RxH, head_HxV, preferred_element_type=jnp.float32)
+    contract = 1 if vocab_major else 0
+    logits_RxV = jax.lax.dot_general(hidden_RxH, head, (((1,), (contract,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
     if limit is None:
         return rows.scaled_logits(logits_RxV, spec.temperature, spec.valid_vocab), hidden_RxH
     z_RxV = rows.scaled_logits(logits_RxV, spec.temperature, None)
     return jnp.where(rows.columns(z_RxV.shape[1]) < limit, z_RxV, rows.NEG_INF), hidden_RxH
 
 
-def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc, vocab_major=False):
+def _gradient_products(g_RxV, hidden_RxH, head, acc, vocab_major=False):
     """(G W^T float32 [R, H], acc + h^T G) with G rounded to the head's dtype, as the forward's
-    matmul inputs were. acc: float32 [H, V], or its transpose [V, H] when vocab_major
-    (`_vocab_major_head_grad`).
+    matmul inputs were. head [H, V] and acc float32 [H, V], or both transposed ([V, H]) when
+    vocab_major (`_vocab_major`).
 
     h^T G goes into acc one vocabulary slice at a time: a whole [H, V] product would be a second
     head-sized temporary next to acc, since XLA does not fuse the add into the matmul.
     """
-    g_RxV = g_RxV.astype(head_HxV.dtype)
-    gh_RxH = jax.lax.dot_general(g_RxV, head_HxV, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    g_RxV = g_RxV.astype(head.dtype)
+    contract = 0 if vocab_major else 1
+    gh_RxH = jax.lax.dot_general(g_RxV, head, (((1,), (contract,)), ((), ())), preferred_element_type=jnp.float32)
     vocab = g_RxV.shape[1]
     # Equal slices of at most HEAD_GRAD_SLICE columns (rounded up to 128): a clamped last slice
-    # recomputes the columns it revisits, 8% of the product for Qwen3's 37,984-column shard in
-    # 8,192-column slices, 1% in 7,680-column ones.
+    # recomputes the columns it revisits, 1% of the product for Qwen3's 37,984-column shard in
+    # 3,840-column slices (8% in plain 8,192-column ones).
     per_slice = -(-vocab // -(-vocab // HEAD_GRAD_SLICE))
     c = min(vocab, -(-per_slice // 128) * 128)
     vocab_axis = 0 if vocab_major else 1
@@ -273,13 +311,6 @@ def _gradient_products(g_RxV, hidden_RxH, head_HxV, acc, vocab_major=False):
     return gh_RxH, jax.lax.fori_loop(0, -(-vocab // c), add_slice, acc)
 
 
-def _vocab_major_head_grad(spec: DivergenceSpec, width: int, vocab: int) -> bool:
-    """Whether the head gradient is accumulated as [V, H] and transposed at the end: on a TPU,
-    where XLA stores such a head shard, and so its gradient, column-major (tpu_vmem.vocab_major),
-    the transpose is a bitcast where an [H, V] accumulator costs a head-sized copy."""
-    return spec.tpu_generation is not None and tpu_vmem.vocab_major(width, vocab, spec.head_hidden_shards)
-
-
 def _block_stats(zs_RxV, zt_RxV, beta: float, axis_name) -> rows.RowStats:
     """Whole-row statistics of one token block from its scaled logits tiles (float32 [R, V], or
     [R, v] slices of the rows when axis_name names the mesh axes that hold the other slices)."""
@@ -294,13 +325,14 @@ def _block_stats(zs_RxV, zt_RxV, beta: float, axis_name) -> rows.RowStats:
     return rows.finish_row_stats(stats, beta, kls)
 
 
-def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents=None, grads0=None,
+def _fused_pass(hs_NxHs, heads: _Heads, ht_NxHt, mask_N, targets_N, spec, cotangents=None, grads0=None,
                 active_N=None, limit=None, axis_name=()):
-    """One sweep over the token blocks that hold an active row (default: a kept one).
+    """One sweep over the token blocks that hold an active row (default: a kept one). heads: both
+    heads as `_loop_heads` orients them.
 
     cotangents None: outputs only. Otherwise a triple of float32 [N] (divergence, entropy,
     log-prob; the last two may be None) and the sweep also adds the student gradients to
-    grads0 (float32 [N, Hs], float32 [Hs, V] or [V, Hs] by `_vocab_major_head_grad`; zeros when
+    grads0 (float32 [N, Hs], float32 [Hs, V] or [V, Hs] as the student head is oriented; zeros when
     None) and returns them.
     active_N: bool [N] (may be traced), the rows that need a visit; all False visits nothing.
     limit, axis_name: None and () for whole rows. For one vocabulary slice of the rows: its int32
@@ -311,8 +343,7 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
     gradient this slice's [Hs, v].
     """
     n, hs_width = hs_NxHs.shape
-    vocab = ws_HsxV.shape[1]
-    vocab_major = _vocab_major_head_grad(spec, hs_width, vocab)
+    vocab = heads.vocab
     r = fused_token_block(n, vocab, spec)
     order_B, count = active_blocks(mask_N if active_N is None else active_N, r)
     want_grads = cotangents is not None
@@ -323,8 +354,8 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
         outs, grads = carry
         nominal, row0 = _clamped_start(order_B[k], r, n)
         fresh_R = row0 + jnp.arange(r) >= nominal
-        zs_RxV, hs_RxHs = _project(hs_NxHs, ws_HsxV, row0, r, spec, limit)
-        zt_RxV, _ = _project(ht_NxHt, wt_HtxV, row0, r, spec, limit)
+        zs_RxV, hs_RxHs = _project(hs_NxHs, heads.student, heads.student_major, row0, r, spec, limit)
+        zt_RxV, _ = _project(ht_NxHt, heads.teacher, heads.teacher_major, row0, r, spec, limit)
         stats = _block_stats(zs_RxV, zt_RxV, spec.beta, axis_name)
         values = tuple(stats)
         if with_targets:
@@ -351,7 +382,8 @@ def _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cot
             gh_NxHs, acc_head = grads
             # An ignored row's hidden state may be NaN, and h^T G would spread 0 * NaN into the head.
             hs_RxHs = jnp.where(keep_R[:, None], hs_RxHs, 0)
-            gh_RxHs, acc_head = _gradient_products(g_RxV, hs_RxHs, ws_HsxV, acc_head, vocab_major)
+            gh_RxHs, acc_head = _gradient_products(g_RxV, hs_RxHs, heads.student, acc_head,
+                                                      heads.student_major)
             # Revisited rows contribute zeros here (keep_R is False for them).
             old_RxHs = jax.lax.dynamic_slice_in_dim(gh_NxHs, row0, r)
             gh_NxHs = jax.lax.dynamic_update_slice_in_dim(gh_NxHs, old_RxHs + gh_RxHs, row0, axis=0)
@@ -411,21 +443,22 @@ def _remainder(c, rest_d_N, cot_h_N, cot_lp_N):
 
 def _scaled_grads(c, gh_NxHs, gw_head, hs_NxHs, ws_HsxV, spec):
     """(d/dh, d/dW) in the inputs' dtypes: c times the swept sums, the head gradient back in
-    [Hs, V] orientation (`_vocab_major_head_grad`)."""
-    gw_HsxV = gw_head.T if _vocab_major_head_grad(spec, *ws_HsxV.shape) else gw_head
+    [Hs, V] orientation (`_vocab_major`)."""
+    gw_HsxV = gw_head.T if _vocab_major(spec, *ws_HsxV.shape) else gw_head
     return (c * gh_NxHs).astype(hs_NxHs.dtype), (c * gw_HsxV).astype(ws_HsxV.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def _fused(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, limit, spec, axis_name):
-    return _fused_pass(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, None, limit=limit,
-                       axis_name=axis_name)[0]
+    return _fused_pass(hs_NxHs, _loop_heads(spec, ws_HsxV, wt_HtxV), ht_NxHt, mask_N, targets_N, spec, None,
+                       limit=limit, axis_name=axis_name)[0]
 
 
 def _fused_fwd(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N, limit, spec, axis_name):
     unit_N = _unit_cotangent(mask_N, weights_N)
     out, (gh_unit_NxHs, gw_unit_head) = _fused_pass(
-        hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, (unit_N, None, None), limit=limit,
+        hs_NxHs, _loop_heads(spec, ws_HsxV, wt_HtxV), ht_NxHt, mask_N, targets_N, spec, (unit_N, None, None),
+        limit=limit,
         axis_name=axis_name,
     )
     return out, (hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, limit, unit_N, gh_unit_NxHs, gw_unit_head)
@@ -448,7 +481,7 @@ def _fused_bwd(spec, axis_name, residuals, cot: DivergenceOutput):
     c, rest_d_N = split_cotangent(cot_d_N, unit_N)
     active_N, per_c = _remainder(c, rest_d_N, cot_h_N, cot_lp_N)
     _, (gh_NxHs, gw_head) = _fused_pass(
-        hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, spec, cotangents=per_c,
+        hs_NxHs, _loop_heads(spec, ws_HsxV, wt_HtxV), ht_NxHt, mask_N, targets_N, spec, cotangents=per_c,
         grads0=(gh_unit_NxHs, gw_unit_head), active_N=active_N & mask_N, limit=limit, axis_name=axis_name,
     )
     return _scaled_grads(c, gh_NxHs, gw_head, hs_NxHs, ws_HsxV, spec) + (None,) * 6
@@ -508,11 +541,11 @@ def keep_own_rows(out_n, out_fxr, chunk, gather_axes):
 
 
 def _head_grad_zeros(width: int, vocab: int, spec: DivergenceSpec):
-    shape = (vocab, width) if _vocab_major_head_grad(spec, width, vocab) else (width, vocab)
+    shape = (vocab, width) if _vocab_major(spec, width, vocab) else (width, vocab)
     return jnp.zeros(shape, jnp.float32)
 
 
-def _gathered_pass(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, spec, axis_name,
+def _gathered_pass(hs_nxHs, heads: _Heads, ht_nxHt, mask_n, targets_n, offset, limit, spec, axis_name,
                    gather_axes, group, cotangents=None, grads0=None, active_n=None):
     """`_fused_pass` over this shard's vocabulary slice for the token rows of a group of `group`
     shards (`gather_axes`), gathered a chunk at a time (`gather_chunks`): each chunk's rows are
@@ -548,7 +581,7 @@ def _gathered_pass(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset
         if want_grads:
             pass_grads0 = (jnp.zeros((group * r, width), jnp.float32), grads[1])
         out_c, pass_grads = _fused_pass(
-            take(hs_nxHs), ws_HsxV, take(ht_nxHt), wt_HtxV, mask_c, tgt, spec,
+            take(hs_nxHs), heads, take(ht_nxHt), mask_c, tgt, spec,
             None if not want_grads else tuple(take(x) for x in cotangents), pass_grads0,
             active_N=None if active_n is None else take(active_n) & mask_c, limit=limit, axis_name=axis_name,
         )
@@ -566,7 +599,7 @@ def _gathered_pass(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset
     zeros = jnp.zeros((n,), jnp.float32)
     outs0 = DivergenceOutput(zeros, zeros, zeros, *((zeros, zeros) if with_targets else ()))
     if want_grads and grads0 is None:
-        grads0 = (jnp.zeros((n, width), jnp.float32), _head_grad_zeros(width, ws_HsxV.shape[1], spec))
+        grads0 = (jnp.zeros((n, width), jnp.float32), _head_grad_zeros(width, heads.vocab, spec))
     carry0 = (outs0, grads0 if want_grads else ())
     if active_n is None:
         order_C = jnp.arange(chunks, dtype=jnp.int32)
@@ -582,16 +615,16 @@ def _gathered_pass(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
 def _gathered(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, weights_n, offset, limit, spec, axis_name,
               gather_axes, group):
-    return _gathered_pass(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, spec, axis_name,
-                          gather_axes, group)[0]
+    return _gathered_pass(hs_nxHs, _loop_heads(spec, ws_HsxV, wt_HtxV), ht_nxHt, mask_n, targets_n, offset, limit,
+                          spec, axis_name, gather_axes, group)[0]
 
 
 def _gathered_fwd(hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, weights_n, offset, limit, spec,
                   axis_name, gather_axes, group):
     unit_n = _unit_cotangent(mask_n, weights_n)
     out, (gh_unit_nxHs, gw_unit_head) = _gathered_pass(
-        hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, spec, axis_name, gather_axes, group,
-        cotangents=(unit_n, None, None),
+        hs_nxHs, _loop_heads(spec, ws_HsxV, wt_HtxV), ht_nxHt, mask_n, targets_n, offset, limit, spec, axis_name,
+        gather_axes, group, cotangents=(unit_n, None, None),
     )
     return out, (hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, unit_n, gh_unit_nxHs,
                  gw_unit_head)
@@ -615,7 +648,8 @@ def _gathered_bwd(spec, axis_name, gather_axes, group, residuals, cot: Divergenc
     rest_d_n = jax.lax.dynamic_slice_in_dim(rest_fn, me * n, n)
     active_n, per_c = _remainder(c, rest_d_n, cot_h_n, cot_lp_n)
     _, (gh_nxHs, gw_head) = _gathered_pass(
-        hs_nxHs, ws_HsxV, ht_nxHt, wt_HtxV, mask_n, targets_n, offset, limit, spec, axis_name, gather_axes, group,
+        hs_nxHs, _loop_heads(spec, ws_HsxV, wt_HtxV), ht_nxHt, mask_n, targets_n, offset, limit, spec, axis_name,
+        gather_axes, group,
         cotangents=per_c, grads0=(gh_unit_nxHs, gw_unit_head), active_n=active_n,
     )
     return _scaled_grads(c, gh_nxHs, gw_head, hs_nxHs, ws_HsxV, spec) + (None,) * 7
@@ -644,12 +678,13 @@ def student_slice_stats(hs_nxHs, ws_HsxV, mask_n, targets_n, limit, spec: Diverg
     sum, target logit (0 where the target is elsewhere or absent)), float32 [n] each; blocks
     without a kept row are skipped. limit: None (spec.valid_vocab) or an int32 scalar."""
     n, vocab = hs_nxHs.shape[0], ws_HsxV.shape[1]
+    heads = _loop_heads(spec, ws_HsxV)
     r = fused_token_block(n, vocab, spec)
     order_B, count = active_blocks(mask_n, r)
 
     def block(k, outs):
         _, row0 = _clamped_start(order_B[k], r, n)
-        z_RxV, _ = _project(hs_nxHs, ws_HsxV, row0, r, spec, limit)
+        z_RxV, _ = _project(hs_nxHs, heads.student, heads.student_major, row0, r, spec, limit)
         values = rows.side_partial(z_RxV)
         if targets_n is not None:
             values += (rows.target_logit(z_RxV, jax.lax.dynamic_slice_in_dim(targets_n, row0, r)),)

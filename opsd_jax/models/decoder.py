@@ -214,7 +214,7 @@ def _final_norm_and_head(module: nn.Module, c: ModelConfig, x_BxTxD, embedding_V
     x_BxTxD = RMSNorm(c, (c.hidden_size,), ("norm",), name="final_norm")(x_BxTxD)
     if c.tie_word_embeddings:
         return x_BxTxD, embedding_VxD.T
-    return x_BxTxD, _param(module, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), _normal,
+    return x_BxTxD, _param(module, "lm_head", (c.hidden_size, c.vocab_size), ("head_embed", "head_vocab"), _normal,
                            c.param_dtype)
 
 

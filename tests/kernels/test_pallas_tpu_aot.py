@@ -179,10 +179,11 @@ def test_trainer_step_compiles_with_pallas_tpu_on_a_multi_chip_mesh(tmp_path):
     a 2x2 v5e mesh with the vocabulary split over tensor: a small model with Qwen3's 151,936-row
     head. Before the shard_map form, Mosaic refused: "cannot be automatically partitioned".
 
-    Its compiled step has no copy of a head: the stored head shards are [64, 75,968] (H=128 over
-    fsdp=2), which XLA keeps row-major, so the kernels must read the gathered head hidden-major
-    (reading it vocabulary-major, as for an aligned shard, made XLA copy both heads and cost 79 MB
-    of temporaries here)."""
+    Its compiled step has no copy of a head, whole ([128, 75,968] per tensor shard) or sliced
+    further over fsdp ([128, 37,984]): the untied head is stored with its vocabulary split over
+    tensor and fsdp (parallel's "head_vocab"), [128, 37,984] per chip, which XLA keeps
+    column-major, and the kernels read it vocabulary-major. (When the head was stored split over
+    fsdp in H, [64, 75,968] and row-major, reading it vocabulary-major made XLA copy both heads.)"""
     model = tmp_path / "tiny"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(dict(
@@ -220,3 +221,4 @@ def test_trainer_step_compiles_with_pallas_tpu_on_a_multi_chip_mesh(tmp_path):
     text = optimized.read_text()
     assert "tpu_custom_call" in text
     assert head_relayouts(text, 128, 151_936 // 2) == []
+    assert head_relayouts(text, 128, 151_936 // 4) == []

@@ -398,25 +398,53 @@ def test_student_statistics_match_the_fused_kernel(rng, mesh_shape):
     assert not kernels.gradient_in_forward("pallas_tpu", None, tokens=n, vocab=v)
 
 
-def test_xla_head_gradient_formed_vocabulary_major_for_tpu_layouts(rng):
-    """For a TPU (spec.tpu_generation set) a 128-wide head with 300 columns (XLA's TPU layout
-    stores it column-major: tpu_vmem.vocab_major) gets its d/dW accumulated as [V, H] and
-    transposed; run here on the CPU, it is the same gradient as the oracle's, with the remainder
-    sweep of a cotangent other than the weights adding into that accumulator too."""
-    n, hs, v = 24, 128, 300
-    h_s, w_s, h_t, w_t = _inputs(rng, n, hs, 8, v)
+def _while_operand_shapes(jaxpr) -> set:
+    """Shapes of every operand of every while loop in `jaxpr`, nested jaxprs included."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            shapes.update(tuple(v.aval.shape) for v in eqn.invars if hasattr(v.aval, "shape"))
+        for sub in pallas_tpu.sub_jaxprs(eqn):
+            shapes |= _while_operand_shapes(sub)
+    return shapes
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (1, 8, 1)])
+def test_xla_reads_heads_vocabulary_major_for_tpu_layouts(rng, mesh_shape):
+    """For a TPU (spec.tpu_generation set) a 128-wide head whose (slice of) columns is no multiple
+    of 128 (XLA's TPU layout stores it column-major: tpu_vmem.vocab_major) enters the token-block
+    loops as [V, H] and gets its d/dW accumulated as [V, H], transposed at the end; a narrower
+    head (the 8-wide teacher) stays [H, V]. Run here on the CPU, it is the same gradient as the
+    oracle's, with the remainder sweep of a cotangent other than the weights adding into that
+    accumulator too. On 1,8,1 the token rows are gathered over fsdp a chunk at a time, each shard
+    sweeping a 300-column slice."""
+    n, hs, ht = 24, 128, 8
+    v = 300 if mesh_shape is None else 2400
+    h_s, w_s, h_t, w_t = _inputs(rng, n, hs, ht, v)
     mask, weights = _weighted_mask(rng, n)
     cot_d = weights * 0.7 + np.where(mask, rng.normal(size=n), 0.0).astype(np.float32) * 0.1
-    spec = DivergenceSpec(0.5, 1.0, 290, token_block=8, tpu_generation="v5p")
-    assert xla._vocab_major_head_grad(spec, hs, v) and not xla._vocab_major_head_grad(spec, 8, v)
+    valid = v - 10
+    spec = DivergenceSpec(0.5, 1.0, valid, token_block=8, tpu_generation="v5p", gather_token_rows=True)
+    v_loop = 300
+    assert xla._vocab_major(spec, hs, v_loop) and not xla._vocab_major(spec, ht, v_loop)
+    if mesh_shape is None:
+        fused = functools.partial(xla.fused_linear_divergence, spec=spec)
+    else:
+        from opsd_jax.kernels import vocab_parallel
+
+        fused = functools.partial(vocab_parallel.fused_linear_divergence, spec=spec, mesh=make_mesh(*mesh_shape),
+                                  impl="xla", whole=None)
 
     def loss(a, b):
-        out = xla.fused_linear_divergence(a, b, jnp.asarray(h_t), jnp.asarray(w_t), jnp.asarray(mask), None,
-                                          jnp.asarray(weights), spec)
+        out = fused(a, b, jnp.asarray(h_t), jnp.asarray(w_t), jnp.asarray(mask), None, jnp.asarray(weights))
         return jnp.sum(jnp.asarray(cot_d) * out.divergence), out
 
-    (_, out), (g_h, g_w) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(h_s, w_s)
-    values, exp_h, exp_w = _expected(h_s, w_s, h_t, w_t, 0.5, mask, cot_d, 290, None, 1.0)
+    grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    loops = _while_operand_shapes(jax.make_jaxpr(grad_fn)(h_s, w_s).jaxpr)
+    assert (v_loop, hs) in loops and (hs, v_loop) not in loops, loops
+    assert (ht, v_loop) in loops and (v_loop, ht) not in loops, loops
+    (_, out), (g_h, g_w) = jax.jit(grad_fn)(h_s, w_s)
+    values, exp_h, exp_w = _expected(h_s, w_s, h_t, w_t, 0.5, mask, cot_d, valid, None, 1.0)
     np.testing.assert_allclose(np.asarray(out.divergence), values["divergence"], rtol=5e-5, atol=5e-6)
     assert g_w.shape == (hs, v)
     _check_grads(g_h, g_w, exp_h, exp_w)

@@ -80,11 +80,13 @@ def _data_parallel(devices, beta, n_per_chip, width, head_dtype):
 
 
 def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab=V, impl="pallas_tpu",
-                    token_block=None, gather_token_rows=None, teacher_head_dtype=None):
+                    token_block=None, gather_token_rows=None, teacher_head_dtype=None, tied_head=False):
     """The public API with the mesh, as the train step calls it. teacher_head_dtype: default
-    head_dtype (an EMA teacher); the trainer keeps a frozen or external teacher in compute dtype."""
+    head_dtype (an EMA teacher); the trainer keeps a frozen or external teacher in compute dtype.
+    The heads are stored as the trainer stores an untied head (parallel's "head_embed",
+    "head_vocab"), or with tied_head as a tied one, the embedding's transpose ("embed", "vocab")."""
     teacher_head_dtype = head_dtype if teacher_head_dtype is None else teacher_head_dtype
-    from opsd_jax.parallel import make_mesh
+    from opsd_jax.parallel import logical_sharding, make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=devices)
 
@@ -106,7 +108,7 @@ def _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vo
 
     n = n_per_chip * mesh.shape["data"] * mesh.shape["fsdp"]
     rows = NamedSharding(mesh, P(("data", "fsdp")))
-    head = NamedSharding(mesh, P("fsdp", "tensor"))
+    head = logical_sharding(mesh, ("embed", "vocab") if tied_head else ("head_embed", "head_vocab"), (width, vocab))
     args = (
         jax.ShapeDtypeStruct((n, width), jnp.bfloat16, sharding=rows),
         jax.ShapeDtypeStruct((width, vocab), head_dtype, sharding=head),
@@ -232,7 +234,8 @@ def _gathers_in_chunks(devices, mesh_shape, n_per_chip, width, vocab, gather_tok
 
 def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per_chip: int = N_PER_DEVICE,
                 width: int = H, head_dtype=jnp.bfloat16, vocab: int = V, impl: str = "pallas_tpu",
-                token_block: int | None = None, gather_token_rows: bool | None = None, teacher_head_dtype=None):
+                token_block: int | None = None, gather_token_rows: bool | None = None, teacher_head_dtype=None,
+                tied_head: bool = False):
     """(device kind, memory_analysis(), number of Mosaic custom calls in the lowered program,
     cost_analysis() of the compiled program, kernel_estimates of it, compiled text, matmul FLOPs
     per chip from the jaxpr (xla only, else None))."""
@@ -243,7 +246,7 @@ def compile_for(topology_name: str, beta: float = 0.5, *, mesh_shape=None, n_per
         jitted, args = _data_parallel(devices, beta, n_per_chip, width, head_dtype)
     else:
         jitted, args = _vocab_parallel(devices, beta, n_per_chip, width, head_dtype, mesh_shape, vocab, impl,
-                                       token_block, gather_token_rows, teacher_head_dtype)
+                                       token_block, gather_token_rows, teacher_head_dtype, tied_head)
     jaxpr_flops = None
     if impl == "xla":
         jaxpr = jax.make_jaxpr(jitted)(*args).jaxpr
@@ -336,18 +339,22 @@ def main(argv):
     parser.add_argument("--teacher-head-dtype", choices=["bfloat16", "float32"],
                         help="with --mesh (default --head-dtype): a frozen or external teacher's head is in compute "
                              "dtype (bfloat16), an EMA teacher's in --head-dtype")
+    parser.add_argument("--tied-head", action="store_true",
+                        help="with --mesh: heads stored as a tied head (the embedding's transpose, hidden dimension "
+                             "over fsdp); default as the trainer stores an untied head (vocabulary over tensor, fsdp)")
     args = parser.parse_args(argv[1:])
     mesh_shape = None if args.mesh is None else tuple(int(x) for x in args.mesh.split(","))
     compiled = compile_for(
         args.topology, args.beta, mesh_shape=mesh_shape, n_per_chip=args.tokens_per_chip, width=args.hidden,
         head_dtype=jnp.dtype(args.head_dtype), vocab=args.vocab, impl=args.impl, token_block=args.token_block,
         gather_token_rows={"auto": None, "yes": True, "no": False}[args.gather_token_rows],
-        teacher_head_dtype=args.teacher_head_dtype and jnp.dtype(args.teacher_head_dtype),
+        teacher_head_dtype=args.teacher_head_dtype and jnp.dtype(args.teacher_head_dtype), tied_head=args.tied_head,
     )
     print(compiled[1])
     line = report(args.topology, mesh_shape, args.beta, args.tokens_per_chip, args.hidden, args.head_dtype,
                   args.vocab if mesh_shape else V, *compiled, impl=args.impl)
     line["teacher_head_dtype"] = args.teacher_head_dtype or args.head_dtype
+    line["head_storage"] = "tied" if args.tied_head else "untied"
     print(json.dumps(line))
 
 
