@@ -382,8 +382,7 @@ def _fused_pass(hs_NxHs, heads: _Heads, ht_NxHt, mask_N, targets_N, spec, cotang
             gh_NxHs, acc_head = grads
             # An ignored row's hidden state may be NaN, and h^T G would spread 0 * NaN into the head.
             hs_RxHs = jnp.where(keep_R[:, None], hs_RxHs, 0)
-            gh_RxHs, acc_head = _gradient_products(g_RxV, hs_RxHs, heads.student, acc_head,
-                                                      heads.student_major)
+            gh_RxHs, acc_head = _gradient_products(g_RxV, hs_RxHs, heads.student, acc_head, heads.student_major)
             # Revisited rows contribute zeros here (keep_R is False for them).
             old_RxHs = jax.lax.dynamic_slice_in_dim(gh_NxHs, row0, r)
             gh_NxHs = jax.lax.dynamic_update_slice_in_dim(gh_NxHs, old_RxHs + gh_RxHs, row0, axis=0)
