@@ -240,7 +240,10 @@ class _Heads(NamedTuple):
     teacher: jax.Array | None
     student_major: bool
     teacher_major: bool
-    vocab: int
+
+    @property
+    def vocab(self) -> int:
+        return self.student.shape[0 if self.student_major else 1]
 
 
 def _vocab_major(spec: DivergenceSpec, width: int, vocab: int) -> bool:
@@ -258,7 +261,7 @@ def _loop_heads(spec: DivergenceSpec, ws_HsxV, wt_HtxV=None) -> _Heads:
     s_major = _vocab_major(spec, ws_HsxV.shape[0], vocab)
     t_major = wt_HtxV is not None and _vocab_major(spec, wt_HtxV.shape[0], vocab)
     return _Heads(ws_HsxV.T if s_major else ws_HsxV,
-                  None if wt_HtxV is None else wt_HtxV.T if t_major else wt_HtxV, s_major, t_major, vocab)
+                  None if wt_HtxV is None else wt_HtxV.T if t_major else wt_HtxV, s_major, t_major)
 
 
 def _project(hidden_NxH, head, vocab_major, row0, r, spec, limit=None):
