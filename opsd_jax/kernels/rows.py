@@ -141,6 +141,15 @@ def expm1_any(u):
     return jnp.where(near, expm1_near(jnp.where(near, u, 0.0)), jnp.exp(u) - 1.0)
 
 
+def expm1_minus_identity(x):
+    """expm1(x) - x >= 0 to float32 relative precision for any float32 x (Taylor from x^2 near 0,
+    where the plain difference would keep only ~|x| / eps bits); +inf at x = -inf."""
+    near = jnp.abs(x) < EXPM1_NEAR
+    xn = jnp.where(near, x, 0.0)
+    series = xn * xn * (0.5 + xn * (1.0 / 6.0 + xn * (1.0 / 24.0 + xn * (1.0 / 120.0 + xn * (1.0 / 720.0)))))
+    return jnp.where(near, series, jnp.expm1(x) - x)
+
+
 def kl_block_sums(zp_RxC, zq_RxC, cp_R, cq_R, ep_RxC, eq_RxC):
     """(gap, excess) float32 [R] of one block for KL(P || Q): gap = sum e^(z_P - c_P) u and
     excess = sum e^(z_Q - c_Q) expm1(u), u = (z_P - z_Q) - (c_P - c_Q); ep / eq are the two
@@ -173,7 +182,11 @@ def log_mixture_ratios(zs_RxC, zt_RxC, log_zs_R, log_zt_R, beta: float):
     logits and the two log-normalizers [R]. Where w > 0 the roles swap, so expm1's argument is
     always -|w| (no overflow) and an entry only one side excludes gets the finite limit on the side
     that has mass (+inf on the other, where the caller multiplies by p = 0)."""
-    w_RxC = (zt_RxC - zs_RxC) - (log_zt_R - log_zs_R)[:, None]
+    return log_mixture_ratios_from_w((zt_RxC - zs_RxC) - (log_zt_R - log_zs_R)[:, None], beta)
+
+
+def log_mixture_ratios_from_w(w_RxC, beta: float):
+    """(log(m / p_s), log(m / p_t)), float32 [R, C], from w = log p_t - log p_s (see above)."""
     student_side_RxC = w_RxC <= 0
     down_RxC = jnp.where(student_side_RxC, w_RxC, -w_RxC)
     weight_RxC = jnp.where(student_side_RxC, beta, 1.0 - beta)

@@ -49,11 +49,57 @@ def teacher_topk(teacher_logits, k: int, *, temperature: float = 1.0, valid_voca
 TAIL_FLOOR = 1e-9
 
 
-def _log_rest(logprobs_NxK):
-    """log(max(1 - sum exp(logprobs), TAIL_FLOOR)) per row: float32 [N]."""
+def _rest(logprobs_NxK):
+    """1 - sum exp(logprobs) per row, float32 [N] (unfloored; may round to <= 0)."""
     lse_N = jax.nn.logsumexp(logprobs_NxK, axis=-1)
-    rest_N = -jnp.expm1(jnp.minimum(lse_N, 0.0))
+    return -jnp.expm1(jnp.minimum(lse_N, 0.0))
+
+
+def _log_rest(rest_N):
+    """log(max(rest, TAIL_FLOOR)): the tail bucket's log-mass, float32 [N]."""
     return jnp.log(jnp.maximum(rest_N, TAIL_FLOOR))
+
+
+# The divergence of nearly equal distributions (1e-9 .. 1e-7 here) is far below the float32
+# rounding of log-probabilities of size ~10, so neither log p_t - log p_s per bucket nor a sum of
+# p log(p / q) terms that cancel to first order can carry it. Instead:
+# - the per-bucket gap d = log p_t - log p_s is formed from (log p_t - z_s) + log Z_s with the
+#   first difference kept exactly as a float32 pair (TwoSum), so only log Z_s's own rounding
+#   remains, a common shift whose effect on the divergence is second order;
+# - the tail's gap is log1p((S_s - S_t) / rest_s) with S_s - S_t = sum p_t expm1(-d) term by term;
+# - every KL is written as sum p (expm1(r) - r), r = log(q / p), whose terms are each >= 0 and
+#   second order in r (the generalized KL, equal to the KL because both sides sum to 1).
+
+
+def _two_sum(a, b):
+    """(hi, lo), float32, with hi + lo == a + b exactly (Knuth's TwoSum; XLA does not reassociate)."""
+    hi = a + b
+    b_part = hi - a
+    return hi, (a - (hi - b_part)) + (b - b_part)
+
+
+def _kl_terms(p, log_q_over_p):
+    """KL(p || q) summed over the last axis as sum p (expm1(r) - r), r = log(q / p); 0 where p == 0."""
+    return jnp.sum(rows.xlogy_safe(p, rows.expm1_minus_identity(log_q_over_p)), axis=-1)
+
+
+def _bucket_gaps(zs_NxK, log_zs_N, lt_NxK, ps_NxK, pt_NxK, rest_s_N, rest_t_N):
+    """d = log p_t - log p_s over the K + 1 buckets, float32 [N, K + 1], without cancellation.
+
+    zs_NxK: the student's scaled logits at the teacher's ids; log_zs_N: their log-normalizer.
+    Rows where either tail is at the floor keep the plain difference of the floored log-masses.
+    """
+    hi_NxK, lo_NxK = _two_sum(lt_NxK, -zs_NxK)
+    d_NxK = (hi_NxK + log_zs_N[:, None]) + jax.lax.stop_gradient(lo_NxK)
+    near_NxK = jnp.abs(d_NxK) < rows.EXPM1_NEAR
+    # p_s - p_t per id: from the gap where it is small, else the plain difference (no 0 * inf).
+    excess_NxK = jnp.where(near_NxK, pt_NxK * rows.expm1_near(jnp.where(near_NxK, -d_NxK, 0.0)), ps_NxK - pt_NxK)
+    excess_N = jnp.sum(excess_NxK, axis=-1)
+    floored_N = (rest_s_N <= TAIL_FLOOR) | (rest_t_N <= TAIL_FLOOR)
+    safe_rest_s_N = jnp.where(floored_N, 1.0, rest_s_N)
+    d_tail_N = jnp.where(floored_N, _log_rest(rest_t_N) - _log_rest(rest_s_N),
+                         jnp.log1p(jnp.where(floored_N, 0.0, excess_N / safe_rest_s_N)))
+    return jnp.concatenate([d_NxK, d_tail_N[:, None]], axis=-1)
 
 
 def topk_divergence(
@@ -90,24 +136,24 @@ def topk_divergence(
     mask_N, valid_vocab, _ = api._check_token_args(n, vocab, mask, valid_vocab, None)
 
     zs_NxV = rows.scaled_logits(student_logits, temperature, valid_vocab)
-    ls_NxV = jax.nn.log_softmax(zs_NxV, axis=-1)
-    ls_NxK = jnp.take_along_axis(ls_NxV, teacher_ids.astype(jnp.int32), axis=-1)
+    log_zs_N = jax.nn.logsumexp(zs_NxV, axis=-1)
+    zs_NxK = jnp.take_along_axis(zs_NxV, teacher_ids.astype(jnp.int32), axis=-1)
+    ls_NxK = zs_NxK - log_zs_N[:, None]
     lt_NxK = jax.lax.stop_gradient(teacher_logprobs.astype(jnp.float32))
-    tail_s_N = _log_rest(ls_NxK)
-    tail_t_N = _log_rest(lt_NxK)
+    rest_s_N, rest_t_N = _rest(ls_NxK), _rest(lt_NxK)
+    tail_s_N, tail_t_N = _log_rest(rest_s_N), _log_rest(rest_t_N)
     # K + 1 outcomes: the teacher's ids, then the tail bucket.
     ls_NxB = jnp.concatenate([ls_NxK, tail_s_N[:, None]], axis=-1)
     lt_NxB = jnp.concatenate([lt_NxK, tail_t_N[:, None]], axis=-1)
     ps_NxB, pt_NxB = jnp.exp(ls_NxB), jnp.exp(lt_NxB)
+    d_NxB = _bucket_gaps(zs_NxK, log_zs_N, lt_NxK, ps_NxB[:, :-1], pt_NxB[:, :-1], rest_s_N, rest_t_N)
     mode = rows.divergence_mode(beta)
     if mode == "forward":
-        div_N = jnp.sum(rows.xlogy_safe(pt_NxB, lt_NxB - ls_NxB), axis=-1)
+        div_N = _kl_terms(pt_NxB, -d_NxB)
     elif mode == "reverse":
-        div_N = jnp.sum(rows.xlogy_safe(ps_NxB, ls_NxB - lt_NxB), axis=-1)
+        div_N = _kl_terms(ps_NxB, d_NxB)
     else:
-        lm_NxB = rows.log_mixture(ls_NxB, lt_NxB, beta)
-        div_N = beta * jnp.sum(rows.xlogy_safe(pt_NxB, lt_NxB - lm_NxB), axis=-1) + (1.0 - beta) * jnp.sum(
-            rows.xlogy_safe(ps_NxB, ls_NxB - lm_NxB), axis=-1
-        )
+        log_m_over_ps_NxB, log_m_over_pt_NxB = rows.log_mixture_ratios_from_w(d_NxB, beta)
+        div_N = beta * _kl_terms(pt_NxB, log_m_over_pt_NxB) + (1.0 - beta) * _kl_terms(ps_NxB, log_m_over_ps_NxB)
     keep = lambda x: jnp.where(mask_N.reshape(mask_N.shape + (1,) * (x.ndim - 1)), x, 0.0)  # noqa: E731
     return TopKOutput(keep(div_N), keep(ls_NxK), keep(tail_s_N), keep(tail_t_N))
