@@ -87,7 +87,7 @@ def _bucket_gaps(zs_NxK, log_zs_N, lt_NxK, ps_NxK, pt_NxK, rest_s_N, rest_t_N):
     """d = log p_t - log p_s over the K + 1 buckets, float32 [N, K + 1], without cancellation.
 
     zs_NxK: the student's scaled logits at the teacher's ids; log_zs_N: their log-normalizer.
-    Rows where either tail is at the floor keep the plain difference of the floored log-masses.
+    Rows whose tails are at the floor or far apart keep the plain difference of the log-masses.
     """
     hi_NxK, lo_NxK = _two_sum(lt_NxK, -zs_NxK)
     d_NxK = (hi_NxK + log_zs_N[:, None]) + jax.lax.stop_gradient(lo_NxK)
@@ -95,10 +95,13 @@ def _bucket_gaps(zs_NxK, log_zs_N, lt_NxK, ps_NxK, pt_NxK, rest_s_N, rest_t_N):
     # p_s - p_t per id: from the gap where it is small, else the plain difference (no 0 * inf).
     excess_NxK = jnp.where(near_NxK, pt_NxK * rows.expm1_near(jnp.where(near_NxK, -d_NxK, 0.0)), ps_NxK - pt_NxK)
     excess_N = jnp.sum(excess_NxK, axis=-1)
-    floored_N = (rest_s_N <= TAIL_FLOOR) | (rest_t_N <= TAIL_FLOOR)
-    safe_rest_s_N = jnp.where(floored_N, 1.0, rest_s_N)
-    d_tail_N = jnp.where(floored_N, _log_rest(rest_t_N) - _log_rest(rest_s_N),
-                         jnp.log1p(jnp.where(floored_N, 0.0, excess_N / safe_rest_s_N)))
+    # rest_t = rest_s + excess. Both rests carry ~K * 2^-24 of rounding, so a tail that is mostly
+    # rounding can give a ratio below -1; where the tails differ by half or more, or either is at
+    # the floor, the plain difference of the log-masses has no cancellation to avoid.
+    ratio_N = excess_N / jnp.where(rest_s_N > TAIL_FLOOR, rest_s_N, 1.0)
+    precise_N = (rest_s_N > TAIL_FLOOR) & (rest_t_N > TAIL_FLOOR) & (jnp.abs(ratio_N) < 0.5)
+    d_tail_N = jnp.where(precise_N, jnp.log1p(jnp.where(precise_N, ratio_N, 0.0)),
+                         _log_rest(rest_t_N) - _log_rest(rest_s_N))
     return jnp.concatenate([d_NxK, d_tail_N[:, None]], axis=-1)
 
 
