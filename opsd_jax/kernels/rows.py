@@ -156,11 +156,15 @@ def kl_block_sums(zp_RxC, zq_RxC, cp_R, cq_R, ep_RxC, eq_RxC):
     exponentials e^(z - c) the caller already has. -inf logits contribute their exact limits."""
     u_RxC = (zp_RxC - zq_RxC) - (cp_R - cq_R)[:, None]
     gap_R = jnp.sum(xlogy_safe(ep_RxC, u_RxC), axis=-1)
-    # Far from 0 (or where either logit is -inf) the plain difference e_P - e_Q has no
-    # cancellation worth the name, and e_Q * expm1(u) could be 0 * inf.
-    near_RxC = jnp.abs(u_RxC) < EXPM1_NEAR
-    terms_RxC = jnp.where(near_RxC, eq_RxC * expm1_near(jnp.where(near_RxC, u_RxC, 0.0)), ep_RxC - eq_RxC)
-    return gap_R, jnp.sum(terms_RxC, axis=-1)
+    return gap_R, jnp.sum(mass_differences(u_RxC, ep_RxC, eq_RxC), axis=-1)
+
+
+def mass_differences(u, ep, eq):
+    """e_P - e_Q per entry, given u = log(e_P / e_Q): e_Q expm1(u) where |u| is small, so the
+    difference keeps its digits; elsewhere (or where either side is 0) the plain difference has
+    no cancellation worth the name, and e_Q * expm1(u) could be 0 * inf."""
+    near = jnp.abs(u) < EXPM1_NEAR
+    return jnp.where(near, eq * expm1_near(jnp.where(near, u, 0.0)), ep - eq)
 
 
 def kl_from_sums(gap_R, excess_R, sum_p_R, sum_q_R):

@@ -91,10 +91,7 @@ def _bucket_gaps(zs_NxK, log_zs_N, lt_NxK, ps_NxK, pt_NxK, rest_s_N, rest_t_N):
     """
     hi_NxK, lo_NxK = _two_sum(lt_NxK, -zs_NxK)
     d_NxK = (hi_NxK + log_zs_N[:, None]) + jax.lax.stop_gradient(lo_NxK)
-    near_NxK = jnp.abs(d_NxK) < rows.EXPM1_NEAR
-    # p_s - p_t per id: from the gap where it is small, else the plain difference (no 0 * inf).
-    excess_NxK = jnp.where(near_NxK, pt_NxK * rows.expm1_near(jnp.where(near_NxK, -d_NxK, 0.0)), ps_NxK - pt_NxK)
-    excess_N = jnp.sum(excess_NxK, axis=-1)
+    excess_N = jnp.sum(rows.mass_differences(-d_NxK, ps_NxK, pt_NxK), axis=-1)  # S_s - S_t
     # rest_t = rest_s + excess. Both rests carry ~K * 2^-24 of rounding, so a tail that is mostly
     # rounding can give a ratio below -1; where the tails differ by half or more, or either is at
     # the floor, the plain difference of the log-masses has no cancellation to avoid.
