@@ -17,12 +17,10 @@ tensor for an untied one: parallel's "head_vocab") is gathered at the shard_map 
 FSDP does anyway, except where gathering the token rows over fsdp needs fewer bytes
 (`row_gather_axes`): the vocabulary is then split over fsdp too, each shard of an fsdp group
 sweeps all of the group's rows against its [H, V / (t f)] slice (a tied head is resharded to
-it; an untied head is stored so, and its d/dW is formed in place). The one-sweep xla form
-gathers those rows itself, a chunk at a time, and hands each chunk's outputs and d/dh back to
-their shards by a reduce-scatter before the next
-(`xla.gathered_fused_linear_divergence`), so a chip holds half its own n rows' worth of gathered
-rows and float32 d/dh at a time, not f n; the statistics-first form takes them gathered whole at the
-shard_map boundary, whose transpose reduces the outputs and d/dh back to the token shards.
+it; an untied head is stored so, and its d/dW is formed in place). Both forms gather those rows
+themselves, a chunk at a time, and hand each chunk's outputs and d/dh back to their shards (a
+reduce-scatter) before the next (`xla.gathered_fused_linear_divergence`, `_gathered_shard`), so
+a chip holds half its own n rows' worth of gathered rows and float32 d/dh at a time, not f n.
 
 Two forms, by implementation:
 - xla, one sweep: per token block, the [R, v] tiles stay live while their statistics are
@@ -121,6 +119,86 @@ def _shard_bwd(local, spec, axis_name, residuals, cot: DivergenceOutput):
 _shard.defvjp(_shard_fwd, _shard_bwd)
 
 
+def _zero_row_stats(n: int) -> rows.RowStats:
+    return rows.RowStats(*(jnp.zeros((n,), jnp.float32) for _ in rows.RowStats._fields))
+
+
+def _gathered_forward(local, spec, axis_name, gather_axes, group, hs, ws, ht, wt, mask_n, targets_n, offset, limit):
+    """(outputs, whole-row rows.RowStats) of this shard's own n rows, float32 [n] each: `_forward`
+    over the token rows of the group's `group` shards (`gather_axes`), gathered a chunk at a time
+    (xla.gather_chunks). Every shard of the group sweeps every chunk's rows against its own slice
+    and completes them by the collectives over `axis_name` (which include gather_axes), then keeps
+    its own rows. targets_n: global token ids int32 [n] or None."""
+    from opsd_jax.kernels import xla
+
+    n = hs.shape[0]
+    r = n // xla.gather_chunks(n, group)
+
+    def chunk_step(c, carry):
+        def take(x_n):
+            return xla.gathered_chunk(x_n, c, r, gather_axes)
+
+        mask_c = take(mask_n)
+        tgt_c = None if targets_n is None else rows.slice_targets(take(targets_n), offset, limit)
+        stats_c, target_logits = combined_row_stats(local, (take(hs), ws, take(ht), wt), tgt_c, mask_c, limit, spec,
+                                                    axis_name)
+        values_c = (pallas_common.outputs_from_stats(stats_c, target_logits, mask_c), stats_c)
+        return jax.tree.map(lambda o_n, o_c: xla.keep_own_rows(o_n, o_c, c, gather_axes), carry, values_c)
+
+    zeros = jnp.zeros((n,), jnp.float32)
+    outs0 = DivergenceOutput(zeros, zeros, zeros, *((zeros, zeros) if targets_n is not None else ()))
+    return jax.lax.fori_loop(0, n // r, chunk_step, (outs0, _zero_row_stats(n)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _gathered_shard(local, spec, axis_name, gather_axes, group, hs, ws, ht, wt, mask_n, targets_n, offset, limit):
+    return _gathered_forward(local, spec, axis_name, gather_axes, group, hs, ws, ht, wt, mask_n, targets_n, offset,
+                             limit)[0]
+
+
+def _gathered_shard_fwd(local, spec, axis_name, gather_axes, group, hs, ws, ht, wt, mask_n, targets_n, offset, limit):
+    out, stats = _gathered_forward(local, spec, axis_name, gather_axes, group, hs, ws, ht, wt, mask_n, targets_n,
+                                   offset, limit)
+    return out, (hs, ws, ht, wt, mask_n, targets_n, offset, limit, stats)
+
+
+def _gathered_shard_bwd(local, spec, axis_name, gather_axes, group, residuals, cot: DivergenceOutput):
+    """The statistics-first backward a chunk at a time: each chunk's rows, stats and cotangents are
+    gathered again, the slice's gradient kernel runs on them, the chunk's d/dh partials go back to
+    the shards owning the rows (a reduce-scatter over the group) and d/dW of this slice adds up
+    over the chunks."""
+    from opsd_jax.kernels import xla
+
+    hs, ws, ht, wt, mask_n, targets_n, offset, limit, stats = residuals
+    cots = pallas_common.cotangents(cot, mask_n, targets_n)
+    # The outputs are split over gather_axes like the rows and replicated over the other
+    # vocabulary axes, whose shards shard_map's transpose hands 1/size of the cotangent each.
+    replicated = tuple(a for a in axis_name if a not in gather_axes)
+    if replicated:
+        cots = tuple(None if x is None else jax.lax.psum(x, replicated) for x in cots)
+    n, width = hs.shape
+    r = n // xla.gather_chunks(n, group)
+
+    def chunk_step(c, carry):
+        gh_n, gw = carry
+
+        def take(x_n):
+            return None if x_n is None else xla.gathered_chunk(x_n, c, r, gather_axes)
+
+        tgt_c = None if targets_n is None else rows.slice_targets(take(targets_n), offset, limit)
+        gh_c, gw_c = local.grads(take(hs), ws, take(ht), wt, jax.tree.map(take, stats), tuple(map(take, cots)),
+                                 tgt_c, limit, spec)
+        mine_rxH = jax.lax.psum_scatter(gh_c, gather_axes, scatter_dimension=0, tiled=True)
+        return jax.lax.dynamic_update_slice_in_dim(gh_n, mine_rxH, c * r, axis=0), gw + gw_c
+
+    carry0 = (jnp.zeros((n, width), jnp.float32), jnp.zeros(ws.shape, jnp.float32))
+    gh, gw = jax.lax.fori_loop(0, n // r, chunk_step, carry0)
+    return gh.astype(hs.dtype), gw.astype(ws.dtype), None, None, None, None, None, None
+
+
+_gathered_shard.defvjp(_gathered_shard_fwd, _gathered_shard_bwd)
+
+
 def _entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
@@ -212,10 +290,11 @@ def gather_bytes(f: int, n: int, v: int, widths: tuple[int, int], row_bytes: int
     An untied head stored as the kernel reads it (parallel's "head_vocab") needs neither the
     resharded copy nor a separate d/dW, so for it the rows' count is high by those terms and the
     rule errs toward gathering the heads.
-    Gathered whole (pallas_tpu), at H = 4096, v = 151,936, f = 4 this predicts 4.6 GiB for the
-    heads against the rows' 2.4 / 3.4 / 5.4 GiB at n = 8,192 / 16,384 / 32,768, where the AOT
-    compile measured 4.8-4.9 against 2.2 / 3.2 / 5.2 (xla, before it gathered in chunks). In
-    chunks of n rows (xla): BUILD_NOTES, issue 12, "Token rows gathered a chunk at a time".
+    Gathered whole, at H = 4096, v = 151,936, f = 4 this predicted 4.6 GiB for the heads against
+    the rows' 2.4 / 3.4 / 5.4 GiB at n = 8,192 / 16,384 / 32,768, where the AOT compile measured
+    4.8-4.9 against 2.2 / 3.2 / 5.2 (xla, before it gathered in chunks). In chunks: BUILD_NOTES,
+    issue 12, "Token rows gathered a chunk at a time" (xla) and "pallas_tpu gathers token rows
+    in chunks too".
     gradients False: statistics only (no d/dW, no d/dh).
     """
     hs, ht = widths
@@ -233,10 +312,10 @@ def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], imp
     f times further, instead of gathering the heads' fsdp split of the hidden dimension (FSDP's
     own all-gather). Empty: gather the heads.
 
-    Gathering rows trades [H, V/t] heads per chip for gathered [., H] rows: all f n of them at
-    once for pallas_tpu, which wins while the tokens a group of f shards holds are few against
-    the vocabulary; a chunk of about n at a time for xla (`gather_chunks`), which wins far longer
-    (`gather_bytes`, which the AOT compile confirmed: BUILD_NOTES, issue 12). choice True /
+    Gathering rows trades [H, V/t] heads per chip for gathered [., H] rows, a chunk of about n at
+    a time (xla.gather_chunks), which wins until the tokens a group of f shards holds are many
+    against the vocabulary (`gather_bytes`, which the AOT compile confirmed: BUILD_NOTES, issue
+    12). choice True /
     False forces it where possible / off; None takes the smaller by `gather_bytes`. xla and
     pallas_tpu (the vocabulary-parallel forms); the others run token-parallel. n: all tokens.
     """
@@ -255,11 +334,9 @@ def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], imp
     if choice:
         return axes
     shard_rows = n // math.prod(mesh.shape[a] for a in token_axes)
-    chunk_rows = None
-    if impl == "xla":
-        from opsd_jax.kernels import xla
+    from opsd_jax.kernels import xla
 
-        chunk_rows = f * shard_rows // xla.gather_chunks(shard_rows, f)
+    chunk_rows = f * shard_rows // xla.gather_chunks(shard_rows, f)
     heads, rows_ = gather_bytes(f, shard_rows, vocab // t, widths, row_bytes, head_bytes, gradients, chunk_rows)
     return axes if rows_ < heads else ()
 
@@ -297,8 +374,8 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
                                  head_bytes=ws_HsxV.dtype.itemsize if local is not None else None,
                                  choice=spec.gather_token_rows)
     one_sweep = impl == "xla" and bool(mesh_axes(mesh, n, vocab)[1] or row_gather)
-    # The one sweep gathers the rows a chunk at a time; the statistics-first form at the boundary.
-    gather_in_body = one_sweep and bool(row_gather)
+    # Both forms gather the token rows themselves, a chunk at a time.
+    gather_in_body = bool(row_gather)
     rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, local is not None or one_sweep,
                                                            row_gather, gather_in_body)
     group = math.prod(mesh.shape[a] for a in row_gather)
@@ -321,9 +398,12 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
         offset, limit = _slice_position(vocab_axes, v, allowed)
         from opsd_jax.kernels import xla
 
-        if gather_in_body:
+        if gather_in_body and one_sweep:
             return xla.gathered_fused_linear_divergence(hs, ws, ht, wt, mask_n, tgt, wts, offset, limit, spec,
                                                         vocab_axes, row_gather, group)
+        if gather_in_body:
+            return _gathered_shard(local, spec, tuple(vocab_axes), tuple(row_gather), group, hs, ws, ht, wt, mask_n,
+                                   tgt, offset, limit)
         if tgt is not None:
             tgt = rows.slice_targets(tgt, offset, limit)
         if one_sweep:

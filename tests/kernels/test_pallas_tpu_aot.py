@@ -66,13 +66,22 @@ def _assert_costs_counted(report, kinds):
 
 
 @needs_libtpu
-def test_vocab_parallel_kl_reports_its_flops_per_chip():
+@pytest.mark.parametrize("gather", ["no", "yes"])
+def test_vocab_parallel_kl_reports_its_flops_per_chip(gather):
     """The trainer's form (vocabulary split over tensor=2, tokens over fsdp=2) for a KL, small
-    enough to compile in seconds: cost_analysis() sees the kernels' FLOPs for this chip's tokens
-    and vocabulary slice, 12 N H V (the statistics sweep and one recomputation in the backward)."""
+    enough to compile in seconds: the kernels' FLOPs for this chip's tokens and vocabulary slice
+    are 12 N H V (the statistics sweep and one recomputation in the backward). With the heads
+    gathered over fsdp cost_analysis() sees them; with the token rows gathered (a chunk at a time,
+    in a loop cost_analysis() counts once) the loop-aware count that `opsd-jax plan` reads does,
+    and the chip holds less."""
     report = _compile("v5litepod-4", "v5e:2x2", "--mesh", "1,2,2", "--hidden", "256", "--tokens-per-chip", "512",
-                      "--head-dtype", "float32", "--beta", "0")
+                      "--head-dtype", "float32", "--beta", "0", "--gather-token-rows", gather)
     assert report["tokens_per_chip"] == 512 and report["vocab_per_chip"] == 151_936 // 2
+    design = report["design_flops"]
+    assert 1.0 <= report["hlo_matmul_flops"] / design < 1.06, report
+    if gather == "yes":
+        assert report["kernel_flops"] < 0.5 * design, report  # one chunk's kernels, as compiled
+        return
     _assert_costs_counted(report, ["stats", "grad"])
     # against the goal's one sweep (8 N H V): the design's 12 over 8, times the same few percent
     assert report["flops_over_goal"] == pytest.approx(12 / 8 * report["kernel_flops_over_design"], rel=0.01)

@@ -95,8 +95,9 @@ def test_vocab_parallel_matches_oracle(rng, impl, mesh_shape, beta, widths, gath
 @pytest.mark.parametrize("impl,mesh_shape,padded_chunk", [
     ("xla", None, False), ("xla", (2, 2, 2), False), ("pallas_tpu", (2, 2, 2), False),
     # Rows gathered over fsdp in 4 chunks of 2 rows per shard: the last two chunks of every shard
-    # are padding, so the group skips them in the backward's remainder sweep.
-    ("xla", (2, 2, 2), True),
+    # are padding, so the group skips them in xla's remainder sweep and every kernel skips their
+    # blocks.
+    ("xla", (2, 2, 2), True), ("pallas_tpu", (2, 2, 2), True),
 ])
 def test_nan_in_ignored_rows_reaches_no_output_or_gradient(rng, impl, mesh_shape, padded_chunk):
     """NaN hidden states in ignored rows: every output and gradient is finite and equals the
@@ -140,13 +141,15 @@ def _all_gathers(jaxpr):
     return shapes
 
 
-@pytest.mark.parametrize("mesh_shape,shard_rows,chunk_rows", [((2, 2, 2), 8, 2), ((1, 8, 1), 4, 1)])
-def test_xla_gathers_token_rows_a_chunk_at_a_time(rng, mesh_shape, shard_rows, chunk_rows):
-    """With the token rows gathered over fsdp, the one sweep gathers one chunk at a time, forward
-    and backward: 2 f chunks of n / (2 f) rows from each of the f shards on 2,2,2 (half the rows
-    a shard holds), one row from each on 1,8,1 (n = 4 < 2 f); the rows reach the shard_map split
+@pytest.mark.parametrize("impl,mesh_shape,shard_rows,chunk_rows", [
+    ("xla", (2, 2, 2), 8, 2), ("xla", (1, 8, 1), 4, 1), ("pallas_tpu", (2, 2, 2), 8, 2),
+])
+def test_token_rows_are_gathered_a_chunk_at_a_time(rng, impl, mesh_shape, shard_rows, chunk_rows):
+    """With the token rows gathered over fsdp, both forms gather one chunk at a time, forward and
+    backward: 2 f chunks of n / (2 f) rows from each of the f shards on 2,2,2 (half the rows a
+    shard holds), one row from each on 1,8,1 (n = 4 < 2 f); the rows reach the shard_map split
     over fsdp, not gathered whole."""
-    assert vocab_parallel.row_gather_axes(make_mesh(*mesh_shape), N, V, (HS, HT), "xla", row_bytes=4,
+    assert vocab_parallel.row_gather_axes(make_mesh(*mesh_shape), N, V, (HS, HT), impl, row_bytes=4,
                                           choice=True) == ("fsdp",)
     from opsd_jax.kernels import xla
 
@@ -158,13 +161,14 @@ def test_xla_gathers_token_rows_a_chunk_at_a_time(rng, mesh_shape, shard_rows, c
 
     def loss(a, b):
         out = kernels.fused_linear_divergence(a, b, jnp.asarray(h_t), jnp.asarray(w_t), beta=0.5, mask=jnp.asarray(mask),
-                                              valid_vocab=VALID, targets=jnp.asarray(targets), impl="xla", mesh=mesh,
-                                              gather_token_rows=True, token_block=8)
+                                              valid_vocab=VALID, targets=jnp.asarray(targets), impl=impl, mesh=mesh,
+                                              gather_token_rows=True, **BLOCKS[impl])
         return sum(jnp.sum(jnp.asarray(cot[k]) * getattr(out, k)) for k in cot)
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(h_s), jnp.asarray(w_s)).jaxpr
     row_gathers = [shape for shape in _all_gathers(jaxpr) if len(shape) == 2]
-    # Rows of both models (HS, HT wide) forward, and again in the backward's remainder sweep.
+    # Rows of both models (HS, HT wide) forward, and again in the backward (xla: its remainder
+    # sweep; pallas_tpu: its gradient sweep).
     assert sorted({shape for shape in row_gathers}) == [(group * chunk_rows, HT), (group * chunk_rows, HS)]
     assert len(row_gathers) == 4
     shard_map = next(e for e in jaxpr.eqns if e.primitive.name == "shard_map")
