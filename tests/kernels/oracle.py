@@ -93,3 +93,11 @@ def student_grad(
     if mask is not None:
         g = np.where(np.asarray(mask)[:, None], g, 0.0)
     return g / temperature
+
+
+def near_identical_logits(rng, n, v, kl=4e-7):
+    """float32 logits [n, v] whose true KL (either direction) is about `kl`: a common offset
+    (which the softmax removes) plus a small perturbation."""
+    zs = rng.normal(size=(n, v)) * 2.0
+    zt = zs + 3.0 + np.sqrt(2.0 * kl) * rng.normal(size=(n, v))  # KL ~ Var(perturbation) / 2
+    return zs.astype(np.float32), zt.astype(np.float32)

@@ -102,10 +102,8 @@ def test_topk_divergence_of_nearly_equal_distributions_keeps_its_digits(rng, k):
     1e-3 of the float64 oracle for both KLs and the JSD, under jit. The gradient (unchanged by
     that: its float32 error, ~0.5% of a random directional derivative here, comes from the ~1e5
     tail entries' p_s-weighted sums) stays within 1% of the float64 finite difference."""
-    from tests.kernels.test_training_path import _near_identical
-
     n, v = 4, 151_936
-    zs, zt = _near_identical(rng, n, v)
+    zs, zt = oracle.near_identical_logits(rng, n, v)
     ids, lt_k = kernels.teacher_topk(jnp.asarray(zt), k)
     ids, lt64 = np.asarray(ids), np.asarray(lt_k, np.float64)
 

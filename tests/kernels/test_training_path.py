@@ -156,14 +156,6 @@ def test_split_cotangent_absorbs_the_losss_own_rounding(rng):
 # ---------------------------------------------------------------------------- KL near zero
 
 
-def _near_identical(rng, n, v, kl=4e-7):
-    """float32 logits [n, v] whose true KL (either direction) is about `kl`: a common offset
-    (which the softmax removes) plus a small perturbation."""
-    zs = rng.normal(size=(n, v)) * 2.0
-    zt = zs + 3.0 + np.sqrt(2.0 * kl) * rng.normal(size=(n, v))  # KL ~ Var(perturbation) / 2
-    return zs.astype(np.float32), zt.astype(np.float32)
-
-
 # The JSD of such rows is beta (1 - beta) / 2 E[w^2] ~ 4e-8 (beta 0.1, 0.9) to 1e-7 (beta 0.5).
 NEAR_ZERO_BETAS = (0.0, 0.1, 0.5, 0.9, 1.0)
 
@@ -174,7 +166,7 @@ def test_divergence_of_nearly_equal_distributions_keeps_its_digits(rng, impl):
     log-normalizers of size ~12 subtracted), and the JSD at beta 0.1 as 11x its value (log p -
     log m per entry); now within 1% of the float64 oracle for both KLs and the JSD."""
     n, v = 4, 151_936
-    zs, zt = _near_identical(rng, n, v)
+    zs, zt = oracle.near_identical_logits(rng, n, v)
     for beta in NEAR_ZERO_BETAS:
         expected = oracle.outputs(zs.astype(np.float64), zt.astype(np.float64), beta)["divergence"]
         assert np.all((expected > 1e-8) & (expected < 1e-6))
@@ -188,7 +180,7 @@ def test_jsd_gradient_of_nearly_equal_distributions_keeps_its_digits(rng, impl):
     log(p_s / m) ~ beta w ~ 1e-4 used to carry the ~1e-6 rounding of log p - log m (0.4% of the
     largest entry at beta 0.1); now 1e-4 of it is the bound."""
     n, v, beta = 4, 151_936, 0.1
-    zs, zt = _near_identical(rng, n, v)
+    zs, zt = oracle.near_identical_logits(rng, n, v)
     cot = {"divergence": rng.uniform(0.5, 2.0, n), "student_entropy": np.zeros(n)}
     expected = oracle.student_grad(zs.astype(np.float64), zt.astype(np.float64), beta, cot)
 
