@@ -24,6 +24,12 @@ its last bits, vary from run to run.
 Token blocks without a kept row are skipped (their program returns at once); their output rows
 are selected away afterwards.
 
+Vocabulary slices (vocab_parallel.LocalBackend, for a shard_map over a multi-GPU mesh): every
+kernel takes the slice's bound on allowed columns as an int32 [1] operand, the statistics kernel
+returns the running statistics of its slice unfinished, and the JSD's second loop is a kernel of
+its own that takes the rows' whole-vocabulary normalizers, so the slices can be completed by
+collectives between the two. One device is one slice.
+
 Never validated on a real GPU in this repository (no GPU on the build host): the interpreter runs
 the oracle tests, and benchmarks/divergence.py --gpu measures it where a GPU exists.
 """
@@ -37,7 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from opsd_jax.kernels import pallas_common, rows
+from opsd_jax.kernels import pallas_common, rows, vocab_parallel
 from opsd_jax.kernels.spec import DivergenceSpec
 
 TOKEN_BLOCK = 64
@@ -77,6 +83,11 @@ def _check_widths(inputs):
 
 def _limit(spec, vocab):
     return vocab if spec.valid_vocab is None else spec.valid_vocab
+
+
+def _default_limit(spec, vocab):
+    """The int32 [1] bound of a whole vocabulary: valid_vocab, or every column."""
+    return jnp.full((1,), _limit(spec, vocab), jnp.int32)
 
 
 def _start(index, block, total):
@@ -121,20 +132,21 @@ def _tile(in_refs, row0, col0, r, c, spec, limit, projected, first_col=None):
     return scaled(raw_s), scaled(raw_t), ok_1xC
 
 
-def _stats_kernel(*refs, n_in, n, vocab, r, c, spec, with_targets):
+def _stats_kernel(limit_ref, *refs, n_in, n, vocab, r, c, spec, with_targets):
+    """Program = token block: its rows' running statistics (rows.OnlineStats) over the columns
+    below limit_ref[0], and the targets' scaled logits (0 where a target lies elsewhere)."""
     in_refs = refs[:n_in]
     rest = list(refs[n_in:])
     mask_ref = rest.pop(0)
     tgt_ref = rest.pop(0) if with_targets else None
     out_refs = rest
     projected = n_in == 4
-    limit = _limit(spec, vocab)
+    limit = limit_ref[0]
     _, row0 = _start(pl.program_id(0), r, n)
 
     @pl.when(jnp.max(mask_ref[pl.ds(row0, r)]) > 0)  # (Triton has no reduce_or)
     def _run():
         tgt_R = tgt_ref[pl.ds(row0, r)] if with_targets else None
-        blocks = pl.cdiv(vocab, c)
 
         def fold(j, carry):
             stats, ts, tt = carry
@@ -149,23 +161,35 @@ def _stats_kernel(*refs, n_in, n, vocab, r, c, spec, with_targets):
             return stats, ts, tt
 
         zero_R = jnp.zeros((r,), jnp.float32)
-        stats, ts, tt = jax.lax.fori_loop(0, blocks, fold, (rows.online_init(r), zero_R, zero_R))
-        if rows.divergence_mode(spec.beta) == "jsd":
-            log_zs, log_zt = rows.online_log_normalizers(stats)
-
-            def second(j, kls):
-                first, col0 = _start(j, c, vocab)
-                zs, zt, _ = _tile(in_refs, row0, col0, r, c, spec, limit, projected, first)
-                kl_s, kl_t = rows.jsd_block_kls(zs, zt, log_zs, log_zt, spec.beta)
-                return kls[0] + kl_s, kls[1] + kl_t
-
-            kl_s, kl_t = jax.lax.fori_loop(0, blocks, second, (zero_R, zero_R))
-            done = rows.online_finish(stats, spec.beta, kl_s, kl_t)
-        else:
-            done = rows.online_finish(stats, spec.beta)
-        values = tuple(done) + ((ts, tt) if with_targets else ())
+        stats, ts, tt = jax.lax.fori_loop(0, pl.cdiv(vocab, c), fold, (rows.online_init(r), zero_R, zero_R))
+        values = tuple(stats) + ((ts, tt) if with_targets else ())
         for ref, v_R in zip(out_refs, values):
             ref[pl.ds(row0, r)] = v_R
+
+
+def _jsd_kernel(limit_ref, *refs, n_in, n, vocab, r, c, spec):
+    """Program = token block: its rows' shares of KL(p_s||m) and KL(p_t||m) over the columns below
+    limit_ref[0], given the rows' whole-vocabulary log-normalizers."""
+    in_refs = refs[:n_in]
+    mask_ref, log_zs_ref, log_zt_ref, kl_s_ref, kl_t_ref = refs[n_in:]
+    limit = limit_ref[0]
+    _, row0 = _start(pl.program_id(0), r, n)
+    rows_ = pl.ds(row0, r)
+
+    @pl.when(jnp.max(mask_ref[rows_]) > 0)
+    def _run():
+        log_zs, log_zt = log_zs_ref[rows_], log_zt_ref[rows_]
+
+        def add(j, kls):
+            first, col0 = _start(j, c, vocab)
+            zs, zt, _ = _tile(in_refs, row0, col0, r, c, spec, limit, n_in == 4, first)
+            kl_s, kl_t = rows.jsd_block_kls(zs, zt, log_zs, log_zt, spec.beta)
+            return kls[0] + kl_s, kls[1] + kl_t
+
+        zero_R = jnp.zeros((r,), jnp.float32)
+        kl_s, kl_t = jax.lax.fori_loop(0, pl.cdiv(vocab, c), add, (zero_R, zero_R))
+        kl_s_ref[rows_] = kl_s
+        kl_t_ref[rows_] = kl_t
 
 
 def _grad_tile(in_refs, vec_refs, row0, col0, r, c, spec, limit, projected, first_col=None):
@@ -183,9 +207,10 @@ def _logits_grad_kernel(*refs, n, vocab, r, c, spec):
     out_ref[pl.ds(row0, r), pl.ds(col0, c)] = g.astype(out_ref.dtype)
 
 
-def _grad_kernel(*refs, n, vocab, r, c, spec):
+def _grad_kernel(limit_ref, *refs, n, vocab, r, c, spec):
     """Program = token block: d/dh of its rows (owned, read-modify-write) and its share of d/dW
-    (atomic adds), one tile at a time; rows a clamped block revisits are left to their owner."""
+    (atomic adds), one tile at a time; rows a clamped block revisits are left to their owner.
+    Columns at or past limit_ref[0] get no gradient."""
     in_refs, vec_refs = refs[:4], refs[4:13]
     gh_ref, gw_ref = refs[-2], refs[-1]  # refs[13:15] are their zero-initialised aliases
     hs_ref, ws_ref = in_refs[0], in_refs[1]
@@ -194,6 +219,7 @@ def _grad_kernel(*refs, n, vocab, r, c, spec):
     nominal, row0 = _start(pl.program_id(0), r, n)
     rows_ = pl.ds(row0, r)
     keep_R = vec_refs[4][rows_]
+    limit = limit_ref[0]
     fresh_Rx1 = row0 + jax.lax.broadcasted_iota(jnp.int32, (r, 1), 0) >= nominal
     # The rows this program adds to d/dW: its own (not revisited) kept ones. An ignored row's
     # hidden state may be NaN, which g's zeros would not cancel in h^T G.
@@ -204,7 +230,7 @@ def _grad_kernel(*refs, n, vocab, r, c, spec):
         def vocab_step(j, carry):
             first, col0 = _start(j, c, vocab)
             cols = pl.ds(col0, c)
-            g = _grad_tile(in_refs, vec_refs, row0, col0, r, c, spec, _limit(spec, vocab), True, first)
+            g = _grad_tile(in_refs, vec_refs, row0, col0, r, c, spec, limit, True, first)
             g = jnp.where(row_ok_Rx1, g, 0.0)
 
             def hidden_step(q, carry):
@@ -233,22 +259,50 @@ def _call(kernel, out_shape, grid, spec, *args, aliases=None):
                           input_output_aliases=aliases or {})(*args)
 
 
-def row_stats(inputs, targets_N, mask_N, spec: DivergenceSpec):
-    projected = len(inputs) == 4
-    if projected:
+def _shape(inputs):
+    """(N, V) of (logits s, t) or (hs, ws, ht, wt); the hidden widths checked for Triton."""
+    if len(inputs) == 4:
         _check_widths(inputs)
-        n, vocab = inputs[0].shape[0], inputs[1].shape[1]
-    else:
-        n, vocab = inputs[0].shape
+        return inputs[0].shape[0], inputs[1].shape[1]
+    return inputs[0].shape
+
+
+def slice_stats(inputs, targets_N, mask_N, limit, spec: DivergenceSpec):
+    """vocab_parallel.LocalBackend.stats: running statistics (rows.OnlineStats, float32 [N]) of
+    these columns and the targets' scaled logits (0 where a target lies outside them) or None.
+    inputs: (logits s, t [N, V]) or (hs, ws, ht, wt); targets_N: int32 column ids or None;
+    mask_N: bool (token blocks without a kept row are skipped, their rows hold garbage); limit:
+    int32 [1] or scalar, columns at or past it are excluded."""
+    n, vocab = _shape(inputs)
     r, c = _blocks(n, vocab, spec)
     with_targets = targets_N is not None
-    n_out = 6 + 2 * with_targets
+    n_out = len(rows.OnlineStats._fields) + 2 * with_targets
     kernel = functools.partial(
         _stats_kernel, n_in=len(inputs), n=n, vocab=vocab, r=r, c=c, spec=spec, with_targets=with_targets
     )
     args = tuple(inputs) + (mask_N.astype(jnp.int32),) + ((targets_N,) if with_targets else ())
-    outs = _call(kernel, [jax.ShapeDtypeStruct((n,), jnp.float32)] * n_out, (pl.cdiv(n, r),), spec, *args)
-    return rows.RowStats(*outs[:6]), ((outs[6], outs[7]) if with_targets else None)
+    outs = _call(kernel, [jax.ShapeDtypeStruct((n,), jnp.float32)] * n_out, (pl.cdiv(n, r),), spec,
+                 jnp.reshape(limit, (1,)).astype(jnp.int32), *args)
+    n_stats = len(rows.OnlineStats._fields)
+    return rows.OnlineStats(*outs[:n_stats]), (tuple(outs[n_stats:]) if with_targets else None)
+
+
+def slice_jsd_kls(inputs, log_zs_N, log_zt_N, mask_N, limit, spec: DivergenceSpec):
+    """vocab_parallel.LocalBackend.jsd_kls: these columns' shares of KL(p_s||m), KL(p_t||m) [N]."""
+    n, vocab = _shape(inputs)
+    r, c = _blocks(n, vocab, spec)
+    kernel = functools.partial(_jsd_kernel, n_in=len(inputs), n=n, vocab=vocab, r=r, c=c, spec=spec)
+    vec = jax.ShapeDtypeStruct((n,), jnp.float32)
+    kl_s, kl_t = _call(kernel, [vec, vec], (pl.cdiv(n, r),), spec, jnp.reshape(limit, (1,)).astype(jnp.int32),
+                       *inputs, mask_N.astype(jnp.int32), log_zs_N, log_zt_N)
+    return kl_s, kl_t
+
+
+def row_stats(inputs, targets_N, mask_N, spec: DivergenceSpec):
+    """pallas_common.Backend.row_stats: the whole vocabulary is one slice."""
+    local = vocab_parallel.LocalBackend(slice_stats, slice_jsd_kls, None)
+    return vocab_parallel.combined_row_stats(local, inputs, targets_N, mask_N,
+                                             _default_limit(spec, _shape(inputs)[1]), spec)
 
 
 def _grad_vectors(stats, cots, targets_N, n):
@@ -268,19 +322,30 @@ def logits_grad(s_NxV, t_NxV, stats, cots, targets_N, spec: DivergenceSpec):
     )
 
 
-def fused_grads(hs, ws, ht, wt, stats, cots, targets_N, spec: DivergenceSpec):
+def slice_grads(hs, ws, ht, wt, stats, cots, targets_N, limit, spec: DivergenceSpec):
+    """vocab_parallel.LocalBackend.grads: (float32 [N, Hs] d/dh through these columns, float32
+    [Hs, V] d/dW of these columns) from one recomputation of each tile; stats: whole-row
+    rows.RowStats; limit: int32 [1] or scalar."""
     n, vocab = hs.shape[0], ws.shape[1]
     r, c = _blocks(n, vocab, spec)
     vectors = _grad_vectors(stats, cots, targets_N, n)
     kernel = functools.partial(_grad_kernel, n=n, vocab=vocab, r=r, c=c, spec=spec)
     zeros = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros(ws.shape, jnp.float32))
-    first_alias = 4 + len(vectors)
+    first_alias = 1 + 4 + len(vectors)
     gh, gw = _call(
         kernel, [jax.ShapeDtypeStruct(hs.shape, jnp.float32), jax.ShapeDtypeStruct(ws.shape, jnp.float32)],
-        (pl.cdiv(n, r),), spec, hs, ws, ht, wt, *vectors, *zeros, aliases={first_alias: 0, first_alias + 1: 1},
+        (pl.cdiv(n, r),), spec, jnp.reshape(limit, (1,)).astype(jnp.int32), hs, ws, ht, wt, *vectors, *zeros,
+        aliases={first_alias: 0, first_alias + 1: 1},
     )
     # Skipped token blocks wrote nothing; their rows hold the zeros they started with.
     return gh, gw
 
 
+def fused_grads(hs, ws, ht, wt, stats, cots, targets_N, spec: DivergenceSpec):
+    """pallas_common.Backend.fused_grads: the whole vocabulary is one slice."""
+    _check_widths((hs, ws, ht, wt))
+    return slice_grads(hs, ws, ht, wt, stats, cots, targets_N, _default_limit(spec, ws.shape[1]), spec)
+
+
+LOCAL = vocab_parallel.LocalBackend(slice_stats, slice_jsd_kls, slice_grads)
 divergence, fused_linear_divergence = pallas_common.make(pallas_common.Backend(row_stats, logits_grad, fused_grads))

@@ -25,11 +25,11 @@ a chip holds half its own n rows' worth of gathered rows and float32 d/dh at a t
 Two forms, by implementation:
 - xla, one sweep: per token block, the [R, v] tiles stay live while their statistics are
   completed across the slices, so the forward forms the gradients too (8 N H V, `xla.py`).
-- Statistics first, for Mosaic kernels (which XLA cannot partition) and their fixed VMEM tiles:
-  an implementation's `LocalBackend` sums statistics of its slice without forming it, the rows
-  are completed once, and the backward recomputes the tiles (12 N H V for the KLs).
-The others (reference: plain jnp that XLA partitions itself; pallas_gpu: no slice statistics yet)
-run token-parallel with the head replicated.
+- Statistics first, for the Pallas kernels (which XLA cannot partition: Mosaic on TPU, Triton
+  on GPU) and their fixed tiles: an implementation's `LocalBackend` sums statistics of its slice
+  without forming it, the rows are completed once, and the backward recomputes the tiles (12 N
+  H V for the KLs).
+reference (plain jnp that XLA partitions itself) runs token-parallel with the head replicated.
 """
 
 from __future__ import annotations
@@ -224,12 +224,16 @@ def mesh_axes(mesh: Mesh, n: int, vocab: int) -> tuple[tuple[str, ...], tuple[st
 
 def local_backend(impl: str) -> LocalBackend | None:
     """The statistics-first slice backend of `impl`, or None where it has none (xla sweeps once
-    instead; reference and pallas_gpu run token-parallel)."""
-    if impl != "pallas_tpu":
-        return None
-    from opsd_jax.kernels import pallas_tpu
+    instead; reference runs token-parallel)."""
+    if impl == "pallas_tpu":
+        from opsd_jax.kernels import pallas_tpu
 
-    return pallas_tpu.LOCAL
+        return pallas_tpu.LOCAL
+    if impl == "pallas_gpu":
+        from opsd_jax.kernels import pallas_gpu
+
+        return pallas_gpu.LOCAL
+    return None
 
 
 def gradient_in_forward(impl: str, mesh: Mesh | None, n: int, vocab: int) -> bool:
@@ -315,11 +319,11 @@ def row_gather_axes(mesh: Mesh, n: int, vocab: int, widths: tuple[int, int], imp
     Gathering rows trades [H, V/t] heads per chip for gathered [., H] rows, a chunk of about n at
     a time (xla.gather_chunks), which wins until the tokens a group of f shards holds are many
     against the vocabulary (`gather_bytes`, which the AOT compile confirmed: BUILD_NOTES, issue
-    12). choice True /
-    False forces it where possible / off; None takes the smaller by `gather_bytes`. xla and
-    pallas_tpu (the vocabulary-parallel forms); the others run token-parallel. n: all tokens.
+    12). choice True / False forces it where possible / off; None takes the smaller by
+    `gather_bytes`. xla and the Pallas kernels (the vocabulary-parallel forms); reference runs
+    token-parallel. n: all tokens.
     """
-    if impl not in ("xla", "pallas_tpu") or choice is False:
+    if impl not in ("xla", "pallas_tpu", "pallas_gpu") or choice is False:
         return ()
     token_axes, vocab_axes = mesh_axes(mesh, n, vocab)
     # The student's head is the one whose gathered copy and float32 gradient matter.
@@ -359,8 +363,8 @@ def _slice_position(vocab_axes, v: int, allowed: int):
 
 def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_N, weights_N,
                             spec: DivergenceSpec, *, mesh: Mesh, impl: str, whole: Callable) -> DivergenceOutput:
-    """api.fused_linear_divergence on `mesh`: vocabulary-parallel for xla (one sweep) and
-    pallas_tpu (statistics first), else token-parallel around `whole` (the implementation's
+    """api.fused_linear_divergence on `mesh`: vocabulary-parallel for xla (one sweep) and the
+    Pallas kernels (statistics first), else token-parallel around `whole` (the implementation's
     single-device function, heads replicated). xla on a mesh that does not split the vocabulary
     runs `whole` on each shard's whole rows.
 

@@ -20,7 +20,8 @@ N, HS, HT = 32, 8, 6
 # not divide (a padded tail block inside every shard); with valid_vocab 900 the seventh shard is
 # partly padding and the eighth entirely (it contributes nothing to any row).
 V, VALID = 1040, 900
-BLOCKS = {"xla": {"token_block": 8}, "pallas_tpu": {"token_block": 8, "vocab_block": 128}, "reference": {}}
+BLOCKS = {"xla": {"token_block": 8}, "pallas_tpu": {"token_block": 8, "vocab_block": 128},
+          "pallas_gpu": {"token_block": 8, "vocab_block": 64}, "reference": {}}
 
 
 def _inputs(rng, hs=HS, ht=HT):
@@ -55,7 +56,7 @@ def _value_and_grads(impl, mesh, beta, h_s, w_s, h_t, w_t, mask, targets, cot, t
 
 @pytest.mark.parametrize("impl,mesh_shape,beta,widths,gather", [
     # On an fsdp mesh: the heads gathered over fsdp, or the token rows (the vocabulary then
-    # splits over tensor and fsdp: 4 slices on 2,2,2, 8 on 1,8,1); xla here, pallas_tpu below.
+    # splits over tensor and fsdp: 4 slices on 2,2,2, 8 on 1,8,1); xla here, the Pallas kernels below.
     ("xla", (2, 2, 2), 0.5, (HS, HT), False), ("xla", (2, 2, 2), 0.5, (HS, HT), True),
     ("xla", (1, 8, 1), 0.0, (HS, HT), True), ("xla", (2, 2, 2), 1.0, (HS, HT), True),
     ("xla", (1, 1, 8), 0.0, (HS, HT), None), ("xla", (1, 1, 8), 1.0, (HS, HT), None),
@@ -66,6 +67,9 @@ def _value_and_grads(impl, mesh, beta, h_s, w_s, h_t, w_t, mask, targets, cot, t
     # devices: at H=128 the TPU interpreter's cross-device barrier deadlocks on 8 CPU devices in
     # either orientation (XLA's CPU thread pool is held by the callbacks waiting at it).
     ("pallas_tpu", (1, 1, 2), 0.5, (128, HT), None), ("pallas_tpu", (1, 1, 2), 0.0, (128, 128), None),
+    # Triton tiles: hidden widths that are powers of two.
+    ("pallas_gpu", (2, 2, 2), 0.5, (HS, 8), False), ("pallas_gpu", (2, 2, 2), 0.0, (HS, 8), True),
+    ("pallas_gpu", (1, 1, 8), 1.0, (HS, 8), None),
     ("reference", (2, 2, 2), 0.5, (HS, HT), None),  # no slice statistics: token-parallel, heads replicated
 ])
 def test_vocab_parallel_matches_oracle(rng, impl, mesh_shape, beta, widths, gather):
@@ -97,12 +101,12 @@ def test_vocab_parallel_matches_oracle(rng, impl, mesh_shape, beta, widths, gath
     # Rows gathered over fsdp in 4 chunks of 2 rows per shard: the last two chunks of every shard
     # are padding, so the group skips them in xla's remainder sweep and every kernel skips their
     # blocks.
-    ("xla", (2, 2, 2), True), ("pallas_tpu", (2, 2, 2), True),
+    ("xla", (2, 2, 2), True), ("pallas_tpu", (2, 2, 2), True), ("pallas_gpu", (2, 2, 2), True),
 ])
 def test_nan_in_ignored_rows_reaches_no_output_or_gradient(rng, impl, mesh_shape, padded_chunk):
     """NaN hidden states in ignored rows: every output and gradient is finite and equals the
     result of the kept rows alone (the oracle on them)."""
-    h_s, w_s, h_t, w_t, mask, targets = _inputs(rng)
+    h_s, w_s, h_t, w_t, mask, targets = _inputs(rng, HS, 8 if impl == "pallas_gpu" else HT)
     if padded_chunk:
         mask[np.arange(N) % (N // 4) >= N // 8] = False
     cot = _cotangents(rng)  # nonzero for ignored rows too: the kernel must drop them itself
@@ -143,19 +147,21 @@ def _all_gathers(jaxpr):
 
 @pytest.mark.parametrize("impl,mesh_shape,shard_rows,chunk_rows", [
     ("xla", (2, 2, 2), 8, 2), ("xla", (1, 8, 1), 4, 1), ("pallas_tpu", (2, 2, 2), 8, 2),
+    ("pallas_gpu", (1, 8, 1), 4, 1),
 ])
 def test_token_rows_are_gathered_a_chunk_at_a_time(rng, impl, mesh_shape, shard_rows, chunk_rows):
     """With the token rows gathered over fsdp, both forms gather one chunk at a time, forward and
     backward: 2 f chunks of n / (2 f) rows from each of the f shards on 2,2,2 (half the rows a
     shard holds), one row from each on 1,8,1 (n = 4 < 2 f); the rows reach the shard_map split
     over fsdp, not gathered whole."""
-    assert vocab_parallel.row_gather_axes(make_mesh(*mesh_shape), N, V, (HS, HT), impl, row_bytes=4,
+    ht = 16 if impl == "pallas_gpu" else HT  # Triton: a power of two, and unlike HS
+    assert vocab_parallel.row_gather_axes(make_mesh(*mesh_shape), N, V, (HS, ht), impl, row_bytes=4,
                                           choice=True) == ("fsdp",)
     from opsd_jax.kernels import xla
 
     group = mesh_shape[1]
     assert xla.gather_chunks(shard_rows, group) * chunk_rows == shard_rows
-    h_s, w_s, h_t, w_t, mask, targets = _inputs(rng)
+    h_s, w_s, h_t, w_t, mask, targets = _inputs(rng, HS, ht)
     cot = _cotangents(rng)
     mesh = make_mesh(*mesh_shape)
 
@@ -167,9 +173,9 @@ def test_token_rows_are_gathered_a_chunk_at_a_time(rng, impl, mesh_shape, shard_
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(h_s), jnp.asarray(w_s)).jaxpr
     row_gathers = [shape for shape in _all_gathers(jaxpr) if len(shape) == 2]
-    # Rows of both models (HS, HT wide) forward, and again in the backward (xla: its remainder
+    # Rows of both models (HS, ht wide) forward, and again in the backward (xla: its remainder
     # sweep; pallas_tpu: its gradient sweep).
-    assert sorted({shape for shape in row_gathers}) == [(group * chunk_rows, HT), (group * chunk_rows, HS)]
+    assert sorted({shape for shape in row_gathers}) == sorted([(group * chunk_rows, ht), (group * chunk_rows, HS)])
     assert len(row_gathers) == 4
     shard_map = next(e for e in jaxpr.eqns if e.primitive.name == "shard_map")
     row_specs = [spec for spec in shard_map.params["in_specs"] if len(spec) == 2 and spec[1] is None]
@@ -192,16 +198,17 @@ def test_mesh_must_be_the_trainers(rng):
         kernels.fused_linear_divergence(h_s, w_s, h_t, w_t, beta=0.5, mesh="1,1,8")
 
 
-def test_no_shard_holds_the_whole_vocabulary(rng):
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_no_shard_holds_the_whole_vocabulary(rng, impl):
     """Compiled per-device program on 8 vocabulary shards: no array anywhere has V columns (no
-    gathered head, no [N, V] logits), only V / 8."""
+    gathered head, no [N, V] logits), only V / 8. (pallas_gpu: its interpreter's program.)"""
     mesh = make_mesh(1, 1, 8)
-    h_s, w_s, h_t, w_t, mask, targets = _inputs(rng)
+    h_s, w_s, h_t, w_t, mask, targets = _inputs(rng, HS, 8)
     head = NamedSharding(mesh, P(None, "tensor"))
 
     def loss(a, b, c, d):
         out = kernels.fused_linear_divergence(a, b, c, d, beta=0.5, mask=jnp.asarray(mask), valid_vocab=VALID,
-                                              targets=jnp.asarray(targets), impl="xla", mesh=mesh)
+                                              targets=jnp.asarray(targets), impl=impl, mesh=mesh, **BLOCKS[impl])
         return jnp.sum(out.divergence) + jnp.sum(out.student_logprob)
 
     args = (jnp.asarray(h_s), jax.device_put(w_s, head), jnp.asarray(h_t), jax.device_put(w_t, head))
