@@ -79,6 +79,7 @@ def test_vocab_parallel_kl_reports_its_flops_per_chip(gather):
     assert report["tokens_per_chip"] == 512 and report["vocab_per_chip"] == 151_936 // 2
     design = report["design_flops"]
     assert 1.0 <= report["hlo_matmul_flops"] / design < 1.06, report
+    assert 1.0 <= report["hlo_kernel_flops_over_design"] < 1.06, report
     if gather == "yes":
         assert report["kernel_flops"] < 0.5 * design, report  # one chunk's kernels, as compiled
         return

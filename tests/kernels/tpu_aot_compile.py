@@ -29,6 +29,9 @@ checks for this loss form).
 `hlo_matmul_flops` is what `opsd-jax plan` reports: the compiled program's matmuls with every
 loop multiplied by its trip count (opsd_jax.plan.hlo_flops), a loop bounded at run time (here the
 remainder sweep) once; `jaxpr_dot_flops_runtime_loop_once` is the jaxpr's count of the same.
+`hlo_kernel_flops` is the kernel's share of it (its named scope): where the token rows are
+gathered over fsdp in chunks, `kernel_flops` (the custom calls' estimates as compiled) sees one
+chunk, and this sees them all.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from opsd_jax import kernels
 from opsd_jax.kernels import pallas_tpu
+from opsd_jax.kernels.api import KERNEL_SCOPE
 from opsd_jax.plan import hlo_flops
 
 N_PER_DEVICE, H, V, VALID = 1024, 512, 151_936, 151_669
@@ -281,7 +285,8 @@ def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab
     nhv = n_per_chip * width * vocab_per_chip
     goal, design = flops_per_nhv(beta)
     kernel_flops = sum(k["flops"] or 0 for k in kernels)
-    loop_aware = hlo_flops.count(compiled_text)
+    loop_aware = hlo_flops.count(compiled_text, scopes=(KERNEL_SCOPE,))
+    kernel_loop_aware = loop_aware.by_scope.get(KERNEL_SCOPE, 0.0)
     return {
         "topology": topology,
         "impl": impl,
@@ -317,6 +322,11 @@ def report(topology, mesh_shape, beta, n_per_chip, width, head_dtype_name, vocab
         "hlo_matmul_flops": loop_aware.flops,
         "hlo_matmul_flops_over_goal": loop_aware.flops / (goal * nhv),
         "hlo_runtime_loops": len(loop_aware.runtime_loops),
+        # The kernel's share of that (its scope), which with token rows gathered in chunks is the
+        # kernels' estimates times the chunks, where `kernel_flops` sees one chunk.
+        "hlo_kernel_flops": kernel_loop_aware,
+        "hlo_kernel_flops_over_goal": kernel_loop_aware / (goal * nhv),
+        "hlo_kernel_flops_over_design": kernel_loop_aware / (design * nhv),
     }
 
 
