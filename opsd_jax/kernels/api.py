@@ -187,9 +187,10 @@ def fused_linear_divergence(
       gradients for it in its one sweep, and a backward whose divergence cotangent is c * weights
       (entropy and log-prob cotangents zero) only scales them; any other cotangent is still
       exact, for one more sweep. Statistics-first implementations do not need it.
-    gather_token_rows: xla and the Pallas kernels on a mesh whose fsdp axis splits the tokens and the
-      heads' hidden dimension: gather the token rows over fsdp and split the vocabulary further
-      (True), gather the heads as FSDP does (False), or whichever needs fewer bytes per chip (None).
+    gather_token_rows: xla and the Pallas kernels on a mesh whose fsdp axis splits the tokens
+      and the heads' hidden dimension: gather the token rows over fsdp and split the vocabulary
+      further (True), gather the heads as FSDP does (False), or whichever needs fewer bytes per
+      chip (None).
     Other arguments and the result are as in `divergence`.
     """
     beta, temperature = _check_scalars(beta, temperature)

@@ -42,9 +42,9 @@ class DivergenceSpec:
       set by the vocabulary-parallel form: a stored shard's shape decides the layout XLA gives
       the heads, and pallas_tpu reads them in that orientation (pallas_tpu.vocab_major).
     gather_token_rows: on a mesh whose fsdp axis splits both the tokens and the heads' hidden
-      dimension, whether the vocabulary-parallel form (xla, pallas_tpu, pallas_gpu) gathers the token rows
-      over fsdp and splits the vocabulary further (True), gathers the heads (False), or takes the
-      one that needs fewer bytes (None; vocab_parallel.row_gather_axes).
+      dimension, whether the vocabulary-parallel form (xla and the Pallas kernels) gathers the
+      token rows over fsdp and splits the vocabulary further (True), gathers the heads (False),
+      or takes the one that needs fewer bytes (None; vocab_parallel.row_gather_axes).
     """
 
     beta: float
