@@ -217,9 +217,10 @@ def test_no_shard_holds_the_whole_vocabulary(rng, impl):
     assert f"{V}]" not in hlo and f"{V}," not in hlo
 
 
-def test_train_step_gradients_are_the_same_with_the_mesh(rng):
+@pytest.mark.parametrize("impl", ["xla", "pallas_gpu"])
+def test_train_step_gradients_are_the_same_with_the_mesh(rng, impl):
     """The trainer's loss through the sharded kernel (mesh 2,2,2: vocabulary over tensor) gives
-    the gradients the single-device kernel gives."""
+    the gradients the single-device kernel gives (pallas_gpu: in its interpreter)."""
     from opsd_jax.config import ObjectiveSection
     from opsd_jax.distill.train_step import Batch, StepSettings, accumulated_gradients
     from opsd_jax.models import ModelConfig, init_params
@@ -239,7 +240,7 @@ def test_train_step_gradients_are_the_same_with_the_mesh(rng):
     objective = ObjectiveSection(kind="jsd", beta=0.5)
     results = []
     for step_mesh in (None, mesh):
-        settings = StepSettings(student=config, teacher=config, objective=objective, kernel_impl="xla",
+        settings = StepSettings(student=config, teacher=config, objective=objective, kernel_impl=impl,
                                 valid_vocab=500, mesh=step_mesh)
         results.append(jax.jit(functools.partial(accumulated_gradients, settings=settings))(params, teacher, batch))
     (grads1, metrics1), (grads2, metrics2) = results
