@@ -360,9 +360,26 @@ def online_log_normalizers(stats: OnlineStats):
     return safe_sm_R + jnp.log(stats.student_sum), safe_tm_R + jnp.log(stats.teacher_sum)
 
 
+def _mass(max_R, sum_R, log_z_R):
+    """sum_j exp(z_j - log_z) of one row, float32 [R]: 1 up to the rounding of log_z = max + log(sum)
+    (about ulp(max), 2e-6 for logits near 20), taken exactly: max - log_z is exact (Sterbenz) and
+    log(sum) is small. 1 for a row without allowed columns."""
+    centre_R = jnp.where(jnp.isfinite(max_R), max_R, 0.0)
+    return jnp.where(sum_R > 0, jnp.exp((centre_R - log_z_R) + jnp.log(sum_R)), 1.0)
+
+
 def online_finish(stats: OnlineStats, beta: float, jsd_kl_s_R=None, jsd_kl_t_R=None) -> RowStats:
-    """Per-token results from the folded stats; the JSD needs its two second-pass KLs passed in."""
+    """Per-token results from the folded stats; the JSD needs its two second-pass KLs passed in.
+
+    Those KLs were summed over p = exp(z - log_z), whose mass is 1 only up to log_z's rounding;
+    dividing by that mass gives the sums over the exactly normalized p that `full_row_stats`
+    forms. It matters to the gradient: p_s (log(p_s / m) - KL(p_s || m)) cancels at a token the
+    student is sure of (p_s ~ 0.99: by a factor ~500), where a KL off by its mass's 1e-6 left
+    1e-3 relative error on the vocabulary-split path (BUILD_NOTES, issue 12)."""
     log_zs_R, log_zt_R = online_log_normalizers(stats)
+    if jsd_kl_s_R is not None:
+        jsd_kl_s_R = jsd_kl_s_R / _mass(stats.student_max, stats.student_sum, log_zs_R)
+        jsd_kl_t_R = jsd_kl_t_R / _mass(stats.teacher_max, stats.teacher_sum, log_zt_R)
     # H = log Z - E[z] = log s - E[z - m]
     ent_s_R = jnp.log(stats.student_sum) - stats.student_centered / stats.student_sum
     ent_t_R = jnp.log(stats.teacher_sum) - stats.teacher_centered / stats.teacher_sum
