@@ -174,7 +174,7 @@ def test_token_rows_are_gathered_a_chunk_at_a_time(rng, impl, mesh_shape, shard_
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(h_s), jnp.asarray(w_s)).jaxpr
     row_gathers = [shape for shape in _all_gathers(jaxpr) if len(shape) == 2]
     # Rows of both models (HS, ht wide) forward, and again in the backward (xla: its remainder
-    # sweep; pallas_tpu: its gradient sweep).
+    # sweep; the Pallas kernels: their gradient sweep).
     assert sorted({shape for shape in row_gathers}) == sorted([(group * chunk_rows, ht), (group * chunk_rows, HS)])
     assert len(row_gathers) == 4
     shard_map = next(e for e in jaxpr.eqns if e.primitive.name == "shard_map")
