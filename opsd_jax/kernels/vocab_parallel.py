@@ -247,18 +247,14 @@ def gradient_in_forward(impl: str, mesh: Mesh | None, n: int, vocab: int) -> boo
     return impl == "xla"
 
 
-def _specs(mesh: Mesh, n: int, vocab: int, vocab_parallel: bool, row_gather: tuple[str, ...] = (),
-           gather_in_body: bool = False):
+def _specs(mesh: Mesh, n: int, vocab: int, vocab_parallel: bool, row_gather: tuple[str, ...] = ()):
     """(token rows spec, head spec, [N] vector spec, vocabulary axes, columns per slice).
     row_gather: token axes whose shards gather their rows and split the vocabulary instead
-    (`row_gather_axes`); their slices come after the vocabulary axes' own. gather_in_body: the
-    shard_map's body gathers them itself (in chunks), so the rows stay split over them at its
-    boundary; else the boundary gathers them whole."""
+    (`row_gather_axes`); their slices come after the vocabulary axes' own. The shard_map's body
+    gathers those rows itself (in chunks), so at its boundary they stay split like the tokens."""
     token_axes, vocab_axes = mesh_axes(mesh, n, vocab)
     if not vocab_parallel:
         vocab_axes = ()
-    if not gather_in_body:
-        token_axes = tuple(a for a in token_axes if a not in row_gather)
     vocab_axes = vocab_axes + tuple(row_gather)
     v = vocab // math.prod(mesh.shape[a] for a in vocab_axes)
     return (PartitionSpec(_entry(token_axes), None), PartitionSpec(None, _entry(vocab_axes)),
@@ -378,10 +374,8 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
                                  head_bytes=ws_HsxV.dtype.itemsize if local is not None else None,
                                  choice=spec.gather_token_rows)
     one_sweep = impl == "xla" and bool(mesh_axes(mesh, n, vocab)[1] or row_gather)
-    # Both forms gather the token rows themselves, a chunk at a time.
-    gather_in_body = bool(row_gather)
     rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, local is not None or one_sweep,
-                                                           row_gather, gather_in_body)
+                                                           row_gather)
     group = math.prod(mesh.shape[a] for a in row_gather)
     if local is not None or one_sweep:
         # Resharded to whole hidden columns, the heads are no longer stored split over fsdp.
@@ -402,10 +396,11 @@ def fused_linear_divergence(hs_NxHs, ws_HsxV, ht_NxHt, wt_HtxV, mask_N, targets_
         offset, limit = _slice_position(vocab_axes, v, allowed)
         from opsd_jax.kernels import xla
 
-        if gather_in_body and one_sweep:
+        # Both forms gather the token rows themselves, a chunk at a time.
+        if row_gather and one_sweep:
             return xla.gathered_fused_linear_divergence(hs, ws, ht, wt, mask_n, tgt, wts, offset, limit, spec,
                                                         vocab_axes, row_gather, group)
-        if gather_in_body:
+        if row_gather:
             return _gathered_shard(local, spec, tuple(vocab_axes), tuple(row_gather), group, hs, ws, ht, wt, mask_n,
                                    tgt, offset, limit)
         if tgt is not None:
@@ -466,7 +461,7 @@ def student_statistics(hs_NxH, ws_HxV, mask_N, targets_N, spec: DivergenceSpec, 
     else:
         row_gather = row_gather_axes(mesh, n, vocab, (hs_NxH.shape[1], 0), "xla", row_bytes=hs_NxH.dtype.itemsize,
                                      choice=spec.gather_token_rows, gradients=False)
-        rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, True, row_gather, gather_in_body=True)
+        rows_spec, head_spec, vec_spec, vocab_axes, v = _specs(mesh, n, vocab, True, row_gather)
         group = math.prod(mesh.shape[a] for a in row_gather)
         sharded = jax.shard_map(
             functools.partial(body, vocab_axes=vocab_axes, v=v, gather_axes=row_gather, group=group), mesh=mesh,
