@@ -56,7 +56,7 @@ WORST = {"fits": 0, "does not fit": 1, "does not compile": 2}
 
 
 def summary(report: dict) -> dict:
-    """Per program family (train, rollout, eval): the largest GiB per chip, the worst verdict and
+    """Per program family (train, rollout, eval, analyze): the largest GiB per chip, the worst verdict and
     the summed compile seconds of its programs."""
     families: dict[str, dict] = {}
     for r in report["programs"]:
@@ -81,14 +81,15 @@ def main() -> None:
                                      if f.endswith(".yaml") and f != "demo_cpu.yaml")
     planned: dict[tuple, tuple[str, dict, dict | None]] = {}
     print(f"| config | same shapes as | train GiB/chip | train | train GiB/chip ({args.what_if_kernel or '-'}) "
-          f"| rollout GiB/chip | eval GiB/chip | verdicts (train / rollout / eval) | compile s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"| rollout GiB/chip | eval GiB/chip | analyze GiB/chip | verdicts (train / rollout / eval / analyze) "
+          f"| compile s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for config in configs:
         key = shape_key(os.path.join(REPO, config))
         name = os.path.splitext(os.path.basename(config))[0]
         if key in planned:
             first = planned[key][0]
-            print(f"| {name} | {first} | | | | | | | |", flush=True)
+            print(f"| {name} | {first} | | | | | | | | |", flush=True)
             continue
         report = run_plan(config, args.topology, os.path.join(args.out, f"{name}.{args.topology}.json"))
         what_if = None
@@ -103,9 +104,10 @@ def main() -> None:
         seconds = sum(cell["seconds"] for cell in cells.values()) + (alt["seconds"] if alt else 0)
         gib = lambda cell: "" if not cell or cell["gib"] == 0 else f"{cell['gib']:.1f}"  # noqa: E731
         alt_text = f"{gib(alt)} ({alt['verdict']})" if alt else ""
-        verdicts = " / ".join(cells.get(f, {"verdict": "-"})["verdict"] for f in ("train", "rollout", "eval"))
+        verdicts = " / ".join(cells.get(f, {"verdict": "-"})["verdict"]
+                              for f in ("train", "rollout", "eval", "analyze"))
         print(f"| {name} | | {gib(train)} | {train['verdict']} | {alt_text} | {gib(cells.get('rollout'))} | "
-              f"{gib(cells.get('eval'))} | {verdicts} | {seconds:.0f} |", flush=True)
+              f"{gib(cells.get('eval'))} | {gib(cells.get('analyze'))} | {verdicts} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--num-slices", type=int, default=1,
                       help="slices of --topology joined over DCN (multi-slice): train.mesh is one slice's mesh and "
                            "the slices repeat its data axis, as the trainer builds it")
-    plan.add_argument("--programs", default="train,rollout,eval", help="which of train, rollout, eval to compile")
+    plan.add_argument("--programs", default="train,rollout,eval,analyze",
+                      help="which of train, rollout, eval, analyze to compile")
     plan.add_argument("--eval-slots", type=int, default=8, help="evaluation sampler slots (eval --max-slots)")
     plan.add_argument("--kernel-impl", default=None, choices=("auto", "xla", "pallas_tpu", "reference"),
                       help="the train step's divergence kernel (default: the config's train.kernel; auto is what "

@@ -143,9 +143,11 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
         token_ids = [list(r.token_ids[: settings.max_tokens]) for r in rollout_set.rollouts]
         privileged_pairs, vanilla_pairs = _pairs(rollout_set, settings.privileged, tokenizer)
         bar = tqdm(total=len(token_ids), desc=f"scoring {label}", unit="rollout", disable=not progress)
-        scores = score_rollouts(student_params, student_config, teacher_params, teacher_config, privileged_pairs,
+        # The same checkpoint as teacher: its weights go to the chips once.
+        own_teacher = None if teacher_params is student_params else teacher_params
+        scores = score_rollouts(student_params, student_config, own_teacher, teacher_config, privileged_pairs,
                                 vanilla_pairs, token_ids, batch_size=settings.batch_size, impl=settings.kernel_impl,
-                                valid_vocab=len(tokenizer), progress=bar.update)
+                                valid_vocab=len(tokenizer), mesh=mesh, progress=bar.update)
         bar.close()
         think_end, think_start = _token_id(tokenizer, "</think>"), _token_id(tokenizer, "<think>")
         matches, thinking = [], []

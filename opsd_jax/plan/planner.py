@@ -1,5 +1,5 @@
-"""`opsd-jax plan`: compile a run's trainer, rollout sampler and evaluation sampler for a named
-TPU topology on this host, and say per chip whether each fits.
+"""`opsd-jax plan`: compile a run's trainer, rollout sampler, evaluation sampler and the scoring
+step of `opsd-jax analyze` for a named TPU topology on this host, and say per chip whether each fits.
 
 Verdicts: "fits" (compiled, peak per-chip bytes within the chip's HBM), "does not fit" (compiled,
 over HBM: the largest arrays and remedies are listed), "does not compile" (the compiler's reason).
@@ -13,9 +13,12 @@ import json
 
 from opsd_jax.config import RunConfig
 from opsd_jax.plan.programs import (
+    ANALYZE_BATCH,
+    ANALYZE_PRIVILEGED_PROMPT_TOKENS,
     EVAL_PROMPT_TOKENS,
     PlanInputError,
     ProgramPlan,
+    analyze_program,
     decode_state_bytes,
     run_model_configs,
     sampler_programs,
@@ -23,7 +26,7 @@ from opsd_jax.plan.programs import (
 )
 from opsd_jax.plan.topology import Topology, host_devices, topology_devices
 
-PROGRAMS = ("train", "rollout", "eval")
+PROGRAMS = ("train", "rollout", "eval", "analyze")
 GiB = 2**30
 
 
@@ -61,6 +64,9 @@ def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, s
                          "over all chips of a slice)")
         steps.append("a larger topology")
         return steps
+    if plan.name.startswith("analyze"):
+        return ["fewer rollouts scored together (analyze --batch-size, down to one per chip)",
+                "scoring only each rollout's first tokens (analyze --max-tokens)"]
     if plan.name.endswith("_decode"):
         return ["fewer slots (sampling.max_slots / eval --max-slots)", ("a shorter sequence (max_new_tokens / "
                 "--max-tokens)"), "a smaller KV pool (sampling.kv_cache_fraction)"]
@@ -122,6 +128,25 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
             config = SamplerConfig(max_slots=eval_slots, max_sequence_length=length,
                                    valid_vocab_size=student.vocab_size)
             results += sampler_programs("eval", evaluation, config, eval_mesh, longest_prompt=EVAL_PROMPT_TOKENS)
+    analysis = None
+    if "analyze" in programs:
+        # `opsd-jax analyze` runs in one process: on one host's chips, parameters over all of them
+        # (fsdp), each chip scoring its share of a batch's rollouts.
+        from opsd_jax.parallel import make_mesh
+
+        analyze_mesh = make_mesh(1, -1, 1, devices=local)
+        shards = analyze_mesh.shape["data"] * analyze_mesh.shape["fsdp"]
+        batch = -(-ANALYZE_BATCH // shards) * shards
+        analysis = {"mesh_flag": "--mesh 1,-1,1", "dtype": "bfloat16", "batch_size": batch}
+        external = teacher if c.teacher.kind == "external" else None
+        for name, completion, student_prompt, teacher_prompt in (
+                ("analyze_eval_rollouts", c.eval.max_tokens, EVAL_PROMPT_TOKENS, ANALYZE_PRIVILEGED_PROMPT_TOKENS),
+                ("analyze_train_rollouts", c.sampling.max_new_tokens, c.data.max_prompt_tokens,
+                 c.data.max_prompt_tokens)):
+            progress(f"compiling {name} on {dict(analyze_mesh.shape)} ...")
+            results.append(analyze_program(name, student, external, analyze_mesh, completion=completion,
+                                           student_prompt=student_prompt, teacher_prompt=teacher_prompt,
+                                           batch_size=batch, dtype=analysis["dtype"]))
     rows = []
     for plan in results:
         row = dataclasses.asdict(plan)
@@ -148,6 +173,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         "train_mesh": {"setting": c.train.mesh, "shape": dict(mesh.shape)},
         "eval": {"slots": eval_slots, "sequence_length": EVAL_PROMPT_TOKENS + c.eval.max_tokens,
                  "mesh_flag": "--mesh {},1,{}".format(*serving_mesh(student, local).devices.shape[::2])},
+        **({"analyze": analysis} if analysis else {}),
         "programs": rows, "all_fit": all(r["verdict"] == "fits" for r in rows),
     }
 
@@ -167,7 +193,7 @@ def _flop_notes(r: dict) -> list[str]:
         notes.append(f"  {r['name']}: divergence kernel {kernel[KERNEL_SCOPE] / 1e12:.2f} TFLOP{against}{statistics}")
     if r.get("attention_flops"):
         notes.append(f"  {r['name']}: splash attention {r['attention_flops'] / 1e12:.2f} TFLOP (the tiles its "
-                     f"masks leave, forward and backward kernels)")
+                     "masks leave, in the kernels the program runs)")
     for key, what in (("runtime_loops", "loop(s) bounded at run time, counted once"),
                       ("opaque_kernels", "Pallas kernel(s) without a cost estimate, counted as 0")):
         # the op_names' last three scopes tell the loops and kernels apart
@@ -240,6 +266,10 @@ def format_report(report: dict) -> str:
                  "body once, is in the JSON.")
     lines.append(f"\nevaluation planned as `opsd-jax eval {report['eval']['mesh_flag']} --max-slots "
                  f"{report['eval']['slots']}` ({report['eval']['sequence_length']} tokens per slot)")
+    if "analyze" in report:
+        a = report["analyze"]
+        lines.append(f"analysis planned as `opsd-jax analyze {a['mesh_flag']} --dtype {a['dtype']} --batch-size "
+                     f"{a['batch_size']}` on one host")
     lines.append("verdict: " + ("every program fits" if report["all_fit"] else "NOT every program fits"))
     return "\n".join(lines)
 

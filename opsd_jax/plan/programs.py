@@ -36,6 +36,12 @@ PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mod
 # Prompt tokens the evaluation sampler reserves ahead of the generation cap: the chat-templated
 # competition problems are a few hundred tokens; the real runner sizes it from the suites.
 EVAL_PROMPT_TOKENS = 1024
+# Prompt tokens `analyze_program` gives the privileged teacher when scoring evaluation rollouts:
+# the problem with its worked solution (AIME24's longest, problem + solution, is 4,202 Qwen3
+# tokens), plus the chat template.
+ANALYZE_PRIVILEGED_PROMPT_TOKENS = 4608
+# Rollouts `opsd-jax analyze` scores together by default (--batch-size).
+ANALYZE_BATCH = 4
 _HLO_ARRAY = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([\d,]*)\]")
 _STABLEHLO_TENSOR = re.compile(r"tensor<((?:\d+x)+)(i1|i8|ui8|i16|ui16|i32|ui32|i64|ui64|f16|bf16|f32|f64)>")
 _STABLEHLO_TYPES = {"i1": "pred", "i8": "s8", "ui8": "u8", "i16": "s16", "ui16": "u16", "i32": "s32", "ui32": "u32",
@@ -182,13 +188,14 @@ def largest_global_arrays(stablehlo_text: str, count: int = 3) -> list[dict]:
             for shape, size in ranked]
 
 
-def compile_program(plan: ProgramPlan, jitted, *args) -> ProgramPlan:
-    """Lowers and compiles `jitted` for `args`; fills the plan's memory and cost figures, or its
-    error when the compiler refuses (for HBM: status "out of memory" with the bytes it asked for)."""
+def compile_program(plan: ProgramPlan, jitted, *args, **static) -> ProgramPlan:
+    """Lowers and compiles `jitted` for `args` and its static keyword arguments; fills the plan's
+    memory and cost figures, or its error when the compiler refuses (for HBM: status "out of
+    memory" with the bytes it asked for)."""
     started = time.perf_counter()
     lowered = None
     try:
-        lowered = jitted.lower(*args)
+        lowered = jitted.lower(*args, **static)
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - any compiler refusal is a verdict, reported with its reason
         plan.compile_seconds = time.perf_counter() - started
@@ -346,3 +353,39 @@ def sampler_programs(name: str, model: ModelConfig, sampler_config, mesh, *, lon
         plans.append(compile_program(plan, engine._prefill_chunk, params, state, spec((2, engine.table_pages)),
                                      spec((1, chunk)), spec(()), spec(())))
     return plans
+
+
+def analyze_program(name: str, student: ModelConfig, teacher: ModelConfig | None, mesh, *, completion: int,
+                    student_prompt: int, teacher_prompt: int, batch_size: int, dtype: str = "bfloat16",
+                    kernel_impl: str = "auto") -> ProgramPlan:
+    """`opsd-jax analyze`'s scoring step (`analysis.score.token_scores`, the function the command
+    jits) for one batch of `batch_size` rollouts of `completion` tokens behind prompts of the given
+    lengths, padded as `score_rollouts` pads them, on `mesh` as the command places its parameters
+    (`--mesh`, `--dtype`: the checkpoint's own shardings in that dtype) and its batches (rollouts
+    over data and fsdp). teacher None: self-distillation, the student's weights scored twice."""
+    from opsd_jax.analysis.score import batch_lengths, token_scores
+    from opsd_jax.distill.train_step import Batch
+    from opsd_jax.kernels.api import default_impl
+    from opsd_jax.parallel import logical_sharding
+
+    student = student.replace(param_dtype=dtype, compute_dtype=dtype)
+    teacher_config = student if teacher is None else teacher.replace(param_dtype=dtype, compute_dtype=dtype)
+    student_length, teacher_length, T = batch_lengths([student_prompt] * batch_size, [teacher_prompt] * batch_size,
+                                                      [completion] * batch_size)
+    sharding = logical_sharding(mesh, ("batch",), (batch_size,))
+
+    def spec(*shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
+
+    def batch():
+        return Batch(spec(student_length), spec(student_length), spec(teacher_length), spec(teacher_length), spec(T),
+                     spec(T), spec(T), spec(), spec(T, dtype=jnp.float32))
+
+    impl = default_impl("tpu") if kernel_impl == "auto" else kernel_impl
+    plan = ProgramPlan(name, f"analyze scoring: {batch_size} rollouts of {completion} tokens (padded to {T}), "
+                             f"student context {student_length}, teacher contexts {teacher_length}, {dtype} "
+                             f"weights, {'the student as its own teacher' if teacher is None else 'external teacher'}"
+                             f", kernel {impl}", dict(mesh.shape))
+    teacher_params = None if teacher is None else sharded_abstract_params(teacher_config, mesh)
+    return compile_program(plan, token_scores, sharded_abstract_params(student, mesh), teacher_params, batch(),
+                           batch(), student=student, teacher=teacher_config, impl=impl, mesh=mesh)

@@ -88,6 +88,13 @@ def test_tiny_plan_compiles_the_real_jobs_for_a_multi_chip_topology(tmp_path, to
     for name in ("rollout_decode", "eval_decode"):
         assert rows[name]["verdict"] == "fits" and rows[name]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
         assert 0 < rows[name]["total_bytes"] < 2**30 and rows[name]["flops"] > 0
+    # `opsd-jax analyze`'s scoring step on the host's chips, rollouts of the evaluation's cap
+    # (256 -> padded 256) and of training's (32), self-distillation: one copy of the weights.
+    for name, completion in (("analyze_eval_rollouts", 256), ("analyze_train_rollouts", 32)):
+        assert rows[name]["verdict"] == "fits" and rows[name]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+        assert f"4 rollouts of {completion} tokens" in rows[name]["description"]
+        assert "the student as its own teacher" in rows[name]["description"] and rows[name]["flops"] > 0
+    assert "opsd-jax analyze --mesh 1,-1,1 --dtype bfloat16 --batch-size 4" in done.stdout, done.stdout
     train = rows["train_step"]
     assert train["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     # The trainer's own jit with the kernel "auto" resolves to on TPU (xla; pallas_tpu's step is
@@ -139,3 +146,24 @@ def test_bad_input_is_exit_1_with_a_clear_error(tmp_path):
     assert done.returncode == 1 and "unknown TPU topology 'v5e-3'" in done.stderr
     done = _plan(tmp_path, _run_config(model, mesh="2,2,2"), "--topology", "v5e-4")
     assert done.returncode == 1 and "train.mesh: mesh" in done.stderr and "needs 8 devices" in done.stderr
+
+
+@needs_libtpu
+def test_analyze_scores_qwen3_8b_evaluation_rollouts_on_one_v5e_host(tmp_path):
+    """`opsd-jax analyze` at the paper's evaluation cap (38,912 tokens) with Qwen3-8B as its own
+    privileged teacher, on the 4 chips of one v5e host (16 GiB each): it fits once rollouts pad to
+    40,960 and not 65,536 inside 131,072-token contexts (BUILD_NOTES, "analyze at the paper's sizes")."""
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "qwen3_8b_ot15k_dense.yaml")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    done = subprocess.run([sys.executable, "-m", "opsd_jax.cli", "plan", "--config", os.path.abspath(config),
+                           "--topology", "v5e-8", "--programs", "analyze", "--json", "plan.json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads((tmp_path / "plan.json").read_text())["programs"]}
+    scoring = rows["analyze_eval_rollouts"]
+    assert scoring["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and scoring["verdict"] == "fits"
+    assert "4 rollouts of 38912 tokens (padded to 40960), student context 40960, teacher contexts 49152" in \
+        scoring["description"]
+    # One bfloat16 copy of the 8B weights over 4 chips (about 3.8 GiB each), not two.
+    assert scoring["argument_bytes"] < 4.5 * 2**30 and scoring["total_bytes"] < 16 * 2**30
+    assert rows["analyze_train_rollouts"]["verdict"] == "fits"
