@@ -12,6 +12,7 @@ import math
 import json
 
 from opsd_jax.config import RunConfig
+from opsd_jax.models.config import ModelConfig
 from opsd_jax.plan.programs import (
     ANALYZE_BATCH,
     ANALYZE_PRIVILEGED_PROMPT_TOKENS,
@@ -138,15 +139,19 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         shards = analyze_mesh.shape["data"] * analyze_mesh.shape["fsdp"]
         batch = -(-ANALYZE_BATCH // shards) * shards
         analysis = {"mesh_flag": "--mesh 1,-1,1", "dtype": "bfloat16", "batch_size": batch}
-        external = teacher if c.teacher.kind == "external" else None
+        # The models as `analyze` loads them (checkpoint.hf.load_hf): the checkpoint's config in
+        # the --dtype, none of the run's training settings (remat and the like).
+        loaded = {role: ModelConfig.from_hf(source, param_dtype=analysis["dtype"], compute_dtype=analysis["dtype"])
+                  for role, source in sources.items()}
+        external = loaded.get("teacher")
         for name, completion, student_prompt, teacher_prompt in (
                 ("analyze_eval_rollouts", c.eval.max_tokens, EVAL_PROMPT_TOKENS, ANALYZE_PRIVILEGED_PROMPT_TOKENS),
                 ("analyze_train_rollouts", c.sampling.max_new_tokens, c.data.max_prompt_tokens,
                  c.data.max_prompt_tokens)):
             progress(f"compiling {name} on {dict(analyze_mesh.shape)} ...")
-            results.append(analyze_program(name, student, external, analyze_mesh, completion=completion,
+            results.append(analyze_program(name, loaded["student"], external, analyze_mesh, completion=completion,
                                            student_prompt=student_prompt, teacher_prompt=teacher_prompt,
-                                           batch_size=batch, dtype=analysis["dtype"]))
+                                           batch_size=batch))
     rows = []
     for plan in results:
         row = dataclasses.asdict(plan)

@@ -356,20 +356,20 @@ def sampler_programs(name: str, model: ModelConfig, sampler_config, mesh, *, lon
 
 
 def analyze_program(name: str, student: ModelConfig, teacher: ModelConfig | None, mesh, *, completion: int,
-                    student_prompt: int, teacher_prompt: int, batch_size: int, dtype: str = "bfloat16",
+                    student_prompt: int, teacher_prompt: int, batch_size: int,
                     kernel_impl: str = "auto") -> ProgramPlan:
     """`opsd-jax analyze`'s scoring step (`analysis.score.token_scores`, the function the command
     jits) for one batch of `batch_size` rollouts of `completion` tokens behind prompts of the given
     lengths, padded as `score_rollouts` pads them, on `mesh` as the command places its parameters
-    (`--mesh`, `--dtype`: the checkpoint's own shardings in that dtype) and its batches (rollouts
-    over data and fsdp). teacher None: self-distillation, the student's weights scored twice."""
+    (the checkpoint's own shardings) and its batches (rollouts over data and fsdp). student /
+    teacher: the models as the command loads them (their dtypes are its --dtype); teacher None:
+    self-distillation, the student's weights scored twice."""
     from opsd_jax.analysis.score import batch_lengths, token_scores
     from opsd_jax.distill.train_step import Batch
     from opsd_jax.kernels.api import default_impl
     from opsd_jax.parallel import logical_sharding
 
-    student = student.replace(param_dtype=dtype, compute_dtype=dtype)
-    teacher_config = student if teacher is None else teacher.replace(param_dtype=dtype, compute_dtype=dtype)
+    teacher_config = student if teacher is None else teacher
     student_length, teacher_length, T = batch_lengths([student_prompt] * batch_size, [teacher_prompt] * batch_size,
                                                       [completion] * batch_size)
     sharding = logical_sharding(mesh, ("batch",), (batch_size,))
@@ -383,8 +383,8 @@ def analyze_program(name: str, student: ModelConfig, teacher: ModelConfig | None
 
     impl = default_impl("tpu") if kernel_impl == "auto" else kernel_impl
     plan = ProgramPlan(name, f"analyze scoring: {batch_size} rollouts of {completion} tokens (padded to {T}), "
-                             f"student context {student_length}, teacher contexts {teacher_length}, {dtype} "
-                             f"weights, {'the student as its own teacher' if teacher is None else 'external teacher'}"
+                             f"student context {student_length}, teacher contexts {teacher_length}, "
+                             f"{student.param_dtype} weights, {'the student as its own teacher' if teacher is None else 'external teacher'}"
                              f", kernel {impl}", dict(mesh.shape))
     teacher_params = None if teacher is None else sharded_abstract_params(teacher_config, mesh)
     return compile_program(plan, token_scores, sharded_abstract_params(student, mesh), teacher_params, batch(),
