@@ -382,10 +382,10 @@ def analyze_program(name: str, student: ModelConfig, teacher: ModelConfig | None
                      spec(T), spec(T), spec(), spec(T, dtype=jnp.float32))
 
     impl = default_impl("tpu") if kernel_impl == "auto" else kernel_impl
+    scorer = "the student as its own teacher" if teacher is None else "external teacher"
     plan = ProgramPlan(name, f"analyze scoring: {batch_size} rollouts of {completion} tokens (padded to {T}), "
                              f"student context {student_length}, teacher contexts {teacher_length}, "
-                             f"{student.param_dtype} weights, {'the student as its own teacher' if teacher is None else 'external teacher'}"
-                             f", kernel {impl}", dict(mesh.shape))
+                             f"{student.param_dtype} weights, {scorer}, kernel {impl}", dict(mesh.shape))
     teacher_params = None if teacher is None else sharded_abstract_params(teacher_config, mesh)
     return compile_program(plan, token_scores, sharded_abstract_params(student, mesh), teacher_params, batch(),
                            batch(), student=student, teacher=teacher_config, impl=impl, mesh=mesh)
