@@ -50,8 +50,17 @@ def run(args, make_mesh) -> int:
                                 max_tokens=args.max_tokens, batch_size=args.batch_size, kernel_impl=args.kernel_impl,
                                 seed=args.seed)
     labels = args.labels.split(",") if args.labels else None
+    mesh = make_mesh(args.mesh)
+    import jax
+
+    if jax.process_count() > 1:
+        # Every process would score every rollout and write the same report: one host is the design
+        # (`opsd-jax plan` compiles it for one host's chips).
+        raise ValueError(f"opsd-jax analyze runs as one process, and this one joined a {jax.process_count()}-process "
+                         "job: run it on a single-host machine (a one-host TPU VM, a GPU or CPU host) without a "
+                         "multi-host launcher")
     result = analyze(args.rollouts, labels, args.student, args.teacher, args.out, settings,
-                     markers_path=args.markers, mesh=make_mesh(args.mesh), dtype=args.dtype,
+                     markers_path=args.markers, mesh=mesh, dtype=args.dtype,
                      progress=not args.no_progress)
     for label, g in result["groups"].items():
         rates = " ".join(f"{name}={g['fork_rates'][name]['all']['fork_rate']:.3f}" for name in g["fork_rates"])

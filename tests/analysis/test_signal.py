@@ -201,6 +201,18 @@ def test_cli_reports_bad_inputs(student_dir, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_to_run_as_one_of_several_processes(student_dir, tmp_path, capsys, monkeypatch):
+    from opsd_jax.cli import main
+
+    rollouts = tmp_path / "rollouts.jsonl"
+    rollouts.write_text("")
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert main(["analyze", "--rollouts", str(rollouts), "--student", student_dir, "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    assert "analyze runs as one process, and this one joined a 2-process job" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_eval_generations_of_a_suite_without_ids(loaded, tmp_path):
     """A custom suite whose rows have no 'id' is keyed NAME-INDEX (0-based) by the eval runner;
     analyze finds the same rows."""
