@@ -54,8 +54,8 @@ def run(args, make_mesh) -> int:
     import jax
 
     if jax.process_count() > 1:
-        # Every process would score every rollout and write the same report: one host is the design
-        # (`opsd-jax plan` compiles it for one host's chips).
+        # Each process would build its own batches for a mesh over every host's chips and write the
+        # same report folder; one host is the design (`opsd-jax plan` compiles it for one host's chips).
         raise ValueError(f"opsd-jax analyze runs as one process, and this one joined a {jax.process_count()}-process "
                          "job: run it on a single-host machine (a one-host TPU VM, a GPU or CPU host) without a "
                          "multi-host launcher")
