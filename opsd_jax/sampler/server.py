@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import os
+import re
 import secrets
 import socket
 import threading
@@ -176,6 +178,34 @@ def _validation_error(error: pydantic.ValidationError | fastapi.exceptions.Reque
     if fields and fields[0] in _FIELD_HINTS:
         return _bad(_FIELD_HINTS[fields[0]], fields[0])
     return _bad(f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+
+
+_BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer, token_id: int, text: str | None = None) -> bytes:
+    """The token's own bytes, as OpenAI's `bytes` field means them: consecutive tokens' bytes join
+    into the text. A token holding part of a multi-byte character decodes alone to U+FFFD, whose
+    UTF-8 is not its bytes; those come from its vocabulary piece (a byte-level BPE alphabet, or a
+    SentencePiece byte-fallback `<0xNN>`)."""
+    text = tokenizer.decode([token_id]) if text is None else text
+    if "\ufffd" not in text:
+        return text.encode()
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    fallback = _BYTE_FALLBACK_PIECE.fullmatch(piece or "")
+    if fallback:
+        return bytes([int(fallback.group(1), 16)])
+    byte_of_char = _byte_of_char()
+    if piece and all(char in byte_of_char for char in piece):
+        return bytes(byte_of_char[char] for char in piece)
+    return text.encode()
 
 
 def _parse(model: type[pydantic.BaseModel], raw: bytes):
@@ -514,6 +544,9 @@ class CompletionService:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    def _token_bytes(self, token_id: int, text: str) -> list[int]:
+        return list(token_bytes(self.tokenizer, token_id, text))
+
     def _finish(self, completion, stops: list[str]) -> tuple[list[int], str, str]:
         """Token ids, text and finish reason with stop tokens and stop strings cut off."""
         ids = list(completion.token_ids)
@@ -576,7 +609,7 @@ class CompletionService:
     def _chat_logprobs(self, ids, logprobs, alternatives, sampled, entropies) -> dict:
         def item(token_id, logprob):
             text = self._token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+            return {"token": text, "logprob": logprob, "bytes": self._token_bytes(token_id, text)}
 
         return {
             "content": [

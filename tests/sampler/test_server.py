@@ -108,6 +108,26 @@ def test_completions_match_the_orchestrator(served):
     assert response.usage.prompt_tokens == len(tokenizer.encode(prompt))
 
 
+@pytest.mark.parametrize("which", ["tiny", "qwen3"])
+def test_token_bytes_join_into_the_text(which, tmp_path):
+    """Byte-level pieces of multi-byte characters (2, 3 and 4 bytes) and plain ones: each token's
+    bytes are its own, so they join into the text, where each token decoded alone reads U+FFFD."""
+    from opsd_jax.sampler.server import token_bytes
+    from opsd_jax.testing import qwen3_tokenizer_dir
+
+    if which == "tiny":
+        save_tiny_tokenizer(str(tmp_path))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    else:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(qwen3_tokenizer_dir(str(tmp_path)))
+    text = "Wait, Ԅ is 42 \u2265 \u00e9t\u00e9 \U0001f600 \u6b63\u786e"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [token_bytes(tokenizer, i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # the case the bytes are for
+    assert token_bytes(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>")) == b"<|im_end|>"
+
+
 def test_chat_completions_use_the_chat_template(served):
     client, _, tokenizer, _ = served
     messages = [{"role": "user", "content": "Perhaps 42?"}]
@@ -123,10 +143,11 @@ def test_chat_completions_use_the_chat_template(served):
     assert len(choice.logprobs.content) <= 6
     assert all(len(item.top_logprobs) == 2 for item in choice.logprobs.content)
     # The message text skips special tokens (a random model may well emit <think>); the log-probs,
-    # as vLLM's, list every generated token.
+    # as vLLM's, list every generated token. A token holding part of a multi-byte character reads
+    # U+FFFD alone; its `bytes` are its own, so the tokens' bytes join into the text (OpenAI's rule).
     special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-    assert "".join(item.token for item in choice.logprobs.content if item.token not in special) == \
-        choice.message.content
+    joined = b"".join(bytes(item.bytes) for item in choice.logprobs.content if item.token not in special)
+    assert joined.decode("utf-8", errors="replace") == choice.message.content
 
 
 def test_stop_strings_cut_the_text(served):
