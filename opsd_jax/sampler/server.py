@@ -544,9 +544,6 @@ class CompletionService:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def _token_bytes(self, token_id: int, text: str) -> list[int]:
-        return list(token_bytes(self.tokenizer, token_id, text))
-
     def _finish(self, completion, stops: list[str]) -> tuple[list[int], str, str]:
         """Token ids, text and finish reason with stop tokens and stop strings cut off."""
         ids = list(completion.token_ids)
@@ -609,7 +606,7 @@ class CompletionService:
     def _chat_logprobs(self, ids, logprobs, alternatives, sampled, entropies) -> dict:
         def item(token_id, logprob):
             text = self._token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": self._token_bytes(token_id, text)}
+            return {"token": text, "logprob": logprob, "bytes": list(token_bytes(self.tokenizer, token_id, text))}
 
         return {
             "content": [
