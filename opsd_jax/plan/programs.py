@@ -356,8 +356,7 @@ def sampler_programs(name: str, model: ModelConfig, sampler_config, mesh, *, lon
 
 
 def analyze_program(name: str, student: ModelConfig, teacher: ModelConfig | None, mesh, *, completion: int,
-                    student_prompt: int, teacher_prompt: int, batch_size: int,
-                    kernel_impl: str = "auto") -> ProgramPlan:
+                    student_prompt: int, teacher_prompt: int, batch_size: int) -> ProgramPlan:
     """`opsd-jax analyze`'s scoring step (`analysis.score.token_scores`, the function the command
     jits) for one batch of `batch_size` rollouts of `completion` tokens behind prompts of the given
     lengths, padded as `score_rollouts` pads them, on `mesh` as the command places its parameters
@@ -381,7 +380,7 @@ def analyze_program(name: str, student: ModelConfig, teacher: ModelConfig | None
         return Batch(spec(student_length), spec(student_length), spec(teacher_length), spec(teacher_length), spec(T),
                      spec(T), spec(T), spec(), spec(T, dtype=jnp.float32))
 
-    impl = default_impl("tpu") if kernel_impl == "auto" else kernel_impl
+    impl = default_impl("tpu")  # analyze's --kernel-impl default, "auto", as it resolves on a TPU
     scorer = "the student as its own teacher" if teacher is None else "external teacher"
     plan = ProgramPlan(name, f"analyze scoring: {batch_size} rollouts of {completion} tokens (padded to {T}), "
                              f"student context {student_length}, teacher contexts {teacher_length}, "
