@@ -95,6 +95,14 @@ def student_grad(
     return g / temperature
 
 
+def jsd_gradient_terms(student_NxV, teacher_NxV, beta):
+    """(1 - beta) p_s |log(p_s / m)|, float64 [N, V]: the size of the two terms whose difference is
+    the JSD's gradient at an entry, (1 - beta) p_s (log(p_s / m) - KL(p_s || m)). Float32 can only
+    be asked to get that difference to a few epsilons of this size, however much of it cancels."""
+    ls, _, ps, _, lm = _parts(student_NxV, teacher_NxV, beta, 1.0, None)
+    return (1.0 - beta) * ps * np.abs(ls - lm)
+
+
 def near_identical_logits(rng, n, v, kl=4e-7):
     """float32 logits [n, v] whose true KL (either direction) is about `kl`: a common offset
     (which the softmax removes) plus a small perturbation."""

@@ -180,10 +180,13 @@ def test_divergence_of_nearly_equal_distributions_keeps_its_digits(rng, impl):
 ])
 def test_jsd_gradient_where_the_student_is_sure(rng, impl, mesh_shape):
     """JSD gradient at the entry a student gives p ~ 0.99 (logits near 70): p_s (log(p_s / m) -
-    KL(p_s || m)) cancels there by a factor ~500, so a KL summed over probabilities whose mass is
-    1 only up to log Z's float32 rounding left ~2e-4 relative error in the statistics-first
-    kernels and on a vocabulary-split mesh (the single-device xla sweep, which normalizes by the
-    sum itself, had ~2e-5). Now every path is within 8e-5 of the float64 oracle."""
+    KL(p_s || m)) cancels there by a factor of 20 to 250 (12 draws). A KL summed over
+    probabilities whose mass is 1 only up to log Z's float32 rounding left an error of 20-33
+    float32 epsilons of the cancelling terms' size in the statistics-first kernels and on a
+    vocabulary-split mesh. The single-device xla sweep, which normalizes by the sum itself, had
+    2-3. Now every path has at most 5 (12 seeds, BUILD_NOTES); the bound is 10. The error is
+    measured against the terms' size, not the result's: a draw that cancels 230-fold left 1e-4 of
+    the result from rounding alone (CI, seed 3115773587)."""
     n, width, v = 16, 8, 1040
     h_s = np.eye(width, dtype=np.float32)[np.arange(n) % width]  # token k's logits: head row k % width
     w_s = (60.0 + rng.normal(size=(width, v))).astype(np.float32)
@@ -202,7 +205,9 @@ def test_jsd_gradient_where_the_student_is_sure(rng, impl, mesh_shape):
         return jnp.sum(out.divergence)
 
     got = np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(w_s)), np.float64)[np.arange(width), sure]
-    np.testing.assert_allclose(got, expected, rtol=8e-5)
+    terms = (h_s.astype(np.float64).T @ oracle.jsd_gradient_terms(s64, t64, 0.5))[np.arange(width), sure]
+    error_in_epsilons = np.abs(got - expected) / (terms * np.finfo(np.float32).eps)
+    assert np.all(error_in_epsilons <= 10.0), (error_in_epsilons, got, expected)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas_tpu", "pallas_gpu"])
