@@ -208,6 +208,28 @@ def token_bytes(tokenizer, token_id: int, text: str | None = None) -> bytes:
     return text.encode()
 
 
+def stop_string_check(tokenizer, stops: list[str]):
+    """`should_stop(token_ids)` for the orchestrator: True once the generated text holds a stop
+    string (None without stops). It decodes only a window of the latest tokens, so it reads only
+    the part of that window the finished text will read the same way: a window that starts inside
+    a multi-byte character decodes U+FFFD at its start, and a character whose bytes have not all
+    arrived decodes U+FFFD at its end. Either would match a stop string holding U+FFFD that the
+    finished text does not contain, and end the sequence with a different text than the one the
+    same generation without stops gives. A genuine U+FFFD is still read a token later (at the end)
+    or was read earlier (at the start); the finished text is cut by `_finish` in any case."""
+    if not stops:
+        return None
+    window = max(len(s) for s in stops) + 16  # tokens: at least one character each
+
+    def should_stop(token_ids):
+        tail = tokenizer.decode(token_ids[-window:], skip_special_tokens=True).rstrip("\ufffd")
+        if len(token_ids) > window:
+            tail = tail.lstrip("\ufffd")
+        return any(s in tail for s in stops)
+
+    return should_stop
+
+
 def _parse(model: type[pydantic.BaseModel], raw: bytes):
     try:
         body = json.loads(raw or b"{}")
@@ -424,21 +446,10 @@ class CompletionService:
 
     # ---- running requests ------------------------------------------------------------------------
 
-    def _should_stop(self, stops: list[str]):
-        if not stops:
-            return None
-        window = max(len(s) for s in stops) + 16  # tokens: at least one character each
-
-        def should_stop(token_ids):
-            tail = self.tokenizer.decode(token_ids[-window:], skip_special_tokens=True)
-            return any(s in tail for s in stops)
-
-        return should_stop
-
     def _submit(self, plan: _Plan, loop, events: asyncio.Queue | None) -> list:
         """Submits every prompt; returns the futures (cancelling those already submitted if one
         cannot be)."""
-        should_stop = self._should_stop(plan.stops)
+        should_stop = stop_string_check(self.tokenizer, plan.stops)
         futures = []
 
         def post(item):

@@ -13,11 +13,12 @@ import numpy as np
 import openai
 import pytest
 import transformers
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from opsd_jax import load_hf
 from opsd_jax.checkpoint import default_stop_token_ids
 from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig, SamplingParams
-from opsd_jax.sampler.server import CompletionServer, CompletionService
+from opsd_jax.sampler.server import CompletionServer, CompletionService, stop_string_check
 from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
 
 MODEL = "tiny-qwen3"
@@ -161,6 +162,25 @@ def test_stop_strings_cut_the_text(served):
                                     stop=[stop])
     assert cut.choices[0].text == text[: text.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
+
+
+def test_stop_strings_match_only_text_the_finished_decode_reads_the_same(checkpoint):
+    # CI once saw a stop string "\ufffd" end a greedy generation early: a character whose second
+    # byte had not arrived yet decoded as U+FFFD, so the answer differed from the one without stops.
+    tokenizer = checkpoint[4]
+    unicode_of_byte = bytes_to_unicode()
+    lead, continuation = (tokenizer.convert_tokens_to_ids(unicode_of_byte[b]) for b in "ʵ".encode())
+    letter = tokenizer.convert_tokens_to_ids("a")
+    should_stop = stop_string_check(tokenizer, ["\ufffd"])
+    assert tokenizer.decode([letter, lead, continuation]) == "aʵ"
+    assert not should_stop([letter, lead])  # the character is half-written
+    assert not should_stop([letter, lead, continuation])
+    window = 1 + 16
+    assert not should_stop([lead, continuation] + [letter] * (window - 1))  # the window starts mid-character
+    assert not should_stop([letter, continuation])  # a stray byte: read once the next token came
+    assert should_stop([letter, continuation, letter])
+    assert should_stop([letter] * window + [continuation, letter])
+    assert stop_string_check(tokenizer, []) is None
 
 
 @pytest.mark.parametrize(
