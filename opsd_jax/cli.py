@@ -50,16 +50,19 @@ def _config_cpu_devices(args) -> int | None:
     return load_config(args.config, args.overrides).train.cpu_devices
 
 
-def _mesh(text: str | None):
+def _mesh(text: str | None, *, per_process: bool = False):
+    """The --mesh DATA,FSDP,TENSOR mesh (None: one device) over every process's devices, or over
+    this process's own with `per_process` (a job whose processes each work alone)."""
+    import jax
+
     from opsd_jax.parallel import initialize_distributed, make_mesh, parse_mesh_shape
 
     initialize_distributed()
+    devices = jax.local_devices() if per_process else jax.devices()
     if text is None:
-        import jax
-
-        return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        return make_mesh(1, 1, 1, devices=devices[:1])
     data, fsdp, tensor = parse_mesh_shape(text)
-    return make_mesh(data, fsdp, tensor)
+    return make_mesh(data, fsdp, tensor, devices=devices)
 
 
 def _convert(args) -> int:

@@ -10,6 +10,8 @@ Nothing here imports jax at module level: the parser is built before --cpu-devic
 
 from __future__ import annotations
 
+import os
+
 from opsd_jax.paths import user_path
 
 
@@ -43,12 +45,16 @@ def add_arguments(parser) -> None:
                              "--temperature, --top-p, --top-k, --budgets, --grading, thinking and --instruction "
                              "(flags still override), e.g. the paper's settings for that run")
     parser.add_argument("--budgets", default="4096,8192,16384,32768", help="token budgets to regrade at")
-    parser.add_argument("--shard", default="0/1", metavar="I/N", help="generate only shard I of N (then --merge)")
+    parser.add_argument("--shard", default="0/1", metavar="I/N",
+                        help="generate only shard I of N (then --merge). A multi-process launch (every host of a pod "
+                             "running this command) splits it further: each process samples its own share on its own "
+                             "devices, and with 0/1 process 0 then merges and grades (--out on shared storage)")
     parser.add_argument("--max-slots", type=int, default=8,
                         help="sequences decoded together (KV cache: slots x (prompt + max tokens); printed at start)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
-                        help="device mesh (default: one device); auto: every device, tensor parallel over as many "
+                        help="this process's device mesh (default: one device); auto: every device of this "
+                             "process, tensor parallel over as many "
                              "as divide the KV heads and data parallel over slots for the rest, the sampler's own "
                              "rule (sampler.engine.serving_mesh)")
     parser.add_argument("--grade-timeout", type=int, default=5,
@@ -88,8 +94,8 @@ def _print_summary(results: dict) -> None:
 
 
 def auto_serving_mesh(checkpoint: str, devices=None):
-    """`--mesh auto`: the sampler's mesh for this checkpoint's model over every device (or
-    `devices`), from its config.json alone, before any weight is read."""
+    """`--mesh auto`: the sampler's mesh for this checkpoint's model over this process's devices
+    (or `devices`), from its config.json alone, before any weight is read."""
     import jax
 
     from opsd_jax.checkpoint.orbax import config_folder
@@ -102,13 +108,13 @@ def auto_serving_mesh(checkpoint: str, devices=None):
         config = ModelConfig.from_hf(config_folder(checkpoint))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--mesh auto reads the config.json of --checkpoint: {e}") from None
-    return serving_mesh(config, jax.devices() if devices is None else devices)
+    return serving_mesh(config, jax.local_devices() if devices is None else devices)
 
 
 def run(args, make_mesh) -> int:
     """Runs the mode the flags select; `make_mesh(text)` builds the device mesh (from opsd_jax.cli)."""
     from opsd_jax.eval import runner
-    from opsd_jax.eval.generations import parse_shard
+    from opsd_jax.eval.generations import parse_shard, process_shard, shard_path
     from opsd_jax.eval.report import compare_runs
     from opsd_jax.eval.score import parse_gradings
     from opsd_jax.eval.suites import parse_suites
@@ -131,23 +137,46 @@ def run(args, make_mesh) -> int:
         return 0
     if not args.checkpoint:
         raise ValueError("eval needs --checkpoint DIR (or --merge / --score-only / --compare)")
+    import jax
+
     settings = runner.EvalSettings(
         n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, instruction=args.instruction, enable_thinking=args.thinking,
         budgets=_budgets(args.budgets))
-    shard = parse_shard(args.shard)
+    asked_shard = parse_shard(args.shard)
     suites = parse_suites(args.suite)
+    # In a multi-process launch (every host of a pod runs this same command) each process samples
+    # its own shard on its own chips: the sampler's requests, scheduling and files are per process,
+    # so nothing is sharded across hosts and no process waits on another until the merge.
     mesh = auto_serving_mesh(args.checkpoint) if args.mesh and args.mesh.strip().lower() == "auto" else make_mesh(
-        args.mesh)
+        args.mesh, per_process=True)
+    process, processes = jax.process_index(), jax.process_count()
+    shard = process_shard(asked_shard, process, processes)
     result = runner.run_eval(args.checkpoint, suites, args.out, settings, shard=shard, mesh=mesh,
                              dtype=args.dtype, max_slots=args.max_slots, progress=progress,
                              timeout_seconds=args.grade_timeout, grading=gradings)
+    prefix = f"process {process}: " if processes > 1 else ""
     for suite, counts in result["generation"].items():
-        print(f"{suite}: {counts['generated']} generated, {counts['existing']} already on disk"
+        print(f"{prefix}{suite}: {counts['generated']} generated, {counts['existing']} already on disk"
               f"{', a torn last line dropped' if counts['dropped_torn_line'] else ''} -> {counts['path']}")
+    grading = "" if gradings == ("strict",) else f" --grading {','.join(gradings)}"
     if "metrics" in result:
         _print_summary(result["metrics"])
+    elif processes > 1 and asked_shard[1] == 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("opsd-jax eval: every shard generated")
+        if process == 0:
+            missing = [path for suite in suites for p in range(processes)
+                       if not os.path.exists(path := shard_path(os.path.join(args.out, suite.name), (p, processes)))]
+            if missing:
+                raise FileNotFoundError(
+                    f"process 0 merges every process's shard, and {missing[0]} ({len(missing)} missing in all) is not "
+                    f"there: --out must be storage that every host shares, or copy the shard files into one folder "
+                    f"and run opsd-jax eval --merge --out DIR{grading}")
+            _print_summary(runner.score_run(args.out, suites, merge=True, timeout_seconds=args.grade_timeout,
+                                            progress=progress, grading=gradings))
     else:
-        grading = "" if gradings == ("strict",) else f" --grading {','.join(gradings)}"
-        print(f"shard {shard[0]}/{shard[1]} done; grade with: opsd-jax eval --merge --out {args.out}{grading}")
+        print(f"{prefix}shard {shard[0]}/{shard[1]} done; once every shard is: "
+              f"opsd-jax eval --merge --out {args.out}{grading}")
     return 0

@@ -64,6 +64,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def process_shard(shard: tuple[int, int], process_index: int, process_count: int) -> tuple[int, int]:
+    """The shard one process of a multi-process launch generates: shard i of n splits over the
+    P processes as shards i + n*p of n*P, so the P of them hold exactly shard i's samples
+    (shard_of(key, n*P) = i + n*p exactly when shard_of(key, n) = i)."""
+    index, count = shard
+    return index + count * process_index, count * process_count
+
+
 def shard_path(directory: str, shard: tuple[int, int]) -> str:
     index, count = shard
     name = "generations.jsonl" if count == 1 else f"generations.shard-{index:05d}-of-{count:05d}.jsonl"

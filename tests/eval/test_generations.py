@@ -119,3 +119,14 @@ def test_sample_seeds_and_shard_spec():
     for bad in ("4/4", "x", "1/0", "-1/2"):
         with pytest.raises(ValueError, match="--shard"):
             generations.parse_shard(bad)
+
+
+@pytest.mark.parametrize("asked", [(0, 1), (1, 3)])
+def test_the_processes_of_a_launch_split_exactly_the_shard_they_were_given(asked):
+    keys = [(f"problem-{p}", i) for p in range(40) for i in range(16)]
+    processes = 4
+    by_process = [{k for k in keys if shard_of(*k, generations.process_shard(asked, p, processes)[1])
+                   == generations.process_shard(asked, p, processes)[0]} for p in range(processes)]
+    assert all(by_process) and sum(map(len, by_process)) == len(set().union(*by_process))  # disjoint
+    assert set().union(*by_process) == {k for k in keys if shard_of(*k, asked[1]) == asked[0]}
+    assert generations.process_shard(asked, 0, 1) == asked

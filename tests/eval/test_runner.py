@@ -15,6 +15,8 @@ from opsd_jax.eval.report import compare_runs
 from opsd_jax.eval.suites import load_suite
 from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # Answers a random model will not hit by chance, even through the last-number fallback.
 PROBLEMS = [("tiny-1", "What is 4521 + 4521?", "9042"), ("tiny-2", "Simplify 34/6.", "\\frac{17}{3}"),
             ("tiny-3", "Name both roots.", "\\frac{-1+\\sqrt{17}}{2}, \\frac{-1-\\sqrt{17}}{2}")]
@@ -88,6 +90,30 @@ def test_sharded_run_merges_to_the_same_samples(workspace, full_run):
         os.path.join(full_run[0], "tiny", "generations.jsonl"))
     with open(os.path.join(full_run[0], "tiny", "metrics", "budget-64.json")) as f:
         assert merged["tiny"][64]["accuracy"] == json.load(f)["accuracy"]
+
+
+def test_a_multi_process_launch_samples_per_process_and_process_0_grades(workspace, full_run):
+    """Every host of a pod runs the same `opsd-jax eval`: each process samples its own shard on its
+    own devices, process 0 merges and grades; the samples are the single-process run's, none lost
+    or repeated."""
+    root, model, suite_path = workspace
+    out = root / "two_processes"
+    result = subprocess.run(
+        [os.path.join(REPO, "launch", "local_cpu_cluster.sh"), "-n", "2", "-d", "4", "--", sys.executable, "-m",
+         "opsd_jax.cli", "eval", "--checkpoint", model, "--suite", suite_path, "--out", str(out), "--max-slots", "3",
+         "--no-progress", *CLI_SETTINGS],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""},
+        errors="replace",  # the two processes' output shares one pipe: a character may be split
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    suite_dir = str(out / "tiny")
+    shards = [records_of(generations.shard_path(suite_dir, (p, 2))) for p in range(2)]
+    assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
+    expected = records_of(os.path.join(full_run[0], "tiny", "generations.jsonl"))
+    assert {**shards[0], **shards[1]} == expected == records_of(os.path.join(suite_dir, "generations.jsonl"))
+    with open(out / "summary.json") as f, open(os.path.join(full_run[0], "summary.json")) as g:
+        assert json.load(f)["tiny"] == json.load(g)["tiny"]
+    assert result.stdout.count("tiny budget 64") == 1 and "process 1: tiny: " in result.stdout
 
 
 def test_kill_and_resume_loses_and_repeats_nothing(workspace, full_run):
