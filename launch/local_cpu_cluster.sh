@@ -21,11 +21,17 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ $# -gt 0 ] || { echo "no command given (usage: $0 [-n N] [-d D] -- COMMAND...)" >&2; exit 2; }
+# Line by line as they come (sed would hold its output back in blocks when piped), so a
+# process's output reaches the reader while it runs: a server's URL, a trainer's step.
+prefix_lines() {
+  local line
+  while IFS= read -r line || [ -n "$line" ]; do printf '%s%s\n' "$1" "$line"; done
+}
 pids=()
 for ((rank = 0; rank < processes; rank++)); do
   OPSD_COORDINATOR="127.0.0.1:${port}" OPSD_NUM_PROCESSES="$processes" OPSD_PROCESS_ID="$rank" \
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
-    "$@" > >(sed "s/^/[process $rank] /") 2>&1 &
+    "$@" > >(prefix_lines "[process $rank] ") 2>&1 &
   pids+=($!)
 done
 forward() { kill -s "$1" "${pids[@]}" 2>/dev/null || true; }

@@ -93,7 +93,8 @@ def _serve(args) -> int:
     from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig
     from opsd_jax.sampler.server import CompletionServer, CompletionService
 
-    mesh = _mesh(args.mesh)
+    # A multi-process launch (every host of a pod) starts one independent replica per process.
+    mesh = _mesh(args.mesh, per_process=True)
     config, params, tokenizer, side_dir = load_for_serving(args.checkpoint, dtype=args.dtype, mesh=mesh)
     engine = Engine(config, SamplerConfig(max_slots=args.max_slots, max_sequence_length=args.max_sequence_length,
                                           valid_vocab_size=min(len(tokenizer), config.vocab_size)), mesh=mesh)
@@ -312,12 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="OpenAI-compatible /v1/completions and /v1/chat/completions")
     serve.add_argument("--checkpoint", required=True, metavar="DIR", type=user_path, help="HF folder or opsd-jax Orbax checkpoint")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port (the URL is printed)")
     serve.add_argument("--model-name", help="name reported by the API (default: the folder name)")
     serve.add_argument("--max-slots", type=int, default=8, help="sequences decoded together")
     serve.add_argument("--max-sequence-length", type=int, help="prompt + generated tokens per sequence")
     serve.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    serve.add_argument("--mesh", metavar="DATA,FSDP,TENSOR")
+    serve.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
+                       help="this process's device mesh (default: one device); a multi-process launch starts one "
+                            "server per process, each on its own devices")
     serve.add_argument("--cpu-devices", type=int, help="emulate this many CPU devices")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM/Ctrl-C, how long requests in flight may finish before they are cancelled")

@@ -67,3 +67,55 @@ def test_serve_answers_on_loopback(tmp_path, model_seed):
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "stopped" in output
+
+
+def test_a_multi_process_launch_serves_one_replica_per_process(tmp_path, model_seed):
+    """`opsd-jax serve` on every process of a cluster: each process loads the model on its own
+    devices and answers on its own port; a SIGTERM to the launcher stops both cleanly."""
+    import json
+    import os
+    import queue
+    import re
+    import threading
+    import urllib.request
+
+    from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
+
+    save_tiny_hf_model("qwen3", str(tmp_path), seed=model_seed)
+    save_tiny_tokenizer(str(tmp_path))
+    launcher = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch",
+                            "local_cpu_cluster.sh")
+    process = subprocess.Popen(
+        [launcher, "-n", "2", "-d", "2", "--", sys.executable, "-m", "opsd_jax.cli", "serve", "--checkpoint",
+         str(tmp_path), "--port", "0", "--max-slots", "2", "--max-sequence-length", "64", "--dtype", "float32"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)],
+                     daemon=True).start()
+    seen, urls = [], {}
+    try:
+        while len(urls) < 2:
+            line = lines.get(timeout=240)
+            assert line is not None, "".join(seen)
+            seen.append(line)
+            found = re.match(r"\[process (\d)\] serving \S+ at (http://\S+/v1)", line)
+            if found:
+                urls[found.group(1)] = found.group(2)
+        assert urls["0"] != urls["1"]
+        answers = []
+        for url in urls.values():
+            body = json.dumps({"prompt": "Wait, let me", "max_tokens": 4, "temperature": 0}).encode()
+            request = urllib.request.Request(url + "/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answers.append(json.load(response)["choices"][0]["text"])
+        assert answers[0] == answers[1]  # the same weights, greedy
+    finally:
+        process.terminate()  # the launcher forwards SIGTERM to both servers
+        process.wait(timeout=120)
+    while (line := lines.get(timeout=30)) is not None:
+        seen.append(line)
+    assert process.returncode == 0, "".join(seen)
+    assert {"[process 0] stopped\n", "[process 1] stopped\n"} <= set(seen)
