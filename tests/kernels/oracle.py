@@ -103,6 +103,50 @@ def jsd_gradient_terms(student_NxV, teacher_NxV, beta):
     return (1.0 - beta) * ps * np.abs(ls - lm)
 
 
+def _topk_buckets(student_NxV, teacher_ids_NxK, teacher_logprobs_NxK, temperature, valid_vocab):
+    """Student log-probs [N, V] and both sides' bucket log-probs [N, K + 1]: the teacher's top-k
+    tokens, then one bucket for the rest of the vocabulary."""
+    ls = _log_softmax(scaled(student_NxV, temperature, valid_vocab))
+    ls_k = np.take_along_axis(ls, teacher_ids_NxK, axis=-1)
+    lt_k = np.asarray(teacher_logprobs_NxK, np.float64)
+    with np.errstate(divide="ignore"):
+        tail_s = np.log1p(-np.exp(ls_k).sum(-1))
+        tail_t = np.log1p(-np.exp(lt_k).sum(-1))
+    return ls, np.concatenate([ls_k, tail_s[:, None]], -1), np.concatenate([lt_k, tail_t[:, None]], -1)
+
+
+def topk_divergence(student_NxV, teacher_ids_NxK, teacher_logprobs_NxK, beta, temperature=1.0, valid_vocab=None):
+    """float64 [N]: the divergence between the two bucket distributions (top-k + tail)."""
+    _, a, b = _topk_buckets(student_NxV, teacher_ids_NxK, teacher_logprobs_NxK, temperature, valid_vocab)
+    pa, pb = np.exp(a), np.exp(b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if beta == 0.0:
+            return _plogq(pb, b - a).sum(-1)
+        if beta == 1.0:
+            return _plogq(pa, a - b).sum(-1)
+        lm = np.log(beta * pb + (1 - beta) * pa)
+        return beta * _plogq(pb, b - lm).sum(-1) + (1 - beta) * _plogq(pa, a - lm).sum(-1)
+
+
+def topk_student_grad(student_NxV, teacher_ids_NxK, teacher_logprobs_NxK, beta, temperature=1.0,
+                      valid_vocab=None):
+    """float64 [N, V]: d topk_divergence[n] / d student logits[n, :]. With c_j the derivative by
+    bucket j's student probability q_j, a logit's gradient is p_l (c_bucket(l) - sum_j q_j c_j)."""
+    ls, a, b = _topk_buckets(student_NxV, teacher_ids_NxK, teacher_logprobs_NxK, temperature, valid_vocab)
+    pa, pb = np.exp(a), np.exp(b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if beta == 0.0:
+            c = -pb / pa
+        elif beta == 1.0:
+            c = a - b
+        else:
+            c = (1 - beta) * (a - np.log(beta * pb + (1 - beta) * pa))
+    per_logit = np.repeat(c[:, -1:], ls.shape[1], axis=1)
+    np.put_along_axis(per_logit, teacher_ids_NxK, c[:, :-1], axis=1)
+    ps = np.exp(ls)
+    return _plogq(ps, per_logit - (pa * c).sum(-1, keepdims=True)) / temperature
+
+
 def near_identical_logits(rng, n, v, kl=4e-7):
     """float32 logits [n, v] whose true KL (either direction) is about `kl`: a common offset
     (which the softmax removes) plus a small perturbation."""

@@ -28,6 +28,27 @@ def test_oracle_gradient_matches_finite_differences(rng, beta):
     assert np.all(g[:, 9:] == 0.0)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_topk_oracle_gradient_matches_finite_differences(rng, beta):
+    n, v, k = 3, 13, 4
+    s = rng.normal(size=(n, v)) * 2
+    teacher = oracle._log_softmax(oracle.scaled(rng.normal(size=(n, v)) * 2, 1.3, 10))
+    ids = np.argsort(-teacher, axis=-1)[:, :k]
+    lt_k = np.take_along_axis(teacher, ids, -1)
+    weights = rng.normal(size=n)
+
+    def f(x):
+        return np.dot(weights, oracle.topk_divergence(x, ids, lt_k, beta, 1.3, valid_vocab=10))
+
+    g = weights[:, None] * oracle.topk_student_grad(s, ids, lt_k, beta, 1.3, valid_vocab=10)
+    eps = 1e-6
+    for _ in range(4):
+        direction = rng.normal(size=s.shape)
+        fd = (f(s + eps * direction) - f(s - eps * direction)) / (2 * eps)
+        np.testing.assert_allclose(np.sum(g * direction), fd, rtol=1e-6, atol=1e-7)
+    assert np.all(g[:, 10:] == 0.0)
+
+
 def test_oracle_known_values(rng):
     v = 7
     same = rng.normal(size=(2, v))

@@ -9,24 +9,6 @@ from opsd_jax import kernels
 from tests.kernels import oracle
 
 
-def _oracle_topk(s, ids, lt_k, beta, temperature, valid_vocab):
-    ls = oracle._log_softmax(oracle.scaled(s, temperature, valid_vocab))
-    ls_k = np.take_along_axis(ls, ids, axis=-1)
-    with np.errstate(divide="ignore"):
-        tail_s = np.log1p(-np.exp(ls_k).sum(-1))
-        tail_t = np.log1p(-np.exp(lt_k).sum(-1))
-    a = np.concatenate([ls_k, tail_s[:, None]], -1)
-    b = np.concatenate([lt_k, tail_t[:, None]], -1)
-    pa, pb = np.exp(a), np.exp(b)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if beta == 0.0:
-            return oracle._plogq(pb, b - a).sum(-1)
-        if beta == 1.0:
-            return oracle._plogq(pa, a - b).sum(-1)
-        lm = np.log(beta * pb + (1 - beta) * pa)
-        return beta * oracle._plogq(pb, b - lm).sum(-1) + (1 - beta) * oracle._plogq(pa, a - lm).sum(-1)
-
-
 def _setup(rng, n=6, v=60, k=5):
     s = (rng.normal(size=(n, v)) * 2).astype(np.float32)
     t = (rng.normal(size=(n, v)) * 2).astype(np.float32)
@@ -54,15 +36,15 @@ def test_topk_matches_oracle_values_and_gradient(rng, beta):
         return jnp.sum(jnp.asarray(weights, jnp.float32) * out.divergence), out
 
     (_, out), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(s))
-    expected = _oracle_topk(s, ids, lt_k, beta, temperature, valid_vocab)
+    expected = oracle.topk_divergence(s, ids, lt_k, beta, temperature, valid_vocab)
     np.testing.assert_allclose(np.asarray(out.divergence), expected, rtol=1e-4, atol=1e-5)
     assert np.all(np.asarray(grad)[:, valid_vocab:] == 0.0)
     eps = 1e-6
     for _ in range(3):
         d = rng.normal(size=s.shape)
         fd = (
-            np.dot(weights, _oracle_topk(s + eps * d, ids, lt_k, beta, temperature, valid_vocab))
-            - np.dot(weights, _oracle_topk(s - eps * d, ids, lt_k, beta, temperature, valid_vocab))
+            np.dot(weights, oracle.topk_divergence(s + eps * d, ids, lt_k, beta, temperature, valid_vocab))
+            - np.dot(weights, oracle.topk_divergence(s - eps * d, ids, lt_k, beta, temperature, valid_vocab))
         ) / (2 * eps)
         np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * d), fd, rtol=1e-3, atol=1e-4)
 
@@ -100,8 +82,10 @@ def test_topk_divergence_of_nearly_equal_distributions_keeps_its_digits(rng, k):
     """V=151,936, float32, bucket divergences of 1e-9 .. 1e-7: log p_t - log p_s per bucket used to
     carry ~1e-6 of rounding each, so the values came out negative or 39x too large; now within
     1e-3 of the float64 oracle for both KLs and the JSD, under jit. The gradient (unchanged by
-    that: its float32 error, ~0.5% of a random directional derivative here, comes from the ~1e5
-    tail entries' p_s-weighted sums) stays within 1% of the float64 finite difference."""
+    that: its float32 error comes from the ~1e5 tail entries' p_s-weighted sums) is within 0.4%
+    of the float64 oracle's in each row's norm (at most 0.12% in 18 draws). A random directional
+    derivative is no measure here: it sums 600,000 terms of both signs, cancels up to 1000-fold,
+    and once came out 2.2% off (CI, seed 693419352) with each row right to 0.07% in norm."""
     n, v = 4, 151_936
     zs, zt = oracle.near_identical_logits(rng, n, v)
     ids, lt_k = kernels.teacher_topk(jnp.asarray(zt), k)
@@ -112,16 +96,13 @@ def test_topk_divergence_of_nearly_equal_distributions_keeps_its_digits(rng, k):
         return [kernels.topk_divergence(z, ids, lt_k, beta=beta).divergence for beta in (0.0, 0.1, 0.5, 1.0)]
 
     for beta, got in zip((0.0, 0.1, 0.5, 1.0), divergences(jnp.asarray(zs))):
-        expected = _oracle_topk(zs.astype(np.float64), ids, lt64, beta, 1.0, None)
+        expected = oracle.topk_divergence(zs.astype(np.float64), ids, lt64, beta, 1.0, None)
         assert np.all((expected > 1e-10) & (expected < 1e-6))
         np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=1e-3, err_msg=f"beta={beta}")
 
     weights = rng.uniform(0.5, 2.0, n)
     grad = jax.grad(lambda z: jnp.sum(jnp.asarray(weights, jnp.float32)
                                       * kernels.topk_divergence(z, ids, lt_k, beta=0.5).divergence))(jnp.asarray(zs))
-    eps = 1e-4
-    for _ in range(2):
-        d = rng.normal(size=zs.shape)
-        fd = (np.dot(weights, _oracle_topk(zs + eps * d, ids, lt64, 0.5, 1.0, None))
-              - np.dot(weights, _oracle_topk(zs - eps * d, ids, lt64, 0.5, 1.0, None))) / (2 * eps)
-        np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * d), fd, rtol=1e-2)
+    expected = weights[:, None] * oracle.topk_student_grad(zs, ids, lt64, 0.5)
+    error = np.linalg.norm(np.asarray(grad, np.float64) - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert error.max() < 4e-3, error
