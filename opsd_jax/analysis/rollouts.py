@@ -6,9 +6,12 @@ Rollouts format (JSON Lines, written by `write_rollouts`):
     fields the rollouts were sampled under (e.g. {"student_suffix": "", "student_thinking": true})}
   then one record per rollout: {"problem_id": str, "problem": str, "solution": str, "answer": str,
     "token_ids": [int, ...] the sampled completion, optional "sample_index": int}
-Eval generations files (opsd_jax/eval/generations.py) carry text, not ids: the text is encoded
-again with the same tokenizer (checked by fingerprint), and problems, solutions and answers come
-from the suite file named in the header.
+Eval generations files (opsd_jax/eval/generations.py) carry each sample's text and the sampled
+ids it decodes from (`token_ids`, stop token excluded); the ids are scored, as sampled. Files
+written before the runner kept the ids carry text only: that text is encoded again with the same
+tokenizer (checked by fingerprint), which can differ from what was sampled wherever the sampler
+drew a non-canonical split. Problems, solutions and answers come from the suite file named in
+the header.
 """
 
 from __future__ import annotations
@@ -100,9 +103,7 @@ def _own_rollouts(path, rows, tokenizer) -> RolloutSet:
         ids = row.get("token_ids")
         if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise ValueError(f"{where}: field 'token_ids' must be a non-empty list of integers")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"{where}: field 'token_ids' holds {bad[0]}, outside the tokenizer's {vocab} tokens")
+        _checked_ids(ids, vocab, where)
         problem = Problem(id=_text_field(row, "problem_id", where), problem=_text_field(row, "problem", where),
                           solution=_text_field(row, "solution", where), answer=_text_field(row, "answer", where))
         rollouts.append(Rollout(problem, tuple(ids), int(row.get("sample_index", 0)), where))
@@ -123,6 +124,27 @@ def _suite_rows(header: dict, where: str) -> dict[str, dict]:
     return {row_problem_id(row, header["suite"], index): row for index, (_, row) in enumerate(suite_rows(source))}
 
 
+def _checked_ids(ids: list, vocab: int, where: str) -> list:
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"{where}: field 'token_ids' holds {bad[0]}, outside the tokenizer's {vocab} tokens")
+    return ids
+
+
+def _generation_ids(record: dict, tokenizer, where: str) -> list:
+    """The ids to score for one generations record: the sampled ones where the file kept them
+    (checked against the record's text, so a file whose ids and text disagree is refused), else
+    the text encoded again."""
+    ids = record.get("token_ids")
+    if ids is None:
+        return tokenizer.encode(record["text"], add_special_tokens=False)
+    _checked_ids(ids, len(tokenizer), where)
+    if tokenizer.decode(ids, skip_special_tokens=False) != record["text"]:
+        raise ValueError(f"{where}: field 'token_ids' does not decode to field 'text'; the record was altered "
+                         "after sampling")
+    return ids
+
+
 def _eval_generations(path, tokenizer) -> RolloutSet:
     contents = generations.read(path)
     where0 = f"{path}:1"
@@ -134,7 +156,7 @@ def _eval_generations(path, tokenizer) -> RolloutSet:
         row = suite.get(record["problem_id"])
         if row is None:
             raise ValueError(f"{where}: problem {record['problem_id']!r} is not in the suite file")
-        ids = tokenizer.encode(record["text"], add_special_tokens=False)
+        ids = _generation_ids(record, tokenizer, where)
         if not ids:
             continue  # an empty generation has no tokens to score
         problem = Problem(id=record["problem_id"], problem=str(row.get("problem", row.get("question", ""))),

@@ -48,7 +48,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="generate only shard I of N (then --merge). A multi-process launch (every host of a pod "
                              "running this command) splits it further: each process samples its own share on its own "
-                             "devices, and with 0/1 process 0 then merges and grades (--out on shared storage)")
+                             "devices, and with 0/1 process 0 then merges and grades (--out on shared storage). "
+                             "Resuming with another shard count or number of processes reuses every sample already under --out")
     parser.add_argument("--max-slots", type=int, default=8,
                         help="sequences decoded together (KV cache: slots x (prompt + max tokens); printed at start)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
@@ -65,7 +66,9 @@ def add_arguments(parser) -> None:
                              "graded like a finished one), or strict,paper for both side by side (the first is "
                              "plotted and printed). Each mode has its own SUITE/metrics folder and is recorded in "
                              "every metrics file and summary.json. With --compare: the one mode to compare")
-    parser.add_argument("--merge", action="store_true", help="merge shard files under --out, then grade")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge the shard files under --out (of any shard counts, with any merged file already "
+                             "there), then grade")
     parser.add_argument("--score-only", action="store_true", help="grade existing generations under --out")
     parser.add_argument("--compare", nargs="+", metavar="RUN", type=user_path, help="run folders to compare (the first is the base)")
     parser.add_argument("--labels", help="comma-separated labels for --compare runs")

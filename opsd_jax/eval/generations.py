@@ -1,5 +1,6 @@
 """The generations file: one JSON Lines file per suite (and shard), a header line, then one record
-per (problem id, sample index), appended as each sample finishes.
+per (problem id, sample index), appended as each sample finishes. A record holds the text and
+the sampled token ids it decodes from (`token_ids`, absent in files from before they were kept).
 
 A kill can leave at most one torn last line (no trailing newline): it is detected and cut off on
 resume, and its sample regenerated (per-sample seeds make it the same sample). A malformed line
@@ -85,6 +86,10 @@ def _check_record(record, where: str) -> dict:
                         ("finish_reason", str), ("budget_chars", dict)):
         if not isinstance(record.get(field), kind):
             raise ValueError(f"{where}: field {field!r} missing or not {kind.__name__}")
+    # Optional: files written before the runner kept the sampled ids have text only.
+    ids = record.get("token_ids")
+    if ids is not None and not (isinstance(ids, list) and all(type(t) is int for t in ids)):
+        raise ValueError(f"{where}: field 'token_ids' must be a list of integers")
     return record
 
 
@@ -194,30 +199,82 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
-def merge_shards(directory: str) -> Contents:
-    """Merges every shard file in a suite's folder into generations.jsonl (written atomically).
+def shard_files(directory: str) -> list[str]:
+    """The shard files in a suite's folder (any shard count), sorted by name."""
+    if not os.path.isdir(directory):
+        return []
+    return [os.path.join(directory, n) for n in sorted(os.listdir(directory))
+            if n.startswith("generations.shard-") and n.endswith(".jsonl")]
 
-    All shards of one count must be present and agree on their settings; each sample must come
-    from the shard it belongs to, once.
+
+def _sources(directory: str) -> list[str]:
+    """Every generations file of a suite's folder: the merged or single-process file first."""
+    whole = shard_path(directory, (0, 1))
+    return ([whole] if os.path.exists(whole) else []) + shard_files(directory)
+
+
+def samples_elsewhere(directory: str, shard: tuple[int, int], header: dict) -> set[tuple[str, int]]:
+    """Samples already in the folder's files of other shard counts (an earlier launch with
+    another number of processes, or the merged file), so a relaunch does not generate them
+    again. Files of this shard count are skipped: their samples belong to other shards.
+    Each file must have been written under this run's settings."""
+    keys: set[tuple[str, int]] = set()
+    for path in _sources(directory):
+        contents = read(path)
+        if contents.header.get("shard", [0, 1])[1] == shard[1]:
+            continue
+        check_settings(contents.header, header, path)
+        keys.update(contents.records)  # a torn last line is not among them: its sample is regenerated
+    return keys
+
+
+def _check_complete(directory: str, merged: dict, sources: list[tuple[str, Contents]]) -> None:
+    """Every problem must have samples 0..N-1 (N: the most any problem has). A problem with no
+    samples at all is only seen by grading, which knows the suite."""
+    by_problem: dict[str, set[int]] = {}
+    for problem_id, sample_index in merged:
+        by_problem.setdefault(problem_id, set()).add(sample_index)
+    n = max((max(s) + 1 for s in by_problem.values()), default=0)
+    short = [p for p, s in by_problem.items() if len(s) < n]
+    if not short:
+        return
+    hints = []
+    for count in sorted({c.header["shard"][1] for _, c in sources} - {1}):
+        present = {c.header["shard"][0] for _, c in sources if c.header["shard"][1] == count}
+        absent = [shard_path(directory, (i, count)) for i in range(count) if i not in present]
+        if absent:
+            hints.append(f"{len(absent)} of {count} shard files absent, e.g. {absent[0]}")
+    hints += [f"{path} ends in a torn line" for path, c in sources if c.torn_bytes]
+    raise ValueError(
+        f"{directory}: incomplete: problem {short[0]!r} has {len(by_problem[short[0]])} of samples 0..{n - 1} "
+        f"({len(short)} problems short){'; ' + '; '.join(hints) if hints else ''}. Finish (resume) every shard "
+        "before merging: the same eval command, with any number of processes, generates only what is missing"
+    )
+
+
+def merge_shards(directory: str) -> Contents:
+    """Merges every generations file in a suite's folder into generations.jsonl (written
+    atomically): the shard files, of one shard count or of several (a launch resumed with
+    another number of processes), and the merged or single-process file already there.
+
+    The files must agree on their settings; each sample must sit in the file of the shard it
+    belongs to, and is kept once; every problem must end with the same samples 0..N-1. A torn
+    last line is left out (its sample is missing unless another file has it).
     """
-    names = sorted(n for n in os.listdir(directory) if n.startswith("generations.shard-") and n.endswith(".jsonl"))
+    names = shard_files(directory)
     if not names:
         raise FileNotFoundError(f"{directory}: no generations.shard-*.jsonl files to merge")
-    contents = [(os.path.join(directory, n), read(os.path.join(directory, n))) for n in names]
+    contents = [(path, read(path)) for path in _sources(directory)]
     first_path, first = contents[0]
-    count = first.header["shard"][1]
-    indices = sorted(c.header["shard"][0] for _, c in contents if c.header["shard"][1] == count)
-    if len(contents) != count or indices != list(range(count)):
-        raise ValueError(f"{directory}: expected shards 0..{count - 1} of {count}, found {[n for n in names]}")
     merged: dict[tuple[str, int], dict] = {}
     for path, c in contents:
         check_settings(c.header, first.header, path)
-        if c.torn_bytes:
-            raise ValueError(f"{path}: ends in a torn line; resume that shard before merging")
+        index, count = c.header["shard"]
         for key, record in c.records.items():
-            if shard_of(*key, count) != c.header["shard"][0]:
+            if shard_of(*key, count) != index:
                 raise ValueError(f"{path}: sample {key} belongs to shard {shard_of(*key, count)}")
-            merged[key] = record
+            merged.setdefault(key, record)
+    _check_complete(directory, merged, contents)
     header = dict(first.header, shard=[0, 1])
     lines = [json.dumps(header, ensure_ascii=False)] + [json.dumps(r, ensure_ascii=False) for r in merged.values()]
     write_atomic(shard_path(directory, (0, 1)), "\n".join(lines) + "\n")

@@ -79,7 +79,9 @@ def prompt_opens_thinking(tokenizer, prompt_ids: list[int]) -> bool:
 def make_record(completion, tokenizer, stop_token_ids, problem_id: str, sample_index: int, seed: int,
                 budgets: list[int]) -> dict:
     """A generations-file row. Text keeps special tokens such as <think> (the grader needs them)
-    except the stop token; token_count includes it, as it took a generation step."""
+    except the stop token; token_count includes it, as it took a generation step. token_ids are
+    the sampled ids `text` decodes from (the stop token excluded): `analyze` scores them, since
+    a sampled sequence need not be the one the tokenizer would encode the text into."""
     ids = list(completion.token_ids)
     body = ids[:-1] if completion.finish_reason == "stop" and ids and ids[-1] in stop_token_ids else ids
     text = tokenizer.decode(body, skip_special_tokens=False)
@@ -90,7 +92,8 @@ def make_record(completion, tokenizer, stop_token_ids, problem_id: str, sample_i
             # length is right to within that one character.
             cuts[str(budget)] = min(len(tokenizer.decode(body[:budget], skip_special_tokens=False)), len(text))
     return {"problem_id": problem_id, "sample_index": sample_index, "seed": seed, "token_count": len(ids),
-            "finish_reason": completion.finish_reason, "text": text, "budget_chars": cuts}
+            "finish_reason": completion.finish_reason, "text": text, "budget_chars": cuts,
+            "token_ids": [int(t) for t in body]}
 
 
 def suite_header(suite: Suite, settings: EvalSettings, tokenizer, prompts, shard, checkpoint: str) -> dict:
@@ -109,7 +112,9 @@ def generate_suite(orchestrator, tokenizer, suite: Suite, directory: str, settin
                    shard=(0, 1), stop_token_ids=(), checkpoint: str = "", progress: bool = True) -> dict:
     """Generates this shard's missing samples of one suite into its generations file.
 
-    Returns counts: existing (already on disk), generated, and dropped_torn_line.
+    Returns counts: existing (this shard's samples already on disk, in its own file or, from a
+    launch with another number of processes, in other files of the folder), generated, and
+    dropped_torn_line.
     """
     from opsd_jax.sampler import SamplingParams
 
@@ -117,10 +122,11 @@ def generate_suite(orchestrator, tokenizer, suite: Suite, directory: str, settin
     header = suite_header(suite, settings, tokenizer, prompts, shard, checkpoint)
     path = generations.shard_path(directory, shard)
     with generations.Appender(path, header) as appender:
-        missing = [(index, problem.id, sample)
-                   for sample in range(settings.n) for index, problem in enumerate(suite.problems)
-                   if generations.shard_of(problem.id, sample, shard[1]) == shard[0]
-                   and (problem.id, sample) not in appender.existing]
+        done = set(appender.existing) | generations.samples_elsewhere(directory, shard, header)
+        mine = [(index, problem.id, sample)
+                for sample in range(settings.n) for index, problem in enumerate(suite.problems)
+                if generations.shard_of(problem.id, sample, shard[1]) == shard[0]]
+        missing = [item for item in mine if item[1:] not in done]
         bar = tqdm(total=len(missing), desc=f"{suite.name} samples", unit="sample", disable=not progress)
         # One request per problem for all its missing samples: the prompt is prefilled once and its
         # pages are shared; per-sample seeds keep every sample what an n=1 request would draw. A
@@ -176,13 +182,14 @@ def generate_suite(orchestrator, tokenizer, suite: Suite, directory: str, settin
             for future in in_flight:
                 future.cancel()
             bar.close()
-    return {"path": path, "existing": len(appender.existing), "generated": len(missing),
+    return {"path": path, "existing": len(mine) - len(missing), "generated": len(missing),
             "dropped_torn_line": appender.dropped_torn_line}
 
 
 def score_run(out: str, suites: list[Suite] | None = None, *, merge: bool = False, timeout_seconds: int = 5,
               progress: bool = True, grading="strict") -> dict:
-    """Grades every suite folder under `out` (merging shard files first when asked), then writes
+    """Grades every suite folder under `out` (with `merge`, a folder's shard files, where it has
+    any, are merged into its generations.jsonl first), then writes
     summary.json, summary.md and accuracy_vs_budget.png. `suites` defaults to the suites named in
     the generations headers (built-in names or their recorded source files).
 
@@ -202,8 +209,8 @@ def score_run(out: str, suites: list[Suite] | None = None, *, merge: bool = Fals
         raise FileNotFoundError(f"{out}: no SUITE/generations*.jsonl to grade")
     for name in tqdm(names, desc="grading", disable=not progress):
         directory = os.path.join(out, name)
-        contents = generations.merge_shards(directory) if merge else generations.read(
-            generations.shard_path(directory, (0, 1)))
+        contents = generations.merge_shards(directory) if merge and generations.shard_files(directory) else (
+            generations.read(generations.shard_path(directory, (0, 1))))
         if contents.torn_bytes:
             raise ValueError(f"{directory}/generations.jsonl ends in a torn line; resume the run before grading")
         header = contents.header
@@ -262,6 +269,7 @@ def run_eval(checkpoint: str, suites: list[Suite], out: str, settings: EvalSetti
                 stop_token_ids=stop_token_ids, checkpoint=checkpoint, progress=progress)
     result = {"generation": counts}
     if shard[1] == 1:
-        result["metrics"] = score_run(out, suites, timeout_seconds=timeout_seconds, progress=progress,
-                                      grading=grading)
+        # Shard files beside the file just written hold samples it skipped: grade their union.
+        result["metrics"] = score_run(out, suites, merge=True, timeout_seconds=timeout_seconds,
+                                      progress=progress, grading=grading)
     return result

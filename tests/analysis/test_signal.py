@@ -185,6 +185,38 @@ def test_reads_eval_generations(loaded, tmp_path):
         read_rollouts(path, tokenizer)
 
 
+def test_eval_generations_are_scored_as_sampled(loaded, tmp_path):
+    """The runner keeps the sampled ids; a sampler can draw a split the tokenizer would never
+    produce (here one byte-level token per character), and analyze scores that split. Files
+    without ids (written before the runner kept them) fall back to encoding the text."""
+    _, _, tokenizer, _ = loaded
+    canonical = tokenizer.encode(ROLLOUT_TEXT, add_special_tokens=False)
+    sampled = [i for ch in ROLLOUT_TEXT for i in tokenizer.encode(ch, add_special_tokens=False)]
+    assert tokenizer.decode(sampled) == ROLLOUT_TEXT and len(sampled) > len(canonical)
+    header = {"format": generations.FORMAT, "suite": "aime24", "suite_fingerprint": "x",
+              "tokenizer_fingerprint": generations.tokenizer_fingerprint(tokenizer), "instruction": None,
+              "enable_thinking": None, "thinking_open": False}
+
+    def record(sample_index, **fields):
+        return {"problem_id": "aime24-I-1", "sample_index": sample_index, "text": ROLLOUT_TEXT,
+                "token_count": len(sampled) + 1, "finish_reason": "stop", "budget_chars": {}, **fields}
+
+    path = tmp_path / "generations.jsonl"
+
+    def write(*records):
+        path.write_text("\n".join(json.dumps(r) for r in (header, *records)) + "\n")
+        return str(path)
+
+    with_ids, without_ids = read_rollouts(write(record(0, token_ids=sampled), record(1)), tokenizer).rollouts
+    assert list(with_ids.token_ids) == sampled
+    assert list(without_ids.token_ids) == canonical
+    with pytest.raises(ValueError, match=r"generations.jsonl:2: field 'token_ids' does not decode to field 'text'"):
+        read_rollouts(write(record(0, token_ids=sampled[:-1])), tokenizer)
+    with pytest.raises(ValueError, match=r"generations.jsonl:3: field 'token_ids' holds 400, outside the tokenizer's "
+                                         r"400 tokens"):
+        read_rollouts(write(record(0, token_ids=sampled), record(1, token_ids=sampled + [len(tokenizer)])), tokenizer)
+
+
 def test_cli_reports_bad_inputs(student_dir, tmp_path, capsys):
     from opsd_jax.cli import main
 

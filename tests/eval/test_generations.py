@@ -72,6 +72,10 @@ def test_missing_field_and_duplicates_are_named(tmp_path):
     with pytest.raises(ValueError, match=rf"{path}:2: field 'text' missing"):
         read(path)
     with open(path, "w") as f:
+        f.write(json.dumps(header()) + "\n" + json.dumps(dict(record("a", 0), token_ids=[3, 4.0])) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: field 'token_ids' must be a list of integers"):
+        read(path)
+    with open(path, "w") as f:
         f.write("\n".join(json.dumps(r) for r in (header(), record("a", 0), record("b", 0), record("a", 0))) + "\n")
     with pytest.raises(ValueError, match=rf"{path}:4: duplicate sample \('a', 0\) \(first at line 2\)"):
         read(path)
@@ -106,9 +110,46 @@ def test_shards_merge_and_cover_every_sample(tmp_path):
     merged = merge_shards(str(tmp_path))
     assert sorted(merged.records) == sorted(keys)
     assert sorted(read(str(tmp_path / "generations.jsonl")).records) == sorted(keys)
+    assert sorted(merge_shards(str(tmp_path)).records) == sorted(keys)  # merging again changes nothing
     os.remove(shard_path(str(tmp_path), (1, shards)))
-    with pytest.raises(ValueError, match="expected shards 0..2 of 3"):
+    assert sorted(merge_shards(str(tmp_path)).records) == sorted(keys)  # the merged file still holds shard 1
+    os.remove(tmp_path / "generations.jsonl")
+    with pytest.raises(ValueError, match=r"incomplete: problem '.' has \d of samples 0..7 .*1 of 3 shard files "
+                                         r"absent, e.g. .*generations.shard-00001-of-00003.jsonl"):
         merge_shards(str(tmp_path))
+    assert not (tmp_path / "generations.jsonl").exists()
+
+
+def test_a_relaunch_with_another_process_count_merges_the_union(tmp_path):
+    """Shards of 3 processes, one cut short by a kill (a torn last line) and one never started;
+    the relaunch runs 2 processes and generates only the samples no file holds."""
+    directory = str(tmp_path)
+    keys = [(p, i) for p in ("a", "b", "c") for i in range(8)]
+    old = {index: [k for k in keys if shard_of(*k, 3) == index] for index in range(3)}
+    with Appender(shard_path(directory, (0, 3)), header(shard=[0, 3])) as appender:
+        for key in old[0]:
+            appender.append(record(*key))
+    with Appender(shard_path(directory, (1, 3)), header(shard=[1, 3])) as appender:
+        for key in old[1][:2]:
+            appender.append(record(*key))
+    with open(shard_path(directory, (1, 3)), "a") as f:
+        f.write(json.dumps(record(*old[1][2]))[:30])
+    with pytest.raises(ValueError, match=r"1 of 3 shard files absent.*shard-00001-of-00003.jsonl ends in a torn line"):
+        merge_shards(directory)
+    done = set(old[0]) | set(old[1][:2])
+    for index in range(2):
+        elsewhere = generations.samples_elsewhere(directory, (index, 2), header(shard=[index, 2]))
+        assert elsewhere == done  # the torn sample is not among them
+        with Appender(shard_path(directory, (index, 2)), header(shard=[index, 2])) as appender:
+            for key in keys:
+                if shard_of(*key, 2) == index and key not in elsewhere:
+                    appender.append(record(*key, text=f"new {key}"))
+    merged = merge_shards(directory)
+    assert sorted(merged.records) == sorted(keys)
+    assert [k for k, r in merged.records.items() if r["text"].startswith("new")] == [
+        k for k in merged.records if k not in done]
+    with pytest.raises(ValueError, match="written with a different sampling"):
+        generations.samples_elsewhere(directory, (0, 4), header(shard=[0, 4], sampling={"temperature": 1.0}))
 
 
 def test_sample_seeds_and_shard_spec():

@@ -37,6 +37,7 @@ def test_qwen3_record_keeps_think_tags_and_cuts_budgets(qwen3):
     budgets = [4, len(ids) - 3, 10_000]
     record = make_record(completion, qwen3, (151645, 151643), "x", 0, 9, budgets)
     assert record["text"] == response and record["token_count"] == len(ids)
+    assert record["token_ids"] == ids[:-1]  # what the text decodes from: the stop token is not in it
     assert set(record["budget_chars"]) == {"4", str(len(ids) - 3)}
     assert response.startswith(record["text"][: record["budget_chars"]["4"]])
     assert record["text"][: record["budget_chars"][str(len(ids) - 3)]].endswith("\\boxed{70")  # its closing brace is past the cut

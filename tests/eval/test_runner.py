@@ -50,6 +50,21 @@ def records_of(path):
     return generations.read(path).records
 
 
+def differences(actual: dict, expected: dict) -> str:
+    """What a failed record-for-record comparison needs to be diagnosed: missing and extra
+    samples, and for each differing sample the first token where it departs."""
+    lines = [f"missing {sorted(set(expected) - set(actual))[:5]}", f"extra {sorted(set(actual) - set(expected))[:5]}"]
+    for key in sorted(set(actual) & set(expected)):
+        a, e = actual[key], expected[key]
+        if a != e:
+            ids_a, ids_e = a.get("token_ids", []), e.get("token_ids", [])
+            at = next((i for i, (x, y) in enumerate(zip(ids_a, ids_e)) if x != y), min(len(ids_a), len(ids_e)))
+            fields = sorted(f for f in set(a) | set(e) if a.get(f) != e.get(f))
+            lines.append(f"{key}: fields {fields} differ; tokens from {at}: {ids_a[at:at + 3]} vs {ids_e[at:at + 3]} "
+                         f"of {len(ids_a)} vs {len(ids_e)}")
+    return "\n".join(lines)
+
+
 def test_end_to_end_files_metrics_and_plot(full_run):
     out, result = full_run
     assert result["generation"]["tiny"]["generated"] == 24
@@ -92,6 +107,30 @@ def test_sharded_run_merges_to_the_same_samples(workspace, full_run):
         assert merged["tiny"][64]["accuracy"] == json.load(f)["accuracy"]
 
 
+def test_a_relaunch_with_one_process_generates_only_what_the_old_shards_lack(workspace, full_run):
+    """A 3-process launch was cut short (shard 0 done, shard 1 killed mid-write, shard 2 never
+    started); the relaunch on one process samples only the rest and grades the union."""
+    root, model, suite_path = workspace
+    out = root / "relaunched"
+    full = generations.read(os.path.join(full_run[0], "tiny", "generations.jsonl"))
+    old = {index: [r for key, r in full.records.items() if generations.shard_of(*key, 3) == index] for index in (0, 1)}
+    for index, records in ((0, old[0]), (1, old[1][:2])):
+        with generations.Appender(generations.shard_path(str(out / "tiny"), (index, 3)),
+                                  dict(full.header, shard=[index, 3])) as appender:
+            for r in records:
+                appender.append(r)
+    with open(generations.shard_path(str(out / "tiny"), (1, 3)), "a") as f:
+        f.write(json.dumps(old[1][2])[:40])
+    result = runner.run_eval(model, [load_suite(suite_path)], str(out), SETTINGS, dtype="float32", max_slots=3,
+                             progress=False)
+    reused = len(old[0]) + 2
+    assert result["generation"]["tiny"]["existing"] == reused
+    assert result["generation"]["tiny"]["generated"] == 24 - reused
+    assert records_of(out / "tiny" / "generations.jsonl") == full.records  # the merged union, each sample once
+    with open(out / "summary.json") as f, open(os.path.join(full_run[0], "summary.json")) as g:
+        assert json.load(f)["tiny"] == json.load(g)["tiny"]
+
+
 def test_a_multi_process_launch_samples_per_process_and_process_0_grades(workspace, full_run):
     """Every host of a pod runs the same `opsd-jax eval`: each process samples its own shard on its
     own devices, process 0 merges and grades; the samples are the single-process run's, none lost
@@ -110,7 +149,8 @@ def test_a_multi_process_launch_samples_per_process_and_process_0_grades(workspa
     shards = [records_of(generations.shard_path(suite_dir, (p, 2))) for p in range(2)]
     assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
     expected = records_of(os.path.join(full_run[0], "tiny", "generations.jsonl"))
-    assert {**shards[0], **shards[1]} == expected == records_of(os.path.join(suite_dir, "generations.jsonl"))
+    assert {**shards[0], **shards[1]} == records_of(os.path.join(suite_dir, "generations.jsonl"))
+    assert {**shards[0], **shards[1]} == expected, differences({**shards[0], **shards[1]}, expected)
     with open(out / "summary.json") as f, open(os.path.join(full_run[0], "summary.json")) as g:
         assert json.load(f)["tiny"] == json.load(g)["tiny"]
     assert result.stdout.count("tiny budget 64") == 1 and "process 1: tiny: " in result.stdout
