@@ -31,6 +31,7 @@ class AnalysisSettings:
     batch_size: int = 4
     kernel_impl: str = "auto"
     seed: int = 0
+    beta: float = 0.5  # the per-token divergence reported: generalized JSD (0 forward KL, 1 reverse KL)
 
 
 def _pairs(rollout_set: RolloutSet, privilege: str, tokenizer):
@@ -74,6 +75,7 @@ def group_metrics(token_ids, scores, marker_matches, thinking, categories, setti
     student_BxT = stacked("student_entropy")
     threshold = forks.fork_threshold(student_BxT, mask_BxT, threshold=settings.fork_threshold,
                                      top_rho=settings.top_rho)
+    fork_BxT = mask_BxT & (student_BxT > threshold)  # the student's forks, by forks.fork_rates' rule
     fork_table, entropy_table = {}, {}
     for name, field in DISTRIBUTIONS:
         entropy_BxT = stacked(field)
@@ -81,12 +83,13 @@ def group_metrics(token_ids, scores, marker_matches, thinking, categories, setti
         entropy_table[name] = float(entropy_BxT[mask_BxT].mean())
     rows = [(len(ids), markers_lib.marker_counts(m, categories)) for ids, m in zip(token_ids, marker_matches)]
     advantage = {which: stacked(f"{which}_logprob") - stacked("student_logprob") for which in ("privileged", "vanilla")}
-    signal, samples = {}, {}
+    signal, samples, marker_picks = {}, {}, {}
     for category in list(categories) + ["any"]:
         picks = [(b, m.first_token) for b, ms in enumerate(marker_matches) for m in ms
                  if (category == "any" or m.category == category) and m.first_token < len(token_ids[b])]
         b_N = np.array([b for b, _ in picks], np.int64)
         t_N = np.array([t for _, t in picks], np.int64)
+        marker_picks[category] = (b_N, t_N)
         p_N, v_N = advantage["privileged"][b_N, t_N], advantage["vanilla"][b_N, t_N]
         signal[category] = metrics.signal_summary(p_N, v_N, b_N, seed=settings.seed)
         samples[category] = {"privileged": p_N.tolist(), "vanilla": v_N.tolist()}
@@ -100,6 +103,10 @@ def group_metrics(token_ids, scores, marker_matches, thinking, categories, setti
         "fork_rates": fork_table, "mean_entropy_nats": entropy_table,
         "markers": metrics.marker_table(rows, categories, seed=settings.seed),
         "signal_at_markers": signal, "advantage_all_tokens": all_tokens,
+        "divergence": {"beta": settings.beta, **{
+            which: metrics.divergence_summary(stacked(f"{which}_divergence"), mask_BxT, fork_BxT, marker_picks,
+                                              seed=settings.seed)
+            for which in ("privileged", "vanilla")}},
         "_marker_rows": rows, "_advantage_samples": samples,
     }
 
@@ -114,6 +121,8 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
 
     if settings.privileged not in ("dense", "sparse", "none"):
         raise ValueError(f"--privileged must be dense, sparse or none, got {settings.privileged!r}")
+    if not 0.0 <= settings.beta <= 1.0:
+        raise ValueError(f"--beta must be in [0, 1] (0 forward KL, 1 reverse KL, between the JSD), got {settings.beta}")
     if len(student_checkpoints) not in (1, len(rollout_paths)):
         raise ValueError(f"give one --student for all rollouts files or one per file ({len(rollout_paths)}), "
                          f"got {len(student_checkpoints)}")
@@ -146,8 +155,9 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
         # The same checkpoint as teacher: its weights go to the chips once.
         own_teacher = None if teacher_params is student_params else teacher_params
         scores = score_rollouts(student_params, student_config, own_teacher, teacher_config, privileged_pairs,
-                                vanilla_pairs, token_ids, batch_size=settings.batch_size, impl=settings.kernel_impl,
-                                valid_vocab=len(tokenizer), mesh=mesh, progress=bar.update)
+                                vanilla_pairs, token_ids, batch_size=settings.batch_size, beta=settings.beta,
+                                impl=settings.kernel_impl, valid_vocab=len(tokenizer), mesh=mesh,
+                                progress=bar.update)
         bar.close()
         think_end, think_start = _token_id(tokenizer, "</think>"), _token_id(tokenizer, "<think>")
         matches, thinking = [], []

@@ -30,6 +30,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="rollouts scored together")
     parser.add_argument("--kernel-impl", default="auto", choices=("auto", "reference", "xla", "pallas_tpu",
                                                                   "pallas_gpu"))
+    parser.add_argument("--beta", type=float, default=0.5,
+                        help="the per-token divergence reported at forks and markers, as the trainer's objective: "
+                             "generalized JSD (0 forward KL, 1 reverse KL; default 0.5, the paper's)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--out", required=True, metavar="DIR", type=user_path, help="where report.md, metrics.json and plots go")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -48,7 +51,7 @@ def run(args, make_mesh) -> int:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     settings = AnalysisSettings(privileged=args.privileged, fork_threshold=args.fork_threshold, top_rho=args.top_rho,
                                 max_tokens=args.max_tokens, batch_size=args.batch_size, kernel_impl=args.kernel_impl,
-                                seed=args.seed)
+                                seed=args.seed, beta=args.beta)
     labels = args.labels.split(",") if args.labels else None
     mesh = make_mesh(args.mesh)
     import jax
@@ -71,6 +74,10 @@ def run(args, make_mesh) -> int:
             line += (f"; at {signal['positions']} marker starts advantage privileged "
                      f"{signal['privileged']['mean']:+.3f} vanilla {signal['vanilla']['mean']:+.3f}, sign "
                      f"disagreement {signal['sign_disagreement']:.3f}")
+        divergence = g["divergence"]["privileged"]
+        if divergence["share_at_forks"] is not None:
+            line += (f"; privileged-teacher divergence {divergence['share_at_forks']:.1%} at forks "
+                     f"({divergence['fork_share_of_tokens']:.1%} of tokens)")
         print(line)
     print(f"wrote {args.out}/report.md, metrics.json, fork_rates.png, marker_rates.png, advantage_at_markers.png")
     return 0

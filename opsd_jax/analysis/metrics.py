@@ -72,3 +72,48 @@ def signal_summary(privileged_N, vanilla_N, rollout_N, *, seed: int = 0) -> dict
         "sign_disagreement_ci95": mean_and_ci(disagree_N)["ci95"],
         "privileged_negative_vanilla_positive": float(np.mean((privileged_N < 0) & (vanilla_N > 0))),
     }
+
+
+def divergence_summary(divergence_BxT, mask_BxT, fork_BxT, marker_picks, *, seed: int = 0) -> dict:
+    """Where the trainer's per-token divergence (its full-vocabulary objective) sits in a group.
+
+    divergence_BxT: float[B, T] between the student and one teacher; mask_BxT: bool[B, T] real
+    tokens; fork_BxT: bool[B, T] the student's forks; marker_picks: {category: (rollout_N,
+    position_N)} each marker's first token. Means are per token, pooled over rollouts, with
+    bootstrap CIs over rollouts. share_at_forks: the part of the group's summed divergence that
+    sits at forks, against fork_share_of_tokens, the part of its tokens that are forks: a
+    concentration above 1 means the objective pulls hardest where the student hesitates.
+    """
+    d_BxT = np.where(mask_BxT, np.asarray(divergence_BxT, np.float64), 0.0)
+    mask_BxT = np.asarray(mask_BxT, bool)
+    fork_BxT = np.asarray(fork_BxT, bool) & mask_BxT
+
+    def pooled(where_BxT):
+        count_B = where_BxT.sum(1).astype(np.float64)
+        if not count_B.sum():
+            return {"tokens": 0, "mean": None, "ci95": [None, None]}
+        sum_B = (d_BxT * where_BxT).sum(1)
+        return {"tokens": int(count_B.sum()), "mean": float(sum_B.sum() / count_B.sum()),
+                "ci95": list(stats.ratio_ci(sum_B, count_B, seed=seed))}
+
+    total = d_BxT.sum()
+    tokens = int(mask_BxT.sum())
+    at_markers = {}
+    for category, (rollout_N, position_N) in marker_picks.items():
+        values_N = d_BxT[rollout_N, position_N]
+        if not values_N.size:
+            at_markers[category] = {"positions": 0}
+            continue
+        _, group_N = np.unique(rollout_N, return_inverse=True)
+        at_markers[category] = {"positions": int(values_N.size), "mean": float(values_N.mean()),
+                                "ci95": list(stats.ratio_ci(np.bincount(group_N, values_N),
+                                                      np.bincount(group_N).astype(np.float64), seed=seed))}
+    fork_share_of_tokens = float(fork_BxT.sum() / tokens) if tokens else None
+    share_at_forks = float((d_BxT * fork_BxT).sum() / total) if total > 0 else None
+    return {
+        "all": pooled(mask_BxT), "at_forks": pooled(fork_BxT), "off_forks": pooled(mask_BxT & ~fork_BxT),
+        "share_at_forks": share_at_forks, "fork_share_of_tokens": fork_share_of_tokens,
+        "concentration_at_forks": (share_at_forks / fork_share_of_tokens
+                                   if share_at_forks is not None and fork_share_of_tokens else None),
+        "at_markers": at_markers,
+    }

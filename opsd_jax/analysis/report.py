@@ -36,6 +36,25 @@ def _ci(pair, digits=3):
     return "—" if pair is None or any(v is None or v != v for v in pair) else f"[{pair[0]:.{digits}f}, {pair[1]:.{digits}f}]"
 
 
+def _divergence_name(beta: float) -> str:
+    return {0.0: "forward KL", 1.0: "reverse KL"}.get(float(beta), f"generalized JSD, beta {beta:g}")
+
+
+def _divergence_lines(divergence: dict) -> list[str]:
+    lines = [f"Per-token divergence between the student and each teacher ({_divergence_name(divergence['beta'])}, "
+             "the trainer's full-vocabulary objective); forks are the student's:", "",
+             "| teacher | all tokens | at forks [95% CI] | elsewhere [95% CI] | share at forks (forks' share of tokens) "
+             "| at markers [95% CI] |", "| --- | --- | --- | --- | --- | --- |"]
+    for which in ("privileged", "vanilla"):
+        d = divergence[which]
+        marker = d["at_markers"].get("any", {"positions": 0})
+        at_marker = f"{_fmt(marker['mean'])} {_ci(marker['ci95'])}" if marker["positions"] else "—"
+        lines.append(f"| {which} | {_fmt(d['all']['mean'])} | {_fmt(d['at_forks']['mean'])} "
+                     f"{_ci(d['at_forks']['ci95'])} | {_fmt(d['off_forks']['mean'])} {_ci(d['off_forks']['ci95'])} | "
+                     f"{_fmt(d['share_at_forks'])} ({_fmt(d['fork_share_of_tokens'])}) | {at_marker} |")
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# Diagnostics (privileged context: {s['privileged']})", ""]
@@ -68,6 +87,7 @@ def markdown(result: dict) -> str:
         lines += ["", f"Over all tokens: mean advantage privileged {_fmt(every['privileged']['mean'])}, vanilla "
                   f"{_fmt(every['vanilla']['mean'])}; sign disagreement {_fmt(every['privileged']['sign_disagreement'])}.",
                   ""]
+        lines += _divergence_lines(g["divergence"])
     if result["marker_differences_vs_base"]:
         lines += [f"## Marker rates vs {result['base_group']} (per 1k tokens, bootstrap 95% CI over rollouts)", "",
                   "| group | marker | difference | 95% CI |", "| --- | --- | --- | --- |"]

@@ -29,7 +29,9 @@ from opsd_jax.models import ModelConfig, forward_hidden
 
 
 class TokenScores(NamedTuple):
-    """float32 [B, T] each; zero past a rollout's length."""
+    """float32 [B, T] each; zero past a rollout's length. The divergences are the trainer's
+    full-vocabulary objective at each position (the kernel's generalized JSD at `beta`: 0 forward
+    KL, 1 reverse KL) between the student and the privileged / the vanilla teacher."""
 
     student_entropy: jax.Array
     privileged_entropy: jax.Array
@@ -37,6 +39,8 @@ class TokenScores(NamedTuple):
     student_logprob: jax.Array
     privileged_logprob: jax.Array
     vanilla_logprob: jax.Array
+    privileged_divergence: jax.Array
+    vanilla_divergence: jax.Array
 
 
 class _Completion(NamedTuple):
@@ -44,18 +48,21 @@ class _Completion(NamedTuple):
     model_logprobs: list
 
 
-def _teacher_side(rows_s_NxD, head_s, teacher_params, teacher: ModelConfig, batch: Batch, mask_N, impl, valid_vocab,
-                  mesh):
+def _teacher_side(rows_s_NxD, head_s, teacher_params, teacher: ModelConfig, batch: Batch, mask_N, beta, impl,
+                  valid_vocab, mesh):
     hidden_t, head_t = forward_hidden(teacher_params, teacher, batch.teacher_tokens, attention_mask=batch.teacher_mask)
     rows_t_NxD = _gather_rows(hidden_t, batch.teacher_index).reshape(rows_s_NxD.shape[0], -1)
-    # beta only shapes the divergence, which is not used here; entropies and log-probs do not depend on it.
-    return fused_linear_divergence(rows_s_NxD, head_s, rows_t_NxD, head_t, beta=0.0, mask=mask_N,
+    return fused_linear_divergence(rows_s_NxD, head_s, rows_t_NxD, head_t, beta=beta, mask=mask_N,
                                    targets=batch.targets.reshape(-1), impl=impl, valid_vocab=valid_vocab, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("student", "teacher", "impl", "valid_vocab", "mesh"))
+# The divergence reported per token unless asked otherwise: the paper's objective, JSD at beta 0.5.
+DEFAULT_BETA = 0.5
+
+
+@functools.partial(jax.jit, static_argnames=("student", "teacher", "beta", "impl", "valid_vocab", "mesh"))
 def token_scores(student_params, teacher_params, privileged: Batch, vanilla: Batch, *, student: ModelConfig,
-                 teacher: ModelConfig, impl: str = "auto", valid_vocab: int | None = None,
+                 teacher: ModelConfig, beta: float = DEFAULT_BETA, impl: str = "auto", valid_vocab: int | None = None,
                  mesh: Mesh | None = None) -> TokenScores:
     """Scores of `privileged.targets` (the same tokens as `vanilla.targets`) under the three models.
 
@@ -66,26 +73,28 @@ def token_scores(student_params, teacher_params, privileged: Batch, vanilla: Bat
     """
     if mesh is None or mesh.size == 1:
         return _token_scores(student_params, teacher_params, privileged, vanilla, student=student, teacher=teacher,
-                             impl=impl, valid_vocab=valid_vocab, mesh=None)
+                             beta=beta, impl=impl, valid_vocab=valid_vocab, mesh=None)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         return _token_scores(student_params, teacher_params, privileged, vanilla, student=student, teacher=teacher,
-                             impl=impl, valid_vocab=valid_vocab, mesh=mesh)
+                             beta=beta, impl=impl, valid_vocab=valid_vocab, mesh=mesh)
 
 
-def _token_scores(student_params, teacher_params, privileged, vanilla, *, student, teacher, impl, valid_vocab, mesh):
+def _token_scores(student_params, teacher_params, privileged, vanilla, *, student, teacher, beta, impl, valid_vocab,
+                  mesh):
     teacher_params = student_params if teacher_params is None else teacher_params
     B, T = privileged.targets.shape
     mask_BxT = jnp.arange(T)[None, :] < privileged.lengths[:, None]
     hidden_s, head_s = forward_hidden(student_params, student, privileged.student_tokens,
                                       attention_mask=privileged.student_mask)
     rows_s_NxD = _gather_rows(hidden_s, privileged.student_index).reshape(B * T, -1)
-    out_p = _teacher_side(rows_s_NxD, head_s, teacher_params, teacher, privileged, mask_BxT.reshape(-1), impl,
+    out_p = _teacher_side(rows_s_NxD, head_s, teacher_params, teacher, privileged, mask_BxT.reshape(-1), beta, impl,
                           valid_vocab, mesh)
-    out_v = _teacher_side(rows_s_NxD, head_s, teacher_params, teacher, vanilla, mask_BxT.reshape(-1), impl,
+    out_v = _teacher_side(rows_s_NxD, head_s, teacher_params, teacher, vanilla, mask_BxT.reshape(-1), beta, impl,
                           valid_vocab, mesh)
     shape = lambda x: x.reshape(B, T)  # noqa: E731
     return TokenScores(shape(out_p.student_entropy), shape(out_p.teacher_entropy), shape(out_v.teacher_entropy),
-                       shape(out_p.student_logprob), shape(out_p.teacher_logprob), shape(out_v.teacher_logprob))
+                       shape(out_p.student_logprob), shape(out_p.teacher_logprob), shape(out_v.teacher_logprob),
+                       shape(out_p.divergence), shape(out_v.divergence))
 
 
 # Up to this many tokens lengths pad to a power of two; above it to the next multiple of a quarter
@@ -113,7 +122,7 @@ def batch_lengths(student_prompts, teacher_prompts, completions) -> tuple[int, i
 
 
 def score_rollouts(student_params, student: ModelConfig, teacher_params, teacher: ModelConfig, privileged_pairs,
-                   vanilla_pairs, token_ids, *, batch_size: int = 4, impl: str = "auto",
+                   vanilla_pairs, token_ids, *, batch_size: int = 4, beta: float = DEFAULT_BETA, impl: str = "auto",
                    valid_vocab: int | None = None, mesh: Mesh | None = None,
                    progress=None) -> list[dict[str, np.ndarray]]:
     """Per rollout, in the order given, {field of TokenScores: float32[n]} for its n completion tokens.
@@ -148,7 +157,8 @@ def score_rollouts(student_params, student: ModelConfig, teacher_params, teacher
         if sharding is not None:
             batches = jax.device_put(batches, sharding)
         scores = jax.device_get(token_scores(student_params, teacher_params, *batches, student=student,
-                                             teacher=teacher, impl=impl, valid_vocab=valid_vocab, mesh=mesh))
+                                             teacher=teacher, beta=beta, impl=impl, valid_vocab=valid_vocab,
+                                             mesh=mesh))
         for row, i in enumerate(chunk):
             n = len(token_ids[i])
             results[i] = {name: np.asarray(value[row, :n], np.float32) for name, value in scores._asdict().items()}

@@ -123,6 +123,12 @@ def read(path: str) -> Contents:
     return Contents(header, records, len(tail))
 
 
+def record_line(record: dict) -> str:
+    """One record as one line, without the blanks json puts after separators: a long sample's
+    token ids take about 4 bytes each instead of 5 (Qwen3's ids have 5-6 digits)."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
 def check_settings(header: dict, expected: dict, path: str) -> None:
     """Refuses a file written under other settings, naming the first field that differs."""
     for field in SETTINGS_FIELDS:
@@ -174,7 +180,7 @@ class Appender:
 
     def append(self, record: dict) -> None:
         """One record, one write of one line: a kill tears at most this line."""
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.write(record_line(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -276,6 +282,6 @@ def merge_shards(directory: str) -> Contents:
             merged.setdefault(key, record)
     _check_complete(directory, merged, contents)
     header = dict(first.header, shard=[0, 1])
-    lines = [json.dumps(header, ensure_ascii=False)] + [json.dumps(r, ensure_ascii=False) for r in merged.values()]
+    lines = [json.dumps(header, ensure_ascii=False)] + [record_line(r) for r in merged.values()]
     write_atomic(shard_path(directory, (0, 1)), "\n".join(lines) + "\n")
     return Contents(header, merged)

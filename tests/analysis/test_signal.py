@@ -16,6 +16,7 @@ from opsd_jax.data.sources import Problem
 from opsd_jax.distill.prompts import prompt_pair
 from opsd_jax.eval import generations
 from opsd_jax.testing import save_tiny_hf_model, save_tiny_tokenizer
+from tests.kernels import oracle
 
 PROBLEM = Problem(id="p1", problem="What is 6 * 7?", solution="Let me verify: 7 * 6 = 42.", answer="42")
 ROLLOUT_TEXT = "The quick brown fox is 42. Wait the total is 42."
@@ -63,8 +64,17 @@ def test_scores_match_full_logits(loaded):
         entropy = -(np.exp(rows) * rows).sum(-1)
         np.testing.assert_allclose(scores[entropy_field], entropy, atol=2e-4)
     assert privileged.teacher_ids != privileged.student_ids
+    # The trainer's objective at each position (JSD at the default beta 0.5) against float64.
+    student_rows = _log_softmax_rows(params, config, privileged.student_ids + tokens, len(privileged.student_ids),
+                                     len(tokens))
+    teacher_rows = _log_softmax_rows(params, config, privileged.teacher_ids + tokens, len(privileged.teacher_ids),
+                                     len(tokens))
+    jsd = oracle.outputs(student_rows, teacher_rows, 0.5)["divergence"]
+    assert jsd.min() > 1e-4  # the privileged context moves every position
+    np.testing.assert_allclose(scores["privileged_divergence"], jsd, rtol=2e-3, atol=2e-6)
     # the same weights on the student's own context: the vanilla teacher is the student
     np.testing.assert_allclose(scores["vanilla_logprob"], scores["student_logprob"], atol=1e-5)
+    np.testing.assert_allclose(scores["vanilla_divergence"], 0.0, atol=1e-6)
     np.testing.assert_allclose(scores_short["student_logprob"], scores["student_logprob"][:5], atol=1e-5)
     assert len(scores_short["student_entropy"]) == 5
 
@@ -130,8 +140,18 @@ def test_constructed_signs_and_cli_outputs(loaded, student_dir, tmp_path):
         assert 0 <= rates["all"]["fork_rate"] <= 1 and rates["all"]["tokens"] == group["tokens"]
         assert rates["thinking"]["tokens"] == 0  # no <think> in these rollouts: all answer span
     assert metrics["marker_differences_vs_base"]["trained"]["backtracking"]["difference"] == 0.0
+    # At the marker the privileged teacher is sure of a token the student finds unlikely: the JSD
+    # (beta 0.5) nears its bound ln 2; the vanilla teacher only lowers that token further.
+    divergence = group["divergence"]
+    assert divergence["beta"] == 0.5
+    at_marker = divergence["privileged"]["at_markers"]["backtracking"]
+    assert at_marker["positions"] == 1 and 0.6 < at_marker["mean"] <= np.log(2) + 1e-6
+    assert divergence["vanilla"]["at_markers"]["backtracking"]["mean"] < 0.1
+    assert divergence["privileged"]["all"]["tokens"] == group["tokens"]
     with open(os.path.join(out, "report.md")) as f:
-        assert "| backtracking | 1 |" in f.read()
+        report_text = f.read()
+    assert "| backtracking | 1 |" in report_text
+    assert "Per-token divergence between the student and each teacher (generalized JSD, beta 0.5" in report_text
 
 
 def test_bad_rollouts_files(loaded, tmp_path):
@@ -230,6 +250,8 @@ def test_cli_reports_bad_inputs(student_dir, tmp_path, capsys):
     assert "markers.yaml:2: markers file is not valid YAML" in capsys.readouterr().err
     assert main(common) == 2
     assert "rollouts.jsonl: empty file" in capsys.readouterr().err
+    assert main(common + ["--beta", "1.5"]) == 2
+    assert "--beta must be in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
