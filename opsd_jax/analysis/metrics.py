@@ -105,9 +105,9 @@ def divergence_summary(divergence_BxT, mask_BxT, fork_BxT, marker_picks, *, seed
             at_markers[category] = {"positions": 0}
             continue
         _, group_N = np.unique(rollout_N, return_inverse=True)
+        count_G = np.bincount(group_N).astype(np.float64)
         at_markers[category] = {"positions": int(values_N.size), "mean": float(values_N.mean()),
-                                "ci95": list(stats.ratio_ci(np.bincount(group_N, values_N),
-                                                      np.bincount(group_N).astype(np.float64), seed=seed))}
+                                "ci95": list(stats.ratio_ci(np.bincount(group_N, values_N), count_G, seed=seed))}
     fork_share_of_tokens = float(fork_BxT.sum() / tokens) if tokens else None
     share_at_forks = float((d_BxT * fork_BxT).sum() / total) if total > 0 else None
     return {
