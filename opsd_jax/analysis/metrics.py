@@ -74,6 +74,11 @@ def signal_summary(privileged_N, vanilla_N, rollout_N, *, seed: int = 0) -> dict
     }
 
 
+# Nats per token below which a group's divergence counts as none (the kernel keeps digits down to
+# about 1e-7: BUILD_NOTES, "The JSD of nearly equal distributions keeps its digits").
+NO_DIVERGENCE_PER_TOKEN = 1e-9
+
+
 def divergence_summary(divergence_BxT, mask_BxT, fork_BxT, marker_picks, *, seed: int = 0) -> dict:
     """Where the trainer's per-token divergence (its full-vocabulary objective) sits in a group.
 
@@ -82,7 +87,8 @@ def divergence_summary(divergence_BxT, mask_BxT, fork_BxT, marker_picks, *, seed
     position_N)} each marker's first token. Means are per token, pooled over rollouts, with
     bootstrap CIs over rollouts. share_at_forks: the part of the group's summed divergence that
     sits at forks, against fork_share_of_tokens, the part of its tokens that are forks: a
-    concentration above 1 means the objective pulls hardest where the student hesitates.
+    concentration above 1 means the objective pulls hardest where the student hesitates. The
+    share is None where the group has no divergence to share (NO_DIVERGENCE_PER_TOKEN).
     """
     d_BxT = np.where(mask_BxT, np.asarray(divergence_BxT, np.float64), 0.0)
     mask_BxT = np.asarray(mask_BxT, bool)
@@ -109,7 +115,9 @@ def divergence_summary(divergence_BxT, mask_BxT, fork_BxT, marker_picks, *, seed
         at_markers[category] = {"positions": int(values_N.size), "mean": float(values_N.mean()),
                                 "ci95": list(stats.ratio_ci(np.bincount(group_N, values_N), count_G, seed=seed))}
     fork_share_of_tokens = float(fork_BxT.sum() / tokens) if tokens else None
-    share_at_forks = float((d_BxT * fork_BxT).sum() / total) if total > 0 else None
+    # A teacher that is the student in the same context leaves float32 residue (~1e-15 per token):
+    # where it is shared out does not mean anything.
+    share_at_forks = float((d_BxT * fork_BxT).sum() / total) if total > NO_DIVERGENCE_PER_TOKEN * tokens else None
     return {
         "all": pooled(mask_BxT), "at_forks": pooled(fork_BxT), "off_forks": pooled(mask_BxT & ~fork_BxT),
         "share_at_forks": share_at_forks, "fork_share_of_tokens": fork_share_of_tokens,

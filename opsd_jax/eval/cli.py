@@ -49,7 +49,8 @@ def add_arguments(parser) -> None:
                         help="generate only shard I of N (then --merge). A multi-process launch (every host of a pod "
                              "running this command) splits it further: each process samples its own share on its own "
                              "devices, and with 0/1 process 0 then merges and grades (--out on shared storage). "
-                             "Resuming with another shard count or number of processes reuses every sample already under --out")
+                             "Resuming with another shard count or number of processes reuses every sample already "
+                             "under --out")
     parser.add_argument("--max-slots", type=int, default=8,
                         help="sequences decoded together (KV cache: slots x (prompt + max tokens); printed at start)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))

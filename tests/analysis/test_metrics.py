@@ -38,3 +38,9 @@ def test_divergence_summary_without_forks_or_divergence():
     assert out["at_forks"] == {"tokens": 0, "mean": None, "ci95": [None, None]}
     assert out["share_at_forks"] is None and out["fork_share_of_tokens"] == 0.0
     assert out["concentration_at_forks"] is None
+    # A teacher equal to the student leaves float32 residue, not a divergence to share out.
+    residue = np.full((2, 3), 1e-15)
+    forks = np.array([[1, 0, 0], [0, 0, 0]], bool)
+    out = divergence_summary(residue, mask_BxT, forks, {}, seed=0)
+    assert out["share_at_forks"] is None and out["concentration_at_forks"] is None
+    assert out["fork_share_of_tokens"] == pytest.approx(1 / 6)
