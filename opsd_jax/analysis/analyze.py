@@ -75,7 +75,7 @@ def group_metrics(token_ids, scores, marker_matches, thinking, categories, setti
     student_BxT = stacked("student_entropy")
     threshold = forks.fork_threshold(student_BxT, mask_BxT, threshold=settings.fork_threshold,
                                      top_rho=settings.top_rho)
-    fork_BxT = mask_BxT & (student_BxT > threshold)  # the student's forks, by forks.fork_rates' rule
+    fork_BxT = mask_BxT & forks.is_fork(student_BxT, threshold)  # the student's, as in its fork-rate row
     fork_table, entropy_table = {}, {}
     for name, field in DISTRIBUTIONS:
         entropy_BxT = stacked(field)

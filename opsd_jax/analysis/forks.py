@@ -54,6 +54,11 @@ def thinking_mask(token_ids_T, think_end_id: int | None, think_start_id: int | N
     return np.full(ids_T.shape, opened, bool)
 
 
+def is_fork(entropy_BxT: np.ndarray, threshold_nats: float) -> np.ndarray:
+    """bool [B, T]: positions whose entropy is above the threshold."""
+    return np.asarray(entropy_BxT, np.float64) > threshold_nats
+
+
 def fork_rates(entropy_BxT: np.ndarray, mask_BxT: np.ndarray, thinking_BxT: np.ndarray, threshold_nats: float,
                *, seed: int = 0) -> dict:
     """{span: {"fork_rate", "forks", "tokens", "fork_rate_ci95"}} for spans all / thinking / answer.
@@ -62,10 +67,9 @@ def fork_rates(entropy_BxT: np.ndarray, mask_BxT: np.ndarray, thinking_BxT: np.n
     span. fork_rate is forks / tokens pooled over rollouts (None for an empty span); the CI
     resamples rollouts.
     """
-    entropy_BxT = np.asarray(entropy_BxT, np.float64)
     mask_BxT = np.asarray(mask_BxT, bool)
     thinking_BxT = np.asarray(thinking_BxT, bool)
-    fork_BxT = entropy_BxT > threshold_nats
+    fork_BxT = is_fork(entropy_BxT, threshold_nats)
     out = {}
     for span, span_BxT in (("all", mask_BxT), ("thinking", mask_BxT & thinking_BxT),
                            ("answer", mask_BxT & ~thinking_BxT)):

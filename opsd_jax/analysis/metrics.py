@@ -42,6 +42,15 @@ def marker_difference(base_rows, rows, categories, *, seed: int = 0) -> dict:
     return out
 
 
+def _mean_over_positions(values_N, rollout_N, seed: int) -> dict:
+    """{"mean", "ci95"} of values at N positions; the CI resamples rollouts, since positions in
+    one rollout are not independent."""
+    _, group_N = np.unique(rollout_N, return_inverse=True)
+    count_G = np.bincount(group_N).astype(np.float64)
+    return {"mean": float(np.mean(values_N)),
+            "ci95": list(stats.ratio_ci(np.bincount(group_N, values_N), count_G, seed=seed))}
+
+
 def signal_summary(privileged_N, vanilla_N, rollout_N, *, seed: int = 0) -> dict:
     """Token-level advantages log p_T(y_t) - log p_S(y_t) at N reconsideration positions.
 
@@ -56,20 +65,16 @@ def signal_summary(privileged_N, vanilla_N, rollout_N, *, seed: int = 0) -> dict
     n = privileged_N.size
     if n == 0:
         return {"positions": 0}
-    _, group_N = np.unique(rollout_N, return_inverse=True)
-    count_G = np.bincount(group_N).astype(np.float64)
 
     def mean_and_ci(values_N):
-        return {"mean": float(values_N.mean()),
-                "ci95": list(stats.ratio_ci(np.bincount(group_N, values_N), count_G, seed=seed))}
+        return _mean_over_positions(values_N, rollout_N, seed)
 
-    disagree_N = (np.sign(privileged_N) != np.sign(vanilla_N)).astype(np.float64)
+    disagreement = mean_and_ci((np.sign(privileged_N) != np.sign(vanilla_N)).astype(np.float64))
     return {
-        "positions": int(n), "rollouts": int(count_G.size),
+        "positions": int(n), "rollouts": int(np.unique(rollout_N).size),
         "privileged": mean_and_ci(privileged_N), "vanilla": mean_and_ci(vanilla_N),
         "privileged_minus_vanilla": mean_and_ci(privileged_N - vanilla_N),
-        "sign_disagreement": mean_and_ci(disagree_N)["mean"],
-        "sign_disagreement_ci95": mean_and_ci(disagree_N)["ci95"],
+        "sign_disagreement": disagreement["mean"], "sign_disagreement_ci95": disagreement["ci95"],
         "privileged_negative_vanilla_positive": float(np.mean((privileged_N < 0) & (vanilla_N > 0))),
     }
 
@@ -107,13 +112,8 @@ def divergence_summary(divergence_BxT, mask_BxT, fork_BxT, marker_picks, *, seed
     at_markers = {}
     for category, (rollout_N, position_N) in marker_picks.items():
         values_N = d_BxT[rollout_N, position_N]
-        if not values_N.size:
-            at_markers[category] = {"positions": 0}
-            continue
-        _, group_N = np.unique(rollout_N, return_inverse=True)
-        count_G = np.bincount(group_N).astype(np.float64)
-        at_markers[category] = {"positions": int(values_N.size), "mean": float(values_N.mean()),
-                                "ci95": list(stats.ratio_ci(np.bincount(group_N, values_N), count_G, seed=seed))}
+        at_markers[category] = ({"positions": int(values_N.size), **_mean_over_positions(values_N, rollout_N, seed)}
+                                if values_N.size else {"positions": 0})
     fork_share_of_tokens = float(fork_BxT.sum() / tokens) if tokens else None
     # A teacher that is the student in the same context leaves float32 residue (~1e-15 per token):
     # where it is shared out does not mean anything.

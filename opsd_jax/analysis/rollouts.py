@@ -103,7 +103,7 @@ def _own_rollouts(path, rows, tokenizer) -> RolloutSet:
         ids = row.get("token_ids")
         if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise ValueError(f"{where}: field 'token_ids' must be a non-empty list of integers")
-        _checked_ids(ids, vocab, where)
+        _check_ids(ids, vocab, where)
         problem = Problem(id=_text_field(row, "problem_id", where), problem=_text_field(row, "problem", where),
                           solution=_text_field(row, "solution", where), answer=_text_field(row, "answer", where))
         rollouts.append(Rollout(problem, tuple(ids), int(row.get("sample_index", 0)), where))
@@ -124,11 +124,10 @@ def _suite_rows(header: dict, where: str) -> dict[str, dict]:
     return {row_problem_id(row, header["suite"], index): row for index, (_, row) in enumerate(suite_rows(source))}
 
 
-def _checked_ids(ids: list, vocab: int, where: str) -> list:
+def _check_ids(ids: list, vocab: int, where: str) -> None:
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"{where}: field 'token_ids' holds {bad[0]}, outside the tokenizer's {vocab} tokens")
-    return ids
 
 
 def _generation_ids(record: dict, tokenizer, where: str) -> list:
@@ -138,7 +137,7 @@ def _generation_ids(record: dict, tokenizer, where: str) -> list:
     ids = record.get("token_ids")
     if ids is None:
         return tokenizer.encode(record["text"], add_special_tokens=False)
-    _checked_ids(ids, len(tokenizer), where)
+    _check_ids(ids, len(tokenizer), where)
     if tokenizer.decode(ids, skip_special_tokens=False) != record["text"]:
         raise ValueError(f"{where}: field 'token_ids' does not decode to field 'text'; the record was altered "
                          "after sampling")

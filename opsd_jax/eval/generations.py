@@ -227,7 +227,7 @@ def samples_elsewhere(directory: str, shard: tuple[int, int], header: dict) -> s
     keys: set[tuple[str, int]] = set()
     for path in _sources(directory):
         contents = read(path)
-        if contents.header.get("shard", [0, 1])[1] == shard[1]:
+        if contents.header["shard"][1] == shard[1]:
             continue
         check_settings(contents.header, header, path)
         keys.update(contents.records)  # a torn last line is not among them: its sample is regenerated
