@@ -41,18 +41,22 @@ def _parts(student_NxV, teacher_NxV, beta, temperature, valid_vocab):
     return ls, lt, ps, pt, lm
 
 
+def _divergence(ls, lt, ps, pt, lm, beta):
+    """float64 [N] from both sides' log-probs and probs [N, V] and the mixture's log-probs lm:
+    forward KL (beta 0), reverse KL (beta 1), else the generalized JSD."""
+    with np.errstate(invalid="ignore"):
+        if beta == 0.0:
+            return _plogq(pt, lt - ls).sum(-1)
+        if beta == 1.0:
+            return _plogq(ps, ls - lt).sum(-1)
+        return beta * _plogq(pt, lt - lm).sum(-1) + (1 - beta) * _plogq(ps, ls - lm).sum(-1)
+
+
 def outputs(student_NxV, teacher_NxV, beta, temperature=1.0, mask=None, valid_vocab=None, targets=None):
     """dict of float64 [N]: divergence, student_entropy, teacher_entropy (+ logprobs with targets)."""
     ls, lt, ps, pt, lm = _parts(student_NxV, teacher_NxV, beta, temperature, valid_vocab)
-    with np.errstate(invalid="ignore"):
-        if beta == 0.0:
-            div = _plogq(pt, lt - ls).sum(-1)
-        elif beta == 1.0:
-            div = _plogq(ps, ls - lt).sum(-1)
-        else:
-            div = beta * _plogq(pt, lt - lm).sum(-1) + (1 - beta) * _plogq(ps, ls - lm).sum(-1)
     out = {
-        "divergence": div,
+        "divergence": _divergence(ls, lt, ps, pt, lm, beta),
         "student_entropy": -_plogq(ps, ls).sum(-1),
         "teacher_entropy": -_plogq(pt, lt).sum(-1),
     }
@@ -119,13 +123,11 @@ def topk_divergence(student_NxV, teacher_ids_NxK, teacher_logprobs_NxK, beta, te
     """float64 [N]: the divergence between the two bucket distributions (top-k + tail)."""
     _, a, b = _topk_buckets(student_NxV, teacher_ids_NxK, teacher_logprobs_NxK, temperature, valid_vocab)
     pa, pb = np.exp(a), np.exp(b)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if beta == 0.0:
-            return _plogq(pb, b - a).sum(-1)
-        if beta == 1.0:
-            return _plogq(pa, a - b).sum(-1)
-        lm = np.log(beta * pb + (1 - beta) * pa)
-        return beta * _plogq(pb, b - lm).sum(-1) + (1 - beta) * _plogq(pa, a - lm).sum(-1)
+    lm = None
+    if 0.0 < beta < 1.0:
+        with np.errstate(divide="ignore"):
+            lm = np.log(beta * pb + (1 - beta) * pa)
+    return _divergence(a, b, pa, pb, lm, beta)
 
 
 def topk_student_grad(student_NxV, teacher_ids_NxK, teacher_logprobs_NxK, beta, temperature=1.0,
@@ -145,6 +147,14 @@ def topk_student_grad(student_NxV, teacher_ids_NxK, teacher_logprobs_NxK, beta, 
     np.put_along_axis(per_logit, teacher_ids_NxK, c[:, :-1], axis=1)
     ps = np.exp(ls)
     return _plogq(ps, per_logit - (pa * c).sum(-1, keepdims=True)) / temperature
+
+
+def assert_matches_finite_differences(f, g, s, rng, *, eps=1e-6, directions=4, rtol=1e-6, atol=1e-7):
+    """g, the claimed gradient of the float64 scalar f at s, along random directions."""
+    for _ in range(directions):
+        direction = rng.normal(size=s.shape)
+        fd = (f(s + eps * direction) - f(s - eps * direction)) / (2 * eps)
+        np.testing.assert_allclose(np.sum(np.asarray(g, np.float64) * direction), fd, rtol=rtol, atol=atol)
 
 
 def near_identical_logits(rng, n, v, kl=4e-7):

@@ -6,14 +6,6 @@ import pytest
 from tests.kernels import oracle
 
 
-def _assert_matches_finite_differences(f, g, s, rng, eps=1e-6):
-    """g, the claimed gradient of the scalar f at s, along four random directions."""
-    for _ in range(4):
-        direction = rng.normal(size=s.shape)
-        fd = (f(s + eps * direction) - f(s - eps * direction)) / (2 * eps)
-        np.testing.assert_allclose(np.sum(g * direction), fd, rtol=1e-6, atol=1e-7)
-
-
 @pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
 def test_oracle_gradient_matches_finite_differences(rng, beta):
     n, v = 3, 11
@@ -28,7 +20,7 @@ def test_oracle_gradient_matches_finite_differences(rng, beta):
         return sum(np.dot(cot[k], out[k]) for k in cot)
 
     g = oracle.student_grad(s, t, beta, cot, temperature, valid_vocab=9, targets=targets)
-    _assert_matches_finite_differences(f, g, s, rng)
+    oracle.assert_matches_finite_differences(f, g, s, rng)
     assert np.all(g[:, 9:] == 0.0)
 
 
@@ -45,7 +37,7 @@ def test_topk_oracle_gradient_matches_finite_differences(rng, beta):
         return np.dot(weights, oracle.topk_divergence(x, ids, lt_k, beta, 1.3, valid_vocab=10))
 
     g = weights[:, None] * oracle.topk_student_grad(s, ids, lt_k, beta, 1.3, valid_vocab=10)
-    _assert_matches_finite_differences(f, g, s, rng)
+    oracle.assert_matches_finite_differences(f, g, s, rng)
     assert np.all(g[:, 10:] == 0.0)
 
 

@@ -39,14 +39,9 @@ def test_topk_matches_oracle_values_and_gradient(rng, beta):
     expected = oracle.topk_divergence(s, ids, lt_k, beta, temperature, valid_vocab)
     np.testing.assert_allclose(np.asarray(out.divergence), expected, rtol=1e-4, atol=1e-5)
     assert np.all(np.asarray(grad)[:, valid_vocab:] == 0.0)
-    eps = 1e-6
-    for _ in range(3):
-        d = rng.normal(size=s.shape)
-        fd = (
-            np.dot(weights, oracle.topk_divergence(s + eps * d, ids, lt_k, beta, temperature, valid_vocab))
-            - np.dot(weights, oracle.topk_divergence(s - eps * d, ids, lt_k, beta, temperature, valid_vocab))
-        ) / (2 * eps)
-        np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * d), fd, rtol=1e-3, atol=1e-4)
+    oracle.assert_matches_finite_differences(
+        lambda x: np.dot(weights, oracle.topk_divergence(x, ids, lt_k, beta, temperature, valid_vocab)), grad, s, rng,
+        directions=3, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
