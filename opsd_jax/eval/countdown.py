@@ -2,14 +2,22 @@
 princeton-pli/rethinking-opsd-for-thinking-models), with a safe evaluator instead of `eval`.
 
 A response is correct when its expression uses exactly the given numbers, each once (as a
-multiset), and evaluates to within 1e-5 of the target. The expression is the content of the last
-complete `\\boxed{...}` of the response with every `$` and space removed; without one, everything
-before the response's first `=`. `\\frac{A}{B}` / `\\dfrac` / `\\tfrac` become `((A)/(B))`,
-`\\times` and `\\cdot` `*`, `\\div` `/`, `\\left` / `\\right` go, braces become parentheses; what
-is left must consist of digits, `+ - * / ( ) .` only. The paper then calls Python's `eval`; here
-an AST walk accepts exactly the arithmetic those characters can spell (`+ - * / // **`, unary
-signs, numbers) and computes what `eval` would, with powers bounded so no input can hang the
-grader. Division by zero, a malformed expression, a missing box and an over-large power are wrong.
+multiset), and evaluates to within 1e-5 of the target. With every `$` and space removed, the
+expression is the content of the last complete, non-empty `\\boxed{...}` of the response, else
+the whole response; of either, only what comes before the first `=` (a box written
+`expr = result` counts as `expr`), stripped of surrounding whitespace.
+
+The `=` cut of a box is the authors' later fix (commit efe9fd3): the paper-release commit
+(db4b214) cut unboxed responses only, so a boxed `92+5-66=31` failed the alphabet check below
+whatever its arithmetic; they measured 16.5% of 600 Qwen3-4B rollouts boxing that form, accuracy
+understated by about 15 points. This module follows the corrected rule.
+
+`\\frac{A}{B}` / `\\dfrac` / `\\tfrac` become `((A)/(B))`, `\\times` and `\\cdot` `*`, `\\div`
+`/`, `\\left` / `\\right` go, braces become parentheses; what is left must consist of digits,
+`+ - * / ( ) .` only. The paper then calls Python's `eval`; here an AST walk accepts exactly the
+arithmetic those characters can spell (`+ - * / // **`, unary signs, numbers) and computes what
+`eval` would, with powers bounded so no input can hang the grader. Division by zero, a malformed
+expression, a missing box and an over-large power are wrong.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from opsd_jax.eval.grader import BOXED, NONE, Grade
 BEFORE_EQUALS = "before_equals"  # no box: the text before the first "="
 _ALLOWED = re.compile(r"^[\d+\-*/().]+$")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-_FRACTION = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
+_FRACTION = re.compile(r"\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}")
 _TOLERANCE = 1e-5
 _MAX_EXPONENT = 64  # far beyond any Countdown answer; keeps `9**9**9` from hanging the grader
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -55,9 +63,9 @@ def extract_expression(response: str) -> tuple[str, str]:
     """(expression as the paper reads it, method)."""
     text = response.replace("$", "").replace(" ", "")
     boxed = last_complete_box(text)
-    if boxed is not None:
-        return boxed, BOXED
-    return text.split("=")[0], BEFORE_EQUALS
+    if boxed:  # an empty box counts as none, as in the paper
+        return boxed.split("=")[0].strip(), BOXED
+    return text.split("=")[0].strip(), BEFORE_EQUALS
 
 
 def normalize_expression(expression: str) -> str:

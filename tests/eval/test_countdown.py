@@ -18,6 +18,10 @@ REFERENCE = countdown.reference([25, 3, 7, 2], 71)  # 25*2 + 7*3 = 71
     ("first \\boxed{1+1}, then \\boxed{(7 \\cdot 3) + 2 \\cdot 25}", True, "boxed"),  # the last box counts
     ("\\boxed{\\frac{25 \\cdot 2 \\cdot 3 + 7 \\cdot 3 \\cdot 3}{3}}", False, "boxed"),  # 3 reused
     ("25*2+7*3=71", True, "before_equals"),  # no box: the text before the first "="
+    ("25*2+7*3\n= 71", True, "before_equals"),  # stripped of the line break before "="
+    ("\\boxed{25 \\times 2 + 7 \\times 3 = 71}", True, "boxed"),  # a box's "expr = result" is its expr
+    ("\\boxed{25*2+7*3=70}", True, "boxed"),  # what follows "=" is never read, as in the paper
+    ("25*2+7*3=71 so \\boxed{}", True, "before_equals"),  # an empty box counts as none
     ("\\boxed{25*3-7+2}", False, "boxed"),  # every number once, but 70: wrong target
     ("\\boxed{25*2+7*3+2-2}", False, "boxed"),  # 2 reused
     ("\\boxed{25*2+7*3+0}", False, "boxed"),  # 0 was not given
