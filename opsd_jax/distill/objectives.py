@@ -111,14 +111,14 @@ def sampled_reverse_kl_loss(student_logprob_BxT, teacher_logprob_BxT, sampler_lo
 
 def reduce_loss(per_token_BxT, weights_BxT, mask_BxT, sequence_scale_B, reduction: str):
     """Scalar loss. sequence_mean: each sequence's weighted token mean (over its loss tokens),
-    times its scale, averaged over sequences with at least one loss token. token_mean: weighted
-    sum over all loss tokens of the batch divided by their count."""
+    times its scale, averaged over all B sequences; one without loss tokens (a completion no
+    longer than `skip_first`) adds 0 and still counts, as in the paper's trainer, so the mean of
+    equal microbatches' losses is the whole batch's loss. token_mean: weighted sum over all loss
+    tokens of the batch divided by their count."""
     weighted_BxT = jnp.where(mask_BxT, per_token_BxT * weights_BxT, 0.0)
     count_B = mask_BxT.sum(-1)
     if reduction == "sequence_mean":
-        per_sequence_B = weighted_BxT.sum(-1) / jnp.maximum(count_B, 1) * sequence_scale_B
-        has_tokens_B = count_B > 0
-        return jnp.where(has_tokens_B, per_sequence_B, 0.0).sum() / jnp.maximum(has_tokens_B.sum(), 1)
+        return (weighted_BxT.sum(-1) / jnp.maximum(count_B, 1) * sequence_scale_B).mean()
     if reduction == "token_mean":
         return (weighted_BxT * sequence_scale_B[:, None]).sum() / jnp.maximum(count_B.sum(), 1)
     raise ValueError(f"unknown reduction {reduction!r}")

@@ -101,11 +101,27 @@ def test_reductions(rng):
     mask = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], bool)
     scale = np.array([0.5, 2.0, 3.0])
     sequence = float(objectives.reduce_loss(per_token, weights, mask, scale, "sequence_mean"))
-    expected = np.mean([(per_token[0, :3] * weights[0, :3]).mean() * 0.5, per_token[1, 0] * weights[1, 0] * 2.0])
+    # The third sequence has no loss tokens: it adds 0 and still counts (the paper's
+    # `(sum / count.clamp(min=1)).mean()`).
+    expected = ((per_token[0, :3] * weights[0, :3]).mean() * 0.5 + per_token[1, 0] * weights[1, 0] * 2.0) / 3
     assert sequence == pytest.approx(expected, rel=1e-5)
     token = float(objectives.reduce_loss(per_token, weights, mask, scale, "token_mean"))
     expected = ((per_token * weights)[0, :3].sum() * 0.5 + per_token[1, 0] * weights[1, 0] * 2.0) / 4
     assert token == pytest.approx(expected, rel=1e-5)
+
+
+def test_sequence_mean_of_equal_microbatches_is_the_batch_mean(rng):
+    """A sequence without loss tokens in one microbatch must not reweight that microbatch's
+    sequences against the others': the trainer averages the microbatches' losses."""
+    B, T = 8, 6
+    per_token, weights, scale = rng.normal(size=(B, T)), rng.random((B, T)), rng.random(B) + 0.5
+    lengths = rng.integers(4, T + 1, size=B)
+    lengths[rng.integers(B)] = 2  # no loss token after skip_first=3
+    mask = np.asarray(objectives.completion_mask(lengths, T, skip_first=3))
+    whole = float(objectives.reduce_loss(per_token, weights, mask, scale, "sequence_mean"))
+    halves = [float(objectives.reduce_loss(per_token[rows], weights[rows], mask[rows], scale[rows], "sequence_mean"))
+              for rows in (slice(0, B, 2), slice(1, B, 2))]
+    assert np.mean(halves) == pytest.approx(whole, rel=1e-5)
 
 
 def test_token_weights_pick_high_entropy_forks(rng):
