@@ -77,6 +77,8 @@ def _convert(args) -> int:
         print(f"wrote {args.to_orbax} ({config.model_type}, {config.num_layers} layers, {config.param_dtype})")
         return 0
     if args.from_orbax and args.to_hf:
+        if not args.max_shard_gb > 0:
+            raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
         config, params = restore_params_lazily(args.from_orbax, mesh=mesh)
         save_hf(params, config, args.to_hf, dtype=args.dtype, overwrite=args.overwrite,
                 max_shard_bytes=int(args.max_shard_gb * 2**30))

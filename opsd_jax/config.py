@@ -7,6 +7,7 @@ keys of its section; a value of the wrong type or outside its allowed set names 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -80,6 +81,11 @@ class DataSection:
     answer_column: str = "answer"
     split: str | None = None  # for a saved DatasetDict
     shuffle_seed: int = 0
+    # shuffle: grain's per-host shuffle, reshuffled every epoch. paper: the paper trainer's order
+    # (the `datasets` shuffle, then TRL's sampler permutation, both seeded with shuffle_seed; 42 in
+    # the paper), so step k trains on the paper's step-k prompts (`data.sources.paper_order`). It
+    # orders the problems the run keeps: the file's rows unless `overlong: skip` drops some.
+    order: Literal["shuffle", "paper"] = "shuffle"
     max_prompt_tokens: int = 1024  # student or teacher prompt; longer ones are handled per `overlong`
     # skip: drop the problem (counted in the metrics); error: stop naming it; truncate_left: keep the
     # last max_prompt_tokens ids of the templated prompt, as the paper's trainer does.
@@ -342,10 +348,11 @@ def _build(cls, data: dict, prefix: str):
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
+    key, equals, raw = text.partition("=")
+    keys = key.strip().split(".")
+    if not equals or not all(part.strip() for part in keys):
         raise ConfigKeyError(f"override {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return [part.strip() for part in keys], yaml.safe_load(raw) if raw.strip() else ""
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -362,6 +369,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigKeyError(f"{path} is not valid YAML: {e}") from None
+    if overrides and not isinstance(data, dict):
+        raise ConfigKeyError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     for override in overrides:
         keys, value = _parse_override(override)
         node = data
@@ -373,9 +382,76 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return config_from_dict(data)
 
 
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _between(low, high, *, open_low=False, open_high=False):
+    def inside(v):
+        return (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
+    return inside, f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+
+_POSITIVE = ((lambda v: v > 0), "> 0")
+
+# Values a type check lets through but no run can use: refused when the config is read, naming
+# the key, before anything is loaded or written (None, where a key allows it, is not checked).
+VALUE_RANGES = {
+    "model.attention_block_size": _at_least(1),
+    "teacher.ema_rate": _between(0, 1),
+    "data.max_prompt_tokens": _at_least(1),
+    "sampling.temperature": _at_least(0),
+    "sampling.top_p": _between(0, 1, open_low=True),
+    "sampling.top_k": _at_least(0),
+    "sampling.max_new_tokens": _at_least(1),
+    "sampling.max_slots": _at_least(1),
+    "sampling.kv_cache_fraction": _between(0, 1, open_low=True),
+    "sampling.kv_page_size": _at_least(1),
+    "objective.teacher_top_k": _at_least(1),
+    "objective.beta": _between(0, 1),
+    "objective.temperature": _POSITIVE,
+    "objective.skip_first": _at_least(0),
+    "objective.window": _at_least(1),
+    "objective.importance_cap": _POSITIVE,
+    "objective.top_rho": _between(0, 1, open_low=True),
+    "objective.fork_weight": _at_least(0),
+    "objective.discount": _between(0, 1),
+    "optimizer.learning_rate": _at_least(0),
+    "optimizer.warmup_ratio": _between(0, 1),
+    "optimizer.weight_decay": _at_least(0),
+    "optimizer.max_grad_norm": _POSITIVE,
+    "optimizer.b1": _between(0, 1, open_high=True),
+    "optimizer.b2": _between(0, 1, open_high=True),
+    "train.steps": _at_least(1),
+    "train.batch_size": _at_least(1),
+    "train.microbatches": _at_least(1),
+    "train.cpu_devices": _at_least(1),
+    "train.checkpoint_every": _at_least(1),
+    "train.keep_checkpoints": _at_least(1),
+    "train.log_every": _at_least(1),
+    "train.save_rollouts_every": _at_least(0),
+    "eval.n": _at_least(1),
+    "eval.max_tokens": _at_least(1),
+    "eval.temperature": _at_least(0),
+    "eval.top_p": _between(0, 1, open_low=True),
+    "eval.top_k": _at_least(0),
+}
+
+
+def check_ranges(config: RunConfig) -> RunConfig:
+    """`config`, or a ConfigKeyError naming the first key outside its range (VALUE_RANGES)."""
+    for key, (allowed, description) in VALUE_RANGES.items():
+        section, field = key.split(".")
+        value = getattr(getattr(config, section), field)
+        if value is not None and not (math.isfinite(value) and allowed(value)):
+            raise ConfigKeyError(f"{key}: must be {description}, got {value!r}")
+    return config
+
+
 def config_from_dict(data: dict) -> RunConfig:
-    """A RunConfig from a nested mapping, checked as a YAML file is (paths resolved)."""
-    return resolve_paths(_build(RunConfig, data, ""))
+    """A RunConfig from a nested mapping, checked as a YAML file is (types, ranges; paths
+    resolved)."""
+    return check_ranges(resolve_paths(_build(RunConfig, data, "")))
 
 
 def dump_config(config: RunConfig) -> str:

@@ -22,11 +22,34 @@ def test_yaml_and_overrides(tmp_path):
      ("train.steps=many", r"train.steps: expected an integer"),
      ("model.remat=maybe", r"model.remat: expected true or false"),
      ("train.kernel=triton", r"train.kernel: 'triton' is not one of 'auto', 'xla', 'pallas_tpu'"),
-     ("steps", r"must look like section.key=value")],
+     ("steps", r"must look like section.key=value"),
+     ("=5", r"override '=5' must look like section.key=value"),
+     ("train.=5", r"must look like section.key=value"),
+     ("train.steps=0", r"train.steps: must be >= 1, got 0"),
+     ("train.microbatches=0", r"train.microbatches: must be >= 1"),
+     ("train.log_every=0", r"train.log_every: must be >= 1"),
+     ("train.batch_size=0", r"train.batch_size: must be >= 1"),
+     ("objective.beta=1.5", r"objective.beta: must be in \[0, 1\], got 1.5"),
+     ("sampling.top_p=0", r"sampling.top_p: must be in \(0, 1\]"),
+     ("sampling.max_new_tokens=0", r"sampling.max_new_tokens: must be >= 1"),
+     ("optimizer.learning_rate=.nan", r"optimizer.learning_rate: must be >= 0, got nan"),
+     ("eval.top_k=-1", r"eval.top_k: must be >= 0")],
 )
 def test_bad_keys_are_named(override, message):
     with pytest.raises(ConfigKeyError, match=message):
         load_config(None, [override])
+
+
+def test_ranges_admit_their_edges_and_unset_values():
+    config = load_config(None, ["objective.beta=0", "objective.window=null", "sampling.temperature=0",
+                                "sampling.top_p=1", "train.save_rollouts_every=0", "optimizer.warmup_ratio=1"])
+    assert (config.objective.beta, config.objective.window, config.sampling.top_p) == (0.0, None, 1.0)
+
+
+def test_a_list_config_with_overrides_is_named(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigKeyError, match="list.yaml: expected a mapping of sections, got list"):
+        load_config(str(tmp_path / "list.yaml"), ["train.steps=1"])
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

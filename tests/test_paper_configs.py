@@ -66,6 +66,8 @@ def test_paper_config_resolves_to_the_papers_values(name):
         assert PRESETS[c.data.preset][field] == column
     assert (c.prompt.student_thinking, c.prompt.teacher_thinking) == (thinking, thinking)
     assert (c.data.max_prompt_tokens, c.data.overlong) == (max_prompt, "truncate_left")
+    # train.py's `--seed 42` seeds both the `datasets` shuffle and TRL's sampler permutation.
+    assert (c.data.order, c.data.shuffle_seed) == ("paper", 42)
     assert c.optimizer.learning_rate == lr and c.train.steps == steps and c.train.batch_size == 64
     schedule = learning_rate_schedule(c.optimizer, c.train.steps)
     assert float(schedule(warmup)) == pytest.approx(lr) and float(schedule(warmup - 1)) < lr

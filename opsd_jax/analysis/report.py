@@ -3,6 +3,7 @@ then renamed, so a kill never leaves a half-written file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -175,10 +176,19 @@ def plot_advantages(result: dict, path: str) -> None:
     plt.close(figure)
 
 
+OUTPUT_FILES = ("report.md", "fork_rates.png", "marker_rates.png", "advantage_at_markers.png", "metrics.json")
+
+
 def write_outputs(result: dict, out: str) -> None:
+    """The report, plots and metrics.json into `out`. metrics.json goes first and comes back last,
+    and the rest of an earlier set goes with it: a folder without metrics.json holds no finished
+    set (a run killed while writing), and one with it holds a single run's files."""
     os.makedirs(out, exist_ok=True)
-    write_atomic(os.path.join(out, "metrics.json"), json.dumps(public(result), indent=1, allow_nan=False) + "\n")
+    for name in reversed(OUTPUT_FILES):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
     write_atomic(os.path.join(out, "report.md"), markdown(result))
     plot_fork_rates(result, os.path.join(out, "fork_rates.png"))
     plot_marker_rates(result, os.path.join(out, "marker_rates.png"))
     plot_advantages(result, os.path.join(out, "advantage_at_markers.png"))
+    write_atomic(os.path.join(out, "metrics.json"), json.dumps(public(result), indent=1, allow_nan=False) + "\n")

@@ -110,7 +110,13 @@ def read_manifest(path) -> dict:
             "(written by `opsd-jax convert --to-orbax`)"
         )
     with open(manifest_path, encoding="utf-8") as f:
-        manifest = json.load(f)
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{manifest_path} is not valid JSON ({e}): a damaged checkpoint; write it "
+                                  "again with `opsd-jax convert --to-orbax`") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("layout_version")
     if version == 2:
         raise CheckpointError(

@@ -76,6 +76,17 @@ def _require(dataset, columns: tuple[str, ...], path: str) -> None:
         raise BuildError(f"{path}: no column {missing[0]!r} (columns: {', '.join(dataset.column_names)})")
 
 
+def _naming_rows(clean, source: str):
+    """`clean(row, index)` for `datasets.map(..., with_indices=True)`, whose failures on a
+    malformed row (a null turn, a string where a mapping belongs) name the file and row."""
+    def cleaned(row: dict, index: int) -> dict:
+        try:
+            return clean(row, index)
+        except (AttributeError, TypeError, ValueError, KeyError) as e:
+            raise BuildError(f"{source}: row {index}: malformed ({type(e).__name__}: {e})") from None
+    return cleaned
+
+
 # ---- OpenThoughts ---------------------------------------------------------------------------------
 
 def clean_openthoughts_row(row: dict) -> dict:
@@ -108,7 +119,8 @@ def build_openthoughts(source: str, out_dir: str) -> dict[str, str]:
     dataset = load_source(source)
     _require(dataset, ("problem", "solution", "Answer", "conversations"), source)
     dropped = [c for c in OPENTHOUGHTS_DROPPED if c in dataset.column_names]
-    cleaned = dataset.map(clean_openthoughts_row, remove_columns=dropped)
+    cleaned = dataset.map(_naming_rows(lambda row, _: clean_openthoughts_row(row), source), with_indices=True,
+                          remove_columns=dropped)
     subset = cleaned.select(range(min(OPENTHOUGHTS_SUBSET, len(cleaned))))
     return {name: _write_parquet(data, out_dir, name) for name, data in
             (("openthoughts_math_filtered_30k", cleaned), ("openthoughts_math_filtered_15k", subset))}
@@ -148,7 +160,7 @@ def build_countdown(source: str, out_dir: str, *, seed: int = COUNTDOWN_SEED, tr
     (disjoint prompts); returns name -> path."""
     dataset = load_source(source)
     _require(dataset, ("prompt", "response"), source)
-    normalized = dataset.map(normalize_countdown_row, with_indices=True)
+    normalized = dataset.map(_naming_rows(normalize_countdown_row, source), with_indices=True)
     unique = len(set(normalized["prompt"]))
     if unique < train_size + eval_size:
         raise BuildError(f"{source}: {unique} distinct prompts, fewer than the {train_size} + {eval_size} the "

@@ -174,6 +174,9 @@ class Trainer:
                 f"the tokenizer of {side_dir} has {len(tokenizer)} tokens, more than the model's vocabulary "
                 f"({model_config.vocab_size})"
             )
+        if not getattr(tokenizer, "chat_template", None):
+            raise TrainingError(f"the tokenizer of {side_dir} has no chat template (chat_template.jinja or "
+                                "tokenizer_config.json's chat_template): prompts are chat turns")
         model_config = model_config.replace(**c.model.runtime(training=True))
         teacher_dtype = c.teacher.param_dtype(c.model)
         teacher_config, teacher_params = model_config, None
@@ -184,6 +187,11 @@ class Trainer:
                 c.teacher.checkpoint, dtype=teacher_dtype, mesh=self.mesh)
             if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise TrainingError(f"teacher {c.teacher.checkpoint} does not share the student's tokenizer")
+            if teacher_config.vocab_size != model_config.vocab_size:
+                # The divergence compares the two heads' rows one to one.
+                raise TrainingError(
+                    f"teacher {c.teacher.checkpoint} has {teacher_config.vocab_size} vocabulary rows and the student "
+                    f"{c.model.checkpoint} {model_config.vocab_size}: the divergence needs equal heads")
             teacher_config = teacher_config.replace(**c.model.runtime(training=False))
         elif c.objective.kind == "sft":
             pass  # no teacher: the step scores the data's responses against the student alone
@@ -276,7 +284,8 @@ class Trainer:
         # Hosts read disjoint strided shards and draw the same number per step, so their iterator
         # states stay equal and one saved state resumes them all.
         data = problem_dataset(problems, seed=c.data.shuffle_seed, process_index=self.process_index,
-                               process_count=self.process_count)
+                               process_count=self.process_count, order=c.data.order, batch_size=B,
+                               steps=c.train.steps)
         data_iterator = iter(data)
         manager = checkpoint_manager(checkpoints, keep=c.train.keep_checkpoints, every=c.train.checkpoint_every)
         start_step = 0
@@ -608,10 +617,16 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
     config = ModelConfig.from_hf(side_dir, param_dtype=param_dtype)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     shapes = sharded_abstract_params(config, mesh)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item={"params": shapes}, partial_restore=True,
-                                     restore_args=ocp.checkpoint_utils.construct_restore_args({"params": shapes}))))
-    manager.close()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item={"params": shapes}, partial_restore=True,
+                                         restore_args=ocp.checkpoint_utils.construct_restore_args({"params": shapes}))))
+    except ValueError as e:  # Orbax names the shapes, not the model that asked for them
+        raise TrainingError(f"{run_dir} step {step} does not hold the parameters of the model {model_checkpoint} "
+                            f"describes ({str(e).split('. ')[0][:200]}); give the run's own model as "
+                            "--model-checkpoint") from None
+    finally:
+        manager.close()
     params = restored.state["params"]
     return save_hf(params, config, destination, side_files_from=side_dir)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 import queue
 
@@ -44,6 +45,18 @@ class EvalSettings:
             raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
         if any(b < 1 for b in self.budgets):
             raise ValueError(f"--budgets must be positive, got {self.budgets}")
+        beyond = sorted(b for b in self.budgets if b > self.max_tokens)
+        if beyond:
+            raise ValueError(f"--budgets {', '.join(map(str, beyond))} exceed --max-tokens {self.max_tokens}: a budget "
+                             "is graded by cutting the generations, so none can be longer than the cap")
+        # Checked before any file is written: a generations file records its sampling, and a run
+        # with other settings refuses to add to it.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
 
     def cut_budgets(self) -> list[int]:
         """Budgets shorter than the cap (the cap itself is always graded)."""
@@ -253,6 +266,9 @@ def run_eval(checkpoint: str, suites: list[Suite], out: str, settings: EvalSetti
     settings.validate()
     score.parse_gradings(grading)  # a bad mode fails before hours of generation
     config, params, tokenizer, side_dir = load_for_serving(checkpoint, dtype=dtype, mesh=mesh)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer of {side_dir} has no chat template; evaluation prompts the problem as "
+                         "a user turn")
     stop_token_ids = default_stop_token_ids(tokenizer, side_dir)
     longest_prompt = max(len(p) for s in suites for p in build_prompts(tokenizer, s, settings))
     engine = Engine(config, SamplerConfig(max_slots=max_slots,

@@ -122,21 +122,26 @@ def budget_metrics(rows: list[dict], suite: Suite, budget: int, ks=metrics.DEFAU
 def score_suite(records: list[dict], header: dict, suite: Suite, directory: str, *,
                 timeout_seconds: int = 5, grading: str = STRICT) -> dict[int, dict]:
     """Grades at every budget under one grading mode, writes SUITE/<metrics_folder>/budget-B.json
-    and SUITE/<grades_file> (metrics/ and grades.jsonl for strict)."""
+    and SUITE/<grades_file> (metrics/ and grades.jsonl for strict).
+
+    The metrics folder is replaced whole once every budget is graded, so a kill never leaves some
+    budgets of this grading beside others of an earlier one (which `load_run_metrics` and
+    `eval --compare` would read as one run)."""
+    from opsd_jax.checkpoint.atomic import atomic_directory  # jax: imported when grading, not with this module
+
     results = {}
-    budgets = budgets_for(header)
-    for budget in budgets:
+    for budget in budgets_for(header):
         rows = grade_records(records, suite, budget, thinking_open=header["thinking_open"],
                              timeout_seconds=timeout_seconds, grading=grading)
         result = budget_metrics(rows, suite, budget, grading=grading)
         result["sampling"] = header["sampling"]
         result["checkpoint"] = header.get("checkpoint")
-        write_atomic(os.path.join(directory, metrics_folder(grading), f"budget-{budget}.json"),
-                     json.dumps(result, indent=1) + "\n")
         results[budget] = result
-        if budget == budgets[-1]:
-            write_atomic(os.path.join(directory, grades_file(grading)),
-                         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    with atomic_directory(os.path.join(directory, metrics_folder(grading)), overwrite=True, local=True) as staging:
+        for budget, result in results.items():
+            write_atomic(os.path.join(staging, f"budget-{budget}.json"), json.dumps(result, indent=1) + "\n")
+    write_atomic(os.path.join(directory, grades_file(grading)),
+                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return results
 
 

@@ -92,6 +92,19 @@ def test_countdown_refuses_too_few_distinct_prompts(tmp_path):
         builders.build_countdown(source, str(tmp_path / "raw"), train_size=30, eval_size=6)
 
 
+def test_malformed_rows_are_named(tmp_path):
+    rows = _openthoughts_rows(3)
+    rows[1]["conversations"][2]["value"] = None
+    source = _write_jsonl(tmp_path / "ot.jsonl", rows)
+    with pytest.raises(builders.BuildError, match=r"ot.jsonl: row 1: malformed \(AttributeError"):
+        builders.build_openthoughts(source, str(tmp_path / "raw"))
+    rows = _countdown_rows(4)
+    rows[2]["answer"], rows[2]["prompt"] = None, "Numbers: [1, 2, x] Target: 3"
+    source = _write_jsonl(tmp_path / "cd.jsonl", rows)
+    with pytest.raises(builders.BuildError, match=r"cd.jsonl: row 2: malformed \(ValueError: could not convert"):
+        builders.build_countdown(source, str(tmp_path / "raw"), train_size=2, eval_size=1)
+
+
 def test_cli_reports_rows_and_a_stable_checksum(tmp_path, capsys, monkeypatch):
     source = _write_jsonl(tmp_path / "ot.jsonl", _openthoughts_rows(12))
     monkeypatch.chdir(tmp_path)

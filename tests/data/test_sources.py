@@ -2,9 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 
-from opsd_jax.data import DataError, problem_dataset, read_problems
+from opsd_jax.data import DataError, problem_dataset, read_problems, sources
 
 
 def _write_jsonl(path, rows):
@@ -31,6 +32,13 @@ def test_bad_data_is_named(tmp_path):
     missing = _write_jsonl(tmp_path / "m.jsonl", [{"problem": "x", "solution": "y"}])
     with pytest.raises(DataError, match=r"m.jsonl:1: no column 'answer'"):
         read_problems(missing)
+    blank = _write_jsonl(tmp_path / "b.jsonl", [{"problem": "x", "solution": "y", "answer": "1"},
+                                                {"problem": "x", "solution": " ", "answer": "1"},
+                                                {"problem": "x", "solution": "y", "answer": None}])
+    with pytest.raises(DataError, match=r"b.jsonl:2: column 'solution' is empty"):
+        read_problems(blank)
+    with pytest.raises(DataError, match=r"n.jsonl:1: column 'answer' is null"):
+        read_problems(_write_jsonl(tmp_path / "n.jsonl", [{"problem": "x", "solution": "y", "answer": None}]))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="empty"):
         read_problems(str(tmp_path / "empty.jsonl"))
@@ -54,3 +62,48 @@ def test_shuffled_endless_and_resumable(tmp_path):
     assert [next(resumed).id for _ in range(9)] == after
     hosts = [[next(iter(problem_dataset(problems, seed=3, process_index=h, process_count=2))).id] for h in (0, 1)]
     assert hosts[0] != hosts[1]
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 997, 15000])
+def test_torch_randperm_is_reproduced_draw_for_draw(n):
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(42)
+    state = np.random.RandomState(42)
+    for _ in range(2):  # one generator across epochs, as TRL's sampler keeps it
+        expected = torch.randperm(n, generator=generator).numpy()
+        np.testing.assert_array_equal(sources._torch_randperm(n, state), expected)
+
+
+@pytest.mark.parametrize("n, batch_size, epochs", [(1000, 64, 2), (200, 8, 1)])
+def test_paper_order_is_the_paper_trainers_sampler_over_the_datasets_shuffle(n, batch_size, epochs, rng):
+    """The oracle is the paper's own pipeline: `datasets`' shuffle(seed) of the file's rows, then
+    TRL's RepeatSampler (shuffle, seed, chunks of the global batch, the partial chunk dropped),
+    iterated once per epoch."""
+    datasets = pytest.importorskip("datasets")
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    seed = int(rng.integers(1000))
+    shuffled = datasets.Dataset.from_dict({"row": list(range(n))}).shuffle(seed=seed)["row"]
+    sampler = trl_utils.RepeatSampler(range(n), mini_repeat_count=1, batch_size=batch_size, seed=seed)
+    expected = [shuffled[i] for _ in range(epochs) for i in sampler]
+    order = sources.paper_order(n, seed=seed, batch_size=batch_size, epochs=epochs)
+    assert order.tolist() == expected and len(expected) == epochs * (n // batch_size) * batch_size
+
+
+def test_paper_order_splits_each_batch_between_hosts_and_resumes(tmp_path):
+    problems = read_problems(_write_jsonl(tmp_path / "p.jsonl", [
+        {"id": f"q{i}", "problem": "p", "solution": "s", "answer": "a"} for i in range(70)]))
+    order = sources.paper_order(70, seed=42, batch_size=8, epochs=2)  # 8 batches per epoch, 6 rows left out
+    steps = 12
+    hosts = [iter(problem_dataset(problems, seed=42, process_index=h, process_count=2, order="paper",
+                                  batch_size=8, steps=steps)) for h in (0, 1)]
+    for step in range(steps):
+        drawn = [next(hosts[h]).id for h in (0, 1) for _ in range(4)]
+        assert drawn == [problems[i].id for i in order[step * 8:(step + 1) * 8]]
+    state = hosts[1].get_state()
+    after = [next(hosts[1]).id for _ in range(4)]
+    resumed = iter(problem_dataset(problems, seed=42, process_index=1, process_count=2, order="paper",
+                                   batch_size=8, steps=steps))
+    resumed.set_state(state)
+    assert [next(resumed).id for _ in range(4)] == after
+    with pytest.raises(DataError, match="only 70 problems"):
+        problem_dataset(problems, seed=42, order="paper", batch_size=128, steps=1)

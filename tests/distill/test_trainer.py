@@ -44,13 +44,21 @@ def test_end_to_end_on_a_sharded_mesh(model_dir, tmp_path):
 
     from opsd_jax.analysis.rollouts import read_rollouts
 
-    config = load_config(None, _overrides(model_dir, tmp_path / "run", **{"train.save_rollouts_every": 2}))
+    from opsd_jax.data import read_problems
+    from opsd_jax.data.sources import paper_order
+
+    config = load_config(None, _overrides(model_dir, tmp_path / "run", **{
+        "train.save_rollouts_every": 2, "data.order": "paper", "data.shuffle_seed": 42,
+        "data.overlong": "truncate_left"}))  # every row kept, so the order is over the file's rows
     trainer = Trainer(config)
     history = trainer.run()
     assert [h["step"] for h in history] == [1, 2]
     assert all(np.isfinite(h["loss"]) and h["loss_tokens"] > 0 for h in history)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2] and len(records[0]["problem_ids"]) == 4
+    ids = [p.id for p in read_problems(DATA)]
+    assert [r["problem_ids"] for r in records] == [[ids[i] for i in chunk] for chunk in
+                                                   paper_order(len(ids), seed=42, batch_size=4).reshape(-1, 4)[:2]]
     assert os.listdir(tmp_path / "run" / "tensorboard")
     assert (tmp_path / "run" / "checkpoints" / "2").exists()
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["steps"] == 2
@@ -123,11 +131,12 @@ def _train_process(config_path, *extra):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(model_dir, tmp_path):
-    """6 steps straight vs 3 steps, kill -9, resume to 6: identical losses and data order."""
+    """6 steps straight vs 3 steps, kill -9, resume to 6: identical losses and data order (the
+    paper's order)."""
     def write_config(name):
         data = {}
         for item in _overrides(model_dir, tmp_path / name, **{"train.steps": 6, "train.checkpoint_every": 3,
-                                                              "train.mesh": "1,-1,1"}):
+                                                              "train.mesh": "1,-1,1", "data.order": "paper"}):
             key, value = item.split("=", 1)
             section, field = key.split(".")
             data.setdefault(section, {})[field] = yaml.safe_load(value)
@@ -265,6 +274,13 @@ def test_export_writes_the_trained_student(model_dir, tmp_path):
                for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(original))]
     assert any(changed)  # one AdamW step moved the weights
     assert transformers.AutoTokenizer.from_pretrained(path).eos_token == "<|im_end|>"
+    wider = tmp_path / "wider"
+    save_tiny_hf_model("qwen3", str(wider), seed=0, hidden_size=128)
+    save_tiny_tokenizer(str(wider))
+    with pytest.raises(TrainingError, match=rf"step 1 does not hold the parameters of the model {wider} describes "
+                                            r"\(Requested shape: .*128"):
+        export_checkpoint(str(run), None, str(tmp_path / "hf2"), model_checkpoint=str(wider))
+    assert not (tmp_path / "hf2").exists()
 
 
 def test_sigterm_saves_at_the_next_step_boundary(model_dir, tmp_path):
@@ -339,6 +355,12 @@ def test_external_teacher_must_share_the_tokenizer(model_dir, tmp_path):
     with pytest.raises(TrainingError, match=f"teacher {other} does not share the student's tokenizer"):
         Trainer(load_config(None, _overrides(model_dir, tmp_path / "run2", **{
             "teacher.kind": "external", "teacher.checkpoint": str(other)}))).run()
+    padded = tmp_path / "padded"  # the same tokenizer, a head of another height
+    save_tiny_hf_model("qwen3", str(padded), seed=9, vocab_size=1024)
+    save_tiny_tokenizer(str(padded))
+    with pytest.raises(TrainingError, match=f"teacher {padded} has 1024 vocabulary rows and the student"):
+        Trainer(load_config(None, _overrides(model_dir, tmp_path / "run3", **{
+            "teacher.kind": "external", "teacher.checkpoint": str(padded)}))).run()
 
 
 def test_build_batch_takes_processed_or_raw_sampler_logprobs(rng):

@@ -235,6 +235,24 @@ def test_cli_errors_name_what_is_missing(tmp_path, capsys):
     assert "--budgets must be comma-separated token counts" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "2"], "--top-p must be in (0, 1], got 2.0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--top-k", "-5"], "--top-k must be >= 0"),
+    (["--max-tokens", "16", "--budgets", "8,64,128"], "--budgets 64, 128 exceed --max-tokens 16"),
+])
+def test_bad_sampling_is_refused_before_anything_is_written(tmp_path, capsys, flags, message):
+    """A generations file records its sampling and refuses other settings, so a refused setting
+    must not leave one behind (the checkpoint is not even read)."""
+    from opsd_jax.cli import main
+
+    out = tmp_path / "out"
+    assert main(["eval", "--checkpoint", str(tmp_path / "absent"), "--suite", "aime24", "--out", str(out),
+                 "--no-progress", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.rglob("*.jsonl"))
+
+
 def test_cli_compare(full_run, tmp_path, capsys):
     from opsd_jax.cli import main
 

@@ -89,3 +89,33 @@ def test_incomplete_or_foreign_runs_are_refused(tmp_path):
     (tmp_path / "toy.jsonl").write_text('{"id": "a", "problem": "p", "answer": "6"}\n')
     with pytest.raises(ValueError, match="other problems than suite toy"):
         score_run(str(tmp_path / "run"), [load_suite(str(tmp_path / "toy.jsonl"))], progress=False)
+
+
+def test_a_regrade_killed_while_writing_leaves_the_earlier_metrics_whole(tmp_path, monkeypatch):
+    """The budget files of one grading are replaced together: a kill after some of the new ones
+    are written leaves the earlier set as it was, never a mix that `--compare` would read."""
+    from opsd_jax.eval import score
+
+    suite = write_suite(tmp_path)
+    records = [synthetic("a", i, 0, 12) for i in range(2)] + [synthetic("b", i, 0, 30, answer="2") for i in range(2)]
+    run = tmp_path / "run"
+    write_run(str(run), suite, records)
+    score_run(str(run), [suite], progress=False)
+    metrics = run / "toy" / "metrics"
+    before = {name: (metrics / name).read_text() for name in os.listdir(metrics)}
+    assert sorted(before) == ["budget-16.json", "budget-32.json", "budget-64.json", "budget-8.json"]
+    written, real = [], score.write_atomic
+
+    def killed_on_the_third(path, text):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        written.append(path)
+        real(path, text)
+
+    monkeypatch.setattr(score, "write_atomic", killed_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        score_run(str(run), [suite], progress=False)
+    assert {name: (metrics / name).read_text() for name in os.listdir(metrics)} == before
+    assert len(written) == 2 and all(os.sep + "metrics" + os.sep not in path for path in written)
+    monkeypatch.setattr(score, "write_atomic", real)
+    assert score.load_run_metrics(str(run))["toy"][64]["accuracy"] == 0.5
