@@ -44,7 +44,9 @@ def add_arguments(parser) -> None:
                         help="a run config whose `eval` section gives the defaults of --suite, --n, --max-tokens, "
                              "--temperature, --top-p, --top-k, --budgets, --grading, thinking and --instruction "
                              "(flags still override), e.g. the paper's settings for that run")
-    parser.add_argument("--budgets", default="4096,8192,16384,32768", help="token budgets to regrade at")
+    parser.add_argument("--budgets", default=None,
+                        help="token budgets to regrade at, none above --max-tokens (default: those of "
+                             "4096,8192,16384,32768 below it)")
     parser.add_argument("--shard", default="0/1", metavar="I/N",
                         help="generate only shard I of N (then --merge). A multi-process launch (every host of a pod "
                              "running this command) splits it further: each process samples its own share on its own "
@@ -146,7 +148,7 @@ def run(args, make_mesh) -> int:
     settings = runner.EvalSettings(
         n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, instruction=args.instruction, enable_thinking=args.thinking,
-        budgets=_budgets(args.budgets))
+        budgets=None if args.budgets is None else _budgets(args.budgets))
     asked_shard = parse_shard(args.shard)
     suites = parse_suites(args.suite)
     # In a multi-process launch (every host of a pod runs this same command) each process samples

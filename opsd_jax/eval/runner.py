@@ -36,16 +36,17 @@ class EvalSettings:
     seed: int = 0
     instruction: str | None = None  # appended to the problem after a blank line
     enable_thinking: bool | None = None  # passed to the chat template when set (Qwen3)
-    budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    # None: those of DEFAULT_BUDGETS below max_tokens. Given ones must not exceed max_tokens.
+    budgets: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         if self.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.n}")
         if self.max_tokens < 1:
             raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
-        if any(b < 1 for b in self.budgets):
+        if any(b < 1 for b in self.budgets or ()):
             raise ValueError(f"--budgets must be positive, got {self.budgets}")
-        beyond = sorted(b for b in self.budgets if b > self.max_tokens)
+        beyond = sorted(b for b in self.budgets or () if b > self.max_tokens)
         if beyond:
             raise ValueError(f"--budgets {', '.join(map(str, beyond))} exceed --max-tokens {self.max_tokens}: a budget "
                              "is graded by cutting the generations, so none can be longer than the cap")
@@ -60,7 +61,8 @@ class EvalSettings:
 
     def cut_budgets(self) -> list[int]:
         """Budgets shorter than the cap (the cap itself is always graded)."""
-        return sorted({b for b in self.budgets if b < self.max_tokens})
+        budgets = DEFAULT_BUDGETS if self.budgets is None else self.budgets
+        return sorted({b for b in budgets if b < self.max_tokens})
 
     def sampling_record(self) -> dict:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,

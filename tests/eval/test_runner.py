@@ -235,6 +235,14 @@ def test_cli_errors_name_what_is_missing(tmp_path, capsys):
     assert "--budgets must be comma-separated token counts" in capsys.readouterr().err
 
 
+def test_default_budgets_are_those_below_the_cap():
+    assert runner.EvalSettings(max_tokens=5000).cut_budgets() == [4096]
+    assert runner.EvalSettings(max_tokens=64).cut_budgets() == []
+    runner.EvalSettings(max_tokens=64).validate()
+    with pytest.raises(ValueError, match="--budgets 4096 exceed --max-tokens 64"):
+        runner.EvalSettings(max_tokens=64, budgets=(32, 4096)).validate()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "2"], "--top-p must be in (0, 1], got 2.0"),
     (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
