@@ -307,11 +307,17 @@ def test_sigterm_saves_at_the_next_step_boundary(model_dir, tmp_path):
 
 
 def test_two_process_cluster_trains_and_resumes(model_dir, tmp_path):
-    """2 processes x 4 CPU devices on loopback (gloo): per-host data shards and samplers, a global
-    batch from process-local rows, Orbax checkpoints from both hosts, metrics from process 0."""
+    """2 processes x 4 CPU devices on loopback (gloo): per-host data shards (the paper's order, each
+    global batch split between the hosts) and samplers, a global batch from process-local rows,
+    Orbax checkpoints from both hosts, metrics from process 0."""
+    from opsd_jax.data import read_problems
+    from opsd_jax.data.sources import paper_order
+
     config = {
         "model": {"checkpoint": model_dir, "compute_dtype": "float32", "remat": False},
-        "data": {"path": DATA, "max_prompt_tokens": 192}, "prompt": {"privilege": "sparse"},
+        "data": {"path": DATA, "max_prompt_tokens": 192, "overlong": "truncate_left", "order": "paper",
+                 "shuffle_seed": 42},
+        "prompt": {"privilege": "sparse"},
         "sampling": {"max_new_tokens": 8, "max_slots": 4},
         "optimizer": {"learning_rate": 1e-3, "warmup_ratio": 0.0},
         "train": {"batch_size": 4, "steps": 2, "output_dir": str(tmp_path / "run"), "mesh": "2,4,1",
@@ -337,6 +343,9 @@ def test_two_process_cluster_trains_and_resumes(model_dir, tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in records)
+    ids = [p.id for p in read_problems(DATA)]
+    batches = paper_order(len(ids), seed=42, batch_size=4).reshape(-1, 4)
+    assert [r["problem_ids"] for r in records] == [[ids[i] for i in batch[:2]] for batch in batches[:3]]  # process 0's half
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "3"]
 
 
