@@ -257,6 +257,7 @@ class Trainer:
                                                                  for key, old, new in differences), flush=True)
         model_config, params, tokenizer, side_dir, teacher_config, teacher_params = self._load_models()
         problems, skipped = self._problems(tokenizer)
+        problem_position = {problem.id: i for i, (problem, _) in enumerate(problems)}
         B = c.train.batch_size
         if B % c.train.microbatches:
             raise TrainingError(f"train.batch_size {B} is not divisible by train.microbatches {c.train.microbatches}")
@@ -347,20 +348,21 @@ class Trainer:
                         raise TrainingError(f"non-finite loss at step {step}; batch saved to {path}; "
                                             "no checkpoint was written for this step")
                     state = new_state
-                    lengths = [len(x.token_ids) for x in completions]
+                    problem_ids, lengths, truncated = self._global_rollout_record(batch_items, completions,
+                                                                                  problem_position, problems)
                     metrics.update({
                         "rollout_length_mean": float(np.mean(lengths)),
-                        "truncation_rate": float(np.mean([x.finish_reason == "length" for x in completions])),
+                        "truncation_rate": float(np.mean(truncated)),
                         "sampling_seconds": sampled - started,
                         "update_seconds": updated - sampled,
                         "tokens_per_second": float(sum(lengths)) / (updated - started),
                         "skipped_overlong_prompts": skipped,
                     })
-                    history.append({"step": step + 1, **metrics, "problem_ids": [p.id for p, _ in batch_items]})
+                    history.append({"step": step + 1, **metrics, "problem_ids": problem_ids})
                     if c.train.save_rollouts_every and (step + 1) % c.train.save_rollouts_every == 0:
                         self._save_rollouts(step + 1, batch_items, completions, tokenizer)
                     if (step + 1) % c.train.log_every == 0:
-                        writer.write(step + 1, metrics, problem_ids=[p.id for p, _ in batch_items])
+                        writer.write(step + 1, metrics, problem_ids=problem_ids)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                     last = step + 1 == c.train.steps
                     # The same step on every process (distill/preemption.py): JAX's preemption
@@ -405,6 +407,19 @@ class Trainer:
         saved = state if self.config.teacher.kind == "ema" else state._replace(teacher_params=None)
         total = sum(leaf.nbytes for leaf in jax.tree.leaves(saved))
         print(f"preemption: {describe(total, hosts=self.process_count)}", flush=True)
+
+    def _global_rollout_record(self, batch_items, completions, problem_position, problems):
+        """(problem ids, completion lengths, truncated flags) of the whole step's batch in global
+        order (process 0's rows first), gathered from every process: the metrics describe the
+        step's batch, not process 0's share of it."""
+        local_LxF = np.array([[problem_position[problem.id], len(c.token_ids), c.finish_reason == "length"]
+                              for (problem, _), c in zip(batch_items, completions)], np.int64)
+        if self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            local_LxF = np.asarray(multihost_utils.process_allgather(local_LxF)).reshape(-1, local_LxF.shape[-1])
+        return ([problems[i][0].id for i in local_LxF[:, 0].tolist()], local_LxF[:, 1].tolist(),
+                local_LxF[:, 2].astype(bool).tolist())
 
     def _save_rollouts(self, step: int, batch_items, completions, tokenizer) -> None:
         """This process's rollouts of `step`, for `opsd-jax analyze`; rewritten whole on a resumed
