@@ -237,22 +237,32 @@ class Engine:
         """Pages that hold cache rows 0 .. rows - 1."""
         return math.ceil(rows / self.page_size)
 
+    def validate_prompt(self, prompt_ids) -> np.ndarray:
+        """The prompt as int32[n], or a RequestError naming what is wrong: empty, not integers, or
+        an id the tokenizer does not have (rows past it in a padded embedding are untrained)."""
+        if not isinstance(prompt_ids, np.ndarray) and any(isinstance(t, bool) for t in prompt_ids):
+            raise RequestError("prompt token ids must be integers, got a boolean")
+        try:
+            prompt = np.asarray(prompt_ids)
+        except (OverflowError, ValueError):
+            raise RequestError("prompt must be a flat list of token ids within int64") from None
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise RequestError("prompt must be a non-empty list of token ids")
+        if not np.issubdtype(prompt.dtype, np.integer):
+            raise RequestError(f"prompt token ids must be integers, got dtype {prompt.dtype}")
+        vocab = self.sampler_config.valid_vocab_size or self.config.vocab_size
+        bad = prompt[(prompt < 0) | (prompt >= vocab)]
+        if bad.size:
+            raise RequestError(f"prompt token id {int(bad[0])} is outside the vocabulary [0, {vocab})")
+        return prompt.astype(np.int32)
+
     def validate_request(self, prompt_ids, sampling: SamplingParams) -> np.ndarray:
         """Returns the prompt as int32[n] or raises RequestError naming what is wrong."""
         try:
             sampling.validate()
         except ValueError as e:
             raise RequestError(str(e)) from None
-        prompt = np.asarray(prompt_ids)
-        if prompt.ndim != 1 or prompt.size == 0:
-            raise RequestError("prompt must be a non-empty list of token ids")
-        if not np.issubdtype(prompt.dtype, np.integer):
-            raise RequestError(f"prompt token ids must be integers, got dtype {prompt.dtype}")
-        bad = prompt[(prompt < 0) | (prompt >= self.config.vocab_size)]
-        if bad.size:
-            raise RequestError(
-                f"prompt token id {int(bad[0])} is outside the vocabulary [0, {self.config.vocab_size})"
-            )
+        prompt = self.validate_prompt(prompt_ids)
         if prompt.size >= self.max_sequence_length:
             raise RequestError(
                 f"prompt has {prompt.size} tokens; the engine holds at most {self.max_sequence_length} "

@@ -62,8 +62,8 @@ class APIError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.kind = kind or {400: "invalid_request_error", 404: "not_found_error",
-                             503: "service_unavailable"}.get(status, "server_error")
+        self.kind = kind or {404: "not_found_error", 503: "service_unavailable"}.get(
+            status, "invalid_request_error" if 400 <= status < 500 else "server_error")
 
     def payload(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
@@ -81,7 +81,8 @@ class _ClientGone(Exception):
 
 
 class _Strict(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+    # strict: JSON true is no token id and "4" no max_tokens (an integer still passes as a float)
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -131,8 +132,8 @@ class ChatMessage(pydantic.BaseModel):
     # Extra keys (name, tool_calls, reasoning_content, ...) reach the chat template unchanged.
     model_config = pydantic.ConfigDict(extra="allow")
 
-    role: str
-    content: str | list[ContentPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None  # None only for an assistant turn (checked below)
 
 
 class ResponseFormat(_Strict):
@@ -378,6 +379,11 @@ class CompletionService:
     # ---- validation ----------------------------------------------------------------------------
 
     def _check_unsupported(self, body: _SamplingRequest) -> None:
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(404, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
+                           "model")
+        if body.stream_options is not None and not body.stream:
+            raise _bad("stream_options is only allowed with stream: true", "stream_options")
         if body.logit_bias:
             raise _bad("logit_bias is not supported by this server (only an empty map)", "logit_bias")
         _require_default(body, "presence_penalty", (0, 0.0))
@@ -389,8 +395,8 @@ class CompletionService:
     def _sampling(self, body: _SamplingRequest, max_tokens: int | None, top_logprobs: int) -> tuple[SamplingParams, int]:
         self._check_unsupported(body)
         top_k = body.top_k
-        if top_k is not None and top_k < -1:
-            raise _bad(f"top_k must be -1 or 0 (off) or a positive integer, got {top_k}", "top_k")
+        if top_k is not None and not -1 <= top_k < 2**31:
+            raise _bad(f"top_k must be -1 or 0 (off) or a positive integer below 2**31, got {top_k}", "top_k")
         seed = secrets.randbits(63) if body.seed is None else body.seed % 2**63
         n = _number(body.n, "n", 1, low=1, high=MAX_N)
         sampling = SamplingParams(
@@ -434,7 +440,11 @@ class CompletionService:
     @staticmethod
     def _request_error(error: Exception) -> APIError:
         message = str(error).replace("max_new_tokens", "max_tokens")
-        param = "max_tokens" if message.startswith("max_tokens") else "prompt"
+        named = message.split(" ", 1)[0]
+        if named in ("max_tokens", "temperature", "top_p", "top_k", "seed", "top_logprobs"):
+            param = named
+        else:  # "prompt (n tokens) + max_tokens (m) needs ...": max_tokens is the part a client chose
+            param = "max_tokens" if "+ max_tokens" in message else "prompt"
         return _bad(message, param)
 
     def _check_admitting(self) -> None:
@@ -667,8 +677,16 @@ class CompletionService:
         generate = max_tokens != 0
         if generate:
             self._validate(token_prompts, samplings)
-        elif any(not p for p in token_prompts):
-            raise _bad("prompt must be non-empty", "prompt")
+        else:  # echo only: nothing is sampled, but every id is decoded and scored
+            validate = getattr(self.orchestrator.engine, "validate_prompt", None)
+            for prompt in token_prompts:
+                if not prompt:
+                    raise _bad("prompt must be non-empty", "prompt")
+                if validate is not None:
+                    try:
+                        validate(prompt)
+                    except RequestError as e:
+                        raise _bad(str(e), "prompt") from None
         options = body.stream_options
         plan = _Plan(token_prompts, samplings, n, self._stop_strings(body.stop), bool(body.stream),
                      bool(options and options.include_usage), generate)
@@ -735,6 +753,8 @@ class CompletionService:
         messages = []
         for m, message in enumerate(body.messages):
             content = message.content
+            if content is None and message.role != "assistant":
+                raise _bad(f"messages[{m}].content: a {message.role} message needs content", "messages")
             if isinstance(content, list):
                 texts = []
                 for p, part in enumerate(content):
@@ -759,10 +779,14 @@ class CompletionService:
         if body.tools:
             raise _bad("tools are not supported by this server", "tools")
         prompt = self._chat_prompt(body)
+        for field in ("max_tokens", "max_completion_tokens"):
+            value = getattr(body, field)
+            if value is not None and value < 1:
+                raise _bad(f"{field} must be >= 1, got {value}", field)
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = getattr(body, field)
-        if max_tokens is not None and max_tokens < 1:
-            raise _bad(f"{field} must be >= 1, got {max_tokens}", field)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
         top = _number(body.top_logprobs, "top_logprobs", 0, low=0, high=TOP_LOGPROBS) if body.logprobs else 0
         sampling, n = self._sampling(body, max_tokens, top)
         samplings = self._per_prompt([prompt], sampling, max_tokens is None)

@@ -179,3 +179,10 @@ def test_padded_vocabulary_is_never_sampled(tiny, rng):
             tokens = np.asarray(completion.token_ids)
             np.testing.assert_allclose(completion.model_logprobs, log_p[np.arange(len(tokens)), tokens], atol=2e-5)
             np.testing.assert_allclose(completion.entropies, -(np.exp(log_p) * log_p).sum(-1), atol=2e-5)
+    # Nor can a prompt hold such a row: its embedding was never trained with the tokenizer.
+    with pytest.raises(RequestError, match=f"prompt token id {valid} is outside the vocabulary \\[0, {valid}\\)"):
+        engine.validate_request([1, valid, 2], sampling)
+    with pytest.raises(RequestError, match="integers, got a boolean"):
+        engine.validate_prompt([1, True])
+    with pytest.raises(RequestError, match="top_k must be an integer in"):
+        engine.validate_request([1, 2], SamplingParams(top_k=2**31, max_new_tokens=2))

@@ -231,6 +231,42 @@ def test_fields_that_cannot_be_honoured_are_refused_by_name(served, extra, field
     assert status == 400 and payload["error"]["param"] == field, payload
 
 
+CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.mark.parametrize("route, body, status, param", [
+    ("/completions", {"prompt": "Wait", "max_tokens": 2, "top_k": 2**31}, 400, "top_k"),  # once stopped the server
+    ("/completions", {"prompt": [1, -3], "max_tokens": 0, "echo": True}, 400, "prompt"),
+    ("/completions", {"prompt": [1, 5000], "max_tokens": 0, "echo": True, "logprobs": 1}, 400, "prompt"),
+    ("/completions", {"prompt": "Wait", "max_tokens": 2, "model": "gpt-9000"}, 404, "model"),
+    ("/completions", {"prompt": [True, False], "max_tokens": 2}, 400, "prompt"),
+    ("/completions", {"prompt": "Wait", "max_tokens": "4"}, 400, "max_tokens"),
+    ("/completions", {"prompt": "Wait", "max_tokens": 2, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("/completions", {"prompt": "Wait", "max_tokens": 1000000}, 400, "max_tokens"),
+    ("/chat/completions", {**CHAT, "max_tokens": 2, "top_logprobs": 50}, 400, "top_logprobs"),
+    ("/chat/completions", {**CHAT, "max_tokens": 0, "max_completion_tokens": 2}, 400, "max_tokens"),
+    ("/chat/completions", {"messages": [{"role": "wizard", "content": "Hi"}], "max_tokens": 2}, 400, "messages"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": None}], "max_tokens": 2}, 400, "messages"),
+])
+def test_bad_requests_are_refused_by_name_and_the_server_stays_up(served, route, body, status, param):
+    client, _, _, server = served
+    got, payload = post(server, route, body)
+    assert (got, payload["error"]["param"]) == (status, param), payload
+    assert payload["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert get(server, "/health")[0] == 200
+    assert client.completions.create(model=MODEL, prompt="Wait", max_tokens=1).choices
+
+
+def test_a_wrong_method_is_a_client_error(served):
+    _, _, _, server = served
+    request = urllib.request.Request(server.url + "/completions", method="GET")
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=30)
+    assert raised.value.code == 405
+    assert json.loads(raised.value.read())["error"]["type"] == "invalid_request_error"
+
+
 def test_common_openai_fields_at_their_defaults_are_accepted(served):
     client, _, _, _ = served
     response = client.completions.create(
