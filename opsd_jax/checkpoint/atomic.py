@@ -44,7 +44,7 @@ def atomic_directory(path: str, *, overwrite: bool = False, all_processes: bool 
         _recover(path, retired)
     barrier(f"recovered {path}")
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose a new destination or pass overwrite")
+        raise FileExistsError(f"{path} already exists; choose a new destination or pass --overwrite")
     if primary:
         os.makedirs(parent, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)

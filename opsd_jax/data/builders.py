@@ -67,7 +67,11 @@ def load_source(path: str):
     kind = "parquet" if path.endswith(".parquet") else "json" if path.endswith((".jsonl", ".json")) else None
     if kind is None:
         raise BuildError(f"{path}: expected a .parquet or .jsonl file, or a saved dataset folder")
-    return datasets.load_dataset(kind, data_files=path, split="train")
+    try:
+        return datasets.load_dataset(kind, data_files=path, split="train")
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+        # datasets names the file only in its log; a truncated parquet says "magic bytes not found"
+        raise BuildError(f"{path}: not a readable {kind} file ({str(e).splitlines()[0][:200]})") from None
 
 
 def _require(dataset, columns: tuple[str, ...], path: str) -> None:

@@ -103,6 +103,9 @@ def test_malformed_rows_are_named(tmp_path):
     source = _write_jsonl(tmp_path / "cd.jsonl", rows)
     with pytest.raises(builders.BuildError, match=r"cd.jsonl: row 2: malformed \(ValueError: could not convert"):
         builders.build_countdown(source, str(tmp_path / "raw"), train_size=2, eval_size=1)
+    (tmp_path / "cut.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(builders.BuildError, match=r"cut.parquet: not a readable parquet file"):
+        builders.build_openthoughts(str(tmp_path / "cut.parquet"), str(tmp_path / "raw"))
 
 
 def test_cli_reports_rows_and_a_stable_checksum(tmp_path, capsys, monkeypatch):
