@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--checkpoint", required=True, metavar="DIR", type=user_path, help="HF folder or opsd-jax Orbax checkpoint")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port (the URL is printed)")
-    serve.add_argument("--model-name", help="name reported by the API (default: the folder name)")
+    serve.add_argument("--model-name", help="the served model name (default: the folder name); a request naming "
+                       "another model gets a 404, as from vLLM")
     serve.add_argument("--max-slots", type=int, default=8, help="sequences decoded together")
     serve.add_argument("--max-sequence-length", type=int, help="prompt + generated tokens per sequence")
     serve.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
