@@ -427,13 +427,16 @@ class CompletionService:
         # The last generated token is never fed back, so it needs no cache row.
         return [dataclasses.replace(sampling, max_new_tokens=max(length - len(p) + 1, 1)) for p in prompts]
 
-    def _validate(self, prompts, samplings) -> None:
-        validate = getattr(self.orchestrator.engine, "validate_request", None)
+    def _validate(self, prompts, samplings=None) -> None:
+        """Each prompt checked by the engine: with its sampling for requests that generate, alone
+        for echo-only ones (nothing is sampled, but every id is decoded and scored)."""
+        validate = getattr(self.orchestrator.engine, "validate_prompt" if samplings is None else "validate_request",
+                           None)
         if validate is None:
             return
-        for prompt, sampling in zip(prompts, samplings):
+        for i, prompt in enumerate(prompts):
             try:
-                validate(prompt, sampling)
+                validate(prompt) if samplings is None else validate(prompt, samplings[i])
             except RequestError as e:
                 raise self._request_error(e) from None
 
@@ -677,16 +680,10 @@ class CompletionService:
         generate = max_tokens != 0
         if generate:
             self._validate(token_prompts, samplings)
-        else:  # echo only: nothing is sampled, but every id is decoded and scored
-            validate = getattr(self.orchestrator.engine, "validate_prompt", None)
-            for prompt in token_prompts:
-                if not prompt:
-                    raise _bad("prompt must be non-empty", "prompt")
-                if validate is not None:
-                    try:
-                        validate(prompt)
-                    except RequestError as e:
-                        raise _bad(str(e), "prompt") from None
+        else:
+            if any(not p for p in token_prompts):
+                raise _bad("prompt must be non-empty", "prompt")
+            self._validate(token_prompts)
         options = body.stream_options
         plan = _Plan(token_prompts, samplings, n, self._stop_strings(body.stop), bool(body.stream),
                      bool(options and options.include_usage), generate)
