@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import math
 import os
 import queue
 
@@ -21,6 +20,9 @@ from opsd_jax.eval import generations, report, score
 from opsd_jax.eval.suites import Suite
 
 DEFAULT_BUDGETS = (4096, 8192, 16384, 32768)
+# SamplingParams' fields as `opsd-jax eval` spells them.
+_SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+                   "max_new_tokens": "--max-tokens"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,24 +42,24 @@ class EvalSettings:
     budgets: tuple[int, ...] | None = None
 
     def validate(self) -> None:
+        """Raises ValueError naming the command-line flag. Called before any file is written: a
+        generations file records its sampling, and a run with other settings refuses to add to it."""
+        from opsd_jax.sampler import SamplingParams
+
         if self.n < 1:
             raise ValueError(f"--n must be >= 1, got {self.n}")
-        if self.max_tokens < 1:
-            raise ValueError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+        try:
+            SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                           max_new_tokens=self.max_tokens).validate()
+        except ValueError as e:  # the sampler's own check, its field named as the flag that sets it
+            field, _, rest = str(e).partition(" ")
+            raise ValueError(f"{_SAMPLING_FLAGS.get(field, field)} {rest}") from None
         if any(b < 1 for b in self.budgets or ()):
             raise ValueError(f"--budgets must be positive, got {self.budgets}")
         beyond = sorted(b for b in self.budgets or () if b > self.max_tokens)
         if beyond:
             raise ValueError(f"--budgets {', '.join(map(str, beyond))} exceed --max-tokens {self.max_tokens}: a budget "
                              "is graded by cutting the generations, so none can be longer than the cap")
-        # Checked before any file is written: a generations file records its sampling, and a run
-        # with other settings refuses to add to it.
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"--top-k must be >= 0 (0: off), got {self.top_k}")
 
     def cut_budgets(self) -> list[int]:
         """Budgets shorter than the cap (the cap itself is always graded)."""

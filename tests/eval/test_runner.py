@@ -246,7 +246,9 @@ def test_default_budgets_are_those_below_the_cap():
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "2"], "--top-p must be in (0, 1], got 2.0"),
     (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
-    (["--top-k", "-5"], "--top-k must be >= 0"),
+    (["--top-k", "-5"], "--top-k must be an integer in [0, 2**31)"),
+    (["--top-k", str(2**31)], "--top-k must be an integer in [0, 2**31)"),
+    (["--max-tokens", "0"], "--max-tokens must be a positive integer, got 0"),
     (["--max-tokens", "16", "--budgets", "8,64,128"], "--budgets 64, 128 exceed --max-tokens 16"),
 ])
 def test_bad_sampling_is_refused_before_anything_is_written(tmp_path, capsys, flags, message):
