@@ -10,7 +10,9 @@ the whole response; of either, only what comes before the first `=` (a box writt
 The `=` cut of a box is the authors' later fix (commit efe9fd3): the paper-release commit
 (db4b214) cut unboxed responses only, so a boxed `92+5-66=31` failed the alphabet check below
 whatever its arithmetic; they measured 16.5% of 600 Qwen3-4B rollouts boxing that form, accuracy
-understated by about 15 points. This module follows the corrected rule.
+understated by about 15 points, and their handoff note says the paper's Countdown evaluation used
+the release rule. `grade` follows the corrected rule; `release_rule=True` (`--grading paper`)
+the release's, so that the paper's Countdown numbers can be reproduced, understatement included.
 
 `\\frac{A}{B}` / `\\dfrac` / `\\tfrac` become `((A)/(B))`, `\\times` and `\\cdot` `*`, `\\div`
 `/`, `\\left` / `\\right` go, braces become parentheses; what is left must consist of digits,
@@ -59,12 +61,13 @@ def last_complete_box(text: str) -> str | None:
     return found
 
 
-def extract_expression(response: str) -> tuple[str, str]:
-    """(expression as the paper reads it, method)."""
+def extract_expression(response: str, release_rule: bool = False) -> tuple[str, str]:
+    """(expression as the paper reads it, method). release_rule: a box is taken whole, as the
+    paper-release commit did (no cut at "=", no strip)."""
     text = response.replace("$", "").replace(" ", "")
     boxed = last_complete_box(text)
     if boxed:  # an empty box counts as none, as in the paper
-        return boxed.split("=")[0].strip(), BOXED
+        return (boxed, BOXED) if release_rule else (boxed.split("=")[0].strip(), BOXED)
     return text.split("=")[0].strip(), BEFORE_EQUALS
 
 
@@ -105,14 +108,15 @@ def evaluate(expression: str) -> float:
     return float(value)
 
 
-def grade(response: str, reference_json: str) -> Grade:
-    """Judges one response against a Countdown reference (`reference(numbers, target)`)."""
+def grade(response: str, reference_json: str, *, release_rule: bool = False) -> Grade:
+    """Judges one response against a Countdown reference (`reference(numbers, target)`);
+    release_rule: the paper-release commit's reading of a box (see the module's docstring)."""
     try:
         problem = json.loads(reference_json)
         numbers, target = [float(n) for n in problem["numbers"]], float(problem["target"])
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"not a Countdown reference (JSON with numbers and target): {reference_json[:80]!r}") from None
-    expression, method = extract_expression(response)
+    expression, method = extract_expression(response, release_rule)
     if not expression:
         return Grade(False, None, NONE)
     normalized = normalize_expression(expression)

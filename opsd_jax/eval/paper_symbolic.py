@@ -122,24 +122,31 @@ def _relation_list(text: str) -> list[str] | None:
 
 def _latex2sympy(text: str):
     """latex2sympy2 as closely as latex2sympy2_extended allows: a top-level list becomes a Python
-    list in order (latex2sympy2's relation_list; the fork would build an unordered FiniteSet)."""
+    list in order (latex2sympy2's relation_list; the fork would build an unordered FiniteSet).
+    latex2sympy2 rewrites the text before its grammar sees a comma, so `204\\,` is 204, not a
+    list of `204\\` and nothing."""
+    text = _latex2sympy2_rewrites(text)
     items = _relation_list(text)
     if items is not None:
         return [_latex2sympy_single(item) for item in items]
     return _latex2sympy_single(text)
 
 
-def _latex2sympy_single(text: str):
-    from latex2sympy2_extended.latex2sympy2 import ConversionConfig, latex2sympy
-
-    # latex2sympy2 1.9.1's own rewrites before parsing.
+def _latex2sympy2_rewrites(text: str) -> str:
+    """latex2sympy2 1.9.1's own rewrites before parsing."""
     text = text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     text = text.replace("\\mathrm{T}", "T").replace("\\mathrm{d}", "d").replace("{\\rm d}", "d")
     text = text.replace("\\left[\\begin{matrix}", "\\begin{bmatrix}").replace("\\end{matrix}\\right]", "\\end{bmatrix}")
     text = text.replace("\\displaystyle", " ")
     for space in ("\\quad", "\\qquad", "~", "\\,", "$"):
         text = text.replace(space, " ")
-    text = text.replace("\\bigl(", "(").replace("\\bigr)", ")").replace("\\left(", "(").replace("\\right)", ")")
+    return text.replace("\\bigl(", "(").replace("\\bigr)", ")").replace("\\left(", "(").replace("\\right)", ")")
+
+
+def _latex2sympy_single(text: str):
+    """One item, already rewritten (_latex2sympy2_rewrites)."""
+    from latex2sympy2_extended.latex2sympy2 import ConversionConfig, latex2sympy
+
     config = ConversionConfig(interpret_as_mixed_fractions=False, interpret_simple_eq_as_assignment=False,
                               interpret_contains_as_eq=False, lowercase_symbols=False)
     return latex2sympy(text, normalization_config=None, conversion_config=config)

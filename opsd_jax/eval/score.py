@@ -70,8 +70,8 @@ def grade_records(records: list[dict], suite: Suite, budget: int, *, thinking_op
         if problem is None:
             raise ValueError(f"generation for problem {record['problem_id']!r}, which suite {suite.name} lacks")
         text, tokens, hit_cap = metrics.cut_at_budget(record, budget)
-        if suite.kind == "countdown":  # the paper's Countdown rule, the only one there is, in both modes
-            g = countdown.grade(text, problem.answer)
+        if suite.kind == "countdown":  # paper: the release's rule, strict: the authors' correction of it
+            g = countdown.grade(text, problem.answer, release_rule=grading == PAPER)
         elif grading == PAPER:  # the cut text is graded like a finished response: no cut_off
             g = paper_grader.grade(text, problem.answer, task=task)
         else:

@@ -38,6 +38,21 @@ def test_rule(response, correct, method):
     assert (grade.correct, grade.method) == (correct, method)
 
 
+@pytest.mark.parametrize("response, corrected, release", [
+    ("\\boxed{25 \\times 2 + 7 \\times 3 = 71}", True, False),  # the release read the box whole
+    ("\\boxed{25*2+7*3=70}", True, False),
+    ("\\boxed{25*2+7*3\n}", True, False),  # nor stripped it
+    ("\\boxed{25*2+7*3}", True, True),
+    ("25*2+7*3 = 71", True, True),  # unboxed text was cut at "=" by both
+    ("\\boxed{25*2+7*3+0}", False, False),
+])
+def test_release_rule_reads_a_box_whole(response, corrected, release):
+    """`--grading paper` grades Countdown as the paper-release commit did, whose numbers the
+    paper reports; strict follows the authors' later correction."""
+    assert countdown.grade(response, REFERENCE).correct is corrected
+    assert countdown.grade(response, REFERENCE, release_rule=True).correct is release
+
+
 @pytest.mark.parametrize("numbers, target, response", [
     ([10, 4], 2.5, "\\boxed{\\dfrac{10}{4}}"),  # fractions become divisions
     ([2, 3], -1, "\\boxed{2-3}"),
@@ -66,10 +81,10 @@ def test_countdown_suite_from_the_builders_schema_and_scoring(tmp_path):
     assert json.loads(suite.problems[1].answer) == {"numbers": [10, 4], "target": 2.5}
     records = [{"problem_id": p.id, "sample_index": 0, "text": text, "token_count": 5, "finish_reason": "stop",
                 "budget_chars": {}}
-               for p, text in zip(suite.problems, ["\\boxed{25*2+7*3}", "\\boxed{4/10}"])]
-    for grading in ("strict", "paper"):
+               for p, text in zip(suite.problems, ["\\boxed{25*2+7*3 = 71}", "\\boxed{4/10}"])]
+    for grading, first in (("strict", True), ("paper", False)):
         graded = grade_records(records, suite, 5, thinking_open=False, grading=grading)
-        assert [g["correct"] for g in graded] == [True, False]
+        assert [g["correct"] for g in graded] == [first, False]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"datapoint_input_text": "x", "datapoint_x": "25,3", "datapoint_y": 71}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: field 'datapoint_x' must be a non-empty list"):

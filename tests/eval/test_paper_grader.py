@@ -74,6 +74,8 @@ GRADES = [  # (response, reference, correct)
     ("\\boxed{025}", "25", True),
     ("\\boxed{30^\\circ}", "30", True),
     ("\\boxed{5 \\text{ cm}}", "5", True),
+    # latex2sympy2 turns `\\,` into a space before it reads commas: 204, not a list.
+    ("\\boxed{204\\,\\text{min}}", "204", True),
 ]
 
 
@@ -186,6 +188,8 @@ EQUAL = [  # (prediction, reference, equal) with the task graders' timeout=True
     # A comma list is ordered under math_equal (latex2sympy2 returns a list).
     ("\\frac{1}{2},\\frac{1}{3}", "\\frac{1}{2},\\frac{1}{3}", True),
     ("\\frac{1}{3},\\frac{1}{2}", "\\frac{1}{2},\\frac{1}{3}", False),
+    ("204\\,", "204", True),  # a thin space is no list separator
+    ("\\frac{1}{2},\\,\\frac{1}{3}", "\\frac{1}{2},\\frac{1}{3}", True),
     # A falsy prediction.
     ("", "0", False),
 ]
