@@ -47,11 +47,6 @@ def _pairs(rollout_set: RolloutSet, privilege: str, tokenizer):
     return privileged, vanilla
 
 
-def _token_id(tokenizer, text: str) -> int | None:
-    ids = tokenizer.convert_tokens_to_ids(text)
-    return ids if isinstance(ids, int) and ids != tokenizer.unk_token_id and text in tokenizer.get_vocab() else None
-
-
 def group_metrics(token_ids, scores, marker_matches, thinking, categories, settings: AnalysisSettings) -> dict:
     """Everything reported for one group, from per-rollout arrays (pure NumPy).
 
@@ -159,12 +154,11 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
                                 impl=settings.kernel_impl, valid_vocab=len(tokenizer), mesh=mesh,
                                 progress=bar.update)
         bar.close()
-        think_end, think_start = _token_id(tokenizer, "</think>"), _token_id(tokenizer, "<think>")
         matches, thinking = [], []
         for ids in token_ids:
             text, ends = markers_lib.token_pieces(tokenizer, ids)
             matches.append(markers_lib.find_markers(text, ends, marker_lists))
-            thinking.append(forks.thinking_mask(ids, think_end, think_start, rollout_set.prompt_opens_thinking))
+            thinking.append(forks.thinking_mask(text, ends, rollout_set.prompt_opens_thinking))
         groups[label] = group_metrics(token_ids, scores, matches, thinking, categories, settings)
         groups[label].update(rollouts_file=os.path.abspath(path), student=os.path.abspath(student_path))
     base = labels[0]

@@ -37,21 +37,27 @@ def fork_threshold(entropy_BxT: np.ndarray, mask_BxT: np.ndarray, *, threshold: 
     return float(np.quantile(values, 1.0 - top_rho, method="lower"))
 
 
-def thinking_mask(token_ids_T, think_end_id: int | None, think_start_id: int | None, prompt_opens_thinking: bool):
-    """bool[T]: True for the thinking span of one rollout, up to and including the first </think>.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
-    Without a </think> the rollout is all thinking when it opened a think block (truncated
-    mid-thought) and all answer otherwise (a model that did not think).
+
+def thinking_mask(text: str, char_end_T: np.ndarray, prompt_opens_thinking: bool) -> np.ndarray:
+    """bool[T]: True for the thinking span of one rollout, up to and including the token that
+    completes its first `</think>`.
+
+    text / char_end_T: the rollout decoded and where each token's characters end
+    (markers.token_pieces). The tags are found in the text, not as token ids: OLMo-3's tokenizer
+    has no `<think>` / `</think>` tokens and spells them over several. Without a `</think>` the
+    rollout is all thinking when a think block is open (the prompt opened one, or the rollout
+    did: truncated mid-thought) and all answer otherwise (a model that did not think).
     """
-    ids_T = np.asarray(token_ids_T)
-    if think_end_id is not None:
-        ends = np.flatnonzero(ids_T == think_end_id)
-        if ends.size:
-            mask_T = np.zeros(ids_T.shape, bool)
-            mask_T[: ends[0] + 1] = True
-            return mask_T
-    opened = prompt_opens_thinking or (think_start_id is not None and bool(np.any(ids_T == think_start_id)))
-    return np.full(ids_T.shape, opened, bool)
+    char_end_T = np.asarray(char_end_T)
+    close = text.find(THINK_CLOSE)
+    if close >= 0:
+        last = int(np.searchsorted(char_end_T, close + len(THINK_CLOSE), side="left"))
+        mask_T = np.zeros(char_end_T.shape, bool)
+        mask_T[: last + 1] = True
+        return mask_T
+    return np.full(char_end_T.shape, prompt_opens_thinking or THINK_OPEN in text, bool)
 
 
 def is_fork(entropy_BxT: np.ndarray, threshold_nats: float) -> np.ndarray:

@@ -23,7 +23,9 @@ import os
 from opsd_jax.config import PromptSection
 from opsd_jax.data.records import read_rows
 from opsd_jax.data.sources import Problem
+from opsd_jax.distill.prompts import chat_prompt_ids, student_prompt_text
 from opsd_jax.eval import generations
+from opsd_jax.eval.runner import prompt_opens_thinking
 
 FORMAT = "opsd-jax-rollouts/1"
 
@@ -109,7 +111,11 @@ def _own_rollouts(path, rows, tokenizer) -> RolloutSet:
         rollouts.append(Rollout(problem, tuple(ids), int(row.get("sample_index", 0)), where))
     if not rollouts:
         raise ValueError(f"{path}: a header but no rollouts")
-    return RolloutSet(path, tuple(rollouts), prompt, prompt_opens_thinking=False)
+    # Whether the chat template's generation prompt opens <think> (Qwen3-2507-Thinking, OLMo-3
+    # Think) is the template's, not the problem's: the first rollout's prompt tells.
+    student_ids = chat_prompt_ids(tokenizer, student_prompt_text(rollouts[0].problem, prompt), prompt.student_thinking)
+    return RolloutSet(path, tuple(rollouts), prompt,
+                      prompt_opens_thinking=prompt_opens_thinking(tokenizer, student_ids))
 
 
 def _suite_rows(header: dict, where: str) -> dict[str, dict]:

@@ -60,27 +60,35 @@ def _teacher_side(rows_s_NxD, head_s, teacher_params, teacher: ModelConfig, batc
 DEFAULT_BETA = 0.5
 
 
-@functools.partial(jax.jit, static_argnames=("student", "teacher", "beta", "impl", "valid_vocab", "mesh"))
+@functools.partial(jax.jit, static_argnames=("student", "teacher", "beta", "impl", "valid_vocab", "mesh",
+                                             "vanilla_is_student"))
 def token_scores(student_params, teacher_params, privileged: Batch, vanilla: Batch, *, student: ModelConfig,
                  teacher: ModelConfig, beta: float = DEFAULT_BETA, impl: str = "auto", valid_vocab: int | None = None,
-                 mesh: Mesh | None = None) -> TokenScores:
+                 mesh: Mesh | None = None, vanilla_is_student: bool = False) -> TokenScores:
     """Scores of `privileged.targets` (the same tokens as `vanilla.targets`) under the three models.
 
     privileged / vanilla: Batches whose student parts are identical and whose teacher parts hold
     the privileged and the vanilla teacher contexts. teacher_params None: the student's own
-    weights (self-distillation; one copy on the chips). mesh: the mesh the parameters and batches
-    lie on (None: one device).
+    weights (self-distillation; one copy on the chips). vanilla_is_student: the vanilla teacher
+    is the student itself (its own weights on the student's prompt), so its scores are the
+    student's, exactly: no third forward, whose other padding would round differently and turn
+    the vanilla advantage, zero by definition, into noise. mesh: the mesh the parameters and
+    batches lie on (None: one device).
     """
     if mesh is None or mesh.size == 1:
         return _token_scores(student_params, teacher_params, privileged, vanilla, student=student, teacher=teacher,
-                             beta=beta, impl=impl, valid_vocab=valid_vocab, mesh=None)
+                             beta=beta, impl=impl, valid_vocab=valid_vocab, mesh=None,
+                             vanilla_is_student=vanilla_is_student)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         return _token_scores(student_params, teacher_params, privileged, vanilla, student=student, teacher=teacher,
-                             beta=beta, impl=impl, valid_vocab=valid_vocab, mesh=mesh)
+                             beta=beta, impl=impl, valid_vocab=valid_vocab, mesh=mesh,
+                             vanilla_is_student=vanilla_is_student)
 
 
 def _token_scores(student_params, teacher_params, privileged, vanilla, *, student, teacher, beta, impl, valid_vocab,
-                  mesh):
+                  mesh, vanilla_is_student):
+    if vanilla_is_student and teacher_params is not None:
+        raise ValueError("vanilla_is_student needs teacher_params None (the student's own weights)")
     teacher_params = student_params if teacher_params is None else teacher_params
     B, T = privileged.targets.shape
     mask_BxT = jnp.arange(T)[None, :] < privileged.lengths[:, None]
@@ -89,12 +97,18 @@ def _token_scores(student_params, teacher_params, privileged, vanilla, *, studen
     rows_s_NxD = _gather_rows(hidden_s, privileged.student_index).reshape(B * T, -1)
     out_p = _teacher_side(rows_s_NxD, head_s, teacher_params, teacher, privileged, mask_BxT.reshape(-1), beta, impl,
                           valid_vocab, mesh)
-    out_v = _teacher_side(rows_s_NxD, head_s, teacher_params, teacher, vanilla, mask_BxT.reshape(-1), beta, impl,
-                          valid_vocab, mesh)
     shape = lambda x: x.reshape(B, T)  # noqa: E731
-    return TokenScores(shape(out_p.student_entropy), shape(out_p.teacher_entropy), shape(out_v.teacher_entropy),
-                       shape(out_p.student_logprob), shape(out_p.teacher_logprob), shape(out_v.teacher_logprob),
-                       shape(out_p.divergence), shape(out_v.divergence))
+    if vanilla_is_student:
+        vanilla_entropy, vanilla_logprob = out_p.student_entropy, out_p.student_logprob
+        vanilla_divergence = jnp.zeros_like(out_p.divergence)
+    else:
+        out_v = _teacher_side(rows_s_NxD, head_s, teacher_params, teacher, vanilla, mask_BxT.reshape(-1), beta, impl,
+                              valid_vocab, mesh)
+        vanilla_entropy, vanilla_logprob, vanilla_divergence = out_v.teacher_entropy, out_v.teacher_logprob, \
+            out_v.divergence
+    return TokenScores(shape(out_p.student_entropy), shape(out_p.teacher_entropy), shape(vanilla_entropy),
+                       shape(out_p.student_logprob), shape(out_p.teacher_logprob), shape(vanilla_logprob),
+                       shape(out_p.divergence), shape(vanilla_divergence))
 
 
 # Up to this many tokens lengths pad to a power of two; above it to the next multiple of a quarter
@@ -128,12 +142,17 @@ def score_rollouts(student_params, student: ModelConfig, teacher_params, teacher
     """Per rollout, in the order given, {field of TokenScores: float32[n]} for its n completion tokens.
 
     privileged_pairs / vanilla_pairs: PromptPair per rollout (same student prompt); token_ids:
-    the completions; teacher_params None: the student is its own teacher. Rollouts are scored in
+    the completions; teacher_params None: the student is its own teacher (and, where every vanilla
+    prompt is the student's, its own vanilla teacher: token_scores' vanilla_is_student). Rollouts are scored in
     batches of `batch_size` of similar length (sorted, so a short rollout is not padded to a long
     one), each padded to `batch_lengths`. mesh: where the parameters lie; each batch is placed
     with its rollouts over the data and fsdp axes.
     """
     from opsd_jax.parallel import logical_sharding
+
+    # The student's own weights on the student's own prompt: the vanilla teacher is the student.
+    vanilla_is_student = teacher_params is None and all(
+        v.teacher_ids == v.student_ids for v in vanilla_pairs)
 
     def total(i):
         return max(len(privileged_pairs[i].teacher_ids), len(vanilla_pairs[i].teacher_ids)) + len(token_ids[i])
@@ -158,7 +177,7 @@ def score_rollouts(student_params, student: ModelConfig, teacher_params, teacher
             batches = jax.device_put(batches, sharding)
         scores = jax.device_get(token_scores(student_params, teacher_params, *batches, student=student,
                                              teacher=teacher, beta=beta, impl=impl, valid_vocab=valid_vocab,
-                                             mesh=mesh))
+                                             mesh=mesh, vanilla_is_student=vanilla_is_student))
         for row, i in enumerate(chunk):
             n = len(token_ids[i])
             results[i] = {name: np.asarray(value[row, :n], np.float32) for name, value in scores._asdict().items()}

@@ -36,11 +36,18 @@ def test_top_rho_quantile_marks_that_share(rng):
         fork_threshold(entropy, mask, top_rho=0.0)
 
 
+def _pieces(*pieces):
+    return "".join(pieces), np.cumsum([len(p) for p in pieces])
+
+
 def test_thinking_mask():
-    assert thinking_mask([5, 6, 9, 7, 8], 9, 4, False).tolist() == [True, True, True, False, False]
-    assert thinking_mask([4, 6, 7], 9, 4, False).tolist() == [True, True, True]  # truncated mid-thought
-    assert thinking_mask([6, 7], 9, 4, True).tolist() == [True, True]  # the prompt opened <think>
-    assert thinking_mask([6, 7], 9, 4, False).tolist() == [False, False]  # did not think
+    assert thinking_mask(*_pieces("a", " b", "</think>", "\n\n", "c"), False).tolist() == [True] * 3 + [False] * 2
+    # OLMo-3 spells the tags over several tokens: the span ends at the token completing "</think>".
+    assert thinking_mask(*_pieces("a", "</", "think", ">\n", "c"), False).tolist() == [True] * 4 + [False]
+    assert thinking_mask(*_pieces("a", "</", "think", ">", "</think>", "c"), True).tolist() == [True] * 4 + [False] * 2
+    assert thinking_mask(*_pieces("<", "think", ">", "a", "b"), False).all()  # truncated mid-thought
+    assert thinking_mask(*_pieces("a", "b"), True).all()  # the prompt opened <think>
+    assert not thinking_mask(*_pieces("a", "b"), False).any()  # did not think
 
 
 def test_bootstrap_ratio_ci_covers_and_shrinks(rng):

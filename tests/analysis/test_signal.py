@@ -154,6 +154,33 @@ def test_constructed_signs_and_cli_outputs(loaded, student_dir, tmp_path):
     assert "Per-token divergence between the student and each teacher (generalized JSD, beta 0.5" in report_text
 
 
+def test_rollouts_under_a_template_that_opens_thinking(loaded, tmp_path):
+    """A chat template whose generation prompt opens <think> itself (Qwen3-2507-Thinking, OLMo-3
+    Think): a rollout cut before its </think> is all thinking, one that closes it is thinking up
+    to the tag."""
+    import copy
+
+    from opsd_jax.analysis import forks
+    from opsd_jax.analysis.markers import token_pieces
+
+    _, _, tokenizer, _ = loaded
+    thinking_template = copy.copy(tokenizer)
+    thinking_template.chat_template = tokenizer.chat_template.replace(
+        "<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n")
+    cut = tokenizer.encode("Wait, let me check that again", add_special_tokens=False)
+    closed = tokenizer.encode("Wait, let me check.</think> The answer is 42.", add_special_tokens=False)
+    path = str(tmp_path / "rollouts.jsonl")
+    write_rollouts(path, [Rollout(PROBLEM, tuple(cut)), Rollout(PROBLEM, tuple(closed), 1)], tokenizer)
+    assert not read_rollouts(path, tokenizer).prompt_opens_thinking
+    opened = read_rollouts(path, thinking_template)
+    assert opened.prompt_opens_thinking
+    masks = [forks.thinking_mask(*token_pieces(tokenizer, r.token_ids), opened.prompt_opens_thinking)
+             for r in opened.rollouts]
+    assert masks[0].all()
+    close = closed.index(tokenizer.convert_tokens_to_ids("</think>"))
+    assert masks[1].tolist() == [True] * (close + 1) + [False] * (len(closed) - close - 1)
+
+
 def test_bad_rollouts_files(loaded, tmp_path):
     _, _, tokenizer, _ = loaded
     empty = tmp_path / "empty.jsonl"
