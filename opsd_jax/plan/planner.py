@@ -151,7 +151,8 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
             progress(f"compiling {name} on {dict(analyze_mesh.shape)} ...")
             results.append(analyze_program(name, loaded["student"], external, analyze_mesh, completion=completion,
                                            student_prompt=student_prompt, teacher_prompt=teacher_prompt,
-                                           batch_size=batch))
+                                           batch_size=batch,
+                                           vanilla_is_student=c.prompt.student_thinking == c.prompt.teacher_thinking))
     rows = []
     for plan in results:
         row = dataclasses.asdict(plan)

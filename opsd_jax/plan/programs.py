@@ -356,13 +356,15 @@ def sampler_programs(name: str, model: ModelConfig, sampler_config, mesh, *, lon
 
 
 def analyze_program(name: str, student: ModelConfig, teacher: ModelConfig | None, mesh, *, completion: int,
-                    student_prompt: int, teacher_prompt: int, batch_size: int) -> ProgramPlan:
+                    student_prompt: int, teacher_prompt: int, batch_size: int,
+                    vanilla_is_student: bool = True) -> ProgramPlan:
     """`opsd-jax analyze`'s scoring step (`analysis.score.token_scores`, the function the command
     jits) for one batch of `batch_size` rollouts of `completion` tokens behind prompts of the given
     lengths, padded as `score_rollouts` pads them, on `mesh` as the command places its parameters
     (the checkpoint's own shardings) and its batches (rollouts over data and fsdp). student /
     teacher: the models as the command loads them (their dtypes are its --dtype); teacher None:
-    self-distillation, the student's weights scored twice."""
+    self-distillation, the student's weights scored twice, or three times where the vanilla
+    teacher's prompt is not the student's (vanilla_is_student False: another thinking switch)."""
     from opsd_jax.analysis.score import batch_lengths, token_scores
     from opsd_jax.distill.train_step import Batch
     from opsd_jax.kernels.api import default_impl
@@ -381,10 +383,13 @@ def analyze_program(name: str, student: ModelConfig, teacher: ModelConfig | None
                      spec(T), spec(T), spec(), spec(T, dtype=jnp.float32))
 
     impl = default_impl("tpu")  # analyze's --kernel-impl default, "auto", as it resolves on a TPU
-    scorer = "the student as its own teacher" if teacher is None else "external teacher"
+    vanilla_is_student = teacher is None and vanilla_is_student
+    scorer = ("the student as its own teacher" + (" and vanilla teacher" if vanilla_is_student else "")
+              if teacher is None else "external teacher")
     plan = ProgramPlan(name, f"analyze scoring: {batch_size} rollouts of {completion} tokens (padded to {T}), "
                              f"student context {student_length}, teacher contexts {teacher_length}, "
                              f"{student.param_dtype} weights, {scorer}, kernel {impl}", dict(mesh.shape))
     teacher_params = None if teacher is None else sharded_abstract_params(teacher_config, mesh)
     return compile_program(plan, token_scores, sharded_abstract_params(student, mesh), teacher_params, batch(),
-                           batch(), student=student, teacher=teacher_config, impl=impl, mesh=mesh)
+                           batch(), student=student, teacher=teacher_config, impl=impl, mesh=mesh,
+                           vanilla_is_student=vanilla_is_student)
