@@ -26,7 +26,9 @@ DISTRIBUTIONS = (("student", "student_entropy"), ("privileged_teacher", "privile
 class AnalysisSettings:
     privileged: str = "dense"  # dense | sparse | none
     fork_threshold: float = forks.DEFAULT_THRESHOLD_NATS
-    top_rho: float | None = None  # set: threshold = this top quantile of the group's student entropies
+    # set: the threshold is this top quantile of the first (base) group's student entropies, and
+    # holds for every group, so that a group's fork rate can differ from the base's
+    top_rho: float | None = None
     max_tokens: int | None = None  # truncate rollouts (None: whole rollouts)
     batch_size: int = 4
     kernel_impl: str = "auto"
@@ -47,11 +49,15 @@ def _pairs(rollout_set: RolloutSet, privilege: str, tokenizer):
     return privileged, vanilla
 
 
-def group_metrics(token_ids, scores, marker_matches, thinking, categories, settings: AnalysisSettings) -> dict:
+def group_metrics(token_ids, scores, marker_matches, thinking, categories, settings: AnalysisSettings,
+                  threshold: float | None = None, threshold_source: str | None = None, problems=None) -> dict:
     """Everything reported for one group, from per-rollout arrays (pure NumPy).
 
     token_ids: list of int[n_b]; scores: list of {TokenScores field: float32[n_b]};
-    marker_matches: list of [MarkerMatch]; thinking: list of bool[n_b].
+    marker_matches: list of [MarkerMatch]; thinking: list of bool[n_b]; problems: each rollout's
+    problem id, the unit the intervals resample (None: rollouts). threshold: the fork
+    threshold in nats (None: from `settings`, over this group's student entropies where
+    settings.top_rho is set); threshold_source: where it came from, for the report.
     """
     B = len(token_ids)
     T = max(len(t) for t in token_ids)
@@ -68,13 +74,16 @@ def group_metrics(token_ids, scores, marker_matches, thinking, categories, setti
         return x_BxT
 
     student_BxT = stacked("student_entropy")
-    threshold = forks.fork_threshold(student_BxT, mask_BxT, threshold=settings.fork_threshold,
-                                     top_rho=settings.top_rho)
+    if threshold is None:
+        threshold = forks.fork_threshold(student_BxT, mask_BxT, threshold=settings.fork_threshold,
+                                         top_rho=settings.top_rho)
+        threshold_source = f"top_rho {settings.top_rho:g} of this group" if settings.top_rho else "absolute"
     fork_BxT = mask_BxT & forks.is_fork(student_BxT, threshold)  # the student's, as in its fork-rate row
     fork_table, entropy_table = {}, {}
     for name, field in DISTRIBUTIONS:
         entropy_BxT = stacked(field)
-        fork_table[name] = forks.fork_rates(entropy_BxT, mask_BxT, thinking_BxT, threshold, seed=settings.seed)
+        fork_table[name] = forks.fork_rates(entropy_BxT, mask_BxT, thinking_BxT, threshold, seed=settings.seed,
+                                            problems_B=problems)
         entropy_table[name] = float(entropy_BxT[mask_BxT].mean())
     rows = [(len(ids), markers_lib.marker_counts(m, categories)) for ids, m in zip(token_ids, marker_matches)]
     advantage = {which: stacked(f"{which}_logprob") - stacked("student_logprob") for which in ("privileged", "vanilla")}
@@ -86,23 +95,22 @@ def group_metrics(token_ids, scores, marker_matches, thinking, categories, setti
         t_N = np.array([t for _, t in picks], np.int64)
         marker_picks[category] = (b_N, t_N)
         p_N, v_N = advantage["privileged"][b_N, t_N], advantage["vanilla"][b_N, t_N]
-        signal[category] = metrics.signal_summary(p_N, v_N, b_N, seed=settings.seed)
+        signal[category] = metrics.signal_summary(p_N, v_N, b_N, seed=settings.seed, problems_B=problems)
         samples[category] = {"privileged": p_N.tolist(), "vanilla": v_N.tolist()}
-    all_tokens = {which: {"mean": float(a[mask_BxT].mean()),
-                          "sign_disagreement": float(np.mean(np.sign(advantage["privileged"][mask_BxT])
-                                                             != np.sign(advantage["vanilla"][mask_BxT])))}
-                  for which, a in advantage.items()}
+    all_tokens = {**{which: {"mean": float(a[mask_BxT].mean())} for which, a in advantage.items()},
+                  "sign_disagreement": float(np.mean(np.sign(advantage["privileged"][mask_BxT])
+                                                     != np.sign(advantage["vanilla"][mask_BxT])))}
     return {
         "rollouts": B, "tokens": int(mask_BxT.sum()), "thinking_tokens": int((mask_BxT & thinking_BxT).sum()),
-        "fork_threshold_nats": threshold, "fork_threshold_source": "top_rho" if settings.top_rho else "absolute",
+        "fork_threshold_nats": threshold, "fork_threshold_source": threshold_source,
         "fork_rates": fork_table, "mean_entropy_nats": entropy_table,
-        "markers": metrics.marker_table(rows, categories, seed=settings.seed),
+        "markers": metrics.marker_table(rows, categories, seed=settings.seed, problems_B=problems),
         "signal_at_markers": signal, "advantage_all_tokens": all_tokens,
         "divergence": {"beta": settings.beta, **{
             which: metrics.divergence_summary(stacked(f"{which}_divergence"), mask_BxT, fork_BxT, marker_picks,
-                                              seed=settings.seed)
+                                              seed=settings.seed, problems_B=problems)
             for which in ("privileged", "vanilla")}},
-        "_marker_rows": rows, "_advantage_samples": samples,
+        "_marker_rows": rows, "_advantage_samples": samples, "_problems": problems,
     }
 
 
@@ -111,7 +119,7 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
     """Runs the analysis and writes metrics.json, report.md and the plots under `out`."""
     from tqdm.auto import tqdm
 
-    from opsd_jax.analysis.score import score_rollouts
+    from opsd_jax.analysis.score import score_rollouts, vanilla_teacher_is_student
     from opsd_jax.checkpoint.loading import load_for_serving
 
     if settings.privileged not in ("dense", "sparse", "none"):
@@ -135,6 +143,7 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
 
     students = student_checkpoints * (len(rollout_paths) // len(student_checkpoints))
     groups = {}
+    threshold = threshold_source = None  # the first group's, kept for the others
     for path, label, student_path in zip(rollout_paths, labels, students):
         student_config, student_params, tokenizer, _ = load(student_path)
         teacher_config, teacher_params, teacher_tokenizer, _ = load(teacher_checkpoint or student_path)
@@ -159,11 +168,19 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
             text, ends = markers_lib.token_pieces(tokenizer, ids)
             matches.append(markers_lib.find_markers(text, ends, marker_lists))
             thinking.append(forks.thinking_mask(text, ends, rollout_set.prompt_opens_thinking))
-        groups[label] = group_metrics(token_ids, scores, matches, thinking, categories, settings)
-        groups[label].update(rollouts_file=os.path.abspath(path), student=os.path.abspath(student_path))
+        groups[label] = group_metrics(token_ids, scores, matches, thinking, categories, settings, threshold,
+                                      threshold_source, [r.problem.id for r in rollout_set.rollouts])
+        if threshold is None:
+            threshold = groups[label]["fork_threshold_nats"]
+            threshold_source = (f"top_rho {settings.top_rho:g} of group {label}'s student entropies"
+                                if settings.top_rho else "absolute")
+            groups[label]["fork_threshold_source"] = threshold_source
+        groups[label].update(rollouts_file=os.path.abspath(path), student=os.path.abspath(student_path),
+                             vanilla_teacher_is_student=vanilla_teacher_is_student(own_teacher, vanilla_pairs))
     base = labels[0]
     differences = {label: metrics.marker_difference(groups[base]["_marker_rows"], g["_marker_rows"], categories,
-                                                    seed=settings.seed)
+                                                    seed=settings.seed, base_problems_B=groups[base]["_problems"],
+                                                    problems_B=g["_problems"])
                    for label, g in groups.items() if label != base}
     result = {
         "settings": dataclasses.asdict(settings), "teacher": teacher_checkpoint and os.path.abspath(teacher_checkpoint),

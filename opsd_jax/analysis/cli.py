@@ -24,8 +24,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--markers", metavar="YAML", type=user_path, help="marker phrases per category (default: the shipped list)")
     parser.add_argument("--fork-threshold", type=float, default=0.672, help="entropy (nats) above which a "
                                                                             "position is a fork")
-    parser.add_argument("--top-rho", type=float, help="instead: forks are the top rho share of the student's "
-                                                      "entropies in each group")
+    parser.add_argument("--top-rho", type=float, help="instead: the threshold is the entropy above which lie the top "
+                                                      "rho share of the first group's student entropies, kept for "
+                                                      "every group")
     parser.add_argument("--max-tokens", type=int, help="score only each rollout's first N tokens")
     parser.add_argument("--batch-size", type=int, default=4, help="rollouts scored together")
     parser.add_argument("--kernel-impl", default="auto", choices=("auto", "reference", "xla", "pallas_tpu",

@@ -66,12 +66,12 @@ def is_fork(entropy_BxT: np.ndarray, threshold_nats: float) -> np.ndarray:
 
 
 def fork_rates(entropy_BxT: np.ndarray, mask_BxT: np.ndarray, thinking_BxT: np.ndarray, threshold_nats: float,
-               *, seed: int = 0) -> dict:
+               *, seed: int = 0, problems_B=None) -> dict:
     """{span: {"fork_rate", "forks", "tokens", "fork_rate_ci95"}} for spans all / thinking / answer.
 
     entropy_BxT: float[B, T]; mask_BxT: bool[B, T] real tokens; thinking_BxT: bool[B, T] thinking
     span. fork_rate is forks / tokens pooled over rollouts (None for an empty span); the CI
-    resamples rollouts.
+    resamples problems (problems_B: each rollout's problem id; None: rollouts).
     """
     mask_BxT = np.asarray(mask_BxT, bool)
     thinking_BxT = np.asarray(thinking_BxT, bool)
@@ -82,5 +82,6 @@ def fork_rates(entropy_BxT: np.ndarray, mask_BxT: np.ndarray, thinking_BxT: np.n
         tokens = int(span_BxT.sum())
         forks = int((fork_BxT & span_BxT).sum())
         out[span] = {"fork_rate": forks / tokens if tokens else None, "forks": forks, "tokens": tokens,
-                     "fork_rate_ci95": list(ratio_ci((fork_BxT & span_BxT).sum(1), span_BxT.sum(1), seed=seed))}
+                     "fork_rate_ci95": list(ratio_ci((fork_BxT & span_BxT).sum(1), span_BxT.sum(1),
+                                                          clusters_B=problems_B, seed=seed))}
     return out

@@ -63,7 +63,9 @@ def markdown(result: dict) -> str:
         lines += [f"## {label}", "", f"{g['rollouts']} rollouts, {g['tokens']} tokens ({g['thinking_tokens']} in "
                   f"thinking spans); student {g['student']}; rollouts {g['rollouts_file']}.", "",
                   f"Fork rate: share of positions with entropy > {g['fork_threshold_nats']:.4f} nats "
-                  f"({g['fork_threshold_source']}).", "",
+                  f"({g['fork_threshold_source']}); entropies are of the models' own distributions (temperature 1, "
+                  "not the sampling temperature). 95% intervals: bootstrap over problems, each with all its "
+                  "rollouts.", "",
                   "| distribution | mean entropy (nats) | fork rate: all [95% CI] | thinking | answer |",
                   "| --- | --- | --- | --- | --- |"]
         for name, table in g["fork_rates"].items():
@@ -86,11 +88,15 @@ def markdown(result: dict) -> str:
                          f"{_ci(sig['vanilla']['ci95'])} | {_fmt(sig['sign_disagreement'])} |")
         every = g["advantage_all_tokens"]
         lines += ["", f"Over all tokens: mean advantage privileged {_fmt(every['privileged']['mean'])}, vanilla "
-                  f"{_fmt(every['vanilla']['mean'])}; sign disagreement {_fmt(every['privileged']['sign_disagreement'])}.",
-                  ""]
+                  f"{_fmt(every['vanilla']['mean'])}; sign disagreement {_fmt(every['sign_disagreement'])}.", ""]
+        if g.get("vanilla_teacher_is_student"):
+            lines += ["The vanilla teacher is the student itself (its weights on its own prompt): its advantage and "
+                      "divergence are 0 by definition, so a sign disagreement is the share of nonzero privileged "
+                      "advantages.", ""]
         lines += _divergence_lines(g["divergence"])
     if result["marker_differences_vs_base"]:
-        lines += [f"## Marker rates vs {result['base_group']} (per 1k tokens, bootstrap 95% CI over rollouts)", "",
+        lines += [f"## Marker rates vs {result['base_group']} (per 1k tokens, bootstrap 95% CI over problems, "
+                  "paired)", "",
                   "| group | marker | difference | 95% CI |", "| --- | --- | --- | --- |"]
         for label, diff in result["marker_differences_vs_base"].items():
             for category, row in diff.items():
@@ -98,6 +104,10 @@ def markdown(result: dict) -> str:
         lines.append("")
     lines += ["Plots: fork_rates.png, marker_rates.png, advantage_at_markers.png.", ""]
     return "\n".join(lines)
+
+
+def _or_nan(x) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def _save_figure(figure, path: str) -> None:
@@ -120,7 +130,8 @@ def plot_fork_rates(result: dict, path: str) -> None:
     for ax, span in zip(axes, SPANS):
         x = np.arange(len(groups))
         for k, name in enumerate(names):
-            values = [g["fork_rates"][name][span]["fork_rate"] or 0.0 for g in groups.values()]
+            # An empty span has no rate: no bar, rather than a bar at 0.
+            values = [_or_nan(g["fork_rates"][name][span]["fork_rate"]) for g in groups.values()]
             ax.bar(x + (k - 1) * width, values, width, label=name.replace("_", " "))
         ax.set_xticks(x, list(groups), rotation=20)
         ax.set_title(f"{span} span")
@@ -143,7 +154,7 @@ def plot_marker_rates(result: dict, path: str) -> None:
     width = 0.8 / len(groups)
     x = np.arange(len(categories))
     for k, (label, g) in enumerate(groups.items()):
-        rates = np.array([g["markers"][c]["per_1k_tokens"] or 0.0 for c in categories])
+        rates = np.array([_or_nan(g["markers"][c]["per_1k_tokens"]) for c in categories])
         ci = np.array([g["markers"][c]["per_1k_ci95"] for c in categories], np.float64)
         errors = np.nan_to_num(np.abs(np.stack([rates - ci[:, 0], ci[:, 1] - rates])))
         ax.bar(x + (k - (len(groups) - 1) / 2) * width, rates, width, yerr=errors, capsize=3, label=label)

@@ -135,6 +135,12 @@ def batch_lengths(student_prompts, teacher_prompts, completions) -> tuple[int, i
     return student, teacher, completion
 
 
+def vanilla_teacher_is_student(teacher_params, vanilla_pairs) -> bool:
+    """The student's own weights (teacher_params None) on the student's own prompts: the vanilla
+    teacher is the student, and its advantage and divergence are zero by definition."""
+    return teacher_params is None and all(v.teacher_ids == v.student_ids for v in vanilla_pairs)
+
+
 def score_rollouts(student_params, student: ModelConfig, teacher_params, teacher: ModelConfig, privileged_pairs,
                    vanilla_pairs, token_ids, *, batch_size: int = 4, beta: float = DEFAULT_BETA, impl: str = "auto",
                    valid_vocab: int | None = None, mesh: Mesh | None = None,
@@ -150,9 +156,7 @@ def score_rollouts(student_params, student: ModelConfig, teacher_params, teacher
     """
     from opsd_jax.parallel import logical_sharding
 
-    # The student's own weights on the student's own prompt: the vanilla teacher is the student.
-    vanilla_is_student = teacher_params is None and all(
-        v.teacher_ids == v.student_ids for v in vanilla_pairs)
+    vanilla_is_student = vanilla_teacher_is_student(teacher_params, vanilla_pairs)
 
     def total(i):
         return max(len(privileged_pairs[i].teacher_ids), len(vanilla_pairs[i].teacher_ids)) + len(token_ids[i])

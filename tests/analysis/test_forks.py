@@ -58,3 +58,25 @@ def test_bootstrap_ratio_ci_covers_and_shrinks(rng):
     assert low < point < high and high - low < 0.6
     low_d, high_d = stats.ratio_difference_ci(counts, tokens, counts + 2, tokens, scale=1000)
     assert low_d < 2.0 < high_d and low_d > 1.0
+
+
+def test_top_rho_threshold_is_the_base_groups_for_every_group(rng):
+    """With top_rho, one threshold from the first group's student entropies: a group whose
+    student hesitates less has fewer forks (a threshold per group would pin every rate to rho)."""
+    from opsd_jax.analysis.analyze import AnalysisSettings, group_metrics
+    from opsd_jax.analysis.score import TokenScores
+
+    def group(scale):
+        lengths = (300, 200, 250)
+        scores = [{f: (rng.exponential(scale, n) if f.endswith("entropy") else np.zeros(n)).astype(np.float32)
+                   for f in TokenScores._fields} for n in lengths]
+        return [list(range(n)) for n in lengths], scores, [[] for _ in lengths], [np.zeros(n, bool) for n in lengths]
+
+    settings = AnalysisSettings(top_rho=0.2)
+    base = group_metrics(*group(1.0), ("hedging",), settings)
+    assert base["fork_rates"]["student"]["all"]["fork_rate"] == pytest.approx(0.2, abs=0.01)
+    calmer = group_metrics(*group(0.5), ("hedging",), settings, base["fork_threshold_nats"], "base")
+    assert calmer["fork_threshold_nats"] == base["fork_threshold_nats"]
+    assert calmer["fork_rates"]["student"]["all"]["fork_rate"] < 0.1  # exp(-2 x 1.61) ~ 0.04
+    own = group_metrics(*group(0.5), ("hedging",), settings)  # its own quantile: rho again
+    assert own["fork_rates"]["student"]["all"]["fork_rate"] == pytest.approx(0.2, abs=0.01)

@@ -33,9 +33,19 @@ def test_markers_map_to_first_tokens(qwen3):
 
 
 def test_no_match_inside_words(qwen3):
-    text = "The awaited result, perhapsly unverified, hmmm; actuallyx reconsiderations and maybes."
+    text = "The awaited result, perhapsly unverified, hmmmph; actuallyx reconsiderations and maybes."
     _, matches = _matches(qwen3, text)
     assert matches == []
+
+
+def test_variants_of_the_markers(qwen3):
+    text = ("Hmmm. Verifying: ok, verified. Double-checking, re-check and recheck: confirmed. "
+            "No, that\u2019s not right.")
+    _, matches = _matches(qwen3, text)
+    assert [(m.category, m.phrase.lower()) for m in matches] == [
+        ("hedging", "hmmm"), ("verification", "verifying"), ("verification", "verified"),
+        ("verification", "double-checking"), ("verification", "re-check"), ("verification", "recheck"),
+        ("verification", "confirmed"), ("backtracking", "that\u2019s not right")]
 
 
 def test_multibyte_characters_split_over_tokens(qwen3):
