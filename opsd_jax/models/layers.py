@@ -36,17 +36,25 @@ def rms_norm(x, weight, eps: float, *, weight_in_fp32: bool, axes=(-1,)):
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
     """float32[head_dim // 2] inverse frequencies and the cos/sin scale for one RoPE config.
 
-    Computed in float64 and rounded once. YaRN follows the paper as transformers implements it:
-    a linear ramp between extrapolated (high-frequency) and interpolated (low-frequency) bands
-    bounded by beta_fast / beta_slow rotations over the original context, and an attention factor
+    In float32, step for step as transformers (and vLLM) compute them: exponents rounded to
+    float32, the reciprocal and YaRN's mixing in float32. A position multiplies a frequency's
+    rounding error, so computing them more exactly (float64, rounded once) put the angles 2e-3
+    rad off transformers' at 38,912 tokens and the logits 7e-4 (Qwen3-8B) to 2e-3 (OLMo-3) off
+    in float32 (BUILD_NOTES, "RoPE frequencies at long positions"). The power itself is
+    correctly rounded here; torch's float32 pow is within an ulp of it, so a few frequencies
+    differ by one ulp. YaRN follows the paper as transformers implements it: a linear ramp
+    between extrapolated (high-frequency) and interpolated (low-frequency) bands bounded by
+    beta_fast / beta_slow rotations over the original context, and an attention factor
     0.1 ln(factor) + 1 applied to cos and sin.
     """
-    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
-    base_frequencies = 1.0 / (rope.theta**exponents)
+    f32 = np.float32
+    exponents = np.arange(0, head_dim, 2).astype(f32) / f32(head_dim)
+    powers = (float(rope.theta) ** exponents.astype(np.float64)).astype(f32)
+    base_frequencies = f32(1.0) / powers
     if rope.rope_type == "default":
-        return base_frequencies.astype(np.float32), 1.0
+        return base_frequencies, 1.0
     if rope.rope_type == "linear":
-        return (base_frequencies / rope.factor).astype(np.float32), 1.0
+        return base_frequencies / f32(rope.factor), 1.0
     if rope.rope_type != "yarn":
         raise ValueError(f"unsupported rope_type {rope.rope_type!r}")
 
@@ -71,10 +79,11 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarra
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
-    extrapolation_weight = 1.0 - ramp
-    frequencies = (base_frequencies / rope.factor) * ramp + base_frequencies * extrapolation_weight
-    return frequencies.astype(np.float32), attention_factor
+    ramp = np.clip((np.arange(head_dim // 2, dtype=f32) - f32(low)) / f32(high - low), f32(0.0), f32(1.0))
+    extrapolation_weight = f32(1.0) - ramp
+    interpolated = f32(1.0) / (f32(rope.factor) * powers)
+    frequencies = interpolated * (f32(1.0) - extrapolation_weight) + base_frequencies * extrapolation_weight
+    return frequencies.astype(f32), attention_factor
 
 
 def rope_tables(positions_BxT, inverse_frequencies, attention_factor: float):

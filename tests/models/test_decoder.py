@@ -36,6 +36,34 @@ def test_logits_match_transformers_float32(name, tmp_path, rng):
     assert np.abs(ours - reference).max() <= FLOAT32_TOLERANCE
 
 
+# The real models' RoPE (head_dim 128): Qwen3-8B's theta, the 2507 models', OLMo-3's YaRN x8 over
+# 8,192 original positions with plain RoPE on its sliding layers.
+REAL_ROPE = {
+    "qwen3": dict(head_dim=128, rope_theta=1_000_000.0, max_position_embeddings=40_960),
+    "qwen3-2507": dict(head_dim=128, rope_theta=5_000_000.0, max_position_embeddings=262_144),
+    "olmo3": dict(hidden_size=128, num_attention_heads=1, num_key_value_heads=1, rope_theta=500_000.0,
+                  max_position_embeddings=65_536, sliding_window=4_096,
+                  rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8_192,
+                                "attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1}),
+}
+
+
+@pytest.mark.parametrize("rope", list(REAL_ROPE))
+def test_long_positions_match_transformers(rope, tmp_path, rng):
+    """Rows placed at the paper's evaluation lengths (up to 38,912 and past it): a rounding in the
+    RoPE frequencies grows with the position, so parity at position 20 says nothing about 38,912
+    (the float64 frequencies were 7e-4 to 2e-3 off there)."""
+    name = "olmo3" if rope == "olmo3" else "qwen3"
+    model = save_tiny_hf_model(name, str(tmp_path), seed=_seed(rng), **REAL_ROPE[rope])
+    config, params = load_hf(tmp_path, progress=False)
+    starts = (0, 8_192, 32_768, 38_912) + ((60_000,) if rope == "olmo3" else (40_944,))
+    positions = np.stack([np.arange(p, p + 16) for p in starts])
+    tokens = rng.integers(0, config.vocab_size, positions.shape)
+    ours = np.asarray(jitted_forward(params, config, tokens, positions=positions))
+    reference = hf_logits(model, tokens, positions=positions)
+    assert np.abs(ours - reference).max() <= FLOAT32_TOLERANCE
+
+
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_left_padded_batch_matches_transformers(name, tmp_path, rng):
     model = save_tiny_hf_model(name, str(tmp_path), seed=_seed(rng))
