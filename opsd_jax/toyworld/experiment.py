@@ -188,7 +188,7 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
 # ---- claims ------------------------------------------------------------------------------------
 #
 # Verdicts: "reproduced" when the effect has the claimed sign and its 95% interval excludes zero
-# (paired bootstrap over problems for accuracies, over rollouts for token-level quantities), "not
+# (bootstrap over problems, paired where two models answer the same problems), "not
 # reproduced" when the point estimate has the opposite sign (or no effect where one is claimed),
 # "undetermined" when the sign is the claimed one but the interval includes zero.
 
@@ -367,7 +367,7 @@ def report_markdown(result: dict) -> str:
         seeds = ", ".join(f"{a:.3f}" for a in by_budget[budgets[-1]]["per_seed"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} |")
     lines += ["", ("Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
-                   "over problems for accuracy, over rollouts for token-level quantities); not reproduced = the "
+                   "over problems, for accuracy and token-level quantities alike); not reproduced = the "
                    "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "
                    "includes zero.")]
     lines += ["", ("Details: `eval/<model>/summary.md`, `analysis/*/report.md`; plots: `accuracy_vs_budget.png`, "
