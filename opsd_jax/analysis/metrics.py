@@ -60,8 +60,9 @@ def signal_summary(privileged_N, vanilla_N, rollout_N, *, seed: int = 0, problem
 
     privileged_N / vanilla_N: float[N] under the privileged / vanilla teacher; rollout_N: int[N]
     which rollout each position came from; problems_B: each rollout's problem (CIs resample
-    problems, or rollouts without them: positions in one rollout are not independent). sign_disagreement: share of positions where the two advantages have
-    opposite signs (a zero advantage agrees with nothing but zero).
+    problems, or rollouts without them: positions in one rollout are not independent).
+    sign_disagreement: share of positions where the two advantages have opposite signs (a zero
+    advantage agrees with nothing but zero).
     """
     privileged_N = np.asarray(privileged_N, np.float64)
     vanilla_N = np.asarray(vanilla_N, np.float64)
@@ -94,8 +95,8 @@ def divergence_summary(divergence_BxT, mask_BxT, fork_BxT, marker_picks, *, seed
     divergence_BxT: float[B, T] between the student and one teacher; mask_BxT: bool[B, T] real
     tokens; fork_BxT: bool[B, T] the student's forks; marker_picks: {category: (rollout_N,
     position_N)} each marker's first token. Means are per token, pooled over rollouts, with
-    bootstrap CIs over problems (problems_B; None: over rollouts). share_at_forks: the part of the group's summed divergence that
-    sits at forks, against fork_share_of_tokens, the part of its tokens that are forks: a
+    bootstrap CIs over problems (problems_B; None: over rollouts). share_at_forks: the part of
+    the group's summed divergence that sits at forks, against fork_share_of_tokens, the part of its tokens that are forks: a
     concentration above 1 means the objective pulls hardest where the student hesitates. The
     share is None where the group has no divergence to share (NO_DIVERGENCE_PER_TOKEN).
     """
@@ -116,7 +117,8 @@ def divergence_summary(divergence_BxT, mask_BxT, fork_BxT, marker_picks, *, seed
     at_markers = {}
     for category, (rollout_N, position_N) in marker_picks.items():
         values_N = d_BxT[rollout_N, position_N]
-        at_markers[category] = ({"positions": int(values_N.size), **_mean_over_positions(values_N, rollout_N, seed, problems_B)}
+        at_markers[category] = ({"positions": int(values_N.size),
+                                 **_mean_over_positions(values_N, rollout_N, seed, problems_B)}
                                 if values_N.size else {"positions": 0})
     fork_share_of_tokens = float(fork_BxT.sum() / tokens) if tokens else None
     # A teacher that is the student in the same context leaves float32 residue (~1e-15 per token):
