@@ -77,7 +77,8 @@ def group_metrics(token_ids, scores, marker_matches, thinking, categories, setti
     if threshold is None:
         threshold = forks.fork_threshold(student_BxT, mask_BxT, threshold=settings.fork_threshold,
                                          top_rho=settings.top_rho)
-        threshold_source = f"top_rho {settings.top_rho:g} of this group" if settings.top_rho else "absolute"
+        threshold_source = threshold_source or (f"top_rho {settings.top_rho:g} of this group" if settings.top_rho
+                                                else "absolute")
     fork_BxT = mask_BxT & forks.is_fork(student_BxT, threshold)  # the student's, as in its fork-rate row
     fork_table, entropy_table = {}, {}
     for name, field in DISTRIBUTIONS:
@@ -168,13 +169,12 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
             text, ends = markers_lib.token_pieces(tokenizer, ids)
             matches.append(markers_lib.find_markers(text, ends, marker_lists))
             thinking.append(forks.thinking_mask(text, ends, rollout_set.prompt_opens_thinking))
-        groups[label] = group_metrics(token_ids, scores, matches, thinking, categories, settings, threshold,
-                                      threshold_source, [r.problem.id for r in rollout_set.rollouts])
         if threshold is None:
-            threshold = groups[label]["fork_threshold_nats"]
             threshold_source = (f"top_rho {settings.top_rho:g} of group {label}'s student entropies"
                                 if settings.top_rho else "absolute")
-            groups[label]["fork_threshold_source"] = threshold_source
+        groups[label] = group_metrics(token_ids, scores, matches, thinking, categories, settings, threshold,
+                                      threshold_source, [r.problem.id for r in rollout_set.rollouts])
+        threshold = groups[label]["fork_threshold_nats"]
         groups[label].update(rollouts_file=os.path.abspath(path), student=os.path.abspath(student_path),
                              vanilla_teacher_is_student=vanilla_teacher_is_student(own_teacher, vanilla_pairs))
     base = labels[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from opsd_jax.analysis.stats import ratio_ci
+from opsd_jax.eval.grader import THINK_CLOSE, THINK_OPEN
 
 DEFAULT_THRESHOLD_NATS = 0.672
 SPANS = ("all", "thinking", "answer")
@@ -35,9 +36,6 @@ def fork_threshold(entropy_BxT: np.ndarray, mask_BxT: np.ndarray, *, threshold: 
         raise ValueError("no completion tokens to take an entropy quantile of")
     # "lower": the threshold is an observed entropy, and positions strictly above it are forks.
     return float(np.quantile(values, 1.0 - top_rho, method="lower"))
-
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def thinking_mask(text: str, char_end_T: np.ndarray, prompt_opens_thinking: bool) -> np.ndarray:

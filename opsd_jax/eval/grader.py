@@ -27,7 +27,8 @@ BOXED, PHRASE, LAST_NUMBER, THINKING_BOXED, NONE = "boxed", "phrase", "last_numb
 METHODS = (BOXED, PHRASE, LAST_NUMBER, THINKING_BOXED, NONE)
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+# The thinking block's tags as text (OLMo-3's tokenizer spells them over several tokens).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +83,10 @@ def extract_boxed(text: str) -> str | None:
 def final_section(text: str) -> str | None:
     """The part of a response after its reasoning: after the last `</think>`; the whole text when
     it has no think tags; None while a `<think>` block is still open (a cut-off response)."""
-    close = text.rfind(_THINK_CLOSE)
+    close = text.rfind(THINK_CLOSE)
     if close >= 0:
-        return text[close + len(_THINK_CLOSE) :]
-    if _THINK_OPEN in text:
+        return text[close + len(THINK_CLOSE) :]
+    if THINK_OPEN in text:
         return None
     return text
 
@@ -107,7 +108,7 @@ def extract_answer(text: str, *, cut_off: bool = False, thinking_open: bool = Fa
     thinking_open: the prompt itself opened a `<think>` block (OLMo-3 Think), so a response
       without `</think>` is still thinking.
     """
-    section = final_section(_THINK_OPEN + text if thinking_open else text)
+    section = final_section(THINK_OPEN + text if thinking_open else text)
     if section is not None:
         boxed = extract_boxed(section)
         if boxed is not None:

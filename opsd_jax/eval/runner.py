@@ -17,6 +17,7 @@ import queue
 from tqdm.auto import tqdm
 
 from opsd_jax.eval import generations, report, score
+from opsd_jax.eval.grader import THINK_OPEN
 from opsd_jax.eval.suites import Suite
 
 DEFAULT_BUDGETS = (4096, 8192, 16384, 32768)
@@ -90,7 +91,7 @@ def build_prompts(tokenizer, suite: Suite, settings: EvalSettings) -> list[list[
 def prompt_opens_thinking(tokenizer, prompt_ids: list[int]) -> bool:
     """True when the generation prompt itself opens a <think> block (OLMo-3 Think)."""
     tail = tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False).rstrip()
-    return tail.endswith("<think>")
+    return tail.endswith(THINK_OPEN)
 
 
 def make_record(completion, tokenizer, stop_token_ids, problem_id: str, sample_index: int, seed: int,

@@ -120,7 +120,8 @@ def test_constructed_signs_and_cli_outputs(loaded, student_dir, tmp_path):
     write_rollouts(rollouts, [Rollout(PROBLEM, tuple(tokens)), Rollout(PROBLEM, tuple(tokens[:8]), 1)], tokenizer)
     out = str(tmp_path / "report")
     code = main(["analyze", "--rollouts", rollouts, rollouts, "--labels", "base,trained", "--student", student_dir,
-                 "--teacher", teacher_dir, "--privileged", "dense", "--out", out, "--no-progress"])
+                 "--teacher", teacher_dir, "--privileged", "dense", "--top-rho", "0.2", "--out", out,
+                 "--no-progress"])
     assert code == 0
     assert {"report.md", "metrics.json", "fork_rates.png", "marker_rates.png",
             "advantage_at_markers.png"} <= set(os.listdir(out))
@@ -140,6 +141,10 @@ def test_constructed_signs_and_cli_outputs(loaded, student_dir, tmp_path):
         assert 0 <= rates["all"]["fork_rate"] <= 1 and rates["all"]["tokens"] == group["tokens"]
         assert rates["thinking"]["tokens"] == 0  # no <think> in these rollouts: all answer span
     assert metrics["marker_differences_vs_base"]["trained"]["backtracking"]["difference"] == 0.0
+    # One fork threshold, the base group's, for every group.
+    for label in ("base", "trained"):
+        assert metrics["groups"][label]["fork_threshold_source"] == "top_rho 0.2 of group base's student entropies"
+        assert metrics["groups"][label]["fork_threshold_nats"] == group["fork_threshold_nats"]
     # At the marker the privileged teacher is sure of a token the student finds unlikely: the JSD
     # (beta 0.5) nears its bound ln 2; the vanilla teacher only lowers that token further.
     divergence = group["divergence"]
