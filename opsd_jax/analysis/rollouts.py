@@ -174,8 +174,11 @@ def _eval_generations(path, tokenizer) -> RolloutSet:
     rank = {problem_id: i for i, problem_id in enumerate(suite)}
     rollouts.sort(key=lambda r: (rank[r.problem.id], r.sample_index))
     header = contents.header
-    prompt = PromptSection(student_suffix=header.get("instruction") or "",
-                           student_thinking=header.get("enable_thinking") is not False)
+    # One switch for the evaluation; the teachers read the rollouts under the same template mode
+    # (thinking off writes an empty think block into the prompt, which the completions follow).
+    thinking = header.get("enable_thinking") is not False
+    prompt = PromptSection(student_suffix=header.get("instruction") or "", student_thinking=thinking,
+                           teacher_thinking=thinking)
     return RolloutSet(path, tuple(rollouts), prompt, prompt_opens_thinking=bool(header.get("thinking_open")))
 
 

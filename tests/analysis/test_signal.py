@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from opsd_jax.analysis.analyze import _pairs
 from opsd_jax.analysis.rollouts import Rollout, read_rollouts, write_rollouts
 from opsd_jax.config import PromptSection
 from opsd_jax.data.sources import Problem
@@ -230,6 +231,20 @@ def test_reads_eval_generations(loaded, tmp_path):
     assert tokenizer.decode(list(rollout.token_ids)) == ROLLOUT_TEXT
     assert rollout.problem.answer == "204" and "coffee" in rollout.problem.problem and rollout.problem.solution
     assert rollout_set.prompt.student_suffix == ""
+    assert rollout_set.prompt.student_thinking and rollout_set.prompt.teacher_thinking
+    # An evaluation with thinking off: the teachers' prompts are in the same mode, so the vanilla
+    # teacher's prompt is the student's and the privileged one ends in the same empty think block.
+    header["enable_thinking"] = False
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in [header] + records) + "\n")
+    rollout_set = read_rollouts(path, tokenizer)
+    assert not rollout_set.prompt.student_thinking and not rollout_set.prompt.teacher_thinking
+    privileged, vanilla = _pairs(rollout_set, "dense", tokenizer)
+    assert vanilla[0].teacher_ids == vanilla[0].student_ids
+    empty_block = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True,
+                                                tokenize=False, enable_thinking=False).split("assistant\n")[-1]
+    assert empty_block.strip() and tokenizer.decode(privileged[0].teacher_ids).endswith(empty_block)
+    header["enable_thinking"] = None
     header["tokenizer_fingerprint"] = "0" * 64
     with open(path, "w") as f:
         f.write("\n".join(json.dumps(r) for r in [header] + records) + "\n")
