@@ -81,12 +81,19 @@ def learning_rate_schedule(section: OptimizerSection, total_steps: int) -> optax
     )
 
 
+def decayed(params):
+    """Pytree of bools over `params`: True where AdamW's weight decay applies. Norm scales and
+    biases are left out, as transformers' Trainer groups them (`get_decay_parameter_names`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) not in ("scale", "bias"), params)
+
+
 def make_optimizer(section: OptimizerSection, total_steps: int) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW on `learning_rate_schedule`."""
+    """Clip by global norm, then AdamW on `learning_rate_schedule` (decay on `decayed`)."""
     return optax.chain(
         optax.clip_by_global_norm(section.max_grad_norm),
         optax.adamw(learning_rate_schedule(section, total_steps), b1=section.b1, b2=section.b2,
-                    weight_decay=section.weight_decay),
+                    weight_decay=section.weight_decay, mask=decayed),
     )
 
 

@@ -200,3 +200,46 @@ def test_fsdp_step_splits_activations_and_matches_one_device(rng, mesh_shape, se
     assert float(metrics8["loss"]) == pytest.approx(float(metrics1["loss"]), rel=1e-5)
     for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture,overrides", [("qwen3", {"attention_bias": True}), ("qwen3-tied", {}),
+                                                    ("olmo2", {}), ("olmo3", {})])
+def test_weight_decay_skips_the_parameters_transformers_trainer_skips(architecture, overrides):
+    """AdamW decays what transformers' Trainer decays (its get_decay_parameter_names: not norm
+    weights, not biases), compared through the checkpoint's tensor names."""
+    import transformers
+
+    from opsd_jax.checkpoint.hf import get_path, tensor_mappings
+    from opsd_jax.distill.train_step import decayed
+    from opsd_jax.testing import tiny_hf_model
+
+    torch_model = tiny_hf_model(architecture, seed=0, **overrides)
+    names = {name for name, _ in torch_model.named_parameters()}  # a tied head is the embedding
+    theirs = set(transformers.Trainer.get_decay_parameter_names(None, torch_model)) & names
+    config = ModelConfig.from_hf(torch_model.config.to_dict())
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    mask = decayed(params)
+    mappings = tensor_mappings(config)
+    assert {m.hf_name for m in mappings} == names
+    ours = {m.hf_name for m in mappings if get_path(mask, m.path)}
+    assert ours == theirs
+    assert any(m.hf_name.endswith(".bias") for m in mappings) == bool(overrides)
+
+
+def test_weight_decay_moves_matrices_only():
+    """With zero gradients Adam's step is zero, so one update is the decay alone: matrices shrink
+    by lr x weight_decay, norm scales keep their values."""
+    from opsd_jax.config import OptimizerSection
+    from opsd_jax.distill.train_step import make_optimizer
+
+    config = ModelConfig.from_hf(CONFIG)
+    params = init_params(config, jax.random.key(1))
+    optimizer = make_optimizer(OptimizerSection(learning_rate=0.1, warmup_ratio=0.0, weight_decay=0.5), 10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    for path, update in jax.tree_util.tree_leaves_with_path(updates):
+        value = params
+        for key in path:
+            value = value[key.key]
+        expected = 0.0 if path[-1].key == "scale" else -0.1 * 0.5 * np.asarray(value)
+        np.testing.assert_allclose(np.asarray(update), expected, rtol=1e-6, atol=0, err_msg=jax.tree_util.keystr(path))
