@@ -90,6 +90,10 @@ class DataSection:
     # skip: drop the problem (counted in the metrics); error: stop naming it; truncate_left: keep the
     # last max_prompt_tokens ids of the templated prompt, as the paper's trainer does.
     overlong: Literal["skip", "error", "truncate_left"] = "skip"
+    # A row whose solution or answer, where the run reads it, is empty. error: stop naming it;
+    # keep: train on it with an empty privileged context, as the paper's trainer does (the paper's
+    # Countdown builder writes an empty response_suffix for a response without </think>).
+    empty_context: Literal["error", "keep"] = "error"
 
 
 @dataclasses.dataclass

@@ -66,6 +66,7 @@ def test_paper_config_resolves_to_the_papers_values(name):
         assert PRESETS[c.data.preset][field] == column
     assert (c.prompt.student_thinking, c.prompt.teacher_thinking) == (thinking, thinking)
     assert (c.data.max_prompt_tokens, c.data.overlong) == (max_prompt, "truncate_left")
+    assert c.data.empty_context == "keep"  # the paper's trainer takes an empty solution or answer as it is
     # train.py's `--seed 42` seeds both the `datasets` shuffle and TRL's sampler permutation.
     assert (c.data.order, c.data.shuffle_seed) == ("paper", 42)
     assert c.optimizer.learning_rate == lr and c.train.steps == steps and c.train.batch_size == 64

@@ -32,23 +32,29 @@ class Problem:
 
 def read_problems(path: str, *, data_format: str = "auto", preset: str = "none",
                   columns: tuple[str, str, str] = ("problem", "solution", "answer"),
-                  split: str | None = None) -> list[Problem]:
-    """All problems of a file. Raises DataError naming the file, row and a missing, null or empty
-    column, or an empty dataset."""
-    problem_column, solution_column, answer_column = PRESETS.get(preset, columns)
+                  split: str | None = None, used: tuple[str, ...] = ("problem", "solution", "answer"),
+                  keep_empty: bool = False) -> list[Problem]:
+    """All problems of a file. used: the fields the run reads (of problem, solution, answer); their
+    cells may not be null or empty, except that keep_empty keeps an empty solution or answer. The
+    other columns must exist and may hold anything (a null reads as ""). Raises DataError naming
+    the file, row and column, or an empty dataset."""
+    named = dict(zip(("problem", "solution", "answer"), PRESETS.get(preset, columns)))
     problems = []
     for number, (where, row) in enumerate(read_rows(path, data_format, split), 1):
-        for column in (problem_column, solution_column, answer_column):
+        values = {}
+        for field, column in named.items():
             if column not in row:
                 raise DataError(f"{where}: no column {column!r} (columns: {', '.join(sorted(row))})")
-            if row[column] is None or not str(row[column]).strip():
+            value = row[column]
+            if field in used and (value is None or not str(value).strip()):
                 # Empty text would reach a prompt silently: a blank problem, or a teacher whose
                 # privileged context says nothing.
-                raise DataError(f"{where}: column {column!r} is {'null' if row[column] is None else 'empty'}")
-        problems.append(Problem(
-            id=str(row.get("id", number)), problem=str(row[problem_column]),
-            solution=str(row[solution_column]), answer=str(row[answer_column]),
-        ))
+                if value is None or field == "problem" or not keep_empty:
+                    hint = "" if value is None or field == "problem" else (
+                        " (data.empty_context: keep trains on it as it is, as the paper's trainer does)")
+                    raise DataError(f"{where}: column {column!r} is {'null' if value is None else 'empty'}{hint}")
+            values[field] = "" if value is None else str(value)
+        problems.append(Problem(id=str(row.get("id", number)), **values))
     if not problems:
         raise DataError(f"{path}: the dataset is empty")
     return problems

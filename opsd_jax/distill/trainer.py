@@ -202,9 +202,14 @@ class Trainer:
 
     def _problems(self, tokenizer):
         c = self.config
+        used = ("problem", *used_context(c))
         problems = read_problems(c.data.path, data_format=c.data.format, preset=c.data.preset,
                                  columns=(c.data.problem_column, c.data.solution_column, c.data.answer_column),
-                                 split=c.data.split)
+                                 split=c.data.split, used=used, keep_empty=c.data.empty_context == "keep")
+        empty = sum(any(not getattr(p, field).strip() for field in used) for p in problems)
+        if empty and self.process_index == 0:
+            print(f"{c.data.path}: {empty} of {len(problems)} problems have an empty {' or '.join(used[1:])}; "
+                  "trained on as they are (data.empty_context: keep)", flush=True)
         kept, skipped, truncated = [], 0, 0
         for problem in problems:
             pair = prompt_pair(problem, c.prompt, tokenizer)
@@ -482,6 +487,17 @@ def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int) -> 
     pages = max(math.ceil(fraction * slots * pages_per_sequence), pages_per_sequence) + 1
     return SamplerConfig(max_slots=slots, max_sequence_length=length, valid_vocab_size=valid_vocab,
                          page_size=page, kv_pages=pages)
+
+
+def used_context(c: RunConfig) -> tuple[str, ...]:
+    """The fields of a problem beyond its text that the run reads: the solution for a dense or
+    fractional privileged context and as SFT's response, the answer for a sparse one."""
+    fields = ()
+    if c.prompt.privilege in ("dense", "fraction") or c.objective.kind == "sft":
+        fields += ("solution",)
+    if c.prompt.privilege == "sparse" and c.objective.kind != "sft":
+        fields += ("answer",)
+    return fields
 
 
 def teacher_copy(params, dtype):

@@ -49,6 +49,40 @@ def test_bad_data_is_named(tmp_path):
         read_problems(str(tmp_path / "nope.jsonl"))
 
 
+def test_only_the_fields_a_run_reads_must_hold_text(tmp_path):
+    """A dense run reads the solution, not the answer: an empty or null answer is no reason to stop
+    it. An empty privileged context stops a run unless kept (the paper's trainer keeps it); an
+    empty problem or a null in a field the run reads always stops it."""
+    from opsd_jax.config import load_config
+    from opsd_jax.distill.trainer import used_context
+
+    rows = [{"problem": "p1", "solution": "s1", "answer": None},
+            {"problem": "p2", "solution": "", "answer": " "}]
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d.jsonl:1: column 'answer' is null"):
+        read_problems(path)
+    with pytest.raises(DataError, match=r"d.jsonl:2: column 'solution' is empty \(data.empty_context: keep"):
+        read_problems(path, used=("problem", "solution"))
+    kept = read_problems(path, used=("problem", "solution"), keep_empty=True)
+    assert [(p.problem, p.solution, p.answer) for p in kept] == [("p1", "s1", ""), ("p2", "", " ")]
+    assert len(read_problems(path, used=("problem",))) == 2
+    with pytest.raises(DataError, match=r"d.jsonl:1: column 'answer' is null"):
+        read_problems(path, used=("problem", "answer"), keep_empty=True)
+    blank_problem = _write_jsonl(tmp_path / "b.jsonl", [{"problem": " ", "solution": "s", "answer": "a"}])
+    with pytest.raises(DataError, match=r"b.jsonl:1: column 'problem' is empty$"):
+        read_problems(blank_problem, used=("problem",), keep_empty=True)
+    with pytest.raises(DataError, match=r"no column 'answer'"):
+        read_problems(_write_jsonl(tmp_path / "m.jsonl", [{"problem": "p", "solution": "s"}]), used=("problem",))
+
+    def used(*overrides):
+        return used_context(load_config(None, list(overrides)))
+
+    assert used("prompt.privilege=dense") == used("prompt.privilege=fraction") == ("solution",)
+    assert used("prompt.privilege=sparse") == ("answer",)
+    assert used("prompt.privilege=none") == used("prompt.privilege=instruction") == ()
+    assert used("prompt.privilege=sparse", "objective.kind=sft") == ("solution",)
+
+
 def test_shuffled_endless_and_resumable(tmp_path):
     problems = read_problems(_write_jsonl(tmp_path / "p.jsonl", [
         {"id": f"q{i}", "problem": "p", "solution": "s", "answer": "a"} for i in range(7)]))
