@@ -226,17 +226,18 @@ def test_weight_decay_skips_the_parameters_transformers_trainer_skips(architectu
     assert any(m.hf_name.endswith(".bias") for m in mappings) == bool(overrides)
 
 
-def test_weight_decay_moves_matrices_only():
+def test_weight_decay_moves_matrices_only(rng):
     """With zero gradients Adam's step is zero, so one update is the decay alone: matrices shrink
     by lr x weight_decay, norm scales keep their values."""
     from opsd_jax.config import OptimizerSection
     from opsd_jax.distill.train_step import make_optimizer
 
     config = ModelConfig.from_hf(CONFIG)
-    params = init_params(config, jax.random.key(1))
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(1)))
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
     optimizer = make_optimizer(OptimizerSection(learning_rate=0.1, warmup_ratio=0.0, weight_decay=0.5), 10)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    updates, _ = jax.jit(optimizer.update)(zeros, jax.jit(optimizer.init)(params), params)
     for path, update in jax.tree_util.tree_leaves_with_path(updates):
         value = params
         for key in path:
