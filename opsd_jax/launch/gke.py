@@ -21,7 +21,9 @@ MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID (the pod's Job index) and MEGASCALE_COO
 Storage: pods keep nothing between restarts, so `train.output_dir` (and the model and data) must be
 on a volume that outlives them: `--bucket B` mounts a Cloud Storage bucket at `--mount-path`
 through the GCS FUSE CSI driver (use a bucket with hierarchical namespace, whose folder renames are
-atomic as Orbax's commit needs), or mount a Filestore / persistent disk yourself.
+atomic as Orbax's commit needs; the pods run on the host network, which the driver supports from
+v1.17.2 through the volume's `hostNetworkPodKSA` attribute, set here), or mount a Filestore /
+persistent disk yourself.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def jobset_manifest(*, name: str, image: str, command: list[str], topology: Topo
     if num_slices < 1 or max_restarts < 0 or grace_seconds < 1:
         raise ValueError("--num-slices must be >= 1, --max-restarts >= 0, the grace period >= 1 s")
     hosts = topology.hosts
+    if num_slices > 1 and hosts == 1:
+        # GKE's Multislice runs on multi-host node pools only, and GKE gives a one-pod Job no
+        # TPU_WORKER_HOSTNAMES, which jax.distributed needs beside the MEGASCALE variables.
+        raise ValueError(f"--num-slices {num_slices}: GKE runs several slices only of multi-host topologies, "
+                         f"and {topology.name} is one host; take a larger topology or one slice")
     chips_per_host = topology.chips // hosts
     variables = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
     if num_slices > 1:
@@ -102,14 +109,17 @@ def jobset_manifest(*, name: str, image: str, command: list[str], topology: Topo
     if bucket:
         pod_metadata["annotations"] = {"gke-gcsfuse/volumes": "true"}
         pod_spec["volumes"] = [{"name": "gcs", "csi": {"driver": "gcsfuse.csi.storage.gke.io",
-                                                       "volumeAttributes": {"bucketName": bucket,
-                                                                            "mountOptions": "implicit-dirs"}}}]
+                                                       "volumeAttributes": {
+                                                           "bucketName": bucket, "mountOptions": "implicit-dirs",
+                                                           # the pods are on the host network
+                                                           "hostNetworkPodKSA": "true"}}}]
         container["volumeMounts"] = [{"name": "gcs", "mountPath": mount_path}]
     job_spec = {
         "parallelism": hosts, "completions": hosts, "completionMode": "Indexed",
         "backoffLimit": 0,  # any pod failure fails the Job at once
         "podFailurePolicy": {"rules": [{
             "action": "FailJob",
+            "onPodConditions": [],  # an absent list is refused by JobSet releases before the fix of #377
             "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn",
                             "values": restart_exit_codes(preemption_exit_code)}}]},
         "template": {"metadata": pod_metadata, "spec": pod_spec},

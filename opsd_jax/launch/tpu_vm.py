@@ -9,14 +9,18 @@ The steps, in order (each printed exactly by --dry-run):
      `describe` polled until ACTIVE;
   2. the working tree packed into a tarball here (no .git, .venv or runs/), copied to every worker
      with `tpu-vm scp --worker=all`, unpacked over ~/opsd-jax (an earlier run directory there is
-     kept) and installed (`pip install -e .[tpu]` in ~/opsd-jax/.venv) with `tpu-vm ssh
-     --worker=all` (skipped with --no-install);
+     kept) and installed (`pip install -e .[tpu]` in ~/opsd-jax/.venv, a Python 3.11 from uv
+     where the image's python3 is older) with `tpu-vm ssh --worker=all` (skipped with --no-install);
   3. the command, on every worker at once (`tpu-vm ssh --worker=all`), from ~/opsd-jax with the
      virtualenv first on PATH and, on a multi-host slice, OPSD_JAX_DISTRIBUTED=1, which makes
      every process call jax.distributed.initialize() (JAX reads the pod from the TPU metadata).
-A preempted run exits 42 (`train.preemption_exit_code`); the same command again resumes it. A spot
-slice that is reclaimed is deleted with its disks: keep `train.output_dir` on storage that outlives
-it, or recreate the slice and rerun to continue from the last checkpoint that was copied off.
+A preempted run exits 42 (`train.preemption_exit_code`); the run command again (`--no-install`,
+without --create) resumes it on the same slice. A spot slice that is reclaimed is deleted with its
+disks, and a queued resource whose slice was reclaimed goes to SUSPENDED and must be deleted
+(`gcloud compute tpus queued-resources delete ID`) before the same id is requested again: keep
+`train.output_dir` on storage that outlives the slice, then request it again and rerun to continue
+from the last checkpoint there. The command runs in the foreground of `tpu-vm ssh`: a dropped ssh
+session ends it, so start long runs from a machine that stays connected (or under tmux there).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "
                     "v6e": "v2-alpha-tpuv6e"}
 assert set(RUNTIME_VERSIONS) == set(GENERATIONS)
 REMOTE_DIR = "~/opsd-jax"
+PYTHON = "3.11"  # pyproject's requires-python, and jax's
+PYTHON_CHECK = "import sys; sys.exit(sys.version_info < (3, 11))"
+UV_INSTALLER = "https://astral.sh/uv/install.sh"
 EXCLUDED = (".git", ".venv", "runs", "__pycache__", "*.egg-info")
 
 
@@ -92,8 +99,15 @@ def install_steps(s: Slice, source_dir: str, archive_dir: str, extras: str = "tp
     copy = Step(("gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{s.name}:{archive_name(s)}", *s.flags(),
                  "--worker=all"))
     # Unpacked over an earlier install: a run directory inside it (runs/...) and its checkpoints stay.
-    install = (f"set -e; mkdir -p {REMOTE_DIR}; tar -xzf ~/{archive_name(s)} -C {REMOTE_DIR}; "
-               f"cd {REMOTE_DIR}; python3 -m venv .venv; .venv/bin/pip install -q -e '.[{extras}]'")
+    # jax 0.10 needs Python >= 3.11; the TPU VM images are Ubuntu 22.04 (python3 3.10), so the
+    # virtualenv takes uv's managed 3.11 there (uv's installer fetches it) and python3 elsewhere.
+    install = (f"set -e; mkdir -p {REMOTE_DIR}; tar -xzf ~/{archive_name(s)} -C {REMOTE_DIR}; cd {REMOTE_DIR}; "
+               f"if [ -x .venv/bin/python ] && .venv/bin/python -c '{PYTHON_CHECK}'; then :; "
+               f"elif python3 -c '{PYTHON_CHECK}'; then python3 -m venv .venv; "
+               f"else command -v uv >/dev/null || curl -LsSf {UV_INSTALLER} | sh; "
+               f"rm -rf .venv; PATH=$HOME/.local/bin:$PATH uv venv -q --python {PYTHON} .venv; "
+               f"PATH=$HOME/.local/bin:$PATH uv pip install -q --python .venv/bin/python pip; fi; "
+               f".venv/bin/python -m pip install -q -e '.[{extras}]'")
     return [pack(source_dir, archive), copy, ssh_all(s, install)]
 
 

@@ -81,13 +81,20 @@ def test_several_slices_get_the_megascale_environment():
     assert env["MEGASCALE_SLICE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == \
         "metadata.labels['jobset.sigs.k8s.io/job-index']"
     assert env["MEGASCALE_COORDINATOR_ADDRESS"]["value"] == "run-slice-0-0.run"
+    # GKE's Multislice needs multi-host slices (a one-pod Job gets no TPU_WORKER_HOSTNAMES).
+    with pytest.raises(ValueError, match="--num-slices 2: GKE runs several slices only of multi-host topologies, "
+                                         "and v5p-8 is one host"):
+        _manifest(num_slices=2, topology=parse_topology("v5p-8"))
 
 
 def test_bucket_mount_is_a_valid_gcs_fuse_volume():
     manifest = _manifest(bucket="my-bucket", mount_path="/data", service_account="trainer-sa")
     validate_manifest(manifest)
     pod = _pod(manifest)
-    assert pod["volumes"][0]["csi"]["volumeAttributes"]["bucketName"] == "my-bucket"
+    attributes = pod["volumes"][0]["csi"]["volumeAttributes"]
+    # On the host network the driver authenticates the pod's service account only when asked to.
+    assert attributes["bucketName"] == "my-bucket" and attributes["hostNetworkPodKSA"] == "true"
+    assert pod["hostNetwork"] is True
     assert pod["containers"][0]["volumeMounts"] == [{"name": "gcs", "mountPath": "/data"}]
 
 

@@ -1,5 +1,7 @@
 """`opsd-jax launch tpu-vm | queued --dry-run` print exactly the commands they would run."""
 
+import shlex
+
 import pytest
 
 from opsd_jax.cli import main
@@ -14,6 +16,18 @@ def _dry_run(capsys, target, *argv) -> list[str]:
     return capsys.readouterr().out.splitlines()
 
 
+# jax needs Python >= 3.11 and the TPU VM images (Ubuntu 22.04) have 3.10: a usable virtualenv is
+# kept, else one from python3 where it is new enough, else from uv's managed 3.11.
+CHECK = "'import sys; sys.exit(sys.version_info < (3, 11))'"
+INSTALL = ("set -e; mkdir -p ~/opsd-jax; tar -xzf ~/opsd-jax-opsd.tar.gz -C ~/opsd-jax; cd ~/opsd-jax; "
+           f"if [ -x .venv/bin/python ] && .venv/bin/python -c {CHECK}; then :; "
+           f"elif python3 -c {CHECK}; then python3 -m venv .venv; "
+           "else command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; rm -rf .venv; "
+           "PATH=$HOME/.local/bin:$PATH uv venv -q --python 3.11 .venv; "
+           "PATH=$HOME/.local/bin:$PATH uv pip install -q --python .venv/bin/python pip; fi; "
+           ".venv/bin/python -m pip install -q -e '.[tpu]'")
+
+
 def test_tpu_vm_creates_installs_on_every_worker_and_runs_everywhere(capsys):
     lines = _dry_run(capsys, "tpu-vm", "--name", "opsd", "--zone", "us-east5-a", "--topology", "v5p-64",
                      "--project", "my-project", "--create", "--spot", "--source", "/src/opsd-jax", "--archive-dir",
@@ -25,9 +39,8 @@ def test_tpu_vm_creates_installs_on_every_worker_and_runs_everywhere(capsys):
          "'--exclude=*.egg-info' -C /src/opsd-jax ."),
         ("gcloud compute tpus tpu-vm scp /tmp/a/opsd-jax-opsd.tar.gz opsd:opsd-jax-opsd.tar.gz --zone=us-east5-a "
          "--project=my-project --worker=all"),
-        ("gcloud compute tpus tpu-vm ssh opsd --zone=us-east5-a --project=my-project --worker=all '--command=set -e; "
-         "mkdir -p ~/opsd-jax; tar -xzf ~/opsd-jax-opsd.tar.gz -C ~/opsd-jax; cd ~/opsd-jax; python3 -m venv .venv; "
-         ".venv/bin/pip install -q -e '\"'\"'.[tpu]'\"'\"''"),
+        shlex.join(["gcloud", "compute", "tpus", "tpu-vm", "ssh", "opsd", "--zone=us-east5-a", "--project=my-project",
+                    "--worker=all", "--command=" + INSTALL]),
         ("gcloud compute tpus tpu-vm ssh opsd --zone=us-east5-a --project=my-project --worker=all '--command=cd "
          "~/opsd-jax && PATH=~/opsd-jax/.venv/bin:$PATH OPSD_JAX_DISTRIBUTED=1 opsd-jax train --config "
          "configs/qwen3_8b_ot15k_dense.yaml train.steps=3'"),
