@@ -1,6 +1,7 @@
 """Decoder logits against transformers' PyTorch models on tiny random checkpoints."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+import opsd_jax
 from opsd_jax import forward, load_hf
 from opsd_jax.models import ModelConfig, forward_hidden
 from opsd_jax.parallel import make_mesh
@@ -201,3 +203,54 @@ def test_bad_forward_inputs_are_named(tmp_path, rng):
         forward(params, config, np.zeros(5, np.int32))
     with pytest.raises(ValueError, match="not both"):
         forward(params, config, tokens, attention_mask=np.ones((2, 5)), segment_ids=np.ones((2, 5)))
+
+
+MODEL_CONFIGS = os.path.join(os.path.dirname(opsd_jax.__file__), "plan", "model_configs")
+
+
+def _shrunk(real: dict) -> dict:
+    """A real config.json at toy sizes: every field kept but the widths, depths, vocabulary and
+    window, which shrink in proportion (GQA stays GQA, OLMo-3's layer pattern keeps its order)."""
+    tiny = dict(real, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4 if real["num_key_value_heads"] == real["num_attention_heads"] else 2,
+                vocab_size=1000)
+    tiny.pop("torch_dtype", None), tiny.pop("dtype", None)
+    if "head_dim" in real:
+        tiny["head_dim"] = 16
+    if real.get("layer_types"):
+        tiny["layer_types"] = real["layer_types"][:4]
+    if real.get("sliding_window"):
+        tiny["sliding_window"] = 6
+    for key in ("max_window_layers",):
+        if key in real:
+            tiny[key] = min(real[key], 4)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        tiny.pop(key, None)
+    return tiny
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(MODEL_CONFIGS)))
+def test_every_shipped_model_config_matches_transformers(name, tmp_path, rng):
+    """Each real config.json the plans compile (the paper's models), shrunk: loaded from the
+    checkpoint transformers writes, the logits match and the export is bit-exact."""
+    from safetensors.numpy import load_file
+
+    from opsd_jax import save_hf
+
+    with open(os.path.join(MODEL_CONFIGS, name, "config.json")) as f:
+        real = json.load(f)
+    hf_config = transformers.AutoConfig.for_model(**_shrunk(real))
+    torch.manual_seed(_seed(rng))
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # norm weights away from 1, so each one counts
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    model.save_pretrained(tmp_path / "hf")
+    config, params = load_hf(tmp_path / "hf", progress=False)
+    assert (config.tie_word_embeddings, config.num_layers) == (bool(real.get("tie_word_embeddings")), 4)
+    tokens = rng.integers(0, config.vocab_size, (2, 20))
+    assert np.abs(np.asarray(jitted_forward(params, config, tokens)) - hf_logits(model, tokens)).max() \
+        <= FLOAT32_TOLERANCE
+    save_hf(params, config, tmp_path / "out")
+    theirs, ours = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert theirs.keys() == ours.keys() and all(np.array_equal(theirs[k], ours[k]) for k in theirs)
