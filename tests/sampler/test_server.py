@@ -479,7 +479,9 @@ def slow_server(checkpoint, slow_engine, monkeypatch):
     orchestrator.close(deadline_s=0)
 
 
-def wait_for(condition, timeout=10.0, what="condition"):
+def wait_for(condition, timeout=60.0, what="condition"):
+    """Waits for progress, not for speed: a loaded CI machine can take many seconds to start a
+    request (a CI rehearsal timed out at 10 s), and a hang still fails within a minute."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -509,9 +511,9 @@ def test_a_client_that_disconnects_frees_its_slot(slow_server, stream):
     else:
         wait_for(lambda: orchestrator.stats["active_slots"] == 1, what="the request to decode")
     connection.close()
-    wait_for(lambda: orchestrator.active_requests() == 0 and orchestrator.stats["active_slots"] == 0, timeout=3,
+    wait_for(lambda: orchestrator.active_requests() == 0 and orchestrator.stats["active_slots"] == 0,
              what="the slot to be freed")
-    assert orchestrator.stats["decode_steps"] < 200  # cancelled, not run to its end
+    assert orchestrator.stats["decode_steps"] < 200  # cancelled, not run to its 250 tokens
 
 
 def test_draining_answers_503_and_finishes_what_is_in_flight(slow_server):
