@@ -49,8 +49,9 @@ def read_problems(path: str, *, data_format: str = "auto", preset: str = "none",
             if field in used and (value is None or not str(value).strip()):
                 # Empty text would reach a prompt silently: a blank problem, or a teacher whose
                 # privileged context says nothing.
-                if value is None or field == "problem" or not keep_empty:
-                    hint = "" if value is None or field == "problem" else (
+                always_refused = value is None or field == "problem"
+                if always_refused or not keep_empty:
+                    hint = "" if always_refused else (
                         " (data.empty_context: keep trains on it as it is, as the paper's trainer does)")
                     raise DataError(f"{where}: column {column!r} is {'null' if value is None else 'empty'}{hint}")
             values[field] = "" if value is None else str(value)

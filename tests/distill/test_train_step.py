@@ -238,9 +238,8 @@ def test_weight_decay_moves_matrices_only(rng):
     optimizer = make_optimizer(OptimizerSection(learning_rate=0.1, warmup_ratio=0.0, weight_decay=0.5), 10)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(optimizer.update)(zeros, jax.jit(optimizer.init)(params), params)
-    for path, update in jax.tree_util.tree_leaves_with_path(updates):
-        value = params
-        for key in path:
-            value = value[key.key]
+    def check(path, update, value):
         expected = 0.0 if path[-1].key == "scale" else -0.1 * 0.5 * np.asarray(value)
         np.testing.assert_allclose(np.asarray(update), expected, rtol=1e-6, atol=0, err_msg=jax.tree_util.keystr(path))
+
+    jax.tree_util.tree_map_with_path(check, updates, params)

@@ -214,18 +214,16 @@ def _shrunk(real: dict) -> dict:
     tiny = dict(real, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=4 if real["num_key_value_heads"] == real["num_attention_heads"] else 2,
                 vocab_size=1000)
-    tiny.pop("torch_dtype", None), tiny.pop("dtype", None)
+    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id", "pad_token_id"):
+        tiny.pop(key, None)
     if "head_dim" in real:
         tiny["head_dim"] = 16
     if real.get("layer_types"):
         tiny["layer_types"] = real["layer_types"][:4]
     if real.get("sliding_window"):
         tiny["sliding_window"] = 6
-    for key in ("max_window_layers",):
-        if key in real:
-            tiny[key] = min(real[key], 4)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        tiny.pop(key, None)
+    if "max_window_layers" in real:
+        tiny["max_window_layers"] = min(real["max_window_layers"], 4)
     return tiny
 
 
