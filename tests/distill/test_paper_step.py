@@ -156,8 +156,14 @@ def test_paper_steps_match_transformers_and_trl(tmp_path, rng):
         schedule.step()
         state, metrics = step(state, batch)
         metrics = jax.device_get(metrics)
-        np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-5, err_msg=f"step {i}")
-        np.testing.assert_allclose(float(metrics["grad_norm"]), grad_norm, rtol=1e-5, err_msg=f"step {i}")
+        # Until the first update (step 1's lr is warmup's first nonzero one) both sides see the same
+        # weights, and float32 against float64 agrees to 1e-5. After it, the weights carry the
+        # update's own rounding (the per-tensor error checked below), which the loss inherits: 1e-6
+        # to 4e-5 relative over a dozen seeds and two machines, while the loss itself moves by 15% to
+        # 100% between steps, so 4e-4 still fails any wrong rate, clip or decay.
+        rtol = 1e-5 if i < 2 else 4e-4
+        np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=rtol, err_msg=f"step {i}")
+        np.testing.assert_allclose(float(metrics["grad_norm"]), grad_norm, rtol=rtol, err_msg=f"step {i}")
         norms.append(grad_norm)
         ours = _hf_values(state.params, mappings)
         for name, value in named.items():
