@@ -5,7 +5,9 @@
 
 The JobSet (jobset.x-k8s.io/v1alpha2) runs one Indexed Job per slice (`replicas: N`), one pod per
 TPU host, each requesting its host's chips and selecting the slice's node pool by accelerator and
-topology (`cloud.google.com/gke-tpu-accelerator`, `cloud.google.com/gke-tpu-topology`). Restarts
+topology (`cloud.google.com/gke-tpu-accelerator`, `cloud.google.com/gke-tpu-topology`); a
+v5e-8 / v6e-8 asks for two pods of 4 chips, so its node pool must be the 4-chip machine type
+(ct5lp-hightpu-4t / ct6e-standard-4t, two nodes), not the one-node 8-chip one. Restarts
 follow XPK's default policy: a pod exiting with the trainer's restart code (42,
 `train.preemption_exit_code`) or 127-255 (killed by a signal, lost node) fails its Job, and the
 JobSet recreates every Job, up to `maxRestarts` times; any other non-zero code fails the Job by

@@ -3,6 +3,10 @@
 Names follow the convention of MaxText and XPK (and of Cloud TPU accelerator types): `v5e-N` and
 `v6e-N` count chips; `v4-N` and `v5p-N` count TensorCores, two per chip (v5p-64 is 32 chips in a
 2x4x4 torus). Each chip is one JAX device (v4 and v5p run their two cores as one megacore).
+Hosts hold four chips from 4 chips up, as on GKE's 4-chip machine types (ct5lp-hightpu-4t,
+ct6e-standard-4t, ...) and in XPK: a v5e-8 or v6e-8 is two hosts. A Cloud TPU VM of that size is
+one 8-chip host instead; the train step compiles the same, but its rollout sampler then spans all
+8 chips where the plan gives it one host's 4.
 
 libtpu learns the accelerator type from TPU_ACCELERATOR_TYPE when it loads, so a plan sets it
 (`accelerator_environment`) before jax is imported, and one process plans one topology.
@@ -103,12 +107,22 @@ def accelerator_environment(topology: Topology) -> dict[str, str]:
             "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
+def chip_options(topology: Topology) -> dict:
+    """How libtpu should lay out the chips: left alone it describes a v4 chip as two devices (one
+    per TensorCore), while jobs run v4 and v5p as one megacore device per chip; and four chips per
+    host (two hosts for v5e-8 / v6e-8, as GKE's 4-chip machines and XPK's defaults have it)."""
+    per_host = min(topology.chips, topology.generation.chips_per_host)
+    return {"chip_config_name": "megacore" if topology.generation.counts == "cores" else "default",
+            "chips_per_host_bounds": {1: (1, 1, 1), 4: (2, 2, 1)}[per_host]}
+
+
 def topology_devices(topology: Topology, num_slices: int = 1):
     """The TPU devices of `num_slices` slices of `topology`, for lowering and compiling only."""
     from jax.experimental import topologies
 
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
-    description = topologies.get_topology_desc(platform="tpu", topology_name=topology.jax_name, **kwargs)
+    description = topologies.get_topology_desc(platform="tpu", topology_name=topology.jax_name,
+                                               **chip_options(topology), **kwargs)
     devices = list(description.devices)
     expected = topology.chips * num_slices
     if len(devices) != expected:
@@ -123,5 +137,5 @@ def host_devices(devices, process_index: int = 0):
     return [d for d in devices if d.process_index == process_index]
 
 
-__all__ = ["GENERATIONS", "Topology", "TopologyError", "accelerator_environment", "host_devices",
+__all__ = ["GENERATIONS", "Topology", "TopologyError", "accelerator_environment", "chip_options", "host_devices",
            "parse_topology", "topology_devices", "valid_names"]

@@ -29,6 +29,31 @@ def test_topology_names_as_users_type_them(name, chips, jax_name, accelerator, h
         chips, jax_name, accelerator, hosts)
 
 
+DESCRIBE = """
+import collections, os, sys
+from opsd_jax.plan.topology import accelerator_environment, parse_topology, topology_devices
+topology = parse_topology(sys.argv[1])
+os.environ.update(accelerator_environment(topology))
+devices = topology_devices(topology)
+print(len({tuple(d.coords) for d in devices}), sorted(collections.Counter(d.process_index for d in devices).values()))
+"""
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name, chips_per_host", [("v4-32", [4, 4, 4, 4]), ("v5e-1", [1]), ("v5e-8", [4, 4]),
+                                                  ("v5p-16", [4, 4])])
+def test_libtpu_describes_a_chip_as_one_device_on_four_chip_hosts(name, chips_per_host):
+    """As jobs run them: v4 and v5p chips as one megacore device each (libtpu's default gives a v4
+    chip two devices, which failed every v4 plan), four chips per host from 4 chips up."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    done = subprocess.run([sys.executable, "-c", DESCRIBE, name], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    topology = parse_topology(name)
+    assert done.stdout.split("\n")[-2] == f"{topology.chips} {chips_per_host}"
+    assert len(chips_per_host) == topology.hosts
+
+
 @pytest.mark.parametrize("name", ["v5p-7", "v5e-3", "v7-8", "tpu", "v5p-64x"])
 def test_unknown_topology_lists_the_valid_ones(name):
     with pytest.raises(TopologyError, match=r"unknown TPU topology .*valid: v4-8, .*v5e-4, .*v5p-64"):
