@@ -267,7 +267,7 @@ class Trainer:
         if B % c.train.microbatches:
             raise TrainingError(f"train.batch_size {B} is not divisible by train.microbatches {c.train.microbatches}")
         completion_length = c.sampling.max_new_tokens
-        context_length = c.data.max_prompt_tokens + completion_length
+        context_length = train_context_length(c, self.mesh.size)
         if B % self.process_count:
             raise TrainingError(f"train.batch_size {B} is not divisible by the {self.process_count} processes")
         local_batch = B // self.process_count
@@ -612,9 +612,20 @@ def jitted_train_step(settings: StepSettings, optimizer, state_shardings):
                    donate_argnums=(0,), out_shardings=(state_shardings, None))
 
 
+def train_context_length(c: RunConfig, chips: int) -> int:
+    """Tokens in each training sequence: the longest prompt and the completion, rounded up to a
+    multiple of `chips`, the mesh's device count. The decoder splits a microbatch's positions over
+    the mesh axes its sequences leave (`parallel.constrain`), and an axis that does not divide the
+    length is dropped: the paper's 25,000 + 4,096 = 29,096 tokens split over 8 chips but not over
+    16, so on 16 chips each chip held whole sequences (52 GiB for Qwen3-8B on a v4-32). The
+    padding is masked like any other."""
+    length = c.data.max_prompt_tokens + c.sampling.max_new_tokens
+    return -(-length // chips) * chips
+
+
 def batch_shapes(c: RunConfig, batch_size: int, sharding) -> Batch:
     """ShapeDtypeStructs of one global batch as `build_batch` lays it out for this config."""
-    context = c.data.max_prompt_tokens + c.sampling.max_new_tokens
+    context = train_context_length(c, sharding.mesh.size)
     completion = c.sampling.max_new_tokens
 
     def spec(*shape, dtype=jnp.int32):
@@ -663,5 +674,5 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
 
 
 __all__ = ["Trainer", "TrainingError", "batch_shapes", "build_batch", "export_checkpoint", "jitted_train_step",
-           "optimizer_state_shardings", "rollout_seed", "step_settings", "train_mesh", "train_state_shardings",
-           "training_state_bytes"]
+           "optimizer_state_shardings", "rollout_seed", "step_settings", "train_context_length", "train_mesh",
+           "train_state_shardings", "training_state_bytes"]

@@ -42,15 +42,17 @@ def verdict(plan: ProgramPlan, hbm_bytes: int) -> str:
 def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, slices: int = 1) -> list[str]:
     """Concrete changes that shrink a program that does not fit, most effective first."""
     if plan.name == "train_step":
+        from opsd_jax.distill.trainer import train_context_length
+
         steps = []
         excess = plan.total_bytes - hbm_bytes if hbm_bytes else 0
-        if 0 < excess < plan.resident_bytes:
-            # The resident rollout sampler is mostly its KV page pool, which scales with the fraction.
-            fraction = math.floor(c.sampling.kv_cache_fraction * (1 - excess / plan.resident_bytes) * 20) / 20
+        if 0 < excess < plan.resident_pool_bytes:
+            # The resident rollout sampler's KV page pool scales with the fraction; its weights do not.
+            fraction = math.floor(c.sampling.kv_cache_fraction * (1 - excess / plan.resident_pool_bytes) * 20) / 20
             if fraction > 0:
                 steps.append(f"sampling.kv_cache_fraction={fraction:g} (now {c.sampling.kv_cache_fraction:g}: a "
                              f"smaller rollout KV pool beside the step; a dry pool preempts and resumes sequences)")
-        context = str(c.data.max_prompt_tokens + c.sampling.max_new_tokens)
+        context = str(train_context_length(c, math.prod(plan.mesh.values())))
         if any(a["shape"].count(context) >= 2 for a in plan.largest_arrays):
             steps.append(f"memory-efficient attention (issue 13): the largest arrays are attention scores over the "
                          f"{context}-token context, quadratic in it; meanwhile a shorter data.max_prompt_tokens")
@@ -109,10 +111,10 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
     if "train" in programs:
         # Kept on the chips between steps: the sampler's KV page pool and its own copy of the
         # weights (compute dtype, sampler shardings).
-        resident = decode_state_bytes(student, sampler, sampler_mesh)
+        pool, weights = decode_state_bytes(student, sampler, sampler_mesh)
         progress(f"compiling the train step on {dict(mesh.shape)} ...")
-        results.insert(0, train_step_program(c, student, teacher, mesh, processes, resident_bytes=resident,
-                                             kernel_impl=kernel_impl))
+        results.insert(0, train_step_program(c, student, teacher, mesh, processes, resident_bytes=pool + weights,
+                                             resident_pool_bytes=pool, kernel_impl=kernel_impl))
     if "eval" in programs:
         evaluation = student.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
         from opsd_jax.sampler.engine import SamplerConfig

@@ -81,6 +81,7 @@ class ProgramPlan:
     compile_seconds: float = 0.0
     largest_arrays: list = dataclasses.field(default_factory=list)
     resident_bytes: int = 0  # other buffers the job keeps on the same chips while this runs
+    resident_pool_bytes: int = 0  # the part of them that scales with sampling.kv_cache_fraction
 
     @property
     def total_bytes(self) -> int:
@@ -235,14 +236,15 @@ def compile_program(plan: ProgramPlan, jitted, *args, **static) -> ProgramPlan:
 # ---- the programs ---------------------------------------------------------------------------------
 
 def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig | None, mesh, processes: int,
-                       *, resident_bytes: int = 0, kernel_impl: str | None = None) -> ProgramPlan:
+                       *, resident_bytes: int = 0, resident_pool_bytes: int = 0,
+                       kernel_impl: str | None = None) -> ProgramPlan:
     """The training step exactly as `Trainer.run` jits it, for one global batch at the config's
     longest shapes (every prompt at data.max_prompt_tokens, every rollout at max_new_tokens)."""
     step, state, batch, settings = train_step_inputs(c, student, teacher, mesh, processes, kernel_impl=kernel_impl)
     plan = ProgramPlan("train_step", f"training step: batch {c.train.batch_size} in {c.train.microbatches} "
                                      f"microbatches, contexts {c.data.max_prompt_tokens}+{c.sampling.max_new_tokens} "
                                      f"tokens, {c.objective.kind} via {settings.kernel_impl}, remat {student.remat}",
-                       dict(mesh.shape), resident_bytes=resident_bytes)
+                       dict(mesh.shape), resident_bytes=resident_bytes, resident_pool_bytes=resident_pool_bytes)
     plan = compile_program(plan, step, state, batch)
     # Every objective scores the rollouts with the fused kernel. Its one sweep: both models'
     # projections (2 N Hs V + 2 N Ht V) and the student's two gradient products (4 N Hs V), the
@@ -303,14 +305,14 @@ def train_step_inputs(c: RunConfig, student: ModelConfig, teacher: ModelConfig |
     return step, state, batch, settings
 
 
-def decode_state_bytes(model: ModelConfig, sampler_config, mesh) -> int:
-    """Per-chip bytes a sampler keeps resident: its KV page pool and slot scalars on their
-    shardings, and its own copy of the weights (compute dtype, sampler shardings)."""
+def decode_state_bytes(model: ModelConfig, sampler_config, mesh) -> tuple[int, int]:
+    """Per-chip bytes a sampler keeps resident: (its KV page pool and slot scalars on their
+    shardings, its own copy of the weights in the compute dtype on the sampler's shardings)."""
     from opsd_jax.sampler.engine import Engine
 
     engine = Engine(model, sampler_config, mesh=mesh)
     state = _with_shardings(jax.eval_shape(engine._init_state_fn), engine.state_shardings)
-    return per_chip_bytes(state) + per_chip_bytes(serving_abstract_params(model, engine))
+    return per_chip_bytes(state), per_chip_bytes(serving_abstract_params(model, engine))
 
 
 def serving_abstract_params(model: ModelConfig, engine):

@@ -243,3 +243,34 @@ def test_weight_decay_moves_matrices_only(rng):
         np.testing.assert_allclose(np.asarray(update), expected, rtol=1e-6, atol=0, err_msg=jax.tree_util.keystr(path))
 
     jax.tree_util.tree_map_with_path(check, updates, params)
+
+
+def test_training_contexts_are_padded_so_positions_split_over_every_chip(tmp_path, monkeypatch):
+    """The plan's (and the trainer's) train step for 31 + 6 = 37-token contexts on a 1,8,1 mesh, 2
+    sequences per microbatch: the batch takes 2 of the 8 fsdp shards at most, so positions must
+    split, and no axis divides 37. Unpadded, each chip computes both whole sequences' MLPs;
+    padded to 40 (`train_context_length`), an eighth of the positions each."""
+    import json
+
+    from opsd_jax.config import config_from_dict
+    from opsd_jax.distill import trainer
+    from opsd_jax.plan.programs import train_step_inputs
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(ACTIVATION_MODEL, architectures=["Qwen3ForCausalLM"])))
+    c = config_from_dict({"model": {"checkpoint": str(tmp_path), "compute_dtype": "float32", "remat": True},
+                          "data": {"max_prompt_tokens": 31}, "sampling": {"max_new_tokens": 6},
+                          "train": {"batch_size": 16, "microbatches": 8, "mesh": "1,8,1"}})
+    assert [trainer.train_context_length(c, chips) for chips in (1, 8, 37)] == [37, 40, 37]
+    model = ModelConfig.from_hf(str(tmp_path), param_dtype="float32").replace(**c.model.runtime(training=True))
+    mesh = make_mesh(1, 8, 1)
+
+    def mlp_lengths():
+        step, state, batch, _ = train_step_inputs(c, model, None, mesh, 1, kernel_impl="xla")
+        hlo = step.lower(state, batch).compile().as_text()
+        shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([\d,]+)\]", hlo)}
+        return {s[1] for s in shapes if len(s) == 3 and s[0] == 2 and s[2] == model.intermediate_size}
+
+    lengths = mlp_lengths()
+    assert 40 // 8 in lengths and not lengths & {37, 40}, lengths
+    monkeypatch.setattr(trainer, "train_context_length", lambda c, chips: 37)
+    assert 37 in mlp_lengths()  # what the padding prevents

@@ -38,3 +38,23 @@ def test_the_all_fsdp_remedy_follows_the_mesh_chosen_not_the_setting():
     # Data over two slices only (DCN), fsdp within each: already all fsdp.
     assert not any("train.mesh" in r for r in remedies(plan({"data": 2, "fsdp": 4, "tensor": 1}), c, 95 * 2**30,
                                                         slices=2))
+
+
+def test_the_kv_fraction_remedy_shrinks_only_the_pool():
+    """The v4-32 Qwen3-8B dense row (GiB per chip): 40.27 in all, of which the resident rollout
+    sampler 19.80 = a 16.0 KV pool at fraction 1 + 3.8 of weights (compiled again at 0.4: 10.21
+    resident). 8.27 over 32 GiB is 52% of the pool: fraction 0.45, 31.5 in all. Counting the
+    weights as pool too, it said 0.55: 33.1, over."""
+    from opsd_jax.config import load_config
+    from opsd_jax.plan.planner import remedies
+    from opsd_jax.plan.programs import ProgramPlan
+
+    GiB = 2**30
+    c = load_config(None, ["sampling.kv_cache_fraction=1.0"])
+    plan = ProgramPlan("train_step", "", {"data": 1, "fsdp": 16, "tensor": 1}, argument_bytes=int(20.47 * GiB),
+                       resident_bytes=int(19.80 * GiB), resident_pool_bytes=int(16.0 * GiB))
+    (fraction,) = [r for r in remedies(plan, c, 32 * GiB) if r.startswith("sampling.kv_cache_fraction=")]
+    assert fraction.startswith("sampling.kv_cache_fraction=0.45 (now 1:")
+    # Over by more than the whole pool: no fraction helps.
+    plan.argument_bytes += 17 * GiB
+    assert not any(r.startswith("sampling.kv_cache_fraction=") for r in remedies(plan, c, 32 * GiB))
