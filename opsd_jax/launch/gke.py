@@ -73,7 +73,6 @@ def jobset_manifest(*, name: str, image: str, command: list[str], topology: Topo
         # TPU_WORKER_HOSTNAMES, which jax.distributed needs beside the MEGASCALE variables.
         raise ValueError(f"--num-slices {num_slices}: GKE runs several slices only of multi-host topologies, "
                          f"and {topology.name} is one host; take a larger topology or one slice")
-    chips_per_host = topology.chips // hosts
     variables = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
     if num_slices > 1:
         variables += [
@@ -89,8 +88,8 @@ def jobset_manifest(*, name: str, image: str, command: list[str], topology: Topo
         "env": variables,
         "ports": [{"containerPort": 8471, "name": "tpu-runtime"}, {"containerPort": 8476, "name": "jax-coordinator"},
                   {"containerPort": MEGASCALE_PORT, "name": "megascale"}],
-        "resources": {"limits": {"google.com/tpu": str(chips_per_host)},
-                      "requests": {"google.com/tpu": str(chips_per_host)}},
+        "resources": {"limits": {"google.com/tpu": str(topology.chips_per_host)},
+                      "requests": {"google.com/tpu": str(topology.chips_per_host)}},
     }
     node_selector = {"cloud.google.com/gke-tpu-accelerator": GKE_ACCELERATORS[topology.generation.name],
                      "cloud.google.com/gke-tpu-topology": "x".join(map(str, topology.shape))}

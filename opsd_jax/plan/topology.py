@@ -71,6 +71,10 @@ class Topology:
         return max(1, self.chips // self.generation.chips_per_host)
 
     @property
+    def chips_per_host(self) -> int:
+        return self.chips // self.hosts
+
+    @property
     def hbm_bytes(self) -> int:
         return self.generation.hbm_bytes
 
@@ -111,9 +115,8 @@ def chip_options(topology: Topology) -> dict:
     """How libtpu should lay out the chips: left alone it describes a v4 chip as two devices (one
     per TensorCore), while jobs run v4 and v5p as one megacore device per chip; and four chips per
     host (two hosts for v5e-8 / v6e-8, as GKE's 4-chip machines and XPK's defaults have it)."""
-    per_host = min(topology.chips, topology.generation.chips_per_host)
     return {"chip_config_name": "megacore" if topology.generation.counts == "cores" else "default",
-            "chips_per_host_bounds": {1: (1, 1, 1), 4: (2, 2, 1)}[per_host]}
+            "chips_per_host_bounds": {1: (1, 1, 1), 4: (2, 2, 1)}[topology.chips_per_host]}
 
 
 def topology_devices(topology: Topology, num_slices: int = 1):
