@@ -9,20 +9,28 @@ import sys
 
 from opsd_jax.launch.commands import LaunchError, Step, run_steps
 
+SSH_CONNECTION_FAILED = 255  # ssh's own exit code; a remote command's code passes through
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _slice_arguments(parser: argparse.ArgumentParser) -> None:
+def _node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True, help="the TPU VM (node) name")
     parser.add_argument("--zone", required=True)
-    parser.add_argument("--topology", required=True, help="v5e-N / v6e-N (chips) or v4-N / v5p-N (TensorCores)")
     parser.add_argument("--project", help="default: gcloud's configured project")
+
+
+def _slice_arguments(parser: argparse.ArgumentParser) -> None:
+    _node_arguments(parser)
+    parser.add_argument("--topology", required=True, help="v5e-N / v6e-N (chips) or v4-N / v5p-N (TensorCores)")
     parser.add_argument("--runtime-version", help="TPU software version (default: the generation's usual one)")
     parser.add_argument("--no-install", dest="install", action="store_false",
                         help="skip copying and installing this tree on the workers")
     parser.add_argument("--source", default=REPO, help="the tree to install (default: this checkout)")
     parser.add_argument("--archive-dir", default="/tmp", help="where the tarball of the tree is written here")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--foreground", action="store_true",
+                        help="run the command inside `tpu-vm ssh` (a dropped session ends it) instead of detached "
+                             "with its log followed")
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                         help="what every worker runs, e.g. -- opsd-jax train --config configs/X.yaml")
 
@@ -42,6 +50,20 @@ def add_arguments(launch: argparse.ArgumentParser) -> None:
     capacity.add_argument("--spot", action="store_true", help="Spot capacity (preemptible)")
     capacity.add_argument("--best-effort", action="store_true", help="best-effort capacity (gcloud alpha)")
     queued.set_defaults(launch_run=_queued)
+
+    logs = targets.add_parser("logs", help="a detached job's log on one worker (--follow: until it ends)")
+    _node_arguments(logs)
+    logs.add_argument("--worker", default="0", help="worker index (default 0), or all")
+    logs.add_argument("--lines", type=int, default=50, help="how many of the last lines (default 50)")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends (Ctrl-C leaves it running)")
+    logs.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+    logs.set_defaults(launch_run=_logs)
+    for action, text in (("status", "every worker's detached job: running, exited with its code, or killed"),
+                         ("stop", "SIGTERM to every worker's detached job: a training run saves and exits 42")):
+        target = targets.add_parser(action, help=text)
+        _node_arguments(target)
+        target.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+        target.set_defaults(launch_run=_on_every_worker, launch_action=action)
 
     gke = targets.add_parser("gke", help="a JobSet on GKE TPU node pools (restarts on the trainer's preemption "
                                          "code), and the equivalent XPK command")
@@ -94,24 +116,75 @@ def _slice(args):
     from opsd_jax.launch.tpu_vm import Slice
     from opsd_jax.plan.topology import parse_topology
 
-    return Slice(args.name, args.zone, parse_topology(args.topology), args.project, args.runtime_version)
+    topology = parse_topology(args.topology) if getattr(args, "topology", None) else None
+    return Slice(args.name, args.zone, topology, args.project, getattr(args, "runtime_version", None))
+
+
+def _reattach_hint(args) -> str:
+    where = shlex.join(["--name", args.name, "--zone", args.zone, *(["--project", args.project] if args.project else [])])
+    return (f"the job keeps running on the slice: `opsd-jax launch logs {where} --follow` follows it again, "
+            f"`opsd-jax launch status {where}` reports every worker, `opsd-jax launch stop {where}` stops it")
+
+
+def _start_and_follow(args, steps: list[Step], following: list[Step], **run_options) -> int:
+    """Runs the steps that start the job, then follows it; a failure of the following (a dropped
+    connection, Ctrl-C) says how to reattach: the job itself runs on."""
+    code = run_steps(steps, dry_run=args.dry_run, **run_options)
+    if not following:
+        return code
+    try:
+        return run_steps(following, dry_run=args.dry_run)
+    except LaunchError as e:
+        if e.code == 42:
+            raise
+        if e.code == SSH_CONNECTION_FAILED:
+            raise LaunchError(f"the connection to worker 0 ended (ssh exit 255); {_reattach_hint(args)}",
+                              e.code) from None
+        raise LaunchError(f"worker 0's job exited with {e.code}; `opsd-jax launch status` reports every worker's "
+                          f"code, `opsd-jax launch logs --worker N` any worker's log", e.code) from None
+    except KeyboardInterrupt:
+        print(f"\nstopped following. {_reattach_hint(args)}", file=sys.stderr)
+        return 130
 
 
 def _tpu_vm(args) -> int:
     from opsd_jax.launch.tpu_vm import tpu_vm_steps
 
-    steps = tpu_vm_steps(_slice(args), _user_command(args), create=args.create, spot=args.spot,
-                         install=args.install, source_dir=args.source, archive_dir=args.archive_dir)
-    return run_steps(steps, dry_run=args.dry_run)
+    steps, following = tpu_vm_steps(_slice(args), _user_command(args), create=args.create, spot=args.spot,
+                                     install=args.install, source_dir=args.source, archive_dir=args.archive_dir,
+                                     foreground=args.foreground)
+    return _start_and_follow(args, steps, following)
 
 
 def _queued(args) -> int:
     from opsd_jax.launch.tpu_vm import queued_steps
 
-    steps = queued_steps(_slice(args), _user_command(args), queued_id=args.queued_id, spot=args.spot,
-                         best_effort=args.best_effort, install=args.install, source_dir=args.source,
-                         archive_dir=args.archive_dir)
-    return run_steps(steps, dry_run=args.dry_run, failed_states=("FAILED", "SUSPENDED"))
+    steps, following = queued_steps(_slice(args), _user_command(args), queued_id=args.queued_id, spot=args.spot,
+                                    best_effort=args.best_effort, install=args.install, source_dir=args.source,
+                                    archive_dir=args.archive_dir, foreground=args.foreground)
+    return _start_and_follow(args, steps, following, failed_states=("FAILED", "SUSPENDED"))
+
+
+def _logs(args) -> int:
+    from opsd_jax.launch import remote_job
+    from opsd_jax.launch.tpu_vm import ssh
+
+    if args.worker != "all" and not args.worker.isdigit():
+        raise LaunchError(f"--worker must be a worker index or all, got {args.worker!r}", 2)
+    command = remote_job.show_log(args.lines, follow_while_running=args.follow)
+    try:
+        return run_steps([ssh(_slice(args), command, args.worker)], dry_run=args.dry_run)
+    except KeyboardInterrupt:
+        print("\nstopped following; the job keeps running", file=sys.stderr)
+        return 130
+
+
+def _on_every_worker(args) -> int:
+    from opsd_jax.launch import remote_job
+    from opsd_jax.launch.tpu_vm import ssh_all
+
+    command = {"status": remote_job.status, "stop": remote_job.stop}[args.launch_action]()
+    return run_steps([ssh_all(_slice(args), command)], dry_run=args.dry_run)
 
 
 def _gke(args) -> int:

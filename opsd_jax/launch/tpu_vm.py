@@ -19,8 +19,15 @@ without --create) resumes it on the same slice. A spot slice that is reclaimed i
 disks, and a queued resource whose slice was reclaimed goes to SUSPENDED and must be deleted
 (`gcloud compute tpus queued-resources delete ID`) before the same id is requested again: keep
 `train.output_dir` on storage that outlives the slice, then request it again and rerun to continue
-from the last checkpoint there. The command runs in the foreground of `tpu-vm ssh`: a dropped ssh
-session ends it, so start long runs from a machine that stays connected (or under tmux there).
+from the last checkpoint there.
+
+By default the command runs detached on every worker (`remote_job`): the launcher checks that no
+earlier job is still running there (before installing over its code), starts the job in its own
+session with its output in ~/opsd-jax/runs/launch/job.log, then follows worker 0's log until the
+job ends and exits with its code. A dropped connection or Ctrl-C stops only the following;
+`opsd-jax launch logs | status | stop` reattach, report every worker, or send every worker's job
+SIGTERM (the trainer saves and exits 42). `--foreground` runs the command inside `tpu-vm ssh`
+instead, so a dropped session ends it.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import dataclasses
 import os
 import shlex
 
+from opsd_jax.launch import remote_job
 from opsd_jax.launch.commands import Step
 from opsd_jax.plan.topology import GENERATIONS, Topology
 
@@ -36,7 +44,8 @@ from opsd_jax.plan.topology import GENERATIONS, Topology
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
                     "v6e": "v2-alpha-tpuv6e"}
 assert set(RUNTIME_VERSIONS) == set(GENERATIONS)
-REMOTE_DIR = "~/opsd-jax"
+# $HOME, not ~: a tilde after `=` expands only in an assignment, and the detached form passes PATH to env.
+REMOTE_DIR = "$HOME/opsd-jax"
 PYTHON = "3.11"  # pyproject's requires-python, and jax's
 PYTHON_CHECK = "import sys; sys.exit(sys.version_info < (3, 11))"
 UV_INSTALLER = "https://astral.sh/uv/install.sh"
@@ -47,7 +56,7 @@ EXCLUDED = (".git", ".venv", "runs", "__pycache__", "*.egg-info")
 class Slice:
     name: str  # the TPU VM (node) name
     zone: str
-    topology: Topology
+    topology: Topology | None  # None: commands on an existing slice's workers (logs, status, stop)
     project: str | None = None
     runtime_version: str | None = None  # default: RUNTIME_VERSIONS of the generation
 
@@ -88,9 +97,13 @@ def pack(source_dir: str, archive: str) -> Step:
     return Step(("tar", "-czf", archive, *excludes, "-C", source_dir, "."))
 
 
-def ssh_all(s: Slice, command: str) -> Step:
-    return Step(("gcloud", "compute", "tpus", "tpu-vm", "ssh", s.name, *s.flags(), "--worker=all",
+def ssh(s: Slice, command: str, worker: str = "all") -> Step:
+    return Step(("gcloud", "compute", "tpus", "tpu-vm", "ssh", s.name, *s.flags(), f"--worker={worker}",
                  f"--command={command}"))
+
+
+def ssh_all(s: Slice, command: str) -> Step:
+    return ssh(s, command, "all")
 
 
 def install_steps(s: Slice, source_dir: str, archive_dir: str, extras: str = "tpu") -> list[Step]:
@@ -111,31 +124,54 @@ def install_steps(s: Slice, source_dir: str, archive_dir: str, extras: str = "tp
     return [pack(source_dir, archive), copy, ssh_all(s, install)]
 
 
+def remote_environment(hosts: int) -> dict[str, str]:
+    """What every worker adds to its environment: the virtualenv first on PATH and, on a multi-host
+    slice, jax.distributed told to join the slice (parallel.initialize_distributed)."""
+    return {"PATH": f"{REMOTE_DIR}/.venv/bin:$PATH",
+            **({"OPSD_JAX_DISTRIBUTED": "1"} if hosts > 1 else {})}
+
+
 def remote_command(argv: list[str], hosts: int) -> str:
-    """`argv` as every worker runs it: from the installed tree, its virtualenv first on PATH, and,
-    on a multi-host slice, jax.distributed told to join the slice (parallel.initialize_distributed)."""
+    """`argv` as every worker runs it in the foreground: from the installed tree, with
+    `remote_environment` (JAX reads the pod from the TPU metadata)."""
     if not argv:
         raise ValueError("no command to run (give it after --, e.g. -- opsd-jax train --config configs/X.yaml)")
-    join = "OPSD_JAX_DISTRIBUTED=1 " if hosts > 1 else ""
-    return f"cd {REMOTE_DIR} && PATH={REMOTE_DIR}/.venv/bin:$PATH {join}" + shlex.join(argv)
+    assignments = "".join(f"{name}={value} " for name, value in remote_environment(hosts).items())
+    return f"cd {REMOTE_DIR} && {assignments}" + shlex.join(argv)
+
+
+def run_steps_on_slice(s: Slice, argv: list[str], *, install: bool, source_dir: str, archive_dir: str,
+                       foreground: bool) -> tuple[list[Step], list[Step]]:
+    """(the steps that start the command on every worker, the step that follows it). Detached: no
+    earlier job may still run on any worker (checked before the install replaces its code), then
+    the job starts on all of them and worker 0's log is followed until it ends. Foreground: the
+    command itself inside `tpu-vm ssh`, nothing to follow."""
+    if foreground:
+        command = remote_command(argv, s.topology.hosts)  # refuses an empty command before anything runs
+        return (install_steps(s, source_dir, archive_dir) if install else []) + [ssh_all(s, command)], []
+    begin = remote_job.start(REMOTE_DIR, remote_environment(s.topology.hosts), argv)
+    steps = [ssh_all(s, remote_job.check_idle())]
+    steps += install_steps(s, source_dir, archive_dir) if install else []
+    return steps + [ssh_all(s, begin)], [ssh(s, remote_job.follow(), "0")]
 
 
 def tpu_vm_steps(s: Slice, argv: list[str], *, create: bool = False, spot: bool = False, install: bool = True,
-                 source_dir: str = ".", archive_dir: str = "/tmp") -> list[Step]:
-    steps = [create_vm(s, spot=spot)] if create else []
-    if install:
-        steps += install_steps(s, source_dir, archive_dir)
-    return steps + [ssh_all(s, remote_command(argv, s.topology.hosts))]
+                 source_dir: str = ".", archive_dir: str = "/tmp",
+                 foreground: bool = False) -> tuple[list[Step], list[Step]]:
+    """(steps to start the command, steps that follow it; see `run_steps_on_slice`)."""
+    steps, following = run_steps_on_slice(s, argv, install=install, source_dir=source_dir, archive_dir=archive_dir,
+                                          foreground=foreground)
+    return ([create_vm(s, spot=spot)] if create else []) + steps, following
 
 
 def queued_steps(s: Slice, argv: list[str], *, queued_id: str | None = None, spot: bool = False,
                  best_effort: bool = False, install: bool = True, source_dir: str = ".",
-                 archive_dir: str = "/tmp") -> list[Step]:
-    steps = create_queued(s, queued_id or f"{s.name}-qr", spot=spot, best_effort=best_effort)
-    if install:
-        steps += install_steps(s, source_dir, archive_dir)
-    return steps + [ssh_all(s, remote_command(argv, s.topology.hosts))]
+                 archive_dir: str = "/tmp", foreground: bool = False) -> tuple[list[Step], list[Step]]:
+    """(steps to request the slice and start the command, steps that follow it)."""
+    steps, following = run_steps_on_slice(s, argv, install=install, source_dir=source_dir, archive_dir=archive_dir,
+                                          foreground=foreground)
+    return create_queued(s, queued_id or f"{s.name}-qr", spot=spot, best_effort=best_effort) + steps, following
 
 
 __all__ = ["RUNTIME_VERSIONS", "Slice", "create_queued", "create_vm", "install_steps", "queued_steps",
-           "remote_command", "ssh_all", "tpu_vm_steps"]
+           "remote_command", "remote_environment", "run_steps_on_slice", "ssh", "ssh_all", "tpu_vm_steps"]
