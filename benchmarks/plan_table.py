@@ -1,6 +1,6 @@
 """The per-config fit table of BUILD_NOTES: `opsd-jax plan` for every shipped config on one topology.
 
-    python benchmarks/plan_table.py --topology v5p-16 --out runs/plans [--what-if-kernel xla]
+    python benchmarks/plan_table.py --topology v5p-16 --out runs/plans [--what-if-kernel xla] [--programs train,eval]
 
 Configs whose programs have the same shapes (same architecture, prompt and rollout lengths, batch,
 microbatches, mesh, dtypes, teacher, evaluation length) are planned once and share a row. Each plan
@@ -75,7 +75,9 @@ def main() -> None:
     parser.add_argument("--out", default="runs/plans")
     parser.add_argument("--what-if-kernel", choices=("xla",), help="also plan the train step with this kernel")
     parser.add_argument("--configs", nargs="*", help="config files (default: every configs/*.yaml but demo_cpu)")
+    parser.add_argument("--programs", help="passed to `opsd-jax plan --programs` (default: its own)")
     args = parser.parse_args()
+    programs = ("--programs", args.programs) if args.programs else ()
     os.makedirs(args.out, exist_ok=True)
     configs = args.configs or sorted(os.path.join("configs", f) for f in os.listdir(os.path.join(REPO, "configs"))
                                      if f.endswith(".yaml") and f != "demo_cpu.yaml")
@@ -91,7 +93,7 @@ def main() -> None:
             first = planned[key][0]
             print(f"| {name} | {first} | | | | | | | | |", flush=True)
             continue
-        report = run_plan(config, args.topology, os.path.join(args.out, f"{name}.{args.topology}.json"))
+        report = run_plan(config, args.topology, os.path.join(args.out, f"{name}.{args.topology}.json"), *programs)
         what_if = None
         if args.what_if_kernel:
             what_if = run_plan(config, args.topology, os.path.join(args.out, f"{name}.{args.topology}."
