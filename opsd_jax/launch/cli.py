@@ -58,11 +58,15 @@ def add_arguments(launch: argparse.ArgumentParser) -> None:
     logs.add_argument("--follow", action="store_true", help="keep printing until the job ends (Ctrl-C leaves it running)")
     logs.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     logs.set_defaults(launch_run=_logs)
-    for action, text in (("status", "every worker's detached job: running, exited with its code, or killed"),
-                         ("stop", "SIGTERM to every worker's detached job: a training run saves and exits 42")):
-        target = targets.add_parser(action, help=text)
+    status = targets.add_parser("status", help="every worker's detached job: running, exited with its code, "
+                                               "or killed; the log's last line")
+    stop = targets.add_parser("stop", help="SIGTERM to every worker's detached job: a training run saves and "
+                                           "exits 42")
+    stop.add_argument("--wait", action="store_true",
+                      help="then follow worker 0's log until the job ends and exit with its code (42: saved)")
+    for action, target in (("status", status), ("stop", stop)):
         _node_arguments(target)
-        target.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
+        target.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
         target.set_defaults(launch_run=_on_every_worker, launch_action=action)
 
     gke = targets.add_parser("gke", help="a JobSet on GKE TPU node pools (restarts on the trainer's preemption "
@@ -181,10 +185,13 @@ def _logs(args) -> int:
 
 def _on_every_worker(args) -> int:
     from opsd_jax.launch import remote_job
-    from opsd_jax.launch.tpu_vm import ssh_all
+    from opsd_jax.launch.tpu_vm import ssh, ssh_all
 
     command = {"status": remote_job.status, "stop": remote_job.stop}[args.launch_action]()
-    return run_steps([ssh_all(_slice(args), command)], dry_run=args.dry_run)
+    code = run_steps([ssh_all(_slice(args), command)], dry_run=args.dry_run)
+    if getattr(args, "wait", False):
+        return _start_and_follow(args, [], [ssh(_slice(args), remote_job.follow(), "0")])
+    return code
 
 
 def _gke(args) -> int:

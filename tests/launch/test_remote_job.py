@@ -169,9 +169,9 @@ def test_launch_refuses_to_start_or_install_while_a_job_runs(fake_slice, capfd):
         assert code == 3
         assert calls.read_text().split() == ["all"]  # stopped at the check: nothing packed, copied or started
         assert "still running" in capfd.readouterr().err
-        assert main(["launch", "stop", "--name", "opsd", "--zone", "z"]) == 0
-        assert _wait_for(lambda: (job_dir / "job.exit").exists())
+        assert main(["launch", "stop", "--wait", "--name", "opsd", "--zone", "z"]) == 42  # waited for the save
         assert (job_dir / "job.exit").read_text().strip() == "42"
+        assert "saved at step 3" in capfd.readouterr().out
     finally:
         subprocess.run(["bash", JOB_SH, "stop"], env={**os.environ, "OPSD_JAX_JOB_DIR": str(job_dir)},
                        capture_output=True, timeout=60)

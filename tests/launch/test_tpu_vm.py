@@ -85,16 +85,19 @@ def test_queued_resource_requests_waits_for_active_then_runs(capsys, capacity, c
     ]
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["logs", "--worker", "3", "--lines", "200", "--follow"], "--worker=3 '--command=bash $HOME/opsd-jax/launch/job.sh "
-                                                              "logs 200 follow'"),
-    (["logs"], "--worker=0 '--command=bash $HOME/opsd-jax/launch/job.sh logs 50'"),
-    (["status"], "--worker=all '--command=bash $HOME/opsd-jax/launch/job.sh status'"),
-    (["stop"], "--worker=all '--command=bash $HOME/opsd-jax/launch/job.sh stop'"),
+@pytest.mark.parametrize("argv, lines", [
+    (["logs", "--worker", "3", "--lines", "200", "--follow"],
+     ["--worker=3 '--command=bash $HOME/opsd-jax/launch/job.sh logs 200 follow'"]),
+    (["logs"], ["--worker=0 '--command=bash $HOME/opsd-jax/launch/job.sh logs 50'"]),
+    (["status"], ["--worker=all '--command=bash $HOME/opsd-jax/launch/job.sh status'"]),
+    (["stop"], ["--worker=all '--command=bash $HOME/opsd-jax/launch/job.sh stop'"]),
+    (["stop", "--wait"], ["--worker=all '--command=bash $HOME/opsd-jax/launch/job.sh stop'",
+                          "--worker=0 '--command=bash $HOME/opsd-jax/launch/job.sh follow'"]),
 ])
-def test_logs_status_and_stop_reach_the_detached_job(capsys, argv, line):
+def test_logs_status_and_stop_reach_the_detached_job(capsys, argv, lines):
     assert main(["launch", *argv, "--dry-run", "--name", "opsd", "--zone", "z", "--project", "p"]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"gcloud compute tpus tpu-vm ssh opsd --zone=z --project=p {line}"]
+    assert capsys.readouterr().out.splitlines() == [f"gcloud compute tpus tpu-vm ssh opsd --zone=z --project=p {line}"
+                                                    for line in lines]
 
 
 def test_spot_and_best_effort_exclude_each_other_and_a_command_and_a_worker_are_checked(capsys):
