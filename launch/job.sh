@@ -59,6 +59,7 @@ case $action in
     echo $! > "$pidfile"
     echo "$host: started (pid $!), log $log" ;;
   supervise)
+    export PYTHONUNBUFFERED=1  # the log is a file: Python would hold prints back in a block buffer
     "$@" < /dev/null &
     child=$!
     trap 'kill -TERM $child 2>/dev/null' TERM INT HUP

@@ -137,12 +137,12 @@ def fake_slice(tmp_path, monkeypatch):
 
 def test_launch_starts_the_job_detached_follows_it_and_exits_with_its_code(fake_slice, capfd):
     home, calls = fake_slice
-    command = ["--", sys.executable, "-c", "import os; print('job in', os.getcwd(), os.environ['PATH'].split(':')[0]);"
-               " raise SystemExit(42)"]
+    command = ["--", sys.executable, "-c", "import os; print('job in', os.getcwd(), os.environ['PATH'].split(':')[0], "
+               "os.environ['PYTHONUNBUFFERED']); raise SystemExit(42)"]
     code = main(["launch", "tpu-vm", "--name", "opsd", "--zone", "z", "--topology", "v5e-4", "--no-install", *command])
     assert code == 42
     log = (home / "opsd-jax" / "runs" / "launch" / "job.log").read_text()
-    assert f"job in {home / 'opsd-jax'} {home / 'opsd-jax' / '.venv' / 'bin'}" in log
+    assert f"job in {home / 'opsd-jax'} {home / 'opsd-jax' / '.venv' / 'bin'} 1" in log  # unbuffered: the log is a file
     assert calls.read_text().split() == ["all", "all", "0"]  # check, start, follow worker 0
     assert "preempted and saved" in capfd.readouterr().err
 
