@@ -132,10 +132,25 @@ def _reattach_hint(args) -> str:
 
 def _start_and_follow(args, steps: list[Step], following: list[Step], **run_options) -> int:
     """Runs the steps that start the job, then follows it; a failure of the following (a dropped
-    connection, Ctrl-C) says how to reattach: the job itself runs on."""
-    code = run_steps(steps, dry_run=args.dry_run, **run_options)
-    if not following:
+    connection, Ctrl-C) says how to reattach: the job itself runs on. A detached start (the last
+    step, when there is something to follow) that fails on some worker stops the jobs it did start
+    there, rather than leave them waiting for the missing process."""
+    if not following or args.dry_run:
+        code = run_steps(steps + following, dry_run=args.dry_run, **run_options)
         return code
+    run_steps(steps[:-1], dry_run=False, **run_options)
+    try:
+        run_steps(steps[-1:], dry_run=False)
+    except LaunchError as e:
+        from opsd_jax.launch import remote_job
+        from opsd_jax.launch.tpu_vm import ssh_all
+
+        try:
+            run_steps([ssh_all(_slice(args), remote_job.stop())], dry_run=False)
+        except LaunchError as stop_error:
+            raise LaunchError(f"{e}; stopping the workers' jobs failed too ({stop_error}): "
+                              f"{_reattach_hint(args)}", e.code) from None
+        raise LaunchError(f"{e}; the jobs that did start were sent SIGTERM", e.code) from None
     try:
         return run_steps(following, dry_run=args.dry_run)
     except LaunchError as e:

@@ -140,8 +140,8 @@ def remote_command(argv: list[str], hosts: int) -> str:
     return f"cd {REMOTE_DIR} && {assignments}" + shlex.join(argv)
 
 
-def run_steps_on_slice(s: Slice, argv: list[str], *, install: bool, source_dir: str, archive_dir: str,
-                       foreground: bool) -> tuple[list[Step], list[Step]]:
+def command_steps(s: Slice, argv: list[str], *, install: bool, source_dir: str, archive_dir: str,
+                  foreground: bool) -> tuple[list[Step], list[Step]]:
     """(the steps that start the command on every worker, the step that follows it). Detached: no
     earlier job may still run on any worker (checked before the install replaces its code), then
     the job starts on all of them and worker 0's log is followed until it ends. Foreground: the
@@ -158,9 +158,9 @@ def run_steps_on_slice(s: Slice, argv: list[str], *, install: bool, source_dir: 
 def tpu_vm_steps(s: Slice, argv: list[str], *, create: bool = False, spot: bool = False, install: bool = True,
                  source_dir: str = ".", archive_dir: str = "/tmp",
                  foreground: bool = False) -> tuple[list[Step], list[Step]]:
-    """(steps to start the command, steps that follow it; see `run_steps_on_slice`)."""
-    steps, following = run_steps_on_slice(s, argv, install=install, source_dir=source_dir, archive_dir=archive_dir,
-                                          foreground=foreground)
+    """(steps to start the command, steps that follow it; see `command_steps`)."""
+    steps, following = command_steps(s, argv, install=install, source_dir=source_dir, archive_dir=archive_dir,
+                                     foreground=foreground)
     return ([create_vm(s, spot=spot)] if create else []) + steps, following
 
 
@@ -168,10 +168,10 @@ def queued_steps(s: Slice, argv: list[str], *, queued_id: str | None = None, spo
                  best_effort: bool = False, install: bool = True, source_dir: str = ".",
                  archive_dir: str = "/tmp", foreground: bool = False) -> tuple[list[Step], list[Step]]:
     """(steps to request the slice and start the command, steps that follow it)."""
-    steps, following = run_steps_on_slice(s, argv, install=install, source_dir=source_dir, archive_dir=archive_dir,
-                                          foreground=foreground)
+    steps, following = command_steps(s, argv, install=install, source_dir=source_dir, archive_dir=archive_dir,
+                                     foreground=foreground)
     return create_queued(s, queued_id or f"{s.name}-qr", spot=spot, best_effort=best_effort) + steps, following
 
 
-__all__ = ["RUNTIME_VERSIONS", "Slice", "create_queued", "create_vm", "install_steps", "queued_steps",
-           "remote_command", "remote_environment", "run_steps_on_slice", "ssh", "ssh_all", "tpu_vm_steps"]
+__all__ = ["RUNTIME_VERSIONS", "Slice", "command_steps", "create_queued", "create_vm", "install_steps",
+           "queued_steps", "remote_command", "remote_environment", "ssh", "ssh_all", "tpu_vm_steps"]

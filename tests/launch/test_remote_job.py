@@ -127,6 +127,8 @@ def fake_slice(tmp_path, monkeypatch):
     gcloud.write_text(textwrap.dedent(f"""\
         #!/usr/bin/env bash
         for a in "$@"; do case $a in --worker=*) echo "${{a#--worker=}}" >> {calls};; --command=*) c=${{a#--command=}};; esac; done
+        # FAIL_AFTER_START: this worker starts its job, another one fails to (its ssh exits 1).
+        if [ -n "${{FAIL_AFTER_START:-}}" ] && [[ $c == *" start "* ]]; then HOME={home} OPSD_JAX_JOB_DIR= bash -c "$c"; exit 1; fi
         HOME={home} OPSD_JAX_JOB_DIR= exec bash -c "$c"
     """))
     gcloud.chmod(gcloud.stat().st_mode | stat.S_IEXEC)
@@ -175,3 +177,17 @@ def test_launch_refuses_to_start_or_install_while_a_job_runs(fake_slice, capfd):
     finally:
         subprocess.run(["bash", JOB_SH, "stop"], env={**os.environ, "OPSD_JAX_JOB_DIR": str(job_dir)},
                        capture_output=True, timeout=60)
+
+
+def test_a_start_that_fails_on_some_worker_stops_the_jobs_that_did_start(fake_slice, capfd, monkeypatch):
+    home, calls = fake_slice
+    monkeypatch.setenv("FAIL_AFTER_START", "1")
+    trainer = ["--", sys.executable, "-c", TRAINER]
+    assert main(["launch", "tpu-vm", "--name", "opsd", "--zone", "z", "--topology", "v5e-4", "--no-install",
+                 *trainer]) == 1
+    assert "the jobs that did start were sent SIGTERM" in capfd.readouterr().err
+    assert calls.read_text().split() == ["all", "all", "all"]  # check, start, stop: nothing followed
+    job_dir = home / "opsd-jax" / "runs" / "launch"
+    assert _wait_for(lambda: (job_dir / "job.exit").exists())
+    # 42 once the command's handler is in place; 143 (SIGTERM's default) when the stop came first.
+    assert (job_dir / "job.exit").read_text().strip() in ("42", "143")
