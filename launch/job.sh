@@ -60,9 +60,12 @@ case $action in
     echo "$host: started (pid $!), log $log" ;;
   supervise)
     export PYTHONUNBUFFERED=1  # the log is a file: Python would hold prints back in a block buffer
+    # The trap is set before the child starts, so a stop that comes first is passed on, not lost.
+    child= stopping=
+    trap 'stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM INT HUP
     "$@" < /dev/null &
     child=$!
-    trap 'kill -TERM $child 2>/dev/null' TERM INT HUP
+    [ -n "$stopping" ] && kill -TERM "$child" 2>/dev/null
     # wait returns early (above 128) when a trapped signal arrives: wait again until the child is gone.
     status=0
     while kill -0 $child 2>/dev/null; do wait $child; status=$?; done

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from opsd_jax.cli import main
+from opsd_jax.launch.remote_job import REFUSED_CODE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB_SH = os.path.join(REPO, "launch", "job.sh")
@@ -59,9 +60,9 @@ def test_a_detached_job_is_refused_a_second_start_stops_on_sigterm_and_records_i
     assert "running (pid" in _job(tmp_path, "status").stdout
 
     refused = _job(tmp_path, "start", "true")
-    assert refused.returncode == 3
+    assert refused.returncode == REFUSED_CODE
     assert "still running" in refused.stderr and str(tmp_path / "job.log") in refused.stderr
-    assert _job(tmp_path, "check").returncode == 3
+    assert _job(tmp_path, "check").returncode == REFUSED_CODE
 
     assert "sent SIGTERM" in _job(tmp_path, "stop").stdout
     followed = _job(tmp_path, "follow")
@@ -168,7 +169,7 @@ def test_launch_refuses_to_start_or_install_while_a_job_runs(fake_slice, capfd):
     try:
         code = main(["launch", "tpu-vm", "--name", "opsd", "--zone", "z", "--topology", "v5e-4", "--source", REPO,
                      "--archive-dir", str(home), "--", "true"])
-        assert code == 3
+        assert code == REFUSED_CODE
         assert calls.read_text().split() == ["all"]  # stopped at the check: nothing packed, copied or started
         assert "still running" in capfd.readouterr().err
         assert main(["launch", "stop", "--wait", "--name", "opsd", "--zone", "z"]) == 42  # waited for the save
