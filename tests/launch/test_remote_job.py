@@ -49,8 +49,7 @@ def _wait_for(predicate, seconds=30.0):
 def test_a_detached_job_is_refused_a_second_start_stops_on_sigterm_and_records_its_code(tmp_path):
     _job(tmp_path, "start", "sh", "-c", "echo an earlier run", check=True)
     assert _wait_for(lambda: (tmp_path / "job.exit").exists())
-    assert _job(tmp_path, "status").stdout.strip().endswith("exited with 0 | === " +
-                                                            _last_line(tmp_path).split("=== ", 1)[1])
+    assert _job(tmp_path, "status").stdout.strip().endswith(f"exited with 0 | {_last_line(tmp_path)}")
 
     started = time.monotonic()
     result = _job(tmp_path, "start", sys.executable, "-c", TRAINER, check=True)
