@@ -131,13 +131,11 @@ def _reattach_hint(args) -> str:
 
 
 def _start_and_follow(args, steps: list[Step], following: list[Step], **run_options) -> int:
-    """Runs the steps that start the job, then follows it; a failure of the following (a dropped
-    connection, Ctrl-C) says how to reattach: the job itself runs on. A detached start (the last
+    """Runs the steps that start the job, then follows it (`_follow`). A detached start (the last
     step, when there is something to follow) that fails on some worker stops the jobs it did start
     there, rather than leave them waiting for the missing process."""
     if not following or args.dry_run:
-        code = run_steps(steps + following, dry_run=args.dry_run, **run_options)
-        return code
+        return run_steps(steps + following, dry_run=args.dry_run, **run_options)
     run_steps(steps[:-1], dry_run=False, **run_options)
     try:
         run_steps(steps[-1:], dry_run=False)
@@ -151,6 +149,12 @@ def _start_and_follow(args, steps: list[Step], following: list[Step], **run_opti
             raise LaunchError(f"{e}; stopping the workers' jobs failed too ({stop_error}): "
                               f"{_reattach_hint(args)}", e.code) from None
         raise LaunchError(f"{e}; the jobs that did start were sent SIGTERM", e.code) from None
+    return _follow(args, following)
+
+
+def _follow(args, following: list[Step]) -> int:
+    """Follows a detached job until it ends and returns its code; a failure of the following itself
+    (a dropped connection, Ctrl-C) says how to reattach: the job runs on."""
     try:
         return run_steps(following, dry_run=args.dry_run)
     except LaunchError as e:
@@ -205,7 +209,7 @@ def _on_every_worker(args) -> int:
     command = {"status": remote_job.status, "stop": remote_job.stop}[args.launch_action]()
     code = run_steps([ssh_all(_slice(args), command)], dry_run=args.dry_run)
     if getattr(args, "wait", False):
-        return _start_and_follow(args, [], [ssh(_slice(args), remote_job.follow(), "0")])
+        return _follow(args, [ssh(_slice(args), remote_job.follow(), "0")])
     return code
 
 
