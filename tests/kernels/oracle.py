@@ -99,6 +99,23 @@ def student_grad(
     return g / temperature
 
 
+def float32_gradient_atol(student_NxV, teacher_NxV, gradient_NxV, temperature=1.0, valid_vocab=None):
+    """Absolute tolerance for a float32 student gradient against this oracle's float64 one.
+
+    Float32 holds a log-prob of size L only to about L * eps, and every divergence gradient scales a
+    log-prob difference by a probability and a cotangent: the attainable error grows with the
+    largest |log-prob| in the batch, not only with the gradient's size. A fixed 2e-6 of the largest
+    gradient failed about once in a thousand draws at beta 1 (true errors up to 0.6 of eps * (1 + L)
+    * max|g| over 1,400 draws; the factor 4 leaves room), while a wrong formula errs by O(max|g|).
+    """
+    finite = []
+    for logits in (student_NxV, teacher_NxV):
+        ls = _log_softmax(scaled(logits, temperature, valid_vocab))
+        finite.append(np.abs(ls[np.isfinite(ls)]).max())
+    scale = max(1.0, float(np.abs(gradient_NxV).max()))
+    return 4.0 * float(np.finfo(np.float32).eps) * (1.0 + max(finite)) * scale
+
+
 def jsd_gradient_terms(student_NxV, teacher_NxV, beta):
     """(1 - beta) p_s |log(p_s / m)|, float64 [N, V]: the size of the two terms whose difference is
     the JSD's gradient at an entry, (1 - beta) p_s (log(p_s / m) - KL(p_s || m)). Float32 can only

@@ -73,7 +73,8 @@ def test_logits_form_matches_oracle(rng, impl, shape, beta):
     _assert_outputs(out, oracle.outputs(s, t, beta, **okw))
     expected = oracle.student_grad(s, t, beta, {k: v.astype(np.float64) for k, v in cot.items()}, **okw)
     assert grad.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(grad), expected, atol=2e-6 * max(1.0, np.abs(expected).max()), rtol=1e-4)
+    atol = oracle.float32_gradient_atol(s, t, expected, temperature, valid_vocab)
+    np.testing.assert_allclose(np.asarray(grad), expected, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -92,12 +93,15 @@ def test_gradient_matches_autodiff_of_reference(rng, impl, beta):
             weights[2] * out.teacher_entropy
         )
 
-    g_ref = jax.grad(loss)(jnp.asarray(s), "reference")
-    g_impl = jax.grad(loss)(jnp.asarray(s), impl)
-    # Both sides are float32 with different summation orders: a relative term as in the oracle
-    # comparisons above, or an element near the largest one flakes at ~2e-5 relative.
-    np.testing.assert_allclose(np.asarray(g_impl), np.asarray(g_ref), atol=2e-6 * float(jnp.max(jnp.abs(g_ref))),
-                               rtol=1e-4)
+    # Both float32 gradients are held to the float64 oracle's gradient of the same weighted loss, not
+    # to each other: their errors add, and the reference's own is the larger (CI failed on one
+    # element that the kernel had within 0.9e-6 of the truth and the reference 2e-6 away).
+    cot = {"divergence": np.asarray(weights[0], np.float64), "student_entropy": np.asarray(weights[1], np.float64)}
+    expected = oracle.student_grad(s, t, beta, cot, temperature=temperature, mask=mask, valid_vocab=valid_vocab)
+    atol = oracle.float32_gradient_atol(s, t, expected, temperature, valid_vocab)
+    for which in ("reference", impl):
+        grad = jax.grad(loss)(jnp.asarray(s), which)
+        np.testing.assert_allclose(np.asarray(grad), expected, atol=atol, rtol=1e-4, err_msg=which)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
@@ -135,7 +139,7 @@ def test_minus_inf_logits(rng, impl, beta):
     _assert_outputs(out, oracle.outputs(s, t, beta))
     expected = oracle.student_grad(s, t, beta, {k: v.astype(np.float64) for k, v in cot.items()})
     assert np.all(np.isfinite(np.asarray(grad)))
-    np.testing.assert_allclose(np.asarray(grad), expected, atol=2e-6 * max(1.0, np.abs(expected).max()), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(grad), expected, atol=oracle.float32_gradient_atol(s, t, expected), rtol=1e-4)
 
 
 @pytest.mark.parametrize("impl", list(IMPL_SHAPES))
