@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec
 
 from opsd_jax.models import layers
 from opsd_jax.models.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
-from opsd_jax.plan.hlo_flops import estimate_scope
+from opsd_jax.plan.hlo_flops import estimate_scope, trips_scope
 
 DEFAULT_BLOCK_SIZE = 512
 
@@ -95,7 +95,7 @@ def attend(
         return _cudnn_or_chunked(*inputs, sliding_window, block_size)
     if implementation == "dense":
         return dense_attention(*inputs, sliding_window)
-    return chunked_attention(*inputs, sliding_window, block_size)
+    return chunked_attention(*inputs, sliding_window, block_size, self_attention=self_attention)
 
 
 def attention_mask(query_rows_BxT, query_segment_ids_BxT, key_segment_ids_BxS, sliding_window, key_start=0):
@@ -120,13 +120,15 @@ def dense_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key
 
 def chunked_attention(
     q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segments_BxS, sliding_window,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int = DEFAULT_BLOCK_SIZE, self_attention: bool = False,
 ):
     """Online softmax over [bq, bk] tiles; memory O(T * bk) per head, never [T, S].
 
     Tiles no query of a query block can see (future keys, keys behind every sliding window) are
     not computed, so causal attention does about half the work of the dense path. The backward
     recomputes each tile's probabilities from the saved log-sum-exp and stores no scores.
+    `self_attention`: rows are arange(T) (as `attend` makes them), which only tells the plan's
+    FLOP count how many key blocks the run-time-bounded loops visit (`mean_key_blocks`).
     """
     batch, length, heads, head_dim = q_BxTxHxD.shape
     keys, kv_heads = k_BxSxKxD.shape[1:3]
@@ -140,9 +142,10 @@ def chunked_attention(
     rows_pad = jnp.pad(rows_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)), mode="edge")
     segments_pad = jnp.pad(segments_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)))
 
+    key_blocks = mean_key_blocks(length, keys, block_q, block_k, sliding_window, self_attention)
     out_pad, lse_pad = _flash(
         q_pad, k_BxSxKxD, v_BxSxKxD, rows_pad, segments_pad, key_segments_BxS.astype(jnp.int32), sliding_window,
-        block_q, block_k,
+        block_q, block_k, key_blocks,
     )
     out_BxTxKxGxD, lse_BxTxKxG = out_pad[:, :length], lse_pad[:, :length]
     # A query that sees no key gets the mean of all values, exactly as the dense softmax over
@@ -155,6 +158,30 @@ def chunked_attention(
     empty_BxTxKxGx1 = jnp.isneginf(jax.lax.stop_gradient(lse_BxTxKxG))[..., None]
     out_BxTxKxGxD = jnp.where(empty_BxTxKxGx1, mean_v_Bx1xKx1xD.astype(v_BxSxKxD.dtype), out_BxTxKxGxD)
     return out_BxTxKxGxD.reshape(batch, length, heads, head_dim)
+
+
+# The key-block loops' bounds follow the mask, so XLA cannot read their trip counts; the plan's
+# FLOP count takes them from this scope (hlo_flops.trips_scope).
+KEY_BLOCKS_SCOPE = "flash_key_blocks"
+
+
+def mean_key_blocks(length: int, keys: int, block_q: int, block_k: int, window: int | None,
+                    self_attention: bool) -> float:
+    """Key blocks `_key_block_range` visits per query block, averaged over the T / bq blocks
+    (padded queries repeat the last row). Exact for self-attention (rows arange(T)); against a
+    cache the rows are positions known only at run time, so this is every key block: a full
+    cache's cost, the most a step can spend."""
+    num_key_blocks = -(-keys // block_k)
+    num_query_blocks = -(-length // block_q)
+    if not self_attention:
+        return float(num_key_blocks)
+    visited = 0
+    for i in range(num_query_blocks):
+        lowest, highest = i * block_q, min((i + 1) * block_q, length) - 1
+        last = min(highest // block_k + 1, num_key_blocks)
+        first = 0 if window is None else min(max((lowest - window + 1) // block_k, 0), num_key_blocks)
+        visited += max(last - first, 0)
+    return visited / num_query_blocks
 
 
 def _key_block_range(rows_BxT, query_block: int, block_q: int, block_k: int, num_key_blocks: int, window):
@@ -192,7 +219,7 @@ def _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window):
     return k_j, v_j, mask_BxTxS & fresh_S, start
 
 
-def _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block_k):
+def _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block_k, key_blocks):
     """(out [B, T, K, G, D] in v's dtype (0 where a query sees no key), lse float32[B, T, K, G]
     (-inf there)). T is a multiple of block_q; S is at least block_k."""
     batch, length, kv_heads, group, head_dim = q.shape
@@ -223,7 +250,8 @@ def _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block
             jnp.zeros((*stats_shape, head_dim), jnp.float32),
         )
         first, last = _key_block_range(rows, i, block_q, block_k, num_key_blocks, window)
-        running_max, running_sum, acc = jax.lax.fori_loop(first, last, key_block, init)
+        with jax.named_scope(trips_scope(KEY_BLOCKS_SCOPE, key_blocks)):
+            running_max, running_sum, acc = jax.lax.fori_loop(first, last, key_block, init)
         seen = running_sum > 0
         out_i = acc / jnp.where(seen, running_sum, 1.0)[..., None]
         lse_i = jnp.where(seen, running_max + jnp.log(jnp.where(seen, running_sum, 1.0)), -jnp.inf)
@@ -237,7 +265,7 @@ def _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block
     return jax.lax.fori_loop(0, num_query_blocks, query_block, init)
 
 
-def _flash_backward(window, block_q, block_k, residuals, cotangents):
+def _flash_backward(window, block_q, block_k, key_blocks, residuals, cotangents):
     """Gradients by recomputing each visible tile's probabilities from the saved log-sum-exp;
     dK and dV accumulate in float32 buffers of the keys' size."""
     q, k, v, rows, segments, key_segments, out, lse = residuals
@@ -270,7 +298,8 @@ def _flash_backward(window, block_q, block_k, residuals, cotangents):
 
         first, last = _key_block_range(rows, i, block_q, block_k, num_key_blocks, window)
         dq_i = jnp.zeros(q_i.shape, jnp.float32)
-        dq_i, dk, dv = jax.lax.fori_loop(first, last, key_block, (dq_i, dk, dv))
+        with jax.named_scope(trips_scope(KEY_BLOCKS_SCOPE, key_blocks)):
+            dq_i, dk, dv = jax.lax.fori_loop(first, last, key_block, (dq_i, dk, dv))
         return jax.lax.dynamic_update_slice_in_dim(dq, dq_i, i * block_q, axis=1), dk, dv
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -283,13 +312,13 @@ def _add_block(total, block, start):
     return jax.lax.dynamic_update_slice_in_dim(total, current + block, start, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _flash(q, k, v, rows, segments, key_segments, window, block_q, block_k):
-    return _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block_k)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash(q, k, v, rows, segments, key_segments, window, block_q, block_k, key_blocks):
+    return _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block_k, key_blocks)
 
 
-def _flash_fwd(q, k, v, rows, segments, key_segments, window, block_q, block_k):
-    out, lse = _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block_k)
+def _flash_fwd(q, k, v, rows, segments, key_segments, window, block_q, block_k, key_blocks):
+    out, lse = _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block_k, key_blocks)
     return (out, lse), (q, k, v, rows, segments, key_segments, out, lse)
 
 
@@ -339,7 +368,7 @@ def _cudnn_or_chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, k
         return jnp.where((segments == 0)[:, :, None, None], mean_v_Bx1xHxD, out)
 
     def chunked(*args):
-        return chunked_attention(*args, sliding_window, block_size)
+        return chunked_attention(*args, sliding_window, block_size, self_attention=True)
 
     return jax.lax.cond(_right_padded_single_segment(segments_BxT, key_segments_BxS), cudnn, chunked, *inputs)
 

@@ -13,9 +13,10 @@ compiled (per-chip, already partitioned) HLO text instead and counts what the ch
 - `fusion`, `call` and async starts: their called computations, once;
 - `while`: its body times its trip count: XLA's `known_trip_count` where it left one, else the
   loop's form `for (i = start; i < bound; i += step)` with constant start, bound and step, read
-  from its condition and body; a loop whose bound is only known at run time (the divergence
-  kernel's backward remainder sweep) cannot be read, is counted once, and is reported in
-  `runtime_loops`;
+  from its condition and body; a loop whose bound is only known at run time takes the mean trip
+  count a `trips_scope` its caller wrapped it in states (chunked attention's key-block loops, whose
+  bounds follow the causal mask: listed in `estimated_loops`), and otherwise (the divergence
+  kernel's backward remainder sweep) is counted once and reported in `runtime_loops`;
 - `conditional`: its costliest branch.
 
 Elementwise work (exponentials, the softmax's adds) is not counted: matmuls are what a step's
@@ -50,6 +51,7 @@ _NOT_CALLING = frozenset({"reduce", "reduce-window", "scatter", "select-and-scat
 _KERNEL_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2")
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _SCOPED_ESTIMATE = re.compile(r"\[((?:\w+=\d+,)*\w+=\d+)\]")
+_SCOPED_TRIPS = re.compile(r"\[trips=(\d+(?:\.\d+)?)\]")
 
 
 def estimate_scope_prefix(name: str) -> str:
@@ -79,6 +81,20 @@ def scoped_estimate(op_name: str) -> float | None:
     return None
 
 
+def trips_scope(name: str, mean_trips: float) -> str:
+    """A `jax.named_scope` name for a while loop whose bound is decided at run time but whose mean
+    trip count per entry its caller knows from shapes alone: `name[trips=12.5]`. Inside it such a
+    loop's body counts `mean_trips` times, so a loop nested in a static one totals the sum of its
+    trips over the outer loop's iterations."""
+    return f"{name}[trips={mean_trips:.6f}]"
+
+
+def scoped_trips(op_name: str) -> float | None:
+    """The mean trip count the innermost `trips_scope` in `op_name` states, or None."""
+    found = _SCOPED_TRIPS.findall(op_name)
+    return float(found[-1]) if found else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Instruction:
     name: str
@@ -93,11 +109,12 @@ class Instruction:
 class Count:
     """FLOPs per chip; `by_scope[s]`: those whose op_name holds s; `runtime_loops`: the op_names
     of the while loops counted once because their trip count is decided at run time (a loop
-    inside another is listed once)."""
+    inside another is listed once); `estimated_loops`: those counted at their `trips_scope`'s mean."""
 
     flops: float = 0.0
     by_scope: dict[str, float] = dataclasses.field(default_factory=dict)
     runtime_loops: list[str] = dataclasses.field(default_factory=list)
+    estimated_loops: list[str] = dataclasses.field(default_factory=list)
     # op_names of Pallas kernels that carry no cost estimate and sit in no estimate_scope: counted 0
     opaque_kernels: list[str] = dataclasses.field(default_factory=list)
 
@@ -106,6 +123,7 @@ class Count:
         for scope, flops in other.by_scope.items():
             self.by_scope[scope] = self.by_scope.get(scope, 0.0) + times * flops
         self.runtime_loops += [name for name in other.runtime_loops if name not in self.runtime_loops]
+        self.estimated_loops += [name for name in other.estimated_loops if name not in self.estimated_loops]
         self.opaque_kernels += [name for name in other.opaque_kernels if name not in self.opaque_kernels]
 
 
@@ -403,8 +421,11 @@ def count(text: str, scopes: tuple[str, ...] = ()) -> Count:
             if instruction.opcode == "while":
                 body = _called(instruction, "body")
                 trips = trip_count(instruction, computations, instructions)
-                if trips is None and op_name not in total.runtime_loops:
-                    total.runtime_loops.append(op_name)
+                if trips is None:
+                    trips = scoped_trips(op_name)
+                    listed = total.runtime_loops if trips is None else total.estimated_loops
+                    if op_name not in listed:
+                        listed.append(op_name)
                 total.add(of(body), 1 if trips is None else trips)
                 continue
             if instruction.opcode == "conditional":

@@ -202,7 +202,10 @@ def _flop_notes(r: dict) -> list[str]:
     if r.get("attention_flops"):
         notes.append(f"  {r['name']}: splash attention {r['attention_flops'] / 1e12:.2f} TFLOP (the tiles its "
                      "masks leave, in the kernels the program runs)")
-    for key, what in (("runtime_loops", "loop(s) bounded at run time, counted once"),
+    for key, what in (("estimated_loops", "loop(s) bounded at run time, counted at the mean trips their scope "
+                                          "states (chunked attention: the causal tiles of arange(T); against a "
+                                          "cache, every key block)"),
+                      ("runtime_loops", "loop(s) bounded at run time, counted once"),
                       ("opaque_kernels", "Pallas kernel(s) without a cost estimate, counted as 0")):
         # the op_names' last three scopes tell the loops and kernels apart
         names = list(dict.fromkeys("/".join(name.split("/")[-3:]) for name in r.get(key) or []))

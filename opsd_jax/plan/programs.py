@@ -74,6 +74,8 @@ class ProgramPlan:
     flops: float | None = None  # matmul FLOPs, loops multiplied out (hlo_flops)
     cost_analysis_flops: float | None = None  # XLA's own count: each loop body once
     runtime_loops: list = dataclasses.field(default_factory=list)  # op_names of loops in `flops` once
+    # op_names of run-time-bounded loops counted at their trips_scope's mean (chunked attention)
+    estimated_loops: list = dataclasses.field(default_factory=list)
     opaque_kernels: list = dataclasses.field(default_factory=list)  # op_names of Pallas kernels counted 0
     kernel_flops: dict = dataclasses.field(default_factory=dict)  # {kernel entry point's scope: its FLOPs}
     kernel_sweep_flops: float | None = None  # one fused sweep's matmuls for this step's tokens, per chip
@@ -227,6 +229,7 @@ def compile_program(plan: ProgramPlan, jitted, *args, **static) -> ProgramPlan:
     compiled_text = compiled.as_text()
     counted = hlo_flops.count(compiled_text, (*KERNEL_SCOPES, ATTENTION_SCOPE))
     plan.flops, plan.runtime_loops, plan.opaque_kernels = counted.flops, counted.runtime_loops, counted.opaque_kernels
+    plan.estimated_loops = counted.estimated_loops
     plan.kernel_flops = {scope: counted.by_scope[scope] for scope in KERNEL_SCOPES if scope in counted.by_scope}
     plan.attention_flops = counted.by_scope.get(ATTENTION_SCOPE)
     plan.largest_arrays = largest_arrays(compiled_text)

@@ -168,3 +168,52 @@ def test_kernels_without_an_estimate_take_their_phase_from_an_estimate_scope():
     assert counted.by_scope == {"splash_attention[": 180}
     assert counted.opaque_kernels == [f"jit(step)/{scope}/paged_attention/pallas_call",
                                       "jit(step)/splash_mha_fwd/pallas_call"]
+
+
+@pytest.mark.parametrize("window,tiles", [(None, 1 + 2 + 3 + 4), (200, 1 + 2 + 3 + 3)])
+def test_chunked_attention_counts_the_tiles_its_mask_leaves(window, tiles):
+    """Chunked attention's key-block loops are bounded at run time by the causal (and sliding)
+    mask; their trips_scope makes the count the visible [128, 128] tiles: 10 of 16 causal, 9 with a
+    200-token window. Per tile and unit of head width, matmul FLOPs per (query, key) pair: 4 in the
+    forward (q k^T, p v), 10 in the backward (q k^T again, p^T dO, dO v^T, dS k, dS^T q); the mean
+    of the values (for queries that see nothing) adds at most 2 S K D outside the loops (XLA may
+    turn that product with ones into a reduction)."""
+    from opsd_jax.models import attention
+
+    batch, length, heads, kv_heads, head_dim, block = 1, 512, 2, 1, 16, 128
+    q = _random((batch, length, heads, head_dim), 9)
+    k, v = _random((batch, length, kv_heads, head_dim), 10), _random((batch, length, kv_heads, head_dim), 11)
+    cotangent = _random((batch, length, heads, head_dim), 12)
+
+    def forward(q, k, v):
+        return attention.attend(q, k, v, sliding_window=window, implementation="chunked", block_size=block)
+
+    def loss(q, k, v):
+        return jnp.sum(forward(q, k, v) * cotangent)
+
+    pairs = tiles * block * block * batch * heads * head_dim
+    mean_values = 2 * batch * length * kv_heads * head_dim
+    for program, per_pair, loops in ((forward, 4, 1), (jax.grad(loss, argnums=(0, 1, 2)), 4 + 10, 2)):
+        counted = hlo_flops.count(_compiled_text(program, q, k, v))
+        assert counted.runtime_loops == [] and len(counted.estimated_loops) == loops
+        assert all(attention.KEY_BLOCKS_SCOPE in name for name in counted.estimated_loops)
+        assert 0 <= counted.flops - per_pair * pairs <= mean_values
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mean_key_blocks_is_what_the_key_block_ranges_visit(seed):
+    from opsd_jax.models import attention
+
+    rng = np.random.default_rng(seed)
+    length = int(rng.integers(1, 700))
+    block_q, block_k = int(rng.choice([32, 64, 128])), int(rng.choice([32, 64, 128]))
+    block_q, block_k = min(block_q, length), min(block_k, length)
+    window = None if seed % 2 else int(rng.integers(1, 300))
+    num_query_blocks, num_key_blocks = -(-length // block_q), -(-length // block_k)
+    rows = np.minimum(np.arange(num_query_blocks * block_q), length - 1)[None]
+    visited = sum(int(last) - int(first) for first, last in (
+        attention._key_block_range(jnp.asarray(rows), i, block_q, block_k, num_key_blocks, window)
+        for i in range(num_query_blocks)))
+    got = attention.mean_key_blocks(length, length, block_q, block_k, window, self_attention=True)
+    assert got == pytest.approx(visited / num_query_blocks)
+    assert attention.mean_key_blocks(1, length, 1, block_k, window, self_attention=False) == num_key_blocks
