@@ -95,6 +95,42 @@ def test_chunked_matches_dense_against_a_cache(window, queries, rng):
                           block_size=16)
 
 
+@pytest.mark.parametrize("mesh_shape,batch,kv_heads,axes", [
+    ((1, 8, 1), 2, 4, ("fsdp",)),  # 8 (sequence, kv head) pairs, one per chip
+    ((2, 2, 2), 2, 2, ("data", "fsdp")),  # 4 pairs: tensor holds copies
+    ((1, 8, 1), 1, 2, ()),  # 2 pairs on 8 chips: no axis divides them, the plain layout
+])
+def test_chunked_under_a_mesh_splits_sequence_head_pairs(mesh_shape, batch, kv_heads, axes, rng):
+    """Inputs split by position, as the trainer splits a microbatch smaller than the mesh: the
+    chunked loops then run on (sequence, kv head) pairs split over the mesh (values and gradients
+    still the dense oracle's), and each chip's compiled program does its share of the tiles."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from opsd_jax.parallel import make_mesh
+    from opsd_jax.plan import hlo_flops
+
+    length, heads, head_dim, block = 40, 2 * kv_heads, 8, 8
+    q, k, v = (_random(rng, batch, length, n, head_dim) for n in (heads, kv_heads, kv_heads))
+    segments = jnp.asarray(_segments(rng, "packed", batch, length))
+    mask = dict(query_segment_ids_BxT=segments, key_segment_ids_BxS=segments, sliding_window=13, block_size=block)
+
+    def forward(q, k, v):
+        return attention.attend(q, k, v, implementation="chunked", **mask)
+
+    single_chip = hlo_flops.count(jax.jit(forward).lower(q, k, v).compile().as_text()).flops
+    mesh = make_mesh(*mesh_shape)
+    by_position = NamedSharding(mesh, PartitionSpec(None, "fsdp"))
+    q, k, v = (jax.device_put(x, by_position) for x in (q, k, v))
+    with jax.set_mesh(mesh):
+        assert attention._head_parallel_axes(batch, kv_heads) == axes
+        _assert_matches_dense("chunked", q, k, v, FLOAT32_TOLERANCE, **mask)
+        per_chip = hlo_flops.count(jax.jit(forward).lower(q, k, v).compile().as_text()).flops
+    shares = int(np.prod([dict(mesh.shape)[a] for a in axes]))
+    # the tiles split `shares` ways; the values' mean (2 S K D per sequence) may stay whole
+    assert per_chip <= single_chip / shares + 2 * batch * length * kv_heads * head_dim
+    assert per_chip >= single_chip / shares - 2 * batch * length * kv_heads * head_dim
+
+
 # Splash (TPU interpret mode here) tiles in 128-row blocks, so its case is longer.
 @pytest.mark.parametrize("implementation, length, block_size", [("chunked", 50, 16), ("splash", 140, 128)])
 def test_matches_dense_in_bfloat16(implementation, length, block_size, rng):
