@@ -127,9 +127,77 @@ def chunked_attention(
     Tiles no query of a query block can see (future keys, keys behind every sliding window) are
     not computed, so causal attention does about half the work of the dense path. The backward
     recomputes each tile's probabilities from the saved log-sum-exp and stores no scores.
-    `self_attention`: rows are arange(T) (as `attend` makes them), which only tells the plan's
-    FLOP count how many key blocks the run-time-bounded loops visit (`mean_key_blocks`).
+    `self_attention`: rows are arange(T) (as `attend` makes them). Under a context mesh the
+    (sequence, kv head) pairs are then split over the mesh (`_head_parallel_chunked`); the flag
+    also tells the plan's FLOP count how many key blocks the loops visit (`mean_key_blocks`).
     """
+    inputs = (q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segments_BxS)
+    batch, length = q_BxTxHxD.shape[:2]
+    keys, kv_heads = k_BxSxKxD.shape[1:3]
+    axes = _head_parallel_axes(batch, kv_heads, length, keys) if self_attention else ()
+    if axes:
+        return _head_parallel_chunked(*inputs, sliding_window, block_size, axes)
+    return _chunked(*inputs, sliding_window, block_size, self_attention)
+
+
+def _head_parallel_axes(batch: int, kv_heads: int, length: int, keys: int) -> tuple[str, ...]:
+    """Free axes of the context mesh (in mesh order) whose product divides the B x K (sequence,
+    kv head) pairs and the T queries and S keys: what `_head_parallel_chunked` splits over. Empty
+    without a mesh."""
+    mesh = _context_mesh()
+    if mesh is None:
+        return ()
+    sizes, chosen = dict(mesh.shape), []
+    for axis in _free_axes(mesh):
+        shards = math.prod(sizes[a] for a in chosen) * sizes[axis]
+        if (batch * kv_heads) % shards == 0 and length % shards == 0 and keys % shards == 0:
+            chosen.append(axis)
+    return tuple(chosen)
+
+
+def _head_parallel_chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segments_BxS,
+                           sliding_window, block_size: int, axes: tuple[str, ...]):
+    """Chunked self-attention with positions split over `axes` outside and whole (sequence, kv
+    head) pairs inside: one all-to-all each way, as in DeepSpeed-Ulysses.
+
+    The trainer splits a microbatch of fewer sequences than chips by position. The key-block loops
+    slice positions at run time, which XLA cannot partition, so every chip ran its sequences'
+    whole attention: at Qwen3-8B on v5p-64 (4 sequences on 32 chips) each one eight times over,
+    26,400 TFLOP per chip for a 6,700-TFLOP step. Here each chip runs B x K / n pairs over all
+    positions, the same tiles and arithmetic as one device; idle axes (not in `axes`) hold copies.
+    """
+    batch, length, heads, head_dim = q_BxTxHxD.shape
+    kv_heads = k_BxSxKxD.shape[2]
+    group = heads // kv_heads
+    mesh = _context_mesh()
+    entry = _axes_entry(axes)
+    pairs_per_chip = batch * kv_heads // math.prod(dict(mesh.shape)[a] for a in axes)
+
+    def to_pairs(x_BxLxKxZ):
+        """[B, L / n, K, ...] by position -> [B K / n, L, ...] by pair."""
+        x = jnp.moveaxis(x_BxLxKxZ, 2, 1).reshape(batch * kv_heads, *x_BxLxKxZ.shape[1:2], *x_BxLxKxZ.shape[3:])
+        return jax.lax.all_to_all(x, entry, 0, 1, tiled=True)
+
+    def local(q, k, v, rows, segments, key_segments):
+        q_PxTxGxD = to_pairs(q.reshape(batch, q.shape[1], kv_heads, group, head_dim))
+        k_PxSx1xD, v_PxSx1xD = to_pairs(k)[:, :, None], to_pairs(v)[:, :, None]
+        sequence_P = (jax.lax.axis_index(entry) * pairs_per_chip + jnp.arange(pairs_per_chip)) // kv_heads
+        out_PxTxGxD = _chunked(q_PxTxGxD, k_PxSx1xD, v_PxSx1xD, rows[sequence_P], segments[sequence_P],
+                               key_segments[sequence_P], sliding_window, block_size, self_attention=True)
+        out = jax.lax.all_to_all(out_PxTxGxD, entry, 1, 0, tiled=True)  # [B K, T / n, G, D]
+        out = jnp.moveaxis(out.reshape(batch, kv_heads, *out.shape[1:]), 1, 2)
+        return out.reshape(batch, out.shape[1], heads, head_dim)
+
+    by_position, whole = PartitionSpec(None, entry), PartitionSpec()
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(by_position,) * 3 + (whole,) * 3, out_specs=by_position,
+                            check_vma=False)
+    return sharded(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT.astype(jnp.int32), segments_BxT.astype(jnp.int32),
+                   key_segments_BxS.astype(jnp.int32))
+
+
+def _chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segments_BxS, sliding_window,
+             block_size: int, self_attention: bool):
+    """`chunked_attention` on one device's (or one shard's) arrays."""
     batch, length, heads, head_dim = q_BxTxHxD.shape
     keys, kv_heads = k_BxSxKxD.shape[1:3]
     q_BxTxKxGxD = q_BxTxHxD.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
@@ -143,12 +211,8 @@ def chunked_attention(
     segments_pad = jnp.pad(segments_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)))
 
     key_blocks = mean_key_blocks(length, keys, block_q, block_k, sliding_window, self_attention)
-    flash_inputs = (q_pad, k_BxSxKxD, v_BxSxKxD, rows_pad, segments_pad, key_segments_BxS.astype(jnp.int32))
-    axes = _head_parallel_axes(batch, kv_heads) if self_attention else ()
-    if axes:
-        out_pad, lse_pad = _head_parallel_flash(flash_inputs, axes, sliding_window, block_q, block_k, key_blocks)
-    else:
-        out_pad, lse_pad = _flash(*flash_inputs, sliding_window, block_q, block_k, key_blocks)
+    out_pad, lse_pad = _flash(q_pad, k_BxSxKxD, v_BxSxKxD, rows_pad, segments_pad, key_segments_BxS.astype(jnp.int32),
+                              sliding_window, block_q, block_k, key_blocks)
     out_BxTxKxGxD, lse_BxTxKxG = out_pad[:, :length], lse_pad[:, :length]
     # A query that sees no key gets the mean of all values, exactly as the dense softmax over
     # all-masked scores does; it is differentiated here, outside the kernel. The sum is a matmul
@@ -160,51 +224,6 @@ def chunked_attention(
     empty_BxTxKxGx1 = jnp.isneginf(jax.lax.stop_gradient(lse_BxTxKxG))[..., None]
     out_BxTxKxGxD = jnp.where(empty_BxTxKxGx1, mean_v_Bx1xKx1xD.astype(v_BxSxKxD.dtype), out_BxTxKxGxD)
     return out_BxTxKxGxD.reshape(batch, length, heads, head_dim)
-
-
-def _head_parallel_axes(batch: int, kv_heads: int) -> tuple[str, ...]:
-    """Free axes of the context mesh (in mesh order) whose product divides B x K: what the
-    sequence-and-kv-head pairs of `_head_parallel_flash` are split over. Empty without a mesh."""
-    mesh = _context_mesh()
-    if mesh is None:
-        return ()
-    sizes, chosen = dict(mesh.shape), []
-    for axis in _free_axes(mesh):
-        if (batch * kv_heads) % (math.prod(sizes[a] for a in chosen) * sizes[axis]) == 0:
-            chosen.append(axis)
-    return tuple(chosen)
-
-
-def _head_parallel_flash(inputs, axes, window, block_q, block_k, key_blocks):
-    """`_flash` with every (sequence, kv head) pair its own batch row, those rows split over `axes`.
-
-    The trainer splits a microbatch of fewer sequences than chips by position. The key-block
-    loops slice positions at run time, which XLA cannot partition, so each chip ran whole
-    sequences' attention: at Qwen3-8B on v5p-64 (4 sequences on 32 chips) every sequence's
-    attention eight times over, 26,400 TFLOP per chip for a 7,200-TFLOP step. With B x K rows the
-    loops' tiles are partitioned instead (32 pairs, one per chip), and the layout change around them
-    is one all-to-all each way, as in DeepSpeed-Ulysses. Same tiles, same arithmetic per pair.
-    """
-    q, k, v, rows, segments, key_segments = inputs
-    batch, length, kv_heads, group, head_dim = q.shape
-    pairs = _axes_entry(axes)
-
-    def by_pair(x, *, per_head):
-        """[B, L, K, ...] -> [B*K, L, 1, ...] (per_head), or [B, L] -> [B*K, L], split over `axes`."""
-        if per_head:
-            x = jnp.moveaxis(x, 2, 1).reshape(batch * kv_heads, x.shape[1], 1, *x.shape[3:])
-        else:
-            x = jnp.repeat(x, kv_heads, axis=0)
-        return jax.lax.with_sharding_constraint(x, PartitionSpec(pairs, *([None] * (x.ndim - 1))))
-
-    out, lse = _flash(
-        by_pair(q, per_head=True), by_pair(k, per_head=True), by_pair(v, per_head=True),
-        by_pair(rows, per_head=False), by_pair(segments, per_head=False), by_pair(key_segments, per_head=False),
-        window, block_q, block_k, key_blocks,
-    )
-    out = jnp.moveaxis(out.reshape(batch, kv_heads, length, group, head_dim), 1, 2)
-    lse = jnp.moveaxis(lse.reshape(batch, kv_heads, length, group), 1, 2)
-    return out, lse
 
 
 # The key-block loops' bounds follow the mask, so XLA cannot read their trip counts; the plan's

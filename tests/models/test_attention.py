@@ -122,7 +122,7 @@ def test_chunked_under_a_mesh_splits_sequence_head_pairs(mesh_shape, batch, kv_h
     by_position = NamedSharding(mesh, PartitionSpec(None, "fsdp"))
     q, k, v = (jax.device_put(x, by_position) for x in (q, k, v))
     with jax.set_mesh(mesh):
-        assert attention._head_parallel_axes(batch, kv_heads) == axes
+        assert attention._head_parallel_axes(batch, kv_heads, length, length) == axes
         _assert_matches_dense("chunked", q, k, v, FLOAT32_TOLERANCE, **mask)
         per_chip = hlo_flops.count(jax.jit(forward).lower(q, k, v).compile().as_text()).flops
     shares = int(np.prod([dict(mesh.shape)[a] for a in axes]))
