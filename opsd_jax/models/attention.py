@@ -56,7 +56,8 @@ def attend(
         single device: a Mosaic kernel in a multi-device jit without a known mesh cannot be
         partitioned, so "auto" then stays chunked.
       "dense": materializes float32 [B, K, G, T, S] scores (the oracle).
-      "chunked": online softmax over key blocks, any platform.
+      "chunked": online softmax over key blocks, any platform; self-attention under a context mesh
+        runs whole (sequence, kv head) pairs on each chip (`_head_parallel_chunked`).
       "cudnn": falls back to chunked where cuDNN's constraints do not hold.
       "splash": Pallas TPU splash attention (TPU interpret mode off TPU, for tests); falls back to
         chunked where it does not apply: queries against a cache (`query_rows_BxT` given), T != S,
@@ -175,7 +176,7 @@ def _head_parallel_chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_B
 
     def to_pairs(x_BxLxKxZ):
         """[B, L / n, K, ...] by position -> [B K / n, L, ...] by pair."""
-        x = jnp.moveaxis(x_BxLxKxZ, 2, 1).reshape(batch * kv_heads, *x_BxLxKxZ.shape[1:2], *x_BxLxKxZ.shape[3:])
+        x = jnp.moveaxis(x_BxLxKxZ, 2, 1).reshape(batch * kv_heads, x_BxLxKxZ.shape[1], *x_BxLxKxZ.shape[3:])
         return jax.lax.all_to_all(x, entry, 0, 1, tiled=True)
 
     def local(q, k, v, rows, segments, key_segments):
