@@ -272,9 +272,9 @@ def format_report(report: dict) -> str:
     lines.append("\nTFLOP: the compiled program's matmuls per chip (dots, convolutions and Pallas kernels' cost "
                  "estimates; splash attention's from the tiles its masks leave, a partly masked tile counted whole), "
                  "every loop multiplied by its trip count (scanned layers, microbatches, the divergence kernel's "
-                 "token blocks); a loop bounded only at run time is counted once, a Pallas kernel without a cost "
-                 "estimate as 0, both named below their program. XLA's cost_analysis(), which counts every loop "
-                 "body once, is in the JSON.")
+                 "token blocks, the chunked attention's key blocks its causal mask leaves); any other loop bounded "
+                 "only at run time is counted once, a Pallas kernel without a cost estimate as 0, both named below "
+                 "their program. XLA's cost_analysis(), which counts every loop body once, is in the JSON.")
     lines.append(f"\nevaluation planned as `opsd-jax eval {report['eval']['mesh_flag']} --max-slots "
                  f"{report['eval']['slots']}` ({report['eval']['sequence_length']} tokens per slot)")
     if "analyze" in report:
