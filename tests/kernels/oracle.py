@@ -105,8 +105,8 @@ def float32_gradient_atol(student_NxV, teacher_NxV, gradient_NxV, temperature=1.
     Float32 holds a log-prob of size L only to about L * eps, and every divergence gradient scales a
     log-prob difference by a probability and a cotangent: the attainable error grows with the
     largest |log-prob| in the batch, not only with the gradient's size. A fixed 2e-6 of the largest
-    gradient failed about once in a thousand draws at beta 1 (true errors up to 0.6 of eps * (1 + L)
-    * max|g| over 1,400 draws; the factor 4 leaves room), while a wrong formula errs by O(max|g|).
+    gradient failed about once in a thousand draws at beta 1 (true errors up to 0.42 of eps * (1 + L)
+    * max|g| over 400 draws; the factor 4 leaves room), while a wrong formula errs by O(max|g|).
     """
     finite = []
     for logits in (student_NxV, teacher_NxV):
