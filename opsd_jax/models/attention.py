@@ -144,11 +144,14 @@ def chunked_attention(
 def _head_parallel_axes(batch: int, kv_heads: int, length: int, keys: int) -> tuple[str, ...]:
     """Free axes of the context mesh (in mesh order) whose product divides the B x K (sequence,
     kv head) pairs and the T queries and S keys: what `_head_parallel_chunked` splits over. Empty
-    without a mesh."""
+    without a mesh, and when the free axes can split the batch itself: whole sequences on each
+    chip (`analyze`, a microbatch with a sequence per chip) need no all-to-all."""
     mesh = _context_mesh()
     if mesh is None:
         return ()
     sizes, chosen = dict(mesh.shape), []
+    if batch % math.prod(sizes[a] for a in _free_axes(mesh)) == 0:
+        return ()
     for axis in _free_axes(mesh):
         shards = math.prod(sizes[a] for a in chosen) * sizes[axis]
         if (batch * kv_heads) % shards == 0 and length % shards == 0 and keys % shards == 0:

@@ -131,6 +131,17 @@ def test_chunked_under_a_mesh_splits_sequence_head_pairs(mesh_shape, batch, kv_h
     assert per_chip >= single_chip / shares - 2 * batch * length * kv_heads * head_dim
 
 
+def test_a_batch_the_mesh_can_split_keeps_whole_sequences_on_each_chip():
+    from opsd_jax.parallel import make_mesh
+
+    with jax.set_mesh(make_mesh(1, 8, 1)):
+        assert attention._head_parallel_axes(8, 2, 40, 40) == ()
+        assert attention._head_parallel_axes(4, 2, 40, 40) == ("fsdp",)
+    with jax.set_mesh(make_mesh(2, 2, 2)):
+        assert attention._head_parallel_axes(8, 2, 40, 40) == ()
+        assert attention._head_parallel_axes(4, 2, 40, 40) == ("data", "fsdp", "tensor")
+
+
 # Splash (TPU interpret mode here) tiles in 128-row blocks, so its case is longer.
 @pytest.mark.parametrize("implementation, length, block_size", [("chunked", 50, 16), ("splash", 140, 128)])
 def test_matches_dense_in_bfloat16(implementation, length, block_size, rng):
