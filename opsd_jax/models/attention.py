@@ -149,12 +149,19 @@ def _head_parallel_axes(batch: int, kv_heads: int, length: int, keys: int) -> tu
     mesh = _context_mesh()
     if mesh is None:
         return ()
-    sizes, chosen = dict(mesh.shape), []
-    if batch % math.prod(sizes[a] for a in _free_axes(mesh)) == 0:
+    sizes, free = dict(mesh.shape), _free_axes(mesh)
+    if batch % math.prod(sizes[a] for a in free) == 0:
         return ()
-    for axis in _free_axes(mesh):
+    return _dividing_axes(free, sizes, batch * kv_heads, length, keys)
+
+
+def _dividing_axes(candidates, sizes: dict, *extents: int) -> tuple[str, ...]:
+    """The candidate axes, in order, each taken when the product of those taken so far and its
+    size divides every extent."""
+    chosen: list[str] = []
+    for axis in dict.fromkeys(candidates):
         shards = math.prod(sizes[a] for a in chosen) * sizes[axis]
-        if (batch * kv_heads) % shards == 0 and length % shards == 0 and keys % shards == 0:
+        if all(extent % shards == 0 for extent in extents):
             chosen.append(axis)
     return tuple(chosen)
 
@@ -502,12 +509,9 @@ def _splash_partition(mesh, batch: int, kv_heads: int):
     used: list[str] = []
 
     def take(candidates, extent):
-        chosen = []
-        for axis in candidates:
-            if axis in free and axis not in used and extent % (math.prod(sizes[a] for a in chosen) * sizes[axis]) == 0:
-                chosen.append(axis)
-                used.append(axis)
-        return tuple(chosen)
+        chosen = _dividing_axes([a for a in candidates if a in free and a not in used], sizes, extent)
+        used.extend(chosen)
+        return chosen
 
     batch_axes = take(LOGICAL_AXIS_RULES["batch"], batch)
     head_axes = take((*LOGICAL_AXIS_RULES["kv_heads"], *LOGICAL_AXIS_RULES["batch"]), kv_heads)
