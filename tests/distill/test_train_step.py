@@ -274,3 +274,25 @@ def test_training_contexts_are_padded_so_positions_split_over_every_chip(tmp_pat
     assert 40 // 8 in lengths and not lengths & {37, 40}, lengths
     monkeypatch.setattr(trainer, "train_context_length", lambda c, chips: 37)
     assert 37 in mlp_lengths()  # what the padding prevents
+
+
+@pytest.mark.parametrize("norm_over_max", [0.5, 1.0 + 5e-7, 3.0])
+@pytest.mark.parametrize("max_norm", [1e-5, 1.0])
+def test_clipping_is_torch_clip_grad_norm(max_norm, norm_over_max, rng):
+    """The paper's Trainer clips with torch's `clip_grad_norm_`, which divides by norm + 1e-6: at
+    a max_norm of 1e-5 that scales by 0.48 where optax's `clip_by_global_norm` scales by 0.5."""
+    import torch
+
+    from opsd_jax.distill.train_step import clip_by_global_norm_as_torch
+
+    grads = {"a": rng.normal(size=(3, 5)), "b": {"c": rng.normal(size=7)}}
+    norm = np.sqrt(sum(np.sum(g ** 2) for g in jax.tree.leaves(grads)))
+    grads = jax.tree.map(lambda g: (g * max_norm * norm_over_max / norm).astype(np.float32), grads)
+    clip = clip_by_global_norm_as_torch(max_norm)
+    ours, _ = clip.update(jax.tree.map(jnp.asarray, grads), clip.init(None))
+    tensors = [torch.tensor(g) for g in jax.tree.leaves(grads)]
+    for t in tensors:
+        t.grad = t.clone()
+    torch.nn.utils.clip_grad_norm_(tensors, max_norm)
+    for mine, theirs in zip(jax.tree.leaves(ours), tensors, strict=True):
+        np.testing.assert_allclose(np.asarray(mine), theirs.grad.numpy(), rtol=2e-6, atol=0)
