@@ -57,7 +57,9 @@ def attend(
         partitioned, so "auto" then stays chunked.
       "dense": materializes float32 [B, K, G, T, S] scores (the oracle).
       "chunked": online softmax over key blocks, any platform; self-attention under a context mesh
-        runs whole (sequence, kv head) pairs on each chip (`_head_parallel_chunked`).
+        runs whole (sequence, kv head) pairs on each chip (`_head_parallel_chunked`), or, where the
+        pairs do not divide over the chips, a slice of the queries against all keys
+        (`_query_parallel_chunked`).
       "cudnn": falls back to chunked where cuDNN's constraints do not hold.
       "splash": Pallas TPU splash attention (TPU interpret mode off TPU, for tests); falls back to
         chunked where it does not apply: queries against a cache (`query_rows_BxT` given), T != S,
@@ -129,30 +131,61 @@ def chunked_attention(
     not computed, so causal attention does about half the work of the dense path. The backward
     recomputes each tile's probabilities from the saved log-sum-exp and stores no scores.
     `self_attention`: rows are arange(T) (as `attend` makes them). Under a context mesh the
-    (sequence, kv head) pairs are then split over the mesh (`_head_parallel_chunked`); the flag
-    also tells the plan's FLOP count how many key blocks the loops visit (`mean_key_blocks`).
+    (sequence, kv head) pairs or the queries are then split over the mesh (`_chunked_split`); the
+    flag also tells the plan's FLOP count how many key blocks the loops visit (`mean_key_blocks`).
     """
     inputs = (q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segments_BxS)
     batch, length = q_BxTxHxD.shape[:2]
     keys, kv_heads = k_BxSxKxD.shape[1:3]
-    axes = _head_parallel_axes(batch, kv_heads, length, keys) if self_attention else ()
-    if axes:
+    split, axes = _chunked_split(batch, kv_heads, length, keys, block_size, sliding_window) if self_attention else ("", ())
+    if split == "pairs":
         return _head_parallel_chunked(*inputs, sliding_window, block_size, axes)
+    if split == "queries":
+        return _query_parallel_chunked(*inputs, sliding_window, block_size, axes)
     return _chunked(*inputs, sliding_window, block_size, self_attention)
 
 
-def _head_parallel_axes(batch: int, kv_heads: int, length: int, keys: int) -> tuple[str, ...]:
-    """Free axes of the context mesh (in mesh order) whose product divides the B x K (sequence,
-    kv head) pairs and the T queries and S keys: what `_head_parallel_chunked` splits over. Empty
-    without a mesh, and when the free axes can split the batch itself: whole sequences on each
-    chip (`analyze`, a microbatch with a sequence per chip) need no all-to-all."""
+def _chunked_split(batch: int, kv_heads: int, length: int, keys: int, block_size: int,
+                   window: int | None) -> tuple[str, tuple[str, ...]]:
+    """How chunked self-attention splits over the context mesh's free axes: ("", ()) when there
+    is no mesh or the free axes can split the batch itself (whole sequences on each chip need no
+    collective: `analyze`, a microbatch with a sequence per chip); else ("pairs", axes) for
+    `_head_parallel_chunked` or ("queries", axes) for `_query_parallel_chunked`, whichever leaves
+    the busiest chip fewer [bq, bk] tile elements. Pairs split the work evenly but only over axes
+    whose product divides the B x K pairs; the others then hold copies. Queries split over any
+    axes that divide T, but a causal mask gives the chip holding the last positions about twice
+    the mean. Ties go to pairs, whose all-to-alls move fewer bytes than gathering every key."""
     mesh = _context_mesh()
     if mesh is None:
-        return ()
+        return "", ()
     sizes, free = dict(mesh.shape), _free_axes(mesh)
     if batch % math.prod(sizes[a] for a in free) == 0:
-        return ()
-    return _dividing_axes(free, sizes, batch * kv_heads, length, keys)
+        return "", ()
+    pair_axes = _dividing_axes(free, sizes, batch * kv_heads, length, keys)
+    query_axes = _dividing_axes(free, sizes, length, keys)
+    pair_shards = math.prod(sizes[a] for a in pair_axes)
+    query_shards = math.prod(sizes[a] for a in query_axes)
+    pairs_work = batch * kv_heads // pair_shards * _busiest_chip_tiles(length, keys, block_size, window, 1)
+    queries_work = batch * kv_heads * _busiest_chip_tiles(length, keys, block_size, window, query_shards)
+    if queries_work < pairs_work:
+        return "queries", query_axes
+    return ("pairs", pair_axes) if pair_axes else ("", ())
+
+
+def _query_offsets(length: int, shards: int) -> tuple[int, ...]:
+    """The first query row of each of `shards` equal position slices of arange(length)."""
+    return tuple(range(0, length, length // shards))
+
+
+def _busiest_chip_tiles(length: int, keys: int, block_size: int, window: int | None, shards: int) -> float:
+    """[bq, bk] tile elements the `_chunked` loops visit for one (sequence, kv head) pair of causal
+    self-attention whose T queries are split in `shards` position slices, on the slice that visits
+    the most (with every key on each chip)."""
+    local = length // shards
+    block_q, block_k = min(block_size, local), min(block_size, keys)
+    return -(-local // block_q) * block_q * block_k * max(
+        mean_key_blocks(local, keys, block_q, block_k, window, True, first_row=offset)
+        for offset in _query_offsets(length, shards))
 
 
 def _dividing_axes(candidates, sizes: dict, *extents: int) -> tuple[str, ...]:
@@ -206,9 +239,56 @@ def _head_parallel_chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_B
                    key_segments_BxS.astype(jnp.int32))
 
 
+def _query_parallel_chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segments_BxS,
+                            sliding_window, block_size: int, axes: tuple[str, ...]):
+    """Chunked self-attention with the queries split by position over `axes` and every key
+    gathered onto each chip: for B x K pairs no axis divides (one sequence with 8 kv heads on 32
+    or more chips), where `_head_parallel_chunked` would leave axes holding copies of the whole
+    attention. Each chip visits only the key blocks its own queries can see; the chip with the
+    last positions visits the most. The keys' gradients are summed back over `axes` in float32
+    (`_gather_positions`)."""
+    mesh = _context_mesh()
+    entry = _axes_entry(axes)
+    offsets = _query_offsets(q_BxTxHxD.shape[1], math.prod(dict(mesh.shape)[a] for a in axes))
+
+    def local(q, k, v, rows, segments, key_segments):
+        k_all, v_all = _gather_positions(k, entry), _gather_positions(v, entry)
+        return _chunked(q, k_all, v_all, rows, segments, key_segments, sliding_window, block_size,
+                        self_attention=True, query_offsets=offsets).astype(v.dtype)
+
+    by_position, whole = PartitionSpec(None, entry), PartitionSpec()
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(by_position,) * 5 + (whole,), out_specs=by_position,
+                            check_vma=False)
+    return sharded(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT.astype(jnp.int32), segments_BxT.astype(jnp.int32),
+                   key_segments_BxS.astype(jnp.int32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_positions(x_BxLxKxD, entry):
+    """All of a shard_map's position slices [B, L / n, ...] -> float32[B, L, ...] on every chip,
+    gathered in x's dtype. Each chip then holds a partial gradient for every key; in float32 it
+    is summed over the chips before it is rounded to x's dtype once, where bfloat16 partials would
+    each be rounded first (2.5x the one-device error at 8 chips, measured)."""
+    return jax.lax.all_gather(x_BxLxKxD, entry, axis=1, tiled=True).astype(jnp.float32)
+
+
+def _gather_positions_fwd(x_BxLxKxD, entry):
+    return _gather_positions(x_BxLxKxD, entry), jnp.zeros((), x_BxLxKxD.dtype)
+
+
+def _gather_positions_bwd(entry, like, cotangent_BxLxKxD):
+    summed = jax.lax.psum_scatter(cotangent_BxLxKxD.astype(jnp.float32), entry, scatter_dimension=1, tiled=True)
+    return (summed.astype(like.dtype),)
+
+
+_gather_positions.defvjp(_gather_positions_fwd, _gather_positions_bwd)
+
+
 def _chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segments_BxS, sliding_window,
-             block_size: int, self_attention: bool):
-    """`chunked_attention` on one device's (or one shard's) arrays."""
+             block_size: int, self_attention: bool, query_offsets: tuple[int, ...] = (0,)):
+    """`chunked_attention` on one device's (or one shard's) arrays. `query_offsets`: for
+    self-attention, the first row each chip's queries may start at (a chip holding a slice of
+    the positions); the plan counts the key blocks of the one that visits the most."""
     batch, length, heads, head_dim = q_BxTxHxD.shape
     keys, kv_heads = k_BxSxKxD.shape[1:3]
     q_BxTxKxGxD = q_BxTxHxD.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
@@ -221,7 +301,8 @@ def _chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segmen
     rows_pad = jnp.pad(rows_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)), mode="edge")
     segments_pad = jnp.pad(segments_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)))
 
-    key_blocks = mean_key_blocks(length, keys, block_q, block_k, sliding_window, self_attention)
+    key_blocks = max(mean_key_blocks(length, keys, block_q, block_k, sliding_window, self_attention, first_row=offset)
+                     for offset in query_offsets)
     out_pad, lse_pad = _flash(q_pad, k_BxSxKxD, v_BxSxKxD, rows_pad, segments_pad, key_segments_BxS.astype(jnp.int32),
                               sliding_window, block_q, block_k, key_blocks)
     out_BxTxKxGxD, lse_BxTxKxG = out_pad[:, :length], lse_pad[:, :length]
@@ -233,7 +314,7 @@ def _chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segmen
     mean_v_BxKxD = jnp.einsum("bskd,s->bkd", v_BxSxKxD, ones_S, preferred_element_type=jnp.float32) / keys
     mean_v_Bx1xKx1xD = mean_v_BxKxD[:, None, :, None, :]
     empty_BxTxKxGx1 = jnp.isneginf(jax.lax.stop_gradient(lse_BxTxKxG))[..., None]
-    out_BxTxKxGxD = jnp.where(empty_BxTxKxGx1, mean_v_Bx1xKx1xD.astype(v_BxSxKxD.dtype), out_BxTxKxGxD)
+    out_BxTxKxGxD = jnp.where(empty_BxTxKxGx1, mean_v_Bx1xKx1xD.astype(out_BxTxKxGxD.dtype), out_BxTxKxGxD)
     return out_BxTxKxGxD.reshape(batch, length, heads, head_dim)
 
 
@@ -243,18 +324,19 @@ KEY_BLOCKS_SCOPE = "flash_key_blocks"
 
 
 def mean_key_blocks(length: int, keys: int, block_q: int, block_k: int, window: int | None,
-                    self_attention: bool) -> float:
+                    self_attention: bool, first_row: int = 0) -> float:
     """Key blocks `_key_block_range` visits per query block, averaged over the T / bq blocks
-    (padded queries repeat the last row). Exact for self-attention (rows arange(T)); against a
-    cache the rows are positions known only at run time, so this is every key block: a full
-    cache's cost, the most a step can spend."""
+    (padded queries repeat the last row). Exact for self-attention (rows first_row + arange(T):
+    first_row > 0 for a slice of a sequence's queries against all its keys); against a cache the
+    rows are positions known only at run time, so this is every key block: a full cache's cost,
+    the most a step can spend."""
     num_key_blocks = -(-keys // block_k)
     num_query_blocks = -(-length // block_q)
     if not self_attention:
         return float(num_key_blocks)
     visited = 0
     for i in range(num_query_blocks):
-        lowest, highest = i * block_q, min((i + 1) * block_q, length) - 1
+        lowest, highest = first_row + i * block_q, first_row + min((i + 1) * block_q, length) - 1
         last = min(highest // block_k + 1, num_key_blocks)
         first = 0 if window is None else min(max((lowest - window + 1) // block_k, 0), num_key_blocks)
         visited += max(last - first, 0)
@@ -282,14 +364,14 @@ def _slice_block(x, index, size):
     return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=1)
 
 
-def _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window):
-    """(k_j, v_j, mask bool[B, bq, bk], start) of key block j. Blocks are ceil(S / bk); the last
-    one starts at S - bk so it stays inside the keys, and its keys before j * bk (already in
-    block j - 1) are masked out."""
+def _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window, dtype):
+    """(k_j, v_j in `dtype`, mask bool[B, bq, bk], start) of key block j. Blocks are ceil(S / bk);
+    the last one starts at S - bk so it stays inside the keys, and its keys before j * bk
+    (already in block j - 1) are masked out."""
     keys = k.shape[1]
     start = jnp.minimum(j * block_k, keys - block_k)
-    k_j = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=1)
-    v_j = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=1)
+    k_j = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=1).astype(dtype)
+    v_j = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=1).astype(dtype)
     key_segments_j = jax.lax.dynamic_slice_in_dim(key_segments, start, block_k, axis=1)
     mask_BxTxS = attention_mask(rows_i, segments_i, key_segments_j, window, key_start=start)
     fresh_S = start + jnp.arange(block_k) >= j * block_k
@@ -297,8 +379,10 @@ def _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window):
 
 
 def _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block_k, key_blocks):
-    """(out [B, T, K, G, D] in v's dtype (0 where a query sees no key), lse float32[B, T, K, G]
-    (-inf there)). T is a multiple of block_q; S is at least block_k."""
+    """(out [B, T, K, G, D] in q's dtype (0 where a query sees no key), lse float32[B, T, K, G]
+    (-inf there)). T is a multiple of block_q; S is at least block_k. The tiles compute in q's
+    dtype: keys and values held in float32 (`_query_parallel_chunked`) are cast a tile at a
+    time, and their gradients come back in float32."""
     batch, length, kv_heads, group, head_dim = q.shape
     num_query_blocks, num_key_blocks = length // block_q, -(-k.shape[1] // block_k)
 
@@ -309,14 +393,14 @@ def _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block
 
         def key_block(j, state):
             max_BxKxGxT, sum_BxKxGxT, acc_BxKxGxTxD = state
-            k_j, v_j, mask_BxTxS, _ = _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window)
+            k_j, v_j, mask_BxTxS, _ = _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window, q.dtype)
             scores = jnp.where(mask_BxTxS[:, None, None], _tile_scores(q_i, k_j, head_dim), -jnp.inf)
             # The running max starts finite, so masked scores give exp(-inf) = 0, never NaN.
             new_max = jnp.maximum(max_BxKxGxT, jnp.max(scores, axis=-1))
             correction = jnp.exp(max_BxKxGxT - new_max)
             probs = jnp.exp(scores - new_max[..., None])
             acc_BxKxGxTxD = acc_BxKxGxTxD * correction[..., None] + jnp.einsum(
-                "bkgts,bskd->bkgtd", probs.astype(v.dtype), v_j, preferred_element_type=jnp.float32
+                "bkgts,bskd->bkgtd", probs.astype(q.dtype), v_j, preferred_element_type=jnp.float32
             )
             return new_max, sum_BxKxGxT * correction + jnp.sum(probs, axis=-1), acc_BxKxGxTxD
 
@@ -338,7 +422,7 @@ def _flash_forward(q, k, v, rows, segments, key_segments, window, block_q, block
         lse = jax.lax.dynamic_update_slice_in_dim(lse, jnp.einsum("bkgt->btkg", lse_i), i * block_q, axis=1)
         return out, lse
 
-    init = (jnp.zeros(q.shape, v.dtype), jnp.zeros(q.shape[:-1], jnp.float32))
+    init = (jnp.zeros(q.shape, q.dtype), jnp.zeros(q.shape[:-1], jnp.float32))
     return jax.lax.fori_loop(0, num_query_blocks, query_block, init)
 
 
@@ -361,7 +445,8 @@ def _flash_backward(window, block_q, block_k, key_blocks, residuals, cotangents)
 
         def key_block(j, state):
             dq_i, dk, dv = state
-            k_j, v_j, mask_BxTxS, start = _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window)
+            k_j, v_j, mask_BxTxS, start = _key_block(k, v, rows_i, segments_i, key_segments, j, block_k, window,
+                                                     q.dtype)
             scores = _tile_scores(q_i, k_j, head_dim)
             probs = jnp.where(mask_BxTxS[:, None, None], jnp.exp(scores - lse_BxKxGxT[..., None]), 0.0)
             dv_j = jnp.einsum("bkgts,btkgd->bskd", probs.astype(d_out.dtype), d_out_i,

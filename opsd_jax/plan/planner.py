@@ -203,7 +203,8 @@ def _flop_notes(r: dict) -> list[str]:
         notes.append(f"  {r['name']}: splash attention {r['attention_flops'] / 1e12:.2f} TFLOP (the tiles its "
                      "masks leave, in the kernels the program runs)")
     for key, what in (("estimated_loops", "loop(s) bounded at run time, counted at the mean trips their scope "
-                                          "states (chunked attention: the causal tiles of arange(T); against a "
+                                          "states (chunked attention: the causal tiles of arange(T), of the "
+                                          "busiest chip's queries where queries split over chips; against a "
                                           "cache, every key block)"),
                       ("runtime_loops", "loop(s) bounded at run time, counted once"),
                       ("opaque_kernels", "Pallas kernel(s) without a cost estimate, counted as 0")):

@@ -202,18 +202,23 @@ def test_chunked_attention_counts_the_tiles_its_mask_leaves(window, tiles):
 
 @pytest.mark.parametrize("windowed", [False, True])
 @pytest.mark.parametrize("draw", range(3))
-def test_mean_key_blocks_is_what_the_key_block_ranges_visit(windowed, draw, rng):
+@pytest.mark.parametrize("query_slice", [False, True])
+def test_mean_key_blocks_is_what_the_key_block_ranges_visit(windowed, draw, query_slice, rng):
+    """Whole sequences, and a slice of a sequence's queries (rows first_row + arange(T)) against
+    all its keys, as one chip holds them in `_query_parallel_chunked`."""
     from opsd_jax.models import attention
 
-    length = int(rng.integers(1, 700))
+    keys = int(rng.integers(1, 700))
+    first_row = int(rng.integers(0, keys)) if query_slice else 0
+    length = int(rng.integers(1, keys - first_row + 1)) if query_slice else keys
     block_q, block_k = int(rng.choice([32, 64, 128])), int(rng.choice([32, 64, 128]))
-    block_q, block_k = min(block_q, length), min(block_k, length)
+    block_q, block_k = min(block_q, length), min(block_k, keys)
     window = int(rng.integers(1, 300)) if windowed else None
-    num_query_blocks, num_key_blocks = -(-length // block_q), -(-length // block_k)
-    rows = np.minimum(np.arange(num_query_blocks * block_q), length - 1)[None]
+    num_query_blocks, num_key_blocks = -(-length // block_q), -(-keys // block_k)
+    rows = first_row + np.minimum(np.arange(num_query_blocks * block_q), length - 1)[None]
     visited = sum(int(last) - int(first) for first, last in (
         attention._key_block_range(jnp.asarray(rows), i, block_q, block_k, num_key_blocks, window)
         for i in range(num_query_blocks)))
-    got = attention.mean_key_blocks(length, length, block_q, block_k, window, self_attention=True)
+    got = attention.mean_key_blocks(length, keys, block_q, block_k, window, self_attention=True, first_row=first_row)
     assert got == pytest.approx(visited / num_query_blocks)
-    assert attention.mean_key_blocks(1, length, 1, block_k, window, self_attention=False) == num_key_blocks
+    assert attention.mean_key_blocks(1, keys, 1, block_k, window, self_attention=False) == num_key_blocks
