@@ -203,6 +203,18 @@ def _data(args) -> int:
     return 0
 
 
+def _prompt_tokens(value: str | None):
+    """--prompt-tokens STUDENT,TEACHER -> trainer.PromptLengths (None when not given)."""
+    from opsd_jax.distill.trainer import PromptLengths
+
+    if value is None:
+        return None
+    parts = value.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--prompt-tokens: expected STUDENT,TEACHER (two positive token counts), got {value!r}")
+    return PromptLengths(int(parts[0]), int(parts[1]))
+
+
 def _plan(args) -> int:
     from opsd_jax.config import load_config
     from opsd_jax.plan.planner import format_report, plan_run, write_json
@@ -215,7 +227,7 @@ def _plan(args) -> int:
                           programs=tuple(p.strip() for p in args.programs.split(",") if p.strip()),
                           eval_slots=args.eval_slots, kernel_impl=args.kernel_impl, model_config=args.model_config,
                           teacher_config=args.teacher_config, progress=lambda line: print(line, flush=True),
-                          num_slices=args.num_slices)
+                          num_slices=args.num_slices, prompts=_prompt_tokens(args.prompt_tokens))
     except (PlanInputError, TopologyError, ValueError, FileNotFoundError) as e:
         print(f"opsd-jax plan: error: {e}", file=sys.stderr)
         return 1
@@ -388,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder with the student's config.json (default: from model.checkpoint, else the "
                            "packaged config of the same name)")
     plan.add_argument("--teacher-config", metavar="DIR", type=user_path, help="the same for an external teacher")
+    plan.add_argument("--prompt-tokens", metavar="STUDENT,TEACHER",
+                      help="the data's longest student and teacher prompts, in tokens: the trainer sizes its step "
+                           "and rollout pool by them and prints them at start-up (default: data.max_prompt_tokens "
+                           "for both, the most the config allows)")
     plan.add_argument("--json", metavar="FILE", type=user_path, help="also write the report as JSON")
     plan.add_argument("overrides", nargs="*", metavar="section.key=value")
     plan.set_defaults(run=_plan)

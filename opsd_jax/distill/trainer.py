@@ -12,6 +12,7 @@ every process at the same step, which is saved before the run exits with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -232,7 +233,7 @@ class Trainer:
         if truncated and self.process_index == 0:
             print(f"{c.data.path}: {truncated} of {len(problems)} prompts cut from the left to "
                   f"data.max_prompt_tokens={c.data.max_prompt_tokens}", flush=True)
-        return kept, skipped
+        return kept, skipped, PromptLengths.of(pair for _, pair in kept)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -261,18 +262,23 @@ class Trainer:
             print("resuming with a changed config: " + "; ".join(f"{key}: {old!r} -> {new!r}"
                                                                  for key, old, new in differences), flush=True)
         model_config, params, tokenizer, side_dir, teacher_config, teacher_params = self._load_models()
-        problems, skipped = self._problems(tokenizer)
+        problems, skipped, prompts = self._problems(tokenizer)
         problem_position = {problem.id: i for i, (problem, _) in enumerate(problems)}
         B = c.train.batch_size
         if B % c.train.microbatches:
             raise TrainingError(f"train.batch_size {B} is not divisible by train.microbatches {c.train.microbatches}")
         completion_length = c.sampling.max_new_tokens
-        context_length = train_context_length(c, self.mesh.size)
+        student_length, teacher_length = train_context_lengths(c, self.mesh.size, prompts)
+        if self.process_index == 0:
+            print(f"longest prompts: student {prompts.student}, teacher {prompts.teacher} tokens; training contexts "
+                  f"{student_length} and {teacher_length} tokens (`opsd-jax plan --prompt-tokens "
+                  f"{prompts.student},{prompts.teacher}` plans these)", flush=True)
         if B % self.process_count:
             raise TrainingError(f"train.batch_size {B} is not divisible by the {self.process_count} processes")
         local_batch = B // self.process_count
         self.sampler_mesh = serving_mesh(model_config, self.sampler_devices)
-        engine = Engine(model_config, rollout_sampler_config(c, local_batch, len(tokenizer)), mesh=self.sampler_mesh)
+        engine = Engine(model_config, rollout_sampler_config(c, local_batch, len(tokenizer), prompts.student),
+                        mesh=self.sampler_mesh)
         self._weight_sync = WeightSync(engine)
         stop_ids = default_stop_token_ids(tokenizer, side_dir)
         optimizer = make_optimizer(c.optimizer, c.train.steps)
@@ -341,7 +347,7 @@ class Trainer:
                         completions = [r[0] for r in rollouts]
                     sampled = time.perf_counter()
                     batch = build_batch([pair for _, pair in batch_items], completions,
-                                        student_length=context_length, teacher_length=context_length,
+                                        student_length=student_length, teacher_length=teacher_length,
                                         completion_length=completion_length,
                                         processed_logprobs=c.objective.importance == "paper")
                     device_batch = self._global_batch(batch, batch_sharding)
@@ -472,16 +478,19 @@ def reference_completion(problem, tokenizer, stop_token_ids, max_tokens: int) ->
                       model_logprobs=zeros, finish_reason="stop")
 
 
-def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int) -> SamplerConfig:
+def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int,
+                           longest_prompt: int | None = None) -> SamplerConfig:
     """The rollout sampler of one process: its share of the batch decoded together, each sequence
-    up to the longest prompt plus the completion."""
+    up to the longest student prompt (default data.max_prompt_tokens, the most the config
+    allows) plus the completion. Only student prompts are sampled from, so a dense privileged
+    context (the teacher's, often 10x longer) takes no room in the pool."""
     fraction, page = c.sampling.kv_cache_fraction, c.sampling.kv_page_size
     if not 0 < fraction <= 1:
         raise TrainingError(f"sampling.kv_cache_fraction must be in (0, 1], got {fraction}")
     if page < 1:
         raise TrainingError(f"sampling.kv_page_size must be >= 1, got {page}")
     slots = min(c.sampling.max_slots, local_batch)
-    length = c.data.max_prompt_tokens + c.sampling.max_new_tokens
+    length = min(longest_prompt or c.data.max_prompt_tokens, c.data.max_prompt_tokens) + c.sampling.max_new_tokens
     pages_per_sequence = math.ceil(length / page)
     # At least one whole sequence (and the null page), or nothing could be served.
     pages = max(math.ceil(fraction * slots * pages_per_sequence), pages_per_sequence) + 1
@@ -612,26 +621,49 @@ def jitted_train_step(settings: StepSettings, optimizer, state_shardings):
                    donate_argnums=(0,), out_shardings=(state_shardings, None))
 
 
-def train_context_length(c: RunConfig, chips: int) -> int:
-    """Tokens in each training sequence: the longest prompt and the completion, rounded up to a
-    multiple of `chips`, the mesh's device count. The decoder splits a microbatch's positions over
-    the mesh axes its sequences leave (`parallel.constrain`), and an axis that does not divide the
+@dataclasses.dataclass(frozen=True)
+class PromptLengths:
+    """Tokens in the data's longest student and longest teacher prompt (after data.overlong)."""
+
+    student: int
+    teacher: int
+
+    @classmethod
+    def of(cls, pairs) -> "PromptLengths":
+        pairs = list(pairs)
+        return cls(max(len(p.student_ids) for p in pairs), max(len(p.teacher_ids) for p in pairs))
+
+
+def train_context_lengths(c: RunConfig, chips: int, prompts: PromptLengths | None = None) -> tuple[int, int]:
+    """Tokens in each training sequence of the student and of the teacher: the longest such
+    prompt of the data (default, and at most, data.max_prompt_tokens) and the completion, rounded
+    up to a multiple of `chips`, the mesh's device count.
+
+    Sized by the data, as the paper's trainer pads each batch to its longest: a dense privileged
+    context makes the teacher's prompts long, while the student's stay problem-sized, so one
+    length for both made the student's forward and backward (and the rollout pool) run over the
+    teacher's padding. Rounded up because the decoder splits a microbatch's positions over the
+    mesh axes its sequences leave (`parallel.constrain`), and an axis that does not divide the
     length is dropped: the paper's 25,000 + 4,096 = 29,096 tokens split over 8 chips but not over
     16, so on 16 chips each chip held whole sequences (52 GiB for Qwen3-8B on a v4-32). The
     padding is masked like any other."""
-    length = c.data.max_prompt_tokens + c.sampling.max_new_tokens
-    return -(-length // chips) * chips
+    def length(prompt: int | None) -> int:
+        tokens = min(prompt or c.data.max_prompt_tokens, c.data.max_prompt_tokens) + c.sampling.max_new_tokens
+        return -(-tokens // chips) * chips
+
+    return length(prompts and prompts.student), length(prompts and prompts.teacher)
 
 
-def batch_shapes(c: RunConfig, batch_size: int, sharding) -> Batch:
-    """ShapeDtypeStructs of one global batch as `build_batch` lays it out for this config."""
-    context = train_context_length(c, sharding.mesh.size)
+def batch_shapes(c: RunConfig, batch_size: int, sharding, prompts: PromptLengths | None = None) -> Batch:
+    """ShapeDtypeStructs of one global batch as `build_batch` lays it out for this config (and
+    the data's longest prompts, default data.max_prompt_tokens)."""
+    student, teacher = train_context_lengths(c, sharding.mesh.size, prompts)
     completion = c.sampling.max_new_tokens
 
     def spec(*shape, dtype=jnp.int32):
         return jax.ShapeDtypeStruct((batch_size, *shape), dtype, sharding=sharding)
 
-    return Batch(spec(context), spec(context), spec(context), spec(context), spec(completion), spec(completion),
+    return Batch(spec(student), spec(student), spec(teacher), spec(teacher), spec(completion), spec(completion),
                  spec(completion), spec(), spec(completion, dtype=jnp.float32))
 
 
@@ -673,6 +705,6 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
     return save_hf(params, config, destination, side_files_from=side_dir)
 
 
-__all__ = ["Trainer", "TrainingError", "batch_shapes", "build_batch", "export_checkpoint", "jitted_train_step",
-           "optimizer_state_shardings", "rollout_seed", "step_settings", "train_context_length", "train_mesh",
-           "train_state_shardings", "training_state_bytes"]
+__all__ = ["PromptLengths", "Trainer", "TrainingError", "batch_shapes", "build_batch", "export_checkpoint",
+           "jitted_train_step", "optimizer_state_shardings", "rollout_seed", "step_settings",
+           "train_context_lengths", "train_mesh", "train_state_shardings", "training_state_bytes"]

@@ -39,10 +39,12 @@ def verdict(plan: ProgramPlan, hbm_bytes: int) -> str:
     return "fits" if plan.total_bytes <= hbm_bytes else "does not fit"
 
 
-def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, slices: int = 1) -> list[str]:
-    """Concrete changes that shrink a program that does not fit, most effective first."""
+def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, slices: int = 1,
+             prompts=None) -> list[str]:
+    """Concrete changes that shrink a program that does not fit, most effective first. `prompts`:
+    the PromptLengths the plan assumed (None: data.max_prompt_tokens for both)."""
     if plan.name == "train_step":
-        from opsd_jax.distill.trainer import train_context_length
+        from opsd_jax.distill.trainer import train_context_lengths
 
         steps = []
         excess = plan.total_bytes - hbm_bytes if hbm_bytes else 0
@@ -52,8 +54,9 @@ def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, s
             if fraction > 0:
                 steps.append(f"sampling.kv_cache_fraction={fraction:g} (now {c.sampling.kv_cache_fraction:g}: a "
                              f"smaller rollout KV pool beside the step; a dry pool preempts and resumes sequences)")
-        context = str(train_context_length(c, math.prod(plan.mesh.values())))
-        if any(a["shape"].count(context) >= 2 for a in plan.largest_arrays):
+        contexts = {str(n) for n in train_context_lengths(c, math.prod(plan.mesh.values()), prompts)}
+        context = max(contexts, key=int)
+        if any(a["shape"].count(n) >= 2 for a in plan.largest_arrays for n in contexts):
             steps.append(f"memory-efficient attention (issue 13): the largest arrays are attention scores over the "
                          f"{context}-token context, quadratic in it; meanwhile a shorter data.max_prompt_tokens")
         per_micro = c.train.batch_size // c.train.microbatches
@@ -65,6 +68,9 @@ def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, s
         if plan.mesh.get("data", 1) > slices:  # replicas within a slice each hold the whole state
             steps.append(f"train.mesh=1,-1,1 (now {c.train.mesh}: every parameter and optimizer moment sharded "
                          "over all chips of a slice)")
+        if prompts is None:
+            steps.append("--prompt-tokens STUDENT,TEACHER: the data's longest prompts, which the trainer prints "
+                         "at start-up and sizes the step by (this plan assumed data.max_prompt_tokens for both)")
         steps.append("a larger topology")
         return steps
     if plan.name.startswith("analyze"):
@@ -78,10 +84,12 @@ def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, s
 
 def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots: int = 8,
              kernel_impl: str | None = None, model_config: str | None = None, teacher_config: str | None = None, progress=print,
-             num_slices: int = 1) -> dict:
+             num_slices: int = 1, prompts=None) -> dict:
     """Compiles the selected programs of run `c` for `num_slices` slices of `topology`; returns the
     report dict. Several slices: `train.mesh` is one slice's mesh and the slices repeat its data
-    axis over DCN (parallel.make_mesh), as the trainer builds it on the same devices."""
+    axis over DCN (parallel.make_mesh), as the trainer builds it on the same devices. `prompts`:
+    the data's longest student and teacher prompts (trainer.PromptLengths, as the trainer measures
+    them); None plans data.max_prompt_tokens for both, the most the config allows."""
     from opsd_jax.distill.trainer import rollout_sampler_config, train_mesh
     from opsd_jax.sampler.engine import serving_mesh
 
@@ -99,22 +107,24 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
     except ValueError as e:
         raise PlanInputError(f"train.mesh: {e} (topology {topology.name} has {topology.chips} chips per slice, "
                              f"{num_slices} slice(s))") from None
-    local = host_devices(devices, 0)
+    local = host_devices(devices, topology, 0)
     # One process drives the whole mesh on a single host; on a pod each host samples on its own
     # chips. Either way on the sampler's own mesh (tensor parallel over KV heads), as the trainer.
     sampler_mesh = serving_mesh(student, list(mesh.devices.flat) if processes == 1 else local)
     results: list[ProgramPlan] = []
-    sampler = rollout_sampler_config(c, max(c.train.batch_size // processes, 1), student.vocab_size)
+    student_prompt = min(prompts.student, c.data.max_prompt_tokens) if prompts else c.data.max_prompt_tokens
+    teacher_prompt = min(prompts.teacher, c.data.max_prompt_tokens) if prompts else c.data.max_prompt_tokens
+    sampler = rollout_sampler_config(c, max(c.train.batch_size // processes, 1), student.vocab_size, student_prompt)
     if "rollout" in programs:
         progress(f"compiling the rollout sampler on {dict(sampler_mesh.shape)} ...")
-        results += sampler_programs("rollout", student, sampler, sampler_mesh, longest_prompt=c.data.max_prompt_tokens)
+        results += sampler_programs("rollout", student, sampler, sampler_mesh, longest_prompt=student_prompt)
     if "train" in programs:
         # Kept on the chips between steps: the sampler's KV page pool and its own copy of the
         # weights (compute dtype, sampler shardings).
         pool, weights = decode_state_bytes(student, sampler, sampler_mesh)
         progress(f"compiling the train step on {dict(mesh.shape)} ...")
         results.insert(0, train_step_program(c, student, teacher, mesh, processes, resident_bytes=pool + weights,
-                                             resident_pool_bytes=pool, kernel_impl=kernel_impl))
+                                             resident_pool_bytes=pool, kernel_impl=kernel_impl, prompts=prompts))
     if "eval" in programs:
         evaluation = student.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
         from opsd_jax.sampler.engine import SamplerConfig
@@ -146,13 +156,12 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         loaded = {role: ModelConfig.from_hf(source, param_dtype=analysis["dtype"], compute_dtype=analysis["dtype"])
                   for role, source in sources.items()}
         external = loaded.get("teacher")
-        for name, completion, student_prompt, teacher_prompt in (
+        for name, completion, scored_student_prompt, scored_teacher_prompt in (
                 ("analyze_eval_rollouts", c.eval.max_tokens, EVAL_PROMPT_TOKENS, ANALYZE_PRIVILEGED_PROMPT_TOKENS),
-                ("analyze_train_rollouts", c.sampling.max_new_tokens, c.data.max_prompt_tokens,
-                 c.data.max_prompt_tokens)):
+                ("analyze_train_rollouts", c.sampling.max_new_tokens, student_prompt, teacher_prompt)):
             progress(f"compiling {name} on {dict(analyze_mesh.shape)} ...")
             results.append(analyze_program(name, loaded["student"], external, analyze_mesh, completion=completion,
-                                           student_prompt=student_prompt, teacher_prompt=teacher_prompt,
+                                           student_prompt=scored_student_prompt, teacher_prompt=scored_teacher_prompt,
                                            batch_size=batch,
                                            vanilla_is_student=c.prompt.student_thinking == c.prompt.teacher_thinking))
     rows = []
@@ -162,7 +171,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         peak_seconds = None if plan.flops is None else plan.flops / topology.generation.peak_bf16_flops
         row.update(total_bytes=plan.total_bytes, verdict=verdict(plan, topology.hbm_bytes), peak_seconds=peak_seconds)
         if row["verdict"] == "does not fit":
-            row["remedies"] = remedies(plan, c, topology.hbm_bytes, slices=num_slices)
+            row["remedies"] = remedies(plan, c, topology.hbm_bytes, slices=num_slices, prompts=prompts)
         rows.append(row)
     from opsd_jax.launch.grace import (
         checkpoint_bytes,
@@ -179,6 +188,8 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         "slices": num_slices, "hosts": processes, "hbm_bytes_per_chip": topology.hbm_bytes, "model_configs": sources,
         "peak_bf16_flops_per_chip": topology.generation.peak_bf16_flops,
         "train_mesh": {"setting": c.train.mesh, "shape": dict(mesh.shape)},
+        "prompt_tokens": {"student": student_prompt, "teacher": teacher_prompt,
+                          "source": "--prompt-tokens" if prompts else "data.max_prompt_tokens"},
         "eval": {"slots": eval_slots, "sequence_length": EVAL_PROMPT_TOKENS + c.eval.max_tokens,
                  "mesh_flag": "--mesh {},1,{}".format(*serving_mesh(student, local).devices.shape[::2])},
         **({"analyze": analysis} if analysis else {}),
@@ -216,6 +227,13 @@ def _flop_notes(r: dict) -> list[str]:
     return notes
 
 
+def _prompt_line(prompts: dict) -> str:
+    source = ("from --prompt-tokens" if prompts["source"] == "--prompt-tokens" else
+              "data.max_prompt_tokens, the most the config allows; --prompt-tokens plans the data's own, which the "
+              "trainer prints at start-up")
+    return f"longest prompts: student {prompts['student']}, teacher {prompts['teacher']} tokens ({source})"
+
+
 def format_report(report: dict) -> str:
     """The table a person reads, then what to do about each program that does not fit."""
     hbm = report["hbm_bytes_per_chip"]
@@ -227,6 +245,7 @@ def format_report(report: dict) -> str:
              *([f"train.mesh {report['train_mesh']['setting']}: "
                 + ", ".join(f"{axis} {size}" for axis, size in report["train_mesh"]["shape"].items())]
                if "train_mesh" in report else []),
+             *([_prompt_line(report["prompt_tokens"])] if "prompt_tokens" in report else []),
              (f"{'program':<28} {'mesh d,f,t':>10} {'args':>8} {'out':>8} {'temp':>8} {'code':>7} {'resident':>8} "
              f"{'total GiB/chip':>15} {'TFLOP':>8} {'compile s':>9}  verdict")]
     for r in report["programs"]:

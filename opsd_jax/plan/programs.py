@@ -240,13 +240,19 @@ def compile_program(plan: ProgramPlan, jitted, *args, **static) -> ProgramPlan:
 
 def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig | None, mesh, processes: int,
                        *, resident_bytes: int = 0, resident_pool_bytes: int = 0,
-                       kernel_impl: str | None = None) -> ProgramPlan:
-    """The training step exactly as `Trainer.run` jits it, for one global batch at the config's
-    longest shapes (every prompt at data.max_prompt_tokens, every rollout at max_new_tokens)."""
-    step, state, batch, settings = train_step_inputs(c, student, teacher, mesh, processes, kernel_impl=kernel_impl)
+                       kernel_impl: str | None = None, prompts=None) -> ProgramPlan:
+    """The training step exactly as `Trainer.run` jits it, for one global batch at the longest
+    shapes: every prompt at the data's longest (`prompts`, trainer.PromptLengths; default
+    data.max_prompt_tokens), every rollout at max_new_tokens."""
+    from opsd_jax.distill.trainer import train_context_lengths
+
+    step, state, batch, settings = train_step_inputs(c, student, teacher, mesh, processes, kernel_impl=kernel_impl,
+                                                     prompts=prompts)
+    student_length, teacher_length = train_context_lengths(c, mesh.size, prompts)
     plan = ProgramPlan("train_step", f"training step: batch {c.train.batch_size} in {c.train.microbatches} "
-                                     f"microbatches, contexts {c.data.max_prompt_tokens}+{c.sampling.max_new_tokens} "
-                                     f"tokens, {c.objective.kind} via {settings.kernel_impl}, remat {student.remat}",
+                                     f"microbatches, student / teacher contexts {student_length} / {teacher_length} "
+                                     f"tokens ({c.sampling.max_new_tokens} of completion), {c.objective.kind} via "
+                                     f"{settings.kernel_impl}, remat {student.remat}",
                        dict(mesh.shape), resident_bytes=resident_bytes, resident_pool_bytes=resident_pool_bytes)
     plan = compile_program(plan, step, state, batch)
     # Every objective scores the rollouts with the fused kernel. Its one sweep: both models'
@@ -260,11 +266,11 @@ def train_step_program(c: RunConfig, student: ModelConfig, teacher: ModelConfig 
 
 
 def train_step_inputs(c: RunConfig, student: ModelConfig, teacher: ModelConfig | None, mesh, processes: int,
-                      *, kernel_impl: str | None = None):
+                      *, kernel_impl: str | None = None, prompts=None):
     """(jitted step, state, batch, settings): the trainer's jitted step and ShapeDtypeStructs of
     its arguments on their NamedShardings, as train_step_program compiles them (a test runs the same
     step on real arrays of these shapes and shardings to check the plan's bytes). kernel_impl: the
-    divergence kernel, default the config's train.kernel."""
+    divergence kernel, default the config's train.kernel; prompts: trainer.PromptLengths."""
     from opsd_jax.distill.train_step import TrainState, make_optimizer
     from opsd_jax.distill.trainer import (
         batch_shapes,
@@ -304,7 +310,7 @@ def train_step_inputs(c: RunConfig, student: ModelConfig, teacher: ModelConfig |
                                    kernel_impl=default_impl("tpu") if settings.kernel_impl == "auto"
                                    else settings.kernel_impl)
     step = jitted_train_step(settings, optimizer, shardings)
-    batch = batch_shapes(c, B, logical_sharding(mesh, ("batch",), (B,)))
+    batch = batch_shapes(c, B, logical_sharding(mesh, ("batch",), (B,)), prompts)
     return step, state, batch, settings
 
 

@@ -135,9 +135,27 @@ def topology_devices(topology: Topology, num_slices: int = 1):
     return devices
 
 
-def host_devices(devices, process_index: int = 0):
-    """The devices of one host (a rollout or evaluation sampler runs on its host's chips)."""
-    return [d for d in devices if d.process_index == process_index]
+def host_devices(devices, topology: Topology, process_index: int = 0):
+    """The devices of one host (a rollout or evaluation sampler runs on its host's chips).
+
+    libtpu compiles a program for a subset of a slice's devices only when their ids are 0..n-1:
+    one host of a v5e-16 or v6e-16 (a 4x4 grid) holds chips 0, 1, 4 and 5, and every program on
+    them failed to compile ("Unexpected device_id 4 in replica group (0,1,2,3)"). Such a host is
+    then described as a slice of its own with the same block of chips (2x2), which compiles the
+    same per-chip program."""
+    from jax.experimental import topologies
+
+    local = [d for d in devices if d.process_index == process_index]
+    if sorted(d.id for d in local) == list(range(len(local))):
+        return local
+    dims = topology.generation.dims
+    block = [max(d.coords[axis] for d in local) - min(d.coords[axis] for d in local) + 1 for axis in range(dims)]
+    name = f"{topology.generation.name}:{'x'.join(map(str, block))}"
+    host = list(topologies.get_topology_desc(platform="tpu", topology_name=name, **chip_options(topology)).devices)
+    if len(host) != len(local):
+        raise TopologyError(f"libtpu described one host of {topology.name} ({name}) with {len(host)} devices, "
+                            f"expected {len(local)}")
+    return host
 
 
 __all__ = ["GENERATIONS", "Topology", "TopologyError", "accelerator_environment", "chip_options", "host_devices",

@@ -496,3 +496,42 @@ def test_frozen_teacher_is_kept_in_compute_dtype_and_computes_the_same(model_dir
     teacher_hidden, teacher_head = jax.jit(lambda p: forward_hidden(p, teacher_config, tokens))(teacher_params)
     assert np.asarray(teacher_hidden).tobytes() == np.asarray(hidden).tobytes()
     assert np.asarray(teacher_head).tobytes() == np.asarray(head.astype(want)).tobytes()
+
+
+def test_contexts_and_rollout_pool_follow_the_datas_longest_prompts(model_dir, tmp_path, monkeypatch, capsys):
+    """With the worked solution in the teacher's prompt, the student's prompts are much shorter:
+    the step's student context and the rollout pool's sequences are sized by the longest student
+    prompt, the teacher context by the longest teacher prompt (not both by data.max_prompt_tokens),
+    each rounded up to the 8 chips."""
+    import transformers
+
+    from opsd_jax.data import read_problems
+    from opsd_jax.distill import trainer as trainer_module
+    from opsd_jax.distill.prompts import prompt_pair
+    from opsd_jax.sampler import engine as engine_module
+
+    config = load_config(None, _overrides(model_dir, tmp_path / "run", **{
+        "prompt.privilege": "dense", "data.max_prompt_tokens": 4096, "train.steps": 1}))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    pairs = [prompt_pair(p, config.prompt, tokenizer) for p in read_problems(DATA)]
+    student, teacher = max(len(p.student_ids) for p in pairs), max(len(p.teacher_ids) for p in pairs)
+    assert student < teacher < 4096
+    seen = {}
+    real_build_batch, real_engine = trainer_module.build_batch, trainer_module.Engine
+
+    def build_batch(*args, **kwargs):
+        seen["lengths"] = kwargs["student_length"], kwargs["teacher_length"]
+        return real_build_batch(*args, **kwargs)
+
+    def engine(model_config, sampler_config, **kwargs):
+        seen["sampler"] = sampler_config
+        return real_engine(model_config, sampler_config, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "build_batch", build_batch)
+    monkeypatch.setattr(trainer_module, "Engine", engine)
+    assert engine_module.Engine is real_engine
+    Trainer(config).run()
+    rounded = lambda n: -(-(n + 8) // 8) * 8  # noqa: E731 (+ 8 completion tokens, 8 chips)
+    assert seen["lengths"] == (rounded(student), rounded(teacher))
+    assert seen["sampler"].max_sequence_length == student + 8
+    assert f"longest prompts: student {student}, teacher {teacher} tokens" in capsys.readouterr().out

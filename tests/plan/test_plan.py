@@ -134,6 +134,21 @@ def test_tiny_plan_compiles_the_real_jobs_for_a_multi_chip_topology(tmp_path, to
 
 
 @needs_libtpu
+def test_samplers_compile_on_one_host_of_a_v5e_16(tmp_path):
+    """A v5e-16 host holds chips 0, 1, 4 and 5 of the 4x4 grid, and libtpu refused every program
+    on them ("Unexpected device_id 4") where a collective spans the four (tensor parallelism over 4
+    KV heads): the host is compiled as a 2x2 slice of its own."""
+    model = _tiny_model(tmp_path / "tiny", num_key_value_heads=4)
+    done = _plan(tmp_path, _run_config(model), "--topology", "v5e-16", "--programs", "rollout,eval",
+                 "--eval-slots", "2")
+    rows = {r["name"]: r for r in json.loads((tmp_path / "plan.json").read_text())["programs"]}
+    for name in ("rollout_decode", "rollout_prefill_64", "eval_decode"):
+        assert rows[name]["verdict"] == "fits", (name, rows[name]["error"])
+        assert rows[name]["mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+@needs_libtpu
 def test_the_configs_kernel_reaches_the_train_step(tmp_path):
     """train.kernel: xla plans the trainer's step with the XLA kernel's one sweep on a mesh that
     splits the vocabulary over tensor (a shard_map XLA partitions with no Mosaic call in it)."""
@@ -163,6 +178,29 @@ def test_a_model_too_large_is_exit_2_naming_the_largest_array(tmp_path):
 
 
 @needs_libtpu
+def test_the_datas_longest_prompts_size_the_train_step_and_the_rollout_sampler(tmp_path):
+    """--prompt-tokens 40,90 plans what the trainer runs on data whose longest prompts have 40
+    (student) and 90 (teacher) tokens: contexts of 40 + 32 = 72 and 90 + 32 = 122 -> 124 tokens on
+    4 chips, and a rollout sampler for 72-token sequences (one prefill bucket, 64), not both at
+    data.max_prompt_tokens = 96 (128 tokens)."""
+    model = _tiny_model(tmp_path / "tiny")
+    done = _plan(tmp_path, _run_config(model), "--topology", "v5e-4", "--programs", "train,rollout",
+                 "--prompt-tokens", "40,90")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert report["prompt_tokens"] == {"student": 40, "teacher": 90, "source": "--prompt-tokens"}
+    assert "longest prompts: student 40, teacher 90 tokens (from --prompt-tokens)" in done.stdout
+    rows = {r["name"]: r for r in report["programs"]}
+    assert "student / teacher contexts 72 / 124 tokens" in rows["train_step"]["description"]
+    assert "rollout_prefill_64" in rows and "rollout_prefill_128" not in rows, sorted(rows)
+    # Prompts over data.max_prompt_tokens are cut to it, as the trainer cuts them.
+    done = _plan(tmp_path, _run_config(model), "--topology", "v5e-4", "--programs", "train",
+                 "--prompt-tokens", "40,500")
+    train = {r["name"]: r for r in json.loads((tmp_path / "plan.json").read_text())["programs"]}["train_step"]
+    assert "student / teacher contexts 72 / 128 tokens" in train["description"], train["description"]
+
+
+@needs_libtpu
 def test_bad_input_is_exit_1_with_a_clear_error(tmp_path):
     done = _plan(tmp_path, _run_config(str(tmp_path / "missing")), "--topology", "v5e-4")
     assert done.returncode == 1 and "missing/config.json not found" in done.stderr
@@ -171,6 +209,8 @@ def test_bad_input_is_exit_1_with_a_clear_error(tmp_path):
     assert done.returncode == 1 and "unknown TPU topology 'v5e-3'" in done.stderr
     done = _plan(tmp_path, _run_config(model, mesh="2,2,2"), "--topology", "v5e-4")
     assert done.returncode == 1 and "train.mesh: mesh" in done.stderr and "needs 8 devices" in done.stderr
+    done = _plan(tmp_path, _run_config(model), "--topology", "v5e-4", "--prompt-tokens", "40")
+    assert done.returncode == 1 and "--prompt-tokens: expected STUDENT,TEACHER" in done.stderr, done.stderr
 
 
 @needs_libtpu
