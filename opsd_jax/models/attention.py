@@ -137,7 +137,8 @@ def chunked_attention(
     inputs = (q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segments_BxS)
     batch, length = q_BxTxHxD.shape[:2]
     keys, kv_heads = k_BxSxKxD.shape[1:3]
-    split, axes = _chunked_split(batch, kv_heads, length, keys, block_size, sliding_window) if self_attention else ("", ())
+    split, axes = (_chunked_split(batch, kv_heads, length, keys, block_size, sliding_window) if self_attention
+                   else ("", ()))
     if split == "pairs":
         return _head_parallel_chunked(*inputs, sliding_window, block_size, axes)
     if split == "queries":
@@ -268,7 +269,8 @@ def _gather_positions(x_BxLxKxD, entry):
     """All of a shard_map's position slices [B, L / n, ...] -> float32[B, L, ...] on every chip,
     gathered in x's dtype. Each chip then holds a partial gradient for every key; in float32 it
     is summed over the chips before it is rounded to x's dtype once, where bfloat16 partials would
-    each be rounded first (2.5x the one-device error at 8 chips, measured)."""
+    each be rounded first (measured at 8 chips: dK's mean error 1.15x one device's, its largest
+    2.5x)."""
     return jax.lax.all_gather(x_BxLxKxD, entry, axis=1, tiled=True).astype(jnp.float32)
 
 
@@ -315,7 +317,7 @@ def _chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segmen
     mean_v_Bx1xKx1xD = mean_v_BxKxD[:, None, :, None, :]
     empty_BxTxKxGx1 = jnp.isneginf(jax.lax.stop_gradient(lse_BxTxKxG))[..., None]
     out_BxTxKxGxD = jnp.where(empty_BxTxKxGx1, mean_v_Bx1xKx1xD.astype(out_BxTxKxGxD.dtype), out_BxTxKxGxD)
-    return out_BxTxKxGxD.reshape(batch, length, heads, head_dim)
+    return out_BxTxKxGxD.reshape(batch, length, heads, head_dim).astype(v_BxSxKxD.dtype)
 
 
 # The key-block loops' bounds follow the mask, so XLA cannot read their trip counts; the plan's

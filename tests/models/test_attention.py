@@ -130,7 +130,8 @@ def test_chunked_under_a_mesh_splits_the_work(mesh_shape, batch, kv_heads, split
     kind, axes = split
     shards = int(np.prod([dict(mesh.shape)[a] for a in axes]))
     whole = attention._busiest_chip_tiles(length, length, block, window, 1)
-    share = 1 / shards if kind == "pairs" else attention._busiest_chip_tiles(length, length, block, window, shards) / whole
+    busiest = attention._busiest_chip_tiles(length, length, block, window, shards)
+    share = 1 / shards if kind == "pairs" else busiest / whole
     # the tiles split as `share` says; the values' mean (2 S K D per sequence) may stay whole
     assert per_chip <= single_chip * share + 2 * batch * length * kv_heads * head_dim
     assert per_chip >= single_chip * share - 2 * batch * length * kv_heads * head_dim
