@@ -203,16 +203,21 @@ def _data(args) -> int:
     return 0
 
 
-def _prompt_tokens(value: str | None):
-    """--prompt-tokens STUDENT,TEACHER -> trainer.PromptLengths (None when not given)."""
-    from opsd_jax.distill.trainer import PromptLengths
+def _prompt_tokens(value: str | None, config):
+    """(trainer.PromptLengths or None, where they came from): --prompt-tokens STUDENT,TEACHER, else
+    measured from the config's data and tokenizer where this host has both, else None (the plan
+    then takes data.max_prompt_tokens)."""
+    from opsd_jax.distill.trainer import PromptLengths, TrainingError, measured_prompt_lengths
 
     if value is None:
-        return None
+        try:
+            return measured_prompt_lengths(config), f"measured from {config.data.path}"
+        except TrainingError as e:
+            raise ValueError(f"data: {e}") from None
     parts = value.split(",")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"--prompt-tokens: expected STUDENT,TEACHER (two positive token counts), got {value!r}")
-    return PromptLengths(int(parts[0]), int(parts[1]))
+    return PromptLengths(int(parts[0]), int(parts[1])), "from --prompt-tokens"
 
 
 def _plan(args) -> int:
@@ -223,11 +228,12 @@ def _plan(args) -> int:
 
     try:
         config = load_config(args.config, args.overrides)
+        prompts, prompts_source = _prompt_tokens(args.prompt_tokens, config)
         report = plan_run(config, parse_topology(args.topology),
                           programs=tuple(p.strip() for p in args.programs.split(",") if p.strip()),
                           eval_slots=args.eval_slots, kernel_impl=args.kernel_impl, model_config=args.model_config,
                           teacher_config=args.teacher_config, progress=lambda line: print(line, flush=True),
-                          num_slices=args.num_slices, prompts=_prompt_tokens(args.prompt_tokens))
+                          num_slices=args.num_slices, prompts=prompts, prompts_source=prompts_source)
     except (PlanInputError, TopologyError, ValueError, FileNotFoundError) as e:
         print(f"opsd-jax plan: error: {e}", file=sys.stderr)
         return 1
@@ -402,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--teacher-config", metavar="DIR", type=user_path, help="the same for an external teacher")
     plan.add_argument("--prompt-tokens", metavar="STUDENT,TEACHER",
                       help="the data's longest student and teacher prompts, in tokens: the trainer sizes its step "
-                           "and rollout pool by them and prints them at start-up (default: data.max_prompt_tokens "
-                           "for both, the most the config allows)")
+                           "and rollout pool by them and prints them at start-up (default: measured as the trainer "
+                           "does where this host has data.path and model.checkpoint's tokenizer, else "
+                           "data.max_prompt_tokens for both, the most the config allows)")
     plan.add_argument("--json", metavar="FILE", type=user_path, help="also write the report as JSON")
     plan.add_argument("overrides", nargs="*", metavar="section.key=value")
     plan.set_defaults(run=_plan)

@@ -26,23 +26,28 @@ def default_stop_token_ids(tokenizer, checkpoint_dir: str | None) -> tuple[int, 
 def load_for_serving(checkpoint: str, *, dtype: str = "float32", mesh=None):
     """(ModelConfig, params, tokenizer, folder with the tokenizer files) from an HF folder or an
     opsd-jax Orbax checkpoint."""
-    import transformers
-
     from opsd_jax.checkpoint.hf import load_hf
-    from opsd_jax.checkpoint.orbax import (
-        config_folder,
-        is_model_checkpoint,
-        restore_params,
-    )
+    from opsd_jax.checkpoint.orbax import is_model_checkpoint, restore_params
 
     checkpoint = user_path(checkpoint)
     if is_model_checkpoint(checkpoint):
         config, params = restore_params(checkpoint, mesh=mesh, dtype=dtype)
     else:
         config, params = load_hf(checkpoint, dtype=dtype, mesh=mesh)
-    side_dir = config_folder(checkpoint)
+    tokenizer, side_dir = load_tokenizer(checkpoint)
+    return config, params, tokenizer, side_dir
+
+
+def load_tokenizer(checkpoint: str):
+    """(tokenizer, the folder holding its files) of an HF folder or an opsd-jax Orbax checkpoint;
+    FileNotFoundError naming the folder when it has none."""
+    import transformers
+
+    from opsd_jax.checkpoint.orbax import config_folder
+
+    side_dir = config_folder(user_path(checkpoint))
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(side_dir)
     except Exception as e:  # noqa: BLE001 - say which folder lacks what
         raise FileNotFoundError(f"{side_dir}: no usable tokenizer files ({e})") from None
-    return config, params, tokenizer, side_dir
+    return tokenizer, side_dir

@@ -202,38 +202,7 @@ class Trainer:
         return model_config, params, tokenizer, side_dir, teacher_config, teacher_params
 
     def _problems(self, tokenizer):
-        c = self.config
-        used = ("problem", *used_context(c))
-        problems = read_problems(c.data.path, data_format=c.data.format, preset=c.data.preset,
-                                 columns=(c.data.problem_column, c.data.solution_column, c.data.answer_column),
-                                 split=c.data.split, used=used, keep_empty=c.data.empty_context == "keep")
-        empty = sum(any(not getattr(p, field).strip() for field in used) for p in problems)
-        if empty and self.process_index == 0:
-            print(f"{c.data.path}: {empty} of {len(problems)} problems have an empty {' or '.join(used[1:])}; "
-                  "trained on as they are (data.empty_context: keep)", flush=True)
-        kept, skipped, truncated = [], 0, 0
-        for problem in problems:
-            pair = prompt_pair(problem, c.prompt, tokenizer)
-            longest = max(len(pair.student_ids), len(pair.teacher_ids))
-            if longest > c.data.max_prompt_tokens:
-                if c.data.overlong == "truncate_left":
-                    kept.append((problem, truncate_left(pair, c.data.max_prompt_tokens)))
-                    truncated += 1
-                    continue
-                if c.data.overlong == "error":
-                    raise TrainingError(
-                        f"{c.data.path}: problem {problem.id} needs a {longest}-token prompt, over "
-                        f"data.max_prompt_tokens={c.data.max_prompt_tokens}"
-                    )
-                skipped += 1
-                continue
-            kept.append((problem, pair))
-        if not kept:
-            raise TrainingError(f"{c.data.path}: every problem exceeds data.max_prompt_tokens ({skipped} skipped)")
-        if truncated and self.process_index == 0:
-            print(f"{c.data.path}: {truncated} of {len(problems)} prompts cut from the left to "
-                  f"data.max_prompt_tokens={c.data.max_prompt_tokens}", flush=True)
-        return kept, skipped, PromptLengths.of(pair for _, pair in kept)
+        return training_problems(self.config, tokenizer, announce=self.process_index == 0)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -478,6 +447,58 @@ def reference_completion(problem, tokenizer, stop_token_ids, max_tokens: int) ->
                       model_logprobs=zeros, finish_reason="stop")
 
 
+def training_problems(c: RunConfig, tokenizer, *, announce: bool = True):
+    """(kept [(problem, PromptPair)], skipped count, PromptLengths): the data's problems as the
+    trainer prompts them, after data.overlong; `announce` prints what was cut or is empty."""
+    used = ("problem", *used_context(c))
+    problems = read_problems(c.data.path, data_format=c.data.format, preset=c.data.preset,
+                             columns=(c.data.problem_column, c.data.solution_column, c.data.answer_column),
+                             split=c.data.split, used=used, keep_empty=c.data.empty_context == "keep")
+    empty = sum(any(not getattr(p, field).strip() for field in used) for p in problems)
+    if empty and announce:
+        print(f"{c.data.path}: {empty} of {len(problems)} problems have an empty {' or '.join(used[1:])}; "
+              "trained on as they are (data.empty_context: keep)", flush=True)
+    kept, skipped, truncated = [], 0, 0
+    for problem in problems:
+        pair = prompt_pair(problem, c.prompt, tokenizer)
+        longest = max(len(pair.student_ids), len(pair.teacher_ids))
+        if longest > c.data.max_prompt_tokens:
+            if c.data.overlong == "truncate_left":
+                kept.append((problem, truncate_left(pair, c.data.max_prompt_tokens)))
+                truncated += 1
+                continue
+            if c.data.overlong == "error":
+                raise TrainingError(
+                    f"{c.data.path}: problem {problem.id} needs a {longest}-token prompt, over "
+                    f"data.max_prompt_tokens={c.data.max_prompt_tokens}"
+                )
+            skipped += 1
+            continue
+        kept.append((problem, pair))
+    if not kept:
+        raise TrainingError(f"{c.data.path}: every problem exceeds data.max_prompt_tokens ({skipped} skipped)")
+    if truncated and announce:
+        print(f"{c.data.path}: {truncated} of {len(problems)} prompts cut from the left to "
+              f"data.max_prompt_tokens={c.data.max_prompt_tokens}", flush=True)
+    return kept, skipped, PromptLengths.of(pair for _, pair in kept)
+
+
+def measured_prompt_lengths(c: RunConfig) -> PromptLengths | None:
+    """The data's longest prompts as the trainer will measure them, when this host has the data
+    (data.path) and the student's tokenizer (model.checkpoint); None when either is missing."""
+    from opsd_jax.checkpoint.loading import load_tokenizer
+    from opsd_jax.checkpoint.orbax import config_folder
+
+    # An absent folder would send transformers to the model hub for a repository of that name.
+    if not os.path.exists(c.data.path) or not os.path.isdir(config_folder(c.model.checkpoint)):
+        return None
+    try:
+        tokenizer, _ = load_tokenizer(c.model.checkpoint)
+    except FileNotFoundError:
+        return None
+    return training_problems(c, tokenizer, announce=False)[2]
+
+
 def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int,
                            longest_prompt: int | None = None) -> SamplerConfig:
     """The rollout sampler of one process: its share of the batch decoded together, each sequence
@@ -706,5 +727,6 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
 
 
 __all__ = ["PromptLengths", "Trainer", "TrainingError", "batch_shapes", "build_batch", "export_checkpoint",
-           "jitted_train_step", "optimizer_state_shardings", "rollout_seed", "step_settings",
-           "train_context_lengths", "train_mesh", "train_state_shardings", "training_state_bytes"]
+           "jitted_train_step", "measured_prompt_lengths", "optimizer_state_shardings", "rollout_seed",
+           "step_settings", "train_context_lengths", "train_mesh", "train_state_shardings", "training_problems",
+           "training_state_bytes"]

@@ -70,7 +70,8 @@ def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, s
                          "over all chips of a slice)")
         if prompts is None:
             steps.append("--prompt-tokens STUDENT,TEACHER: the data's longest prompts, which the trainer prints "
-                         "at start-up and sizes the step by (this plan assumed data.max_prompt_tokens for both)")
+                         "at start-up and sizes the step by (this plan assumed data.max_prompt_tokens for both; "
+                         "run it where data.path and the checkpoint's tokenizer are, and it measures them)")
         steps.append("a larger topology")
         return steps
     if plan.name.startswith("analyze"):
@@ -84,12 +85,13 @@ def remedies(plan: ProgramPlan, c: RunConfig, hbm_bytes: int | None = None, *, s
 
 def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots: int = 8,
              kernel_impl: str | None = None, model_config: str | None = None, teacher_config: str | None = None, progress=print,
-             num_slices: int = 1, prompts=None) -> dict:
+             num_slices: int = 1, prompts=None, prompts_source: str = "from --prompt-tokens") -> dict:
     """Compiles the selected programs of run `c` for `num_slices` slices of `topology`; returns the
     report dict. Several slices: `train.mesh` is one slice's mesh and the slices repeat its data
     axis over DCN (parallel.make_mesh), as the trainer builds it on the same devices. `prompts`:
     the data's longest student and teacher prompts (trainer.PromptLengths, as the trainer measures
-    them); None plans data.max_prompt_tokens for both, the most the config allows."""
+    them; `prompts_source` says where they came from); None plans data.max_prompt_tokens for both,
+    the most the config allows."""
     from opsd_jax.distill.trainer import rollout_sampler_config, train_mesh
     from opsd_jax.sampler.engine import serving_mesh
 
@@ -189,7 +191,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
         "peak_bf16_flops_per_chip": topology.generation.peak_bf16_flops,
         "train_mesh": {"setting": c.train.mesh, "shape": dict(mesh.shape)},
         "prompt_tokens": {"student": student_prompt, "teacher": teacher_prompt,
-                          "source": "--prompt-tokens" if prompts else "data.max_prompt_tokens"},
+                          "source": prompts_source if prompts else "data.max_prompt_tokens"},
         "eval": {"slots": eval_slots, "sequence_length": EVAL_PROMPT_TOKENS + c.eval.max_tokens,
                  "mesh_flag": "--mesh {},1,{}".format(*serving_mesh(student, local).devices.shape[::2])},
         **({"analyze": analysis} if analysis else {}),
@@ -228,9 +230,9 @@ def _flop_notes(r: dict) -> list[str]:
 
 
 def _prompt_line(prompts: dict) -> str:
-    source = ("from --prompt-tokens" if prompts["source"] == "--prompt-tokens" else
-              "data.max_prompt_tokens, the most the config allows; --prompt-tokens plans the data's own, which the "
-              "trainer prints at start-up")
+    source = (prompts["source"] if prompts["source"] != "data.max_prompt_tokens" else
+              "data.max_prompt_tokens, the most the config allows: this host lacks the data or the tokenizer; "
+              "--prompt-tokens plans the data's own, which the trainer prints at start-up")
     return f"longest prompts: student {prompts['student']}, teacher {prompts['teacher']} tokens ({source})"
 
 

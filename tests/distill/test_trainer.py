@@ -535,3 +535,23 @@ def test_contexts_and_rollout_pool_follow_the_datas_longest_prompts(model_dir, t
     assert seen["lengths"] == (rounded(student), rounded(teacher))
     assert seen["sampler"].max_sequence_length == student + 8
     assert f"longest prompts: student {student}, teacher {teacher} tokens" in capsys.readouterr().out
+
+
+def test_the_plan_measures_prompts_as_the_trainer_does(model_dir, tmp_path):
+    """`measured_prompt_lengths` (what `opsd-jax plan` plans when it has the data and tokenizer)
+    is the trainer's own measure; None without the data or without the checkpoint folder."""
+    import transformers
+
+    from opsd_jax.distill.prompts import prompt_pair
+    from opsd_jax.distill.trainer import PromptLengths, measured_prompt_lengths
+
+    from opsd_jax.data import read_problems
+
+    config = load_config(None, _overrides(model_dir, tmp_path / "run", **{"prompt.privilege": "dense",
+                                                                          "data.max_prompt_tokens": 4096}))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    pairs = [prompt_pair(p, config.prompt, tokenizer) for p in read_problems(DATA)]
+    assert measured_prompt_lengths(config) == PromptLengths.of(pairs)
+    assert measured_prompt_lengths(load_config(None, _overrides(model_dir, tmp_path / "a", **{
+        "data.path": str(tmp_path / "absent.jsonl")}))) is None
+    assert measured_prompt_lengths(load_config(None, _overrides(str(tmp_path / "no-model"), tmp_path / "b"))) is None

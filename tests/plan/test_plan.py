@@ -14,6 +14,7 @@ from opsd_jax.plan.programs import PlanInputError, model_config_source, packaged
 from opsd_jax.plan.topology import TopologyError, parse_topology
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SAMPLE_DATA = os.path.join(REPO, "opsd_jax", "data", "samples", "math_demo.jsonl")
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu absent: install the [tpu] extra")
 
@@ -189,7 +190,7 @@ def test_the_datas_longest_prompts_size_the_train_step_and_the_rollout_sampler(t
                  "--prompt-tokens", "40,90")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     report = json.loads((tmp_path / "plan.json").read_text())
-    assert report["prompt_tokens"] == {"student": 40, "teacher": 90, "source": "--prompt-tokens"}
+    assert report["prompt_tokens"] == {"student": 40, "teacher": 90, "source": "from --prompt-tokens"}
     assert "longest prompts: student 40, teacher 90 tokens (from --prompt-tokens)" in done.stdout
     rows = {r["name"]: r for r in report["programs"]}
     assert "student / teacher contexts 72 / 124 tokens" in rows["train_step"]["description"]
@@ -199,6 +200,18 @@ def test_the_datas_longest_prompts_size_the_train_step_and_the_rollout_sampler(t
                  "--prompt-tokens", "40,500")
     train = {r["name"]: r for r in json.loads((tmp_path / "plan.json").read_text())["programs"]}["train_step"]
     assert "student / teacher contexts 72 / 128 tokens" in train["description"], train["description"]
+    # Where this host has the data and the checkpoint's tokenizer, the plan measures them itself.
+    from opsd_jax.testing import save_tiny_tokenizer
+
+    save_tiny_tokenizer(model)
+    config = _run_config(model)
+    config["data"].update(path=SAMPLE_DATA, max_prompt_tokens=192)
+    config["prompt"] = {"privilege": "dense"}
+    done = _plan(tmp_path, config, "--topology", "v5e-4", "--programs", "train")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    prompts = json.loads((tmp_path / "plan.json").read_text())["prompt_tokens"]
+    assert prompts["source"] == f"measured from {SAMPLE_DATA}" and 0 < prompts["student"] < prompts["teacher"] < 192
+    assert f"longest prompts: student {prompts['student']}, teacher {prompts['teacher']} tokens (measured" in done.stdout
 
 
 @needs_libtpu
