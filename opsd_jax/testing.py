@@ -169,6 +169,24 @@ def qwen3_tokenizer_dir(destination: str) -> str:
     return destination
 
 
+def assert_greedy_matches(model, prompt_ids: list[int], token_ids: list[int], tie: float = 1e-4) -> None:
+    """`token_ids` must be transformers' greedy continuation (`hf_greedy`) of `prompt_ids`, up to
+    the first position where transformers' own top logits lie within `tie` of each other: there
+    float32 rounding alone decides the argmax (a random tiny model met a 3.6e-7 gap), so a
+    different choice among the tied tokens is accepted and the continuations part."""
+    import torch
+
+    reference = hf_greedy(model, prompt_ids, len(token_ids))
+    if token_ids == reference:
+        return
+    i = next(k for k, (ours, theirs) in enumerate(zip(token_ids, reference)) if ours != theirs)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + reference[:i]])).logits[0, -1].double()
+    gap = float(logits.max() - logits[token_ids[i]])
+    assert gap <= tie, (f"greedy tokens differ at {i}: {token_ids[i]} where transformers picks {reference[i]}, "
+                        f"whose logit is {gap:.3g} higher (not a tie within {tie})")
+
+
 def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
     """transformers' greedy `generate` continuation of exactly `new_tokens` tokens, as a plain
     argmax decoder: an explicit all-ones attention mask (otherwise generate masks every prompt
