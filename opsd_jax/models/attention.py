@@ -181,12 +181,17 @@ def _query_offsets(length: int, shards: int) -> tuple[int, ...]:
 def _busiest_chip_tiles(length: int, keys: int, block_size: int, window: int | None, shards: int) -> float:
     """[bq, bk] tile elements the `_chunked` loops visit for one (sequence, kv head) pair of causal
     self-attention whose T queries are split in `shards` position slices, on the slice that visits
-    the most (with every key on each chip)."""
-    local = length // shards
-    block_q, block_k = min(block_size, local), min(block_size, keys)
-    return -(-local // block_q) * block_q * block_k * max(
-        mean_key_blocks(local, keys, block_q, block_k, window, True, first_row=offset)
-        for offset in _query_offsets(length, shards))
+    the most (with every key on each chip); mirrored slices (`_mirrored`) at the chips' mean."""
+    def tiles(local: int, offsets, combine) -> float:
+        block_q, block_k = min(block_size, local), min(block_size, keys)
+        return -(-local // block_q) * block_q * block_k * combine(
+            [mean_key_blocks(local, keys, block_q, block_k, window, True, first_row=offset) for offset in offsets])
+
+    offsets = _query_offsets(length, shards)
+    if not _mirrored(length, shards, window):
+        return tiles(length // shards, offsets, max)
+    half, mean = length // shards // 2, lambda values: sum(values) / len(values)
+    return tiles(half, offsets, mean) + tiles(half, [o + half for o in offsets], mean)
 
 
 def _dividing_axes(candidates, sizes: dict, *extents: int) -> tuple[str, ...]:
@@ -245,23 +250,48 @@ def _query_parallel_chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_
     """Chunked self-attention with the queries split by position over `axes` and every key
     gathered onto each chip: for B x K pairs no axis divides (one sequence with 8 kv heads on 32
     or more chips), where `_head_parallel_chunked` would leave axes holding copies of the whole
-    attention. Each chip visits only the key blocks its own queries can see; the chip with the
-    last positions visits the most. The keys' gradients are summed back over `axes` in float32
-    (`_gather_positions`)."""
+    attention. Each chip visits only the key blocks its own queries can see. Under a causal mask
+    the chips holding late positions would see the most, so where `_mirrored` holds each chip
+    trades the second half of its queries with the chip at the mirror position (c <-> n-1-c, one
+    collective permute each way): chip c then holds the (2c)-th and (2n-1-2c)-th of 2n slices,
+    and every chip visits about the same tiles. The keys' gradients are summed back over `axes`
+    in float32 (`_gather_positions`)."""
     mesh = _context_mesh()
     entry = _axes_entry(axes)
-    offsets = _query_offsets(q_BxTxHxD.shape[1], math.prod(dict(mesh.shape)[a] for a in axes))
+    length = q_BxTxHxD.shape[1]
+    shards = math.prod(dict(mesh.shape)[a] for a in axes)
+    offsets = _query_offsets(length, shards)
+    mirrored = _mirrored(length, shards, sliding_window)
+    half = length // shards // 2
+    swap = [(c, shards - 1 - c) for c in range(shards)]
 
     def local(q, k, v, rows, segments, key_segments):
         k_all, v_all = _gather_positions(k, entry), _gather_positions(v, entry)
-        return _chunked(q, k_all, v_all, rows, segments, key_segments, sliding_window, block_size,
-                        self_attention=True, query_offsets=offsets).astype(v.dtype)
+        if not mirrored:
+            return _chunked(q, k_all, v_all, rows, segments, key_segments, sliding_window, block_size,
+                            self_attention=True, query_offsets=offsets).astype(v.dtype)
+        # Each half its own call, so no query block spans both; the plan counts each at the mean
+        # over chips, since a chip's two halves sum to the same work on every chip.
+        own = _chunked(q[:, :half], k_all, v_all, rows[:, :half], segments[:, :half], key_segments, None,
+                       block_size, self_attention=True, query_offsets=offsets, busiest=False)
+        mirror_q, mirror_rows, mirror_segments = (jax.lax.ppermute(x[:, half:], entry, swap)
+                                                  for x in (q, rows, segments))
+        mirror = _chunked(mirror_q, k_all, v_all, mirror_rows, mirror_segments, key_segments, None, block_size,
+                          self_attention=True, query_offsets=tuple(o + half for o in offsets), busiest=False)
+        return jnp.concatenate([own, jax.lax.ppermute(mirror, entry, swap)], axis=1).astype(v.dtype)
 
     by_position, whole = PartitionSpec(None, entry), PartitionSpec()
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(by_position,) * 5 + (whole,), out_specs=by_position,
                             check_vma=False)
     return sharded(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT.astype(jnp.int32), segments_BxT.astype(jnp.int32),
                    key_segments_BxS.astype(jnp.int32))
+
+
+def _mirrored(length: int, shards: int, window: int | None) -> bool:
+    """Whether `_query_parallel_chunked` balances its causal work by trading half-slices between
+    mirror chips: more than one shard, an even slice per chip, and no sliding window (a window
+    already gives every chip about the same keys)."""
+    return shards > 1 and window is None and length // shards % 2 == 0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -287,10 +317,11 @@ _gather_positions.defvjp(_gather_positions_fwd, _gather_positions_bwd)
 
 
 def _chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segments_BxS, sliding_window,
-             block_size: int, self_attention: bool, query_offsets: tuple[int, ...] = (0,)):
+             block_size: int, self_attention: bool, query_offsets: tuple[int, ...] = (0,), busiest: bool = True):
     """`chunked_attention` on one device's (or one shard's) arrays. `query_offsets`: for
     self-attention, the first row each chip's queries may start at (a chip holding a slice of
-    the positions); the plan counts the key blocks of the one that visits the most."""
+    the positions); the plan counts the key blocks of the one that visits the most (`busiest`),
+    else their mean over the chips."""
     batch, length, heads, head_dim = q_BxTxHxD.shape
     keys, kv_heads = k_BxSxKxD.shape[1:3]
     q_BxTxKxGxD = q_BxTxHxD.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
@@ -303,8 +334,9 @@ def _chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segmen
     rows_pad = jnp.pad(rows_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)), mode="edge")
     segments_pad = jnp.pad(segments_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)))
 
-    key_blocks = max(mean_key_blocks(length, keys, block_q, block_k, sliding_window, self_attention, first_row=offset)
-                     for offset in query_offsets)
+    per_chip = [mean_key_blocks(length, keys, block_q, block_k, sliding_window, self_attention, first_row=offset)
+                for offset in query_offsets]
+    key_blocks = max(per_chip) if busiest else sum(per_chip) / len(per_chip)
     out_pad, lse_pad = _flash(q_pad, k_BxSxKxD, v_BxSxKxD, rows_pad, segments_pad, key_segments_BxS.astype(jnp.int32),
                               sliding_window, block_q, block_k, key_blocks)
     out_BxTxKxGxD, lse_BxTxKxG = out_pad[:, :length], lse_pad[:, :length]

@@ -95,23 +95,25 @@ def test_chunked_matches_dense_against_a_cache(window, queries, rng):
                           block_size=16)
 
 
-@pytest.mark.parametrize("mesh_shape,batch,kv_heads,split", [
-    ((1, 8, 1), 2, 4, ("pairs", ("fsdp",))),  # 8 (sequence, kv head) pairs, one per chip
+@pytest.mark.parametrize("mesh_shape,batch,kv_heads,window,split", [
+    ((1, 8, 1), 2, 4, 13, ("pairs", ("fsdp",))),  # 8 (sequence, kv head) pairs, one per chip
     # 4 pairs: split by pair, tensor would hold copies, so the queries split over all 8 chips
-    ((2, 2, 2), 2, 2, ("queries", ("data", "fsdp", "tensor"))),
-    ((1, 8, 1), 1, 2, ("queries", ("fsdp",))),  # 2 pairs on 8 chips: no axis divides them
+    ((2, 2, 2), 2, 2, 13, ("queries", ("data", "fsdp", "tensor"))),
+    ((1, 8, 1), 1, 2, 13, ("queries", ("fsdp",))),  # 2 pairs on 8 chips: no axis divides them
+    ((1, 8, 1), 1, 2, None, ("queries", ("fsdp",))),  # causal: mirror chips trade half-slices
 ])
-def test_chunked_under_a_mesh_splits_the_work(mesh_shape, batch, kv_heads, split, rng):
+def test_chunked_under_a_mesh_splits_the_work(mesh_shape, batch, kv_heads, window, split, rng):
     """Inputs split by position, as the trainer splits a microbatch smaller than the mesh: the
     chunked loops then run on (sequence, kv head) pairs or on query slices split over the mesh
     (values and gradients still the dense oracle's), and each chip's compiled program does its
-    share of the tiles: for query slices, the share of the chip whose queries see the most keys."""
+    share of the tiles: for query slices under a window, the share of the chip whose queries see
+    the most keys; causal, an even share, mirror chips having traded half their queries."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from opsd_jax.parallel import make_mesh
     from opsd_jax.plan import hlo_flops
 
-    length, heads, head_dim, block, window = 40, 2 * kv_heads, 8, 8, 13
+    length, heads, head_dim, block = 40 if window else 64, 2 * kv_heads, 8, 8
     q, k, v = (_random(rng, batch, length, n, head_dim) for n in (heads, kv_heads, kv_heads))
     segments = jnp.asarray(_segments(rng, "packed", batch, length))
     mask = dict(query_segment_ids_BxT=segments, key_segment_ids_BxS=segments, sliding_window=window, block_size=block)
@@ -136,6 +138,11 @@ def test_chunked_under_a_mesh_splits_the_work(mesh_shape, batch, kv_heads, split
     assert per_chip <= single_chip * share + 2 * batch * length * kv_heads * head_dim
     assert per_chip >= single_chip * share - 2 * batch * length * kv_heads * head_dim
     assert per_chip < single_chip / 2  # no chip repeats the whole attention
+    if window is None:  # the mirrored halves visit fewer tiles than the last contiguous slice would
+        assert attention._mirrored(length, shards, window)
+        last_slice = attention.mean_key_blocks(length // shards, length, block, block, None, True,
+                                               first_row=length - length // shards)
+        assert busiest < last_slice * (length // shards) * block * 0.7
 
 
 def test_a_batch_the_mesh_can_split_keeps_whole_sequences_on_each_chip():
