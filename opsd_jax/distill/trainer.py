@@ -658,7 +658,9 @@ class PromptLengths:
 def train_context_lengths(c: RunConfig, chips: int, prompts: PromptLengths | None = None) -> tuple[int, int]:
     """Tokens in each training sequence of the student and of the teacher: the longest such
     prompt of the data (default, and at most, data.max_prompt_tokens) and the completion, rounded
-    up to a multiple of `chips`, the mesh's device count.
+    up to a multiple of twice `chips`, the mesh's device count, on more than one chip (so each
+    chip's slice of positions also halves, as chunked attention's mirrored query split trades
+    halves).
 
     Sized by the data, as the paper's trainer pads each batch to its longest: a dense privileged
     context makes the teacher's prompts long, while the student's stay problem-sized, so one
@@ -670,7 +672,8 @@ def train_context_lengths(c: RunConfig, chips: int, prompts: PromptLengths | Non
     padding is masked like any other."""
     def length(prompt: int | None) -> int:
         tokens = min(prompt or c.data.max_prompt_tokens, c.data.max_prompt_tokens) + c.sampling.max_new_tokens
-        return -(-tokens // chips) * chips
+        multiple = 2 * chips if chips > 1 else 1
+        return -(-tokens // multiple) * multiple
 
     return length(prompts and prompts.student), length(prompts and prompts.teacher)
 

@@ -249,7 +249,8 @@ def test_training_contexts_are_padded_so_positions_split_over_every_chip(tmp_pat
     """The plan's (and the trainer's) train step for 31 + 6 = 37-token contexts on a 1,8,1 mesh, 2
     sequences per microbatch: the batch takes 2 of the 8 fsdp shards at most, so positions must
     split, and no axis divides 37. Unpadded, each chip computes both whole sequences' MLPs;
-    padded to 40 (`train_context_lengths`), an eighth of the positions each."""
+    padded to 48 (`train_context_lengths`: a multiple of twice the chips), an eighth of the
+    positions each."""
     import json
 
     from opsd_jax.config import config_from_dict
@@ -260,9 +261,9 @@ def test_training_contexts_are_padded_so_positions_split_over_every_chip(tmp_pat
     c = config_from_dict({"model": {"checkpoint": str(tmp_path), "compute_dtype": "float32", "remat": True},
                           "data": {"max_prompt_tokens": 31}, "sampling": {"max_new_tokens": 6},
                           "train": {"batch_size": 16, "microbatches": 8, "mesh": "1,8,1"}})
-    assert [trainer.train_context_lengths(c, chips) for chips in (1, 8, 37)] == [(37, 37), (40, 40), (37, 37)]
+    assert [trainer.train_context_lengths(c, chips) for chips in (1, 8, 37)] == [(37, 37), (48, 48), (74, 74)]
     # the data's own longest prompts, never more than data.max_prompt_tokens
-    assert trainer.train_context_lengths(c, 8, trainer.PromptLengths(5, 50)) == (16, 40)
+    assert trainer.train_context_lengths(c, 8, trainer.PromptLengths(5, 50)) == (16, 48)
     model = ModelConfig.from_hf(str(tmp_path), param_dtype="float32").replace(**c.model.runtime(training=True))
     mesh = make_mesh(1, 8, 1)
 
@@ -273,7 +274,7 @@ def test_training_contexts_are_padded_so_positions_split_over_every_chip(tmp_pat
         return {s[1] for s in shapes if len(s) == 3 and s[0] == 2 and s[2] == model.intermediate_size}
 
     lengths = mlp_lengths()
-    assert 40 // 8 in lengths and not lengths & {37, 40}, lengths
+    assert 48 // 8 in lengths and not lengths & {37, 48}, lengths
     monkeypatch.setattr(trainer, "train_context_lengths", lambda c, chips, prompts: (37, 37))
     assert 37 in mlp_lengths()  # what the padding prevents
 

@@ -502,7 +502,7 @@ def test_contexts_and_rollout_pool_follow_the_datas_longest_prompts(model_dir, t
     """With the worked solution in the teacher's prompt, the student's prompts are much shorter:
     the step's student context and the rollout pool's sequences are sized by the longest student
     prompt, the teacher context by the longest teacher prompt (not both by data.max_prompt_tokens),
-    each rounded up to the 8 chips."""
+    each rounded up to twice the 8 chips."""
     import transformers
 
     from opsd_jax.data import read_problems
@@ -531,7 +531,7 @@ def test_contexts_and_rollout_pool_follow_the_datas_longest_prompts(model_dir, t
     monkeypatch.setattr(trainer_module, "Engine", engine)
     assert engine_module.Engine is real_engine
     Trainer(config).run()
-    rounded = lambda n: -(-(n + 8) // 8) * 8  # noqa: E731 (+ 8 completion tokens, 8 chips)
+    rounded = lambda n: -(-(n + 8) // 16) * 16  # noqa: E731 (+ 8 completion tokens; twice the 8 chips)
     assert seen["lengths"] == (rounded(student), rounded(teacher))
     assert seen["sampler"].max_sequence_length == student + 8
     assert f"longest prompts: student {student}, teacher {teacher} tokens" in capsys.readouterr().out

@@ -182,9 +182,9 @@ def test_a_model_too_large_is_exit_2_naming_the_largest_array(tmp_path):
 @needs_libtpu
 def test_the_datas_longest_prompts_size_the_train_step_and_the_rollout_sampler(tmp_path):
     """--prompt-tokens 40,90 plans what the trainer runs on data whose longest prompts have 40
-    (student) and 90 (teacher) tokens: contexts of 40 + 32 = 72 and 90 + 32 = 122 -> 124 tokens on
-    4 chips, and a rollout sampler for 72-token sequences (one prefill bucket, 64), not both at
-    data.max_prompt_tokens = 96 (128 tokens)."""
+    (student) and 90 (teacher) tokens: contexts of 40 + 32 = 72 and 90 + 32 = 122 -> 128 tokens
+    (multiples of twice the 4 chips), and a rollout sampler for 72-token sequences (one prefill
+    bucket, 64), not both at data.max_prompt_tokens = 96."""
     model = _tiny_model(tmp_path / "tiny")
     done = _plan(tmp_path, _run_config(model), "--topology", "v5e-4", "--programs", "train,rollout",
                  "--prompt-tokens", "40,90")
@@ -193,13 +193,13 @@ def test_the_datas_longest_prompts_size_the_train_step_and_the_rollout_sampler(t
     assert report["prompt_tokens"] == {"student": 40, "teacher": 90, "source": "from --prompt-tokens"}
     assert "longest prompts: student 40, teacher 90 tokens (from --prompt-tokens)" in done.stdout
     rows = {r["name"]: r for r in report["programs"]}
-    assert "student / teacher contexts 72 / 124 tokens" in rows["train_step"]["description"]
+    assert "student / teacher contexts 72 / 128 tokens" in rows["train_step"]["description"]
     assert "rollout_prefill_64" in rows and "rollout_prefill_128" not in rows, sorted(rows)
     # Prompts over data.max_prompt_tokens are cut to it, as the trainer cuts them.
     done = _plan(tmp_path, _run_config(model), "--topology", "v5e-4", "--programs", "train",
-                 "--prompt-tokens", "40,500")
+                 "--prompt-tokens", "20,500")
     train = {r["name"]: r for r in json.loads((tmp_path / "plan.json").read_text())["programs"]}["train_step"]
-    assert "student / teacher contexts 72 / 128 tokens" in train["description"], train["description"]
+    assert "student / teacher contexts 56 / 128 tokens" in train["description"], train["description"]
     # Where this host has the data and the checkpoint's tokenizer, the plan measures them itself.
     from opsd_jax.testing import save_tiny_tokenizer
 
