@@ -188,7 +188,7 @@ def _busiest_chip_tiles(length: int, keys: int, block_size: int, window: int | N
             [mean_key_blocks(local, keys, block_q, block_k, window, True, first_row=offset) for offset in offsets])
 
     offsets = _query_offsets(length, shards)
-    if not _mirrored(length, shards, window):
+    if not _mirrored(length, shards, window, block_size):
         return tiles(length // shards, offsets, max)
     half, mean = length // shards // 2, lambda values: sum(values) / len(values)
     return tiles(half, offsets, mean) + tiles(half, [o + half for o in offsets], mean)
@@ -261,7 +261,7 @@ def _query_parallel_chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_
     length = q_BxTxHxD.shape[1]
     shards = math.prod(dict(mesh.shape)[a] for a in axes)
     offsets = _query_offsets(length, shards)
-    mirrored = _mirrored(length, shards, sliding_window)
+    mirrored = _mirrored(length, shards, sliding_window, block_size)
     half = length // shards // 2
     swap = [(c, shards - 1 - c) for c in range(shards)]
 
@@ -270,15 +270,14 @@ def _query_parallel_chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_
         if not mirrored:
             return _chunked(q, k_all, v_all, rows, segments, key_segments, sliding_window, block_size,
                             self_attention=True, query_offsets=offsets).astype(v.dtype)
-        # Each half its own call, so no query block spans both; the plan counts each at the mean
-        # over chips, since a chip's two halves sum to the same work on every chip.
-        own = _chunked(q[:, :half], k_all, v_all, rows[:, :half], segments[:, :half], key_segments, None,
-                       block_size, self_attention=True, query_offsets=offsets, busiest=False)
-        mirror_q, mirror_rows, mirror_segments = (jax.lax.ppermute(x[:, half:], entry, swap)
-                                                  for x in (q, rows, segments))
-        mirror = _chunked(mirror_q, k_all, v_all, mirror_rows, mirror_segments, key_segments, None, block_size,
-                          self_attention=True, query_offsets=tuple(o + half for o in offsets), busiest=False)
-        return jnp.concatenate([own, jax.lax.ppermute(mirror, entry, swap)], axis=1).astype(v.dtype)
+        # One call over [own first half, received half] (one set of key gradient buffers), whose
+        # query blocks never span the two; the plan counts it at the mean over chips, since a
+        # chip's two halves sum to the same work on every chip.
+        q, rows, segments = (jnp.concatenate([x[:, :half], jax.lax.ppermute(x[:, half:], entry, swap)], axis=1)
+                             for x in (q, rows, segments))
+        out = _chunked(q, k_all, v_all, rows, segments, key_segments, None, block_size, self_attention=True,
+                       query_offsets=offsets, busiest=False, runs=2)
+        return jnp.concatenate([out[:, :half], jax.lax.ppermute(out[:, half:], entry, swap)], axis=1).astype(v.dtype)
 
     by_position, whole = PartitionSpec(None, entry), PartitionSpec()
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(by_position,) * 5 + (whole,), out_specs=by_position,
@@ -287,11 +286,13 @@ def _query_parallel_chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_
                    key_segments_BxS.astype(jnp.int32))
 
 
-def _mirrored(length: int, shards: int, window: int | None) -> bool:
+def _mirrored(length: int, shards: int, window: int | None, block_size: int) -> bool:
     """Whether `_query_parallel_chunked` balances its causal work by trading half-slices between
-    mirror chips: more than one shard, an even slice per chip, and no sliding window (a window
-    already gives every chip about the same keys)."""
-    return shards > 1 and window is None and length // shards % 2 == 0
+    mirror chips: more than one shard, no sliding window (a window already gives every chip about
+    the same keys), and a slice that halves into whole query blocks."""
+    local = length // shards
+    half = local // 2
+    return shards > 1 and window is None and local % 2 == 0 and half % min(block_size, half) == 0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -317,15 +318,19 @@ _gather_positions.defvjp(_gather_positions_fwd, _gather_positions_bwd)
 
 
 def _chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segments_BxS, sliding_window,
-             block_size: int, self_attention: bool, query_offsets: tuple[int, ...] = (0,), busiest: bool = True):
+             block_size: int, self_attention: bool, query_offsets: tuple[int, ...] = (0,), busiest: bool = True,
+             runs: int = 1):
     """`chunked_attention` on one device's (or one shard's) arrays. `query_offsets`: for
     self-attention, the first row each chip's queries may start at (a chip holding a slice of
     the positions); the plan counts the key blocks of the one that visits the most (`busiest`),
-    else their mean over the chips."""
+    else their mean over the chips. `runs`: the queries are that many equal runs of consecutive
+    rows (mirrored query slices: 2), the r-th starting r run lengths after the offset up to a
+    permutation of the chips; query blocks never span two runs."""
     batch, length, heads, head_dim = q_BxTxHxD.shape
     keys, kv_heads = k_BxSxKxD.shape[1:3]
     q_BxTxKxGxD = q_BxTxHxD.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    block_q, block_k = min(block_size, length), min(block_size, keys)
+    run = length // runs
+    block_q, block_k = min(block_size, run), min(block_size, keys)
     pad_t = -length % block_q
     # Padded queries copy the last row so they widen no block's visible key range. Keys are never
     # padded: against a KV cache that would copy the whole cache every step; the last key block
@@ -334,9 +339,12 @@ def _chunked(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, rows_BxT, segments_BxT, key_segmen
     rows_pad = jnp.pad(rows_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)), mode="edge")
     segments_pad = jnp.pad(segments_BxT.astype(jnp.int32), ((0, 0), (0, pad_t)))
 
-    per_chip = [mean_key_blocks(length, keys, block_q, block_k, sliding_window, self_attention, first_row=offset)
-                for offset in query_offsets]
-    key_blocks = max(per_chip) if busiest else sum(per_chip) / len(per_chip)
+    def over_chips(values):
+        return max(values) if busiest else sum(values) / len(values)
+
+    key_blocks = sum(over_chips([mean_key_blocks(run, keys, block_q, block_k, sliding_window, self_attention,
+                                                 first_row=offset + r * run) for offset in query_offsets])
+                     for r in range(runs)) / runs
     out_pad, lse_pad = _flash(q_pad, k_BxSxKxD, v_BxSxKxD, rows_pad, segments_pad, key_segments_BxS.astype(jnp.int32),
                               sliding_window, block_q, block_k, key_blocks)
     out_BxTxKxGxD, lse_BxTxKxG = out_pad[:, :length], lse_pad[:, :length]

@@ -139,7 +139,7 @@ def test_chunked_under_a_mesh_splits_the_work(mesh_shape, batch, kv_heads, windo
     assert per_chip >= single_chip * share - 2 * batch * length * kv_heads * head_dim
     assert per_chip < single_chip / 2  # no chip repeats the whole attention
     if window is None:  # the mirrored halves visit fewer tiles than the last contiguous slice would
-        assert attention._mirrored(length, shards, window)
+        assert attention._mirrored(length, shards, window, block)
         last_slice = attention.mean_key_blocks(length // shards, length, block, block, None, True,
                                                first_row=length - length // shards)
         assert busiest < last_slice * (length // shards) * block * 0.7
