@@ -511,7 +511,7 @@ def rollout_sampler_config(c: RunConfig, local_batch: int, valid_vocab: int,
     if page < 1:
         raise TrainingError(f"sampling.kv_page_size must be >= 1, got {page}")
     slots = min(c.sampling.max_slots, local_batch)
-    length = min(longest_prompt or c.data.max_prompt_tokens, c.data.max_prompt_tokens) + c.sampling.max_new_tokens
+    length = capped_prompt_tokens(c, longest_prompt) + c.sampling.max_new_tokens
     pages_per_sequence = math.ceil(length / page)
     # At least one whole sequence (and the null page), or nothing could be served.
     pages = max(math.ceil(fraction * slots * pages_per_sequence), pages_per_sequence) + 1
@@ -655,6 +655,12 @@ class PromptLengths:
         return cls(max(len(p.student_ids) for p in pairs), max(len(p.teacher_ids) for p in pairs))
 
 
+def capped_prompt_tokens(c: RunConfig, tokens: int | None) -> int:
+    """A longest prompt as training sizes it: `tokens`, at most data.max_prompt_tokens (the cap
+    data.overlong enforces), and the cap itself when unknown (None)."""
+    return min(tokens or c.data.max_prompt_tokens, c.data.max_prompt_tokens)
+
+
 def train_context_lengths(c: RunConfig, chips: int, prompts: PromptLengths | None = None) -> tuple[int, int]:
     """Tokens in each training sequence of the student and of the teacher: the longest such
     prompt of the data (default, and at most, data.max_prompt_tokens) and the completion, rounded
@@ -671,7 +677,7 @@ def train_context_lengths(c: RunConfig, chips: int, prompts: PromptLengths | Non
     16, so on 16 chips each chip held whole sequences (52 GiB for Qwen3-8B on a v4-32). The
     padding is masked like any other."""
     def length(prompt: int | None) -> int:
-        tokens = min(prompt or c.data.max_prompt_tokens, c.data.max_prompt_tokens) + c.sampling.max_new_tokens
+        tokens = capped_prompt_tokens(c, prompt) + c.sampling.max_new_tokens
         multiple = 2 * chips if chips > 1 else 1
         return -(-tokens // multiple) * multiple
 
@@ -729,7 +735,7 @@ def export_checkpoint(run_dir: str, step: int | None, destination: str, *, model
     return save_hf(params, config, destination, side_files_from=side_dir)
 
 
-__all__ = ["PromptLengths", "Trainer", "TrainingError", "batch_shapes", "build_batch", "export_checkpoint",
-           "jitted_train_step", "measured_prompt_lengths", "optimizer_state_shardings", "rollout_seed",
-           "step_settings", "train_context_lengths", "train_mesh", "train_state_shardings", "training_problems",
-           "training_state_bytes"]
+__all__ = ["PromptLengths", "Trainer", "TrainingError", "batch_shapes", "build_batch", "capped_prompt_tokens",
+           "export_checkpoint", "jitted_train_step", "measured_prompt_lengths", "optimizer_state_shardings",
+           "rollout_seed", "step_settings", "train_context_lengths", "train_mesh", "train_state_shardings",
+           "training_problems", "training_state_bytes"]

@@ -92,7 +92,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
     the data's longest student and teacher prompts (trainer.PromptLengths, as the trainer measures
     them; `prompts_source` says where they came from); None plans data.max_prompt_tokens for both,
     the most the config allows."""
-    from opsd_jax.distill.trainer import rollout_sampler_config, train_mesh
+    from opsd_jax.distill.trainer import capped_prompt_tokens, rollout_sampler_config, train_mesh
     from opsd_jax.sampler.engine import serving_mesh
 
     unknown = set(programs) - set(PROGRAMS)
@@ -114,8 +114,8 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
     # chips. Either way on the sampler's own mesh (tensor parallel over KV heads), as the trainer.
     sampler_mesh = serving_mesh(student, list(mesh.devices.flat) if processes == 1 else local)
     results: list[ProgramPlan] = []
-    student_prompt = min(prompts.student, c.data.max_prompt_tokens) if prompts else c.data.max_prompt_tokens
-    teacher_prompt = min(prompts.teacher, c.data.max_prompt_tokens) if prompts else c.data.max_prompt_tokens
+    student_prompt = capped_prompt_tokens(c, prompts and prompts.student)
+    teacher_prompt = capped_prompt_tokens(c, prompts and prompts.teacher)
     sampler = rollout_sampler_config(c, max(c.train.batch_size // processes, 1), student.vocab_size, student_prompt)
     if "rollout" in programs:
         progress(f"compiling the rollout sampler on {dict(sampler_mesh.shape)} ...")
