@@ -186,3 +186,8 @@ def test_demo_on_a_shrunken_world(tmp_path):
         assert f"| ({claim['claim']}) {claim['text']} | {claim['verdict']} |" in report
         assert f"claim {claim['claim']}" in result.stdout
     assert len(metrics["preconditions"]) == 3
+    # Trace behaviour of every thinking model (the instruct model does not search).
+    assert set(metrics["behaviour"]) == {"base", "vanilla_opd", "privileged_opd", "opsd_dense", "opsd_sparse"}
+    assert all(rates["responses"] == 2 * 6 * (1 if name == "base" else 2)
+               for name, rates in metrics["behaviour"].items())
+    assert "## Trace behaviour" in report and "trace behaviour" in result.stdout

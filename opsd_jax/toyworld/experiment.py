@@ -179,10 +179,51 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
                                          os.path.join(settings.checkpoints, "teacher"),
                                          os.path.join(out, "analysis", "strong_teacher"), "dense"),
     }
-    result = summarize(evaluation, analysis, histories, settings)
+    behaviour = {name: trace_behaviour([generations[label] for label in labels], eval_path)
+                 for name, labels in model_groups(settings).items() if name != "instruct"}
+    result = summarize(evaluation, analysis, histories, settings, behaviour)
     result["seconds"] = time.perf_counter() - started
     write_report(result, out)
     return result
+
+
+def model_groups(settings: ExperimentSettings) -> dict[str, list[str]]:
+    """{model: the evaluated labels it pools}: base and instruct alone, a condition its seeds."""
+    groups = {"base": ["base"], "instruct": ["instruct"]}
+    groups.update({c.name: [model_label(c.name, r) for r in range(settings.seeds)] for c in CONDITIONS})
+    return groups
+
+
+def trace_behaviour(generation_paths: list[str], eval_path: str) -> dict:
+    """Rates of the world's events (world.trace_events) over a model's full-length evaluation
+    generations, its seeds pooled: which link of the paper's chain moved (search, slips,
+    verification of claimed successes, slips boxed unverified)."""
+    from opsd_jax.eval import generations
+
+    with open(eval_path, encoding="utf-8") as f:
+        problems = {row["id"]: world.Problem(tuple(row["numbers"]), row["target"]) for row in map(json.loads, f)}
+    total, responses = world.TraceEvents(), 0
+    for path in generation_paths:
+        for record in generations.read(path).records.values():
+            total += world.trace_events(problems[record["problem_id"]], record["text"])
+            responses += 1
+
+    def rate(count: int, of: int) -> float | None:
+        return count / of if of else None
+
+    return {"responses": responses, "attempts_per_response": rate(total.attempts, responses),
+            "first_try_right": rate(total.first_try_right, responses),
+            "slips_per_wrong_attempt": rate(total.slips, total.wrong_attempts),
+            "verified_claims": rate(total.verified_claims, total.claims),
+            "hedged_claims": rate(total.hedged_claims, total.claims),
+            "unverified_slips_closed_per_response": rate(total.unverified_slips_closed, responses),
+            "misses_closed_per_response": rate(total.misses_closed, responses)}
+
+
+BEHAVIOUR_COLUMNS = (("attempts_per_response", "tries"), ("first_try_right", "1st right"),
+                     ("slips_per_wrong_attempt", "slips/wrong"), ("verified_claims", "verified"),
+                     ("hedged_claims", "hedged"), ("unverified_slips_closed_per_response", "slip boxed"),
+                     ("misses_closed_per_response", "miss boxed"))
 
 
 # ---- claims ------------------------------------------------------------------------------------
@@ -219,15 +260,15 @@ def per_problem_accuracy(metrics_by_budget: dict) -> dict[str, np.ndarray]:
 
 def pooled_accuracy(evaluation: dict, settings: ExperimentSettings) -> dict[str, dict[str, np.ndarray]]:
     """{model: {budget: float[P]}}; a trained condition pools the samples of its seeds."""
-    pooled = {"base": per_problem_accuracy(evaluation["base"]),
-              "instruct": per_problem_accuracy(evaluation["instruct"])}
-    for condition in CONDITIONS:
-        replicas = [per_problem_accuracy(evaluation[model_label(condition.name, r)]) for r in range(settings.seeds)]
-        pooled[condition.name] = {b: np.mean([r[b] for r in replicas], axis=0) for b in replicas[0]}
+    pooled = {}
+    for name, labels in model_groups(settings).items():
+        replicas = [per_problem_accuracy(evaluation[label]) for label in labels]
+        pooled[name] = {b: np.mean([r[b] for r in replicas], axis=0) for b in replicas[0]}
     return pooled
 
 
-def summarize(evaluation: dict, analysis: dict, histories: dict, settings: ExperimentSettings) -> dict:
+def summarize(evaluation: dict, analysis: dict, histories: dict, settings: ExperimentSettings,
+              behaviour: dict | None = None) -> dict:
     from opsd_jax.eval.metrics import bootstrap_mean_interval, paired_difference
 
     pooled = pooled_accuracy(evaluation, settings)
@@ -236,8 +277,7 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
     accuracy = {name: {b: {"accuracy": float(values[b].mean()),
                            "accuracy_ci95": list(bootstrap_mean_interval(values[b], seed=settings.seed))}
                        for b in budgets} for name, values in pooled.items()}
-    for name in pooled:
-        labels = [name] if name in ("base", "instruct") else [model_label(name, r) for r in range(settings.seeds)]
+    for name, labels in model_groups(settings).items():
         for b in budgets:
             accuracy[name][b]["per_seed"] = [evaluation[label][int(b)]["accuracy"] for label in labels]
             accuracy[name][b]["pass@k"] = evaluation[labels[0]][int(b)]["pass@k"]
@@ -297,6 +337,11 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
         evidence = (f"{signal['positions']} marker tokens in {signal['rollouts']} base rollouts, stronger teacher: "
                     f"privileged advantage {fmt((p['mean'], p['ci95']))}, vanilla {fmt((v['mean'], v['ci95']))}, "
                     f"privileged - vanilla {fmt((d['mean'], d['ci95']))}")
+        kinds = [(kind, s) for kind, s in analysis["strong_teacher"]["groups"]["base"]["signal_at_markers"].items()
+                 if kind != "any" and s.get("positions")]
+        if kinds:  # the claim is about all markers; the kinds show which of them carry its sign
+            evidence += "; by marker, privileged / vanilla: " + ", ".join(
+                f"{kind} {s['privileged']['mean']:+.3f} / {s['vanilla']['mean']:+.3f}" for kind, s in kinds)
     claims.append({"claim": 4, "text": "at self-correction tokens the privileged teacher's advantage is negative, "
                                        "the vanilla teacher's positive", "verdict": _verdict(holds), "evidence": evidence})
     # (5) fewer markers per 1,000 tokens after privileged training.
@@ -310,6 +355,7 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
                                f"{fmt((dense['difference'], dense['ci95']))}; OPSD sparse - base "
                                f"{fmt((sparse['difference'], sparse['ci95']))}"})
     return {"settings": dataclasses.asdict(settings), "accuracy": accuracy, "claims": claims,
+            "behaviour": behaviour or {},
             "preconditions": preconditions_check(accuracy, analysis, shortest, longest),
             "training": {name: {"first_loss": h[0]["loss"], "last_loss": h[-1]["loss"]} for name, h in histories.items()},
             "markers_per_1k": {label: g["markers"]["any"]["per_1k_tokens"]
@@ -342,10 +388,21 @@ def console_table(result: dict) -> str:
         lines.append(f"{name:16}" + "".join(f"{by_budget[b]['accuracy']:>8.3f}" for b in budgets)
                      + (f"{rate:>12.1f}" if rate is not None else f"{'':>12}"))
     lines.append("")
+    if result.get("behaviour"):
+        lines += [behaviour_table(result["behaviour"]), ""]
     for p in result["preconditions"]:
         lines.append(f"precondition {'ok ' if p['ok'] else 'FAILED'} {p['check']}: {p['value']}")
     for c in result["claims"]:
         lines.append(f"claim {c['claim']} {c['verdict']:>15}: {c['text']}; {c['evidence']}")
+    return "\n".join(lines)
+
+
+def behaviour_table(behaviour: dict) -> str:
+    """The trace-behaviour rates per model as console text."""
+    lines = [f"{'trace behaviour':16}" + "".join(f"{title:>14}" for _, title in BEHAVIOUR_COLUMNS)]
+    for name, rates in behaviour.items():
+        lines.append(f"{name:16}" + "".join(f"{rates[key]:>14.3f}" if rates[key] is not None else f"{'-':>14}"
+                                            for key, _ in BEHAVIOUR_COLUMNS))
     return "\n".join(lines)
 
 
@@ -366,6 +423,19 @@ def report_markdown(result: dict) -> str:
                  f"{by_budget[b]['accuracy_ci95'][1]:.2f}]" for b in budgets]
         seeds = ", ".join(f"{a:.3f}" for a in by_budget[budgets[-1]]["per_seed"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} |")
+    behaviour = result.get("behaviour") or {}
+    if behaviour:
+        lines += ["", "## Trace behaviour", "",
+                  ("Read in the world's grammar from the full-length evaluation generations (seeds pooled): "
+                   "tries per response; the share whose first try is the right pair; slips (a wrong pair "
+                   "written with the target) per wrong try; the share of claimed successes that are verified, "
+                   "and hedged; slips closed with `</think>` unverified (a wrong box) per response; tries whose "
+                   "sum is not the target closed with `</think>` (the search given up; its box may still guess right) per response."), "",
+                  "| model | " + " | ".join(title for _, title in BEHAVIOUR_COLUMNS) + " |",
+                  "|---|" + "---|" * len(BEHAVIOUR_COLUMNS)]
+        lines += [f"| {name} | " + " | ".join("-" if rates[key] is None else f"{rates[key]:.3f}"
+                                             for key, _ in BEHAVIOUR_COLUMNS) + " |"
+                  for name, rates in behaviour.items()]
     lines += ["", ("Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
                    "over problems, for accuracy and token-level quantities alike); not reproduced = the "
                    "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "

@@ -214,6 +214,62 @@ def trace_is_valid(problem: Problem, trace: str) -> bool:
     return False
 
 
+@dataclasses.dataclass(frozen=True)
+class TraceEvents:
+    """What one response did, read in the world's grammar: the links of the paper's causal chain
+    (search, slips, verification of a claimed success, a slip boxed unverified, a search given
+    up) counted separately, so a change in accuracy can be traced to the link that moved. Counts; the
+    experiment pools them over responses."""
+
+    attempts: int = 0
+    first_try_right: int = 0  # 1 when the first attempt is the problem's pair
+    wrong_attempts: int = 0
+    slips: int = 0  # wrong pairs written with the target as their sum
+    claims: int = 0  # attempts that write the target (right pairs and slips)
+    hedged_claims: int = 0  # claims followed by `maybe`
+    verified_claims: int = 0  # claims followed (after an optional `maybe`) by `verify`
+    unverified_slips_closed: int = 0  # slips followed by `</think>`: the world's way to box a wrong answer
+    misses_closed: int = 0  # attempts written with a sum that is not the target, followed by `</think>`:
+    # the search given up without a claimed success, which no solver of the world does (the box
+    # that follows may still guess right)
+
+    def __add__(self, other: "TraceEvents") -> "TraceEvents":
+        return TraceEvents(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+def trace_events(problem: Problem, response: str) -> TraceEvents:
+    """Counts the events of a (possibly model-written, possibly ungrammatical or truncated)
+    response: every well-formed `try a + b = s` attempt and what follows it; anything else is
+    skipped."""
+    words = response.replace("<think>", " <think> ").replace("</think>", " </think> ").split()
+    counts = {field.name: 0 for field in dataclasses.fields(TraceEvents)}
+    position = 0
+    while position + 5 < len(words):
+        window = words[position: position + 6]
+        if window[0] != "try" or window[2] != "+" or window[4] != "=" or not all(
+                w.isdigit() for w in (window[1], window[3], window[5])):
+            position += 1
+            continue
+        a, b, written = int(window[1]), int(window[3]), int(window[5])
+        right = a + b == problem.target
+        counts["first_try_right"] += counts["attempts"] == 0 and right
+        counts["attempts"] += 1
+        counts["wrong_attempts"] += not right
+        position += 6
+        if written != problem.target:
+            counts["misses_closed"] += words[position: position + 1] == ["</think>"]
+            continue
+        counts["claims"] += 1
+        counts["slips"] += not right
+        following = words[position: position + 2]
+        hedged = following[:1] == ["maybe"]
+        after_hedge = following[1:2] if hedged else following[:1]
+        counts["hedged_claims"] += hedged
+        counts["verified_claims"] += after_hedge == ["verify"]
+        counts["unverified_slips_closed"] += not right and after_hedge == ["</think>"]
+    return TraceEvents(**counts)
+
+
 def vocabulary() -> list[str]:
     return list(SPECIAL_TOKENS) + list(WORDS) + [str(n) for n in range(MAX_NUMBER + 1)]
 

@@ -90,3 +90,50 @@ def test_tokenizer_spells_every_trace_and_has_a_thinking_switch(tmp_path, rng):
     assert direct.startswith(thinking) and direct[len(thinking):].split() == ["<think>", "</think>"]
     assert tokenizer.unk_token_id not in tokenizer.encode(direct)
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_trace_events_follow_the_solver_that_wrote_the_trace(rng):
+    """On generated traces the events are what the generator did: a wrong box only through a slip
+    closed unverified, no search given up, first-try and slip counts as drawn."""
+    problems = world.generate_problems(400, rng)
+    total = world.TraceEvents()
+    for problem in problems:
+        trace = world.thinker_trace(problem, world.THINKER, rng)
+        events = world.trace_events(problem, trace)
+        total += events
+        assert events.attempts == trace.count("try") and events.misses_closed == 0
+        assert events.first_try_right == (int(trace.split()[2]) + int(trace.split()[4]) == problem.target)
+        # A slipped pair may share the right pair's smaller number, so a closed slip can box right.
+        assert events.unverified_slips_closed <= 1
+        if not world.check_answer(problem, trace):
+            assert events.unverified_slips_closed == 1
+        # Every slip claims, and so does the right pair where the trace reaches it.
+        assert events.claims == events.slips + 1 - events.unverified_slips_closed
+        assert events.verified_claims == trace.count("verify") and events.hedged_claims == trace.count("maybe")
+    # Slip 0.25 on wrong pairs, verification 0.7 and hedging 0.3 of claims; ~800 wrong tries.
+    assert 0.19 < total.slips / total.wrong_attempts < 0.31
+    assert 0.62 < total.verified_claims / total.claims < 0.78
+    assert 0.22 < total.hedged_claims / total.claims < 0.38
+    for problem in problems[:50]:
+        for privilege in ("dense", "sparse"):
+            events = world.trace_events(problem, world.hinted_trace(problem, privilege, rng))
+            assert events.slips == events.verified_claims == events.unverified_slips_closed == 0
+            assert events.claims == 1 and events.first_try_right == (privilege == "dense" or events.attempts == 1)
+
+
+def test_trace_events_read_what_a_model_writes():
+    """Model-written responses break the grammar: malformed tries are skipped, a truncated one is
+    not counted, and a search stopped after a miss is counted as given up."""
+    problem = world.Problem((3, 8, 5, 1), 9)  # pair 1 + 8
+    slipped = world.trace_events(problem, "<think> try 3 + 5 = 9 maybe </think> \\boxed{ 3 }")
+    assert (slipped.attempts, slipped.slips, slipped.claims, slipped.hedged_claims,
+            slipped.verified_claims, slipped.unverified_slips_closed) == (1, 1, 1, 1, 0, 1)
+    caught = world.trace_events(problem, "<think> try 3 + 5 = 9 maybe verify 3 + 5 = 8 wait try 1 + 8 = 9 "
+                                         "</think> \\boxed{ 1 }")
+    assert (caught.attempts, caught.slips, caught.verified_claims, caught.unverified_slips_closed,
+            caught.first_try_right) == (2, 1, 1, 0, 0)
+    given_up = world.trace_events(problem, "<think> try 3 + 5 = 8 </think> \\boxed{ 1 }")
+    assert (given_up.misses_closed, given_up.claims, given_up.wrong_attempts) == (1, 0, 1)
+    broken = world.trace_events(problem, "<think> try try 1 + + 8 = 9 try 1 + 8 = nine try 1 + 8 = 9 try 1 + 8 =")
+    assert (broken.attempts, broken.first_try_right, broken.claims) == (1, 1, 1)
+    assert world.trace_events(problem, "") == world.TraceEvents()
