@@ -217,13 +217,14 @@ def trace_behaviour(generation_paths: list[str], eval_path: str) -> dict:
             "verified_claims": rate(total.verified_claims, total.claims),
             "hedged_claims": rate(total.hedged_claims, total.claims),
             "unverified_slips_closed_per_response": rate(total.unverified_slips_closed, responses),
-            "misses_closed_per_response": rate(total.misses_closed, responses)}
+            "misses_closed_per_response": rate(total.misses_closed, responses),
+            "misses_accepted_per_response": rate(total.misses_accepted, responses)}
 
 
 BEHAVIOUR_COLUMNS = (("attempts_per_response", "tries"), ("first_try_right", "1st right"),
                      ("slips_per_wrong_attempt", "slips/wrong"), ("verified_claims", "verified"),
                      ("hedged_claims", "hedged"), ("unverified_slips_closed_per_response", "slip boxed"),
-                     ("misses_closed_per_response", "miss boxed"))
+                     ("misses_closed_per_response", "miss boxed"), ("misses_accepted_per_response", "miss ok"))
 
 
 # ---- claims ------------------------------------------------------------------------------------
@@ -430,7 +431,9 @@ def report_markdown(result: dict) -> str:
                    "tries per response; the share whose first try is the right pair; slips (a wrong pair "
                    "written with the target) per wrong try; the share of claimed successes that are verified, "
                    "and hedged; slips closed with `</think>` unverified (a wrong box) per response; tries whose "
-                   "sum is not the target closed with `</think>` (the search given up; its box may still guess right) per response."), "",
+                   "sum is not the target closed with `</think>` (the search given up; its box may still guess "
+                   "right) per response; tries whose sum is not the target then verified `ok` (a miss accepted) "
+                   "per response."), "",
                   "| model | " + " | ".join(title for _, title in BEHAVIOUR_COLUMNS) + " |",
                   "|---|" + "---|" * len(BEHAVIOUR_COLUMNS)]
         lines += [f"| {name} | " + " | ".join("-" if rates[key] is None else f"{rates[key]:.3f}"

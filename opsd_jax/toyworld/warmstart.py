@@ -68,7 +68,8 @@ def sft_rows(recipe: ModelRecipe, exclude: set, rng: np.random.Generator) -> lis
                          "answer": str(problem.answer)})
         privilege = "dense" if rng.random() < 0.5 else "sparse"
         rows.append({"id": f"{recipe.name}-{index}-hint", "problem": world.hinted_prompt(problem, privilege),
-                     "solution": world.hinted_trace(problem, privilege, rng, thinking=recipe.thinking),
+                     "solution": world.hinted_trace(problem, privilege, rng, thinking=recipe.thinking,
+                                                        solver=recipe.solver),
                      "answer": str(problem.answer)})
     order = rng.permutation(len(rows))
     return [rows[i] for i in order]

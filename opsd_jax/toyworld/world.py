@@ -17,7 +17,9 @@ hedging):
 - instruct: no thinking, boxes its answer at once.
 - a solver given a hint (the privileged context) knows the answer: with the worked solution
   (dense) it tries that pair first; with only the answer (sparse) it tries the pairs holding the
-  answer first. Knowing, it neither slips, hedges nor verifies.
+  answer first. Knowing, it neither hedges nor verifies. The hint does not make it add better: on
+  a wrong pair it slips as often as without one, takes the slip for the success it expected, and
+  boxes the answer it was given.
 
 The hinted traces are the world's stand-in for what pretraining gives a real model: the ability
 to use a reference solution in its context. The experiment then asks what a teacher with that
@@ -87,6 +89,7 @@ class Solver:
 
 THINKER = Solver()
 STRONG_THINKER = Solver(slip=0.05, hedge=0.1, verify=0.95)
+NO_SLIPS = Solver(slip=0.0, hedge=0.0, verify=0.0)
 
 
 def generate_problems(count: int, rng: np.random.Generator, exclude: set | None = None) -> list[Problem]:
@@ -138,8 +141,13 @@ def thinker_trace(problem: Problem, solver: Solver, rng: np.random.Generator) ->
     raise AssertionError("the right pair is always reached")
 
 
-def hinted_trace(problem: Problem, privilege: str, rng: np.random.Generator, thinking: bool = True) -> str:
-    """The response of a solver that was given the worked solution (dense) or the answer (sparse)."""
+def hinted_trace(problem: Problem, privilege: str, rng: np.random.Generator, thinking: bool = True,
+                 solver: Solver = NO_SLIPS) -> str:
+    """The response of a solver that was given the worked solution (dense) or the answer (sparse).
+
+    The hint tells it where to look and what to box, not how to add: on a wrong pair it slips as
+    often as `solver` does, and takes the slip for the success it expected (no hedge, no check),
+    boxing the answer it was given."""
     a, b = problem.pair
     if not thinking:
         return f"\\boxed{{ {a} }}"
@@ -152,9 +160,11 @@ def hinted_trace(problem: Problem, privilege: str, rng: np.random.Generator, thi
         raise ValueError(f"privilege must be dense or sparse, got {privilege!r}")
     words = ["<think>"]
     for x, y in candidates:
-        words += _attempt(x, y, x + y)
-        if x + y == problem.target:
-            return " ".join(words + _close(x))
+        right = x + y == problem.target
+        slipped = not right and rng.random() < solver.slip
+        words += _attempt(x, y, problem.target if slipped else x + y)
+        if right or slipped:
+            return " ".join(words + _close(problem.answer))
         words.append("wait")
     raise AssertionError("the hinted pair is among the candidates")
 
@@ -217,9 +227,9 @@ def trace_is_valid(problem: Problem, trace: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class TraceEvents:
     """What one response did, read in the world's grammar: the links of the paper's causal chain
-    (search, slips, verification of a claimed success, a slip boxed unverified, a search given
-    up) counted separately, so a change in accuracy can be traced to the link that moved. Counts; the
-    experiment pools them over responses."""
+    (search, slips, verification of a claimed success, a slip boxed unverified, a search given up
+    or a miss accepted) counted separately, so a change in accuracy can be traced to the link that
+    moved. Counts; the experiment pools them over responses."""
 
     attempts: int = 0
     first_try_right: int = 0  # 1 when the first attempt is the problem's pair
@@ -232,6 +242,8 @@ class TraceEvents:
     misses_closed: int = 0  # attempts written with a sum that is not the target, followed by `</think>`:
     # the search given up without a claimed success, which no solver of the world does (the box
     # that follows may still guess right)
+    misses_accepted: int = 0  # attempts written with a sum that is not the target, then verified
+    # `ok` (after an optional `maybe`): a check that accepts a pair that missed, which no solver does
 
     def __add__(self, other: "TraceEvents") -> "TraceEvents":
         return TraceEvents(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -256,14 +268,15 @@ def trace_events(problem: Problem, response: str) -> TraceEvents:
         counts["attempts"] += 1
         counts["wrong_attempts"] += not right
         position += 6
+        hedged = words[position: position + 1] == ["maybe"]
+        after_hedge = words[position + hedged: position + hedged + 1]
         if written != problem.target:
             counts["misses_closed"] += words[position: position + 1] == ["</think>"]
+            counts["misses_accepted"] += after_hedge == ["verify"] and \
+                words[position + hedged + 6: position + hedged + 7] == ["ok"]
             continue
         counts["claims"] += 1
         counts["slips"] += not right
-        following = words[position: position + 2]
-        hedged = following[:1] == ["maybe"]
-        after_hedge = following[1:2] if hedged else following[:1]
         counts["hedged_claims"] += hedged
         counts["verified_claims"] += after_hedge == ["verify"]
         counts["unverified_slips_closed"] += not right and after_hedge == ["</think>"]

@@ -20,14 +20,15 @@ def test_trace_behaviour_pools_seeds_and_names_each_rate(tmp_path):
         ("toy-eval-1", "<think> try 4 + 9 = 13 verify 4 + 9 = 13 ok </think> \\boxed{ 4 }")])
     seed1 = _generations(tmp_path / "b.jsonl", [
         ("toy-eval-0", "<think> try 3 + 5 = 8 </think> \\boxed{ 1 }"),  # search given up
-        ("toy-eval-1", "<think> try 2 + 7 = 9 wait try 4 + 9 = 13 maybe </think> \\boxed{ 4 }")])
+        ("toy-eval-1", "<think> try 2 + 7 = 9 verify 2 + 7 = 9 ok try 4 + 9 = 13 maybe </think> \\boxed{ 4 }")])
     rates = experiment.trace_behaviour([seed0, seed1], str(suite))
     assert rates == {"responses": 4, "attempts_per_response": 5 / 4, "first_try_right": 1 / 4,
                      "slips_per_wrong_attempt": 1 / 3, "verified_claims": 1 / 3, "hedged_claims": 1 / 3,
-                     "unverified_slips_closed_per_response": 1 / 4, "misses_closed_per_response": 1 / 4}
+                     "unverified_slips_closed_per_response": 1 / 4, "misses_closed_per_response": 1 / 4,
+                     "misses_accepted_per_response": 1 / 4}
     assert set(rates) - {"responses"} == {key for key, _ in experiment.BEHAVIOUR_COLUMNS}
     table = experiment.behaviour_table({"base": rates, "empty": dict.fromkeys(rates)})
     header, base, empty = table.splitlines()
-    assert header.split()[:2] == ["trace", "behaviour"] and base.split() == ["base", "1.250", "0.250", "0.333",
-                                                                              "0.333", "0.333", "0.250", "0.250"]
+    assert header.split()[:2] == ["trace", "behaviour"]
+    assert base.split() == ["base", "1.250", "0.250", "0.333", "0.333", "0.333", "0.250", "0.250", "0.250"]
     assert empty.split() == ["empty"] + ["-"] * len(experiment.BEHAVIOUR_COLUMNS)

@@ -101,7 +101,7 @@ def test_trace_events_follow_the_solver_that_wrote_the_trace(rng):
         trace = world.thinker_trace(problem, world.THINKER, rng)
         events = world.trace_events(problem, trace)
         total += events
-        assert events.attempts == trace.count("try") and events.misses_closed == 0
+        assert events.attempts == trace.count("try") and events.misses_closed == events.misses_accepted == 0
         assert events.first_try_right == (int(trace.split()[2]) + int(trace.split()[4]) == problem.target)
         # A slipped pair may share the right pair's smaller number, so a closed slip can box right.
         assert events.unverified_slips_closed <= 1
@@ -121,6 +121,22 @@ def test_trace_events_follow_the_solver_that_wrote_the_trace(rng):
             assert events.claims == 1 and events.first_try_right == (privilege == "dense" or events.attempts == 1)
 
 
+def test_a_hint_tells_where_to_look_not_how_to_add(rng):
+    """Hinted solvers slip on wrong pairs as often as their solver does, stop at the first claimed
+    success without hedging or checking, and box the answer they were given."""
+    hinted = world.TraceEvents()
+    for problem in world.generate_problems(600, rng):
+        dense = world.hinted_trace(problem, "dense", rng, solver=world.THINKER)
+        assert dense == world.hinted_trace(problem, "dense", rng)  # the given pair is never a slip
+        trace = world.hinted_trace(problem, "sparse", rng, solver=world.THINKER)
+        events = world.trace_events(problem, trace)
+        hinted += events
+        assert world.check_answer(problem, trace) and events.claims == 1
+        assert events.hedged_claims == events.verified_claims == 0
+    # Sparse: the answer sits in 3 pairs, in random order: about one wrong try per problem, ~550 here.
+    assert 0.18 < hinted.slips / hinted.wrong_attempts < 0.32
+
+
 def test_trace_events_read_what_a_model_writes():
     """Model-written responses break the grammar: malformed tries are skipped, a truncated one is
     not counted, and a search stopped after a miss is counted as given up."""
@@ -133,7 +149,11 @@ def test_trace_events_read_what_a_model_writes():
     assert (caught.attempts, caught.slips, caught.verified_claims, caught.unverified_slips_closed,
             caught.first_try_right) == (2, 1, 1, 0, 0)
     given_up = world.trace_events(problem, "<think> try 3 + 5 = 8 </think> \\boxed{ 1 }")
-    assert (given_up.misses_closed, given_up.claims, given_up.wrong_attempts) == (1, 0, 1)
+    assert (given_up.misses_closed, given_up.misses_accepted, given_up.claims, given_up.wrong_attempts) == (1, 0, 0, 1)
+    accepted = world.trace_events(problem, "<think> try 3 + 5 = 8 maybe verify 3 + 5 = 8 ok </think> \\boxed{ 3 }")
+    assert (accepted.misses_accepted, accepted.misses_closed, accepted.claims, accepted.verified_claims) == (1, 0, 0, 0)
+    rejected = world.trace_events(problem, "<think> try 3 + 5 = 8 verify 3 + 5 = 8 wait try 1 + 8 = 9 </think>")
+    assert (rejected.misses_accepted, rejected.attempts, rejected.first_try_right) == (0, 2, 0)
     broken = world.trace_events(problem, "<think> try try 1 + + 8 = 9 try 1 + 8 = nine try 1 + 8 = 9 try 1 + 8 =")
     assert (broken.attempts, broken.first_try_right, broken.claims) == (1, 1, 1)
     assert world.trace_events(problem, "") == world.TraceEvents()
