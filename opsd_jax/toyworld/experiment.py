@@ -247,11 +247,12 @@ def _signed(estimate: float, interval, claimed_sign: int) -> bool | None:
     return True if (low > 0 if claimed_sign > 0 else high < 0) else None
 
 
-def _all(*verdicts) -> bool | None:
-    """A claim made of parts holds when every part does; a failed part fails it."""
-    if any(v is False for v in verdicts):
-        return False
-    return None if any(v is None for v in verdicts) else True
+def _all(*parts: tuple[str, bool | None]) -> tuple[bool | None, str]:
+    """(verdict, each part's verdict as text): a claim made of named parts holds when every part
+    does, and a failed part fails it; the text says which part failed."""
+    verdicts = [verdict for _, verdict in parts]
+    holds = False if any(v is False for v in verdicts) else (None if any(v is None for v in verdicts) else True)
+    return holds, "parts: " + ", ".join(f"{name} {_verdict(verdict)}" for name, verdict in parts)
 
 
 def per_problem_accuracy(metrics_by_budget: dict) -> dict[str, np.ndarray]:
@@ -297,21 +298,24 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
     dense_long, dense_short = difference("opsd_dense", longest), difference("opsd_dense", shortest)
     sparse_long = difference("opsd_sparse", longest)
     dense_vs_sparse = difference("opsd_dense", longest, base="opsd_sparse")
-    holds = _all(_signed(*dense_long, -1), dense_long[0] < dense_short[0], _signed(*dense_vs_sparse, -1))
+    holds, parts = _all((f"dense below base at {longest}", _signed(*dense_long, -1)),
+                        (f"lower at {longest} than at {shortest}", dense_long[0] < dense_short[0]),
+                        (f"dense below sparse at {longest}", _signed(*dense_vs_sparse, -1)))
     claims.append({"claim": 1, "text": "OPSD lowers a thinker's accuracy, most at long budgets, dense more than sparse",
                    "verdict": _verdict(holds),
                    "evidence": f"OPSD dense - base: {fmt(dense_long)} at {longest} tokens, {fmt(dense_short)} at "
                                f"{shortest}; OPSD sparse - base at {longest}: {fmt(sparse_long)}; dense - sparse: "
-                               f"{fmt(dense_vs_sparse)}"})
+                               f"{fmt(dense_vs_sparse)}; {parts}"})
     # (2) vanilla OPD from a stronger teacher helps, privileged OPD reverses that.
     vanilla = difference("vanilla_opd", longest)
     privileged = difference("privileged_opd", longest)
     privileged_vs_vanilla = difference("privileged_opd", longest, base="vanilla_opd")
-    holds = _all(_signed(*vanilla, +1), _signed(*privileged_vs_vanilla, -1))
+    holds, parts = _all(("vanilla above base", _signed(*vanilla, +1)),
+                        ("privileged below vanilla", _signed(*privileged_vs_vanilla, -1)))
     claims.append({"claim": 2, "text": "vanilla OPD from a stronger teacher helps; privileged OPD reverses that",
                    "verdict": _verdict(holds),
                    "evidence": f"at {longest} tokens: vanilla OPD - base {fmt(vanilla)}, privileged OPD - base "
-                               f"{fmt(privileged)}, privileged - vanilla {fmt(privileged_vs_vanilla)}"})
+                               f"{fmt(privileged)}, privileged - vanilla {fmt(privileged_vs_vanilla)}; {parts}"})
     # (3) privileged context lowers fork rates in thinker rollouts, not in instruct rollouts.
     def fork_change(table):
         p, v = table["privileged_teacher"]["all"], table["vanilla_teacher"]["all"]
@@ -321,12 +325,13 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
     instruct, ip, iv = fork_change(analysis["instruct"]["groups"]["instruct"]["fork_rates"])
     # Rates of the same rollouts under two teachers: separated intervals, or the sign alone.
     thinker_lower = False if thinker >= 0 else (True if tp["fork_rate_ci95"][1] < tv["fork_rate_ci95"][0] else None)
-    holds = _all(thinker_lower, abs(instruct) < abs(thinker) / 2)
+    holds, parts = _all(("thinker forks fewer", thinker_lower),
+                        ("instruct change under half the thinker's", abs(instruct) < abs(thinker) / 2))
     claims.append({"claim": 3, "text": "privileged context lowers fork rates in thinker rollouts, not in instruct rollouts",
                    "verdict": _verdict(holds),
                    "evidence": f"fork rate (student-entropy threshold), vanilla -> privileged teacher: thinker "
                                f"rollouts {tv['fork_rate']:.3f} -> {tp['fork_rate']:.3f}, instruct rollouts "
-                               f"{iv['fork_rate'] or 0:.3f} -> {ip['fork_rate'] or 0:.3f}"})
+                               f"{iv['fork_rate'] or 0:.3f} -> {ip['fork_rate'] or 0:.3f}; {parts}"})
     # (4) at reconsideration tokens the privileged teacher's advantage is negative, the vanilla one's positive.
     signal = analysis["strong_teacher"]["groups"]["base"]["signal_at_markers"]["any"]
     if signal.get("rollouts", 0) < MIN_ROLLOUTS:
@@ -334,7 +339,8 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
                                  f"{signal.get('rollouts', 0)} rollouts: too few for an interval")
     else:
         p, v, d = signal["privileged"], signal["vanilla"], signal["privileged_minus_vanilla"]
-        holds = _all(_signed(p["mean"], p["ci95"], -1), _signed(v["mean"], v["ci95"], +1))
+        holds, parts = _all(("privileged negative", _signed(p["mean"], p["ci95"], -1)),
+                            ("vanilla positive", _signed(v["mean"], v["ci95"], +1)))
         evidence = (f"{signal['positions']} marker tokens in {signal['rollouts']} base rollouts, stronger teacher: "
                     f"privileged advantage {fmt((p['mean'], p['ci95']))}, vanilla {fmt((v['mean'], v['ci95']))}, "
                     f"privileged - vanilla {fmt((d['mean'], d['ci95']))}")
@@ -343,6 +349,7 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
         if kinds:  # the claim is about all markers; the kinds show which of them carry its sign
             evidence += "; by marker, privileged / vanilla: " + ", ".join(
                 f"{kind} {s['privileged']['mean']:+.3f} / {s['vanilla']['mean']:+.3f}" for kind, s in kinds)
+        evidence += f"; {parts}"
     claims.append({"claim": 4, "text": "at self-correction tokens the privileged teacher's advantage is negative, "
                                        "the vanilla teacher's positive", "verdict": _verdict(holds), "evidence": evidence})
     # (5) fewer markers per 1,000 tokens after privileged training.

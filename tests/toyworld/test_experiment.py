@@ -32,3 +32,10 @@ def test_trace_behaviour_pools_seeds_and_names_each_rate(tmp_path):
     assert header.split()[:2] == ["trace", "behaviour"]
     assert base.split() == ["base", "1.250", "0.250", "0.333", "0.333", "0.333", "0.250", "0.250", "0.250"]
     assert empty.split() == ["empty"] + ["-"] * len(experiment.BEHAVIOUR_COLUMNS)
+
+
+def test_a_claim_of_parts_says_which_part_failed():
+    assert experiment._all(("a", True), ("b", True)) == (True, "parts: a reproduced, b reproduced")
+    assert experiment._all(("a", True), ("b", None)) == (None, "parts: a reproduced, b undetermined")
+    holds, text = experiment._all(("lower", True), ("dense below sparse", False), ("c", None))
+    assert holds is False and text == "parts: lower reproduced, dense below sparse not reproduced, c undetermined"
