@@ -197,7 +197,8 @@ def model_groups(settings: ExperimentSettings) -> dict[str, list[str]]:
 def trace_behaviour(generation_paths: list[str], eval_path: str) -> dict:
     """Rates of the world's events (world.trace_events) over a model's full-length evaluation
     generations, its seeds pooled: which link of the paper's chain moved (search, slips,
-    verification of claimed successes, slips boxed unverified)."""
+    verification of claimed successes, slips boxed unverified, searches given up, misses
+    accepted)."""
     from opsd_jax.eval import generations
 
     with open(eval_path, encoding="utf-8") as f:
