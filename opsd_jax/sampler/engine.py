@@ -54,9 +54,8 @@ class SamplerConfig:
 
     The KV cache is a pool of `kv_pages` pages of `page_size` rows shared by all slots (default:
     enough for every slot at full length plus one prompt, about the memory of a contiguous
-    cache; fewer pages serve a
-    workload whose sequences are mostly shorter than L, and the orchestrator preempts and later
-    resumes a sequence when the pool runs dry). Prompts are prefilled in chunks: the smallest
+    cache; fewer pages serve a workload whose sequences are mostly shorter than L, and the
+    orchestrator preempts and later resumes a sequence when the pool runs dry). Prompts are prefilled in chunks: the smallest
     bucket that holds what is left, at most the largest bucket at a time.
     """
 

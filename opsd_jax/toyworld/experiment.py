@@ -271,7 +271,7 @@ def pooled_accuracy(evaluation: dict, settings: ExperimentSettings) -> dict[str,
 
 
 def summarize(evaluation: dict, analysis: dict, histories: dict, settings: ExperimentSettings,
-              behaviour: dict | None = None) -> dict:
+              behaviour: dict) -> dict:
     from opsd_jax.eval.metrics import bootstrap_mean_interval, paired_difference
 
     pooled = pooled_accuracy(evaluation, settings)
@@ -364,7 +364,7 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
                                f"{fmt((dense['difference'], dense['ci95']))}; OPSD sparse - base "
                                f"{fmt((sparse['difference'], sparse['ci95']))}"})
     return {"settings": dataclasses.asdict(settings), "accuracy": accuracy, "claims": claims,
-            "behaviour": behaviour or {},
+            "behaviour": behaviour,
             "preconditions": preconditions_check(accuracy, analysis, shortest, longest),
             "training": {name: {"first_loss": h[0]["loss"], "last_loss": h[-1]["loss"]} for name, h in histories.items()},
             "markers_per_1k": {label: g["markers"]["any"]["per_1k_tokens"]
@@ -397,7 +397,7 @@ def console_table(result: dict) -> str:
         lines.append(f"{name:16}" + "".join(f"{by_budget[b]['accuracy']:>8.3f}" for b in budgets)
                      + (f"{rate:>12.1f}" if rate is not None else f"{'':>12}"))
     lines.append("")
-    if result.get("behaviour"):
+    if result["behaviour"]:
         lines += [behaviour_table(result["behaviour"]), ""]
     for p in result["preconditions"]:
         lines.append(f"precondition {'ok ' if p['ok'] else 'FAILED'} {p['check']}: {p['value']}")
@@ -432,7 +432,7 @@ def report_markdown(result: dict) -> str:
                  f"{by_budget[b]['accuracy_ci95'][1]:.2f}]" for b in budgets]
         seeds = ", ".join(f"{a:.3f}" for a in by_budget[budgets[-1]]["per_seed"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} |")
-    behaviour = result.get("behaviour") or {}
+    behaviour = result["behaviour"]
     if behaviour:
         lines += ["", "## Trace behaviour", "",
                   ("Read in the world's grammar from the full-length evaluation generations (seeds pooled): "
