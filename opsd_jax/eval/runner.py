@@ -278,6 +278,7 @@ def run_eval(checkpoint: str, suites: list[Suite], out: str, settings: EvalSetti
     longest_prompt = max(len(p) for s in suites for p in build_prompts(tokenizer, s, settings))
     engine = Engine(config, SamplerConfig(max_slots=max_slots,
                                           max_sequence_length=longest_prompt + settings.max_tokens,
+                                          max_prompt_length=longest_prompt,
                                           valid_vocab_size=min(len(tokenizer), config.vocab_size)), mesh=mesh)
     if progress:
         print(f"decode state: {engine.decode_state_bytes / 2**30:.2f} GiB for {max_slots} slots x "

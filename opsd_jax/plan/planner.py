@@ -141,7 +141,7 @@ def plan_run(c: RunConfig, topology: Topology, *, programs=PROGRAMS, eval_slots:
                                              f"({student.max_position_embeddings})"))
         else:
             config = SamplerConfig(max_slots=eval_slots, max_sequence_length=length,
-                                   valid_vocab_size=student.vocab_size)
+                                   max_prompt_length=EVAL_PROMPT_TOKENS, valid_vocab_size=student.vocab_size)
             results += sampler_programs("eval", evaluation, config, eval_mesh, longest_prompt=EVAL_PROMPT_TOKENS)
     analysis = None
     if "analyze" in programs:

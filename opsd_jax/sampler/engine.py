@@ -53,14 +53,20 @@ class SamplerConfig:
     (prompt + generated; default: the model's context).
 
     The KV cache is a pool of `kv_pages` pages of `page_size` rows shared by all slots (default:
-    enough for every slot at full length plus one prompt, about the memory of a contiguous
-    cache; fewer pages serve a workload whose sequences are mostly shorter than L, and the
-    orchestrator preempts and later resumes a sequence when the pool runs dry). Prompts are prefilled in chunks: the smallest
-    bucket that holds what is left, at most the largest bucket at a time.
+    enough for every slot at full length plus one prompt of `max_prompt_length` tokens held for
+    its waiting samples, about the memory of a contiguous cache; fewer pages serve a workload
+    whose sequences are mostly shorter than L, and the orchestrator preempts and later resumes a
+    sequence when the pool runs dry). Prompts are prefilled in chunks: the smallest bucket that
+    holds what is left, at most the largest bucket at a time.
     """
 
     max_slots: int = 8
     max_sequence_length: int | None = None
+    # The longest prompt requests bring, when the caller knows it (an evaluation knows its
+    # suites'); it sizes the held prompt of the default pools. None: a whole sequence, which at
+    # 8 slots of 38,912-token evaluations is 1/9 of the pool spent on a prompt of ~200 tokens.
+    # Longer prompts are still served (the pool may then run dry and preempt).
+    max_prompt_length: int | None = None
     prefill_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)
     # Tokens at or past this id (embedding rows padded beyond the tokenizer, e.g. Qwen3's
     # 151669..151935) are never sampled and carry no probability; None keeps the whole vocabulary.
@@ -85,6 +91,8 @@ class SamplerConfig:
             raise ValueError(f"prefill_buckets must be positive sizes, got {self.prefill_buckets}")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.paged_block_rows is not None and self.paged_block_rows < 1:
             raise ValueError(f"paged_block_rows must be >= 1, got {self.paged_block_rows}")
         for name in ("kv_pages", "window_kv_pages"):
@@ -169,7 +177,9 @@ class Engine:
         self.table_pages = math.ceil(self.max_sequence_length / self.page_size)
         slots = sampler_config.max_slots
         # Default: every slot at full length plus one prompt held for its waiting samples.
-        self.num_pages = sampler_config.kv_pages or (slots + 1) * self.table_pages + 1
+        held_pages = min(self.pages_for(sampler_config.max_prompt_length or self.max_sequence_length),
+                         self.table_pages)
+        self.num_pages = sampler_config.kv_pages or slots * self.table_pages + held_pages + 1
         self.windowed_layers = [kind == "sliding_attention" for kind in config.layer_types]
         window = config.sliding_window
         # A window's own pool pays off only when the window is shorter than a sequence. A sequence
@@ -177,7 +187,9 @@ class Engine:
         self.windowed = any(self.windowed_layers) and window is not None and window < self.max_sequence_length
         self.window_pages_per_sequence = (min(self.pages_for(window + self.buckets[-1]) + 1, self.table_pages)
                                           if self.windowed else self.table_pages)
-        self.num_window_pages = (sampler_config.window_kv_pages or (slots + 1) * self.window_pages_per_sequence + 1
+        self.num_window_pages = (sampler_config.window_kv_pages
+                                 or slots * self.window_pages_per_sequence
+                                 + min(held_pages, self.window_pages_per_sequence) + 1
                                  if self.windowed else self.num_pages)
         # The engine's weights are per layer (`unstack_layers`); what it is given is the training
         # (stacked) layout, placed on `input_param_shardings` on the way.

@@ -173,8 +173,9 @@ def test_a_model_too_large_is_exit_2_naming_the_largest_array(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr[-2000:]
     # The TPU compiler itself refuses for HBM; the plan reports what it asked for and the largest arrays.
     assert "eval_decode does not fit: the compiler needs" in done.stdout
-    # One layer's K (or V) page pool: 65 x 8,189 pages of 16 rows (every slot at full length + one prompt).
-    assert "Largest arrays: bf16[532286,16,8,128] (16.24 GiB" in done.stdout
+    # One layer's K (or V) page pool: 64 x 8,189 pages of 16 rows (every slot at full length), 64
+    # for one held 1,024-token prompt, and the null page.
+    assert "Largest arrays: bf16[524161,16,8,128] (16.00 GiB" in done.stdout
     assert "try fewer slots" in done.stdout
 
 

@@ -206,3 +206,27 @@ def test_concurrent_submitters_each_get_their_own_results(tiny, rng):
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             got = list(pool.map(lambda p: orchestrator.submit(p, greedy).result(timeout=120), prompts))
     assert [r[0].token_ids for r in got] == [r[0].token_ids for r in expected]
+
+
+def test_default_pools_hold_full_slots_and_one_prompt_of_the_longest_prompt(tiny, rng):
+    """Beside every slot at full length, the default pools keep one prompt for its waiting
+    samples: a whole sequence's pages unless `max_prompt_length` says how long prompts get (as an
+    evaluation does), then only that prompt's. The smaller pools give the same tokens."""
+    _model, config, params = tiny
+    whole = _engine(config, page_size=4)
+    lean = _engine(config, page_size=4, max_prompt_length=30)
+    table = LENGTH // 4
+    assert whole.num_pages == 5 * table + 1
+    assert lean.num_pages == 4 * table + 30 // 4 + 1 + 1  # ceil(30 / 4) = 8 pages
+    assert whole.windowed and lean.window_pages_per_sequence == whole.window_pages_per_sequence
+    window = whole.window_pages_per_sequence
+    assert whole.num_window_pages == 5 * window + 1
+    assert lean.num_window_pages == 4 * window + min(8, window) + 1
+    assert lean.decode_state_bytes < whole.decode_state_bytes
+    prompts = [rng.integers(0, config.vocab_size, int(n)).tolist() for n in rng.integers(5, 31, 6)]
+    samplings = [SamplingParams(temperature=1.0, seed=int(rng.integers(2**31)), max_new_tokens=LENGTH - len(p))
+                 for p in prompts]
+    want, _ = _run(whole, params, prompts, samplings, n=3)
+    have, stats = _run(lean, params, prompts, samplings, n=3)
+    assert stats["peak_pages_in_use"] <= lean.num_pages - 1
+    assert [[c.token_ids for c in r] for r in have] == [[c.token_ids for c in r] for r in want]
