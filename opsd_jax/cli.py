@@ -99,9 +99,10 @@ def _serve(args) -> int:
     mesh = _mesh(args.mesh, per_process=True)
     config, params, tokenizer, side_dir = load_for_serving(args.checkpoint, dtype=args.dtype, mesh=mesh)
     engine = Engine(config, SamplerConfig(max_slots=args.max_slots, max_sequence_length=args.max_sequence_length,
+                                          max_prompt_length=args.max_prompt_length,
                                           valid_vocab_size=min(len(tokenizer), config.vocab_size)), mesh=mesh)
     print(f"decode state: {engine.decode_state_bytes / 2**30:.2f} GiB for {args.max_slots} slots x "
-          f"{engine.max_sequence_length} tokens")
+          f"{engine.max_sequence_length} tokens ({engine.num_pages} KV pages of {engine.page_size} rows)")
     orchestrator = Orchestrator(engine, params)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     service = CompletionService(orchestrator, tokenizer, name, default_stop_token_ids(tokenizer, side_dir))
@@ -338,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "another model gets a 404, as from vLLM")
     serve.add_argument("--max-slots", type=int, default=8, help="sequences decoded together")
     serve.add_argument("--max-sequence-length", type=int, help="prompt + generated tokens per sequence")
+    serve.add_argument("--max-prompt-length", type=int, metavar="TOKENS",
+                       help="the longest prompt expected: the KV pool then holds every slot at full length plus one "
+                            "such prompt instead of a whole extra sequence (longer prompts are still served, and may "
+                            "wait for pages)")
     serve.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     serve.add_argument("--mesh", metavar="DATA,FSDP,TENSOR",
                        help="this process's device mesh (default: one device); a multi-process launch starts one "

@@ -41,7 +41,7 @@ def test_serve_answers_on_loopback(tmp_path, model_seed):
         port = probe.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "opsd_jax.cli", "serve", "--checkpoint", str(tmp_path), "--port", str(port),
-         "--max-slots", "2", "--max-sequence-length", "64", "--dtype", "float32"],
+         "--max-slots", "2", "--max-sequence-length", "64", "--max-prompt-length", "20", "--dtype", "float32"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -67,6 +67,8 @@ def test_serve_answers_on_loopback(tmp_path, model_seed):
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "stopped" in output
+    # Two slots of 64 rows in pages of 16, one held prompt of 20 tokens (2 pages), the null page.
+    assert "(11 KV pages of 16 rows)" in output
 
 
 def test_a_multi_process_launch_serves_one_replica_per_process(tmp_path, model_seed):
