@@ -191,3 +191,11 @@ def test_demo_on_a_shrunken_world(tmp_path):
     assert all(rates["responses"] == 2 * 6 * (1 if name == "base" else 2)
                for name, rates in metrics["behaviour"].items())
     assert "## Trace behaviour" in report and "trace behaviour" in result.stdout
+    # and each trained model's change from the base thinker, with its interval.
+    assert set(metrics["behaviour_vs_base"]) == {"vanilla_opd", "privileged_opd", "opsd_dense", "opsd_sparse"}
+    for name, changes in metrics["behaviour_vs_base"].items():
+        tries = changes["attempts_per_response"]
+        assert tries["difference"] == pytest.approx(metrics["behaviour"][name]["attempts_per_response"]
+                                                    - metrics["behaviour"]["base"]["attempts_per_response"])
+        assert tries["ci95"][0] <= tries["ci95"][1]
+        assert f"| {name} - base | {tries['difference']:+.3f} [" in report

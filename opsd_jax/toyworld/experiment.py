@@ -179,9 +179,9 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
                                          os.path.join(settings.checkpoints, "teacher"),
                                          os.path.join(out, "analysis", "strong_teacher"), "dense"),
     }
-    behaviour = {name: trace_behaviour([generations[label] for label in labels], eval_path)
-                 for name, labels in model_groups(settings).items() if name != "instruct"}
-    result = summarize(evaluation, analysis, histories, settings, behaviour)
+    counts = {name: trace_counts([generations[label] for label in labels], eval_path)
+              for name, labels in model_groups(settings).items() if name != "instruct"}
+    result = summarize(evaluation, analysis, histories, settings, counts)
     result["seconds"] = time.perf_counter() - started
     write_report(result, out)
     return result
@@ -194,38 +194,84 @@ def model_groups(settings: ExperimentSettings) -> dict[str, list[str]]:
     return groups
 
 
-def trace_behaviour(generation_paths: list[str], eval_path: str) -> dict:
-    """Rates of the world's events (world.trace_events) over a model's full-length evaluation
-    generations, its seeds pooled: which link of the paper's chain moved (search, slips,
-    verification of claimed successes, slips boxed unverified, searches given up, misses
-    accepted)."""
-    from opsd_jax.eval import generations
-
-    with open(eval_path, encoding="utf-8") as f:
-        problems = {row["id"]: world.Problem(tuple(row["numbers"]), row["target"]) for row in map(json.loads, f)}
-    total, responses = world.TraceEvents(), 0
-    for path in generation_paths:
-        for record in generations.read(path).records.values():
-            total += world.trace_events(problems[record["problem_id"]], record["text"])
-            responses += 1
-
-    def rate(count: int, of: int) -> float | None:
-        return count / of if of else None
-
-    return {"responses": responses, "attempts_per_response": rate(total.attempts, responses),
-            "first_try_right": rate(total.first_try_right, responses),
-            "slips_per_wrong_attempt": rate(total.slips, total.wrong_attempts),
-            "verified_claims": rate(total.verified_claims, total.claims),
-            "hedged_claims": rate(total.hedged_claims, total.claims),
-            "unverified_slips_closed_per_response": rate(total.unverified_slips_closed, responses),
-            "misses_closed_per_response": rate(total.misses_closed, responses),
-            "misses_accepted_per_response": rate(total.misses_accepted, responses)}
-
-
+# Each trace-behaviour rate as (numerator, denominator): world.TraceEvents fields, "responses"
+# for a rate per response.
+BEHAVIOUR_RATES = {
+    "attempts_per_response": ("attempts", "responses"),
+    "first_try_right": ("first_try_right", "responses"),
+    "slips_per_wrong_attempt": ("slips", "wrong_attempts"),
+    "verified_claims": ("verified_claims", "claims"),
+    "hedged_claims": ("hedged_claims", "claims"),
+    "unverified_slips_closed_per_response": ("unverified_slips_closed", "responses"),
+    "misses_closed_per_response": ("misses_closed", "responses"),
+    "misses_accepted_per_response": ("misses_accepted", "responses"),
+}
 BEHAVIOUR_COLUMNS = (("attempts_per_response", "tries"), ("first_try_right", "1st right"),
                      ("slips_per_wrong_attempt", "slips/wrong"), ("verified_claims", "verified"),
                      ("hedged_claims", "hedged"), ("unverified_slips_closed_per_response", "slip boxed"),
                      ("misses_closed_per_response", "miss boxed"), ("misses_accepted_per_response", "miss ok"))
+
+
+def trace_counts(generation_paths: list[str], eval_path: str) -> dict[str, np.ndarray]:
+    """{world.TraceEvents field or "responses": float[P]}: the world's events (world.trace_events)
+    in a model's full-length evaluation generations, its seeds pooled, summed per problem of the
+    suite (suite order), so rates and their bootstrap intervals resample problems."""
+    from opsd_jax.eval import generations
+
+    with open(eval_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    position = {row["id"]: i for i, row in enumerate(rows)}
+    problems = [world.Problem(tuple(row["numbers"]), row["target"]) for row in rows]
+    fields = [field.name for field in dataclasses.fields(world.TraceEvents)]
+    counts = {name: np.zeros(len(rows)) for name in [*fields, "responses"]}
+    for path in generation_paths:
+        for record in generations.read(path).records.values():
+            index = position[record["problem_id"]]
+            events = world.trace_events(problems[index], record["text"])
+            for name in fields:
+                counts[name][index] += getattr(events, name)
+            counts["responses"][index] += 1
+    return counts
+
+
+def behaviour_rates(counts: dict[str, np.ndarray]) -> dict:
+    """The trace-behaviour rates of `trace_counts`, with the number of responses: which link of
+    the paper's chain moved (search, slips, verification of claimed successes, slips boxed
+    unverified, searches given up, misses accepted). Ratios of sums over problems; None where the
+    denominator is 0."""
+    def rate(numerator: str, denominator: str) -> float | None:
+        total = counts[denominator].sum()
+        return float(counts[numerator].sum() / total) if total else None
+
+    return {"responses": int(counts["responses"].sum()),
+            **{key: rate(*fraction) for key, fraction in BEHAVIOUR_RATES.items()}}
+
+
+def behaviour_differences(base: dict[str, np.ndarray], other: dict[str, np.ndarray], *, resamples: int = 2_000,
+                          seed: int = 0) -> dict:
+    """{rate: {"difference": other - base, "ci95": [low, high]} or None}: each trace-behaviour
+    rate's change, with a paired percentile bootstrap over problems (the same resampled problems
+    feed both models, so problem difficulty cancels); None where either rate is undefined.
+    Resamples in which a denominator is 0 are left out of that rate's interval."""
+    problems = len(base["responses"])
+    draws_RxP = np.random.default_rng(seed).integers(0, problems, (resamples, problems))
+
+    def resampled(counts, numerator, denominator):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return counts[numerator][draws_RxP].sum(axis=1) / counts[denominator][draws_RxP].sum(axis=1)
+
+    result = {}
+    for key, (numerator, denominator) in BEHAVIOUR_RATES.items():
+        if not base[denominator].sum() or not other[denominator].sum():
+            result[key] = None
+            continue
+        changes_R = resampled(other, numerator, denominator) - resampled(base, numerator, denominator)
+        changes_R = changes_R[np.isfinite(changes_R)]
+        difference = (other[numerator].sum() / other[denominator].sum()
+                      - base[numerator].sum() / base[denominator].sum())
+        result[key] = {"difference": float(difference),
+                       "ci95": [float(np.quantile(changes_R, 0.025)), float(np.quantile(changes_R, 0.975))]}
+    return result
 
 
 # ---- claims ------------------------------------------------------------------------------------
@@ -271,7 +317,9 @@ def pooled_accuracy(evaluation: dict, settings: ExperimentSettings) -> dict[str,
 
 
 def summarize(evaluation: dict, analysis: dict, histories: dict, settings: ExperimentSettings,
-              behaviour: dict) -> dict:
+              behaviour_counts: dict) -> dict:
+    """The experiment's result: accuracy, claims, preconditions, trace behaviour (from
+    `behaviour_counts`, {model: trace_counts}) and its changes against the base thinker."""
     from opsd_jax.eval.metrics import bootstrap_mean_interval, paired_difference
 
     pooled = pooled_accuracy(evaluation, settings)
@@ -363,8 +411,11 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
                    "evidence": f"markers per 1k tokens: base {base_rate:.1f}; OPSD dense - base "
                                f"{fmt((dense['difference'], dense['ci95']))}; OPSD sparse - base "
                                f"{fmt((sparse['difference'], sparse['ci95']))}"})
+    behaviour = {name: behaviour_rates(counts) for name, counts in behaviour_counts.items()}
+    behaviour_vs_base = {name: behaviour_differences(behaviour_counts["base"], counts, seed=settings.seed)
+                         for name, counts in behaviour_counts.items() if name != "base"}
     return {"settings": dataclasses.asdict(settings), "accuracy": accuracy, "claims": claims,
-            "behaviour": behaviour,
+            "behaviour": behaviour, "behaviour_vs_base": behaviour_vs_base,
             "preconditions": preconditions_check(accuracy, analysis, shortest, longest),
             "training": {name: {"first_loss": h[0]["loss"], "last_loss": h[-1]["loss"]} for name, h in histories.items()},
             "markers_per_1k": {label: g["markers"]["any"]["per_1k_tokens"]
@@ -447,6 +498,14 @@ def report_markdown(result: dict) -> str:
         lines += [f"| {name} | " + " | ".join("-" if rates[key] is None else f"{rates[key]:.3f}"
                                              for key, _ in BEHAVIOUR_COLUMNS) + " |"
                   for name, rates in behaviour.items()]
+        lines += ["", ("Change from the base thinker, with a 95% interval (paired bootstrap over problems; "
+                       "each rate a ratio of sums over the resampled problems):"), "",
+                  "| model | " + " | ".join(title for _, title in BEHAVIOUR_COLUMNS) + " |",
+                  "|---|" + "---|" * len(BEHAVIOUR_COLUMNS)]
+        lines += [f"| {name} - base | " + " | ".join(
+            "-" if changes[key] is None else
+            f"{changes[key]['difference']:+.3f} [{changes[key]['ci95'][0]:+.3f}, {changes[key]['ci95'][1]:+.3f}]"
+            for key, _ in BEHAVIOUR_COLUMNS) + " |" for name, changes in result["behaviour_vs_base"].items()]
     lines += ["", ("Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
                    "over problems, for accuracy and token-level quantities alike); not reproduced = the "
                    "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 from opsd_jax.eval.generations import FORMAT
 from opsd_jax.toyworld import experiment, world
 
@@ -11,7 +13,7 @@ def _generations(path, rows):
     return str(path)
 
 
-def test_trace_behaviour_pools_seeds_and_names_each_rate(tmp_path):
+def test_trace_behaviour_pools_seeds_per_problem_and_names_each_rate(tmp_path):
     problems = [world.Problem((3, 8, 5, 1), 9), world.Problem((2, 4, 7, 9), 13)]  # pairs 1 + 8, 4 + 9
     suite = tmp_path / "suite.jsonl"
     world.write_jsonl(str(suite), [world.problem_row(p, i, "eval") for i, p in enumerate(problems)])
@@ -21,7 +23,10 @@ def test_trace_behaviour_pools_seeds_and_names_each_rate(tmp_path):
     seed1 = _generations(tmp_path / "b.jsonl", [
         ("toy-eval-0", "<think> try 3 + 5 = 8 </think> \\boxed{ 1 }"),  # search given up
         ("toy-eval-1", "<think> try 2 + 7 = 9 verify 2 + 7 = 9 ok try 4 + 9 = 13 maybe </think> \\boxed{ 4 }")])
-    rates = experiment.trace_behaviour([seed0, seed1], str(suite))
+    counts = experiment.trace_counts([seed0, seed1], str(suite))
+    assert counts["responses"].tolist() == [2, 2] and counts["slips"].tolist() == [1, 0]
+    assert counts["claims"].tolist() == [1, 2] and counts["misses_closed"].tolist() == [1, 0]
+    rates = experiment.behaviour_rates(counts)
     assert rates == {"responses": 4, "attempts_per_response": 5 / 4, "first_try_right": 1 / 4,
                      "slips_per_wrong_attempt": 1 / 3, "verified_claims": 1 / 3, "hedged_claims": 1 / 3,
                      "unverified_slips_closed_per_response": 1 / 4, "misses_closed_per_response": 1 / 4,
@@ -39,3 +44,48 @@ def test_a_claim_of_parts_says_which_part_failed():
     assert experiment._all(("a", True), ("b", None)) == (None, "parts: a reproduced, b undetermined")
     holds, text = experiment._all(("lower", True), ("dense below sparse", False), ("c", None))
     assert holds is False and text == "parts: lower reproduced, dense below sparse not reproduced, c undetermined"
+
+
+def _counts(rng, problems, responses=16):
+    """Random per-problem trace counts (as trace_counts returns), `responses` per problem."""
+    counts = {"responses": np.full(problems, float(responses))}
+    for name in ("attempts", "first_try_right", "wrong_attempts", "slips", "claims", "hedged_claims",
+                 "verified_claims", "unverified_slips_closed", "misses_closed", "misses_accepted"):
+        counts[name] = rng.integers(0, responses + 1, problems).astype(float)
+    return counts
+
+
+def test_behaviour_differences_are_paired_bootstraps_over_problems(rng):
+    from opsd_jax.eval.metrics import paired_difference
+
+    problems = int(rng.integers(20, 60))
+    base, other = _counts(rng, problems), _counts(rng, problems)
+    seed = int(rng.integers(2**31))
+    changes = experiment.behaviour_differences(base, other, resamples=500, seed=seed)
+    assert set(changes) == set(experiment.BEHAVIOUR_RATES)
+    # With as many responses per problem, a per-response rate's ratio of sums is the mean of the
+    # per-problem rates: its interval is eval.metrics' paired bootstrap of those means.
+    for key in ("first_try_right", "unverified_slips_closed_per_response", "misses_closed_per_response"):
+        numerator = experiment.BEHAVIOUR_RATES[key][0]
+        want = paired_difference(base[numerator] / 16, other[numerator] / 16, resamples=500, seed=seed)
+        np.testing.assert_allclose(changes[key]["difference"], want["absolute"], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(changes[key]["ci95"], want["absolute_ci"], rtol=1e-12, atol=1e-15)
+    # A rate over another denominator is a ratio of sums, not a mean of ratios.
+    want = other["slips"].sum() / other["wrong_attempts"].sum() - base["slips"].sum() / base["wrong_attempts"].sum()
+    assert changes["slips_per_wrong_attempt"]["difference"] == want
+    low, high = changes["slips_per_wrong_attempt"]["ci95"]
+    assert low < want < high
+    same = experiment.behaviour_differences(base, base, resamples=200, seed=seed)
+    assert all(v == {"difference": 0.0, "ci95": [0.0, 0.0]} for v in same.values())
+
+
+def test_a_rate_with_no_denominator_has_no_change(rng):
+    base, other = _counts(rng, 12), _counts(rng, 12)
+    other["claims"][:] = 0  # no claimed success at all: verified and hedged shares are undefined
+    base["claims"][1:] = 0  # one problem with claims: resamples without it are left out
+    base["claims"][0] = 3
+    changes = experiment.behaviour_differences(base, other, resamples=300, seed=1)
+    assert changes["verified_claims"] is None and changes["hedged_claims"] is None
+    other["claims"][:] = 5
+    changes = experiment.behaviour_differences(base, other, resamples=300, seed=1)
+    assert np.isfinite(changes["verified_claims"]["ci95"]).all()
