@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 
@@ -47,6 +48,15 @@ def _pairs(rollout_set: RolloutSet, privilege: str, tokenizer):
         privileged.append(prompt_pair(r.problem, dataclasses.replace(section, privilege=privilege), tokenizer))
         vanilla.append(prompt_pair(r.problem, dataclasses.replace(section, privilege="none"), tokenizer))
     return privileged, vanilla
+
+
+def beyond_context(prompt_lengths, completion_lengths, limit: int) -> dict:
+    """{"rollouts", "tokens", "limit"}: how many rollouts, and how many of their tokens, a model
+    scores from positions at or past `limit` (its max_position_embeddings), where RoPE runs at
+    positions it was not trained at. Token t (from 0) of a completion after a p-token prompt is
+    predicted at position p + t - 1."""
+    tokens = [max(0, min(n, p + n - 1 - limit)) for p, n in zip(prompt_lengths, completion_lengths)]
+    return {"rollouts": sum(1 for t in tokens if t), "tokens": sum(tokens), "limit": limit}
 
 
 def group_metrics(token_ids, scores, marker_matches, thinking, categories, settings: AnalysisSettings,
@@ -156,6 +166,18 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
         rollout_set = read_rollouts(path, tokenizer)
         token_ids = [list(r.token_ids[: settings.max_tokens]) for r in rollout_set.rollouts]
         privileged_pairs, vanilla_pairs = _pairs(rollout_set, settings.privileged, tokenizer)
+        lengths = [len(ids) for ids in token_ids]
+        beyond = {name: beyond_context([len(getattr(pair, side)) for pair in pairs], lengths,
+                                       config.max_position_embeddings)
+                  for name, pairs, side, config in (
+                      ("student", privileged_pairs, "student_ids", student_config),
+                      ("privileged_teacher", privileged_pairs, "teacher_ids", teacher_config),
+                      ("vanilla_teacher", vanilla_pairs, "teacher_ids", teacher_config))}
+        for name, count in beyond.items():
+            if count["rollouts"]:
+                print(f"opsd-jax analyze: warning: {label}: {count['rollouts']} of {len(token_ids)} rollouts run past "
+                      f"the {name}'s context ({count['limit']} positions); {count['tokens']} of their tokens are "
+                      "scored at positions the model was not trained at", file=sys.stderr, flush=True)
         bar = tqdm(total=len(token_ids), desc=f"scoring {label}", unit="rollout", disable=not progress)
         # The same checkpoint as teacher: its weights go to the chips once.
         own_teacher = None if teacher_params is student_params else teacher_params
@@ -175,7 +197,8 @@ def analyze(rollout_paths, labels, student_checkpoints, teacher_checkpoint, out:
         groups[label] = group_metrics(token_ids, scores, matches, thinking, categories, settings, threshold,
                                       threshold_source, [r.problem.id for r in rollout_set.rollouts])
         threshold = groups[label]["fork_threshold_nats"]
-        groups[label].update(rollouts_file=os.path.abspath(path), student=os.path.abspath(student_path),
+        groups[label].update(beyond_context=beyond, rollouts_file=os.path.abspath(path),
+                             student=os.path.abspath(student_path),
                              vanilla_teacher_is_student=vanilla_teacher_is_student(own_teacher, vanilla_pairs))
     base = labels[0]
     differences = {label: metrics.marker_difference(groups[base]["_marker_rows"], g["_marker_rows"], categories,

@@ -56,12 +56,24 @@ def _divergence_lines(divergence: dict) -> list[str]:
     return lines + [""]
 
 
+def _beyond_context_lines(beyond: dict) -> list[str]:
+    """A warning paragraph per model that scored rollouts past its context (analyze.beyond_context)."""
+    lines = []
+    for name, count in beyond.items():
+        if count["rollouts"]:
+            lines += [f"**Past the context:** {count['rollouts']} rollouts run past the {name}'s {count['limit']} "
+                      f"positions; {count['tokens']} of their tokens are scored at positions the model was not "
+                      "trained at.", ""]
+    return lines
+
+
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# Diagnostics (privileged context: {s['privileged']})", ""]
     for label, g in result["groups"].items():
         lines += [f"## {label}", "", f"{g['rollouts']} rollouts, {g['tokens']} tokens ({g['thinking_tokens']} in "
                   f"thinking spans); student {g['student']}; rollouts {g['rollouts_file']}.", "",
+                  *_beyond_context_lines(g.get("beyond_context", {})),
                   f"Fork rate: share of positions with entropy > {g['fork_threshold_nats']:.4f} nats "
                   f"({g['fork_threshold_source']}); entropies are of the models' own distributions (temperature 1, "
                   "not the sampling temperature). 95% intervals: bootstrap over problems, each with all its "

@@ -157,6 +157,8 @@ def test_constructed_signs_and_cli_outputs(loaded, student_dir, tmp_path):
     with open(os.path.join(out, "report.md")) as f:
         report_text = f.read()
     assert "| backtracking | 1 |" in report_text
+    assert all(count["rollouts"] == 0 for count in group["beyond_context"].values())
+    assert "Past the context" not in report_text
     assert "Per-token divergence between the student and each teacher (generalized JSD, beta 0.5" in report_text
 
 
@@ -330,3 +332,52 @@ def test_eval_generations_of_a_suite_without_ids(loaded, tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in [header, record]) + "\n")
     (rollout,) = read_rollouts(str(path), tokenizer).rollouts
     assert (rollout.problem.problem, rollout.problem.answer, rollout.problem.solution) == ("Problem 1", "1", "s1")
+
+
+def test_beyond_context_counts_tokens_predicted_past_the_limit():
+    from opsd_jax.analysis.analyze import beyond_context
+
+    # Token t after a p-token prompt is predicted at position p + t - 1.
+    assert beyond_context([10], [5], 14) == {"rollouts": 0, "tokens": 0, "limit": 14}  # last at 13
+    assert beyond_context([10], [5], 13) == {"rollouts": 1, "tokens": 1, "limit": 13}
+    assert beyond_context([10, 20, 3], [5, 4, 2], 9) == {"rollouts": 2, "tokens": 5 + 4, "limit": 9}
+    assert beyond_context([], [], 9) == {"rollouts": 0, "tokens": 0, "limit": 9}
+
+
+def test_rollouts_past_a_models_context_are_counted_and_reported(loaded, student_dir, tmp_path, capsys):
+    """A worked solution long enough that the privileged teacher's context passes the tiny model's
+    512 positions while the student's and the vanilla teacher's do not: scored anyway, counted,
+    warned about and named in the report."""
+    from opsd_jax.cli import main
+
+    config, _, tokenizer, _ = loaded
+    limit = config.max_position_embeddings
+    tokens = tokenizer.encode(ROLLOUT_TEXT * 6, add_special_tokens=False)
+    rollouts = str(tmp_path / "rollouts.jsonl")
+    for repeats in range(1, 200):  # the shortest solution whose teacher context passes the limit
+        long_problem = Problem(id="long", problem="What is 6 * 7?",
+                               solution=" ".join(["seven sixes are 42."] * repeats), answer="42")
+        write_rollouts(rollouts, [Rollout(long_problem, tuple(tokens)), Rollout(PROBLEM, tuple(tokens), 1)],
+                       tokenizer)
+        privileged, vanilla = _pairs(read_rollouts(rollouts, tokenizer), "dense", tokenizer)
+        teacher_context = len(privileged[0].teacher_ids) + len(tokens)
+        if teacher_context - 1 > limit:
+            break
+    # The prompt itself fits: only the rollout's later tokens are predicted past the limit.
+    assert len(privileged[0].teacher_ids) < limit and len(privileged[0].student_ids) + len(tokens) < limit
+    assert len(privileged[1].teacher_ids) + len(tokens) < limit  # the short solution's rollout stays inside
+    out = str(tmp_path / "report")
+    assert main(["analyze", "--rollouts", rollouts, "--student", student_dir, "--privileged", "dense",
+                 "--out", out, "--no-progress"]) == 0
+    with open(os.path.join(out, "metrics.json")) as f:
+        group = json.load(f)["groups"]["rollouts"]
+    past = teacher_context - 1 - limit
+    assert group["beyond_context"] == {
+        "student": {"rollouts": 0, "tokens": 0, "limit": limit},
+        "privileged_teacher": {"rollouts": 1, "tokens": past, "limit": limit},
+        "vanilla_teacher": {"rollouts": 0, "tokens": 0, "limit": limit}}
+    assert np.isfinite(group["mean_entropy_nats"]["privileged_teacher"])
+    assert (f"rollouts: 1 of 2 rollouts run past the privileged_teacher's context ({limit} positions); {past} of "
+            "their tokens") in capsys.readouterr().err
+    with open(os.path.join(out, "report.md")) as f:
+        assert f"**Past the context:** 1 rollouts run past the privileged_teacher's {limit} positions" in f.read()
