@@ -157,6 +157,11 @@ class ObjectiveSection:
     reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     token_weighting: Literal["none", "top_student_entropy", "downweight_teacher_at_forks"] = "none"
     top_rho: float = 0.2  # share of highest student-entropy tokens kept / treated as forks
+    # The teacher context at fork tokens (the top_rho share by student entropy): privileged (the
+    # teacher prompt, as everywhere else) or vanilla (the teacher model on the student's own
+    # prompt, one more teacher forward): a fix to try where the privileged teacher reshapes the
+    # student at its forks, while it still teaches everywhere else.
+    fork_teacher: Literal["privileged", "vanilla"] = "privileged"
     fork_weight: float = 0.5  # weight of fork positions for downweight_teacher_at_forks
     discount: float = 1.0  # sampled_reverse_kl: advantage summed over future tokens with this discount
 
@@ -452,10 +457,18 @@ def check_ranges(config: RunConfig) -> RunConfig:
     return config
 
 
+def check_combinations(config: RunConfig) -> RunConfig:
+    """`config`, or a ConfigKeyError naming a key whose value another key rules out."""
+    if config.objective.fork_teacher == "vanilla" and config.objective.kind == "sft":
+        raise ConfigKeyError("objective.fork_teacher: vanilla scores fork tokens with the teacher on the student's "
+                             "prompt, and objective.kind sft consults no teacher")
+    return config
+
+
 def config_from_dict(data: dict) -> RunConfig:
-    """A RunConfig from a nested mapping, checked as a YAML file is (types, ranges; paths
-    resolved)."""
-    return check_ranges(resolve_paths(_build(RunConfig, data, "")))
+    """A RunConfig from a nested mapping, checked as a YAML file is (types, ranges, combinations;
+    paths resolved)."""
+    return check_combinations(check_ranges(resolve_paths(_build(RunConfig, data, ""))))
 
 
 def dump_config(config: RunConfig) -> str:

@@ -34,6 +34,13 @@ def _masked_quantile(values_BxT, mask_BxT, q: float):
     return jnp.nanquantile(jnp.where(mask_BxT, values_BxT, jnp.nan), q)
 
 
+def fork_positions(mask_BxT, student_entropy_BxT, top_rho: float):
+    """bool[B, T]: the loss tokens among the top-rho share by student entropy (stop-gradient):
+    the "forking" tokens, ties at the threshold included."""
+    entropy = jax.lax.stop_gradient(student_entropy_BxT)
+    return (entropy >= _masked_quantile(entropy, mask_BxT, 1.0 - top_rho)) & mask_BxT
+
+
 def token_weights(mask_BxT, student_entropy_BxT, kind: str = "none", *, top_rho: float = 0.2,
                   fork_weight: float = 0.5):
     """float32[B, T] per-token loss weights (stop-gradient), a pluggable function of entropies.
@@ -44,8 +51,7 @@ def token_weights(mask_BxT, student_entropy_BxT, kind: str = "none", *, top_rho:
     mask = mask_BxT.astype(jnp.float32)
     if kind == "none":
         return mask
-    entropy = jax.lax.stop_gradient(student_entropy_BxT)
-    forks_BxT = (entropy >= _masked_quantile(entropy, mask_BxT, 1.0 - top_rho)) & mask_BxT
+    forks_BxT = fork_positions(mask_BxT, student_entropy_BxT, top_rho)
     if kind == "top_student_entropy":
         return forks_BxT.astype(jnp.float32)
     if kind == "downweight_teacher_at_forks":

@@ -146,16 +146,24 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
             clamp="token" if objective.importance == "paper" else "sequence")
 
     kernel_weights_N = early = None
-    if objective.kind in _DIVERGENCES and gradient_in_forward(settings.kernel_impl, settings.mesh, tokens=B * T,
-                                                               vocab=head_s.shape[1]):
+    single_sweep = objective.kind in _DIVERGENCES and gradient_in_forward(
+        settings.kernel_impl, settings.mesh, tokens=B * T, vocab=head_s.shape[1])
+    if single_sweep or objective.fork_teacher == "vanilla":
         # The loss weights depend on the student's own entropies (token weighting) and target
-        # log-probs (importance); the kernel forms the gradients in its one sweep for the weights
-        # it is given, so get those two first (the student's projection alone, a quarter of the
-        # sweep) and pass the loss's final per-token cotangents.
+        # log-probs (importance), and so do the fork tokens a vanilla teacher scores; the kernel
+        # forms the gradients in its one sweep for the weights it is given, so get those two
+        # first (the student's projection alone, a quarter of the sweep) and pass the loss's
+        # final per-token cotangents.
         entropy_N, logprob_N = student_statistics(
             rows_s_NxD, head_s, temperature=objective.temperature, mask=mask_N, valid_vocab=settings.valid_vocab,
             targets=targets_N, mesh=settings.mesh)
         early = (entropy_N.reshape(B, T), logprob_N.reshape(B, T))
+    fork_share = None
+    if objective.fork_teacher == "vanilla":
+        forks_BxT = objectives.fork_positions(mask_BxT, early[0], objective.top_rho)
+        rows_t_BxTxD = _vanilla_teacher_at_forks(rows_t_BxTxD, teacher_params, batch, forks_BxT, settings)
+        fork_share = forks_BxT.sum() / jnp.maximum(mask_BxT.sum(), 1)
+    if single_sweep:
         early_weights = objectives.token_weights(mask_BxT, early[0], objective.token_weighting,
                                                  top_rho=objective.top_rho, fork_weight=objective.fork_weight)
         kernel_weights_N = objectives.loss_weights(early_weights, mask_BxT, importance(early[1]),
@@ -214,7 +222,19 @@ def loss_and_metrics(params, teacher_params, batch: Batch, settings: StepSetting
         "importance_ratio_max": scale_B.max(),
         "loss_tokens": mask_BxT.sum(),
     }
+    if fork_share is not None:
+        metrics["vanilla_teacher_share"] = fork_share  # of loss tokens: the forks
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+def _vanilla_teacher_at_forks(rows_t_BxTxD, teacher_params, batch: Batch, forks_BxT, settings: StepSettings):
+    """[B, T, D] teacher rows: at fork tokens the teacher's on the student's own context (the
+    vanilla teacher), elsewhere the given (privileged) ones. One head serves both: the contexts
+    differ, the teacher does not."""
+    hidden_v, _ = forward_hidden(teacher_params, settings.teacher, batch.student_tokens,
+                                 attention_mask=batch.student_mask)
+    rows_v_BxTxD = jax.lax.stop_gradient(_gather_rows(hidden_v, batch.student_index))
+    return jnp.where(forks_BxT[..., None], rows_v_BxTxD.astype(rows_t_BxTxD.dtype), rows_t_BxTxD)
 
 
 def accumulated_gradients(params, teacher_params, batch: Batch, settings: StepSettings):

@@ -299,3 +299,79 @@ def test_clipping_is_torch_clip_grad_norm(max_norm, norm_over_max, rng):
     torch.nn.utils.clip_grad_norm_(tensors, max_norm)
     for mine, theirs in zip(jax.tree.leaves(ours), tensors, strict=True):
         np.testing.assert_allclose(np.asarray(mine), theirs.grad.numpy(), rtol=2e-6, atol=0)
+
+
+def _with_privileged_prefix(batch: Batch, rng, prefix: int = 5) -> Batch:
+    """The batch with `prefix` context tokens (a stand-in for a privileged hint) before each
+    teacher context: the teacher's rows move by `prefix`, the student's stay."""
+    B = batch.student_tokens.shape[0]
+    hint = jnp.asarray(rng.integers(3, 500, (B, prefix)), jnp.int32)
+    teacher_tokens = jnp.concatenate([hint, batch.student_tokens], axis=1)
+    return batch._replace(teacher_tokens=teacher_tokens, teacher_mask=jnp.ones_like(teacher_tokens),
+                          teacher_index=batch.student_index + prefix)
+
+
+def _assert_same(result, reference, rel=2e-5):
+    (loss, _, grads), (ref_loss, _, ref_grads) = result, reference
+    assert loss == pytest.approx(ref_loss, rel=rel)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_grads), jax.tree.leaves(grads)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5 * np.abs(a).max(), err_msg=jax.tree_util.keystr(path))
+
+
+def _head_gradients_differ(result, other):
+    """Whether two steps' head gradients differ far beyond `_assert_same`'s tolerance (the loss
+    of a fresh model is a tiny JSD whose value can move less than its gradient does)."""
+    a, b = np.asarray(result[2]["lm_head"]), np.asarray(other[2]["lm_head"])
+    return np.abs(a - b).max() > 1e-2 * np.abs(b).max()
+
+
+def test_a_vanilla_teacher_at_forks_scores_them_on_the_students_context(model, rng):
+    """objective.fork_teacher=vanilla: at fork tokens (top_rho by student entropy) the teacher
+    reads the student's own context, elsewhere its privileged one.
+    - Every loss token a fork (top_rho 1): the step equals the privileged step on a batch whose
+      teacher context is the student's.
+    - The student as its own teacher: at forks the teacher is then the student itself (zero
+      divergence, zero gradient), so the step equals the privileged step with the forks' loss
+      weighted 0 (downweight_teacher_at_forks, fork_weight 0), while the privileged step without
+      that weighting differs."""
+    params, teacher = _params(model, rng)
+    batch = _with_privileged_prefix(_batch(rng), rng)
+    unprivileged = batch._replace(teacher_tokens=batch.student_tokens, teacher_mask=batch.student_mask,
+                                  teacher_index=batch.student_index)
+
+    def run(objective, teacher_params, data):
+        settings = StepSettings(student=model, teacher=model, objective=objective, valid_vocab=500)
+        return _loss_and_grads(params, teacher_params, data, settings)
+
+    everywhere = ObjectiveSection(kind="jsd", skip_first=1, fork_teacher="vanilla", top_rho=1.0)
+    result = run(everywhere, teacher, batch)
+    assert float(result[1]["vanilla_teacher_share"]) == 1.0
+    _assert_same(result, run(ObjectiveSection(kind="jsd", skip_first=1), teacher, unprivileged))
+    assert _head_gradients_differ(result, run(ObjectiveSection(kind="jsd", skip_first=1), teacher, batch))
+
+    for _ in range(50):  # forks decided by entropies clear of float32 noise at the threshold
+        objective = ObjectiveSection(kind="jsd", skip_first=1, fork_teacher="vanilla", top_rho=0.3)
+        if _threshold_is_clear(model, params, batch, objective):
+            break
+        params, teacher = _params(model, rng)
+        batch = _with_privileged_prefix(_batch(rng), rng)
+    else:
+        raise AssertionError("no draw of 50 had its entropy threshold clear of float32 noise")
+    result = run(objective, params, batch)
+    share = float(result[1]["vanilla_teacher_share"])
+    assert 0 < share < 1
+    silenced = ObjectiveSection(kind="jsd", skip_first=1, top_rho=0.3, token_weighting="downweight_teacher_at_forks",
+                                fork_weight=0.0)
+    _assert_same(result, run(silenced, params, batch), rel=1e-4)
+    assert _head_gradients_differ(result, run(ObjectiveSection(kind="jsd", skip_first=1), params, batch))
+
+
+def test_a_vanilla_fork_teacher_needs_a_teacher():
+    from opsd_jax.config import ConfigKeyError, config_from_dict
+
+    with pytest.raises(ConfigKeyError, match="objective.fork_teacher: vanilla .* sft"):
+        config_from_dict({"objective": {"kind": "sft", "fork_teacher": "vanilla"}})
+    with pytest.raises(ConfigKeyError, match="fork_teacher"):
+        config_from_dict({"objective": {"fork_teacher": "both"}})
+    assert config_from_dict({"objective": {"fork_teacher": "vanilla"}}).objective.fork_teacher == "vanilla"
