@@ -289,7 +289,7 @@ def _demo(args) -> int:
     out = args.out or user_path(default_output_dir())
     settings = ExperimentSettings(train_problems=args.train_problems, eval_problems=args.eval_problems,
                                   steps=args.steps, batch_size=args.batch_size, samples=args.samples, seed=args.seed,
-                                  seeds=args.seeds,
+                                  seeds=args.seeds, fixes=args.fixes,
                                   **({"checkpoints": args.checkpoints} if args.checkpoints else {}))
     print(f"toy-world experiment -> {out}", flush=True)
     result = run_experiment(out, settings)
@@ -452,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-problems", type=int, default=toy.train_problems)
     demo.add_argument("--eval-problems", type=int, default=toy.eval_problems)
     demo.add_argument("--seed", type=int, default=toy.seed)
+    demo.add_argument("--fixes", action="store_true",
+                      help="also train OPSD dense with the vanilla teacher at fork tokens (objective.fork_teacher), "
+                           "and report it against OPSD dense and the base")
     demo.add_argument("--checkpoints", type=user_path, help="warm-started models (default: those shipped; "
                                                             "`opsd-jax toyworld warmstart` writes them)")
     demo.set_defaults(run=_demo)

@@ -162,10 +162,11 @@ def test_selfcheck_with_no_arguments(tmp_path):
 
 
 def test_demo_on_a_shrunken_world(tmp_path):
-    """The README's main command with the world shrunk (few problems, two steps): every output file
-    and every report line is produced, under the default relative output folder."""
+    """The README's main command with the world shrunk (few problems, two steps) and the fix to try
+    added (`--fixes`): every output file and every report line is produced, under the default
+    relative output folder."""
     result = subprocess.run([*_command(), "demo", "--steps", "2", "--batch-size", "4", "--samples", "2",
-                             "--train-problems", "8", "--eval-problems", "6"], cwd=tmp_path,
+                             "--train-problems", "8", "--eval-problems", "6", "--fixes"], cwd=tmp_path,
                             env=_environment(tmp_path), capture_output=True, text=True, timeout=900)
     # A shrunken world may miss a precondition (exit 1, said so); anything else is a failure.
     assert result.returncode in (0, 1), f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -179,23 +180,28 @@ def test_demo_on_a_shrunken_world(tmp_path):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert [c["claim"] for c in metrics["claims"]] == [1, 2, 3, 4, 5]
-    assert set(metrics["accuracy"]) == {"base", "instruct", "vanilla_opd", "privileged_opd", "opsd_dense",
-                                        "opsd_sparse"}
+    trained = {"vanilla_opd", "privileged_opd", "opsd_dense", "opsd_sparse", "opsd_dense_vanilla_forks"}
+    assert set(metrics["accuracy"]) == {"base", "instruct"} | trained
     report = (out / "report.md").read_text()
     for claim in metrics["claims"]:
         assert f"| ({claim['claim']}) {claim['text']} | {claim['verdict']} |" in report
         assert f"claim {claim['claim']}" in result.stdout
     assert len(metrics["preconditions"]) == 3
     # Trace behaviour of every thinking model (the instruct model does not search).
-    assert set(metrics["behaviour"]) == {"base", "vanilla_opd", "privileged_opd", "opsd_dense", "opsd_sparse"}
+    assert set(metrics["behaviour"]) == {"base"} | trained
     assert all(rates["responses"] == 2 * 6 * (1 if name == "base" else 2)
                for name, rates in metrics["behaviour"].items())
     assert "## Trace behaviour" in report and "trace behaviour" in result.stdout
     # and each trained model's change from the base thinker, with its interval.
-    assert set(metrics["behaviour_vs_base"]) == {"vanilla_opd", "privileged_opd", "opsd_dense", "opsd_sparse"}
+    assert set(metrics["behaviour_vs_base"]) == trained
     for name, changes in metrics["behaviour_vs_base"].items():
         tries = changes["attempts_per_response"]
         assert tries["difference"] == pytest.approx(metrics["behaviour"][name]["attempts_per_response"]
                                                     - metrics["behaviour"]["base"]["attempts_per_response"])
         assert tries["ci95"][0] <= tries["ci95"][1]
         assert f"| {name} - base | {tries['difference']:+.3f} [" in report
+    # The fix: trained like the others, its line against OPSD dense and the base.
+    (fix,) = metrics["fixes"]
+    assert fix["fix"] == "opsd_dense_vanilla_forks" and fix["evidence"].startswith("- OPSD dense: ")
+    assert f"fix opsd_dense_vanilla_forks: {fix['text']}; {fix['evidence']}" in result.stdout
+    assert "## Fixes tried" in report and "opsd_dense_vanilla_forks" in metrics["markers_per_1k"]

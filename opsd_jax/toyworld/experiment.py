@@ -35,6 +35,7 @@ class Condition:
     name: str
     teacher: str  # "self" (frozen student) or "strong"
     privilege: str  # none | dense | sparse
+    fork_teacher: str = "privileged"  # objective.fork_teacher
 
 
 CONDITIONS = (
@@ -43,6 +44,10 @@ CONDITIONS = (
     Condition("opsd_dense", "self", "dense"),
     Condition("opsd_sparse", "self", "sparse"),
 )
+# Fixes to try (`opsd-jax demo --fixes`): OPSD dense whose fork tokens (the top 20% by student
+# entropy, where the paper finds the privileged teacher reshapes learning) are scored by the
+# frozen thinker on the student's own prompt.
+FIXES = (Condition("opsd_dense_vanilla_forks", "self", "dense", fork_teacher="vanilla"),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,12 @@ class ExperimentSettings:
     seed: int = 0
     seeds: int = 2  # training runs per condition (seed, seed + 1, ...), evaluated separately
     checkpoints: str = warmstart.SHIPPED
+    fixes: bool = False  # also train and evaluate the FIXES conditions
+
+
+def conditions(settings: ExperimentSettings) -> tuple[Condition, ...]:
+    """The conditions a run trains: the paper's, then the fixes when asked for."""
+    return CONDITIONS + (FIXES if settings.fixes else ())
 
 
 def write_world(root: str, settings: ExperimentSettings) -> tuple[str, str]:
@@ -87,7 +98,8 @@ def condition_config(condition: Condition, settings: ExperimentSettings, data_pa
         "prompt": {"privilege": condition.privilege, "student_suffix": "", "teacher_template": world.TEACHER_TEMPLATE},
         "sampling": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": settings.max_tokens,
                      "max_slots": settings.batch_size},
-        "objective": {"kind": "jsd", "beta": 0.5, "skip_first": 3, "importance_cap": 2.0},
+        "objective": {"kind": "jsd", "beta": 0.5, "skip_first": 3, "importance_cap": 2.0,
+                      "fork_teacher": condition.fork_teacher},
         "optimizer": {"learning_rate": settings.learning_rate, "warmup_ratio": 0.1},
         "train": {"output_dir": run_dir, "steps": settings.steps, "batch_size": settings.batch_size, "mesh": "1,-1,1",
                   "seed": seed, "checkpoint_every": settings.steps, "keep_checkpoints": 1,
@@ -152,7 +164,7 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
               "instruct": os.path.join(settings.checkpoints, "instruct")}
     histories = {}
     for replica in range(settings.seeds):
-        for condition in CONDITIONS:
+        for condition in conditions(settings):
             label = model_label(condition.name, replica)
             log(f"[{time.perf_counter() - started:5.0f}s] training {label}: teacher {condition.teacher}, privilege "
                 f"{condition.privilege}, {settings.steps} steps x {settings.batch_size} rollouts, seed "
@@ -166,7 +178,7 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
                                     thinking=name != "instruct")
     generations = {name: os.path.join(out, "eval", name, "toy_eval", "generations.jsonl") for name in models}
     log(f"[{time.perf_counter() - started:5.0f}s] analyzing rollouts")
-    thinker_labels = ["base", "opsd_dense", "opsd_sparse"]
+    thinker_labels = ["base", "opsd_dense", "opsd_sparse"] + [c.name for c in FIXES if settings.fixes]
     analysis = {
         # OPSD's own teacher (the frozen thinker with the worked solution) on base and trained rollouts.
         "opsd": analyze_groups([generations[n] for n in thinker_labels], thinker_labels,
@@ -190,7 +202,7 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
 def model_groups(settings: ExperimentSettings) -> dict[str, list[str]]:
     """{model: the evaluated labels it pools}: base and instruct alone, a condition its seeds."""
     groups = {"base": ["base"], "instruct": ["instruct"]}
-    groups.update({c.name: [model_label(c.name, r) for r in range(settings.seeds)] for c in CONDITIONS})
+    groups.update({c.name: [model_label(c.name, r) for r in range(settings.seeds)] for c in conditions(settings)})
     return groups
 
 
@@ -411,11 +423,20 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
                    "evidence": f"markers per 1k tokens: base {base_rate:.1f}; OPSD dense - base "
                                f"{fmt((dense['difference'], dense['ci95']))}; OPSD sparse - base "
                                f"{fmt((sparse['difference'], sparse['ci95']))}"})
+    fixes = []
+    for fix in (FIXES if settings.fixes else ()):
+        long_vs_dense, short_vs_dense = (difference(fix.name, b, base="opsd_dense") for b in (longest, shortest))
+        long_vs_base, short_vs_base = (difference(fix.name, b) for b in (longest, shortest))
+        markers = analysis["opsd"]["marker_differences_vs_base"][fix.name]["any"]
+        fixes.append({"fix": fix.name, "text": "OPSD dense with the vanilla teacher (no hint) at fork tokens",
+                      "evidence": f"- OPSD dense: {fmt(long_vs_dense)} at {longest} tokens, {fmt(short_vs_dense)} at "
+                                  f"{shortest}; - base: {fmt(long_vs_base)} at {longest}, {fmt(short_vs_base)} at "
+                                  f"{shortest}; markers per 1k - base {fmt((markers['difference'], markers['ci95']))}"})
     behaviour = {name: behaviour_rates(counts) for name, counts in behaviour_counts.items()}
     behaviour_vs_base = {name: behaviour_differences(behaviour_counts["base"], counts, seed=settings.seed)
                          for name, counts in behaviour_counts.items() if name != "base"}
     return {"settings": dataclasses.asdict(settings), "accuracy": accuracy, "claims": claims,
-            "behaviour": behaviour, "behaviour_vs_base": behaviour_vs_base,
+            "behaviour": behaviour, "behaviour_vs_base": behaviour_vs_base, "fixes": fixes,
             "preconditions": preconditions_check(accuracy, analysis, shortest, longest),
             "training": {name: {"first_loss": h[0]["loss"], "last_loss": h[-1]["loss"]} for name, h in histories.items()},
             "markers_per_1k": {label: g["markers"]["any"]["per_1k_tokens"]
@@ -454,6 +475,8 @@ def console_table(result: dict) -> str:
         lines.append(f"precondition {'ok ' if p['ok'] else 'FAILED'} {p['check']}: {p['value']}")
     for c in result["claims"]:
         lines.append(f"claim {c['claim']} {c['verdict']:>15}: {c['text']}; {c['evidence']}")
+    for fix in result["fixes"]:
+        lines.append(f"fix {fix['fix']}: {fix['text']}; {fix['evidence']}")
     return "\n".join(lines)
 
 
@@ -472,6 +495,9 @@ def report_markdown(result: dict) -> str:
              f"Settings: `{json.dumps(result['settings'])}`; wall time {result['seconds']:.0f} s.", "",
              "## Claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
     lines += [f"| ({c['claim']}) {c['text']} | {c['verdict']} | {c['evidence']} |" for c in result["claims"]]
+    if result["fixes"]:
+        lines += ["", "## Fixes tried", "", "| fix | condition | accuracy changes [95% CI] |", "|---|---|---|"]
+        lines += [f"| {fix['fix']} | {fix['text']} | {fix['evidence']} |" for fix in result["fixes"]]
     lines += ["", "## Preconditions", "", "| check | value | ok |", "|---|---|---|"]
     lines += [f"| {p['check']} | {p['value']} | {p['ok']} |" for p in result["preconditions"]]
     lines += ["", "## avg@n accuracy by token budget", "",
@@ -553,4 +579,4 @@ def copy_checkpoints(destination: str) -> str:
     return destination
 
 
-__all__ = ["CONDITIONS", "ExperimentSettings", "console_table", "run_experiment"]
+__all__ = ["CONDITIONS", "FIXES", "ExperimentSettings", "console_table", "run_experiment"]
