@@ -461,16 +461,22 @@ def preconditions_check(accuracy: dict, analysis: dict, shortest, longest) -> li
 # ---- output ------------------------------------------------------------------------------------
 
 
+def _name_width(names) -> int:
+    """The console tables' first column: 16 characters, wider for a longer model name."""
+    return max(16, *(len(name) + 1 for name in names))
+
+
 def console_table(result: dict) -> str:
     budgets = list(result["accuracy"]["base"])
-    lines = [f"{'model':16}" + "".join(f"{'@' + b:>8}" for b in budgets) + f"{'markers/1k':>12}"]
+    width = _name_width(result["accuracy"])
+    lines = [f"{'model':{width}}" + "".join(f"{'@' + b:>8}" for b in budgets) + f"{'markers/1k':>12}"]
     for name, by_budget in result["accuracy"].items():
         rate = result["markers_per_1k"].get(name)
-        lines.append(f"{name:16}" + "".join(f"{by_budget[b]['accuracy']:>8.3f}" for b in budgets)
+        lines.append(f"{name:{width}}" + "".join(f"{by_budget[b]['accuracy']:>8.3f}" for b in budgets)
                      + (f"{rate:>12.1f}" if rate is not None else f"{'':>12}"))
     lines.append("")
     if result["behaviour"]:
-        lines += [behaviour_table(result["behaviour"]), ""]
+        lines += [behaviour_table(result["behaviour"], width), ""]
     for p in result["preconditions"]:
         lines.append(f"precondition {'ok ' if p['ok'] else 'FAILED'} {p['check']}: {p['value']}")
     for c in result["claims"]:
@@ -480,11 +486,11 @@ def console_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def behaviour_table(behaviour: dict) -> str:
-    """The trace-behaviour rates per model as console text."""
-    lines = [f"{'trace behaviour':16}" + "".join(f"{title:>14}" for _, title in BEHAVIOUR_COLUMNS)]
+def behaviour_table(behaviour: dict, width: int = 16) -> str:
+    """The trace-behaviour rates per model as console text, the names in a `width`-wide column."""
+    lines = [f"{'trace behaviour':{width}}" + "".join(f"{title:>14}" for _, title in BEHAVIOUR_COLUMNS)]
     for name, rates in behaviour.items():
-        lines.append(f"{name:16}" + "".join(f"{rates[key]:>14.3f}" if rates[key] is not None else f"{'-':>14}"
+        lines.append(f"{name:{width}}" + "".join(f"{rates[key]:>14.3f}" if rates[key] is not None else f"{'-':>14}"
                                             for key, _ in BEHAVIOUR_COLUMNS))
     return "\n".join(lines)
 
