@@ -202,6 +202,6 @@ def test_demo_on_a_shrunken_world(tmp_path):
         assert f"| {name} - base | {tries['difference']:+.3f} [" in report
     # The fix: trained like the others, its line against OPSD dense and the base.
     (fix,) = metrics["fixes"]
-    assert fix["fix"] == "opsd_dense_vanilla_forks" and fix["evidence"].startswith("- OPSD dense: ")
+    assert fix["fix"] == "opsd_dense_vanilla_forks" and fix["evidence"].startswith("- opsd_dense: ")
     assert f"fix opsd_dense_vanilla_forks: {fix['text']}; {fix['evidence']}" in result.stdout
     assert "## Fixes tried" in report and "opsd_dense_vanilla_forks" in metrics["markers_per_1k"]

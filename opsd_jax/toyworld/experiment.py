@@ -36,6 +36,7 @@ class Condition:
     teacher: str  # "self" (frozen student) or "strong"
     privilege: str  # none | dense | sparse
     fork_teacher: str = "privileged"  # objective.fork_teacher
+    text: str = ""  # what a fix changes, for its report line
 
 
 CONDITIONS = (
@@ -47,7 +48,8 @@ CONDITIONS = (
 # Fixes to try (`opsd-jax demo --fixes`): OPSD dense whose fork tokens (the top 20% by student
 # entropy, where the paper finds the privileged teacher reshapes learning) are scored by the
 # frozen thinker on the student's own prompt.
-FIXES = (Condition("opsd_dense_vanilla_forks", "self", "dense", fork_teacher="vanilla"),)
+FIXES = (Condition("opsd_dense_vanilla_forks", "self", "dense", fork_teacher="vanilla",
+                   text="OPSD dense with the vanilla teacher (no hint) at fork tokens"),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,12 +427,14 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
                                f"{fmt((sparse['difference'], sparse['ci95']))}"})
     fixes = []
     for fix in (FIXES if settings.fixes else ()):
-        long_vs_dense, short_vs_dense = (difference(fix.name, b, base="opsd_dense") for b in (longest, shortest))
+        # Against the paper's condition it changes (same teacher and privilege) and the base.
+        unfixed = next(c.name for c in CONDITIONS if (c.teacher, c.privilege) == (fix.teacher, fix.privilege))
+        long_vs_unfixed, short_vs_unfixed = (difference(fix.name, b, base=unfixed) for b in (longest, shortest))
         long_vs_base, short_vs_base = (difference(fix.name, b) for b in (longest, shortest))
         markers = analysis["opsd"]["marker_differences_vs_base"][fix.name]["any"]
-        fixes.append({"fix": fix.name, "text": "OPSD dense with the vanilla teacher (no hint) at fork tokens",
-                      "evidence": f"- OPSD dense: {fmt(long_vs_dense)} at {longest} tokens, {fmt(short_vs_dense)} at "
-                                  f"{shortest}; - base: {fmt(long_vs_base)} at {longest}, {fmt(short_vs_base)} at "
+        fixes.append({"fix": fix.name, "text": fix.text,
+                      "evidence": f"- {unfixed}: {fmt(long_vs_unfixed)} at {longest} tokens, {fmt(short_vs_unfixed)} "
+                                  f"at {shortest}; - base: {fmt(long_vs_base)} at {longest}, {fmt(short_vs_base)} at "
                                   f"{shortest}; markers per 1k - base {fmt((markers['difference'], markers['ci95']))}"})
     behaviour = {name: behaviour_rates(counts) for name, counts in behaviour_counts.items()}
     behaviour_vs_base = {name: behaviour_differences(behaviour_counts["base"], counts, seed=settings.seed)
