@@ -30,6 +30,7 @@ from opsd_jax.config import RunConfig, dump_config, resolve_paths
 from opsd_jax.data.sources import read_problems, problem_dataset
 from opsd_jax.distill.prompts import prompt_pair, truncate_left
 from opsd_jax.distill.train_step import Batch, StepSettings, TrainState, make_optimizer, train_step
+from opsd_jax.distill.utilization import step_flops, utilization_metrics
 from opsd_jax.parallel import logical_sharding, make_mesh, parse_mesh_shape
 from opsd_jax.paths import user_path
 from opsd_jax.sampler import Engine, Orchestrator, SamplerConfig, SamplingParams
@@ -291,6 +292,7 @@ class Trainer:
         writer = MetricsWriter(c.train.output_dir, start_step)
         watcher = PreemptionWatcher(self.process_count).start()
         history = []
+        flops = None  # counted when the first step compiles
         try:
             sampler = (contextlib.nullcontext() if supervised
                        else Orchestrator(engine, self._sampler_weights(state.params)))
@@ -320,6 +322,15 @@ class Trainer:
                                         completion_length=completion_length,
                                         processed_logprobs=c.objective.importance == "paper")
                     device_batch = self._global_batch(batch, batch_sharding)
+                    compile_seconds = 0.0
+                    if flops is None:
+                        # Compiled ahead of the first call to count its FLOPs; jit's call below
+                        # finds this executable in its cache, so the step compiles once.
+                        compile_started = time.perf_counter()
+                        flops = step_flops(step_fn.lower(state, device_batch).compile(), self.mesh.devices.flat[0])
+                        compile_seconds = time.perf_counter() - compile_started
+                        if self.process_index == 0:
+                            print(flops.describe(), flush=True)
                     new_state, metrics = step_fn(state, device_batch)
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     updated = time.perf_counter()
@@ -337,7 +348,10 @@ class Trainer:
                         "update_seconds": updated - sampled,
                         "tokens_per_second": float(sum(lengths)) / (updated - started),
                         "skipped_overlong_prompts": skipped,
+                        **utilization_metrics(flops, updated - sampled - compile_seconds),
                     })
+                    if compile_seconds:
+                        metrics["compile_seconds"] = compile_seconds
                     history.append({"step": step + 1, **metrics, "problem_ids": problem_ids})
                     if c.train.save_rollouts_every and (step + 1) % c.train.save_rollouts_every == 0:
                         self._save_rollouts(step + 1, batch_items, completions, tokenizer)

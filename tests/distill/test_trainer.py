@@ -56,6 +56,9 @@ def test_end_to_end_on_a_sharded_mesh(model_dir, tmp_path):
     assert all(np.isfinite(h["loss"]) and h["loss_tokens"] > 0 for h in history)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2] and len(records[0]["problem_ids"]) == 4
+    # the step compiles once, timed apart from the update whose utilization is logged (no peak on CPU)
+    assert records[0]["compile_seconds"] > 0 and "compile_seconds" not in records[1]
+    assert all(r["update_tflops_per_chip"] > 0 and "update_peak_fraction" not in r for r in records)
     ids = [p.id for p in read_problems(DATA)]
     assert [r["problem_ids"] for r in records] == [[ids[i] for i in chunk] for chunk in
                                                    paper_order(len(ids), seed=42, batch_size=4).reshape(-1, 4)[:2]]
