@@ -9,6 +9,7 @@ characters a match covers map to tokens exactly, whatever the tokenizer does at 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 
@@ -55,6 +56,11 @@ def load_markers(path: str | None = None) -> dict[str, list[str]]:
 
 
 def _pattern(phrases: list[str]) -> re.Pattern:
+    return _compiled_pattern(tuple(phrases))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_pattern(phrases: tuple[str, ...]) -> re.Pattern:
     # Longest first so "let me check again" wins over "let me check"; lookarounds instead of \b so
     # phrases that start or end with punctuation ("double-check", "hmm...") still need a word edge.
     parts = [r"\s+".join(re.escape(w) for w in p.split()) for p in sorted(set(phrases), key=len, reverse=True)]
@@ -96,6 +102,12 @@ def find_markers(text: str, char_end_T: np.ndarray, markers: dict[str, list[str]
             first = int(np.searchsorted(char_end_T, m.start(), side="right"))
             matches.append(MarkerMatch(category, m.group(0), m.start(), m.end(), first))
     return sorted(matches, key=lambda m: (m.char_start, m.category))
+
+
+def text_marker_counts(text: str, markers: dict[str, list[str]]) -> dict[str, int]:
+    """{category: occurrences in `text`}, matched as `find_markers` matches them; no token offsets
+    needed, so one decode of a whole rollout serves (the trainer counts every step's rollouts)."""
+    return {category: sum(1 for _ in _pattern(phrases).finditer(text)) for category, phrases in markers.items()}
 
 
 def marker_counts(matches: list[MarkerMatch], categories) -> dict[str, int]:

@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from opsd_jax.analysis.markers import load_markers, text_marker_counts
+from opsd_jax.analysis.metrics import marker_table
 from opsd_jax.checkpoint.loading import default_stop_token_ids, load_for_serving
 from opsd_jax.config import RunConfig, dump_config, resolve_paths
 from opsd_jax.data.sources import read_problems, problem_dataset
@@ -293,6 +295,7 @@ class Trainer:
         watcher = PreemptionWatcher(self.process_count).start()
         history = []
         flops = None  # counted when the first step compiles
+        markers = load_markers()  # self-correction phrases (analysis/markers.yaml), counted every step
         try:
             sampler = (contextlib.nullcontext() if supervised
                        else Orchestrator(engine, self._sampler_weights(state.params)))
@@ -339,10 +342,15 @@ class Trainer:
                         raise TrainingError(f"non-finite loss at step {step}; batch saved to {path}; "
                                             "no checkpoint was written for this step")
                     state = new_state
-                    problem_ids, lengths, truncated = self._global_rollout_record(batch_items, completions,
-                                                                                  problem_position, problems)
+                    marker_counts_LxC = [list(text_marker_counts(tokenizer.decode(
+                        c.token_ids, skip_special_tokens=False), markers).values()) for c in completions]
+                    problem_ids, lengths, truncated, marker_counts_BxC = self._global_rollout_record(
+                        batch_items, completions, problem_position, problems, marker_counts_LxC)
+                    metrics.update(rollout_marker_rates(marker_counts_BxC, lengths, markers))
                     metrics.update({
                         "rollout_length_mean": float(np.mean(lengths)),
+                        "rollout_length_min": float(np.min(lengths)),
+                        "rollout_length_max": float(np.max(lengths)),
                         "truncation_rate": float(np.mean(truncated)),
                         "sampling_seconds": sampled - started,
                         "update_seconds": updated - sampled,
@@ -402,18 +410,19 @@ class Trainer:
         total = sum(leaf.nbytes for leaf in jax.tree.leaves(saved))
         print(f"preemption: {describe(total, hosts=self.process_count)}", flush=True)
 
-    def _global_rollout_record(self, batch_items, completions, problem_position, problems):
-        """(problem ids, completion lengths, truncated flags) of the whole step's batch in global
-        order (process 0's rows first), gathered from every process: the metrics describe the
-        step's batch, not process 0's share of it."""
-        local_LxF = np.array([[problem_position[problem.id], len(c.token_ids), c.finish_reason == "length"]
-                              for (problem, _), c in zip(batch_items, completions)], np.int64)
+    def _global_rollout_record(self, batch_items, completions, problem_position, problems, marker_counts_LxC):
+        """(problem ids, completion lengths, truncated flags, [B, categories] marker counts) of the
+        whole step's batch in global order (process 0's rows first), gathered from every process:
+        the metrics describe the step's batch, not process 0's share of it."""
+        local_LxF = np.array([[problem_position[problem.id], len(c.token_ids), c.finish_reason == "length", *counts]
+                              for (problem, _), c, counts in zip(batch_items, completions, marker_counts_LxC)],
+                             np.int64)
         if self.process_count > 1:
             from jax.experimental import multihost_utils
 
             local_LxF = np.asarray(multihost_utils.process_allgather(local_LxF)).reshape(-1, local_LxF.shape[-1])
         return ([problems[i][0].id for i in local_LxF[:, 0].tolist()], local_LxF[:, 1].tolist(),
-                local_LxF[:, 2].astype(bool).tolist())
+                local_LxF[:, 2].astype(bool).tolist(), local_LxF[:, 3:])
 
     def _save_rollouts(self, step: int, batch_items, completions, tokenizer) -> None:
         """This process's rollouts of `step`, for `opsd-jax analyze`; rewritten whole on a resumed
@@ -443,6 +452,18 @@ class Trainer:
 
 
 # ---- the step as the loop jits it (shared with `opsd-jax plan`) -----------------------------------
+
+
+def rollout_marker_rates(counts_BxC, lengths_B, markers: dict[str, list[str]]) -> dict[str, float]:
+    """Self-correction markers per 1,000 completion tokens in one step's rollouts, in all and per
+    category (`markers_per_1k_tokens`, `markers_per_1k_tokens_<category>`), pooled over the batch
+    as `opsd-jax analyze` pools them: the paper ties OPSD's losses to these phrases going quiet,
+    and this shows when in training they do. Empty when the batch has no completion tokens."""
+    if not sum(lengths_B):
+        return {}
+    rows = [(length, dict(zip(markers, counts))) for length, counts in zip(lengths_B, np.asarray(counts_BxC).tolist())]
+    return {"markers_per_1k_tokens" if category == "any" else f"markers_per_1k_tokens_{category}": row["per_1k_tokens"]
+            for category, row in marker_table(rows, markers).items()}
 
 
 def reference_completion(problem, tokenizer, stop_token_ids, max_tokens: int) -> Completion:

@@ -1,6 +1,6 @@
 import pytest
 
-from opsd_jax.analysis.markers import find_markers, load_markers, marker_counts, token_pieces
+from opsd_jax.analysis.markers import find_markers, load_markers, marker_counts, text_marker_counts, token_pieces
 from opsd_jax.testing import qwen3_tokenizer_dir
 
 
@@ -70,6 +70,23 @@ def test_counts_per_category_and_length_normalization(qwen3):
     both = marker_table(rows, ("verification", "backtracking", "hedging"))
     assert both["hedging"]["per_1k_tokens"] == pytest.approx(1000 * 4 / (rows[0][0] + rows[1][0]))
     assert both["hedging"]["per_1k_tokens"] < table["hedging"]["per_1k_tokens"]
+
+
+def test_counts_from_text_alone_are_the_token_mapped_counts(qwen3, rng):
+    """The trainer counts each step's markers from one decode of the rollout; `analyze` maps them
+    to tokens. Random texts of marker phrases (any case, any whitespace inside), words that only
+    contain them, and filler: both count the same."""
+    markers = load_markers()
+    phrases = [p for ps in markers.values() for p in ps]
+    words = phrases + ["awaited", "maybes", "unverified", "the", "sum", "is", "4.", "\n\n", "日本", "x=3,"]
+    for _ in range(20):
+        pieces = []
+        for word in rng.choice(words, size=int(rng.integers(5, 40))):
+            word = word.upper() if rng.random() < 0.2 else word
+            pieces.append(word.replace(" ", str(rng.choice([" ", "  ", "\n"]))))
+        text = " ".join(pieces)
+        ids, matches = _matches(qwen3, text, markers)
+        assert text_marker_counts(text, markers) == marker_counts(matches, markers), text
 
 
 def test_bad_marker_files(tmp_path):

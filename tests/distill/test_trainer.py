@@ -42,6 +42,8 @@ def _overrides(model_dir, output_dir, **extra):
 def test_end_to_end_on_a_sharded_mesh(model_dir, tmp_path):
     import transformers
 
+    from opsd_jax.analysis.markers import find_markers, load_markers, marker_counts, token_pieces
+    from opsd_jax.analysis.metrics import marker_table
     from opsd_jax.analysis.rollouts import read_rollouts
 
     from opsd_jax.data import read_problems
@@ -66,10 +68,32 @@ def test_end_to_end_on_a_sharded_mesh(model_dir, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "2").exists()
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["steps"] == 2
     assert os.listdir(tmp_path / "run" / "rollouts") == ["step000002.jsonl"]
-    saved = read_rollouts(str(tmp_path / "run" / "rollouts" / "step000002.jsonl"),
-                          transformers.AutoTokenizer.from_pretrained(model_dir))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    saved = read_rollouts(str(tmp_path / "run" / "rollouts" / "step000002.jsonl"), tokenizer)
     assert [r.problem.id for r in saved.rollouts] == records[1]["problem_ids"]
     assert all(1 <= len(r.token_ids) <= 8 for r in saved.rollouts)
+    lengths = [len(r.token_ids) for r in saved.rollouts]
+    assert (records[1]["rollout_length_min"], records[1]["rollout_length_max"]) == (min(lengths), max(lengths))
+    # the step's marker rates as `opsd-jax analyze` counts them in the saved rollouts
+    markers = load_markers()
+    rows = []
+    for rollout in saved.rollouts:
+        text, ends = token_pieces(tokenizer, rollout.token_ids)
+        rows.append((len(rollout.token_ids), marker_counts(find_markers(text, ends, markers), markers)))
+    table = marker_table(rows, markers)
+    assert records[1]["markers_per_1k_tokens"] == pytest.approx(table["any"]["per_1k_tokens"])
+    for category in markers:
+        assert records[1][f"markers_per_1k_tokens_{category}"] == pytest.approx(table[category]["per_1k_tokens"])
+
+
+def test_rollout_marker_rates_pool_over_the_batch():
+    from opsd_jax.distill.trainer import rollout_marker_rates
+
+    markers = {"verification": ["check"], "backtracking": ["wait"], "hedging": ["maybe"]}
+    rates = rollout_marker_rates([[1, 0, 2], [0, 3, 1]], [100, 400], markers)
+    assert rates == pytest.approx({"markers_per_1k_tokens": 14.0, "markers_per_1k_tokens_verification": 2.0,
+                                   "markers_per_1k_tokens_backtracking": 6.0, "markers_per_1k_tokens_hedging": 6.0})
+    assert rollout_marker_rates([[0, 0, 0]], [0], markers) == {}
 
 
 def test_fixed_rollouts_loss_decreases_and_frozen_teacher_is_untouched(model_dir, tmp_path, rng):
