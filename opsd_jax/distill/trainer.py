@@ -343,7 +343,8 @@ class Trainer:
                                             "no checkpoint was written for this step")
                     state = new_state
                     marker_counts_LxC = [list(text_marker_counts(tokenizer.decode(
-                        c.token_ids, skip_special_tokens=False), markers).values()) for c in completions]
+                        completion.token_ids, skip_special_tokens=False), markers).values())
+                        for completion in completions]
                     problem_ids, lengths, truncated, marker_counts_BxC = self._global_rollout_record(
                         batch_items, completions, problem_position, problems, marker_counts_LxC)
                     metrics.update(rollout_marker_rates(marker_counts_BxC, lengths, markers))
@@ -451,9 +452,6 @@ class Trainer:
         return path
 
 
-# ---- the step as the loop jits it (shared with `opsd-jax plan`) -----------------------------------
-
-
 def rollout_marker_rates(counts_BxC, lengths_B, markers: dict[str, list[str]]) -> dict[str, float]:
     """Self-correction markers per 1,000 completion tokens in one step's rollouts, in all and per
     category (`markers_per_1k_tokens`, `markers_per_1k_tokens_<category>`), pooled over the batch
@@ -464,6 +462,9 @@ def rollout_marker_rates(counts_BxC, lengths_B, markers: dict[str, list[str]]) -
     rows = [(length, dict(zip(markers, counts))) for length, counts in zip(lengths_B, np.asarray(counts_BxC).tolist())]
     return {"markers_per_1k_tokens" if category == "any" else f"markers_per_1k_tokens_{category}": row["per_1k_tokens"]
             for category, row in marker_table(rows, markers).items()}
+
+
+# ---- the step as the loop jits it (shared with `opsd-jax plan`) -----------------------------------
 
 
 def reference_completion(problem, tokenizer, stop_token_ids, max_tokens: int) -> Completion:
