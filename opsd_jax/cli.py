@@ -295,7 +295,8 @@ def _demo(args) -> int:
     result = run_experiment(out, settings)
     print("\n" + console_table(result))
     print(f"\nreport: {os.path.join(out, 'report.md')}  metrics: {os.path.join(out, 'metrics.json')}  "
-          f"plots: {out}/accuracy_vs_budget.png, {out}/analysis/*/*.png  ({result['seconds']:.0f} s)")
+          f"plots: {out}/accuracy_vs_budget.png, {out}/training_markers.png, {out}/analysis/*/*.png  "
+          f"({result['seconds']:.0f} s)")
     ok = all(p["ok"] for p in result["preconditions"])
     print("demo finished" if ok else "demo finished, but a precondition failed: the claims above mean little")
     return 0 if ok else 1

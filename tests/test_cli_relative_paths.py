@@ -176,7 +176,7 @@ def test_demo_on_a_shrunken_world(tmp_path):
     out = tmp_path / "runs" / "demo" / folder
     for name in ("report.md", "metrics.json", "accuracy_vs_budget.png", "analysis/opsd/fork_rates.png",
                  "analysis/opsd/marker_rates.png", "analysis/strong_teacher/advantage_at_markers.png",
-                 "eval/opsd_dense/summary.json", "models/vanilla_opd/model.safetensors"):
+                 "eval/opsd_dense/summary.json", "models/vanilla_opd/model.safetensors", "training_markers.png"):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert [c["claim"] for c in metrics["claims"]] == [1, 2, 3, 4, 5]
@@ -205,3 +205,9 @@ def test_demo_on_a_shrunken_world(tmp_path):
     assert fix["fix"] == "opsd_dense_vanilla_forks" and fix["evidence"].startswith("- opsd_dense: ")
     assert f"fix opsd_dense_vanilla_forks: {fix['text']}; {fix['evidence']}" in result.stdout
     assert "## Fixes tried" in report and "opsd_dense_vanilla_forks" in metrics["markers_per_1k"]
+    # Markers in each run's training rollouts: every run in the report, every condition on the console.
+    assert set(metrics["training_markers_per_1k"]) == trained
+    assert "## Markers in the training rollouts" in report and "markers/1k in training rollouts" in result.stdout
+    for name in trained:
+        first, last = (metrics["training"][name]["markers_per_1k_tokens"][end] for end in ("first_steps", "last_steps"))
+        assert f"| {name} | {first:.1f} -> {last:.1f} |" in report

@@ -197,7 +197,7 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
               for name, labels in model_groups(settings).items() if name != "instruct"}
     result = summarize(evaluation, analysis, histories, settings, counts)
     result["seconds"] = time.perf_counter() - started
-    write_report(result, out)
+    write_report(result, out, histories)
     return result
 
 
@@ -437,15 +437,38 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
                                   f"at {shortest}; - base: {fmt(long_vs_base)} at {longest}, {fmt(short_vs_base)} at "
                                   f"{shortest}; markers per 1k - base {fmt((markers['difference'], markers['ci95']))}"})
     behaviour = {name: behaviour_rates(counts) for name, counts in behaviour_counts.items()}
+    training = {name: training_summary(h) for name, h in histories.items()}
     behaviour_vs_base = {name: behaviour_differences(behaviour_counts["base"], counts, seed=settings.seed)
                          for name, counts in behaviour_counts.items() if name != "base"}
     return {"settings": dataclasses.asdict(settings), "accuracy": accuracy, "claims": claims,
             "behaviour": behaviour, "behaviour_vs_base": behaviour_vs_base, "fixes": fixes,
             "preconditions": preconditions_check(accuracy, analysis, shortest, longest),
-            "training": {name: {"first_loss": h[0]["loss"], "last_loss": h[-1]["loss"]} for name, h in histories.items()},
+            "training": training,
+            "training_markers_per_1k": {
+                name: {end: float(np.mean([training[label]["markers_per_1k_tokens"][end] for label in labels]))
+                       for end in ("first_steps", "last_steps")}
+                for name, labels in model_groups(settings).items()
+                if all("markers_per_1k_tokens" in training.get(label, {}) for label in labels)},
             "markers_per_1k": {label: g["markers"]["any"]["per_1k_tokens"]
                                for label, g in {**analysis["opsd"]["groups"],
                                                 **analysis["instruct"]["groups"]}.items()}}
+
+
+def training_summary(history: list[dict]) -> dict:
+    """A run's loss and its rollouts' self-correction markers per 1k tokens over the first and the
+    last eighth of its steps (at least one step each), token-weighted over those steps: where the
+    markers went while it trained, which the evaluation after training cannot show."""
+    window = max(1, len(history) // 8)
+
+    def pooled(steps, key):
+        weights = np.array([s["rollout_length_mean"] for s in steps], np.float64)
+        rates = np.array([s[key] for s in steps], np.float64)
+        return float((weights * rates).sum() / weights.sum()) if weights.sum() else None
+
+    summary = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "marker_window_steps": window}
+    for key in [k for k in history[0] if k.startswith("markers_per_1k_tokens")]:
+        summary[key] = {"first_steps": pooled(history[:window], key), "last_steps": pooled(history[-window:], key)}
+    return summary
 
 
 def preconditions_check(accuracy: dict, analysis: dict, shortest, longest) -> list[dict]:
@@ -481,6 +504,11 @@ def console_table(result: dict) -> str:
     lines.append("")
     if result["behaviour"]:
         lines += [behaviour_table(result["behaviour"], width), ""]
+    if result.get("training_markers_per_1k"):
+        window = next(iter(result["training"].values()))["marker_window_steps"]
+        lines += ["markers/1k in training rollouts, first -> last " + f"{window} steps (seeds averaged): " + ", ".join(
+            f"{name} {m['first_steps']:.1f} -> {m['last_steps']:.1f}"
+            for name, m in result["training_markers_per_1k"].items()), ""]
     for p in result["preconditions"]:
         lines.append(f"precondition {'ok ' if p['ok'] else 'FAILED'} {p['check']}: {p['value']}")
     for c in result["claims"]:
@@ -542,6 +570,20 @@ def report_markdown(result: dict) -> str:
             "-" if changes[key] is None else
             f"{changes[key]['difference']:+.3f} [{changes[key]['ci95'][0]:+.3f}, {changes[key]['ci95'][1]:+.3f}]"
             for key, _ in BEHAVIOUR_COLUMNS) + " |" for name, changes in result["behaviour_vs_base"].items()]
+    training = {name: t for name, t in result["training"].items() if "markers_per_1k_tokens" in t}
+    if training:
+        categories = [k[len("markers_per_1k_tokens_"):] for k in next(iter(training.values()))
+                      if k.startswith("markers_per_1k_tokens_")]
+        window = next(iter(training.values()))["marker_window_steps"]
+        lines += ["", "## Markers in the training rollouts", "",
+                  (f"Self-correction markers per 1k tokens in each run's own rollouts, over its first and its last "
+                   f"{window} steps (token-weighted), all categories and each; plot: `training_markers.png`."), "",
+                  "| run | all: first -> last | " + " | ".join(f"{c}: first -> last" for c in categories) + " |",
+                  "|---|---|" + "---|" * len(categories)]
+        for name, t in training.items():
+            cells = [t["markers_per_1k_tokens"]] + [t[f"markers_per_1k_tokens_{c}"] for c in categories]
+            lines.append(f"| {name} | " + " | ".join(f"{c['first_steps']:.1f} -> {c['last_steps']:.1f}"
+                                                     for c in cells) + " |")
     lines += ["", ("Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
                    "over problems, for accuracy and token-level quantities alike); not reproduced = the "
                    "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "
@@ -572,12 +614,35 @@ def plot_accuracy(result: dict, path: str) -> None:
     os.replace(path + ".partial.png", path)
 
 
-def write_report(result: dict, out: str) -> None:
+def plot_training_markers(histories: dict, path: str) -> None:
+    """Markers per 1k tokens of each run's rollouts against its training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, history in histories.items():
+        steps = [s for s in history if "markers_per_1k_tokens" in s]
+        axis.plot([s["step"] for s in steps], [s["markers_per_1k_tokens"] for s in steps], label=name)
+    axis.set_xlabel("training step")
+    axis.set_ylabel("markers per 1k rollout tokens")
+    axis.set_title("toy world: self-correction markers while training")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path + ".partial.png", dpi=100)
+    plt.close(figure)
+    os.replace(path + ".partial.png", path)
+
+
+def write_report(result: dict, out: str, histories: dict | None = None) -> None:
     from opsd_jax.eval.generations import write_atomic
 
     write_atomic(os.path.join(out, "metrics.json"), json.dumps(result, indent=1) + "\n")
     write_atomic(os.path.join(out, "report.md"), report_markdown(result))
     plot_accuracy(result, os.path.join(out, "accuracy_vs_budget.png"))
+    if histories:
+        plot_training_markers(histories, os.path.join(out, "training_markers.png"))
 
 
 def default_output_dir(base: str = "runs/demo") -> str:

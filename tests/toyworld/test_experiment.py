@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from opsd_jax.eval.generations import FORMAT
 from opsd_jax.toyworld import experiment, world
@@ -89,3 +90,18 @@ def test_a_rate_with_no_denominator_has_no_change(rng):
     other["claims"][:] = 5
     changes = experiment.behaviour_differences(base, other, resamples=300, seed=1)
     assert np.isfinite(changes["verified_claims"]["ci95"]).all()
+
+
+def test_training_markers_are_token_weighted_over_the_first_and_last_eighth():
+    from opsd_jax.toyworld.experiment import training_summary
+
+    history = [{"step": i + 1, "loss": 1.0 / (i + 1), "rollout_length_mean": 10.0 + i,
+                "markers_per_1k_tokens": 100.0 - i, "markers_per_1k_tokens_hedging": float(i % 3)} for i in range(16)]
+    summary = training_summary(history)
+    assert summary["marker_window_steps"] == 2 and summary["first_loss"] == 1.0 and summary["last_loss"] == 1 / 16
+    assert summary["markers_per_1k_tokens"]["first_steps"] == pytest.approx((10 * 100 + 11 * 99) / 21)
+    assert summary["markers_per_1k_tokens"]["last_steps"] == pytest.approx((24 * 86 + 25 * 85) / 49)
+    assert summary["markers_per_1k_tokens_hedging"] == pytest.approx({"first_steps": 11 / 21,
+                                                                      "last_steps": (24 * 2 + 25 * 0) / 49})
+    short = training_summary(history[:3])  # at least one step at each end
+    assert short["marker_window_steps"] == 1 and short["markers_per_1k_tokens"]["last_steps"] == 98.0
