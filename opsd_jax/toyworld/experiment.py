@@ -589,50 +589,45 @@ def report_markdown(result: dict) -> str:
                    "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "
                    "includes zero.")]
     lines += ["", ("Details: `eval/<model>/summary.md`, `analysis/*/report.md`; plots: `accuracy_vs_budget.png`, "
-                   "`analysis/opsd/fork_rates.png`, `analysis/opsd/marker_rates.png`, "
+                   "`training_markers.png`, `analysis/opsd/fork_rates.png`, `analysis/opsd/marker_rates.png`, "
                    "`analysis/strong_teacher/advantage_at_markers.png`."), ""]
     return "\n".join(lines)
 
 
-def plot_accuracy(result: dict, path: str) -> None:
+def _line_plot(lines: dict, path: str, *, xlabel: str, ylabel: str, title: str, marker=None, legend_size=8) -> None:
+    """lines: {label: (xs, ys)}; written as a PNG at `path` (staged, then renamed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for name, by_budget in result["accuracy"].items():
-        budgets = [int(b) for b in by_budget]
-        axis.plot(budgets, [by_budget[str(b)]["accuracy"] for b in budgets], marker="o", label=name)
-    axis.set_xlabel("token budget")
-    axis.set_ylabel("avg@n accuracy")
-    axis.set_title("toy world: accuracy vs budget")
-    axis.legend(fontsize=8)
+    for label, (xs, ys) in lines.items():
+        axis.plot(xs, ys, marker=marker, label=label)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(fontsize=legend_size)
     figure.tight_layout()
     figure.savefig(path + ".partial.png", dpi=100)
     plt.close(figure)
     os.replace(path + ".partial.png", path)
+
+
+def plot_accuracy(result: dict, path: str) -> None:
+    lines = {name: ([int(b) for b in by_budget], [v["accuracy"] for v in by_budget.values()])
+             for name, by_budget in result["accuracy"].items()}
+    _line_plot(lines, path, xlabel="token budget", ylabel="avg@n accuracy", title="toy world: accuracy vs budget",
+               marker="o")
 
 
 def plot_training_markers(histories: dict, path: str) -> None:
     """Markers per 1k tokens of each run's rollouts against its training step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, history in histories.items():
-        steps = [s for s in history if "markers_per_1k_tokens" in s]
-        axis.plot([s["step"] for s in steps], [s["markers_per_1k_tokens"] for s in steps], label=name)
-    axis.set_xlabel("training step")
-    axis.set_ylabel("markers per 1k rollout tokens")
-    axis.set_title("toy world: self-correction markers while training")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path + ".partial.png", dpi=100)
-    plt.close(figure)
-    os.replace(path + ".partial.png", path)
+    lines = {name: ([s["step"] for s in steps], [s["markers_per_1k_tokens"] for s in steps])
+             for name, steps in ((name, [s for s in history if "markers_per_1k_tokens" in s])
+                                 for name, history in histories.items())}
+    _line_plot(lines, path, xlabel="training step", ylabel="markers per 1k rollout tokens",
+               title="toy world: self-correction markers while training", legend_size=7)
 
 
 def write_report(result: dict, out: str, histories: dict | None = None) -> None:
