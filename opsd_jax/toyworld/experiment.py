@@ -445,13 +445,22 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
             "preconditions": preconditions_check(accuracy, analysis, shortest, longest),
             "training": training,
             "training_markers_per_1k": {
-                name: {end: float(np.mean([training[label]["markers_per_1k_tokens"][end] for label in labels]))
+                name: {end: _mean_or_none([training[label]["markers_per_1k_tokens"][end] for label in labels])
                        for end in ("first_steps", "last_steps")}
                 for name, labels in model_groups(settings).items()
                 if all("markers_per_1k_tokens" in training.get(label, {}) for label in labels)},
             "markers_per_1k": {label: g["markers"]["any"]["per_1k_tokens"]
                                for label, g in {**analysis["opsd"]["groups"],
                                                 **analysis["instruct"]["groups"]}.items()}}
+
+
+def _mean_or_none(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def training_summary(history: list[dict]) -> dict:
@@ -461,12 +470,13 @@ def training_summary(history: list[dict]) -> dict:
     window = max(1, len(history) // 8)
 
     def pooled(steps, key):
+        steps = [s for s in steps if key in s]  # a step with no completion tokens logs no rate
         weights = np.array([s["rollout_length_mean"] for s in steps], np.float64)
         rates = np.array([s[key] for s in steps], np.float64)
         return float((weights * rates).sum() / weights.sum()) if weights.sum() else None
 
     summary = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "marker_window_steps": window}
-    for key in [k for k in history[0] if k.startswith("markers_per_1k_tokens")]:
+    for key in dict.fromkeys(k for step in history for k in step if k.startswith("markers_per_1k_tokens")):
         summary[key] = {"first_steps": pooled(history[:window], key), "last_steps": pooled(history[-window:], key)}
     return summary
 
@@ -507,7 +517,7 @@ def console_table(result: dict) -> str:
     if result.get("training_markers_per_1k"):
         window = next(iter(result["training"].values()))["marker_window_steps"]
         lines += ["markers/1k in training rollouts, first -> last " + f"{window} steps (seeds averaged): " + ", ".join(
-            f"{name} {m['first_steps']:.1f} -> {m['last_steps']:.1f}"
+            f"{name} {_rate(m['first_steps'])} -> {_rate(m['last_steps'])}"
             for name, m in result["training_markers_per_1k"].items()), ""]
     for p in result["preconditions"]:
         lines.append(f"precondition {'ok ' if p['ok'] else 'FAILED'} {p['check']}: {p['value']}")
@@ -582,7 +592,7 @@ def report_markdown(result: dict) -> str:
                   "|---|---|" + "---|" * len(categories)]
         for name, t in training.items():
             cells = [t["markers_per_1k_tokens"]] + [t[f"markers_per_1k_tokens_{c}"] for c in categories]
-            lines.append(f"| {name} | " + " | ".join(f"{c['first_steps']:.1f} -> {c['last_steps']:.1f}"
+            lines.append(f"| {name} | " + " | ".join(f"{_rate(c['first_steps'])} -> {_rate(c['last_steps'])}"
                                                      for c in cells) + " |")
     lines += ["", ("Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
                    "over problems, for accuracy and token-level quantities alike); not reproduced = the "

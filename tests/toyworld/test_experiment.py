@@ -105,3 +105,9 @@ def test_training_markers_are_token_weighted_over_the_first_and_last_eighth():
                                                                       "last_steps": (24 * 2 + 25 * 0) / 49})
     short = training_summary(history[:3])  # at least one step at each end
     assert short["marker_window_steps"] == 1 and short["markers_per_1k_tokens"]["last_steps"] == 98.0
+    # a step whose rollouts were all empty logs no rate: it is left out, and a window of only such
+    # steps has none
+    silent = [{k: v for k, v in step.items() if not k.startswith("markers")} for step in history[:2]]
+    gap = training_summary(silent + history[2:])
+    assert gap["markers_per_1k_tokens"] == pytest.approx({"first_steps": None, "last_steps": (24 * 86 + 25 * 85) / 49})
+    assert experiment._rate(None) == "-" and experiment._mean_or_none([None, 2.0, 4.0]) == 3.0
