@@ -187,6 +187,16 @@ def test_demo_on_a_shrunken_world(tmp_path):
         assert f"| ({claim['claim']}) {claim['text']} | {claim['verdict']} |" in report
         assert f"claim {claim['claim']}" in result.stdout
     assert len(metrics["preconditions"]) == 3
+    # The stronger teacher at the world's forced moves, beside the thinker.
+    forced = metrics["forced_moves"]
+    assert set(forced) == {"base", "stronger teacher"} and all(set(f) == {"after a miss", "after a verified slip",
+                                                                            "after the right pair verified"}
+                                                               for f in forced.values())
+    assert all(0 <= p <= 1 for f in forced.values() for p in f.values())
+    line = next(line for line in result.stdout.splitlines() if line.startswith("at the world's forced moves"))
+    teacher, thinker = forced["stronger teacher"]["after a miss"], forced["base"]["after a miss"]
+    assert f"after a miss {teacher:.4f} vs {thinker:.4f}" in line
+    assert "## The stronger teacher at the world's forced moves" in report
     # Trace behaviour of every thinking model (the instruct model does not search).
     assert set(metrics["behaviour"]) == {"base"} | trained
     assert all(rates["responses"] == 2 * 6 * (1 if name == "base" else 2)

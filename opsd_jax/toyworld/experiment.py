@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import shutil
@@ -195,7 +196,10 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
     }
     counts = {name: trace_counts([generations[label] for label in labels], eval_path)
               for name, labels in model_groups(settings).items() if name != "instruct"}
-    result = summarize(evaluation, analysis, histories, settings, counts)
+    forced_moves = {name: forced_move_strays(path, suite_problems(eval_path)[1], seed=settings.seed)
+                    for name, path in (("base", models["base"]),
+                                       ("stronger teacher", os.path.join(settings.checkpoints, "teacher")))}
+    result = summarize(evaluation, analysis, histories, settings, counts, forced_moves)
     result["seconds"] = time.perf_counter() - started
     write_report(result, out, histories)
     return result
@@ -226,16 +230,21 @@ BEHAVIOUR_COLUMNS = (("attempts_per_response", "tries"), ("first_try_right", "1s
                      ("misses_closed_per_response", "miss boxed"), ("misses_accepted_per_response", "miss ok"))
 
 
+def suite_problems(suite_path: str) -> tuple[list[dict], list[world.Problem]]:
+    """The rows of a suite `write_world` wrote, and their problems (same order)."""
+    with open(suite_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows, [world.Problem(tuple(row["numbers"]), row["target"]) for row in rows]
+
+
 def trace_counts(generation_paths: list[str], eval_path: str) -> dict[str, np.ndarray]:
     """{world.TraceEvents field or "responses": float[P]}: the world's events (world.trace_events)
     in a model's full-length evaluation generations, its seeds pooled, summed per problem of the
     suite (suite order), so rates and their bootstrap intervals resample problems."""
     from opsd_jax.eval import generations
 
-    with open(eval_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows, problems = suite_problems(eval_path)
     position = {row["id"]: i for i, row in enumerate(rows)}
-    problems = [world.Problem(tuple(row["numbers"]), row["target"]) for row in rows]
     fields = [field.name for field in dataclasses.fields(world.TraceEvents)]
     counts = {name: np.zeros(len(rows)) for name in [*fields, "responses"]}
     for path in generation_paths:
@@ -331,9 +340,10 @@ def pooled_accuracy(evaluation: dict, settings: ExperimentSettings) -> dict[str,
 
 
 def summarize(evaluation: dict, analysis: dict, histories: dict, settings: ExperimentSettings,
-              behaviour_counts: dict) -> dict:
+              behaviour_counts: dict, forced_moves: dict) -> dict:
     """The experiment's result: accuracy, claims, preconditions, trace behaviour (from
-    `behaviour_counts`, {model: trace_counts}) and its changes against the base thinker."""
+    `behaviour_counts`, {model: trace_counts}) and its changes against the base thinker, and
+    `forced_moves` ({"base" | "stronger teacher": forced_move_strays})."""
     from opsd_jax.eval.metrics import bootstrap_mean_interval, paired_difference
 
     pooled = pooled_accuracy(evaluation, settings)
@@ -443,6 +453,7 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
     return {"settings": dataclasses.asdict(settings), "accuracy": accuracy, "claims": claims,
             "behaviour": behaviour, "behaviour_vs_base": behaviour_vs_base, "fixes": fixes,
             "preconditions": preconditions_check(accuracy, analysis, shortest, longest),
+            "forced_moves": forced_moves,
             "training": training,
             "training_markers_per_1k": {
                 name: {end: _mean_or_none([training[label]["markers_per_1k_tokens"][end] for label in labels])
@@ -495,6 +506,60 @@ def preconditions_check(accuracy: dict, analysis: dict, shortest, longest) -> li
     ]
 
 
+# Where the world's grammar leaves every solver one move: `wait` after a try whose sum misses the
+# target and after a verify that exposes a slip, `ok` after a verify of the right pair. OPD asks its
+# teacher at the student's states; a teacher that strays at these moves teaches the student to stray
+# (BUILD_NOTES.md, "The stronger teacher strays where every solver has one move").
+FORCED_MOVES = ("after a miss", "after a verified slip", "after the right pair verified")
+
+
+def forced_move_contexts(problem: world.Problem, rng: np.random.Generator) -> dict[str, tuple[str, str]]:
+    """{move: (response so far, the one word every solver writes next)} for `problem`, at a wrong
+    pair drawn by `rng`."""
+    wrong = [p for p in itertools.combinations(sorted(problem.numbers), 2) if sum(p) != problem.target]
+    a, b = wrong[rng.integers(len(wrong))]
+    x, y = problem.pair
+    return {"after a miss": (f"<think> try {a} + {b} = {a + b}", "wait"),
+            "after a verified slip": (f"<think> try {a} + {b} = {problem.target} verify {a} + {b} = {a + b}", "wait"),
+            "after the right pair verified": (f"<think> try {x} + {y} = {problem.target} verify {x} + {y} = "
+                                              f"{problem.target}", "ok")}
+
+
+def forced_move_strays(checkpoint: str, problems: list[world.Problem], *, seed: int = 0) -> dict[str, float]:
+    """{move: the mean probability the model at `checkpoint` (an HF folder with the world's
+    tokenizer) puts on any word but the forced one}, over `problems` (one wrong pair each, drawn
+    with `seed`), the response after the thinking chat prompt."""
+    import jax
+    import jax.numpy as jnp
+    import transformers
+
+    from opsd_jax.checkpoint.hf import load_hf
+    from opsd_jax.distill.prompts import chat_prompt_ids
+    from opsd_jax.models.decoder import forward
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    config, params = load_hf(checkpoint, progress=False)
+    rng = np.random.default_rng(seed)
+    rows = {move: ([], []) for move in FORCED_MOVES}
+    for problem in problems:
+        prompt = chat_prompt_ids(tokenizer, problem.text, thinking=True)
+        for move, (response, forced) in forced_move_contexts(problem, rng).items():
+            rows[move][0].append(prompt + tokenizer.encode(response, add_special_tokens=False))
+            rows[move][1].append(tokenizer.convert_tokens_to_ids(forced))
+    strays = {}
+    for move, (contexts, forced) in rows.items():
+        by_length = {}  # the world's prompts differ by a token or two: one batch per length, no padding
+        for context, word in zip(contexts, forced):
+            by_length.setdefault(len(context), []).append((context, word))
+        kept = []
+        for group in by_length.values():
+            logits = forward(params, config, jnp.asarray([c for c, _ in group], jnp.int32))[:, -1]
+            probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            kept += list(np.asarray(probabilities[np.arange(len(group)), [w for _, w in group]]))
+        strays[move] = float(1.0 - np.mean(kept))
+    return strays
+
+
 # ---- output ------------------------------------------------------------------------------------
 
 
@@ -519,6 +584,8 @@ def console_table(result: dict) -> str:
         lines += ["markers/1k in training rollouts, first -> last " + f"{window} steps (seeds averaged): " + ", ".join(
             f"{name} {_rate(m['first_steps'])} -> {_rate(m['last_steps'])}"
             for name, m in result["training_markers_per_1k"].items()), ""]
+    if result.get("forced_moves"):
+        lines += [forced_moves_line(result["forced_moves"]), ""]
     for p in result["preconditions"]:
         lines.append(f"precondition {'ok ' if p['ok'] else 'FAILED'} {p['check']}: {p['value']}")
     for c in result["claims"]:
@@ -526,6 +593,13 @@ def console_table(result: dict) -> str:
     for fix in result["fixes"]:
         lines.append(f"fix {fix['fix']}: {fix['text']}; {fix['evidence']}")
     return "\n".join(lines)
+
+
+def forced_moves_line(forced_moves: dict) -> str:
+    """One console line: the stronger teacher's strays at each forced move beside the thinker's."""
+    teacher, thinker = forced_moves["stronger teacher"], forced_moves["base"]
+    return ("at the world's forced moves, P(a word no solver writes there), stronger teacher vs thinker: "
+            + ", ".join(f"{move} {teacher[move]:.4f} vs {thinker[move]:.4f}" for move in FORCED_MOVES))
 
 
 def behaviour_table(behaviour: dict, width: int = 16) -> str:
@@ -594,6 +668,16 @@ def report_markdown(result: dict) -> str:
             cells = [t["markers_per_1k_tokens"]] + [t[f"markers_per_1k_tokens_{c}"] for c in categories]
             lines.append(f"| {name} | " + " | ".join(f"{_rate(c['first_steps'])} -> {_rate(c['last_steps'])}"
                                                      for c in cells) + " |")
+    if result.get("forced_moves"):
+        lines += ["", "## The stronger teacher at the world's forced moves", "",
+                  ("Where every solver of the world writes one word (`wait` after a try whose sum misses the "
+                   "target and after a verify that exposes a slip, `ok` after verifying the right pair), the "
+                   "probability each model puts on any other word, averaged over the evaluation problems (one "
+                   "wrong pair each). Vanilla and privileged OPD learn the stronger teacher's moves at the "
+                   "student's states: where it strays more than the thinker, it teaches the student to stray."), "",
+                  "| model | " + " | ".join(FORCED_MOVES) + " |", "|---|" + "---|" * len(FORCED_MOVES)]
+        lines += [f"| {name} | " + " | ".join(f"{strays[move]:.4f}" for move in FORCED_MOVES) + " |"
+                  for name, strays in result["forced_moves"].items()]
     lines += ["", ("Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
                    "over problems, for accuracy and token-level quantities alike); not reproduced = the "
                    "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "

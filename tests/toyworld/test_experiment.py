@@ -111,3 +111,59 @@ def test_training_markers_are_token_weighted_over_the_first_and_last_eighth():
     gap = training_summary(silent + history[2:])
     assert gap["markers_per_1k_tokens"] == pytest.approx({"first_steps": None, "last_steps": (24 * 86 + 25 * 85) / 49})
     assert experiment._rate(None) == "-" and experiment._mean_or_none([None, 2.0, 4.0]) == 3.0
+
+
+def test_forced_move_contexts_are_what_every_solver_writes_next():
+    """Each context is a prefix of traces the world's solvers write, and the word named is the
+    only one they write there (checked against 2,000 generated traces per solver)."""
+    rng = np.random.default_rng(0)
+    problems = world.generate_problems(40, rng)
+    seen = {move: set() for move in experiment.FORCED_MOVES}
+    for problem in problems:
+        for move, (response, forced) in experiment.forced_move_contexts(problem, rng).items():
+            words = response.split()
+            a, b, written = int(words[2]), int(words[4]), int(words[6])
+            assert (a + b == problem.target) == (move == "after the right pair verified")
+            assert written == (a + b if move == "after a miss" else problem.target)
+            for solver in (world.THINKER, world.STRONG_THINKER):
+                for _ in range(50):
+                    trace = world.thinker_trace(problem, solver, rng).split()
+                    for start in range(len(trace) - len(words)):
+                        if trace[start: start + len(words) - 1] == words[1:]:
+                            seen[move].add(trace[start + len(words) - 1])
+    assert seen == {"after a miss": {"wait"}, "after a verified slip": {"wait"},
+                    "after the right pair verified": {"ok"}}
+
+
+def test_forced_move_strays_match_transformers(tmp_path):
+    """The probability off the forced word, computed with the project's forward, equals what
+    transformers gives for the same chat-templated contexts (a random 2-layer model)."""
+    import torch
+    import transformers
+
+    from opsd_jax.distill.prompts import chat_prompt_ids
+    from opsd_jax.toyworld import warmstart
+
+    tokenizer_dir, model_dir = str(tmp_path / "tokenizer"), str(tmp_path / "model")
+    world.save_tokenizer(tokenizer_dir)
+    recipe = warmstart.ModelRecipe("random", hidden=32, layers=2, thinking=True, solver=world.THINKER, steps=0,
+                                   problems=0, seed=int(np.random.default_rng().integers(1 << 16)))
+    warmstart.init_checkpoint(recipe, tokenizer_dir, model_dir)
+    problems = world.generate_problems(12, np.random.default_rng(1))
+    strays = experiment.forced_move_strays(model_dir, problems, seed=3)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    rng = np.random.default_rng(3)
+    kept = {move: [] for move in experiment.FORCED_MOVES}
+    for problem in problems:
+        prompt = chat_prompt_ids(tokenizer, problem.text, thinking=True)
+        for move, (response, forced) in experiment.forced_move_contexts(problem, rng).items():
+            ids = torch.tensor([prompt + tokenizer.encode(response, add_special_tokens=False)])
+            with torch.no_grad():
+                probabilities = model(ids).logits[0, -1].softmax(-1)
+            kept[move].append(probabilities[tokenizer.convert_tokens_to_ids(forced)].item())
+    assert set(strays) == set(experiment.FORCED_MOVES)
+    for move in experiment.FORCED_MOVES:
+        assert 0.5 < strays[move] < 1  # a random model spreads its mass over the 64 ids
+        np.testing.assert_allclose(strays[move], 1 - np.mean(kept[move]), rtol=1e-5)
