@@ -115,12 +115,14 @@ def test_training_markers_are_token_weighted_over_the_first_and_last_eighth():
 
 def test_forced_move_contexts_are_what_every_solver_writes_next():
     """Each context is a prefix of traces the world's solvers write, and the word named is the
-    only one they write there (checked against 2,000 generated traces per solver)."""
+    only one they write there (50 generated traces per context and solver, every move seen)."""
     rng = np.random.default_rng(0)
     problems = world.generate_problems(40, rng)
     seen = {move: set() for move in experiment.FORCED_MOVES}
+    named = {move: set() for move in experiment.FORCED_MOVES}
     for problem in problems:
         for move, (response, forced) in experiment.forced_move_contexts(problem, rng).items():
+            named[move].add(forced)
             words = response.split()
             a, b, written = int(words[2]), int(words[4]), int(words[6])
             assert (a + b == problem.target) == (move == "after the right pair verified")
@@ -128,14 +130,14 @@ def test_forced_move_contexts_are_what_every_solver_writes_next():
             for solver in (world.THINKER, world.STRONG_THINKER):
                 for _ in range(50):
                     trace = world.thinker_trace(problem, solver, rng).split()
-                    for start in range(len(trace) - len(words)):
+                    for start in range(len(trace) - len(words) + 1):
                         if trace[start: start + len(words) - 1] == words[1:]:
                             seen[move].add(trace[start + len(words) - 1])
-    assert seen == {"after a miss": {"wait"}, "after a verified slip": {"wait"},
-                    "after the right pair verified": {"ok"}}
+    assert seen == named == {"after a miss": {"wait"}, "after a verified slip": {"wait"},
+                             "after the right pair verified": {"ok"}}
 
 
-def test_forced_move_strays_match_transformers(tmp_path):
+def test_forced_move_strays_match_transformers(tmp_path, rng):
     """The probability off the forced word, computed with the project's forward, equals what
     transformers gives for the same chat-templated contexts (a random 2-layer model)."""
     import torch
@@ -147,9 +149,9 @@ def test_forced_move_strays_match_transformers(tmp_path):
     tokenizer_dir, model_dir = str(tmp_path / "tokenizer"), str(tmp_path / "model")
     world.save_tokenizer(tokenizer_dir)
     recipe = warmstart.ModelRecipe("random", hidden=32, layers=2, thinking=True, solver=world.THINKER, steps=0,
-                                   problems=0, seed=int(np.random.default_rng().integers(1 << 16)))
+                                   problems=0, seed=int(rng.integers(1 << 16)))
     warmstart.init_checkpoint(recipe, tokenizer_dir, model_dir)
-    problems = world.generate_problems(12, np.random.default_rng(1))
+    problems = world.generate_problems(12, rng)
     strays = experiment.forced_move_strays(model_dir, problems, seed=3)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
