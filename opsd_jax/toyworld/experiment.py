@@ -196,7 +196,8 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
     }
     counts = {name: trace_counts([generations[label] for label in labels], eval_path)
               for name, labels in model_groups(settings).items() if name != "instruct"}
-    forced_moves = {name: forced_move_strays(path, suite_problems(eval_path)[1], seed=settings.seed)
+    _, eval_problems = suite_problems(eval_path)
+    forced_moves = {name: forced_move_strays(path, eval_problems, seed=settings.seed)
                     for name, path in (("base", models["base"]),
                                        ("stronger teacher", os.path.join(settings.checkpoints, "teacher")))}
     result = summarize(evaluation, analysis, histories, settings, counts, forced_moves)
