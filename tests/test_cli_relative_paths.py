@@ -195,7 +195,11 @@ def test_demo_on_a_shrunken_world(tmp_path):
     assert all(0 <= p <= 1 for f in forced.values() for p in f.values())
     line = next(line for line in result.stdout.splitlines() if line.startswith("at the world's forced moves"))
     teacher, thinker = forced["stronger teacher"]["after a miss"], forced["base"]["after a miss"]
-    assert f"after a miss {teacher:.4f} vs {thinker:.4f}" in line
+    excess = metrics["forced_moves_teacher_minus_thinker"]["after a miss"]
+    assert excess["difference"] == pytest.approx(teacher - thinker, abs=1e-9)
+    assert excess["ci95"][0] <= excess["difference"] <= excess["ci95"][1]
+    assert f"after a miss {teacher:.4f} vs {thinker:.4f} ({excess['difference']:+.4f} [" in line
+    assert "| stronger teacher - thinker | " in report
     assert "## The stronger teacher at the world's forced moves" in report
     # Trace behaviour of every thinking model (the instruct model does not search).
     assert set(metrics["behaviour"]) == {"base"} | trained

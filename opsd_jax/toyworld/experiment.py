@@ -197,7 +197,7 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
     counts = {name: trace_counts([generations[label] for label in labels], eval_path)
               for name, labels in model_groups(settings).items() if name != "instruct"}
     _, eval_problems = suite_problems(eval_path)
-    forced_moves = {name: forced_move_strays(path, eval_problems, seed=settings.seed)
+    forced_moves = {name: forced_move_stray_values(path, eval_problems, seed=settings.seed)
                     for name, path in (("base", models["base"]),
                                        ("stronger teacher", os.path.join(settings.checkpoints, "teacher")))}
     result = summarize(evaluation, analysis, histories, settings, counts, forced_moves)
@@ -344,7 +344,8 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
               behaviour_counts: dict, forced_moves: dict) -> dict:
     """The experiment's result: accuracy, claims, preconditions, trace behaviour (from
     `behaviour_counts`, {model: trace_counts}) and its changes against the base thinker, and
-    `forced_moves` ({"base" | "stronger teacher": forced_move_strays})."""
+    `forced_moves` ({"base" | "stronger teacher": forced_move_stray_values}: their means, and
+    the teacher's difference from the thinker with its interval)."""
     from opsd_jax.eval.metrics import bootstrap_mean_interval, paired_difference
 
     pooled = pooled_accuracy(evaluation, settings)
@@ -454,7 +455,11 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
     return {"settings": dataclasses.asdict(settings), "accuracy": accuracy, "claims": claims,
             "behaviour": behaviour, "behaviour_vs_base": behaviour_vs_base, "fixes": fixes,
             "preconditions": preconditions_check(accuracy, analysis, shortest, longest),
-            "forced_moves": forced_moves,
+            "forced_moves": {name: {move: float(values_P.mean()) for move, values_P in values.items()}
+                             for name, values in forced_moves.items()},
+            "forced_moves_teacher_minus_thinker": (
+                forced_move_differences(forced_moves["base"], forced_moves["stronger teacher"], seed=settings.seed)
+                if forced_moves else {}),
             "training": training,
             "training_markers_per_1k": {
                 name: {end: _mean_or_none([training[label]["markers_per_1k_tokens"][end] for label in labels])
@@ -526,10 +531,12 @@ def forced_move_contexts(problem: world.Problem, rng: np.random.Generator) -> di
                                               f"{problem.target}", "ok")}
 
 
-def forced_move_strays(checkpoint: str, problems: list[world.Problem], *, seed: int = 0) -> dict[str, float]:
-    """{move: the mean probability the model at `checkpoint` (an HF folder with the world's
-    tokenizer) puts on any word but the forced one}, over `problems` (one wrong pair each, drawn
-    with `seed`), the response after the thinking chat prompt."""
+def forced_move_stray_values(checkpoint: str, problems: list[world.Problem], *, seed: int = 0
+                             ) -> dict[str, np.ndarray]:
+    """{move: float64 [P], per problem the probability the model at `checkpoint` (an HF folder with
+    the world's tokenizer) puts on any word but the forced one}, in `problems` order (one wrong
+    pair each, drawn with `seed`: two models given the same problems and seed meet the same
+    contexts), the response after the thinking chat prompt."""
     import jax
     import jax.numpy as jnp
     import transformers
@@ -541,24 +548,44 @@ def forced_move_strays(checkpoint: str, problems: list[world.Problem], *, seed: 
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     config, params = load_hf(checkpoint, progress=False)
     rng = np.random.default_rng(seed)
-    rows = {move: ([], []) for move in FORCED_MOVES}
+    rows = {move: [] for move in FORCED_MOVES}
     for problem in problems:
         prompt = chat_prompt_ids(tokenizer, problem.text, thinking=True)
         for move, (response, forced) in forced_move_contexts(problem, rng).items():
-            rows[move][0].append(prompt + tokenizer.encode(response, add_special_tokens=False))
-            rows[move][1].append(tokenizer.convert_tokens_to_ids(forced))
+            rows[move].append((prompt + tokenizer.encode(response, add_special_tokens=False),
+                               tokenizer.convert_tokens_to_ids(forced)))
     strays = {}
-    for move, (contexts, forced) in rows.items():
+    for move, contexts in rows.items():
         by_length = {}  # the world's prompts differ by a token or two: one batch per length, no padding
-        for context, word in zip(contexts, forced):
-            by_length.setdefault(len(context), []).append((context, word))
-        kept = []
-        for group in by_length.values():
-            logits = forward(params, config, jnp.asarray([c for c, _ in group], jnp.int32))[:, -1]
-            probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            kept += list(np.asarray(probabilities[np.arange(len(group)), [w for _, w in group]]))
-        strays[move] = float(1.0 - np.mean(kept))
+        for index, (context, _) in enumerate(contexts):
+            by_length.setdefault(len(context), []).append(index)
+        kept_P = np.zeros(len(contexts))
+        for indices in by_length.values():
+            logits = forward(params, config, jnp.asarray([contexts[i][0] for i in indices], jnp.int32))[:, -1]
+            probabilities = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), np.float64)
+            kept_P[indices] = probabilities[np.arange(len(indices)), [contexts[i][1] for i in indices]]
+        strays[move] = 1.0 - kept_P
     return strays
+
+
+def forced_move_strays(checkpoint: str, problems: list[world.Problem], *, seed: int = 0) -> dict[str, float]:
+    """{move: the mean over `problems` of `forced_move_stray_values`}."""
+    return {move: float(values_P.mean())
+            for move, values_P in forced_move_stray_values(checkpoint, problems, seed=seed).items()}
+
+
+def forced_move_differences(thinker: dict[str, np.ndarray], teacher: dict[str, np.ndarray], *,
+                            seed: int = 0) -> dict[str, dict]:
+    """{move: {"difference": teacher - thinker mean stray probability, "ci95": [low, high]}}, from
+    `forced_move_stray_values` of both on the same problems and seed: a paired bootstrap over
+    problems, as for every other difference the demo reports."""
+    from opsd_jax.eval.metrics import paired_difference
+
+    result = {}
+    for move in FORCED_MOVES:
+        paired = paired_difference(thinker[move], teacher[move], seed=seed)
+        result[move] = {"difference": paired["absolute"], "ci95": paired["absolute_ci"]}
+    return result
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -586,7 +613,7 @@ def console_table(result: dict) -> str:
             f"{name} {_rate(m['first_steps'])} -> {_rate(m['last_steps'])}"
             for name, m in result["training_markers_per_1k"].items()), ""]
     if result.get("forced_moves"):
-        lines += [forced_moves_line(result["forced_moves"]), ""]
+        lines += [forced_moves_line(result["forced_moves"], result.get("forced_moves_teacher_minus_thinker")), ""]
     for p in result["preconditions"]:
         lines.append(f"precondition {'ok ' if p['ok'] else 'FAILED'} {p['check']}: {p['value']}")
     for c in result["claims"]:
@@ -596,11 +623,23 @@ def console_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def forced_moves_line(forced_moves: dict) -> str:
-    """One console line: the stronger teacher's strays at each forced move beside the thinker's."""
+def _difference_text(d: dict) -> str:
+    """A difference and its interval: +0.0327 [+0.0281, +0.0375]."""
+    low, high = d["ci95"]
+    return f"{d['difference']:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def forced_moves_line(forced_moves: dict, differences: dict | None = None) -> str:
+    """One console line: the stronger teacher's strays at each forced move beside the thinker's,
+    and with `differences` (forced_move_differences) the teacher's excess with its interval."""
     teacher, thinker = forced_moves["stronger teacher"], forced_moves["base"]
+
+    def move_text(move):
+        text = f"{move} {teacher[move]:.4f} vs {thinker[move]:.4f}"
+        return text + (f" ({_difference_text(differences[move])})" if differences else "")
+
     return ("at the world's forced moves, P(a word no solver writes there), stronger teacher vs thinker: "
-            + ", ".join(f"{move} {teacher[move]:.4f} vs {thinker[move]:.4f}" for move in FORCED_MOVES))
+            + ", ".join(move_text(move) for move in FORCED_MOVES))
 
 
 def behaviour_table(behaviour: dict, width: int = 16) -> str:
@@ -675,10 +714,16 @@ def report_markdown(result: dict) -> str:
                    "target and after a verify that exposes a slip, `ok` after verifying the right pair), the "
                    "probability each model puts on any other word, averaged over the evaluation problems (one "
                    "wrong pair each). Vanilla and privileged OPD learn the stronger teacher's moves at the "
-                   "student's states: where it strays more than the thinker, it teaches the student to stray."), "",
+                   "student's states: where it strays more than the thinker, it teaches the student to stray. "
+                   "Last row: the difference, with a 95% paired bootstrap interval over problems (both models "
+                   "meet the same contexts)."), "",
                   "| model | " + " | ".join(FORCED_MOVES) + " |", "|---|" + "---|" * len(FORCED_MOVES)]
         lines += [f"| {name} | " + " | ".join(f"{strays[move]:.4f}" for move in FORCED_MOVES) + " |"
                   for name, strays in result["forced_moves"].items()]
+        differences = result.get("forced_moves_teacher_minus_thinker")
+        if differences:
+            lines.append("| stronger teacher - thinker | "
+                         + " | ".join(_difference_text(differences[move]) for move in FORCED_MOVES) + " |")
     lines += ["", ("Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
                    "over problems, for accuracy and token-level quantities alike); not reproduced = the "
                    "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "

@@ -152,6 +152,7 @@ def test_forced_move_strays_match_transformers(tmp_path, rng):
                                    problems=0, seed=int(rng.integers(1 << 16)))
     warmstart.init_checkpoint(recipe, tokenizer_dir, model_dir)
     problems = world.generate_problems(12, rng)
+    values = experiment.forced_move_stray_values(model_dir, problems, seed=3)
     strays = experiment.forced_move_strays(model_dir, problems, seed=3)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -165,7 +166,29 @@ def test_forced_move_strays_match_transformers(tmp_path, rng):
             with torch.no_grad():
                 probabilities = model(ids).logits[0, -1].softmax(-1)
             kept[move].append(probabilities[tokenizer.convert_tokens_to_ids(forced)].item())
-    assert set(strays) == set(experiment.FORCED_MOVES)
+    assert set(strays) == set(values) == set(experiment.FORCED_MOVES)
     for move in experiment.FORCED_MOVES:
         assert 0.5 < strays[move] < 1  # a random model spreads its mass over the 64 ids
+        # per problem, in the problems' order (the batches group contexts by length)
+        np.testing.assert_allclose(values[move], 1 - np.array(kept[move]), rtol=1e-5)
         np.testing.assert_allclose(strays[move], 1 - np.mean(kept[move]), rtol=1e-5)
+
+
+def test_forced_move_differences_are_paired_over_problems(rng):
+    """The teacher's excess over the thinker at each forced move is the difference of the means;
+    its interval comes from resampling problems for both models at once, so a constant offset
+    has a zero-width interval however much the problems differ."""
+    thinker = {move: rng.uniform(0, 0.5, 40) for move in experiment.FORCED_MOVES}
+    offset = {move: thinker[move] + 0.01 * (k + 1) for k, move in enumerate(experiment.FORCED_MOVES)}
+    differences = experiment.forced_move_differences(thinker, offset, seed=1)
+    for k, move in enumerate(experiment.FORCED_MOVES):
+        assert differences[move]["difference"] == pytest.approx(0.01 * (k + 1))
+        assert differences[move]["ci95"] == pytest.approx([0.01 * (k + 1)] * 2)
+    noisy = {move: thinker[move] + rng.normal(0.02, 0.05, 40) for move in experiment.FORCED_MOVES}
+    for move, d in experiment.forced_move_differences(thinker, noisy, seed=1).items():
+        low, high = d["ci95"]
+        assert d["difference"] == pytest.approx(np.mean(noisy[move] - thinker[move]))
+        assert low < d["difference"] < high and high - low > 0.01
+    line = experiment.forced_moves_line({"stronger teacher": {m: v.mean() for m, v in offset.items()},
+                                         "base": {m: v.mean() for m, v in thinker.items()}}, differences)
+    assert "after a miss" in line and "(+0.0100 [+0.0100, +0.0100])" in line
