@@ -200,6 +200,11 @@ def test_demo_on_a_shrunken_world(tmp_path):
     assert excess["ci95"][0] <= excess["difference"] <= excess["ci95"][1]
     assert f"after a miss {teacher:.4f} vs {thinker:.4f} ({excess['difference']:+.4f} [" in line
     assert "| stronger teacher - thinker | " in report
+    give_up = metrics["hinted_give_up"]
+    assert 0 <= give_up["base"] <= 1 and 0 <= give_up["stronger teacher"] <= 1
+    line = next(line for line in result.stdout.splitlines() if line.startswith("after a missed try, with the worked"))
+    assert f"stronger teacher vs thinker: {give_up['stronger teacher']:.4f} vs {give_up['base']:.4f} (" in line
+    assert "## The privileged teachers after a missed try" in report
     assert "## The stronger teacher at the world's forced moves" in report
     # Trace behaviour of every thinking model (the instruct model does not search).
     assert set(metrics["behaviour"]) == {"base"} | trained

@@ -197,10 +197,10 @@ def run_experiment(out: str, settings: ExperimentSettings = ExperimentSettings()
     counts = {name: trace_counts([generations[label] for label in labels], eval_path)
               for name, labels in model_groups(settings).items() if name != "instruct"}
     _, eval_problems = suite_problems(eval_path)
-    forced_moves = {name: forced_move_stray_values(path, eval_problems, seed=settings.seed)
-                    for name, path in (("base", models["base"]),
-                                       ("stronger teacher", os.path.join(settings.checkpoints, "teacher")))}
-    result = summarize(evaluation, analysis, histories, settings, counts, forced_moves)
+    scored = (("base", models["base"]), ("stronger teacher", os.path.join(settings.checkpoints, "teacher")))
+    forced_moves = {name: forced_move_stray_values(path, eval_problems, seed=settings.seed) for name, path in scored}
+    give_ups = {name: hinted_give_up_values(path, eval_problems, seed=settings.seed) for name, path in scored}
+    result = summarize(evaluation, analysis, histories, settings, counts, forced_moves, give_ups)
     result["seconds"] = time.perf_counter() - started
     write_report(result, out, histories)
     return result
@@ -341,11 +341,12 @@ def pooled_accuracy(evaluation: dict, settings: ExperimentSettings) -> dict[str,
 
 
 def summarize(evaluation: dict, analysis: dict, histories: dict, settings: ExperimentSettings,
-              behaviour_counts: dict, forced_moves: dict) -> dict:
+              behaviour_counts: dict, forced_moves: dict, give_ups: dict | None = None) -> dict:
     """The experiment's result: accuracy, claims, preconditions, trace behaviour (from
     `behaviour_counts`, {model: trace_counts}) and its changes against the base thinker, and
     `forced_moves` ({"base" | "stronger teacher": forced_move_stray_values}: their means, and
-    the teacher's difference from the thinker with its interval)."""
+    the teacher's difference from the thinker with its interval) and `give_ups` (the same two:
+    hinted_give_up_values)."""
     from opsd_jax.eval.metrics import bootstrap_mean_interval, paired_difference
 
     pooled = pooled_accuracy(evaluation, settings)
@@ -460,6 +461,7 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
             "forced_moves_teacher_minus_thinker": (
                 forced_move_differences(forced_moves["base"], forced_moves["stronger teacher"], seed=settings.seed)
                 if forced_moves else {}),
+            "hinted_give_up": hinted_give_up_summary(give_ups, settings.seed) if give_ups else {},
             "training": training,
             "training_markers_per_1k": {
                 name: {end: _mean_or_none([training[label]["markers_per_1k_tokens"][end] for label in labels])
@@ -531,47 +533,93 @@ def forced_move_contexts(problem: world.Problem, rng: np.random.Generator) -> di
                                               f"{problem.target}", "ok")}
 
 
+def next_word_probabilities(checkpoint: str, contexts: list[tuple[list[int], str]]) -> np.ndarray:
+    """float64 [P]: for each (token ids, word) of `contexts`, the probability the model at
+    `checkpoint` (an HF folder with the world's tokenizer) gives `word` next, in `contexts` order."""
+    import jax
+    import jax.numpy as jnp
+
+    from opsd_jax.checkpoint.hf import load_hf
+    from opsd_jax.models.decoder import forward
+
+    tokenizer = _world_tokenizer(checkpoint)
+    config, params = load_hf(checkpoint, progress=False)
+    by_length = {}  # the world's prompts differ by a token or two: one batch per length, no padding
+    for index, (ids, _) in enumerate(contexts):
+        by_length.setdefault(len(ids), []).append(index)
+    probabilities_P = np.zeros(len(contexts))
+    for indices in by_length.values():
+        logits = forward(params, config, jnp.asarray([contexts[i][0] for i in indices], jnp.int32))[:, -1]
+        probabilities = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), np.float64)
+        words = [tokenizer.convert_tokens_to_ids(contexts[i][1]) for i in indices]
+        probabilities_P[indices] = probabilities[np.arange(len(indices)), words]
+    return probabilities_P
+
+
+def _world_tokenizer(checkpoint: str):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(checkpoint)
+
+
+def _thinking_context(tokenizer, prompt_text: str, response: str) -> list[int]:
+    """Token ids of the thinking chat prompt for `prompt_text` followed by `response`."""
+    from opsd_jax.distill.prompts import chat_prompt_ids
+
+    return chat_prompt_ids(tokenizer, prompt_text, thinking=True) + tokenizer.encode(response, add_special_tokens=False)
+
+
 def forced_move_stray_values(checkpoint: str, problems: list[world.Problem], *, seed: int = 0
                              ) -> dict[str, np.ndarray]:
     """{move: float64 [P], per problem the probability the model at `checkpoint` (an HF folder with
     the world's tokenizer) puts on any word but the forced one}, in `problems` order (one wrong
     pair each, drawn with `seed`: two models given the same problems and seed meet the same
     contexts), the response after the thinking chat prompt."""
-    import jax
-    import jax.numpy as jnp
-    import transformers
-
-    from opsd_jax.checkpoint.hf import load_hf
-    from opsd_jax.distill.prompts import chat_prompt_ids
-    from opsd_jax.models.decoder import forward
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    config, params = load_hf(checkpoint, progress=False)
+    tokenizer = _world_tokenizer(checkpoint)
     rng = np.random.default_rng(seed)
     rows = {move: [] for move in FORCED_MOVES}
     for problem in problems:
-        prompt = chat_prompt_ids(tokenizer, problem.text, thinking=True)
         for move, (response, forced) in forced_move_contexts(problem, rng).items():
-            rows[move].append((prompt + tokenizer.encode(response, add_special_tokens=False),
-                               tokenizer.convert_tokens_to_ids(forced)))
-    strays = {}
-    for move, contexts in rows.items():
-        by_length = {}  # the world's prompts differ by a token or two: one batch per length, no padding
-        for index, (context, _) in enumerate(contexts):
-            by_length.setdefault(len(context), []).append(index)
-        kept_P = np.zeros(len(contexts))
-        for indices in by_length.values():
-            logits = forward(params, config, jnp.asarray([contexts[i][0] for i in indices], jnp.int32))[:, -1]
-            probabilities = np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), np.float64)
-            kept_P[indices] = probabilities[np.arange(len(indices)), [contexts[i][1] for i in indices]]
-        strays[move] = 1.0 - kept_P
-    return strays
+            rows[move].append((_thinking_context(tokenizer, problem.text, response), forced))
+    return {move: 1.0 - next_word_probabilities(checkpoint, contexts) for move, contexts in rows.items()}
+
+
+# Privileged OPD's teacher reads the worked solution, so it tries the right pair first and never
+# meets a missed try in its own traces; the student misses often. What the hinted teacher writes
+# there is what privileged OPD teaches after a miss: `</think>` closes the search and boxes the
+# answer the hint gave (BUILD_NOTES.md, "A fresh teacher, with the bar set on the world's own
+# states").
+GIVE_UP_WORD = "</think>"
+
+
+def hinted_give_up_values(checkpoint: str, problems: list[world.Problem], *, seed: int = 0) -> np.ndarray:
+    """float64 [P]: per problem, the probability that the model at `checkpoint`, given the worked
+    solution as the trainer's privileged teacher is (`world.hinted_prompt`, dense), ends its
+    thinking right after a first try of a wrong pair (drawn with `seed`, as in
+    `forced_move_stray_values`)."""
+    tokenizer = _world_tokenizer(checkpoint)
+    rng = np.random.default_rng(seed)
+    contexts = []
+    for problem in problems:
+        response, _ = forced_move_contexts(problem, rng)["after a miss"]
+        contexts.append((_thinking_context(tokenizer, world.hinted_prompt(problem, "dense"), response), GIVE_UP_WORD))
+    return next_word_probabilities(checkpoint, contexts)
 
 
 def forced_move_strays(checkpoint: str, problems: list[world.Problem], *, seed: int = 0) -> dict[str, float]:
     """{move: the mean over `problems` of `forced_move_stray_values`}."""
     return {move: float(values_P.mean())
             for move, values_P in forced_move_stray_values(checkpoint, problems, seed=seed).items()}
+
+
+def hinted_give_up_summary(give_ups: dict[str, np.ndarray], seed: int = 0) -> dict:
+    """{"base", "stronger teacher": mean P(give up), "teacher_minus_thinker": {"difference",
+    "ci95"}} from `hinted_give_up_values` of both on the same problems (paired bootstrap)."""
+    from opsd_jax.eval.metrics import paired_difference
+
+    paired = paired_difference(give_ups["base"], give_ups["stronger teacher"], seed=seed)
+    return {"base": paired["base"], "stronger teacher": paired["other"],
+            "teacher_minus_thinker": {"difference": paired["absolute"], "ci95": paired["absolute_ci"]}}
 
 
 def forced_move_differences(thinker: dict[str, np.ndarray], teacher: dict[str, np.ndarray], *,
@@ -614,6 +662,8 @@ def console_table(result: dict) -> str:
             for name, m in result["training_markers_per_1k"].items()), ""]
     if result.get("forced_moves"):
         lines += [forced_moves_line(result["forced_moves"], result.get("forced_moves_teacher_minus_thinker")), ""]
+    if result.get("hinted_give_up"):
+        lines += [hinted_give_up_line(result["hinted_give_up"]), ""]
     for p in result["preconditions"]:
         lines.append(f"precondition {'ok ' if p['ok'] else 'FAILED'} {p['check']}: {p['value']}")
     for c in result["claims"]:
@@ -640,6 +690,13 @@ def forced_moves_line(forced_moves: dict, differences: dict | None = None) -> st
 
     return ("at the world's forced moves, P(a word no solver writes there), stronger teacher vs thinker: "
             + ", ".join(move_text(move) for move in FORCED_MOVES))
+
+
+def hinted_give_up_line(give_up: dict) -> str:
+    """One console line: how often each privileged teacher ends the search after a missed try."""
+    return ("after a missed try, with the worked solution in context, P(</think>: the search given up), "
+            f"stronger teacher vs thinker: {give_up['stronger teacher']:.4f} vs {give_up['base']:.4f} "
+            f"({_difference_text(give_up['teacher_minus_thinker'])})")
 
 
 def behaviour_table(behaviour: dict, width: int = 16) -> str:
@@ -724,6 +781,18 @@ def report_markdown(result: dict) -> str:
         if differences:
             lines.append("| stronger teacher - thinker | "
                          + " | ".join(_difference_text(differences[move]) for move in FORCED_MOVES) + " |")
+    give_up = result.get("hinted_give_up")
+    if give_up:
+        lines += ["", "## The privileged teachers after a missed try", "",
+                  ("A solver given the worked solution tries the right pair first, so no hinted trace holds a "
+                   "missed try, and the world leaves the move there open. The student misses often; what each "
+                   "privileged teacher writes next is what privileged training teaches there. The probability "
+                   "that it ends its thinking (`</think>`, then the answer the hint gave) right after a first "
+                   "try of a wrong pair, averaged over the evaluation problems: the thinker is OPSD's teacher, "
+                   "the stronger teacher privileged OPD's."), "",
+                  "| thinker | stronger teacher | stronger teacher - thinker |", "|---|---|---|",
+                  f"| {give_up['base']:.4f} | {give_up['stronger teacher']:.4f} | "
+                  f"{_difference_text(give_up['teacher_minus_thinker'])} |"]
     lines += ["", ("Verdicts: reproduced = the claimed sign with a 95% interval excluding zero (paired bootstrap "
                    "over problems, for accuracy and token-level quantities alike); not reproduced = the "
                    "opposite sign (or no effect where one is claimed); undetermined = the claimed sign, interval "

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -172,6 +173,36 @@ def test_forced_move_strays_match_transformers(tmp_path, rng):
         # per problem, in the problems' order (the batches group contexts by length)
         np.testing.assert_allclose(values[move], 1 - np.array(kept[move]), rtol=1e-5)
         np.testing.assert_allclose(strays[move], 1 - np.mean(kept[move]), rtol=1e-5)
+
+    # The hinted give-up: the same first missed try, after the trainer's privileged teacher prompt.
+    give_ups = experiment.hinted_give_up_values(model_dir, problems, seed=3)
+    rng = np.random.default_rng(3)
+    expected = []
+    for problem in problems:
+        response, _ = experiment.forced_move_contexts(problem, rng)["after a miss"]
+        prompt = chat_prompt_ids(tokenizer, world.hinted_prompt(problem, "dense"), thinking=True)
+        ids = torch.tensor([prompt + tokenizer.encode(response, add_special_tokens=False)])
+        with torch.no_grad():
+            probabilities = model(ids).logits[0, -1].softmax(-1)
+        expected.append(probabilities[tokenizer.convert_tokens_to_ids("</think>")].item())
+    np.testing.assert_allclose(give_ups, expected, rtol=1e-5)
+
+
+def test_hinted_give_up_context_is_the_privileged_teachers_prompt():
+    """The give-up is measured after the prompt privileged OPD's teacher reads in training: the
+    experiment's config for that condition, through the trainer's own prompt builder."""
+    from opsd_jax.data.sources import Problem
+    from opsd_jax.distill.prompts import chat_prompt_ids, prompt_pair
+    from opsd_jax.toyworld import warmstart
+
+    condition = next(c for c in experiment.CONDITIONS if c.name == "privileged_opd")
+    config = experiment.condition_config(condition, experiment.ExperimentSettings(), "unused.jsonl", "unused", 0)
+    tokenizer = experiment._world_tokenizer(os.path.join(warmstart.SHIPPED, "teacher"))
+    for index, problem in enumerate(world.generate_problems(5, np.random.default_rng(0))):
+        row = world.problem_row(problem, index, "train")
+        pair = prompt_pair(Problem(row["id"], row["problem"], row["solution"], row["answer"]), config.prompt, tokenizer)
+        assert pair.teacher_ids == chat_prompt_ids(tokenizer, world.hinted_prompt(problem, "dense"), thinking=True)
+        assert experiment._thinking_context(tokenizer, world.hinted_prompt(problem, "dense"), "") == pair.teacher_ids
 
 
 def test_forced_move_differences_are_paired_over_problems(rng):
