@@ -674,7 +674,7 @@ def console_table(result: dict) -> str:
 
 
 def _difference_text(d: dict) -> str:
-    """A difference and its interval: +0.0327 [+0.0281, +0.0375]."""
+    """A difference and its 95% interval, as the console prints it: +0.0327 [+0.0124, +0.0580]."""
     low, high = d["ci95"]
     return f"{d['difference']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
