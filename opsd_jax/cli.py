@@ -307,9 +307,11 @@ def _toyworld_warmstart(args) -> int:
     from opsd_jax.toyworld.warmstart import warm_start
 
     with atomic_directory(args.out, overwrite=args.overwrite) as staging:
-        manifest = warm_start(staging, names=args.models.split(",") if args.models else None, steps=args.steps)
+        manifest = warm_start(staging, names=args.models.split(",") if args.models else None, steps=args.steps,
+                              seed=args.seed)
     for name, record in manifest.items():
-        print(f"{name}: {record['steps']} steps, loss {record['first_losses'][0]:.4f} -> {record['final_loss']:.4f}")
+        print(f"{name}: {record['steps']} steps, seed {record['seed']}, loss {record['first_losses'][0]:.4f} -> "
+              f"{record['final_loss']:.4f}")
     print(f"wrote {args.out}")
     return 0
 
@@ -476,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("out", metavar="DIR", type=user_path)
     warm.add_argument("--models", help="comma-separated subset of thinker,instruct,teacher")
     warm.add_argument("--steps", type=int, help="override every model's step count (for a quick check)")
+    warm.add_argument("--seed", type=int, help="override every model's seed: a fresh replicate of its recipe (new "
+                                               "initialisation and warm-start traces)")
     warm.add_argument("--overwrite", action="store_true")
     warm.set_defaults(run=_toyworld_warmstart)
     return parser

@@ -140,8 +140,10 @@ CHECK_STEPS = 3
 EXPERIMENT_PROBLEMS = 320
 
 
-def warm_start(out: str, names=None, steps: int | None = None) -> dict:
-    """Trains the recipes named (default all) into `out`, writing `out`/manifest.json."""
+def warm_start(out: str, names=None, steps: int | None = None, seed: int | None = None) -> dict:
+    """Trains the recipes named (default all) into `out`, writing `out`/manifest.json. steps /
+    seed: override every named recipe's step count / seed (its initialisation, its warm-start
+    traces and their order: a fresh replicate of the recipe); the manifest records what ran."""
     import shutil
 
     manifest_path = os.path.join(out, MANIFEST)
@@ -152,8 +154,10 @@ def warm_start(out: str, names=None, steps: int | None = None) -> dict:
     for recipe in RECIPES:
         if names and recipe.name not in names:
             continue
-        print(f"warm start: {recipe.name} ({recipe.hidden} wide, {recipe.layers} layers, {steps or recipe.steps} steps)",
-              flush=True)
+        if seed is not None:
+            recipe = dataclasses.replace(recipe, seed=seed)
+        print(f"warm start: {recipe.name} ({recipe.hidden} wide, {recipe.layers} layers, {steps or recipe.steps} steps, "
+              f"seed {recipe.seed})", flush=True)
         manifest[recipe.name] = {**dataclasses.asdict(recipe), **train_recipe(recipe, out, steps=steps)}
         # A short run with its own schedule: what a test regenerates to check that this recipe
         # (init, data, step) is reproducible without retraining the whole model.

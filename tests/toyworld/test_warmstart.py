@@ -56,3 +56,29 @@ def test_shipped_thinker_converts_both_ways_bit_exactly(tmp_path):
     assert original.keys() == exported.keys()
     assert all(original[k].tobytes() == exported[k].tobytes() for k in original)
     assert _read(os.path.join(source, "tokenizer.json")) == _read(tmp_path / "hf" / "tokenizer.json")
+
+
+def test_a_seed_override_makes_a_fresh_replicate_and_is_recorded(tmp_path, monkeypatch):
+    """`opsd-jax toyworld warmstart DIR --models teacher --steps N --seed S` trains the recipe with
+    seed S (initialisation, traces, order) in the run and in its reproducibility check, and the
+    manifest records the seed and steps that ran, not the recipe's defaults."""
+    from opsd_jax.cli import parse_arguments
+
+    args = parse_arguments(["toyworld", "warmstart", str(tmp_path / "out"), "--models", "teacher", "--steps", "7",
+                            "--seed", "4"])
+    assert (args.models, args.steps, args.seed) == ("teacher", 7, 4)
+    seen = []
+
+    def fake_train(recipe, out, *, steps=None):
+        seen.append((recipe.name, recipe.seed, steps))
+        return {"first_losses": [3.0, 2.9, 2.8], "final_loss": 0.1, "steps": steps or recipe.steps}
+
+    monkeypatch.setattr(warmstart, "train_recipe", fake_train)
+    manifest = warmstart.warm_start(str(tmp_path / "out"), names=["teacher"], steps=7, seed=4)
+    assert seen == [("teacher", 4, 7), ("teacher", 4, warmstart.CHECK_STEPS)]
+    assert set(manifest) == {"teacher"}
+    assert (manifest["teacher"]["seed"], manifest["teacher"]["steps"]) == (4, 7)
+    on_disk = json.loads(_read(tmp_path / "out" / warmstart.MANIFEST))
+    assert on_disk["teacher"]["seed"] == 4
+    shipped = next(r for r in warmstart.RECIPES if r.name == "teacher")
+    assert shipped.seed != 4  # the shipped recipe itself is untouched
