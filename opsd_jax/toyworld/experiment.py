@@ -577,11 +577,14 @@ def forced_move_stray_values(checkpoint: str, problems: list[world.Problem], *, 
     contexts), the response after the thinking chat prompt."""
     tokenizer = _world_tokenizer(checkpoint)
     rng = np.random.default_rng(seed)
-    rows = {move: [] for move in FORCED_MOVES}
+    contexts = []  # problem-major: problem p's moves at p * len(FORCED_MOVES) + m
     for problem in problems:
-        for move, (response, forced) in forced_move_contexts(problem, rng).items():
-            rows[move].append((_thinking_context(tokenizer, problem.text, response), forced))
-    return {move: 1.0 - next_word_probabilities(checkpoint, contexts) for move, contexts in rows.items()}
+        moves = forced_move_contexts(problem, rng)
+        contexts += [(_thinking_context(tokenizer, problem.text, moves[move][0]), moves[move][1])
+                     for move in FORCED_MOVES]
+    # One call, so the checkpoint is read once.
+    forced_PxM = next_word_probabilities(checkpoint, contexts).reshape(len(problems), len(FORCED_MOVES))
+    return {move: 1.0 - forced_PxM[:, m] for m, move in enumerate(FORCED_MOVES)}
 
 
 # Privileged OPD's teacher reads the worked solution, so it tries the right pair first and never
@@ -612,14 +615,20 @@ def forced_move_strays(checkpoint: str, problems: list[world.Problem], *, seed: 
             for move, values_P in forced_move_stray_values(checkpoint, problems, seed=seed).items()}
 
 
+def _paired_excess(base_P: np.ndarray, other_P: np.ndarray, seed: int) -> dict:
+    """{"difference": mean(other) - mean(base), "ci95": [low, high]}: a paired bootstrap over
+    problems (eval.metrics.paired_difference's absolute difference)."""
+    from opsd_jax.eval.metrics import paired_difference
+
+    paired = paired_difference(base_P, other_P, seed=seed)
+    return {"difference": paired["absolute"], "ci95": paired["absolute_ci"]}
+
+
 def hinted_give_up_summary(give_ups: dict[str, np.ndarray], seed: int = 0) -> dict:
     """{"base", "stronger teacher": mean P(give up), "teacher_minus_thinker": {"difference",
     "ci95"}} from `hinted_give_up_values` of both on the same problems (paired bootstrap)."""
-    from opsd_jax.eval.metrics import paired_difference
-
-    paired = paired_difference(give_ups["base"], give_ups["stronger teacher"], seed=seed)
-    return {"base": paired["base"], "stronger teacher": paired["other"],
-            "teacher_minus_thinker": {"difference": paired["absolute"], "ci95": paired["absolute_ci"]}}
+    return {"base": float(give_ups["base"].mean()), "stronger teacher": float(give_ups["stronger teacher"].mean()),
+            "teacher_minus_thinker": _paired_excess(give_ups["base"], give_ups["stronger teacher"], seed)}
 
 
 def forced_move_differences(thinker: dict[str, np.ndarray], teacher: dict[str, np.ndarray], *,
@@ -627,13 +636,7 @@ def forced_move_differences(thinker: dict[str, np.ndarray], teacher: dict[str, n
     """{move: {"difference": teacher - thinker mean stray probability, "ci95": [low, high]}}, from
     `forced_move_stray_values` of both on the same problems and seed: a paired bootstrap over
     problems, as for every other difference the demo reports."""
-    from opsd_jax.eval.metrics import paired_difference
-
-    result = {}
-    for move in FORCED_MOVES:
-        paired = paired_difference(thinker[move], teacher[move], seed=seed)
-        result[move] = {"difference": paired["absolute"], "ci95": paired["absolute_ci"]}
-    return result
+    return {move: _paired_excess(thinker[move], teacher[move], seed) for move in FORCED_MOVES}
 
 
 # ---- output ------------------------------------------------------------------------------------
