@@ -316,6 +316,26 @@ def _toyworld_warmstart(args) -> int:
     return 0
 
 
+def _toyworld_vet_teacher(args) -> int:
+    import json
+    import time
+
+    from opsd_jax.eval.generations import write_atomic
+    from opsd_jax.toyworld.experiment import teacher_bar, teacher_bar_text
+
+    out = args.out or user_path(os.path.join("runs", "vet-teacher", time.strftime("%Y%m%d-%H%M%S")))
+    for flag, folder in (("TEACHER", args.teacher), ("--thinker", args.thinker)):
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise SystemExit(f"{flag} {folder}: no config.json there; give the model's own folder (for a "
+                             "`toyworld warmstart` output, its teacher/ or thinker/)")
+    bar = teacher_bar(args.thinker, args.teacher, out)
+    write_atomic(os.path.join(out, "bar.json"), json.dumps({"thinker": args.thinker, "teacher": args.teacher, **bar},
+                                                           indent=2) + "\n")
+    print(teacher_bar_text(bar))
+    print(f"wrote {os.path.join(out, 'bar.json')}")
+    return 0 if bar["ok"] else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opsd-jax", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -482,6 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                "initialisation and warm-start traces)")
     warm.add_argument("--overwrite", action="store_true")
     warm.set_defaults(run=_toyworld_warmstart)
+    from opsd_jax.toyworld.warmstart import SHIPPED
+
+    vet = toyworld_commands.add_parser(
+        "vet-teacher", help="the bar a stronger teacher clears before it is shipped: at the world's forced moves "
+                            "it strays credibly at most twice as often as the thinker, and greedily it solves at "
+                            "least as many evaluation problems (exit 0 clears, 2 not)")
+    vet.add_argument("teacher", metavar="TEACHER", type=user_path, help="the teacher's HF folder")
+    vet.add_argument("--thinker", type=user_path, default=os.path.join(SHIPPED, "thinker"),
+                     help="the thinker's HF folder (default: the shipped one)")
+    vet.add_argument("--out", type=user_path, help="where the world, greedy generations and bar.json go "
+                                                   "(default: runs/vet-teacher/<date-time>)")
+    vet.set_defaults(run=_toyworld_vet_teacher)
     return parser
 
 

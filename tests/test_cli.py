@@ -24,6 +24,30 @@ def test_missing_source_directory_is_named(tmp_path, capsys):
     assert f"{tmp_path / 'nope'}: not a directory" in capsys.readouterr().err
 
 
+def test_vet_teacher_names_a_folder_that_holds_no_model(tmp_path):
+    (tmp_path / "ws" / "teacher").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"TEACHER .*ws: no config.json there.*its teacher/"):
+        main(["toyworld", "vet-teacher", str(tmp_path / "ws"), "--out", str(tmp_path / "out")])
+
+
+def test_vet_teacher_clears_the_thinker_against_itself_and_writes_its_record(tmp_path, capsys):
+    """The same model as both: every excess is exactly zero with a zero-width interval, the
+    greedy counts are equal, so the bar holds (exit 0). (BUILD_NOTES.md records the command on the
+    teacher shipped before 2026-12-05: it fails every part.)"""
+    import json
+    import os
+
+    from opsd_jax.toyworld import warmstart
+
+    thinker = os.path.join(warmstart.SHIPPED, "thinker")
+    assert main(["toyworld", "vet-teacher", thinker, "--out", str(tmp_path / "out")]) == 0
+    bar = json.loads((tmp_path / "out" / "bar.json").read_text())
+    assert bar["ok"] and bar["teacher"] == bar["thinker"] == thinker and bar["problems"] == 128
+    assert all(d["ci95"] == [0.0, 0.0] for d in bar["forced_moves_teacher_minus_thinker"].values())
+    assert bar["greedy_right"]["base"] == bar["greedy_right"]["stronger teacher"] > 64
+    assert capsys.readouterr().out.count("ok    ") == 4
+
+
 def test_serve_answers_on_loopback(tmp_path, model_seed):
     """`opsd-jax serve` on an HF folder: starts, binds 127.0.0.1, answers a completion, and stops
     cleanly on SIGTERM."""

@@ -186,7 +186,7 @@ def test_demo_on_a_shrunken_world(tmp_path):
     for claim in metrics["claims"]:
         assert f"| ({claim['claim']}) {claim['text']} | {claim['verdict']} |" in report
         assert f"claim {claim['claim']}" in result.stdout
-    assert len(metrics["preconditions"]) == 3
+    assert len(metrics["preconditions"]) == 4  # the last: the forced-move part of the teacher bar
     # The stronger teacher at the world's forced moves, beside the thinker.
     forced = metrics["forced_moves"]
     assert set(forced) == {"base", "stronger teacher"} and all(set(f) == {"after a miss", "after a verified slip",

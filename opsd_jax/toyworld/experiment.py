@@ -453,15 +453,12 @@ def summarize(evaluation: dict, analysis: dict, histories: dict, settings: Exper
     training = {name: training_summary(h) for name, h in histories.items()}
     behaviour_vs_base = {name: behaviour_differences(behaviour_counts["base"], counts, seed=settings.seed)
                          for name, counts in behaviour_counts.items() if name != "base"}
+    teachers = teacher_comparison(forced_moves, give_ups, settings.seed)
     return {"settings": dataclasses.asdict(settings), "accuracy": accuracy, "claims": claims,
             "behaviour": behaviour, "behaviour_vs_base": behaviour_vs_base, "fixes": fixes,
-            "preconditions": preconditions_check(accuracy, analysis, shortest, longest),
-            "forced_moves": {name: {move: float(values_P.mean()) for move, values_P in values.items()}
-                             for name, values in forced_moves.items()},
-            "forced_moves_teacher_minus_thinker": (
-                forced_move_differences(forced_moves["base"], forced_moves["stronger teacher"], seed=settings.seed)
-                if forced_moves else {}),
-            "hinted_give_up": hinted_give_up_summary(give_ups, settings.seed) if give_ups else {},
+            "preconditions": preconditions_check(accuracy, analysis, shortest, longest, teachers["forced_moves"],
+                                                 teachers["forced_moves_teacher_minus_thinker"]),
+            **teachers,
             "training": training,
             "training_markers_per_1k": {
                 name: {end: _mean_or_none([training[label]["markers_per_1k_tokens"][end] for label in labels])
@@ -500,18 +497,30 @@ def training_summary(history: list[dict]) -> dict:
     return summary
 
 
-def preconditions_check(accuracy: dict, analysis: dict, shortest, longest) -> list[dict]:
-    """What the experiment needs from its warm start to mean anything, each checked."""
+def preconditions_check(accuracy: dict, analysis: dict, shortest, longest, forced_moves: dict | None = None,
+                        forced_move_excess: dict | None = None) -> list[dict]:
+    """What the experiment needs from its warm start to mean anything, each checked. With
+    `forced_moves` (the two models' mean strays) and `forced_move_excess` (forced_move_differences),
+    also the forced-move part of the teacher bar: claims 2 and 4 ask what a teacher that solves
+    the world better does, which a teacher that strays from the world's grammar cannot answer."""
     short, long = accuracy["base"][shortest]["accuracy"], accuracy["base"][longest]["accuracy"]
     thinker_markers = analysis["opsd"]["groups"]["base"]["markers"]["any"]["per_1k_tokens"] or 0.0
     instruct_markers = analysis["instruct"]["groups"]["instruct"]["markers"]["any"]["per_1k_tokens"] or 0.0
-    return [
+    checks = [
         {"check": f"thinker accuracy at {longest} tokens >= 1.5x at {shortest}",
          "value": f"{long:.3f} vs {short:.3f}", "ok": long >= 1.5 * short and long > 0},
         {"check": "thinker writes markers", "value": f"{thinker_markers:.1f} per 1k tokens", "ok": thinker_markers > 0},
         {"check": "instruct model writes few markers (< 1/4 of the thinker's rate)",
          "value": f"{instruct_markers:.1f} per 1k tokens", "ok": instruct_markers < thinker_markers / 4},
     ]
+    if forced_move_excess:
+        bar = forced_move_bar(forced_moves, forced_move_excess)
+        checks.append({"check": "stronger teacher strays at the forced moves at most twice as often as the thinker "
+                                "(upper ends of its excess vs the thinker's rates)",
+                       "value": " / ".join(f"{b['upper']:+.4f}" for b in bar.values()) + " vs "
+                                + " / ".join(f"{b['thinker']:.4f}" for b in bar.values()),
+                       "ok": all(b["ok"] for b in bar.values())})
+    return checks
 
 
 # Where the world's grammar leaves every solver one move: `wait` after a try whose sum misses the
@@ -611,8 +620,11 @@ def hinted_give_up_values(checkpoint: str, problems: list[world.Problem], *, see
 
 def forced_move_strays(checkpoint: str, problems: list[world.Problem], *, seed: int = 0) -> dict[str, float]:
     """{move: the mean over `problems` of `forced_move_stray_values`}."""
-    return {move: float(values_P.mean())
-            for move, values_P in forced_move_stray_values(checkpoint, problems, seed=seed).items()}
+    return _mean_strays(forced_move_stray_values(checkpoint, problems, seed=seed))
+
+
+def _mean_strays(values: dict[str, np.ndarray]) -> dict[str, float]:
+    return {move: float(values_P.mean()) for move, values_P in values.items()}
 
 
 def _paired_excess(base_P: np.ndarray, other_P: np.ndarray, seed: int) -> dict:
@@ -631,12 +643,92 @@ def hinted_give_up_summary(give_ups: dict[str, np.ndarray], seed: int = 0) -> di
             "teacher_minus_thinker": _paired_excess(give_ups["base"], give_ups["stronger teacher"], seed)}
 
 
+def teacher_comparison(forced_moves: dict, give_ups: dict | None, seed: int) -> dict:
+    """{"forced_moves": each model's mean strays, "forced_moves_teacher_minus_thinker":
+    forced_move_differences, "hinted_give_up": hinted_give_up_summary} from the thinker's ("base")
+    and the stronger teacher's `forced_move_stray_values` and `hinted_give_up_values` on the same
+    problems and seed: what the demo prints about its teacher and what the teacher bar judges."""
+    return {"forced_moves": {name: _mean_strays(values) for name, values in forced_moves.items()},
+            "forced_moves_teacher_minus_thinker": (
+                forced_move_differences(forced_moves["base"], forced_moves["stronger teacher"], seed=seed)
+                if forced_moves else {}),
+            "hinted_give_up": hinted_give_up_summary(give_ups, seed) if give_ups else {}}
+
+
 def forced_move_differences(thinker: dict[str, np.ndarray], teacher: dict[str, np.ndarray], *,
                             seed: int = 0) -> dict[str, dict]:
     """{move: {"difference": teacher - thinker mean stray probability, "ci95": [low, high]}}, from
     `forced_move_stray_values` of both on the same problems and seed: a paired bootstrap over
     problems, as for every other difference the demo reports."""
     return {move: _paired_excess(thinker[move], teacher[move], seed) for move in FORCED_MOVES}
+
+
+def greedy_right_values(checkpoint: str, eval_path: str, out: str, *, max_tokens: int = 96,
+                        seed: int = 0) -> np.ndarray:
+    """float64 [P]: 1 where the model at `checkpoint` answers the suite's problem right greedily
+    (temperature 0, one sample, at most `max_tokens` new tokens after the thinking prompt), in suite
+    order. The project's eval runner writes its generations under `out`."""
+    from opsd_jax.eval.runner import EvalSettings, run_eval
+    from opsd_jax.eval.suites import load_suite
+
+    eval_settings = EvalSettings(n=1, max_tokens=max_tokens, temperature=0.0, top_p=1.0, seed=seed,
+                                 enable_thinking=True, budgets=(max_tokens,))
+    result = run_eval(checkpoint, [load_suite(eval_path)], out, eval_settings, dtype="float32", max_slots=64,
+                      progress=False)
+    return per_problem_accuracy(result["metrics"]["toy_eval"])[str(max_tokens)]
+
+
+# The bar a stronger teacher clears before it is shipped (BUILD_NOTES.md, "A teacher judged on
+# intervals"): at every forced move it credibly strays at most twice as often as the thinker (the
+# upper end of its excess's interval at most the thinker's own rate), and greedily it solves at
+# least as many evaluation problems as the thinker.
+def teacher_bar(thinker: str, teacher: str, out: str, settings: ExperimentSettings = ExperimentSettings()) -> dict:
+    """{"forced_moves", "forced_moves_teacher_minus_thinker", "greedy_right", "hinted_give_up",
+    "parts": [{"part", "value", "ok"}], "ok"} for the HF folders `thinker` and `teacher` on the
+    demo's evaluation problems (settings' split and seed); writes the world and the greedy
+    generations under `out`. The give-up is reported, not judged."""
+    _, eval_path = write_world(os.path.join(out, "world"), settings)
+    _, problems = suite_problems(eval_path)
+    models = {"base": thinker, "stronger teacher": teacher}
+    strays = {name: forced_move_stray_values(path, problems, seed=settings.seed) for name, path in models.items()}
+    give_ups = {name: hinted_give_up_values(path, problems, seed=settings.seed) for name, path in models.items()}
+    teachers = teacher_comparison(strays, give_ups, settings.seed)
+    right = {name: int(greedy_right_values(path, eval_path, os.path.join(out, "greedy", name.replace(" ", "_")),
+                                           max_tokens=settings.max_tokens, seed=settings.seed).sum())
+             for name, path in models.items()}
+    parts = teacher_bar_parts(teachers["forced_moves"], teachers["forced_moves_teacher_minus_thinker"], right,
+                              len(problems), settings.max_tokens)
+    return {**teachers, "greedy_right": right, "problems": len(problems), "parts": parts,
+            "ok": all(p["ok"] for p in parts)}
+
+
+def forced_move_bar(forced_moves: dict, differences: dict) -> dict[str, dict]:
+    """{move: {"upper": the upper end of the teacher's excess interval, "thinker": the thinker's
+    mean stray, "ok": upper <= thinker}}: credibly, the teacher strays at most twice as often."""
+    return {move: {"upper": differences[move]["ci95"][1], "thinker": forced_moves["base"][move],
+                   "ok": differences[move]["ci95"][1] <= forced_moves["base"][move]} for move in FORCED_MOVES}
+
+
+def teacher_bar_parts(forced_moves: dict, differences: dict, greedy_right: dict, problems: int,
+                      max_tokens: int) -> list[dict]:
+    """[{"part", "value", "ok"}]: the bar's judgement of the measures `teacher_bar` takes
+    (`forced_moves` the two models' mean strays, `differences` forced_move_differences,
+    `greedy_right` the two models' counts of `problems`)."""
+    parts = [{"part": f"{move}: upper end of the teacher's excess stray probability <= the thinker's",
+              "value": f"{b['upper']:+.4f} vs {b['thinker']:.4f}", "ok": b["ok"]}
+             for move, b in forced_move_bar(forced_moves, differences).items()]
+    parts.append({"part": f"greedy answers right at {max_tokens} tokens >= the thinker's",
+                  "value": f"{greedy_right['stronger teacher']} vs {greedy_right['base']} of {problems}",
+                  "ok": greedy_right["stronger teacher"] >= greedy_right["base"]})
+    return parts
+
+
+def teacher_bar_text(bar: dict) -> str:
+    """The console form of `teacher_bar`: one line per part, the reported give-up, the verdict."""
+    lines = [f"{'ok    ' if p['ok'] else 'FAILED'} {p['part']}: {p['value']}" for p in bar["parts"]]
+    lines.append("reported: " + hinted_give_up_line(bar["hinted_give_up"]))
+    lines.append("the teacher clears the bar" if bar["ok"] else "the teacher does not clear the bar")
+    return "\n".join(lines)
 
 
 # ---- output ------------------------------------------------------------------------------------

@@ -223,3 +223,63 @@ def test_forced_move_differences_are_paired_over_problems(rng):
     line = experiment.forced_moves_line({"stronger teacher": {m: v.mean() for m, v in offset.items()},
                                          "base": {m: v.mean() for m, v in thinker.items()}}, differences)
     assert "after a miss" in line and "(+0.0100 [+0.0100, +0.0100])" in line
+
+
+def test_teacher_bar_judges_the_upper_end_of_each_interval_and_the_greedy_count():
+    """A teacher whose mean strays below the thinker's but whose interval reaches past twice the
+    thinker's rate fails that move; equal greedy counts pass; one fewer fails."""
+    thinker = {"after a miss": 0.002, "after a verified slip": 0.003, "after the right pair verified": 0.005}
+    means = {"base": thinker, "stronger teacher": {move: 0.001 for move in experiment.FORCED_MOVES}}
+    differences = {"after a miss": {"difference": -0.001, "ci95": [-0.002, 0.002]},  # exactly the thinker's: holds
+                   "after a verified slip": {"difference": -0.002, "ci95": [-0.003, 0.0031]},  # past it: fails
+                   "after the right pair verified": {"difference": -0.004, "ci95": [-0.005, -0.003]}}
+    parts = experiment.teacher_bar_parts(means, differences, {"base": 10, "stronger teacher": 10}, 12, 96)
+    assert [p["ok"] for p in parts] == [True, False, True, True]
+    assert parts[1]["value"] == "+0.0031 vs 0.0030" and parts[3]["value"] == "10 vs 10 of 12"
+    parts = experiment.teacher_bar_parts(means, differences, {"base": 10, "stronger teacher": 9}, 12, 96)
+    assert not parts[3]["ok"] and "96 tokens" in parts[3]["part"]
+    bar = {"parts": parts, "ok": False, "hinted_give_up": {
+        "base": 0.04, "stronger teacher": 0.5, "teacher_minus_thinker": {"difference": 0.46, "ci95": [0.4, 0.5]}}}
+    text = experiment.teacher_bar_text(bar)
+    assert text.count("FAILED") == 2 and text.endswith("the teacher does not clear the bar")
+
+
+def test_greedy_right_values_match_transformers_greedy_generation(tmp_path):
+    """The shipped thinker's greedy answers through the project's eval runner are right on the
+    same problems as transformers' greedy `generate` from the same thinking prompt."""
+    import torch
+    import transformers
+
+    from opsd_jax.distill.prompts import chat_prompt_ids
+    from opsd_jax.toyworld import warmstart
+
+    settings = experiment.ExperimentSettings(train_problems=0, eval_problems=12, max_tokens=64)
+    _, eval_path = experiment.write_world(str(tmp_path / "world"), settings)
+    _, problems = experiment.suite_problems(eval_path)
+    thinker = os.path.join(warmstart.SHIPPED, "thinker")
+    right = experiment.greedy_right_values(thinker, eval_path, str(tmp_path / "greedy"), max_tokens=64)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(thinker)
+    model = transformers.AutoModelForCausalLM.from_pretrained(thinker, dtype=torch.float32).eval()
+    expected = []
+    for problem in problems:
+        ids = torch.tensor([chat_prompt_ids(tokenizer, problem.text, thinking=True)])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        expected.append(world.check_answer(problem, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+    assert right.tolist() == [float(e) for e in expected]
+    assert right.sum() >= len(problems) // 2  # the thinker solves most: the comparison is not of all-wrong runs
+
+
+def test_the_demo_preconditions_hold_the_teacher_to_the_forced_move_part_of_the_bar():
+    accuracy = {"base": {"16": {"accuracy": 0.2}, "96": {"accuracy": 0.8}}}
+    analysis = {"opsd": {"groups": {"base": {"markers": {"any": {"per_1k_tokens": 90.0}}}}},
+                "instruct": {"groups": {"instruct": {"markers": {"any": {"per_1k_tokens": 1.0}}}}}}
+    means = {"base": {move: 0.003 for move in experiment.FORCED_MOVES}}
+    sound = {move: {"difference": -0.001, "ci95": [-0.002, 0.003]} for move in experiment.FORCED_MOVES}
+    assert len(experiment.preconditions_check(accuracy, analysis, "16", "96")) == 3
+    checks = experiment.preconditions_check(accuracy, analysis, "16", "96", means, sound)
+    assert all(c["ok"] for c in checks) and len(checks) == 4
+    assert checks[3]["value"] == "+0.0030 / +0.0030 / +0.0030 vs 0.0030 / 0.0030 / 0.0030"
+    strays = dict(sound, **{"after the right pair verified": {"difference": 0.001, "ci95": [-0.001, 0.0031]}})
+    assert not experiment.preconditions_check(accuracy, analysis, "16", "96", means, strays)[3]["ok"]

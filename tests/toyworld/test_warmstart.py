@@ -30,7 +30,7 @@ def test_shipped_checkpoints_are_complete_hf_folders():
         assert manifest[recipe.name]["final_loss"] < 0.5 * manifest[recipe.name]["first_losses"][0]
 
 
-@pytest.mark.parametrize("name", ["thinker"])
+@pytest.mark.parametrize("name", ["thinker", "teacher"])
 def test_regenerating_a_warm_start_reproduces_the_recorded_losses(tmp_path, name):
     """`opsd-jax toyworld warmstart` is reproducible: the same init, data and sft steps give the
     losses recorded in the shipped manifest (a short run with its own schedule, to stay fast)."""
